@@ -1,0 +1,104 @@
+"""Shared benchmark plumbing: timing (CPU wall clock, CUDA events), the stamp on every table,
+device copy bandwidth, and markdown output to benchmarks/results/."""
+
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, cwd=Path(__file__).parent).stdout
+        return out.stdout.strip() + ("+dirty" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_name(device):
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def stamp(device):
+    return (f"device: {device_name(device)}; torch {torch.__version__}; commit {commit()}; "
+            f"{time.strftime('%Y-%m-%d')}")
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench(fn, device, warmup=3, repeat=20, min_time=0.2):
+    """Median seconds of fn() over `repeat` runs (more while under min_time), after warm-up."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    start_all = time.perf_counter()
+    while len(times) < repeat or (time.perf_counter() - start_all < min_time and len(times) < 1000):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device, nbytes=1 << 28):
+    """Measured device-to-device (or RAM-to-RAM) copy bandwidth in GB/s, read + write bytes."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    seconds = bench(lambda: dst.copy_(src), device, repeat=10)
+    return 2 * nbytes / seconds / 1e9
+
+
+def write_table(name, title, header, rows, notes=()):
+    """Write benchmarks/results/<name>.md and print it."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    lines = [f"# {title}", ""] + [f"{n}" for n in notes] + ([""] if notes else [])
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join("---" for _ in header) + "|")
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    text = "\n".join(lines) + "\n"
+    path = RESULTS / f"{name}.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    print(text)
+    return path
+
+
+def sizes_from_env(default):
+    """Sizes to run, overridable as DCX_BENCH_SIZES=1000000,10000000."""
+    env = os.environ.get("DCX_BENCH_SIZES")
+    return [int(s) for s in env.split(",")] if env else default
+
+
+def devices_to_run():
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -1,0 +1,53 @@
+// Argument validation per op, shared by the CPU and CUDA implementations so both reject the same
+// inputs with the same messages.
+#pragma once
+
+#include <cmath>
+#include <optional>
+
+#include "checks.h"
+
+namespace dcx {
+
+inline void check_masked_sgd_step_args(const at::Tensor& param, const at::Tensor& grad,
+                                       const at::Tensor& mask,
+                                       const std::optional<at::Tensor>& momentum_buffer,
+                                       double lr, double momentum, double dampening,
+                                       double weight_decay, bool nesterov) {
+  check_dtype_in(param, "param", {at::kFloat, at::kHalf, at::kBFloat16},
+                 "float32, float16 or bfloat16");
+  check_same_dtype(grad, "grad", param, "param");
+  check_same_shape(grad, "grad", param, "param");
+  check_same_device(grad, "grad", param, "param");
+  check_mask(mask, "mask", param, "param");
+  TORCH_CHECK(std::isfinite(lr) && lr >= 0.0, "lr must be a finite number >= 0, got ", lr);
+  TORCH_CHECK(std::isfinite(momentum) && momentum >= 0.0,
+              "momentum must be a finite number >= 0, got ", momentum);
+  TORCH_CHECK(std::isfinite(dampening), "dampening must be finite, got ", dampening);
+  TORCH_CHECK(std::isfinite(weight_decay) && weight_decay >= 0.0,
+              "weight_decay must be a finite number >= 0, got ", weight_decay);
+  TORCH_CHECK(!nesterov || (momentum > 0.0 && dampening == 0.0),
+              "nesterov requires momentum > 0 and dampening == 0");
+  if (momentum != 0.0) {
+    TORCH_CHECK(momentum_buffer.has_value() && momentum_buffer->defined(),
+                "momentum_buffer must be given when momentum != 0");
+  }
+  if (momentum_buffer.has_value() && momentum_buffer->defined()) {
+    const at::Tensor& buf = *momentum_buffer;
+    check_same_dtype(buf, "momentum_buffer", param, "param");
+    check_same_shape(buf, "momentum_buffer", param, "param");
+    check_same_device(buf, "momentum_buffer", param, "param");
+  }
+}
+
+inline void check_centroid_grad_args(const at::Tensor& grad, const at::Tensor& labels,
+                                     int64_t num_clusters, const std::optional<at::Tensor>& mask) {
+  check_float_dtype(grad, "grad");
+  check_index_dtype(labels, "labels");
+  check_same_shape(labels, "labels", grad, "grad");
+  check_same_device(labels, "labels", grad, "grad");
+  TORCH_CHECK(num_clusters >= 1, "num_clusters must be >= 1, got ", num_clusters);
+  if (mask.has_value() && mask->defined()) check_mask(*mask, "mask", grad, "grad");
+}
+
+}  // namespace dcx

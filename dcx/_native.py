@@ -1,0 +1,55 @@
+"""Loads the compiled kernels (dcx._C) and says which ops have kernels on which device.
+
+`import dcx` works without the extension; an op called then raises an error that says how to
+build it.
+"""
+
+import torch
+
+BUILD_HINT = (
+    "build the kernels with `pip install --no-build-isolation -e .` in the dcx source tree "
+    "(with a CUDA build of torch and nvcc on PATH for the CUDA kernels; DCX_USE_CUDA=1 makes a "
+    "missing CUDA toolchain an error)"
+)
+
+try:
+    from dcx import _C  # noqa: F401  (loading the library registers torch.ops.dcx.*)
+
+    LOAD_ERROR = None
+except ImportError as error:  # not built, or built against another torch
+    LOAD_ERROR = error
+
+# Every op in the TORCH_LIBRARY(dcx) block of csrc/dcx.cpp.
+OP_NAMES = ("masked_sgd_step_", "centroid_grad")
+
+
+def available():
+    """True when the compiled extension loaded."""
+    return LOAD_ERROR is None
+
+
+def op(name):
+    """The torch op `dcx::name`, or a RuntimeError saying how to build it."""
+    if LOAD_ERROR is not None:
+        raise RuntimeError(f"dcx kernels are not built ({LOAD_ERROR}); {BUILD_HINT}")
+    return getattr(torch.ops.dcx, name)
+
+
+def kernels():
+    """{op name: [dispatch keys with a kernel]} for every dcx op, e.g. {'centroid_grad': ['CPU']}."""
+    result = {}
+    for name in OP_NAMES:
+        keys = []
+        if LOAD_ERROR is None:
+            for key in ("CPU", "CUDA"):
+                if torch._C._dispatch_has_kernel_for_dispatch_key(f"dcx::{name}", key):
+                    keys.append(key)
+        result[name] = keys
+    return result
+
+
+def check_device_kernel(name, tensor):
+    """Raise a clear error when `tensor`'s device has no kernel for op `name`."""
+    key = "CUDA" if tensor.is_cuda else "CPU"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"dcx::{name}", key):
+        raise RuntimeError(f"dcx::{name} has no {key} kernel in this build; {BUILD_HINT}")

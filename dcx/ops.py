@@ -1,0 +1,66 @@
+"""Typed wrappers of the dcx torch ops, each followed by its fake kernel (shapes and dtypes only,
+for torch.compile and meta tensors) and, where the op has one, its autograd formula.
+
+The kernels are C++ (csrc/cpu/<op>_cpu.cpp) and CUDA (csrc/cuda/<op>_cuda.cpp + _kernel.cu);
+plain-torch oracles of the same ops are in dcx.reference.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from dcx._native import available, op
+
+__all__ = ["masked_sgd_step_", "centroid_grad"]
+
+
+def masked_sgd_step_(
+    param: Tensor,
+    grad: Tensor,
+    mask: Tensor,
+    momentum_buffer: Optional[Tensor],
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    init_buffer: bool = False,
+) -> None:
+    """One fused, in-place SGD step that keeps pruned weights and their momentum at exactly zero.
+
+    param, grad, momentum_buffer: the same shape and dtype (float32, float16 or bfloat16);
+    arithmetic is float32 in torch.optim.SGD's order, so float32 results equal SGD's bit for bit
+    on the kept positions. mask: bool or uint8 of param's shape, 0 = pruned. momentum_buffer is
+    required when momentum != 0; init_buffer=True makes it the gradient (SGD's first step).
+    """
+    op("masked_sgd_step_")(
+        param, grad, mask, momentum_buffer, lr, momentum, dampening, weight_decay, nesterov,
+        maximize, init_buffer,
+    )
+
+
+def centroid_grad(
+    grad: Tensor, labels: Tensor, num_clusters: int, mask: Optional[Tensor] = None
+) -> Tensor:
+    """Sum of `grad` over the positions of each label: the gradient of a shared-weight codebook.
+
+    grad: float tensor of any shape; labels: int32/int64 of grad's shape, in [0, num_clusters)
+    where mask is set; mask: optional bool/uint8, 0 = excluded. Returns [num_clusters] in grad's
+    dtype (float32 accumulation, float64 for float64). Deterministic on CPU.
+    """
+    return op("centroid_grad")(grad, labels, num_clusters, mask)
+
+
+if available():
+
+    @torch.library.register_fake("dcx::masked_sgd_step_")
+    def _(param, grad, mask, momentum_buffer, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
+          nesterov=False, maximize=False, init_buffer=False):
+        return None
+
+    @torch.library.register_fake("dcx::centroid_grad")
+    def _(grad, labels, num_clusters, mask=None):
+        torch._check(num_clusters >= 1, lambda: f"num_clusters must be >= 1, got {num_clusters}")
+        return grad.new_empty((num_clusters,))
