@@ -67,7 +67,11 @@ def extensions():
     debug = os.environ.get("DCX_DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
     # The C++ standard is left to torch: 2.13 builds with C++17, 2.14 needs C++20.
-    cxx = opt + (["-fopenmp"] if sys.platform != "darwin" else [])
+    # -fno-math-errno -fno-trapping-math: no code reads errno or FP traps, and without them GCC
+    # will not if-convert (so not vectorise) loops that select between fmaf results. Neither
+    # flag changes a rounded value (no reassociation, no fast-math).
+    cxx = opt + ["-fno-math-errno", "-fno-trapping-math"]
+    cxx += ["-fopenmp"] if sys.platform != "darwin" else []
     sources = _sources("csrc/dcx.cpp") + _sources("csrc/core/*.cpp") + _sources("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc")]
     kwargs = dict(name="dcx._C", include_dirs=include_dirs, py_limited_api=False)

@@ -9,11 +9,11 @@
 
 static void test_sgd_plain() {
   const dcx::SgdHyper h = dcx::make_sgd_hyper(0.5, 0.0, 0.0, 0.0, false, false, false);
-  float p = 1.0f;
-  dcx::sgd_update(p, 2.0f, nullptr, true, h);
+  float p = 1.0f, unused = 0.0f;
+  dcx::sgd_update<dcx::SgdKind::kPlain>(p, 2.0f, unused, true, h);
   CHECK(p == 0.0f);  // 1 - 0.5 * 2
   p = 3.0f;
-  dcx::sgd_update(p, 2.0f, nullptr, false, h);
+  dcx::sgd_update<dcx::SgdKind::kPlain>(p, 2.0f, unused, false, h);
   CHECK(p == 0.0f && !std::signbit(p));  // pruned: exactly +0
 }
 
@@ -21,11 +21,11 @@ static void test_sgd_momentum_nesterov_decay() {
   // g = 2 + 0.1 * 1 = 2.1; buf = 0.9 * 1 + 2.1 = 3.0; nesterov g = 2.1 + 0.9 * 3.0 = 4.8
   const dcx::SgdHyper h = dcx::make_sgd_hyper(0.5, 0.9, 0.0, 0.1, true, false, false);
   float p = 1.0f, b = 1.0f;
-  dcx::sgd_update(p, 2.0f, &b, true, h);
+  dcx::sgd_update<dcx::SgdKind::kNesterov>(p, 2.0f, b, true, h);
   CHECK(std::fabs(b - 3.0f) < 1e-6f);
   CHECK(std::fabs(p - (1.0f - 0.5f * 4.8f)) < 1e-6f);
   float q = 1.0f, c = 7.0f;
-  dcx::sgd_update(q, 2.0f, &c, false, h);
+  dcx::sgd_update<dcx::SgdKind::kNesterov>(q, 2.0f, c, false, h);
   CHECK(q == 0.0f && c == 0.0f);  // pruned: weight and momentum both zero
 }
 
@@ -33,7 +33,7 @@ static void test_sgd_first_step_and_maximize() {
   // init_buffer: buf = g (no dampening on the first step), maximize flips the gradient.
   const dcx::SgdHyper h = dcx::make_sgd_hyper(1.0, 0.9, 0.5, 0.0, false, true, true);
   float p = 0.0f, b = 123.0f;
-  dcx::sgd_update(p, 2.0f, &b, true, h);
+  dcx::sgd_update<dcx::SgdKind::kMomentumInit>(p, 2.0f, b, true, h);
   CHECK(b == -2.0f);
   CHECK(p == 2.0f);
 }
@@ -51,6 +51,12 @@ static void test_accumulate() {
   CHECK(all[1] == 5 && all[7] == 4);
 }
 
+static void test_sgd_kind() {
+  CHECK(dcx::sgd_kind(dcx::make_sgd_hyper(1, 0, 0, 0, false, false, true)) == dcx::SgdKind::kPlain);
+  CHECK(dcx::sgd_kind(dcx::make_sgd_hyper(1, 0.9, 0, 0, false, false, false)) == dcx::SgdKind::kMomentum);
+  CHECK(dcx::sgd_kind(dcx::make_sgd_hyper(1, 0.9, 0, 0, true, false, true)) == dcx::SgdKind::kNesterovInit);
+}
+
 static void test_chunk_plan() {
   CHECK(dcx::plan_chunks(0, 16).num_chunks == 0);
   const dcx::ChunkPlan small = dcx::plan_chunks(100, 16);
@@ -66,6 +72,7 @@ int main() {
   test_sgd_momentum_nesterov_decay();
   test_sgd_first_step_and_maximize();
   test_accumulate();
+  test_sgd_kind();
   test_chunk_plan();
   return dcx_test::finish("test_sgd_scatter");
 }
