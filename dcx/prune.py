@@ -38,11 +38,14 @@ rank 0 after each pruning step, so ranks can never disagree.
 
 Schedules count `Pruner.step()` calls (call it once per epoch or once per batch, as you like):
   oneshot    the full target at step `start`
-  iterative  `iterations` rounds, every `frequency` steps from `start`, each reaching
-             target x k / iterations (Han's iterative prune and retrain)
+  iterative  `iterations` rounds, every `frequency` steps from `start` (Han's iterative prune
+             and retrain); each round prunes the same fraction of the surviving weights, so
+             round k of n keeps (1 - target)^(k/n): late rounds, where the network is already
+             sparse, remove fewer weights
   gradual    Zhu & Gupta (2017): s_k = s_f + (s_i - s_f)(1 - k/n)^3 at step start + k*frequency,
              k = 0..n (n = iterations)
-For threshold criteria the threshold follows the same progress (threshold x progress).
+For threshold criteria the threshold grows with the schedule's progress, k/n or Zhu & Gupta's
+1 - (1 - k/n)^3 (threshold x progress).
 """
 
 import copy
@@ -596,7 +599,7 @@ class Pruner:
             if t.tied_to is not None:
                 continue
             if spec["sparsity"] is not None:
-                level[t.name] = (_ramp(s_i, spec["sparsity"], progress), None)
+                level[t.name] = (_ramp(self.config.schedule, s_i, spec["sparsity"], progress), None)
             elif spec["global_sparsity"] is not None:
                 pool.append(t)
             elif spec["threshold"] is not None:
@@ -612,7 +615,8 @@ class Pruner:
                     mask.copy_(compute_mask(getattr(t.module, t.param_name), t.spec["granularity"],
                                             s, thr, t.spec["norm"], mask))
             if pool:
-                self._prune_global(pool, _ramp(s_i, pool[0].spec["global_sparsity"], progress))
+                self._prune_global(pool, _ramp(self.config.schedule, s_i, pool[0].spec["global_sparsity"],
+                                          progress))
             for t in self.targets:
                 if t.tied_to is not None:  # a bias follows its filters
                     weight_mask = getattr(t.module, "weight" + MASK_SUFFIX)
@@ -643,9 +647,12 @@ class Pruner:
         return sparsity(self.model)
 
 
-def _ramp(initial, final, progress):
-    """Sparsity at `progress` from `initial` to `final` (Zhu & Gupta's form when progress is
-    their cubic)."""
+def _ramp(schedule, initial, final, progress):
+    """Sparsity at `progress` in [0, 1] on the way from `initial` to `final`: for iterative
+    pruning, the same fraction of the survivors per round (density falls geometrically); for
+    gradual, Zhu & Gupta's s_f + (s_i - s_f)(1 - k/n)^3 (progress holds the cubic)."""
+    if schedule == "iterative" and final < 1.0 and initial < 1.0:
+        return 1.0 - (1.0 - initial) * ((1.0 - final) / (1.0 - initial)) ** progress
     return final + (initial - final) * (1.0 - progress)
 
 

@@ -251,7 +251,9 @@ def test_pruner_reaches_target_on_the_right_step(schedule):
                 target = 0.8 + (0.1 - 0.8) * (1 - k / 4) ** 3
                 assert s == count(target, n) / n
     if schedule == "iterative":
-        assert [s for t, _, s in seen if t in steps] == [count(0.8 * k / 4, n) / n for k in (1, 2, 3, 4)]
+        # The same fraction of the survivors each round: density 0.2^(k/4).
+        assert [s for t, _, s in seen if t in steps] == [count(1 - 0.2 ** (k / 4), n) / n
+                                                         for k in (1, 2, 3, 4)]
 
 
 def test_masks_are_monotone():
