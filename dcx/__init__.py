@@ -9,9 +9,9 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "available", "kernels", "ops", "reference"]
 
 # Pruning and masked retraining.
-from dcx import data, models, optim, prune  # noqa: E402
+from dcx import data, models, optim, prune, sensitivity  # noqa: E402
 from dcx.optim import MaskedSGD, mask_optimizer_  # noqa: E402
 from dcx.prune import PruneConfig, Pruner, finalize_, prune_  # noqa: E402
 
-__all__ += ["data", "models", "optim", "prune", "MaskedSGD", "mask_optimizer_", "PruneConfig",
+__all__ += ["data", "models", "optim", "prune", "sensitivity", "MaskedSGD", "mask_optimizer_", "PruneConfig",
             "Pruner", "finalize_", "prune_"]

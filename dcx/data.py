@@ -15,7 +15,13 @@ from typing import Optional, Union
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    RandomSampler,
+    SequentialSampler,
+    TensorDataset,
+)
 
 __all__ = ["read_idx", "load_mnist", "load_digits", "loader", "MNIST_ENV"]
 
@@ -102,7 +108,8 @@ def load_mnist(root: Optional[Union[str, Path]] = None, split: str = "train"):
         raise ValueError(f"{image_path}: expected uint8 images [N, rows, cols], got "
                          f"{images.dtype} {images.shape}")
     if labels.ndim != 1 or labels.dtype != np.uint8:
-        raise ValueError(f"{label_path}: expected uint8 labels [N], got {labels.dtype} {labels.shape}")
+        raise ValueError(f"{label_path}: expected uint8 labels [N], got {labels.dtype} "
+                         f"{labels.shape}")
     if len(images) != len(labels):
         raise ValueError(f"{image_path} holds {len(images)} images but {label_path} holds "
                          f"{len(labels)} labels")
@@ -142,4 +149,5 @@ def loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = Fa
         sampler = RandomSampler(dataset, generator=generator)
     else:
         sampler = SequentialSampler(dataset)
-    return DataLoader(dataset, sampler=BatchSampler(sampler, batch_size, drop_last), batch_size=None)
+    batches = BatchSampler(sampler, batch_size, drop_last)
+    return DataLoader(dataset, sampler=batches, batch_size=None)

@@ -119,7 +119,8 @@ def mask_optimizer_(optimizer: torch.optim.Optimizer, masks: Masks) -> torch.opt
     zeroed, after it pruned weights and every state tensor of a weight's shape (exp_avg,
     exp_avg_sq, momentum_buffer, ...). Returns the same optimizer (LR schedulers still work)."""
     if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        raise TypeError("optimizer must be a torch.optim.Optimizer, got "
+                        f"{type(optimizer).__name__}")
     resolve = _resolver(masks)
 
     def own_masks(opt):

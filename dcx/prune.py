@@ -152,7 +152,8 @@ class PruneConfig:
         _check_fraction("PruneConfig: initial_sparsity", self.initial_sparsity)
         if self.targets is not None:
             if isinstance(self.targets, str) or not all(isinstance(t, str) for t in self.targets):
-                raise ValueError(f"PruneConfig: targets must be a list of names, got {self.targets!r}")
+                raise ValueError("PruneConfig: targets must be a list of names, got "
+                                 f"{self.targets!r}")
             self.targets = list(self.targets)
         if not isinstance(self.overrides, Mapping):
             raise ValueError(f"PruneConfig: overrides must be a dict, got {self.overrides!r}")
@@ -205,7 +206,8 @@ def _matches(pattern, names):
 
 def _check_granularity(granularity, shape, name="tensor"):
     if granularity not in GRANULARITIES:
-        raise ValueError(f"unknown granularity {granularity!r}; expected one of {list(GRANULARITIES)}")
+        raise ValueError(f"unknown granularity {granularity!r}; "
+                         f"expected one of {list(GRANULARITIES)}")
     if granularity == "kernel" and len(shape) < 3:
         raise ValueError(f"granularity 'kernel' needs a convolution weight (3 or more dims); "
                          f"{name} has shape {tuple(shape)}")
@@ -469,7 +471,8 @@ def _add_mask(module, param_name, mask=None):
 def _remove_hooks(module):
     for hooks in (module._forward_pre_hooks, module._load_state_dict_post_hooks):
         for key, hook in list(hooks.items()):
-            if isinstance(hook, _MaskHook) or isinstance(getattr(hook, "__self__", None), _MaskHook):
+            owner = getattr(hook, "__self__", hook)  # after_load is a bound method
+            if isinstance(owner, _MaskHook):
                 del hooks[key]
 
 
@@ -480,7 +483,8 @@ def _mask_items(model):
             if buffer is None or not buffer_name.endswith(MASK_SUFFIX):
                 continue
             param_name = buffer_name[: -len(MASK_SUFFIX)]
-            if buffer.dtype == torch.bool and isinstance(module._parameters.get(param_name), Tensor):
+            param = module._parameters.get(param_name)
+            if buffer.dtype == torch.bool and isinstance(param, Tensor):
                 full = f"{module_name}.{param_name}" if module_name else param_name
                 yield full, module, param_name, buffer
 
@@ -615,8 +619,8 @@ class Pruner:
                     mask.copy_(compute_mask(getattr(t.module, t.param_name), t.spec["granularity"],
                                             s, thr, t.spec["norm"], mask))
             if pool:
-                self._prune_global(pool, _ramp(self.config.schedule, s_i, pool[0].spec["global_sparsity"],
-                                          progress))
+                final = pool[0].spec["global_sparsity"]
+                self._prune_global(pool, _ramp(self.config.schedule, s_i, final, progress))
             for t in self.targets:
                 if t.tied_to is not None:  # a bias follows its filters
                     weight_mask = getattr(t.module, "weight" + MASK_SUFFIX)
