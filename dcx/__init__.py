@@ -13,5 +13,5 @@ from dcx import data, models, optim, prune, sensitivity  # noqa: E402
 from dcx.optim import MaskedSGD, mask_optimizer_  # noqa: E402
 from dcx.prune import PruneConfig, Pruner, finalize_, prune_  # noqa: E402
 
-__all__ += ["data", "models", "optim", "prune", "sensitivity", "MaskedSGD", "mask_optimizer_", "PruneConfig",
-            "Pruner", "finalize_", "prune_"]
+__all__ += ["data", "models", "optim", "prune", "sensitivity", "MaskedSGD", "mask_optimizer_",
+            "PruneConfig", "Pruner", "finalize_", "prune_"]
