@@ -338,8 +338,8 @@ def _owner(model, full_name):
 
 
 def _select(model, config):
-    """[(full parameter name, module name)] selected by config.targets (default: the weight of
-    every Linear and ConvNd)."""
+    """Full names of the parameters config.targets selects (default: the weight of every
+    Linear and ConvNd); a module name selects its weight."""
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
     if config.targets is None:
@@ -391,10 +391,11 @@ def _resolve(model, config) -> List[_Target]:
         _check_granularity(fields["granularity"], param.shape, full)
         targets.append(_Target(full, module_name, module, param_name, fields))
         bias = getattr(module, "bias", None)
-        if fields["include_bias"] and param_name == "weight" and isinstance(bias, nn.Parameter):
+        bias_name = f"{module_name}.bias" if module_name else "bias"
+        if (fields["include_bias"] and param_name == "weight" and isinstance(bias, nn.Parameter)
+                and bias_name not in names):
             bias_fields = dict(fields, granularity="element")
             tied = full if fields["granularity"] == "filter" else None
-            bias_name = f"{module_name}.bias" if module_name else "bias"
             targets.append(_Target(bias_name, module_name, module, "bias", bias_fields, tied))
     all_names = list(dict(model.named_modules())) + list(dict(model.named_parameters()))
     for pattern in config.overrides:
