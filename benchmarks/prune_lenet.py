@@ -21,8 +21,9 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # dcx from a source tree
 
-import dcx  # noqa: E402
 from common import RESULTS, stamp  # noqa: E402
+
+import dcx  # noqa: E402
 from dcx.data import load_mnist, loader  # noqa: E402
 from dcx.models import LeNet300100  # noqa: E402
 from dcx.optim import MaskedSGD  # noqa: E402

@@ -11,7 +11,6 @@ Images come back as float32 [N, 1, H, W] in [0, 1], labels as int64 [N]; `loader
 import gzip
 import os
 from pathlib import Path
-from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -44,7 +43,7 @@ _MNIST_FILES = {
 }
 
 
-def read_idx(path: Union[str, Path]) -> np.ndarray:
+def read_idx(path: str | Path) -> np.ndarray:
     """The array stored in one IDX file (gzip-compressed when it starts with gzip's magic bytes).
 
     Raises ValueError naming the file when the header or the length is wrong."""
@@ -96,7 +95,7 @@ def _mnist_root(root) -> Path:
     return root
 
 
-def load_mnist(root: Optional[Union[str, Path]] = None, split: str = "train"):
+def load_mnist(root: str | Path | None = None, split: str = "train"):
     """MNIST `split` ("train": 60,000, "test": 10,000) as (images float32 [N, 1, 28, 28] in [0, 1],
     labels int64 [N]) from the IDX files in `root` (default: $DCX_MNIST)."""
     if split not in _MNIST_FILES:
@@ -138,7 +137,7 @@ def load_digits(split: str = "train", test_fraction: float = 0.2, seed: int = 0)
 
 
 def loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False,
-           seed: Optional[int] = None, drop_last: bool = False) -> DataLoader:
+           seed: int | None = None, drop_last: bool = False) -> DataLoader:
     """A DataLoader over (x, y) that slices whole batches at once (a batch sampler over a
     TensorDataset), which is far faster than collating single samples."""
     if batch_size < 1:

@@ -12,7 +12,7 @@ exactly zero.
 Pruner adds or tightens later are honoured) or a {parameter: bool mask} mapping.
 """
 
-from typing import Callable, Dict, Iterable, Mapping, Optional, Union
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +22,7 @@ from dcx.prune import param_masks
 
 __all__ = ["MaskedSGD", "mask_optimizer_"]
 
-Masks = Union[nn.Module, Mapping[Tensor, Tensor], None]
+Masks = nn.Module | Mapping[Tensor, Tensor] | None
 
 
 def _resolver(masks: Masks) -> Callable[[], Mapping[Tensor, Tensor]]:
@@ -75,7 +75,7 @@ class MaskedSGD(torch.optim.Optimizer):
                         nesterov=nesterov, maximize=maximize)
         super().__init__(params, defaults)
         self._masks = _resolver(masks)
-        self._dense: Dict[tuple, Tensor] = {}  # all-ones masks of unmasked params, by shape
+        self._dense: dict[tuple, Tensor] = {}  # all-ones masks of unmasked params, by shape
 
     def _dense_mask(self, p: Tensor) -> Tensor:
         key = (tuple(p.shape), p.device)
@@ -84,7 +84,7 @@ class MaskedSGD(torch.optim.Optimizer):
         return self._dense[key]
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None):
+    def step(self, closure: Callable[[], float] | None = None):
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -52,8 +52,9 @@ import copy
 import dataclasses
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -123,15 +124,15 @@ class PruneConfig:
     Every target and override pattern must match something in the model.
     """
 
-    sparsity: Optional[float] = None
-    global_sparsity: Optional[float] = None
-    threshold: Optional[float] = None
-    quality: Optional[float] = None
+    sparsity: float | None = None
+    global_sparsity: float | None = None
+    threshold: float | None = None
+    quality: float | None = None
     granularity: str = "element"
     norm: str = "l1"
     include_bias: bool = False
-    targets: Optional[List[str]] = None
-    overrides: Dict[str, Optional[Dict[str, Any]]] = field(default_factory=dict)
+    targets: list[str] | None = None
+    overrides: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     schedule: str = "oneshot"
     start: int = 0
     frequency: int = 1
@@ -167,7 +168,7 @@ class PruneConfig:
     def _layer_fields(self):
         return {name: getattr(self, name) for name in LAYER_FIELDS}
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(dataclasses.asdict(self))
 
     @classmethod
@@ -269,10 +270,10 @@ def _lowest(scores: Tensor, k: int) -> Tensor:
 def compute_mask(
     weight: Tensor,
     granularity: str = "element",
-    sparsity: Optional[float] = None,
-    threshold: Optional[float] = None,
+    sparsity: float | None = None,
+    threshold: float | None = None,
     norm: str = "l1",
-    mask: Optional[Tensor] = None,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """The keep-mask (bool, weight's shape) of one tensor: the round(sparsity x units) units of
     lowest score pruned, or the units scoring below `threshold`. `mask`, the current mask, is
@@ -297,7 +298,7 @@ def compute_mask(
 # Schedules
 
 
-def schedule_progress(config: PruneConfig, step: int) -> Optional[float]:
+def schedule_progress(config: PruneConfig, step: int) -> float | None:
     """The fraction of the final target to reach at `step` (a Pruner.step() count from 0), or
     None when `step` is not a pruning step. The last pruning step returns 1.0."""
     k, rem = divmod(step - config.start, config.frequency)
@@ -328,8 +329,8 @@ class _Target:
     module_name: str   # "fc1"
     module: nn.Module
     param_name: str    # "weight"
-    spec: Dict[str, Any]      # resolved layer fields (criterion, granularity, ...)
-    tied_to: Optional[str] = None  # a bias that follows its weight's filters
+    spec: dict[str, Any]      # resolved layer fields (criterion, granularity, ...)
+    tied_to: str | None = None  # a bias that follows its weight's filters
 
 
 def _owner(model, full_name):
@@ -365,7 +366,7 @@ def _select(model, config):
     return list(dict.fromkeys(chosen))
 
 
-def _resolve(model, config) -> List[_Target]:
+def _resolve(model, config) -> list[_Target]:
     names = _select(model, config)
     base = config._layer_fields()
     # Overrides: exact names first, then regexes in order.
@@ -490,19 +491,19 @@ def _mask_items(model):
                 yield full, module, param_name, buffer
 
 
-def masks(model: nn.Module) -> Dict[str, Tensor]:
+def masks(model: nn.Module) -> dict[str, Tensor]:
     """{parameter name: its mask (bool, True = kept)} for every masked parameter; the tensors are
     the buffers themselves (later stages read them: clustering keeps to surviving weights, the
     file format stores them)."""
     return {full: mask for full, _, _, mask in _mask_items(model)}
 
 
-def param_masks(model: nn.Module) -> Dict[Tensor, Tensor]:
+def param_masks(model: nn.Module) -> dict[Tensor, Tensor]:
     """{parameter tensor: mask}, the form optimizers use (dcx.optim)."""
     return {getattr(module, p): mask for _, module, p, mask in _mask_items(model)}
 
 
-def sparsity(model: nn.Module) -> Dict[str, float]:
+def sparsity(model: nn.Module) -> dict[str, float]:
     """{parameter name: fraction of its mask pruned} for every masked parameter."""
     return {full: (mask.numel() - int(mask.count_nonzero())) / mask.numel() if mask.numel() else 0.0
             for full, mask in masks(model).items()}
@@ -580,7 +581,7 @@ class Pruner:
         """The step on which the final target is reached."""
         return _final_step(self.config)
 
-    def step(self, step: Optional[int] = None) -> bool:
+    def step(self, step: int | None = None) -> bool:
         """Advance the schedule by one (or jump to `step`) and prune if this is a pruning step.
         Returns True when it pruned."""
         if step is not None:
@@ -592,7 +593,7 @@ class Pruner:
         self.prune_to(progress)
         return True
 
-    def prune_to(self, progress: float = 1.0) -> Dict[str, float]:
+    def prune_to(self, progress: float = 1.0) -> dict[str, float]:
         """Prune every target to `progress` of its final target (1.0 = the final target)."""
         if not 0.0 <= progress <= 1.0:
             raise ValueError(f"progress must be in [0, 1], got {progress}")
@@ -642,13 +643,14 @@ class Pruner:
             mask_list.append(mask)
         flat = torch.cat(scores)
         prune = _lowest(flat, _count(target, flat.numel()))
-        for mask, part in zip(mask_list, torch.split(prune, [m.numel() for m in mask_list])):
+        parts = torch.split(prune, [m.numel() for m in mask_list])
+        for mask, part in zip(mask_list, parts, strict=True):
             mask &= ~part.reshape(mask.shape)
 
     def finalize(self) -> nn.Module:
         return finalize_(self.model)
 
-    def sparsity(self) -> Dict[str, float]:
+    def sparsity(self) -> dict[str, float]:
         return sparsity(self.model)
 
 
@@ -661,7 +663,7 @@ def _ramp(schedule, initial, final, progress):
     return final + (initial - final) * (1.0 - progress)
 
 
-def prune_(model: nn.Module, config: PruneConfig) -> Dict[str, float]:
+def prune_(model: nn.Module, config: PruneConfig) -> dict[str, float]:
     """Prune `model` in place to `config`'s final target at once (the schedule is not used).
     Returns {parameter name: sparsity reached}."""
     return Pruner(model, config).prune_to(1.0)

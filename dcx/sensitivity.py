@@ -11,9 +11,9 @@ The metric is "higher is better" (accuracy); pass lambda m: -loss(m) for a loss.
 
 import csv
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -33,7 +33,7 @@ class SensitivityResult:
     metric)]} in increasing sparsity."""
 
     baseline: float
-    curves: Dict[str, List[Tuple[float, float]]] = field(default_factory=dict)
+    curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
 
     def rows(self):
         return [(name, s, m) for name, curve in self.curves.items() for s, m in curve]
@@ -89,7 +89,7 @@ def sensitivity_analysis(
     model: nn.Module,
     evaluate: Callable[[nn.Module], float],
     sparsities: Sequence[float] = DEFAULT_SPARSITIES,
-    config: Optional[PruneConfig] = None,
+    config: PruneConfig | None = None,
     progress: bool = True,
 ) -> SensitivityResult:
     """Prune each target of `config` (default: every Linear and ConvNd weight, element
@@ -125,7 +125,7 @@ def sensitivity_analysis(
     return result
 
 
-def pick_sparsities(result: SensitivityResult, max_drop: float) -> Dict[str, float]:
+def pick_sparsities(result: SensitivityResult, max_drop: float) -> dict[str, float]:
     """Per layer, the largest swept sparsity such that it and every lower one keep the metric
     >= baseline - max_drop (0.0 when even the lowest does not)."""
     if not max_drop >= 0:
@@ -141,6 +141,6 @@ def pick_sparsities(result: SensitivityResult, max_drop: float) -> Dict[str, flo
     return picks
 
 
-def to_overrides(picks: Dict[str, float]) -> Dict[str, Dict[str, float]]:
+def to_overrides(picks: dict[str, float]) -> dict[str, dict[str, float]]:
     """{parameter name: sparsity} as PruneConfig overrides."""
     return {name: {"sparsity": s} for name, s in picks.items()}

@@ -43,7 +43,8 @@ def main(out):
         F.cross_entropy(ddp(x), y).backward()
         optimizer.step()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    momentum = {n: optimizer.state[p]["momentum_buffer"].clone() for n, p in model.named_parameters()}
+    momentum = {n: optimizer.state[p]["momentum_buffer"].clone()
+                for n, p in model.named_parameters()}
 
     # Masks cannot diverge: even from different weights, every rank ends with rank 0's masks.
     with torch.no_grad():

@@ -14,7 +14,8 @@ requires_mnist = pytest.mark.skipif(not MNIST.is_dir(), reason=f"MNIST not found
 
 
 def idx_bytes(array, type_code=0x08):
-    header = bytes([0, 0, type_code, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    dims = b"".join(struct.pack(">I", d) for d in array.shape)
+    header = bytes([0, 0, type_code, array.ndim]) + dims
     return header + array.astype(array.dtype.newbyteorder(">")).tobytes()
 
 
@@ -23,7 +24,8 @@ def write_split(root, n=7, rows=28, cols=28, compress=True, split="train"):
     images = rng.integers(0, 256, (n, rows, cols), dtype=np.uint8)
     labels = rng.integers(0, 10, n, dtype=np.uint8)
     prefix = "train" if split == "train" else "t10k"
-    for stem, array in ((f"{prefix}-images-idx3-ubyte", images), (f"{prefix}-labels-idx1-ubyte", labels)):
+    files = ((f"{prefix}-images-idx3-ubyte", images), (f"{prefix}-labels-idx1-ubyte", labels))
+    for stem, array in files:
         raw = idx_bytes(array)
         if compress:
             (root / (stem + ".gz")).write_bytes(gzip.compress(raw))

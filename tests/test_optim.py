@@ -71,7 +71,7 @@ def test_masked_sgd_first_step_and_dense_match_sgd():
             opt.zero_grad()
             model(x).square().sum().backward()
             opt.step()
-        for p, q in zip(a.parameters(), b.parameters()):
+        for p, q in zip(a.parameters(), b.parameters(), strict=True):
             assert torch.equal(p, q), f"step {step}"
     # The state is torch.optim.SGD's: it loads into SGD and continues identically.
     opt_c = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
@@ -81,7 +81,7 @@ def test_masked_sgd_first_step_and_dense_match_sgd():
         opt.zero_grad()
         model(x).square().sum().backward()
         opt.step()
-    for p, q in zip(a.parameters(), b.parameters()):
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(p, q)
 
 

@@ -12,7 +12,7 @@ from dcx.prune import PruneConfig
 from dcx.sensitivity import SensitivityResult, pick_sparsities, sensitivity_analysis, to_overrides
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def digits(split):
     return load_digits(split)
 
