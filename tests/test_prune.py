@@ -9,6 +9,7 @@ from torch import nn
 from dcx import prune as P
 from dcx.models import LeNet5, LeNet300100
 from dcx.prune import PruneConfig, Pruner, prune_
+from tests.testing import devices
 
 
 def lowest_k(scores, k):
@@ -434,3 +435,17 @@ def test_compute_mask_bad_arguments():
         P.compute_mask(torch.randn(5), "filter", sparsity=0.5)
     with pytest.raises(TypeError, match="config must be a PruneConfig"):
         Pruner(LeNet300100(), {"sparsity": 0.5})
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("granularity", ["element", "kernel", "filter"])
+def test_same_masks_on_every_device(device, granularity):
+    model = LeNet5()
+    twin = copy.deepcopy(model).to(device)
+    config = PruneConfig(sparsity=0.8, granularity=granularity,
+                         overrides={"re:fc.": {"granularity": "element"}})
+    prune_(model, config)
+    prune_(twin, config)
+    for name, mask in P.masks(twin).items():
+        assert mask.device.type == device
+        assert torch.equal(mask.cpu(), P.masks(model)[name])
