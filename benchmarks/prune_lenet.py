@@ -7,7 +7,7 @@ retraining. Writes benchmarks/results/prune-lenet300.md.
 
 Defaults: 20 dense epochs (SGD, lr 0.1 cosine, momentum 0.9, weight decay 5e-4); 6 prune/retrain
 rounds 3 epochs apart, each removing the same fraction of the surviving weights, retrained with
-MaskedSGD at lr 0.02; then 20 epochs of MaskedSGD with lr 0.02 cosine to 0.
+MaskedSGD at lr 0.05; then 30 epochs of MaskedSGD with lr 0.05 cosine to 0.
 """
 
 import argparse
@@ -72,10 +72,10 @@ def main():
     parser.add_argument("--epochs", type=int, default=20, help="dense training epochs")
     parser.add_argument("--rounds", type=int, default=6, help="prune/retrain rounds")
     parser.add_argument("--retrain-epochs", type=int, default=3, help="retraining epochs per round")
-    parser.add_argument("--final-epochs", type=int, default=20,
+    parser.add_argument("--final-epochs", type=int, default=30,
                         help="retraining after the last round")
     parser.add_argument("--lr", type=float, default=0.1, help="dense learning rate (cosine to 0)")
-    parser.add_argument("--retrain-lr", type=float, default=0.02, help="retraining learning rate")
+    parser.add_argument("--retrain-lr", type=float, default=0.05, help="retraining learning rate")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--weight-decay", type=float, default=5e-4,
                         help="L2 regularisation (Han et al.: it makes weights prunable)")
