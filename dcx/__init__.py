@@ -7,3 +7,11 @@ from dcx._native import available, kernels
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "available", "kernels", "ops", "reference"]
+
+# Pruning and masked retraining.
+from dcx import data, models, optim, prune, sensitivity  # noqa: E402
+from dcx.optim import MaskedSGD, mask_optimizer_  # noqa: E402
+from dcx.prune import PruneConfig, Pruner, finalize_, prune_  # noqa: E402
+
+__all__ += ["data", "models", "optim", "prune", "sensitivity", "MaskedSGD", "mask_optimizer_",
+            "PruneConfig", "Pruner", "finalize_", "prune_"]

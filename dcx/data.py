@@ -1,0 +1,152 @@
+"""Small data sets for the paper's experiments, without torchvision.
+
+- MNIST from the standard IDX files (gzip or raw) in a folder the user names (argument, or the
+  environment variable DCX_MNIST). Headers are validated: magic number, element type, number of
+  dimensions, sizes, and the file length.
+- scikit-learn's bundled 8x8 digits (sklearn.datasets.load_digits), which need no download.
+
+Images come back as float32 [N, 1, H, W] in [0, 1], labels as int64 [N]; `loader` batches them.
+"""
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    RandomSampler,
+    SequentialSampler,
+    TensorDataset,
+)
+
+__all__ = ["read_idx", "load_mnist", "load_digits", "loader", "MNIST_ENV"]
+
+MNIST_ENV = "DCX_MNIST"
+
+# IDX element types: code -> numpy big-endian dtype.
+_IDX_TYPES = {
+    0x08: np.dtype(">u1"),
+    0x09: np.dtype(">i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+# The four files of each split, and the variants with a dot that some mirrors use.
+_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """The array stored in one IDX file (gzip-compressed when it starts with gzip's magic bytes).
+
+    Raises ValueError naming the file when the header or the length is wrong."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as error:
+            raise ValueError(f"{path}: corrupt gzip data ({error})") from None
+    if len(raw) < 4:
+        raise ValueError(f"{path}: too short for an IDX header ({len(raw)} bytes)")
+    if raw[0] != 0 or raw[1] != 0:
+        raise ValueError(f"{path}: not an IDX file (magic number {raw[:4].hex()}, "
+                         "expected 0000 then type and dimension bytes)")
+    type_code, ndim = raw[2], raw[3]
+    if type_code not in _IDX_TYPES:
+        raise ValueError(f"{path}: unknown IDX element type 0x{type_code:02x}")
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(raw) < header:
+        raise ValueError(f"{path}: IDX header declares {ndim} dimensions but the file has "
+                         f"{len(raw)} bytes")
+    shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
+    dtype = _IDX_TYPES[type_code]
+    expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(raw) != expected:
+        raise ValueError(f"{path}: IDX header declares shape {shape} ({expected} bytes with the "
+                         f"header) but the file has {len(raw)} bytes")
+    return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def _find(root: Path, stem: str) -> Path:
+    dotted = stem[::-1].replace("-", ".", 1)[::-1]  # train-images.idx3-ubyte
+    for name in (stem, stem + ".gz", dotted, dotted + ".gz"):
+        if (root / name).is_file():
+            return root / name
+    raise FileNotFoundError(f"MNIST file {stem}[.gz] not found in {root}")
+
+
+def _mnist_root(root) -> Path:
+    root = root if root is not None else os.environ.get(MNIST_ENV)
+    if root is None:
+        raise FileNotFoundError(f"no MNIST folder given: pass root= or set {MNIST_ENV} to a folder "
+                                "holding the four IDX files (train-images-idx3-ubyte.gz, ...)")
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"MNIST folder {root} does not exist")
+    return root
+
+
+def load_mnist(root: str | Path | None = None, split: str = "train"):
+    """MNIST `split` ("train": 60,000, "test": 10,000) as (images float32 [N, 1, 28, 28] in [0, 1],
+    labels int64 [N]) from the IDX files in `root` (default: $DCX_MNIST)."""
+    if split not in _MNIST_FILES:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    root = _mnist_root(root)
+    image_path, label_path = (_find(root, stem) for stem in _MNIST_FILES[split])
+    images, labels = read_idx(image_path), read_idx(label_path)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise ValueError(f"{image_path}: expected uint8 images [N, rows, cols], got "
+                         f"{images.dtype} {images.shape}")
+    if labels.ndim != 1 or labels.dtype != np.uint8:
+        raise ValueError(f"{label_path}: expected uint8 labels [N], got {labels.dtype} "
+                         f"{labels.shape}")
+    if len(images) != len(labels):
+        raise ValueError(f"{image_path} holds {len(images)} images but {label_path} holds "
+                         f"{len(labels)} labels")
+    if labels.size and labels.max() > 9:
+        raise ValueError(f"{label_path}: labels must be in 0..9, found {labels.max()}")
+    x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
+    return x, torch.from_numpy(labels.astype(np.int64))
+
+
+def load_digits(split: str = "train", test_fraction: float = 0.2, seed: int = 0):
+    """scikit-learn's 1,797 8x8 digits as (images float32 [N, 1, 8, 8] in [0, 1], labels int64),
+    split into train and test by a seeded permutation (the same split every call)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    x = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)
+    y = torch.from_numpy(bunch.target.astype(np.int64))
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    n_test = int(round(test_fraction * len(y)))
+    index = order[:n_test] if split == "test" else order[n_test:]
+    return x[index], y[index]
+
+
+def loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False,
+           seed: int | None = None, drop_last: bool = False) -> DataLoader:
+    """A DataLoader over (x, y) that slices whole batches at once (a batch sampler over a
+    TensorDataset), which is far faster than collating single samples."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    dataset = TensorDataset(x, y)
+    if shuffle:
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        sampler = RandomSampler(dataset, generator=generator)
+    else:
+        sampler = SequentialSampler(dataset)
+    batches = BatchSampler(sampler, batch_size, drop_last)
+    return DataLoader(dataset, sampler=batches, batch_size=None)

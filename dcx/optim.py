@@ -1,0 +1,147 @@
+"""Masked retraining: optimizers under which pruned weights, and their optimizer state, stay
+exactly zero.
+
+- `MaskedSGD`: torch.optim.SGD (momentum, dampening, nesterov, weight decay, maximize) as one
+  fused op per parameter, dcx.ops.masked_sgd_step_. On kept positions it equals
+  torch.optim.SGD bit for bit in float32 (CPU); pruned weights and their momentum are +0.0.
+- `mask_optimizer_(optimizer, masks)`: any other optimizer (Adam, AdamW, ...) gets step hooks
+  that zero pruned gradients before the step and pruned weights and every per-weight state
+  tensor (exp_avg, exp_avg_sq, ...) after it.
+
+`masks` is the model (its mask buffers, see dcx.prune, are looked up at every step, so masks a
+Pruner adds or tightens later are honoured) or a {parameter: bool mask} mapping.
+"""
+
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from dcx import ops
+from dcx.prune import param_masks
+
+__all__ = ["MaskedSGD", "mask_optimizer_"]
+
+Masks = nn.Module | Mapping[Tensor, Tensor] | None
+
+
+def _resolver(masks: Masks) -> Callable[[], Mapping[Tensor, Tensor]]:
+    if masks is None:
+        return dict
+    if isinstance(masks, nn.Module):
+        return lambda: param_masks(masks)
+    if isinstance(masks, Mapping):
+        for key, mask in masks.items():
+            if not isinstance(key, Tensor) or not isinstance(mask, Tensor):
+                raise TypeError("masks must map parameters (tensors) to mask tensors; "
+                                "use dcx.prune.param_masks(model) or pass the model")
+            if mask.shape != key.shape:
+                raise ValueError(f"a mask has shape {tuple(mask.shape)} but its parameter has "
+                                 f"{tuple(key.shape)}")
+        fixed = dict(masks)
+        return lambda: fixed
+    raise TypeError(f"masks must be an nn.Module, a {{parameter: mask}} dict or None, "
+                    f"got {type(masks).__name__}")
+
+
+class MaskedSGD(torch.optim.Optimizer):
+    """SGD in which pruned weights and their momentum stay exactly zero.
+
+    Arguments as torch.optim.SGD, plus `masks` (the model or {parameter: mask}); parameters
+    without a mask are updated densely. Parameters must be float32, float16 or bfloat16.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        masks: Masks = None,
+    ):
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=maximize)
+        super().__init__(params, defaults)
+        self._masks = _resolver(masks)
+        self._dense: dict[tuple, Tensor] = {}  # all-ones masks of unmasked params, by shape
+
+    def _dense_mask(self, p: Tensor) -> Tensor:
+        key = (tuple(p.shape), p.device)
+        if key not in self._dense:
+            self._dense[key] = torch.ones(p.shape, dtype=torch.bool, device=p.device)
+        return self._dense[key]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        mask_of = self._masks()
+        for group in self.param_groups:
+            momentum = group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("MaskedSGD does not support sparse gradients")
+                mask = mask_of.get(p)
+                if mask is None:
+                    mask = self._dense_mask(p)
+                buf, new_buffer = None, False
+                if momentum != 0:
+                    state = self.state[p]
+                    buf = state.get("momentum_buffer")
+                    if buf is None:  # SGD's first step: the buffer becomes the gradient
+                        buf = state["momentum_buffer"] = torch.zeros_like(p)
+                        new_buffer = True
+                ops.masked_sgd_step_(
+                    p, p.grad, mask, buf, float(group["lr"]), momentum, group["dampening"],
+                    group["weight_decay"], group["nesterov"], group["maximize"], new_buffer,
+                )
+        return loss
+
+
+def mask_optimizer_(optimizer: torch.optim.Optimizer, masks: Masks) -> torch.optim.Optimizer:
+    """Make `optimizer` keep pruned weights at zero: before each step pruned gradients are
+    zeroed, after it pruned weights and every state tensor of a weight's shape (exp_avg,
+    exp_avg_sq, momentum_buffer, ...). Returns the same optimizer (LR schedulers still work)."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError("optimizer must be a torch.optim.Optimizer, got "
+                        f"{type(optimizer).__name__}")
+    resolve = _resolver(masks)
+
+    def own_masks(opt):
+        mine = {id(p) for group in opt.param_groups for p in group["params"]}
+        return [(p, m) for p, m in resolve().items() if id(p) in mine]
+
+    @torch.no_grad()
+    def before(opt, args, kwargs):
+        for p, mask in own_masks(opt):
+            if p.grad is not None:
+                p.grad.masked_fill_(~mask, 0.0)
+
+    @torch.no_grad()
+    def after(opt, args, kwargs):
+        for p, mask in own_masks(opt):
+            pruned = ~mask
+            p.masked_fill_(pruned, 0.0)
+            for value in opt.state.get(p, {}).values():
+                if isinstance(value, Tensor) and value.shape == p.shape:
+                    value.masked_fill_(pruned, 0.0)
+
+    optimizer.register_step_pre_hook(before)
+    optimizer.register_step_post_hook(after)
+    return optimizer
