@@ -7,3 +7,7 @@ from dcx._native import available, kernels
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "available", "kernels", "ops", "reference"]
+
+from dcx.format import FormatError, load, save, verify  # noqa: E402
+
+__all__ += ["FormatError", "save", "load", "verify"]
