@@ -58,6 +58,7 @@ from dcx import ops
 __all__ = [
     "FormatError", "CompressedTensor", "encode_tensor", "decode_tensor", "save_records",
     "load_records", "verify", "save", "load", "encode_positions", "decode_positions",
+    "encode_file", "decode_file", "seal",
 ]
 
 MAGIC = b"\x89DCX\r\n\x1a\n"
@@ -381,10 +382,10 @@ def decode_tensor(meta: dict, sections: dict, name: str = "tensor") -> Compresse
 # ------------------------------------------------------------------------------ the file
 
 
-def save_records(path, records: dict, dense: dict, manifest_extra: Optional[dict] = None):
-    """Write a .dcx file atomically: {name: CompressedTensor} compressed, {name: Tensor} raw, and
-    `manifest_extra` (JSON-serialisable: the compression config) in the manifest. The same
-    inputs give the same bytes."""
+def encode_file(records: dict, dense: dict, manifest_extra: Optional[dict] = None) -> bytes:
+    """The bytes of a .dcx file: {name: CompressedTensor} compressed, {name: Tensor} raw, and
+    `manifest_extra` (JSON-serialisable: the compression config) in the manifest. The same inputs
+    give the same bytes."""
     if sys.byteorder != "little":
         raise RuntimeError("dcx files are little-endian; this host is big-endian")
     overlap = set(records) & set(dense)
@@ -411,24 +412,31 @@ def save_records(path, records: dict, dense: dict, manifest_extra: Optional[dict
                         "sections": {"data": add_section(f"{name}/data", _raw_bytes(t.cpu()))}})
     manifest = {"format": "dcx", "version": f"{VERSION[0]}.{VERSION[1]}",
                 "extra": manifest_extra or {}, "tensors": tensors, "sections": table}
+    return seal(manifest, b"".join(blobs))
+
+
+def seal(manifest: dict, data: bytes, version=VERSION) -> bytes:
+    """Header + manifest + data + digest, checksums computed here (the manifest's section table
+    must already describe `data`)."""
     text = json.dumps(manifest, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
-    header = HEADER.pack(MAGIC, VERSION[0], VERSION[1], 0, len(text), zlib.crc32(text))
-    _write_atomic(path, [header, text] + blobs)
+    body = HEADER.pack(MAGIC, version[0], version[1], 0, len(text), zlib.crc32(text)) + text + data
+    return body + hashlib.sha256(body).digest()
 
 
-def _write_atomic(path, chunks):
+def save_records(path, records: dict, dense: dict, manifest_extra: Optional[dict] = None):
+    """Write a .dcx file atomically (see encode_file)."""
+    _write_atomic(path, encode_file(records, dense, manifest_extra))
+
+
+def _write_atomic(path, data: bytes):
     """Temporary file in the target's folder, fsync, rename: a crash leaves the old file or the
     new one at `path`, never a torn one."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
-        digest = hashlib.sha256()
         with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-                digest.update(chunk)
-            f.write(digest.digest())
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
