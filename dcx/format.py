@@ -6,7 +6,7 @@ Layout (all integers little-endian):
               manifest length u64, manifest CRC32 u32, 4 zero bytes
     manifest  UTF-8 JSON: format version, the compression config, one entry per tensor (name,
               shape, dtype, bits, mode, section numbers) and the section table (offset from the
-              start of the data area, size, CRC32, name)
+              start of the data area, size, CRC32)
     data      the sections, back to back in table order: codebooks, Huffman code lengths,
               bitstreams, segment pointers, and raw parameters
     digest    32 bytes: SHA-256 of everything before it
@@ -393,15 +393,15 @@ def encode_file(records: dict, dense: dict, manifest_extra: Optional[dict] = Non
         raise ValueError(f"names both compressed and dense: {sorted(overlap)}")
     tensors, blobs, table = [], [], []
 
-    def add_section(label, data):
-        table.append({"name": label, "offset": sum(len(b) for b in blobs), "size": len(data),
+    def add_section(data):
+        table.append({"offset": sum(len(b) for b in blobs), "size": len(data),
                       "crc32": zlib.crc32(data)})
         blobs.append(data)
         return len(table) - 1
 
     for name, ct in records.items():
         meta, sections = encode_tensor(ct, name)
-        meta["sections"] = {kind: add_section(f"{name}/{kind}", data) for kind, data in sections}
+        meta["sections"] = {kind: add_section(data) for kind, data in sections}
         tensors.append({"name": name, **meta})
     for name, t in dense.items():
         if not isinstance(t, Tensor) or t.dtype not in DTYPE_NAMES:
@@ -409,7 +409,7 @@ def encode_file(records: dict, dense: dict, manifest_extra: Optional[dict] = Non
                              f"got {type(t).__name__ if not isinstance(t, Tensor) else t.dtype}")
         tensors.append({"name": name, "kind": "raw", "shape": list(t.shape),
                         "dtype": DTYPE_NAMES[t.dtype],
-                        "sections": {"data": add_section(f"{name}/data", _raw_bytes(t.cpu()))}})
+                        "sections": {"data": add_section(_raw_bytes(t.cpu()))}})
     manifest = {"format": "dcx", "version": f"{VERSION[0]}.{VERSION[1]}",
                 "extra": manifest_extra or {}, "tensors": tensors, "sections": table}
     return seal(manifest, b"".join(blobs))
@@ -456,6 +456,17 @@ def _write_atomic(path, data: bytes):
         pass
 
 
+def _section_labels(tensors) -> dict:
+    """{section number: "tensor/kind"} from the tensor entries that are well formed, for messages."""
+    labels = {}
+    for meta in tensors:
+        if isinstance(meta, dict) and isinstance(meta.get("sections"), dict):
+            for kind, i in meta["sections"].items():
+                if isinstance(i, int):
+                    labels.setdefault(i, f"{meta.get('name')}/{kind}")
+    return labels
+
+
 def parse(buf: bytes):
     """Check a whole file in memory; returns (manifest, {section number: bytes}). Raises
     FormatError naming what is wrong and where."""
@@ -491,13 +502,11 @@ def parse(buf: bytes):
         if not isinstance(manifest.get(key), kind):
             raise FormatError(f"manifest: '{key}' must be a {kind.__name__}")
 
-    sections, offset = {}, 0
+    sections, offset, labels = {}, 0, _section_labels(manifest["tensors"])
     for i, entry in enumerate(manifest["sections"]):
-        where = f"section {i}"
+        where = f"section {i}" + (f" ({labels[i]!r})" if i in labels else "")
         if not isinstance(entry, dict):
             raise FormatError(f"{where}: entry must be an object")
-        label = entry.get("name")
-        where = f"section {i} ({label!r})"
         size = _need_int(entry, "size", 0, data_end - data_start, where)
         start = _need_int(entry, "offset", 0, data_end - data_start, where)
         crc = _need_int(entry, "crc32", 0, 2**32 - 1, where)
