@@ -13,12 +13,10 @@ bitstream is sequential). The target is >= 100 MB/s decode per core.
 """
 
 import heapq
-import math
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -74,8 +72,10 @@ def run(sizes):
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     rows = []
-    for label, make, k in (("cluster ids (5-bit)", cluster_ids, 32),
-                           ("rel. indices (4-bit)", relative_indices, 16)):
+    for label, make, k in (
+        ("cluster ids (5-bit)", cluster_ids, 32),
+        ("rel. indices (4-bit)", relative_indices, 16),
+    ):
         for n in sizes:
             symbols = make(n, g)
             n = symbols.numel()
@@ -94,21 +94,46 @@ def run(sizes):
             assert int((freqs * py_lengths.long()).sum()) == int((freqs * lengths.long()).sum())
 
             mbs = lambda t: n / t / 1e6  # noqa: E731, B023
-            rows.append([label, f"{n:,}", f"{entropy_bits(freqs):.3f}", f"{8 * data.numel() / n:.3f}",
-                         f"{t_py_len * 1e3:.1f} / {t_len * 1e3:.3f}",
-                         f"{mbs(t_py_enc):.2f}", f"{mbs(t_py_dec):.2f}",
-                         f"{mbs(t_enc):.0f}", f"{mbs(t_dec):.0f}",
-                         f"{t_py_enc / t_enc:.0f}x", f"{t_py_dec / t_dec:.0f}x"])
+            rows.append(
+                [
+                    label,
+                    f"{n:,}",
+                    f"{entropy_bits(freqs):.3f}",
+                    f"{8 * data.numel() / n:.3f}",
+                    f"{t_py_len * 1e3:.1f} / {t_len * 1e3:.3f}",
+                    f"{mbs(t_py_enc):.2f}",
+                    f"{mbs(t_py_dec):.2f}",
+                    f"{mbs(t_enc):.0f}",
+                    f"{mbs(t_dec):.0f}",
+                    f"{t_py_enc / t_enc:.0f}x",
+                    f"{t_py_dec / t_dec:.0f}x",
+                ]
+            )
             print(rows[-1], flush=True)
-    header = ["stream", "symbols", "entropy bits", "coded bits/sym", "code lengths ms (py / dcx)",
-              "python enc MB/s", "python dec MB/s", "dcx enc MB/s", "dcx dec MB/s",
-              "enc speedup", "dec speedup"]
-    notes = [common.stamp("cpu"), "",
-             "One core (the ops are single-threaded). MB/s = millions of uint8 symbols per second. "
-             "dcx: median of >= 20 runs; python (heapq code lengths, bit-string encode/decode from "
-             "dcx.reference): one run. Both produce the same code cost; dcx's lengths are limited "
-             "to 24 bits (package-merge). Target: >= 100 MB/s decode per core."]
-    common.write_table("huffman-cpu", "Huffman codec: dcx (C++) vs plain Python", header, rows, notes)
+    header = [
+        "stream",
+        "symbols",
+        "entropy bits",
+        "coded bits/sym",
+        "code lengths ms (py / dcx)",
+        "python enc MB/s",
+        "python dec MB/s",
+        "dcx enc MB/s",
+        "dcx dec MB/s",
+        "enc speedup",
+        "dec speedup",
+    ]
+    notes = [
+        common.stamp("cpu"),
+        "",
+        "One core (the ops are single-threaded). MB/s = millions of uint8 symbols per second. "
+        "dcx: median of >= 20 runs; python (heapq code lengths, bit-string encode/decode from "
+        "dcx.reference): one run. Both produce the same code cost; dcx's lengths are limited "
+        "to 24 bits (package-merge). Target: >= 100 MB/s decode per core.",
+    ]
+    common.write_table(
+        "huffman-cpu", "Huffman codec: dcx (C++) vs plain Python", header, rows, notes
+    )
 
 
 def main():

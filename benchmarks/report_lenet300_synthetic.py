@@ -5,7 +5,8 @@ k-means on the kept weights) and 4-bit relative indices. Not a trained model: it
 are uniformly random, where a trained LeNet's are not (whole input pixels at the image border die),
 so its index bits are a pessimistic stand-in; rerun on the trained, pruned, quantized model.
 
-    python benchmarks/report_lenet300_synthetic.py  ->  benchmarks/results/lenet300-synthetic-report.md
+    python benchmarks/report_lenet300_synthetic.py
+        ->  benchmarks/results/lenet300-synthetic-report.md
 """
 
 import sys
@@ -75,20 +76,31 @@ def main():
     records = synthetic_compressed(model)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "lenet300-synthetic.dcx"
-        dcx.save(model, path, records, config={"bits": BITS, "index_bits": INDEX_BITS,
-                                               "density": DENSITY, "synthetic": True})
+        dcx.save(
+            model,
+            path,
+            records,
+            config={"bits": BITS, "index_bits": INDEX_BITS, "density": DENSITY, "synthetic": True},
+        )
         fresh = dcx.load(path, LeNet300())
         assert all(torch.equal(fresh.get_parameter(n), ct.to_dense()) for n, ct in records.items())
         result = report(path, model=LeNet300())  # fp32 model: torch.save baseline
     result.path = "lenet300-synthetic.dcx"
-    text = "\n".join([
-        "# Compression table: LeNet-300-100, SYNTHETIC weights", "",
-        common.stamp("cpu"), "",
-        "Synthetic: paper densities (8%, 9%, 26%), Laplace weights, magnitude pruning, 5-bit "
-        "linear-init k-means codebooks, 4-bit relative indices. Random pruned positions make the "
-        "index bits pessimistic; rerun on the trained model. "
-        "Command: `python benchmarks/report_lenet300_synthetic.py`.", "",
-        result.to_markdown()])
+    text = "\n".join(
+        [
+            "# Compression table: LeNet-300-100, SYNTHETIC weights",
+            "",
+            common.stamp("cpu"),
+            "",
+            "Synthetic: paper densities (8%, 9%, 26%), Laplace weights, magnitude pruning, 5-bit "
+            "linear-init k-means codebooks, 4-bit relative indices. "
+            "Random pruned positions make the "
+            "index bits pessimistic; rerun on the trained model. "
+            "Command: `python benchmarks/report_lenet300_synthetic.py`.",
+            "",
+            result.to_markdown(),
+        ]
+    )
     out = common.RESULTS / "lenet300-synthetic-report.md"
     out.write_text(text)
     print(result)

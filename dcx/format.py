@@ -47,7 +47,6 @@ import sys
 import tempfile
 import zlib
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -56,9 +55,20 @@ from torch import Tensor
 from dcx import ops
 
 __all__ = [
-    "FormatError", "CompressedTensor", "encode_tensor", "decode_tensor", "save_records",
-    "load_records", "verify", "save", "load", "encode_positions", "decode_positions",
-    "encode_file", "decode_file", "seal",
+    "FormatError",
+    "CompressedTensor",
+    "encode_tensor",
+    "decode_tensor",
+    "save_records",
+    "load_records",
+    "verify",
+    "save",
+    "load",
+    "encode_positions",
+    "decode_positions",
+    "encode_file",
+    "decode_file",
+    "seal",
 ]
 
 MAGIC = b"\x89DCX\r\n\x1a\n"
@@ -70,9 +80,16 @@ SEGMENT_POSITIONS = 1 << 16  # default segment: whole rows covering at least thi
 MAX_DIMS = 16
 
 DTYPES = {
-    "float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
-    "bfloat16": torch.bfloat16, "int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16,
-    "int32": torch.int32, "int64": torch.int64, "bool": torch.bool,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "bool": torch.bool,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 FLOAT_DTYPES = ("float32", "float64", "float16", "bfloat16")
@@ -98,8 +115,8 @@ class CompressedTensor:
     codebook: Tensor
     bits: int
     index_bits: int = 4
-    segment_rows: Optional[int] = None
-    mode: Optional[str] = None
+    segment_rows: int | None = None
+    mode: str | None = None
 
     @property
     def shape(self):
@@ -147,15 +164,18 @@ def encode_positions(positions: np.ndarray, numel: int, seg_size: int, index_bit
     gap = item_pos - prev
     fill = (gap - 1) // m
     ends = np.cumsum(fill + kept)
-    entries = np.zeros(int(ends[-1]) if len(ends) else 0, dtype=np.uint8 if index_bits <= 8 else np.uint16)
+    entries = np.zeros(
+        int(ends[-1]) if len(ends) else 0, dtype=np.uint8 if index_bits <= 8 else np.uint16
+    )
     entries[ends[kept] - 1] = gap[kept] - fill[kept] * m
     seg_ends = ends[sentinel_at] if nseg else np.zeros(0, dtype=np.int64)
     seg_entries = np.diff(np.concatenate([[0], seg_ends])).astype(np.int64)
     return entries, seg_entries
 
 
-def decode_positions(entries: np.ndarray, seg_entries: np.ndarray, numel: int, seg_size: int,
-                     index_bits: int) -> np.ndarray:
+def decode_positions(
+    entries: np.ndarray, seg_entries: np.ndarray, numel: int, seg_size: int, index_bits: int
+) -> np.ndarray:
     """Flat positions of the kept weights from a relative-index stream; FormatError when the
     stream does not cover each segment as the encoder writes it."""
     m = (1 << index_bits) - 1
@@ -164,8 +184,10 @@ def decode_positions(entries: np.ndarray, seg_entries: np.ndarray, numel: int, s
     if len(seg_entries) != len(start):
         raise FormatError(f"{len(seg_entries)} segment pointers for {len(start)} segments")
     if int(seg_entries.sum()) != len(entries):
-        raise FormatError(f"segment pointers count {int(seg_entries.sum())} entries, the stream "
-                          f"holds {len(entries)}")
+        raise FormatError(
+            f"segment pointers count {int(seg_entries.sum())} entries, the stream "
+            f"holds {len(entries)}"
+        )
     v = np.asarray(entries, dtype=np.int64)
     advance = np.where(v == 0, m, v)
     cum = np.concatenate([[0], np.cumsum(advance)])
@@ -176,8 +198,10 @@ def decode_positions(entries: np.ndarray, seg_entries: np.ndarray, numel: int, s
     bad = np.flatnonzero((covered > seg_len) | (seg_len - covered >= m))
     if len(bad):
         s = int(bad[0])
-        raise FormatError(f"segment {s} covers {int(covered[s])} of its {int(seg_len[s])} "
-                          f"positions (must be within {m - 1} of the end, not past it)")
+        raise FormatError(
+            f"segment {s} covers {int(covered[s])} of its {int(seg_len[s])} "
+            f"positions (must be within {m - 1} of the end, not past it)"
+        )
     pos = cum[1:] - 1 + np.repeat(start - before, seg_entries)
     return pos[v != 0]
 
@@ -203,7 +227,10 @@ def _check_record(name: str, ct: CompressedTensor):
     if ct.mask.dtype != torch.bool:
         fail(f"mask must be bool, got {ct.mask.dtype}")
     if ct.labels.shape != ct.mask.shape:
-        fail(f"labels must have the shape of mask {tuple(ct.mask.shape)}, got {tuple(ct.labels.shape)}")
+        fail(
+            f"labels must have the shape of mask {tuple(ct.mask.shape)}, "
+            f"got {tuple(ct.labels.shape)}"
+        )
     if ct.labels.dtype.is_floating_point or ct.labels.dtype in (torch.bool, torch.complex64):
         fail(f"labels must be an integer tensor, got {ct.labels.dtype}")
     if ct.codebook.dim() != 1 or ct.codebook.numel() < 1:
@@ -216,7 +243,9 @@ def _check_record(name: str, ct: CompressedTensor):
         fail(f"codebook has {ct.codebook.numel()} entries, more than 2^bits = {1 << ct.bits}")
     if not (isinstance(ct.index_bits, int) and 1 <= ct.index_bits <= 16):
         fail(f"index_bits must be an int in [1, 16], got {ct.index_bits!r}")
-    if ct.segment_rows is not None and not (isinstance(ct.segment_rows, int) and ct.segment_rows >= 1):
+    if ct.segment_rows is not None and not (
+        isinstance(ct.segment_rows, int) and ct.segment_rows >= 1
+    ):
         fail(f"segment_rows must be None or an int >= 1, got {ct.segment_rows!r}")
     if ct.mode not in (None, "sparse", "dense"):
         fail(f"mode must be None, 'sparse' or 'dense', got {ct.mode!r}")
@@ -227,7 +256,7 @@ def _check_record(name: str, ct: CompressedTensor):
         fail(f"labels must lie in [0, {ct.codebook.numel()}) where mask is set")
 
 
-def _geometry(shape, segment_rows: Optional[int]):
+def _geometry(shape, segment_rows: int | None):
     """(rows, cols, segment_rows) of a weight viewed as [shape[0], -1]."""
     numel = math.prod(shape)
     rows = shape[0] if len(shape) else 1
@@ -247,26 +276,44 @@ def encode_tensor(ct: CompressedTensor, name: str = "tensor"):
     rows, cols, segment_rows = _geometry(shape, ct.segment_rows)
     mask = ct.mask.detach().cpu().reshape(-1)
     labels = ct.labels.detach().cpu().reshape(-1).long()
-    meta = {"kind": "compressed", "shape": list(shape), "dtype": DTYPE_NAMES[ct.codebook.dtype],
-            "bits": ct.bits, "index_bits": ct.index_bits, "nnz": int(mask.sum())}
+    meta = {
+        "kind": "compressed",
+        "shape": list(shape),
+        "dtype": DTYPE_NAMES[ct.codebook.dtype],
+        "bits": ct.bits,
+        "index_bits": ct.index_bits,
+        "nnz": int(mask.sum()),
+    }
     codebook = _raw_bytes(ct.codebook.detach().cpu())
 
     candidates = {}
     if ct.mode in (None, "sparse"):
         positions = torch.nonzero(mask).reshape(-1).numpy()
-        entries, seg_entries = encode_positions(positions, numel, segment_rows * cols, ct.index_bits)
+        entries, seg_entries = encode_positions(
+            positions, numel, segment_rows * cols, ct.index_bits
+        )
         label_lengths, label_stream = _huffman(labels[mask], k)
-        index_lengths, index_stream = _huffman(torch.from_numpy(entries.astype(np.int64)), 1 << ct.index_bits)
+        index_lengths, index_stream = _huffman(
+            torch.from_numpy(entries.astype(np.int64)), 1 << ct.index_bits
+        )
         candidates["sparse"] = (
             {"mode": "sparse", "segment_rows": segment_rows, "entries": len(entries)},
-            [("codebook", codebook), ("label_lengths", label_lengths), ("labels", label_stream),
-             ("index_lengths", index_lengths), ("index", index_stream),
-             ("pointers", seg_entries.astype("<u4").tobytes())])
+            [
+                ("codebook", codebook),
+                ("label_lengths", label_lengths),
+                ("labels", label_stream),
+                ("index_lengths", index_lengths),
+                ("index", index_stream),
+                ("pointers", seg_entries.astype("<u4").tobytes()),
+            ],
+        )
     if ct.mode in (None, "dense"):
         symbols = torch.where(mask, labels, torch.full_like(labels, k))  # k marks a pruned position
         label_lengths, label_stream = _huffman(symbols, k + 1)
-        candidates["dense"] = ({"mode": "dense"}, [
-            ("codebook", codebook), ("label_lengths", label_lengths), ("labels", label_stream)])
+        candidates["dense"] = (
+            {"mode": "dense"},
+            [("codebook", codebook), ("label_lengths", label_lengths), ("labels", label_stream)],
+        )
     mode = min(candidates, key=lambda m: (sum(len(b) for _, b in candidates[m][1]), m))
     extra, sections = candidates[mode]
     meta.update(extra)
@@ -282,9 +329,14 @@ def _need_int(meta, key, lo, hi, where):
 
 def _shape_of(meta, where):
     shape = meta.get("shape")
-    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(
-            isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**62 for d in shape):
-        raise FormatError(f"{where}: 'shape' must be a list of at most {MAX_DIMS} sizes, got {shape!r}")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_DIMS
+        or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**62 for d in shape)
+    ):
+        raise FormatError(
+            f"{where}: 'shape' must be a list of at most {MAX_DIMS} sizes, got {shape!r}"
+        )
     if math.prod(shape) >= 2**62:
         raise FormatError(f"{where}: shape {shape} has too many elements")
     return shape
@@ -310,7 +362,11 @@ def _decode_stream(data: bytes, lengths: bytes, count: int, where: str) -> Tenso
 
 
 def _as_tensor(data: bytes) -> Tensor:
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    return (
+        torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        if data
+        else torch.empty(0, dtype=torch.uint8)
+    )
 
 
 def decode_tensor(meta: dict, sections: dict, name: str = "tensor") -> CompressedTensor:
@@ -334,16 +390,22 @@ def decode_tensor(meta: dict, sections: dict, name: str = "tensor") -> Compresse
     cb = sections["codebook"]
     k = len(cb) // itemsize
     if len(cb) % itemsize or not 1 <= k <= 1 << bits:
-        raise FormatError(f"{where}: codebook section of {len(cb)} bytes is not 1 to 2^{bits} "
-                          f"{meta['dtype']} values")
+        raise FormatError(
+            f"{where}: codebook section of {len(cb)} bytes is not 1 to 2^{bits} "
+            f"{meta['dtype']} values"
+        )
     codebook = torch.frombuffer(bytearray(cb), dtype=torch.uint8).view(dtype).clone()
     alphabet = k + (1 if mode == "dense" else 0)
     if len(sections["label_lengths"]) != alphabet:
-        raise FormatError(f"{where}: label code lengths hold {len(sections['label_lengths'])} "
-                          f"entries, expected {alphabet}")
+        raise FormatError(
+            f"{where}: label code lengths hold {len(sections['label_lengths'])} "
+            f"entries, expected {alphabet}"
+        )
 
     if mode == "dense":
-        symbols = _decode_stream(sections["labels"], sections["label_lengths"], numel, f"{where} labels")
+        symbols = _decode_stream(
+            sections["labels"], sections["label_lengths"], numel, f"{where} labels"
+        )
         mask = symbols != k
         labels = torch.where(mask, symbols, torch.zeros((), dtype=torch.long))
     else:
@@ -351,19 +413,25 @@ def decode_tensor(meta: dict, sections: dict, name: str = "tensor") -> Compresse
         segment_rows = _need_int(meta, "segment_rows", 1, 2**62, where)
         m = (1 << index_bits) - 1
         if len(sections["index_lengths"]) != 1 << index_bits:
-            raise FormatError(f"{where}: index code lengths hold {len(sections['index_lengths'])} "
-                              f"entries, expected {1 << index_bits}")
+            raise FormatError(
+                f"{where}: index code lengths hold {len(sections['index_lengths'])} "
+                f"entries, expected {1 << index_bits}"
+            )
         seg_size = segment_rows * cols
         nseg = -(-numel // seg_size) if numel else 0
         if len(sections["pointers"]) != 4 * nseg:
-            raise FormatError(f"{where}: pointer section has {len(sections['pointers'])} bytes, "
-                              f"{nseg} segments need {4 * nseg}")
+            raise FormatError(
+                f"{where}: pointer section has {len(sections['pointers'])} bytes, "
+                f"{nseg} segments need {4 * nseg}"
+            )
         seg_entries = np.frombuffer(sections["pointers"], dtype="<u4").astype(np.int64)
         entries = int(seg_entries.sum())
         # Every segment is covered to within M positions by entries of <= M positions each.
         if numel > (entries + nseg) * m:
             raise FormatError(f"{where}: {entries} relative indices cannot cover {numel} positions")
-        stream = _decode_stream(sections["index"], sections["index_lengths"], entries, f"{where} index")
+        stream = _decode_stream(
+            sections["index"], sections["index_lengths"], entries, f"{where} index"
+        )
         positions = decode_positions(stream.numpy(), seg_entries, numel, seg_size, index_bits)
         nnz = len(positions)
         kept = _decode_stream(sections["labels"], sections["label_lengths"], nnz, f"{where} labels")
@@ -374,15 +442,24 @@ def decode_tensor(meta: dict, sections: dict, name: str = "tensor") -> Compresse
         labels[index] = kept
     nnz = meta.get("nnz")
     if nnz != int(mask.sum()):
-        raise FormatError(f"{where}: manifest says {nnz!r} kept weights, the streams hold {int(mask.sum())}")
-    return CompressedTensor(mask.reshape(shape), labels.reshape(shape), codebook, bits, index_bits,
-                            meta.get("segment_rows"), mode)
+        raise FormatError(
+            f"{where}: manifest says {nnz!r} kept weights, the streams hold {int(mask.sum())}"
+        )
+    return CompressedTensor(
+        mask.reshape(shape),
+        labels.reshape(shape),
+        codebook,
+        bits,
+        index_bits,
+        meta.get("segment_rows"),
+        mode,
+    )
 
 
 # ------------------------------------------------------------------------------ the file
 
 
-def encode_file(records: dict, dense: dict, manifest_extra: Optional[dict] = None) -> bytes:
+def encode_file(records: dict, dense: dict, manifest_extra: dict | None = None) -> bytes:
     """The bytes of a .dcx file: {name: CompressedTensor} compressed, {name: Tensor} raw, and
     `manifest_extra` (JSON-serialisable: the compression config) in the manifest. The same inputs
     give the same bytes."""
@@ -394,8 +471,9 @@ def encode_file(records: dict, dense: dict, manifest_extra: Optional[dict] = Non
     tensors, blobs, table = [], [], []
 
     def add_section(data):
-        table.append({"offset": sum(len(b) for b in blobs), "size": len(data),
-                      "crc32": zlib.crc32(data)})
+        table.append(
+            {"offset": sum(len(b) for b in blobs), "size": len(data), "crc32": zlib.crc32(data)}
+        )
         blobs.append(data)
         return len(table) - 1
 
@@ -405,13 +483,26 @@ def encode_file(records: dict, dense: dict, manifest_extra: Optional[dict] = Non
         tensors.append({"name": name, **meta})
     for name, t in dense.items():
         if not isinstance(t, Tensor) or t.dtype not in DTYPE_NAMES:
-            raise ValueError(f"{name}: only tensors of dtype {', '.join(DTYPES)} can be stored, "
-                             f"got {type(t).__name__ if not isinstance(t, Tensor) else t.dtype}")
-        tensors.append({"name": name, "kind": "raw", "shape": list(t.shape),
-                        "dtype": DTYPE_NAMES[t.dtype],
-                        "sections": {"data": add_section(_raw_bytes(t.cpu()))}})
-    manifest = {"format": "dcx", "version": f"{VERSION[0]}.{VERSION[1]}",
-                "extra": manifest_extra or {}, "tensors": tensors, "sections": table}
+            raise ValueError(
+                f"{name}: only tensors of dtype {', '.join(DTYPES)} can be stored, "
+                f"got {type(t).__name__ if not isinstance(t, Tensor) else t.dtype}"
+            )
+        tensors.append(
+            {
+                "name": name,
+                "kind": "raw",
+                "shape": list(t.shape),
+                "dtype": DTYPE_NAMES[t.dtype],
+                "sections": {"data": add_section(_raw_bytes(t.cpu()))},
+            }
+        )
+    manifest = {
+        "format": "dcx",
+        "version": f"{VERSION[0]}.{VERSION[1]}",
+        "extra": manifest_extra or {},
+        "tensors": tensors,
+        "sections": table,
+    }
     return seal(manifest, b"".join(blobs))
 
 
@@ -423,7 +514,7 @@ def seal(manifest: dict, data: bytes, version=VERSION) -> bytes:
     return body + hashlib.sha256(body).digest()
 
 
-def save_records(path, records: dict, dense: dict, manifest_extra: Optional[dict] = None):
+def save_records(path, records: dict, dense: dict, manifest_extra: dict | None = None):
     """Write a .dcx file atomically (see encode_file)."""
     _write_atomic(path, encode_file(records, dense, manifest_extra))
 
@@ -457,7 +548,7 @@ def _write_atomic(path, data: bytes):
 
 
 def _section_labels(tensors) -> dict:
-    """{section number: "tensor/kind"} from the tensor entries that are well formed, for messages."""
+    """{section number: "tensor/kind"} from the well-formed tensor entries, for messages."""
     labels = {}
     for meta in tensors:
         if isinstance(meta, dict) and isinstance(meta.get("sections"), dict):
@@ -472,32 +563,40 @@ def parse(buf: bytes):
     FormatError naming what is wrong and where."""
     n = len(buf)
     if n < HEADER.size + DIGEST_SIZE:
-        raise FormatError(f"file is {n} bytes, shorter than a header and digest "
-                          f"({HEADER.size + DIGEST_SIZE} bytes): truncated or not a .dcx file")
+        raise FormatError(
+            f"file is {n} bytes, shorter than a header and digest "
+            f"({HEADER.size + DIGEST_SIZE} bytes): truncated or not a .dcx file"
+        )
     magic, major, minor, flags, manifest_len, manifest_crc = HEADER.unpack_from(buf, 0)
     if magic != MAGIC:
         raise FormatError(f"not a .dcx file: bytes 0..8 are {magic!r}, expected {MAGIC!r}")
     if major > VERSION[0]:
-        raise FormatError(f"file format {major}.{minor} is newer than this dcx reads "
-                          f"({VERSION[0]}.x); upgrade dcx to load it")
+        raise FormatError(
+            f"file format {major}.{minor} is newer than this dcx reads "
+            f"({VERSION[0]}.x); upgrade dcx to load it"
+        )
     if major < 1:
         raise FormatError(f"unknown file format version {major}.{minor}")
-    if flags != 0 or buf[HEADER.size - 4:HEADER.size] != b"\0\0\0\0":
+    if flags != 0 or buf[HEADER.size - 4 : HEADER.size] != b"\0\0\0\0":
         raise FormatError("header bytes 16..20 and 28..32 are reserved and must be zero")
     data_start = HEADER.size + manifest_len
     data_end = n - DIGEST_SIZE
     if data_start > data_end:
-        raise FormatError(f"header says the manifest is {manifest_len} bytes, but the file has "
-                          f"only {data_end - HEADER.size} bytes between header and digest")
-    text = buf[HEADER.size:data_start]
+        raise FormatError(
+            f"header says the manifest is {manifest_len} bytes, but the file has "
+            f"only {data_end - HEADER.size} bytes between header and digest"
+        )
+    text = buf[HEADER.size : data_start]
     if zlib.crc32(text) != manifest_crc:
         raise FormatError(f"manifest (bytes {HEADER.size}..{data_start}): CRC32 mismatch")
     try:
         manifest = json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as error:
-        raise FormatError(f"manifest (bytes {HEADER.size}..{data_start}) is not valid JSON: {error}") from None
+        raise FormatError(
+            f"manifest (bytes {HEADER.size}..{data_start}) is not valid JSON: {error}"
+        ) from None
     if not isinstance(manifest, dict) or manifest.get("format") != "dcx":
-        raise FormatError("manifest is not a dcx manifest (no \"format\": \"dcx\")")
+        raise FormatError('manifest is not a dcx manifest (no "format": "dcx")')
     for key, kind in (("tensors", list), ("sections", list), ("extra", dict)):
         if not isinstance(manifest.get(key), kind):
             raise FormatError(f"manifest: '{key}' must be a {kind.__name__}")
@@ -511,22 +610,32 @@ def parse(buf: bytes):
         start = _need_int(entry, "offset", 0, data_end - data_start, where)
         crc = _need_int(entry, "crc32", 0, 2**32 - 1, where)
         if start != offset:
-            raise FormatError(f"{where}: starts at data offset {start}, expected {offset} "
-                              f"(sections are stored back to back)")
+            raise FormatError(
+                f"{where}: starts at data offset {start}, expected {offset} "
+                f"(sections are stored back to back)"
+            )
         if start + size > data_end - data_start:
-            raise FormatError(f"{where}: {size} bytes at data offset {start} run past the end of "
-                              f"the data area ({data_end - data_start} bytes)")
-        chunk = buf[data_start + start:data_start + start + size]
+            raise FormatError(
+                f"{where}: {size} bytes at data offset {start} run past the end of "
+                f"the data area ({data_end - data_start} bytes)"
+            )
+        chunk = buf[data_start + start : data_start + start + size]
         if zlib.crc32(chunk) != crc:
-            raise FormatError(f"{where}, file bytes {data_start + start}..{data_start + start + size}: "
-                              "CRC32 mismatch")
+            raise FormatError(
+                f"{where}, file bytes {data_start + start}..{data_start + start + size}: "
+                "CRC32 mismatch"
+            )
         sections[i] = chunk
         offset = start + size
     if offset != data_end - data_start:
-        raise FormatError(f"data area is {data_end - data_start} bytes but the sections cover {offset}")
+        raise FormatError(
+            f"data area is {data_end - data_start} bytes but the sections cover {offset}"
+        )
     if hashlib.sha256(buf[:data_end]).digest() != buf[data_end:]:
-        raise FormatError(f"file digest (SHA-256, last {DIGEST_SIZE} bytes) mismatch: the file is "
-                          "damaged or truncated")
+        raise FormatError(
+            f"file digest (SHA-256, last {DIGEST_SIZE} bytes) mismatch: the file is "
+            "damaged or truncated"
+        )
     return manifest, sections
 
 
@@ -548,7 +657,8 @@ def decode_file(buf: bytes):
             raise FormatError(f"{where} appears twice")
         refs = meta.get("sections")
         if not isinstance(refs, dict) or not all(
-                isinstance(r, int) and not isinstance(r, bool) and r in sections for r in refs.values()):
+            isinstance(r, int) and not isinstance(r, bool) and r in sections for r in refs.values()
+        ):
             raise FormatError(f"{where}: 'sections' must map kinds to section numbers of this file")
         if used & set(refs.values()) or len(set(refs.values())) != len(refs):
             raise FormatError(f"{where}: refers to a section already used")
@@ -563,12 +673,20 @@ def decode_file(buf: bytes):
                 raise FormatError(f"{where}: a raw tensor has one section 'data', got {list(data)}")
             itemsize = torch.empty(0, dtype=dtype).element_size()
             if len(data["data"]) != math.prod(shape) * itemsize:
-                raise FormatError(f"{where}: {len(data['data'])} bytes, shape {shape} of "
-                                  f"{meta['dtype']} needs {math.prod(shape) * itemsize}")
-            raw = torch.frombuffer(bytearray(data["data"]), dtype=torch.uint8) if data["data"] else torch.empty(0, dtype=torch.uint8)
+                raise FormatError(
+                    f"{where}: {len(data['data'])} bytes, shape {shape} of "
+                    f"{meta['dtype']} needs {math.prod(shape) * itemsize}"
+                )
+            raw = (
+                torch.frombuffer(bytearray(data["data"]), dtype=torch.uint8)
+                if data["data"]
+                else torch.empty(0, dtype=torch.uint8)
+            )
             dense[name] = raw.view(dtype).reshape(shape).clone()
         else:
-            raise FormatError(f"{where}: kind must be 'compressed' or 'raw', got {meta.get('kind')!r}")
+            raise FormatError(
+                f"{where}: kind must be 'compressed' or 'raw', got {meta.get('kind')!r}"
+            )
     if used != set(sections):
         raise FormatError(f"sections {sorted(set(sections) - used)} belong to no tensor")
     return records, dense, manifest
@@ -585,16 +703,21 @@ def verify(path) -> dict:
     summary, raises FormatError."""
     buf = _read(path)
     records, dense, manifest = decode_file(buf)
-    return {"path": os.fspath(path), "bytes": len(buf), "version": manifest.get("version"),
-            "compressed": len(records), "dense": len(dense),
-            "sha256": buf[-DIGEST_SIZE:].hex()}
+    return {
+        "path": os.fspath(path),
+        "bytes": len(buf),
+        "version": manifest.get("version"),
+        "compressed": len(records),
+        "dense": len(dense),
+        "sha256": buf[-DIGEST_SIZE:].hex(),
+    }
 
 
 # ------------------------------------------------------------------- models <-> the file
 # The two adapters below are the only places that know how the other stages keep their state.
 
 
-def compressed_tensors(model: torch.nn.Module, compressed: Optional[dict] = None) -> dict:
+def compressed_tensors(model: torch.nn.Module, compressed: dict | None = None) -> dict:
     """ADAPTER, stages -> file: {state_dict name of a weight: CompressedTensor}.
 
     Today: the `compressed` mapping the caller passes; a record whose mask is None takes the
@@ -610,8 +733,9 @@ def compressed_tensors(model: torch.nn.Module, compressed: Optional[dict] = None
             mask = getattr(module, f"{param}_mask", None)
             shape = getattr(module, param).shape
             mask = mask.bool() if mask is not None else torch.ones(shape, dtype=torch.bool)
-            ct = CompressedTensor(mask, ct.labels, ct.codebook, ct.bits, ct.index_bits,
-                                  ct.segment_rows, ct.mode)
+            ct = CompressedTensor(
+                mask, ct.labels, ct.codebook, ct.bits, ct.index_bits, ct.segment_rows, ct.mode
+            )
         result[name] = ct
     return result
 
@@ -631,7 +755,7 @@ def restore_compressed(model: torch.nn.Module, name: str, ct: CompressedTensor):
         mask.copy_(ct.mask)
 
 
-def save(model: torch.nn.Module, path, compressed: Optional[dict] = None, config=None):
+def save(model: torch.nn.Module, path, compressed: dict | None = None, config=None):
     """Save `model` as a .dcx file: the weights in `compressed` ({state_dict name:
     CompressedTensor}, see compressed_tensors) Huffman coded, every other state_dict entry raw.
     `config`: the compression config (a dict, or an object with to_dict()), kept in the manifest."""
@@ -641,8 +765,10 @@ def save(model: torch.nn.Module, path, compressed: Optional[dict] = None, config
         if name not in state:
             raise ValueError(f"{name!r} is not in the model's state_dict")
         if tuple(state[name].shape) != ct.shape:
-            raise ValueError(f"{name}: the model's shape {tuple(state[name].shape)} differs from "
-                             f"the record's {ct.shape}")
+            raise ValueError(
+                f"{name}: the model's shape {tuple(state[name].shape)} differs from "
+                f"the record's {ct.shape}"
+            )
     skip = set(records) | {f"{name}_mask" for name in records}
     dense = {name: t for name, t in state.items() if name not in skip}
     if config is not None and hasattr(config, "to_dict"):
@@ -660,11 +786,15 @@ def load(path, model: torch.nn.Module) -> torch.nn.Module:
     missing = sorted(set(state) - restored - set(dense))
     unexpected = sorted((set(records) | set(dense)) - set(state))
     if missing or unexpected:
-        raise ValueError(f"the file does not match the model: missing {missing}, unexpected {unexpected}")
+        raise ValueError(
+            f"the file does not match the model: missing {missing}, unexpected {unexpected}"
+        )
     for name, t in list(dense.items()) + [(n, ct.to_dense()) for n, ct in records.items()]:
         if state[name].shape != t.shape or state[name].dtype != t.dtype:
-            raise ValueError(f"{name}: the file holds {t.dtype} {tuple(t.shape)}, the model "
-                             f"{state[name].dtype} {tuple(state[name].shape)}")
+            raise ValueError(
+                f"{name}: the file holds {t.dtype} {tuple(t.shape)}, the model "
+                f"{state[name].dtype} {tuple(state[name].shape)}"
+            )
     with torch.no_grad():
         for name, t in dense.items():
             state[name].copy_(t)

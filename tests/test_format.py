@@ -22,11 +22,16 @@ pytestmark = requires_kernels
 
 def bitwise_equal(a, b):
     """Same dtype, shape and bits (so -0.0 != 0.0 and NaN == NaN with the same payload)."""
-    return a.dtype == b.dtype and a.shape == b.shape and bytes(fmt._raw_bytes(a)) == bytes(fmt._raw_bytes(b))
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and bytes(fmt._raw_bytes(a)) == bytes(fmt._raw_bytes(b))
+    )
 
 
-def random_record(shape, density, bits, index_bits=4, dtype=torch.float32, mode=None, skew=True,
-                  segment_rows=None):
+def random_record(
+    shape, density, bits, index_bits=4, dtype=torch.float32, mode=None, skew=True, segment_rows=None
+):
     mask = torch.rand(shape) < density
     k = 1 << bits
     if skew:  # clusters near zero are the most common, as in real weight sharing
@@ -57,7 +62,9 @@ def round_trip(ct):
 
 
 def encode(positions, numel, seg_size, index_bits):
-    entries, seg = fmt.encode_positions(np.array(positions, dtype=np.int64), numel, seg_size, index_bits)
+    entries, seg = fmt.encode_positions(
+        np.array(positions, dtype=np.int64), numel, seg_size, index_bits
+    )
     back = fmt.decode_positions(entries, seg, numel, seg_size, index_bits)
     assert back.tolist() == list(positions)
     return entries.tolist(), seg.tolist()
@@ -69,10 +76,10 @@ def test_filler_rule_at_boundaries(index_bits):
     M; 2M + 1 is two fillers and 1. The first position's gap counts from -1."""
     m = (1 << index_bits) - 1
     n = 10 * m + 10
-    assert encode([m - 1], m, n, index_bits)[0] == [m]                       # gap M, ends the segment
-    assert encode([m], m + 1, n, index_bits)[0] == [0, 1]                    # gap M + 1
-    assert encode([2 * m - 1], 2 * m, n, index_bits)[0] == [0, m]            # gap 2M
-    assert encode([2 * m], 2 * m + 1, n, index_bits)[0] == [0, 0, 1]         # gap 2M + 1
+    assert encode([m - 1], m, n, index_bits)[0] == [m]  # gap M, ends the segment
+    assert encode([m], m + 1, n, index_bits)[0] == [0, 1]  # gap M + 1
+    assert encode([2 * m - 1], 2 * m, n, index_bits)[0] == [0, m]  # gap 2M
+    assert encode([2 * m], 2 * m + 1, n, index_bits)[0] == [0, 0, 1]  # gap 2M + 1
     assert encode([0, m, m + m + 1], 2 * m + 2, n, index_bits)[0] == [1, m, 0, 1]
     assert encode([0], 1, n, index_bits)[0] == [1]
 
@@ -140,7 +147,9 @@ def test_codebook_dtypes_and_signed_zero(dtype):
 
 @pytest.mark.parametrize("segment_rows", [1, 2, 7, 1000])
 def test_segment_rows(segment_rows):
-    meta, sections = round_trip(random_record((40, 50), 0.05, 5, segment_rows=segment_rows, mode="sparse"))
+    meta, sections = round_trip(
+        random_record((40, 50), 0.05, 5, segment_rows=segment_rows, mode="sparse")
+    )
     assert meta["segment_rows"] == segment_rows
     assert len(dict(sections)["pointers"]) == 4 * -(-40 // segment_rows)
 
@@ -156,8 +165,14 @@ def test_mode_choice():
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.integers(0, 40), min_size=0, max_size=3), st.floats(0, 1), st.integers(1, 10),
-       st.integers(1, 10), st.sampled_from([None, "sparse", "dense"]), st.integers(0, 2**31))
+@given(
+    st.lists(st.integers(0, 40), min_size=0, max_size=3),
+    st.floats(0, 1),
+    st.integers(1, 10),
+    st.integers(1, 10),
+    st.sampled_from([None, "sparse", "dense"]),
+    st.integers(0, 2**31),
+)
 def test_round_trip_property(shape, density, bits, index_bits, mode, seed):
     torch.manual_seed(seed)
     round_trip(random_record(tuple(shape), density, bits, index_bits, mode=mode))
@@ -203,9 +218,11 @@ class Net(torch.nn.Module):
 def compressed_net():
     net = Net()
     net.bn.running_mean.normal_()
-    records = {"fc1.weight": random_record((40, 60), 0.1, 5, 4),
-               "conv.weight": random_record((8, 3, 3, 3), 0.3, 8, 8),
-               "fc2.weight": random_record((40, 10)[::-1], 1.0, 4)}
+    records = {
+        "fc1.weight": random_record((40, 60), 0.1, 5, 4),
+        "conv.weight": random_record((8, 3, 3, 3), 0.3, 8, 8),
+        "fc2.weight": random_record((40, 10)[::-1], 1.0, 4),
+    }
     records["fc1.weight"].mask = None  # taken from the module's weight_mask buffer
     net.fc1.weight_mask.copy_(torch.rand(40, 60) < 0.1)
     return net, records
@@ -258,11 +275,20 @@ def test_byte_identical(tmp_path):
 
 
 def test_raw_dtypes(tmp_path):
-    dense = {"f": torch.randn(3, 4), "d": torch.randn(2).double(), "h": torch.randn(5).half(),
-             "bf": torch.randn(5).bfloat16(), "i8": torch.tensor([-1, 2], dtype=torch.int8),
-             "u8": torch.tensor([255], dtype=torch.uint8), "i16": torch.tensor([-7], dtype=torch.int16),
-             "i32": torch.tensor([1 << 30], dtype=torch.int32), "i64": torch.tensor(1 << 40),
-             "b": torch.tensor([True, False]), "empty": torch.empty(0, 3), "nc": torch.randn(4, 6).t()}
+    dense = {
+        "f": torch.randn(3, 4),
+        "d": torch.randn(2).double(),
+        "h": torch.randn(5).half(),
+        "bf": torch.randn(5).bfloat16(),
+        "i8": torch.tensor([-1, 2], dtype=torch.int8),
+        "u8": torch.tensor([255], dtype=torch.uint8),
+        "i16": torch.tensor([-7], dtype=torch.int16),
+        "i32": torch.tensor([1 << 30], dtype=torch.int32),
+        "i64": torch.tensor(1 << 40),
+        "b": torch.tensor([True, False]),
+        "empty": torch.empty(0, 3),
+        "nc": torch.randn(4, 6).t(),
+    }
     fmt.save_records(tmp_path / "r.dcx", {}, dense)
     _, back, _ = fmt.load_records(tmp_path / "r.dcx")
     assert list(back) == list(dense)
@@ -324,8 +350,11 @@ def test_every_section_flipped(good_file):
 
 def test_header_manifest_digest_flipped(good_file):
     manifest_end = len(good_file) - len(fuzz_format.split(good_file)[1]) - fmt.DIGEST_SIZE
-    for at in list(range(fmt.HEADER.size)) + list(range(fmt.HEADER.size, manifest_end, 97)) + \
-            list(range(len(good_file) - fmt.DIGEST_SIZE, len(good_file))):
+    for at in (
+        list(range(fmt.HEADER.size))
+        + list(range(fmt.HEADER.size, manifest_end, 97))
+        + list(range(len(good_file) - fmt.DIGEST_SIZE, len(good_file)))
+    ):
         for bit in (0x01, 0x80):
             buf = bytearray(good_file)
             buf[at] ^= bit
@@ -368,10 +397,22 @@ def tensor(manifest, name):
 @pytest.mark.parametrize(
     "edit, match",
     [
-        (lambda m, d: m["sections"][-1].update(size=m["sections"][-1]["size"] + 10), "run past the end"),
-        (lambda m, d: m["sections"][3].update(size=m["sections"][3]["size"] + 10**9), "'size' must be an integer in"),
-        (lambda m, d: m["sections"][3].update(offset=m["sections"][3]["offset"] + 1), "back to back"),
-        (lambda m, d: m["sections"][-1].update(size=m["sections"][-1]["size"] - 1), "sections cover"),
+        (
+            lambda m, d: m["sections"][-1].update(size=m["sections"][-1]["size"] + 10),
+            "run past the end",
+        ),
+        (
+            lambda m, d: m["sections"][3].update(size=m["sections"][3]["size"] + 10**9),
+            "'size' must be an integer in",
+        ),
+        (
+            lambda m, d: m["sections"][3].update(offset=m["sections"][3]["offset"] + 1),
+            "back to back",
+        ),
+        (
+            lambda m, d: m["sections"][-1].update(size=m["sections"][-1]["size"] - 1),
+            "sections cover",
+        ),
         (lambda m, d: m["sections"].append(m["sections"][0]), "starts at data offset"),
         (lambda m, d: m["sections"][2].update(size=-1), "'size' must be an integer"),
         (lambda m, d: m["sections"][2].update(size=2**70), "'size' must be an integer"),
@@ -421,7 +462,9 @@ def test_crafted_streams(good_file):
                     continue
                 buf[entry["offset"] + at] = value
                 try:
-                    fmt.decode_file(fuzz_format.reseal(json.loads(json.dumps(manifest)), bytes(buf)))
+                    fmt.decode_file(
+                        fuzz_format.reseal(json.loads(json.dumps(manifest)), bytes(buf))
+                    )
                 except fmt.FormatError:
                     hits += 1
     assert hits > 5  # most such edits break a stream (some merely change a label)
@@ -436,5 +479,5 @@ def test_random_mutations_through_the_harness():
         body = bytes(rnd.randrange(256) for _ in range(rnd.randrange(1, 40)))
         if mode == 0 and rnd.random() < 0.5:
             cut = rnd.randrange(len(seed))
-            body = seed[:cut] + body + seed[cut + len(body):]
+            body = seed[:cut] + body + seed[cut + len(body) :]
         fuzz_format.check_one_input(bytes([mode, rnd.randrange(2)]) + body)

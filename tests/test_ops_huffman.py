@@ -62,7 +62,9 @@ def test_round_trip_skewed(n, k):
     round_trip(skewed(n, k), k)
 
 
-@pytest.mark.parametrize("dtype", [torch.uint8, torch.uint16, torch.int16, torch.int32, torch.int64])
+@pytest.mark.parametrize(
+    "dtype", [torch.uint8, torch.uint16, torch.int16, torch.int32, torch.int64]
+)
 def test_symbol_dtypes(dtype):
     symbols = skewed(1000, 200).to(dtype)
     _, lengths, data = round_trip(symbols, 200)
@@ -73,8 +75,10 @@ def test_noncontiguous_and_2d():
     symbols = skewed(64 * 33, 16).view(64, 33)
     freqs = torch.bincount(symbols.reshape(-1).long(), minlength=16)
     lengths = ops.huffman_code_lengths(freqs)
-    assert torch.equal(ops.huffman_encode(noncontiguous(symbols), lengths),
-                       ops.huffman_encode(symbols.contiguous(), lengths))
+    assert torch.equal(
+        ops.huffman_encode(noncontiguous(symbols), lengths),
+        ops.huffman_encode(symbols.contiguous(), lengths),
+    )
 
 
 def test_one_symbol_two_symbols_uniform():
@@ -149,9 +153,11 @@ def test_round_trip_property(symbol_list, max_length):
 @given(st.binary(max_size=64), st.integers(0, 600), st.sampled_from(["skewed", "single", "deep"]))
 def test_garbage_never_crashes(data, count, which):
     """Random bytes decode or raise RuntimeError; the reference agrees on which."""
-    lengths = {"skewed": ops.huffman_code_lengths(torch.tensor([50, 20, 9, 9, 4, 1, 1, 0])),
-               "single": torch.tensor([0, 1, 0], dtype=torch.uint8),
-               "deep": ops.huffman_code_lengths(fibonacci(25))}[which]
+    lengths = {
+        "skewed": ops.huffman_code_lengths(torch.tensor([50, 20, 9, 9, 4, 1, 1, 0])),
+        "single": torch.tensor([0, 1, 0], dtype=torch.uint8),
+        "deep": ops.huffman_code_lengths(fibonacci(25)),
+    }[which]
     tensor = torch.tensor(list(data), dtype=torch.uint8)
     try:
         out = ops.huffman_decode(tensor, lengths, count)
@@ -184,23 +190,78 @@ def test_corrupt_streams():
     "call, match",
     [
         (lambda: ops.huffman_code_lengths(torch.ones(4, dtype=torch.int32)), "freqs must be int64"),
-        (lambda: ops.huffman_code_lengths(torch.ones(2, 2, dtype=torch.int64)), "freqs must be 1-D"),
+        (
+            lambda: ops.huffman_code_lengths(torch.ones(2, 2, dtype=torch.int64)),
+            "freqs must be 1-D",
+        ),
         (lambda: ops.huffman_code_lengths(torch.tensor([1, -2])), "freqs must be >= 0"),
-        (lambda: ops.huffman_code_lengths(torch.ones(4, dtype=torch.int64), 0), "max_length must be in"),
-        (lambda: ops.huffman_code_lengths(torch.ones(4, dtype=torch.int64), 25), "max_length must be in"),
-        (lambda: ops.huffman_code_lengths(torch.ones(5, dtype=torch.int64), 2), "cannot all have codes"),
+        (
+            lambda: ops.huffman_code_lengths(torch.ones(4, dtype=torch.int64), 0),
+            "max_length must be in",
+        ),
+        (
+            lambda: ops.huffman_code_lengths(torch.ones(4, dtype=torch.int64), 25),
+            "max_length must be in",
+        ),
+        (
+            lambda: ops.huffman_code_lengths(torch.ones(5, dtype=torch.int64), 2),
+            "cannot all have codes",
+        ),
         (lambda: ops.huffman_code_lengths(torch.ones(65537, dtype=torch.int64)), "at most 65536"),
-        (lambda: ops.huffman_encode(torch.zeros(3), torch.ones(2, dtype=torch.uint8)), "symbols must be uint8"),
-        (lambda: ops.huffman_encode(torch.zeros(3, dtype=torch.uint8), torch.ones(2)), "code_lengths must be uint8"),
-        (lambda: ops.huffman_encode(torch.tensor([2]), torch.ones(2, dtype=torch.uint8)), "outside the alphabet"),
-        (lambda: ops.huffman_encode(torch.tensor([-1]), torch.ones(2, dtype=torch.uint8)), "outside the alphabet"),
-        (lambda: ops.huffman_encode(torch.tensor([1]), torch.tensor([1, 0], dtype=torch.uint8)), "has no code"),
-        (lambda: ops.huffman_encode(torch.tensor([0]), torch.tensor([1, 1, 1], dtype=torch.uint8)), "over-subscribed"),
-        (lambda: ops.huffman_encode(torch.tensor([0]), torch.tensor([1, 25], dtype=torch.uint8)), "exceeds the limit"),
-        (lambda: ops.huffman_decode(torch.zeros(2, dtype=torch.int32), torch.ones(2, dtype=torch.uint8), 1), "data must be uint8"),
-        (lambda: ops.huffman_decode(torch.zeros(2, 1, dtype=torch.uint8), torch.ones(2, dtype=torch.uint8), 1), "data must be 1-D"),
-        (lambda: ops.huffman_decode(torch.zeros(2, dtype=torch.uint8), torch.ones(2, dtype=torch.uint8), -1), "count must be >= 0"),
-        (lambda: ops.huffman_decode(torch.zeros(2, dtype=torch.uint8), torch.zeros(2, dtype=torch.uint8), 1), "code_lengths are all 0"),
+        (
+            lambda: ops.huffman_encode(torch.zeros(3), torch.ones(2, dtype=torch.uint8)),
+            "symbols must be uint8",
+        ),
+        (
+            lambda: ops.huffman_encode(torch.zeros(3, dtype=torch.uint8), torch.ones(2)),
+            "code_lengths must be uint8",
+        ),
+        (
+            lambda: ops.huffman_encode(torch.tensor([2]), torch.ones(2, dtype=torch.uint8)),
+            "outside the alphabet",
+        ),
+        (
+            lambda: ops.huffman_encode(torch.tensor([-1]), torch.ones(2, dtype=torch.uint8)),
+            "outside the alphabet",
+        ),
+        (
+            lambda: ops.huffman_encode(torch.tensor([1]), torch.tensor([1, 0], dtype=torch.uint8)),
+            "has no code",
+        ),
+        (
+            lambda: ops.huffman_encode(
+                torch.tensor([0]), torch.tensor([1, 1, 1], dtype=torch.uint8)
+            ),
+            "over-subscribed",
+        ),
+        (
+            lambda: ops.huffman_encode(torch.tensor([0]), torch.tensor([1, 25], dtype=torch.uint8)),
+            "exceeds the limit",
+        ),
+        (
+            lambda: ops.huffman_decode(
+                torch.zeros(2, dtype=torch.int32), torch.ones(2, dtype=torch.uint8), 1
+            ),
+            "data must be uint8",
+        ),
+        (
+            lambda: ops.huffman_decode(
+                torch.zeros(2, 1, dtype=torch.uint8), torch.ones(2, dtype=torch.uint8), 1
+            ),
+            "data must be 1-D",
+        ),
+        (
+            lambda: ops.huffman_decode(
+                torch.zeros(2, dtype=torch.uint8), torch.ones(2, dtype=torch.uint8), -1
+            ),
+            "count must be >= 0",
+        ),
+        (
+            lambda: ops.huffman_decode(
+                torch.zeros(2, dtype=torch.uint8), torch.zeros(2, dtype=torch.uint8), 1
+            ),
+            "code_lengths are all 0",
+        ),
     ],
 )
 def test_bad_input(call, match):
@@ -221,8 +282,11 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.dcx.huffman_decode.default, (data, lengths, 1000))
     # Output size depends on the data: the fake kernel returns an unbacked size, which the
     # dynamic-shape AOT test cannot trace; schema and fake-tensor checks still apply.
-    torch.library.opcheck(torch.ops.dcx.huffman_encode.default, (symbols, lengths),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.dcx.huffman_encode.default,
+        (symbols, lengths),
+        test_utils=("test_schema", "test_faketensor"),
+    )
 
 
 def test_compile_fullgraph():

@@ -17,8 +17,10 @@ pytestmark = requires_kernels
 
 @pytest.fixture()
 def saved(tmp_path):
-    records = {"fc1.weight": random_record((300, 784), 0.08, 5, 4),
-               "fc2.weight": random_record((100, 300), 1.0, 5, 4)}
+    records = {
+        "fc1.weight": random_record((300, 784), 0.08, 5, 4),
+        "fc2.weight": random_record((100, 300), 1.0, 5, 4),
+    }
     dense = {"fc1.bias": torch.randn(300), "fc2.bias": torch.randn(100), "steps": torch.tensor(3)}
     path = tmp_path / "m.dcx"
     fmt.save_records(path, records, dense)
@@ -40,7 +42,9 @@ def test_figures_from_the_bytes(saved):
     assert fc1.index_bits_pq == 4 * fc1_meta["entries"] / nnz
     assert fc1.index_bits_pqh == 8 * own["index"] / nnz
     assert fc1.bytes_pqh == sum(own.values())
-    assert fc1.bytes_pq == math.ceil((nnz * 5 + fc1_meta["entries"] * 4) / 8) + 128 + own["pointers"]
+    assert (
+        fc1.bytes_pq == math.ceil((nnz * 5 + fc1_meta["entries"] * 4) / 8) + 128 + own["pointers"]
+    )
     assert fc1.rate_pqh == sum(own.values()) / (4 * 235200)
     assert fc2.index_bits_pq == 0 and fc2.weight_bits_pqh < 5  # skewed labels: Huffman wins
     assert result.total.bytes_pqh == fc1.bytes_pqh + fc2.bytes_pqh

@@ -29,18 +29,30 @@ def seed_files():
     g = torch.Generator().manual_seed(0)
     records = {}
     for name, shape, density, bits, index_bits in [
-            ("fc.weight", (12, 40), 0.1, 5, 4), ("conv.weight", (4, 3, 3, 3), 0.3, 8, 8),
-            ("dense.weight", (6, 7), 1.0, 3, 4), ("tiny.weight", (1,), 1.0, 1, 1),
-            ("bitmap.weight", (5, 9), 0.5, 2, 1), ("wide.weight", (3, 50), 0.2, 9, 5)]:
+        ("fc.weight", (12, 40), 0.1, 5, 4),
+        ("conv.weight", (4, 3, 3, 3), 0.3, 8, 8),
+        ("dense.weight", (6, 7), 1.0, 3, 4),
+        ("tiny.weight", (1,), 1.0, 1, 1),
+        ("bitmap.weight", (5, 9), 0.5, 2, 1),
+        ("wide.weight", (3, 50), 0.2, 9, 5),
+    ]:
         mask = torch.rand(shape, generator=g) < density
         k = 1 << bits
         labels = torch.randint(0, k, shape, generator=g)
-        records[name] = fmt.CompressedTensor(mask, labels, torch.randn(k, generator=g), bits, index_bits)
-    dense = {"fc.bias": torch.randn(12, generator=g), "bn.num_batches_tracked": torch.tensor(3),
-             "flags": torch.tensor([True, False]), "half": torch.randn(3).half(),
-             "bf": torch.randn(2).bfloat16()}
-    return [fmt.encode_file(records, dense, {"config": {"bits": 5}}),
-            fmt.encode_file({"x": records["fc.weight"]}, {}, {})]
+        records[name] = fmt.CompressedTensor(
+            mask, labels, torch.randn(k, generator=g), bits, index_bits
+        )
+    dense = {
+        "fc.bias": torch.randn(12, generator=g),
+        "bn.num_batches_tracked": torch.tensor(3),
+        "flags": torch.tensor([True, False]),
+        "half": torch.randn(3).half(),
+        "bf": torch.randn(2).bfloat16(),
+    }
+    return [
+        fmt.encode_file(records, dense, {"config": {"bits": 5}}),
+        fmt.encode_file({"x": records["fc.weight"]}, {}, {}),
+    ]
 
 
 def split(buf):
@@ -52,10 +64,10 @@ def split(buf):
     if end > len(buf) - fmt.DIGEST_SIZE:
         return None
     try:
-        manifest = json.loads(buf[fmt.HEADER.size:end].decode())
+        manifest = json.loads(buf[fmt.HEADER.size : end].decode())
     except (UnicodeDecodeError, ValueError, RecursionError):
         return None
-    return manifest, buf[end:len(buf) - fmt.DIGEST_SIZE]
+    return manifest, buf[end : len(buf) - fmt.DIGEST_SIZE]
 
 
 def reseal(manifest, data):
@@ -66,7 +78,7 @@ def reseal(manifest, data):
             try:
                 start, size = int(entry["offset"]), int(entry["size"])
                 if 0 <= start <= start + size <= len(data):
-                    entry["crc32"] = zlib.crc32(data[start:start + size])
+                    entry["crc32"] = zlib.crc32(data[start : start + size])
             except (KeyError, TypeError, ValueError, OverflowError):
                 pass
     try:
@@ -95,7 +107,7 @@ def mutate(data: bytes):
     # Mode 1: overwrite bytes of the manifest text or the data at an offset, then reseal.
     text = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode() + payload
     at = int.from_bytes(rest[:4].ljust(4, b"\0"), "little") % max(len(text), 1)
-    spliced = text[:at] + rest[4:] + text[at + len(rest[4:]):]
+    spliced = text[:at] + rest[4:] + text[at + len(rest[4:]) :]
     cut = len(spliced) - len(payload)
     try:
         manifest = json.loads(spliced[:cut].decode())
