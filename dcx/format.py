@@ -263,7 +263,7 @@ def _geometry(shape, segment_rows: int | None):
     cols = numel // rows if rows else 0
     if segment_rows is None:
         segment_rows = max(1, -(-SEGMENT_POSITIONS // cols)) if cols else 1
-    return rows, cols, segment_rows
+    return rows, cols, min(segment_rows, max(rows, 1))  # more rows than the weight has: one
 
 
 def encode_tensor(ct: CompressedTensor, name: str = "tensor"):
@@ -409,8 +409,9 @@ def decode_tensor(meta: dict, sections: dict, name: str = "tensor") -> Compresse
         mask = symbols != k
         labels = torch.where(mask, symbols, torch.zeros((), dtype=torch.long))
     else:
-        rows, cols, segment_rows = _geometry(shape, None)
-        segment_rows = _need_int(meta, "segment_rows", 1, 2**62, where)
+        rows, cols, segment_rows = _geometry(
+            shape, _need_int(meta, "segment_rows", 1, 2**62, where)
+        )
         m = (1 << index_bits) - 1
         if len(sections["index_lengths"]) != 1 << index_bits:
             raise FormatError(

@@ -150,7 +150,7 @@ def test_segment_rows(segment_rows):
     meta, sections = round_trip(
         random_record((40, 50), 0.05, 5, segment_rows=segment_rows, mode="sparse")
     )
-    assert meta["segment_rows"] == segment_rows
+    assert meta["segment_rows"] == min(segment_rows, 40)
     assert len(dict(sections)["pointers"]) == 4 * -(-40 // segment_rows)
 
 
@@ -448,6 +448,19 @@ def tensor(manifest, name):
 )
 def test_crafted_manifests(good_file, edit, match):
     must_fail(crafted(good_file, edit), match)
+
+
+def test_crafted_but_harmless(good_file):
+    """Edits that keep the meaning load: segment_rows past the row count is one segment; a newer
+    minor version and unknown extra keys are accepted."""
+    edits = [
+        lambda m, d: tensor(m, "fc.weight").update(segment_rows=2**62),
+        lambda m, d: m.update(future_key=[1, 2]),
+        lambda m, d: m["extra"].update(anything={"a": None}),
+    ]
+    for edit in edits:
+        records, _, _ = fmt.decode_file(crafted(good_file, edit))
+        assert records["fc.weight"].mask.shape == (12, 40)
 
 
 def test_crafted_streams(good_file):
