@@ -13,6 +13,7 @@ bitstream is sequential). The target is >= 100 MB/s decode per core.
 """
 
 import heapq
+import os
 import sys
 import time
 from pathlib import Path
@@ -123,8 +124,9 @@ def run(sizes):
         "enc speedup",
         "dec speedup",
     ]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     notes = [
-        common.stamp("cpu"),
+        common.stamp("cpu") + f"; load average {load:.1f} while measuring",
         "",
         "One core (the ops are single-threaded). MB/s = millions of uint8 symbols per second. "
         "dcx: median of >= 20 runs; python (heapq code lengths, bit-string encode/decode from "
