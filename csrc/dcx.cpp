@@ -13,6 +13,16 @@ TORCH_LIBRARY(dcx, m) {
       "bool nesterov=False, bool maximize=False, bool init_buffer=False) -> ()");
   // Per-cluster sum of grad over the positions with that label (mask == 0 excluded).
   m.def("centroid_grad(Tensor grad, Tensor labels, int num_clusters, Tensor? mask=None) -> Tensor");
+  // Canonical Huffman codec of the .dcx file (csrc/core/huffman.h). CPU only: it is a file-format
+  // step run by dcx.save / dcx.load, not a kernel on the model's path. A code is given by its
+  // code lengths (uint8, one per symbol of the alphabet, 0 = absent).
+  // Optimal lengths of at most max_length bits for int64 symbol counts [n] -> uint8 [n].
+  m.def("huffman_code_lengths(Tensor freqs, int max_length=24) -> Tensor");
+  // uint8/uint16/int16/int32/int64 symbols (any shape, read flat) -> uint8 bitstream, MSB first.
+  m.def("huffman_encode(Tensor symbols, Tensor code_lengths) -> Tensor");
+  // Exactly `count` symbols -> uint8 [count] (alphabet <= 256) or uint16 [count]; a corrupt
+  // stream is an error, never a read past `data` or a write past `count`.
+  m.def("huffman_decode(Tensor data, Tensor code_lengths, int count) -> Tensor");
 }
 
 // `import dcx._C` loads this library, which runs the registrations above; the module itself is

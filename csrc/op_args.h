@@ -50,4 +50,32 @@ inline void check_centroid_grad_args(const at::Tensor& grad, const at::Tensor& l
   if (mask.has_value() && mask->defined()) check_mask(*mask, "mask", grad, "grad");
 }
 
+inline void check_huffman_code_lengths(const at::Tensor& code_lengths) {
+  check_dtype_in(code_lengths, "code_lengths", {at::kByte}, "uint8");
+  TORCH_CHECK(code_lengths.dim() == 1, "code_lengths must be 1-D, got ", code_lengths.dim(), "-D");
+  TORCH_CHECK(code_lengths.numel() <= 65536, "code_lengths must have at most 65536 entries, got ",
+              code_lengths.numel());
+}
+
+inline void check_huffman_code_lengths_args(const at::Tensor& freqs, int64_t max_length) {
+  check_dtype_in(freqs, "freqs", {at::kLong}, "int64");
+  TORCH_CHECK(freqs.dim() == 1, "freqs must be 1-D, got ", freqs.dim(), "-D");
+  TORCH_CHECK(max_length >= 1 && max_length <= 24, "max_length must be in [1, 24], got ",
+              max_length);
+}
+
+inline void check_huffman_encode_args(const at::Tensor& symbols, const at::Tensor& code_lengths) {
+  check_dtype_in(symbols, "symbols", {at::kByte, at::kUInt16, at::kShort, at::kInt, at::kLong},
+                 "uint8, uint16, int16, int32 or int64");
+  check_huffman_code_lengths(code_lengths);
+}
+
+inline void check_huffman_decode_args(const at::Tensor& data, const at::Tensor& code_lengths,
+                                      int64_t count) {
+  check_dtype_in(data, "data", {at::kByte}, "uint8");
+  TORCH_CHECK(data.dim() == 1, "data must be 1-D, got ", data.dim(), "-D");
+  check_huffman_code_lengths(code_lengths);
+  TORCH_CHECK(count >= 0, "count must be >= 0, got ", count);
+}
+
 }  // namespace dcx

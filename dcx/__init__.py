@@ -15,3 +15,6 @@ from dcx.prune import PruneConfig, Pruner, finalize_, prune_  # noqa: E402
 
 __all__ += ["data", "models", "optim", "prune", "sensitivity", "MaskedSGD", "mask_optimizer_",
             "PruneConfig", "Pruner", "finalize_", "prune_"]
+from dcx.format import FormatError, load, save, verify  # noqa: E402
+
+__all__ += ["FormatError", "save", "load", "verify"]

@@ -64,3 +64,52 @@ if available():
     def _(grad, labels, num_clusters, mask=None):
         torch._check(num_clusters >= 1, lambda: f"num_clusters must be >= 1, got {num_clusters}")
         return grad.new_empty((num_clusters,))
+
+
+__all__ += ["huffman_code_lengths", "huffman_encode", "huffman_decode"]
+
+
+def huffman_code_lengths(freqs: Tensor, max_length: int = 24) -> Tensor:
+    """Optimal Huffman code lengths of at most `max_length` bits (package-merge), CPU only.
+
+    freqs: int64 [n] symbol counts, n <= 65536. Returns uint8 [n]: 0 for absent symbols, 1 when a
+    single symbol is present. Deterministic (ties broken by symbol index).
+    """
+    return op("huffman_code_lengths")(freqs, max_length)
+
+
+def huffman_encode(symbols: Tensor, code_lengths: Tensor) -> Tensor:
+    """Canonical Huffman bitstream of `symbols` (read flat), CPU only.
+
+    symbols: uint8, uint16, int16, int32 or int64, each in [0, n) with a non-zero code length;
+    code_lengths: uint8 [n] (from huffman_code_lengths). Returns uint8 [ceil(bits / 8)], codes
+    packed MSB first, the last byte padded with zero bits.
+    """
+    return op("huffman_encode")(symbols, code_lengths)
+
+
+def huffman_decode(data: Tensor, code_lengths: Tensor, count: int) -> Tensor:
+    """Decodes exactly `count` symbols from a huffman_encode bitstream, CPU only.
+
+    data: uint8 [nbytes]; code_lengths: uint8 [n]. Returns uint8 [count] when n <= 256, else
+    uint16 [count]. A corrupt stream (unused code, too short, bytes or padding bits left over)
+    raises RuntimeError; nothing is read past `data` or written past `count`.
+    """
+    return op("huffman_decode")(data, code_lengths, count)
+
+
+if available():
+
+    @torch.library.register_fake("dcx::huffman_code_lengths")
+    def _(freqs, max_length=24):
+        return freqs.new_empty(freqs.shape, dtype=torch.uint8)
+
+    @torch.library.register_fake("dcx::huffman_encode")
+    def _(symbols, code_lengths):
+        nbytes = torch.library.get_ctx().new_dynamic_size()
+        return symbols.new_empty((nbytes,), dtype=torch.uint8)
+
+    @torch.library.register_fake("dcx::huffman_decode")
+    def _(data, code_lengths, count):
+        dtype = torch.uint8 if code_lengths.shape[0] <= 256 else torch.uint16
+        return data.new_empty((count,), dtype=dtype)

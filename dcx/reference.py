@@ -48,3 +48,72 @@ def centroid_grad(
         values, index = values[keep], index[keep]
     out = torch.zeros(num_clusters, dtype=torch.float64, device=grad.device)
     return out.index_add_(0, index, values).to(grad.dtype)
+
+
+def huffman_code_lengths(freqs: Tensor, max_length: int = 24) -> Tensor:
+    """Package-merge with explicit symbol lists (slow, plain Python): optimal code lengths of at
+    most max_length bits. Ties may be broken differently from the kernel, so compare costs
+    (sum of freq * length), not lengths."""
+    freq = [int(f) for f in freqs.tolist()]
+    present = sorted((f, s) for s, f in enumerate(freq) if f > 0)
+    lengths = [0] * len(freq)
+    if len(present) == 1:
+        lengths[present[0][1]] = 1
+    if len(present) <= 1:
+        return torch.tensor(lengths, dtype=torch.uint8)
+    if len(present) > 2**max_length:
+        raise ValueError(f"{len(present)} symbols do not fit codes of {max_length} bits")
+    leaves = [(f, [s]) for f, s in present]
+    items = list(leaves)
+    for _ in range(max_length - 1):
+        packages = [(items[i][0] + items[i + 1][0], items[i][1] + items[i + 1][1])
+                    for i in range(0, len(items) - 1, 2)]
+        items = sorted(leaves + packages, key=lambda item: item[0])
+    for _, symbols in items[: 2 * len(present) - 2]:
+        for s in symbols:
+            lengths[s] += 1
+    return torch.tensor(lengths, dtype=torch.uint8)
+
+
+def canonical_codes(code_lengths: Tensor) -> dict:
+    """{symbol: code as a '0'/'1' string}: shorter codes first, then by symbol (as DEFLATE)."""
+    lengths = [int(n) for n in code_lengths.tolist()]
+    codes, code, prev = {}, 0, 0
+    for length, s in sorted((n, s) for s, n in enumerate(lengths) if n > 0):
+        code <<= length - prev
+        codes[s] = format(code, f"0{length}b")
+        code, prev = code + 1, length
+    return codes
+
+
+def huffman_encode(symbols: Tensor, code_lengths: Tensor) -> Tensor:
+    """Bit strings joined, padded with zeros to whole bytes, MSB first."""
+    codes = canonical_codes(code_lengths)
+    bits = "".join(codes[s] for s in symbols.reshape(-1).tolist())
+    bits += "0" * (-len(bits) % 8)
+    data = int(bits, 2).to_bytes(len(bits) // 8, "big") if bits else b""
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+
+
+def huffman_decode(data: Tensor, code_lengths: Tensor, count: int) -> Tensor:
+    """Reads bits one at a time until they form a code; ValueError on a corrupt stream."""
+    table = {code: s for s, code in canonical_codes(code_lengths).items()}
+    raw = bytes(data.tolist())
+    bits = format(int.from_bytes(raw, "big"), f"0{8 * len(raw)}b") if raw else ""
+    out, current, used = [], "", 0
+    for bit in bits:
+        if len(out) == count:
+            break
+        current += bit
+        used += 1
+        if current in table:
+            out.append(table[current])
+            current = ""
+        elif len(current) > 24:
+            raise ValueError("invalid code")
+    if len(out) < count or current:
+        raise ValueError("stream ends early")
+    if (used + 7) // 8 != len(raw) or "1" in bits[used:]:
+        raise ValueError("bits left over")
+    dtype = torch.uint8 if code_lengths.numel() <= 256 else torch.uint16
+    return torch.tensor(out, dtype=torch.int64).to(dtype)
