@@ -1,0 +1,322 @@
+"""DeepCompression: the three stages of Han et al. run as one object, the way a user meets them.
+
+    dc = DeepCompression(model, config, train_loader=train, test_loader=test)
+    result = dc.run("model.dcx")       # train -> prune + retrain -> cluster + fine-tune -> encode
+    print(result.table())              # accuracy and real size after every stage
+
+Every stage is evaluated, and its size is measured from real bytes: the reference and pruned
+models as torch.save writes them (the pruned weights as CSR with int32 indices, what a user would
+store without dcx), the quantized model by the file's own bit counts before Huffman coding (P+Q),
+and the encoded model by the size of the .dcx file on disk. The file is then loaded back into a
+fresh model (compressed layers become SparseQuantLinear / SparseQuantConv2d) and evaluated
+again, and its predictions are compared with the in-memory model's.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from dcx import format as dcx_format
+from dcx import prune as dcx_prune
+from dcx import quantize as dcx_quantize
+from dcx.config import CompressionConfig, ConfigError, TrainConfig
+from dcx.optim import MaskedSGD
+
+__all__ = ["DeepCompression", "CompressionResult", "StageResult", "seed_everything",
+           "evaluate_accuracy", "state_dict_bytes"]
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@torch.no_grad()
+def predictions(model: nn.Module, loader) -> torch.Tensor:
+    """Arg-max class of every sample, in loader order."""
+    model.eval()
+    device = next(model.parameters(), torch.empty(0)).device
+    return torch.cat([model(x.to(device)).argmax(dim=1).cpu() for x, _ in loader])
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: nn.Module, loader) -> float:
+    """Top-1 accuracy of `model` over `loader`."""
+    labels = torch.cat([y for _, y in loader])
+    return (predictions(model, loader) == labels).float().mean().item()
+
+
+def state_dict_bytes(model: nn.Module, sparse: bool = False) -> int:
+    """Bytes torch.save writes for the model's state_dict; with sparse=True, every tensor that is
+    mostly zero is stored as CSR with int32 indices (plain sparse storage, no quantization)."""
+    state = {}
+    for name, t in model.state_dict().items():
+        if name.endswith(dcx_prune.MASK_SUFFIX):
+            continue
+        if sparse and t.dim() >= 2 and t.is_floating_point() and (t == 0).float().mean() > 0.5:
+            csr = t.reshape(t.shape[0], -1).to_sparse_csr()
+            t = (csr.crow_indices().int(), csr.col_indices().int(), csr.values())
+        state[name] = t
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getbuffer().nbytes
+
+
+@dataclass
+class StageResult:
+    stage: str
+    accuracy: float
+    size_bytes: int
+    seconds: float
+    note: str = ""
+
+
+@dataclass
+class CompressionResult:
+    """What run() did: one StageResult per stage, the file, and its per-layer report."""
+
+    stages: list = field(default_factory=list)
+    path: Optional[Path] = None
+    report: object = None
+    same_predictions: Optional[bool] = None
+    snapshots: dict = field(default_factory=dict)  # {weight name: {stage: weight copy}}
+    centroids: dict = field(default_factory=dict)  # {weight name: fine-tuned codebook}
+
+    def table(self) -> str:
+        """The stage table as markdown (also readable in a terminal)."""
+        base = self.stages[0].size_bytes if self.stages else 1
+        lines = ["| stage | accuracy | error | size | ratio | time | note |", "|---|---|---|---|---|---|---|"]
+        for s in self.stages:
+            lines.append(
+                f"| {s.stage} | {100 * s.accuracy:.2f}% | {100 * (1 - s.accuracy):.2f}% | "
+                f"{s.size_bytes / 1024:,.1f} KiB | {base / s.size_bytes:.1f}x | {s.seconds:.1f} s | {s.note} |"
+            )
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "stages": [asdict(s) for s in self.stages],
+            "path": None if self.path is None else str(self.path),
+            "same_predictions": self.same_predictions,
+        }
+
+
+class DeepCompression:
+    """Runs train -> prune + masked retrain -> cluster + centroid fine-tuning -> encode -> save.
+
+    model: any nn.Module (classification: logits of shape [batch, classes]).
+    config: a CompressionConfig (or a dict / YAML path of one).
+    train_loader, test_loader: iterables of (x, y) batches. loss_fn: defaults to cross-entropy.
+    train_fn: optional fn(model, optimizer, epoch) running one training epoch, replacing the
+    built-in loop over train_loader. eval_fn: optional fn(model) -> accuracy, replacing the
+    built-in top-1 accuracy over test_loader.
+    model_factory: builds a fresh model of the same architecture for loading the file (default:
+    a deep copy of the input model taken before any stage runs).
+    """
+
+    def __init__(self, model: nn.Module, config, *, train_loader=None, test_loader=None,
+                 loss_fn: Callable = F.cross_entropy, train_fn: Optional[Callable] = None,
+                 eval_fn: Optional[Callable] = None, model_factory: Optional[Callable] = None,
+                 progress: bool = True, log: Callable = print):
+        if isinstance(config, (str, Path)):
+            config = CompressionConfig.load(config)
+        elif isinstance(config, dict):
+            config = CompressionConfig.from_dict(config)
+        if not isinstance(config, CompressionConfig):
+            raise ConfigError(f"config must be a CompressionConfig, dict or path, got {type(config).__name__}")
+        if train_fn is None and train_loader is None and _trains(config):
+            raise ValueError("a training stage is configured: give train_loader or train_fn")
+        if eval_fn is None and test_loader is None:
+            raise ValueError("give test_loader or eval_fn to evaluate each stage")
+        self.model = model
+        self.config = config
+        self.train_loader = train_loader
+        self.test_loader = test_loader
+        self.loss_fn = loss_fn
+        self.train_fn = train_fn
+        self.eval_fn = eval_fn
+        pristine = copy.deepcopy(model)
+        self.model_factory = model_factory or (lambda: copy.deepcopy(pristine))
+        self.progress = progress
+        self.log = log
+        # For the distribution plots: copies of the largest weight after each stage.
+        weights = [(p.numel(), n) for n, p in model.named_parameters() if p.dim() >= 2]
+        self.snapshot_name = max(weights)[1] if snapshot and weights else None
+
+    def _snapshot(self, result, stage, model):
+        if self.snapshot_name is not None:
+            weight = dict(model.named_parameters()).get(self.snapshot_name)
+            if weight is None:  # clustered: the weight is computed from the codebook
+                module_name, _, param = self.snapshot_name.rpartition(".")
+                weight = getattr(model.get_submodule(module_name), param)
+            result.snapshots.setdefault(self.snapshot_name, {})[stage] = weight.detach().cpu().clone()
+
+    # ----------------------------------------------------------------------------- helpers
+    def evaluate(self, model: nn.Module) -> float:
+        return self.eval_fn(model) if self.eval_fn is not None else evaluate_accuracy(model, self.test_loader)
+
+    def _epoch(self, model, optimizer, epoch, desc):
+        if self.train_fn is not None:
+            return self.train_fn(model, optimizer, epoch)
+        model.train()
+        device = next(model.parameters()).device
+        batches = tqdm(self.train_loader, desc=desc, leave=False, disable=not self.progress)
+        for x, y in batches:
+            optimizer.zero_grad(set_to_none=True)
+            loss = self.loss_fn(model(x.to(device)), y.to(device))
+            loss.backward()
+            optimizer.step()
+            batches.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+
+    def _train(self, model, optimizer, cfg: TrainConfig, desc, before_epoch=None):
+        scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
+                     if cfg.cosine else None)
+        for epoch in range(cfg.epochs):
+            if before_epoch is not None:
+                before_epoch(epoch)
+            self._epoch(model, optimizer, epoch, f"{desc} {epoch + 1}/{cfg.epochs}")
+            if scheduler is not None:
+                scheduler.step()
+
+    def _stage(self, result, name, model, started, size, note=""):
+        stage = StageResult(name, self.evaluate(model), size, time.perf_counter() - started, note)
+        result.stages.append(stage)
+        self.log(f"[dcx] {name:<10} accuracy {100 * stage.accuracy:6.2f}%  size {size / 1024:10,.1f} KiB"
+                 f"  ({stage.seconds:.1f} s) {note}")
+        return stage
+
+    # ------------------------------------------------------------------------------- run
+    def run(self, path) -> CompressionResult:
+        cfg = self.config
+        seed_everything(cfg.random_seed)
+        model = self.model
+        result = CompressionResult()
+
+        started = time.perf_counter()
+        if cfg.train.epochs:
+            t = cfg.train
+            optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum,
+                                        weight_decay=t.weight_decay)
+            self._train(model, optimizer, t, "train")
+        self._stage(result, "reference", model, started, state_dict_bytes(model),
+                    "fp32, torch.save")
+        self._snapshot(result, "dense", model)
+
+        masks = {}
+        if cfg.prune is not None:
+            started = time.perf_counter()
+            self._prune(model)
+            masks = {name: m.clone() for name, m in dcx_prune.masks(model).items()}
+            dcx_prune.finalize_(model)  # zeros baked in; the masks travel on to clustering
+            kept = sum(int(m.sum()) for m in masks.values()) / max(sum(m.numel() for m in masks.values()), 1)
+            self._stage(result, "pruned", model, started, state_dict_bytes(model, sparse=True),
+                        f"{100 * kept:.1f}% of pruned layers' weights kept; CSR, torch.save")
+            self._snapshot(result, "pruned", model)
+
+        records = {}
+        if cfg.cluster is not None:
+            started = time.perf_counter()
+            records = self._cluster(model, masks)
+            self._stage(result, "quantized", model, started, _pq_bytes(model, records, cfg),
+                        "P+Q: fixed-width codes and indices, before Huffman")
+            self._snapshot(result, "clustered", model)
+            if self.snapshot_name in records:
+                result.centroids[self.snapshot_name] = records[self.snapshot_name].codebook
+
+        started = time.perf_counter()
+        path = Path(path)
+        dcx_format.save(model, path, compressed=records, config=cfg)
+        loaded = dcx_format.load(path, self.model_factory())
+        result.path = path
+        self._stage(result, "encoded", loaded, started, path.stat().st_size,
+                    "P+Q+H: the .dcx file on disk, loaded back")
+        if self.test_loader is not None:
+            result.same_predictions = bool(torch.equal(predictions(model, self.test_loader),
+                                                       predictions(loaded, self.test_loader)))
+        from dcx.report import report
+
+        result.report = report(path, self.model_factory())
+        return result
+
+    def _prune(self, model):
+        cfg = self.config
+        pruner = dcx_prune.Pruner(model, cfg.prune)
+        last = dcx_prune._final_step(cfg.prune)
+        if cfg.retrain.epochs <= last:
+            raise ConfigError(f"retrain.epochs ({cfg.retrain.epochs}) must exceed the pruning "
+                              f"schedule's last step ({last}), so every pruning step is retrained")
+        t = cfg.retrain
+        optimizer = MaskedSGD(model.parameters(), lr=t.lr, momentum=t.momentum,
+                              weight_decay=t.weight_decay, masks=model)
+        self._train(model, optimizer, t, "prune+retrain", before_epoch=lambda epoch: pruner.step())
+
+    def _cluster(self, model, masks):
+        """Weight sharing and centroid fine-tuning; returns the file records of the shared
+        layers ({weight name: CompressedTensor}) and leaves plain weights in the model."""
+        cfg = self.config
+        by_module = {name.rpartition(".")[0]: m for name, m in masks.items() if name.endswith(".weight")}
+        dcx_quantize.cluster_(model, cfg.cluster, masks=by_module)
+        t = cfg.finetune
+        if t.epochs:
+            centroids = dcx_quantize.codebook_parameters(model)
+            others = [p for n, p in model.named_parameters()
+                      if not n.endswith("_codebook") and p.requires_grad]
+            for p in others:  # only the centroids move (the paper); biases stay as trained
+                p.requires_grad_(False)
+            optimizer = torch.optim.SGD(centroids, lr=t.lr, momentum=t.momentum,
+                                        weight_decay=t.weight_decay)
+            self._train(model, optimizer, t, "fine-tune centroids")
+            for p in others:
+                p.requires_grad_(True)
+        records = {}
+        for name, (codebook, labels, mask) in dcx_quantize.codebooks(model).items():
+            module = model.get_submodule(name)
+            conv = isinstance(module, nn.modules.conv._ConvNd)
+            bits = max(1, math.ceil(math.log2(max(codebook.numel(), 2))))
+            if mask is None:
+                mask = torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
+            records[f"{name}.weight"] = dcx_format.CompressedTensor(
+                mask.detach().cpu().clone(), labels.detach().cpu().clone(),
+                codebook.detach().cpu().clone(), bits,
+                index_bits=cfg.encode.conv_index_bits if conv else cfg.encode.linear_index_bits,
+            )
+        dcx_quantize.finalize_(model)
+        return records
+
+
+def _trains(config: CompressionConfig) -> bool:
+    return bool(config.train.epochs or (config.prune and config.retrain.epochs)
+                or (config.cluster and config.finetune.epochs))
+
+
+def _pq_bytes(model: nn.Module, records: dict, cfg: CompressionConfig) -> int:
+    """Size after pruning and quantization, before Huffman coding (the paper's P+Q): per shared
+    layer, a `bits`-wide code per kept weight plus an `index_bits`-wide relative index per entry
+    (fillers included) and the fp32 codebook; every other parameter at 32 bits."""
+    total_bits = 0
+    for name, ct in records.items():
+        positions = torch.nonzero(ct.mask.reshape(-1)).reshape(-1)
+        gaps = torch.diff(positions, prepend=torch.tensor([-1]))
+        top = (1 << ct.index_bits) - 1
+        entries = int(((gaps - 1) // top).sum()) + positions.numel()
+        dense_bits = ct.mask.numel() * math.ceil(math.log2(ct.codebook.numel() + 1))
+        sparse_bits = positions.numel() * ct.bits + entries * ct.index_bits
+        total_bits += min(dense_bits, sparse_bits) + 32 * ct.codebook.numel()
+    for name, t in model.state_dict().items():
+        if name not in records and not name.endswith(dcx_prune.MASK_SUFFIX):
+            total_bits += t.numel() * t.element_size() * 8
+    return (total_bits + 7) // 8
