@@ -13,6 +13,11 @@ TORCH_LIBRARY(dcx, m) {
       "bool nesterov=False, bool maximize=False, bool init_buffer=False) -> ()");
   // Per-cluster sum of grad over the positions with that label (mask == 0 excluded).
   m.def("centroid_grad(Tensor grad, Tensor labels, int num_clusters, Tensor? mask=None) -> Tensor");
+  // 1-D k-means of all values: centroids [num_clusters] ascending (values' dtype), labels int32 of
+  // values' shape. init: linear | density | random | kmeans++; method: lloyd | optimal.
+  m.def(
+      "kmeans1d(Tensor values, int num_clusters, str init=\"linear\", int max_iter=300, "
+      "float tol=1e-4, int seed=0, str method=\"lloyd\") -> (Tensor, Tensor)");
 }
 
 // `import dcx._C` loads this library, which runs the registrations above; the module itself is
