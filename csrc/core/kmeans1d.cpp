@@ -39,18 +39,22 @@ void radix_sort(T* data, int64_t n) {
   std::vector<U> a(n), b(n);
   std::memcpy(a.data(), data, sizeof(T) * n);
   for (int64_t i = 0; i < n; ++i) a[i] = to_key(a[i]);
-  std::vector<int64_t> count(kBuckets);
-  for (int shift = 0; shift < kBits; shift += kDigit) {
-    std::fill(count.begin(), count.end(), 0);
-    for (int64_t i = 0; i < n; ++i) ++count[(a[i] >> shift) & (kBuckets - 1)];
-    if (count[(a[0] >> shift) & (kBuckets - 1)] == n) continue;  // one bucket: nothing to move
+  // All digit histograms in one read of the keys, then one scatter pass per digit.
+  constexpr int kPasses = (kBits + kDigit - 1) / kDigit;
+  std::vector<int64_t> count(static_cast<size_t>(kPasses) * kBuckets, 0);
+  for (int64_t i = 0; i < n; ++i)
+    for (int p = 0; p < kPasses; ++p) ++count[p * kBuckets + ((a[i] >> (p * kDigit)) & (kBuckets - 1))];
+  for (int p = 0; p < kPasses; ++p) {
+    const int shift = p * kDigit;
+    int64_t* cnt = count.data() + p * kBuckets;
+    if (cnt[(a[0] >> shift) & (kBuckets - 1)] == n) continue;  // one bucket: nothing to move
     int64_t sum = 0;
     for (int d = 0; d < kBuckets; ++d) {
-      const int64_t c = count[d];
-      count[d] = sum;
+      const int64_t c = cnt[d];
+      cnt[d] = sum;
       sum += c;
     }
-    for (int64_t i = 0; i < n; ++i) b[count[(a[i] >> shift) & (kBuckets - 1)]++] = a[i];
+    for (int64_t i = 0; i < n; ++i) b[cnt[(a[i] >> shift) & (kBuckets - 1)]++] = a[i];
     a.swap(b);
   }
   for (int64_t i = 0; i < n; ++i) a[i] = from_key(a[i]);
@@ -58,16 +62,18 @@ void radix_sort(T* data, int64_t n) {
 }
 
 template <typename T>
-void prefix_sums(const T* x, int64_t n, double shift, double* S, double* S2) {
+double prefix_sums(const T* x, int64_t n, double shift, double* S, double* S2) {
   double s = 0.0, s2 = 0.0;
-  S[0] = S2[0] = 0.0;
+  S[0] = 0.0;
+  if (S2 != nullptr) S2[0] = 0.0;
   for (int64_t i = 0; i < n; ++i) {
     const double d = static_cast<double>(x[i]) - shift;
     s += d;
     s2 += d * d;
     S[i + 1] = s;
-    S2[i + 1] = s2;
+    if (S2 != nullptr) S2[i + 1] = s2;
   }
+  return s2;
 }
 
 template <typename T>
@@ -160,7 +166,7 @@ std::vector<double> init_plusplus(const T* x, int64_t n, const double* S, const 
 
 #define DCX_KMEANS1D_INSTANTIATE(T)                                                          \
   template void radix_sort<T>(T*, int64_t);                                                   \
-  template void prefix_sums<T>(const T*, int64_t, double, double*, double*);                 \
+  template double prefix_sums<T>(const T*, int64_t, double, double*, double*);               \
   template int64_t distinct_values<T>(const T*, int64_t, int64_t, std::vector<double>*);     \
   template std::vector<double> init_plusplus<T>(const T*, int64_t, const double*,            \
                                                 const double*, double, int64_t, uint64_t);

@@ -66,19 +66,16 @@ DCX_HOST_DEVICE int64_t count_le(const T* x, int64_t n, double t) {
   return lo;
 }
 
-// The cluster of value v: the number of midpoints strictly below it.
+// The cluster of value v: the number of midpoints strictly below it. Branch-free (the trip count
+// depends on num_mid only, the step is a conditional move), as it runs once per weight.
 DCX_HOST_DEVICE int64_t label_of(double v, const double* mid, int64_t num_mid) {
   int64_t lo = 0, len = num_mid;
-  while (len > 0) {
+  while (len > 1) {  // the answer lies in [lo, lo + len]
     const int64_t half = len >> 1;
-    if (mid[lo + half] < v) {
-      lo += half + 1;
-      len -= half + 1;
-    } else {
-      len = half;
-    }
+    lo = mid[lo + half - 1] < v ? lo + half : lo;
+    len -= half;
   }
-  return lo;
+  return lo + ((len == 1 && mid[lo] < v) ? 1 : 0);
 }
 
 // Stats of cluster j, bounded by mid[j-1] and mid[j]; S and S2 have n + 1 entries (S[0] = 0).
@@ -91,7 +88,7 @@ DCX_HOST_DEVICE ClusterStats cluster_stats_one(const T* x, int64_t n, const doub
   s.end = j == k - 1 ? n : count_le(x, n, mid[j]);
   if (s.end < s.begin) s.end = s.begin;  // equal midpoints (duplicate centroids)
   s.sum = S[s.end] - S[s.begin];
-  s.sumsq = S2[s.end] - S2[s.begin];
+  s.sumsq = S2 != nullptr ? S2[s.end] - S2[s.begin] : 0.0;
   s.lo = s.end > s.begin ? static_cast<double>(x[s.begin]) : 0.0;
   s.hi = s.end > s.begin ? static_cast<double>(x[s.end - 1]) : 0.0;
   return s;
@@ -226,8 +223,9 @@ template <typename T>
 void radix_sort(T* data, int64_t n);
 
 // S[0] = 0, S[i + 1] = S[i] + (x[i] - shift), S2 likewise of the squares; n + 1 entries each.
+// S2 may be null (Lloyd needs only S). Returns the sum of the squares.
 template <typename T>
-void prefix_sums(const T* x, int64_t n, double shift, double* S, double* S2);
+double prefix_sums(const T* x, int64_t n, double shift, double* S, double* S2);
 
 // Distinct values of sorted x, up to `limit` of them (returns how many there are, capped at
 // limit + 1).
@@ -296,13 +294,6 @@ std::vector<int64_t> optimal_boundaries(const double* S, const double* S2, int64
   return b;
 }
 
-// The variance of the values from the prefix sums of their shifted values: tol's scale.
-inline double variance(const double* S, const double* S2, int64_t n) {
-  if (n <= 0) return 0.0;
-  const double mean = S[n] / n, v = S2[n] / n - mean * mean;
-  return v > 0.0 ? v : 0.0;
-}
-
 // The whole fit on the host, from sorted values: the special cases, the initialisation, Lloyd
 // or the exact program. Used by the CPU op and the native tests; the CUDA op follows the same
 // steps with device pieces.
@@ -329,8 +320,11 @@ Fit fit_sorted(const T* x, int64_t n, int64_t k, Init init, uint64_t seed, int64
     return fit;
   }
   const double shift = static_cast<double>(x[n / 2]);
-  std::vector<double> S(n + 1), S2(n + 1);
-  prefix_sums(x, n, shift, S.data(), S2.data());
+  // Squares only where costs or squared distances are needed: the program and k-means++.
+  const bool squares = optimal || init == Init::kPlusPlus;
+  std::vector<double> S(n + 1), S2(squares ? n + 1 : 0);
+  const double sumsq = prefix_sums(x, n, shift, S.data(), squares ? S2.data() : nullptr);
+  const double mean = S[n] / n, var = std::max(0.0, sumsq / n - mean * mean);
   std::vector<double>& c = fit.centroids;
   if (optimal) {
     const std::vector<int64_t> b = optimal_boundaries(S.data(), S2.data(), n, k, parallel);
@@ -345,11 +339,12 @@ Fit fit_sorted(const T* x, int64_t n, int64_t k, Init init, uint64_t seed, int64
     for (int64_t i : init_indices(init, n, k, seed)) c.push_back(static_cast<double>(x[i]));
   }
   auto stats = [&](const double* mid, ClusterStats* out) {
-    for (int64_t j = 0; j < k; ++j) out[j] = cluster_stats_one(x, n, S.data(), S2.data(), mid, k, j);
+    for (int64_t j = 0; j < k; ++j)
+      out[j] = cluster_stats_one(x, n, S.data(), squares ? S2.data() : nullptr, mid, k, j);
   };
   // The exact partition is a fixed point of Lloyd: these iterations only make the labels the
   // nearest-centroid ones (they differ only on ties).
-  fit.lloyd = lloyd(stats, c.data(), k, shift, max_iter, tol * variance(S.data(), S2.data(), n));
+  fit.lloyd = lloyd(stats, c.data(), k, shift, max_iter, tol * var);
   return fit;
 }
 
