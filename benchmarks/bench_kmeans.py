@@ -142,7 +142,6 @@ def run_cuda(sizes, ks, optimal_max):
             rows.append([f"{n:,}", k, f"{t_torch * 1e3:.1f}", f"{t_lloyd * 1e3:.2f}",
                          f"{t_torch / t_lloyd:.0f}x", f"{i_lloyd / i_torch:.6f}", *opt])
             print(rows[-1], flush=True)
-        del x
     header = ["n", "k", "torch Lloyd ms", "dcx lloyd ms", "speedup", "lloyd inertia / torch",
               "dcx optimal s", "optimal inertia / torch"]
     notes = [common.stamp("cuda"), "",

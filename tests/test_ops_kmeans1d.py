@@ -180,7 +180,7 @@ def brute_force_inertia(x, k):
     n, best = len(x), np.inf
     for cuts in itertools.combinations(range(1, n), k - 1):
         bounds = (0,) + cuts + (n,)
-        best = min(best, sum(((x[a:b] - x[a:b].mean()) ** 2).sum() for a, b in zip(bounds, bounds[1:])))
+        best = min(best, sum(((x[a:b] - x[a:b].mean()) ** 2).sum() for a, b in zip(bounds, bounds[1:], strict=False)))
     return best
 
 

@@ -123,7 +123,7 @@ def test_training_centroids_lowers_loss_and_keeps_zeros(device, optimizer):
         opt.step()
     loss1 = nn.functional.mse_loss(student(x), y).item()
     assert loss1 < 0.9 * loss0
-    for name, (codebook, labels, mask) in quantize.codebooks(student).items():
+    for name, (_, labels, mask) in quantize.codebooks(student).items():
         assert torch.equal(labels, labels_before[name])  # labels frozen
         assert (student.get_submodule(name).weight[~mask] == 0).all()
     quantize.finalize_(student)
