@@ -23,6 +23,11 @@ TORCH_LIBRARY(dcx, m) {
   // Exactly `count` symbols -> uint8 [count] (alphabet <= 256) or uint16 [count]; a corrupt
   // stream is an error, never a read past `data` or a write past `count`.
   m.def("huffman_decode(Tensor data, Tensor code_lengths, int count) -> Tensor");
+  // 1-D k-means of all values: centroids [num_clusters] ascending (values' dtype), labels int32 of
+  // values' shape. init: linear | density | random | kmeans++; method: lloyd | optimal.
+  m.def(
+      "kmeans1d(Tensor values, int num_clusters, str init=\"linear\", int max_iter=300, "
+      "float tol=1e-4, int seed=0, str method=\"lloyd\") -> (Tensor, Tensor)");
 }
 
 // `import dcx._C` loads this library, which runs the registrations above; the module itself is

@@ -6,6 +6,7 @@
 #include <optional>
 
 #include "checks.h"
+#include "core/kmeans1d.h"
 
 namespace dcx {
 
@@ -76,6 +77,33 @@ inline void check_huffman_decode_args(const at::Tensor& data, const at::Tensor& 
   TORCH_CHECK(data.dim() == 1, "data must be 1-D, got ", data.dim(), "-D");
   check_huffman_code_lengths(code_lengths);
   TORCH_CHECK(count >= 0, "count must be >= 0, got ", count);
+}
+
+// Returns the initialisation; `optimal` says whether the method is the exact program.
+inline kmeans1d::Init check_kmeans1d_args(const at::Tensor& values, int64_t num_clusters,
+                                          const std::string& init, int64_t max_iter, double tol,
+                                          const std::string& method, bool* optimal) {
+  check_dtype_in(values, "values", {at::kFloat, at::kDouble}, "float32 or float64");
+  TORCH_CHECK(num_clusters >= 1 && num_clusters <= INT32_MAX,
+              "num_clusters must be in [1, 2^31), got ", num_clusters);
+  TORCH_CHECK(values.numel() <= INT32_MAX, "values must have fewer than 2^31 elements, got ",
+              values.numel());
+  TORCH_CHECK(max_iter >= 0, "max_iter must be >= 0, got ", max_iter);
+  TORCH_CHECK(std::isfinite(tol) && tol >= 0.0, "tol must be a finite number >= 0, got ", tol);
+  TORCH_CHECK(method == "lloyd" || method == "optimal",
+              "method must be 'lloyd' or 'optimal', got '", method, "'");
+  *optimal = method == "optimal";
+  if (init == "linear") return kmeans1d::Init::kLinear;
+  if (init == "density") return kmeans1d::Init::kDensity;
+  if (init == "random") return kmeans1d::Init::kRandom;
+  if (init == "kmeans++") return kmeans1d::Init::kPlusPlus;
+  TORCH_CHECK(false, "init must be 'linear', 'density', 'random' or 'kmeans++', got '", init, "'");
+}
+
+// After sorting, NaN (either sign) and infinities sit at the ends.
+inline void check_kmeans1d_finite(double first, double last) {
+  TORCH_CHECK(std::isfinite(first) && std::isfinite(last),
+              "values must be finite: found NaN or Inf");
 }
 
 }  // namespace dcx

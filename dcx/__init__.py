@@ -3,6 +3,8 @@ that run the compressed model fast."""
 
 from dcx import ops, reference
 from dcx._native import available, kernels
+from dcx import quantize
+from dcx.quantize import cluster_
 
 __version__ = "0.1.0"
 
@@ -18,3 +20,4 @@ __all__ += ["data", "models", "optim", "prune", "sensitivity", "MaskedSGD", "mas
 from dcx.format import FormatError, load, save, verify  # noqa: E402
 
 __all__ += ["FormatError", "save", "load", "verify"]
+__all__ = ["__version__", "available", "kernels", "ops", "reference", "quantize", "cluster_"]

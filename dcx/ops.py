@@ -12,7 +12,7 @@ from torch import Tensor
 
 from dcx._native import available, op
 
-__all__ = ["masked_sgd_step_", "centroid_grad"]
+__all__ = ["masked_sgd_step_", "centroid_grad", "kmeans1d"]
 
 
 def masked_sgd_step_(
@@ -51,6 +51,33 @@ def centroid_grad(
     dtype (float32 accumulation, float64 for float64). Deterministic on CPU.
     """
     return op("centroid_grad")(grad, labels, num_clusters, mask)
+
+
+def kmeans1d(
+    values: Tensor,
+    num_clusters: int,
+    init: str = "linear",
+    max_iter: int = 300,
+    tol: float = 1e-4,
+    seed: int = 0,
+    method: str = "lloyd",
+) -> tuple[Tensor, Tensor]:
+    """1-D k-means of all elements of `values` (float32 or float64, any shape, finite).
+
+    Returns (centroids, labels): centroids [num_clusters] in values' dtype, ascending; labels int32
+    of values' shape, each value's nearest centroid (ties to the lower one). init: "linear"
+    (evenly spaced from min to max, Deep Compression's choice), "density" (evenly spaced
+    quantiles), "random" (Forgy: distinct values drawn with `seed`), "kmeans++". method: "lloyd"
+    (Lloyd's iterations on the sorted values, O(k log n) each) or "optimal" (the globally optimal
+    clustering by dynamic programming, O(k n log n) time, 4 k n bytes; init is then unused).
+    tol: stop when the squared centroid shift summed over clusters is <= tol x the variance
+    (sklearn's rule); tol=0 runs to the fixed point (or max_iter).
+    With no more distinct values than clusters the centroids are those values (ascending, the
+    spare ones repeating the largest); empty clusters are re-seeded with the value farthest from
+    its centroid; no values gives zero centroids. The same seed gives the same labels on CPU
+    and CUDA.
+    """
+    return op("kmeans1d")(values, num_clusters, init, max_iter, tol, seed, method)
 
 
 if available():
@@ -113,3 +140,12 @@ if available():
     def _(data, code_lengths, count):
         dtype = torch.uint8 if code_lengths.shape[0] <= 256 else torch.uint16
         return data.new_empty((count,), dtype=dtype)
+
+    @torch.library.register_fake("dcx::kmeans1d")
+    def _(values, num_clusters, init="linear", max_iter=300, tol=1e-4, seed=0, method="lloyd"):
+        torch._check(num_clusters >= 1, lambda: f"num_clusters must be >= 1, got {num_clusters}")
+        torch._check(
+            values.dtype in (torch.float32, torch.float64),
+            lambda: f"values must be float32 or float64, got {values.dtype}",
+        )
+        return values.new_empty((num_clusters,)), values.new_empty(values.shape, dtype=torch.int32)

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "core/kmeans1d.h"
 #include "core/sgd.h"
 
 namespace dcx {
@@ -25,6 +26,36 @@ cudaError_t launch_masked_sgd_step(Dtype dtype, void* param, const void* grad, c
 cudaError_t launch_centroid_grad(Dtype dtype, const void* grad, IndexDtype index_dtype,
                                  const void* labels, const uint8_t* mask, int64_t n, int64_t k,
                                  void* out, int* bad_flag, int sm_count, cudaStream_t stream);
+
+// kmeans1d (values: float32 or float64, n < 2^31). Scratch for the sort and the scans comes from
+// the caller (the caching allocator), sized by the *_temp_bytes queries.
+size_t kmeans1d_sort_temp_bytes(Dtype dtype, int64_t n);
+cudaError_t launch_kmeans1d_sort(Dtype dtype, const void* in, void* out, int64_t n, void* temp,
+                                 size_t temp_bytes, cudaStream_t stream);
+size_t kmeans1d_scan_temp_bytes(int64_t n);
+// S, S2: n + 1 doubles (prefix sums of sorted - shift and its square); tmp: n doubles.
+cudaError_t launch_kmeans1d_prefix(Dtype dtype, const void* sorted, int64_t n, double shift,
+                                   double* S, double* S2, double* tmp, void* temp,
+                                   size_t temp_bytes, cudaStream_t stream);
+// write == false: adds the number of distinct sorted values to *counter (zeroed by the caller);
+// write == true: writes up to `limit` of them to out, in any order (counter: slots, zeroed).
+cudaError_t launch_kmeans1d_distinct(Dtype dtype, const void* sorted, int64_t n, int64_t limit,
+                                     bool write, double* out, unsigned long long* counter,
+                                     cudaStream_t stream);
+// out[j] = x[idx[j]] as double, j < m.
+cudaError_t launch_kmeans1d_gather(Dtype dtype, const void* x, const int64_t* idx, int64_t m,
+                                   double* out, cudaStream_t stream);
+// The k clusters bounded by the midpoints mid[0..k-2] (kmeans1d::cluster_stats_one).
+cudaError_t launch_kmeans1d_stats(Dtype dtype, const void* sorted, int64_t n, const double* S,
+                                  const double* S2, const double* mid, int64_t k,
+                                  kmeans1d::ClusterStats* out, cudaStream_t stream);
+// labels[i] = the number of midpoints below values[i].
+cudaError_t launch_kmeans1d_labels(Dtype dtype, const void* values, int64_t n, const double* mid,
+                                   int64_t k, int32_t* labels, cudaStream_t stream);
+// The exact program: D0, D1: n doubles each; J: (k - 1) x n int32; bounds: k + 1 int64 written.
+cudaError_t launch_kmeans1d_optimal(const double* S, const double* S2, int64_t n, int64_t k,
+                                    double* D0, double* D1, int32_t* J, int64_t* bounds,
+                                    cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace dcx

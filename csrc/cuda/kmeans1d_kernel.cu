@@ -1,0 +1,299 @@
+// kmeans1d on CUDA: the O(n) and O(k n log n) work on the device, the O(k) decisions on the host
+// (core/kmeans1d.h, shared with the CPU op, so both devices decide alike).
+//
+//   sort      cub::DeviceRadixSort::SortKeys (values only: labels come from a binary search of
+//             each value in its own order, so no permutation is kept and nothing is scattered)
+//   prefix    the shifted values and their squares in double, cub::DeviceScan::InclusiveSum
+//   stats     per Lloyd iteration, one thread per cluster: its range by two binary searches of
+//             the sorted values, its sums from prefix-sum differences
+//   labels    one thread per value: binary search over the k - 1 midpoints in shared memory
+//   exact DP  each row level by level, the nodes of a level in parallel (a warp per node while
+//             nodes are few and their candidate ranges long, a thread per node after)
+#include <cub/device/device_radix_sort.cuh>
+#include <cub/device/device_scan.cuh>
+
+#include <algorithm>
+
+#include "core/kmeans1d.h"
+#include "cuda/launch.h"
+
+namespace dcx {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kSharedMidpoints = 4096;  // 32 KiB of doubles
+
+inline unsigned blocks_for(int64_t n, int64_t cap = 65535LL * 8) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, cap)));
+}
+
+template <typename T>
+__global__ void shifted_kernel(const T* __restrict__ x, int64_t n, double shift, bool square,
+                               double* __restrict__ out) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const double d = static_cast<double>(x[i]) - shift;
+    out[i] = square ? d * d : d;
+  }
+}
+
+// Number of positions where a new value starts (one atomic per block).
+template <typename T>
+__global__ void count_distinct_kernel(const T* __restrict__ x, int64_t n,
+                                      unsigned long long* __restrict__ count) {
+  int64_t mine = 0;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    mine += (i == 0 || x[i] != x[i - 1]) ? 1 : 0;
+  __shared__ unsigned long long block_sum;
+  if (threadIdx.x == 0) block_sum = 0;
+  __syncthreads();
+  if (mine) atomicAdd(&block_sum, static_cast<unsigned long long>(mine));
+  __syncthreads();
+  if (threadIdx.x == 0 && block_sum) atomicAdd(count, block_sum);
+}
+
+// Writes the distinct values (at most `limit` of them, in any order: the host sorts them).
+template <typename T>
+__global__ void write_distinct_kernel(const T* __restrict__ x, int64_t n, int64_t limit,
+                                      double* __restrict__ out, unsigned long long* __restrict__ slot) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    if (i == 0 || x[i] != x[i - 1]) {
+      const unsigned long long pos = atomicAdd(slot, 1ULL);
+      if (pos < static_cast<unsigned long long>(limit)) out[pos] = static_cast<double>(x[i]);
+    }
+  }
+}
+
+template <typename T>
+__global__ void gather_kernel(const T* __restrict__ x, const int64_t* __restrict__ idx, int64_t m,
+                              double* __restrict__ out) {
+  const int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (j < m) out[j] = static_cast<double>(x[idx[j]]);
+}
+
+template <typename T>
+__global__ void stats_kernel(const T* __restrict__ x, int64_t n, const double* __restrict__ S,
+                             const double* __restrict__ S2, const double* __restrict__ mid, int64_t k,
+                             kmeans1d::ClusterStats* __restrict__ out) {
+  const int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (j < k) out[j] = kmeans1d::cluster_stats_one(x, n, S, S2, mid, k, j);
+}
+
+template <typename T>
+__global__ void labels_kernel(const T* __restrict__ v, int64_t n, const double* __restrict__ mid,
+                              int64_t num_mid, int32_t* __restrict__ labels) {
+  extern __shared__ double smem_mid[];
+  const double* m = mid;
+  if (num_mid <= kSharedMidpoints) {
+    for (int64_t j = threadIdx.x; j < num_mid; j += blockDim.x) smem_mid[j] = mid[j];
+    __syncthreads();
+    m = smem_mid;
+  }
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    labels[i] = static_cast<int32_t>(kmeans1d::label_of(static_cast<double>(v[i]), m, num_mid));
+}
+
+__global__ void dp_row0_kernel(const double* __restrict__ S, const double* __restrict__ S2,
+                               int64_t n, double* __restrict__ D) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    D[i] = kmeans1d::segment_cost(S, S2, 0, i);
+}
+
+struct DpRow {
+  const double* S;
+  const double* S2;
+  const double* Dprev;
+  double* Dcur;
+  int32_t* J;
+  int64_t m, row_lo, row_hi;
+};
+
+__device__ __forceinline__ void dp_better(double v, int64_t j, double& best, int64_t& arg) {
+  if (v < best || (v == best && j < arg)) best = v, arg = j;
+}
+
+// A thread per node: many short candidate ranges.
+__global__ void dp_level_thread_kernel(DpRow r, int level, int64_t nodes) {
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < nodes; t += int64_t(gridDim.x) * blockDim.x) {
+    int64_t a, b, jlo, jhi;
+    if (!kmeans1d::dp_node_range(r.row_lo, r.row_hi, level, t, &a, &b)) continue;
+    kmeans1d::dp_node_bounds(r.m, r.row_lo, r.row_hi, a, b, r.J, &jlo, &jhi);
+    const int64_t mid = a + ((b - a) >> 1);
+    double best = r.Dprev[jlo - 1] + kmeans1d::segment_cost(r.S, r.S2, jlo, mid);
+    int64_t arg = jlo;
+    for (int64_t j = jlo + 1; j <= jhi; ++j) {
+      const double v = r.Dprev[j - 1] + kmeans1d::segment_cost(r.S, r.S2, j, mid);
+      if (v < best) best = v, arg = j;
+    }
+    r.Dcur[mid] = best;
+    r.J[mid] = static_cast<int32_t>(arg);
+  }
+}
+
+// A warp per node: few nodes with long candidate ranges; the lanes split the range and reduce.
+__global__ void dp_level_warp_kernel(DpRow r, int level, int64_t nodes) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = int64_t(gridDim.x) * (blockDim.x >> 5);
+  for (int64_t t = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5; t < nodes; t += warps) {
+    int64_t a, b, jlo, jhi;
+    if (!kmeans1d::dp_node_range(r.row_lo, r.row_hi, level, t, &a, &b)) continue;  // warp-uniform
+    kmeans1d::dp_node_bounds(r.m, r.row_lo, r.row_hi, a, b, r.J, &jlo, &jhi);
+    const int64_t mid = a + ((b - a) >> 1);
+    double best = INFINITY;
+    int64_t arg = INT64_MAX;
+    for (int64_t j = jlo + lane; j <= jhi; j += 32)
+      dp_better(r.Dprev[j - 1] + kmeans1d::segment_cost(r.S, r.S2, j, mid), j, best, arg);
+    for (int off = 16; off > 0; off >>= 1) {
+      const double ob = __shfl_down_sync(0xffffffffu, best, off);
+      const int64_t oa = __shfl_down_sync(0xffffffffu, arg, off);
+      dp_better(ob, oa, best, arg);
+    }
+    if (lane == 0) {
+      r.Dcur[mid] = best;
+      r.J[mid] = static_cast<int32_t>(arg);
+    }
+  }
+}
+
+__global__ void dp_backtrack_kernel(const int32_t* __restrict__ J, int64_t n, int64_t k,
+                                    int64_t* __restrict__ bounds) {
+  int64_t i = n - 1;
+  bounds[0] = 0;
+  bounds[k] = n;
+  for (int64_t m = k - 1; m >= 1; --m) {
+    const int64_t j = J[(m - 1) * n + i];
+    bounds[m] = j;
+    i = j - 1;
+  }
+}
+
+template <typename T>
+cudaError_t sort_typed(const void* in, void* out, int64_t n, void* temp, size_t* temp_bytes,
+                       cudaStream_t stream) {
+  return cub::DeviceRadixSort::SortKeys(temp, *temp_bytes, static_cast<const T*>(in),
+                                        static_cast<T*>(out), static_cast<int>(n), 0,
+                                        int(sizeof(T) * 8), stream);
+}
+
+}  // namespace
+
+size_t kmeans1d_sort_temp_bytes(Dtype dtype, int64_t n) {
+  size_t bytes = 0;
+  if (dtype == Dtype::kFloat64) sort_typed<double>(nullptr, nullptr, n, nullptr, &bytes, 0);
+  else sort_typed<float>(nullptr, nullptr, n, nullptr, &bytes, 0);
+  return bytes;
+}
+
+cudaError_t launch_kmeans1d_sort(Dtype dtype, const void* in, void* out, int64_t n, void* temp,
+                                 size_t temp_bytes, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  return dtype == Dtype::kFloat64 ? sort_typed<double>(in, out, n, temp, &temp_bytes, stream)
+                                  : sort_typed<float>(in, out, n, temp, &temp_bytes, stream);
+}
+
+size_t kmeans1d_scan_temp_bytes(int64_t n) {
+  size_t bytes = 0;
+  cub::DeviceScan::InclusiveSum(nullptr, bytes, static_cast<const double*>(nullptr),
+                                static_cast<double*>(nullptr), static_cast<int>(n), cudaStream_t(0));
+  return bytes;
+}
+
+cudaError_t launch_kmeans1d_prefix(Dtype dtype, const void* sorted, int64_t n, double shift,
+                                   double* S, double* S2, double* tmp, void* temp,
+                                   size_t temp_bytes, cudaStream_t stream) {
+  cudaError_t err = cudaMemsetAsync(S, 0, sizeof(double), stream);
+  if (err == cudaSuccess) err = cudaMemsetAsync(S2, 0, sizeof(double), stream);
+  if (err != cudaSuccess || n == 0) return err;
+  for (int pass = 0; pass < 2; ++pass) {
+    if (dtype == Dtype::kFloat64)
+      shifted_kernel<<<blocks_for(n), kThreads, 0, stream>>>(static_cast<const double*>(sorted), n, shift, pass == 1, tmp);
+    else
+      shifted_kernel<<<blocks_for(n), kThreads, 0, stream>>>(static_cast<const float*>(sorted), n, shift, pass == 1, tmp);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    err = cub::DeviceScan::InclusiveSum(temp, temp_bytes, tmp, (pass == 0 ? S : S2) + 1,
+                                        static_cast<int>(n), stream);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+cudaError_t launch_kmeans1d_distinct(Dtype dtype, const void* sorted, int64_t n, int64_t limit,
+                                     bool write, double* out, unsigned long long* counter,
+                                     cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  if (dtype == Dtype::kFloat64) {
+    const double* x = static_cast<const double*>(sorted);
+    if (write) write_distinct_kernel<<<blocks_for(n), kThreads, 0, stream>>>(x, n, limit, out, counter);
+    else count_distinct_kernel<<<blocks_for(n), kThreads, 0, stream>>>(x, n, counter);
+  } else {
+    const float* x = static_cast<const float*>(sorted);
+    if (write) write_distinct_kernel<<<blocks_for(n), kThreads, 0, stream>>>(x, n, limit, out, counter);
+    else count_distinct_kernel<<<blocks_for(n), kThreads, 0, stream>>>(x, n, counter);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_kmeans1d_gather(Dtype dtype, const void* x, const int64_t* idx, int64_t m,
+                                   double* out, cudaStream_t stream) {
+  if (m == 0) return cudaSuccess;
+  const unsigned blocks = static_cast<unsigned>((m + kThreads - 1) / kThreads);
+  if (dtype == Dtype::kFloat64)
+    gather_kernel<<<blocks, kThreads, 0, stream>>>(static_cast<const double*>(x), idx, m, out);
+  else
+    gather_kernel<<<blocks, kThreads, 0, stream>>>(static_cast<const float*>(x), idx, m, out);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_kmeans1d_stats(Dtype dtype, const void* sorted, int64_t n, const double* S,
+                                  const double* S2, const double* mid, int64_t k,
+                                  kmeans1d::ClusterStats* out, cudaStream_t stream) {
+  const unsigned blocks = static_cast<unsigned>((k + kThreads - 1) / kThreads);
+  if (dtype == Dtype::kFloat64)
+    stats_kernel<<<blocks, kThreads, 0, stream>>>(static_cast<const double*>(sorted), n, S, S2, mid, k, out);
+  else
+    stats_kernel<<<blocks, kThreads, 0, stream>>>(static_cast<const float*>(sorted), n, S, S2, mid, k, out);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_kmeans1d_labels(Dtype dtype, const void* values, int64_t n, const double* mid,
+                                   int64_t k, int32_t* labels, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  const int64_t num_mid = k - 1;
+  const size_t smem = num_mid <= kSharedMidpoints ? sizeof(double) * std::max<int64_t>(num_mid, 1) : 0;
+  if (dtype == Dtype::kFloat64)
+    labels_kernel<<<blocks_for(n), kThreads, smem, stream>>>(static_cast<const double*>(values), n, mid, num_mid, labels);
+  else
+    labels_kernel<<<blocks_for(n), kThreads, smem, stream>>>(static_cast<const float*>(values), n, mid, num_mid, labels);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_kmeans1d_optimal(const double* S, const double* S2, int64_t n, int64_t k,
+                                    double* D0, double* D1, int32_t* J, int64_t* bounds,
+                                    cudaStream_t stream) {
+  dp_row0_kernel<<<blocks_for(n), kThreads, 0, stream>>>(S, S2, n, D0);
+  cudaError_t err = cudaGetLastError();
+  double* prev = D0;
+  double* cur = D1;
+  for (int64_t m = 1; m < k && err == cudaSuccess; ++m) {
+    DpRow r{S, S2, prev, cur, J + (m - 1) * n, m, m, n - k + m};
+    const int64_t len = r.row_hi - r.row_lo + 1;
+    for (int level = 0; (int64_t(1) << level) <= len && err == cudaSuccess; ++level) {
+      const int64_t nodes = int64_t(1) << level;
+      // Candidates per node average about len / nodes: below a warp's worth, one thread each.
+      if (nodes * 32 >= len) {
+        dp_level_thread_kernel<<<blocks_for(nodes), kThreads, 0, stream>>>(r, level, nodes);
+      } else {
+        const int64_t blocks = std::min<int64_t>((nodes * 32 + kThreads - 1) / kThreads, 65535LL * 8);
+        dp_level_warp_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(r, level, nodes);
+      }
+      err = cudaGetLastError();
+    }
+    std::swap(prev, cur);
+  }
+  if (err != cudaSuccess) return err;
+  dp_backtrack_kernel<<<1, 1, 0, stream>>>(J, n, k, bounds);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace dcx
