@@ -19,6 +19,7 @@ import io
 import math
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -68,7 +69,9 @@ def state_dict_bytes(model: nn.Module, sparse: bool = False) -> int:
         if name.endswith(dcx_prune.MASK_SUFFIX):
             continue
         if sparse and t.dim() >= 2 and t.is_floating_point() and (t == 0).float().mean() > 0.5:
-            csr = t.reshape(t.shape[0], -1).to_sparse_csr()
+            with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                warnings.simplefilter("ignore", UserWarning)
+                csr = t.reshape(t.shape[0], -1).to_sparse_csr()
             t = (csr.crow_indices().int(), csr.col_indices().int(), csr.values())
         state[name] = t
     buffer = io.BytesIO()
@@ -131,7 +134,7 @@ class DeepCompression:
     def __init__(self, model: nn.Module, config, *, train_loader=None, test_loader=None,
                  loss_fn: Callable = F.cross_entropy, train_fn: Optional[Callable] = None,
                  eval_fn: Optional[Callable] = None, model_factory: Optional[Callable] = None,
-                 progress: bool = True, log: Callable = print):
+                 progress: bool = True, log: Callable = print, snapshot: bool = False):
         if isinstance(config, (str, Path)):
             config = CompressionConfig.load(config)
         elif isinstance(config, dict):
