@@ -13,6 +13,12 @@ TORCH_LIBRARY(dcx, m) {
       "bool nesterov=False, bool maximize=False, bool init_buffer=False) -> ()");
   // Per-cluster sum of grad over the positions with that label (mask == 0 excluded).
   m.def("centroid_grad(Tensor grad, Tensor labels, int num_clusters, Tensor? mask=None) -> Tensor");
+  // y = x W^T + bias with W [out_features, in_features] held packed (codebook ids decoded on the
+  // fly; layout at the top of csrc/cpu/spqmm_cpu.cpp, built by dcx.nn.pack). x: [..., K];
+  // y: [..., N]. crossover: the batch from which W is decoded once and the BLAS runs (-1: auto).
+  m.def(
+      "spqmm(Tensor x, Tensor codes, Tensor seg_ptr, Tensor chunks, Tensor codebook, "
+      "int out_features, int in_features, int bits, Tensor? bias=None, int crossover=-1) -> Tensor");
 }
 
 // `import dcx._C` loads this library, which runs the registrations above; the module itself is

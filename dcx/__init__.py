@@ -7,3 +7,8 @@ from dcx._native import available, kernels
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "available", "kernels", "ops", "reference"]
+
+from dcx import nn  # noqa: E402
+from dcx.nn import SparseQuantConv2d, SparseQuantLinear, convert, pack  # noqa: E402
+
+__all__ += ["nn", "SparseQuantLinear", "SparseQuantConv2d", "convert", "pack"]

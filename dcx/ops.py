@@ -12,7 +12,7 @@ from torch import Tensor
 
 from dcx._native import available, op
 
-__all__ = ["masked_sgd_step_", "centroid_grad"]
+__all__ = ["masked_sgd_step_", "centroid_grad", "spqmm"]
 
 
 def masked_sgd_step_(
@@ -64,3 +64,41 @@ if available():
     def _(grad, labels, num_clusters, mask=None):
         torch._check(num_clusters >= 1, lambda: f"num_clusters must be >= 1, got {num_clusters}")
         return grad.new_empty((num_clusters,))
+
+
+def spqmm(
+    x: Tensor,
+    codes: Tensor,
+    seg_ptr: Tensor,
+    chunks: Tensor,
+    codebook: Tensor,
+    out_features: int,
+    in_features: int,
+    bits: int,
+    bias: Optional[Tensor] = None,
+    crossover: int = -1,
+) -> Tensor:
+    """y = x W^T + bias, W [out_features, in_features] packed by dcx.nn.pack and decoded on the fly.
+
+    x: [..., in_features], float32, float16 or bfloat16; codebook (<= 2^bits entries) and bias
+    ([out_features]) in x's dtype; float32 accumulation. codes: int16 [nnz] (sparse mode, with
+    seg_ptr and chunks int32) or uint8 [out_features, in_features] (dense mode, seg_ptr and chunks
+    empty); the layout is described at the top of csrc/core/spqmm.h. Returns [..., out_features]
+    in x's dtype. From a batch (product of x's leading dims) of `crossover` on (-1: a measured
+    default per device), W is decoded once and the BLAS runs instead. Corrupted packed data
+    (ids >= codebook size, columns >= in_features, bad pointers) raises RuntimeError.
+    """
+    return op("spqmm")(
+        x, codes, seg_ptr, chunks, codebook, out_features, in_features, bits, bias, crossover
+    )
+
+
+if available():
+
+    @torch.library.register_fake("dcx::spqmm")
+    def _(x, codes, seg_ptr, chunks, codebook, out_features, in_features, bits, bias=None,
+          crossover=-1):
+        torch._check(x.shape[-1] == in_features,
+                     lambda: f"x must have in_features = {in_features} elements in its last dimension")
+        torch._check(codebook.dtype == x.dtype, lambda: "codebook must have the dtype of x")
+        return x.new_empty((*x.shape[:-1], out_features))
