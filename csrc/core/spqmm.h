@@ -59,6 +59,7 @@ struct SpqmmPacked {
   int64_t k = 0;  // in_features
   int64_t tiles = 0;
   int bits = 8;
+  bool dense = false;  // dense mode (codes only); an empty layer's pointers may all be null
 };
 
 inline int64_t spqmm_tiles(int64_t k, int bits) {

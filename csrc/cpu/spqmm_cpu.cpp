@@ -9,8 +9,10 @@
 // at large batch.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <vector>
 
 #include "core/spqmm.h"
@@ -30,6 +32,16 @@ int64_t auto_crossover_cpu(double density) {
   return 16;
 }
 
+// DCX_CPU_GENERIC=1 turns the AVX-512 batch-1 kernels off (tests cover the portable ones).
+bool use_avx512() {
+#ifdef DCX_SPQMM_AVX512
+  const char* env = std::getenv("DCX_CPU_GENERIC");
+  return avx512::supported() && !(env && env[0] == '1');
+#else
+  return false;
+#endif
+}
+
 SpqmmPacked make_packed(const at::Tensor& codes, const at::Tensor& seg_ptr,
                         const at::Tensor& chunks, int64_t n, int64_t k, int64_t bits) {
   SpqmmPacked p;
@@ -38,6 +50,7 @@ SpqmmPacked make_packed(const at::Tensor& codes, const at::Tensor& seg_ptr,
   p.bits = static_cast<int>(bits);
   p.tiles = spqmm_tiles(k, p.bits);
   if (codes.scalar_type() == at::kByte) {
+    p.dense = true;
     p.dense_codes = codes.data_ptr<uint8_t>();
   } else {
     p.codes = reinterpret_cast<const uint16_t*>(codes.data_ptr<int16_t>());
@@ -67,7 +80,7 @@ std::vector<float> make_table(const at::Tensor& codebook) {
 
 // Decode W to dense [N, K] float (for the BLAS past the crossover).
 at::Tensor decode(const SpqmmPacked& p, const float* table, SpqmmSeen* seen) {
-  const bool dense_mode = p.dense_codes != nullptr;
+  const bool dense_mode = p.dense;
   at::Tensor w = dense_mode ? at::empty({p.n, p.k}, at::kFloat) : at::zeros({p.n, p.k}, at::kFloat);
   float* wp = w.data_ptr<float>();
   const int64_t items = dense_mode ? p.n : p.num_chunks;
@@ -88,10 +101,11 @@ template <int MB>
 void run_sparse_block(const SpqmmPacked& p, const float* table, const float* xt, const float* bias,
                       float* y, int mvalid, std::vector<SpqmmSeen>& seen_by,
                       std::vector<float>& edge_sums, std::vector<SpqmmEdge>& edges) {
+  const bool vec = MB == 1 && use_avx512();
   at::parallel_for(0, p.num_chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
 #ifdef DCX_SPQMM_AVX512
-      if (MB == 1 && avx512::supported()) {
+      if (vec) {
         using avx512::Lut;
         float* es = edge_sums.data() + c * 2;
         switch (avx512::lut_kind(p.bits)) {
@@ -129,10 +143,11 @@ template <int MB>
 void run_dense_block(const SpqmmPacked& p, const float* table, const float* xt, const float* bias,
                      float* y, int mvalid, std::vector<SpqmmSeen>& seen_by) {
   const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(p.k, 1));
+  const bool vec = MB == 1 && use_avx512();
   at::parallel_for(0, p.n, grain, [&](int64_t r0, int64_t r1) {
     SpqmmSeen& seen = seen_by[at::get_thread_num()];
 #ifdef DCX_SPQMM_AVX512
-    if (MB == 1 && avx512::supported()) {
+    if (vec) {
       using avx512::Lut;
       switch (avx512::lut_kind(p.bits)) {
         case Lut::k16: avx512::dense_rows<Lut::k16>(p, r0, r1, table, xt, bias, y, &seen); return;
@@ -153,7 +168,7 @@ void run_block(const SpqmmPacked& p, const float* table, const at::Tensor& x2, i
                std::vector<float>& edge_sums, std::vector<SpqmmEdge>& edges) {
   const int64_t M = x2.size(0);
   const int mvalid = static_cast<int>(std::min<int64_t>(MB, M - m0));
-  const bool dense_mode = p.dense_codes != nullptr;
+  const bool dense_mode = p.dense;
   const int64_t rows = dense_mode ? p.k : p.tiles * (int64_t(1) << (16 - p.bits));
   // [rows][MB], zero beyond K and beyond the last batch column: every read is in bounds.
   at::Tensor xt = at::zeros({rows, MB}, at::kFloat);
@@ -175,15 +190,15 @@ at::Tensor spqmm_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   check_spqmm_args(x, codes, seg_ptr, chunks, codebook, out_features, in_features, bits, bias);
   const int64_t N = out_features, K = in_features;
   const SpqmmPacked p = make_packed(codes, seg_ptr, chunks, N, K, bits);
-  const bool dense_mode = p.dense_codes != nullptr;
+  const bool dense_mode = p.dense;
   if (!dense_mode) {
     const char* bad = spqmm_check_structure(p);
     TORCH_CHECK(bad == nullptr, bad, " (corrupted packed weight)");
   }
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
-  const at::Tensor x2 = x.reshape({-1, K}).to(at::kFloat);
-  const int64_t M = x2.size(0);
+  const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  const at::Tensor x2 = x.reshape({M, K}).to(at::kFloat);
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor bias_f = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const float* bp = has_bias ? bias_f.data_ptr<float>() : nullptr;
@@ -196,7 +211,7 @@ at::Tensor spqmm_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   if (M >= std::max<int64_t>(cross, 1) && M > 0) {
     at::Tensor w = decode(p, table.data(), &seen);
     check_seen(seen, codebook.numel(), K);
-    return at::linear(x.reshape({-1, K}), w.to(x.scalar_type()), bias)
+    return at::linear(x.reshape({M, K}), w.to(x.scalar_type()), bias)
         .reshape(out_shape);
   }
 
