@@ -194,14 +194,26 @@ DCX_SPQMM_MULTIVERSION void spqmm_dense_rows(const SpqmmPacked& p, int64_t r0, i
   seen->max_id = std::max(seen->max_id, max_id);
 }
 
-// Decode to a dense [N, K] float matrix (zeroed by the caller) for the BLAS past the crossover.
-// Columns are clamped to K - 1 (a corrupted entry is reported, never written out of bounds).
-inline void spqmm_decode_chunk(const SpqmmPacked& p, int64_t c, const float* table, float* w,
-                               SpqmmSeen* seen) {
+// Decode rows [r0, r1) of W into w ([r1 - r0, k] floats), for the BLAS past the crossover; the
+// block is zeroed here. Columns are clamped to K - 1 (a corrupted entry is reported, never
+// written out of bounds).
+inline void spqmm_decode_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, const float* table,
+                              float* w, SpqmmSeen* seen) {
+  if (p.dense) {
+    uint8_t max_id = 0;
+    const uint8_t* code = p.dense_codes + r0 * p.k;
+    for (int64_t i = 0; i < (r1 - r0) * p.k; ++i) {
+      max_id = std::max(max_id, code[i]);
+      w[i] = table[code[i]];
+    }
+    seen->max_id = std::max<uint32_t>(seen->max_id, max_id);
+    return;
+  }
+  std::fill(w, w + (r1 - r0) * p.k, 0.f);
   const uint32_t idmask = (1u << p.bits) - 1;
   const int64_t T = int64_t(1) << (16 - p.bits);
-  for (int64_t s = p.chunks[c]; s < p.chunks[c + 1]; ++s) {
-    const int64_t row = s / p.tiles, base = (s % p.tiles) * T;
+  for (int64_t s = r0 * p.tiles; s < r1 * p.tiles; ++s) {
+    const int64_t row = s / p.tiles - r0, base = (s % p.tiles) * T;
     for (int32_t e = p.seg_ptr[s]; e < p.seg_ptr[s + 1]; ++e) {
       const uint32_t v = p.codes[e];
       const uint32_t id = v & idmask;
@@ -211,16 +223,6 @@ inline void spqmm_decode_chunk(const SpqmmPacked& p, int64_t c, const float* tab
       w[row * p.k + std::min(col, p.k - 1)] = table[id];
     }
   }
-}
-
-inline void spqmm_decode_dense_rows(const SpqmmPacked& p, int64_t r0, int64_t r1,
-                                    const float* table, float* w, SpqmmSeen* seen) {
-  uint8_t max_id = 0;
-  for (int64_t i = r0 * p.k; i < r1 * p.k; ++i) {
-    max_id = std::max(max_id, p.dense_codes[i]);
-    w[i] = table[p.dense_codes[i]];
-  }
-  seen->max_id = std::max<uint32_t>(seen->max_id, max_id);
 }
 
 #ifdef DCX_SPQMM_AVX512
@@ -331,6 +333,25 @@ DCX_AVX512_FN void dense_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, cons
                            a0);
     }
     y[r] = hsum(_mm512_add_ps(a0, a1)) + (bias ? bias[r] : 0.f);
+  }
+  alignas(16) uint8_t lanes[16];
+  _mm_store_si128((__m128i*)lanes, max_id);
+  seen->max_id = std::max<uint32_t>(seen->max_id, *std::max_element(lanes, lanes + 16));
+}
+
+// Dense mode decode of rows [r0, r1) into w: 16 ids per step through the register table.
+template <Lut L>
+DCX_AVX512_FN void dense_decode_rows(const SpqmmPacked& p, int64_t r0, int64_t r1,
+                                     const float* table, float* w, SpqmmSeen* seen) {
+  const Table tab = load_table(table);
+  const uint8_t* code = p.dense_codes + r0 * p.k;
+  const int64_t count = (r1 - r0) * p.k;
+  __m128i max_id = _mm_setzero_si128();
+  for (int64_t i = 0; i < count; i += 16) {
+    const __mmask16 m = count - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (count - i)) - 1);
+    const __m128i c = _mm_maskz_loadu_epi8(m, code + i);
+    max_id = _mm_max_epu8(max_id, c);
+    _mm512_mask_storeu_ps(w + i, m, lookup<L>(tab, _mm512_cvtepu8_epi32(c)));
   }
   alignas(16) uint8_t lanes[16];
   _mm_store_si128((__m128i*)lanes, max_id);

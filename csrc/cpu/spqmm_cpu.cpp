@@ -5,14 +5,15 @@
 // blocks of MB batch columns, so each decoded weight multiplies MB contiguous x values (one
 // vector) and x stays in cache. Work items are the packed chunks (about equal non-zeros) for
 // sparse mode and row ranges for dense mode, run with at::parallel_for. Past the crossover batch
-// the weight is decoded once and at::linear (MKL / oneDNN) runs, so dcx is not slower than dense
-// at large batch.
+// the weight is decoded once, in cache-sized blocks of rows each multiplied with at::mm (MKL /
+// oneDNN), so dcx is not slower than dense at large batch.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <cstdlib>
+#include <limits>
 #include <vector>
 
 #include "core/spqmm.h"
@@ -23,13 +24,13 @@ namespace {
 
 constexpr int kMaxBlock = 16;  // batch columns per pass of the generic kernel
 
-// Batch size from which decoding to dense + BLAS beats the kernel on CPU. Measured with
-// benchmarks/bench_spqmm.py (crossover sweep) on a 2-thread AMD EPYC (Zen 4): the kernel costs
-// about nnz * ceil(M / 16) vector steps, the BLAS N * K * M / (its flop rate) plus the decode.
-int64_t auto_crossover_cpu(double density) {
-  if (density <= 0.3) return 128;
-  if (density <= 0.6) return 48;
-  return 16;
+// Batch size from which decode + BLAS beats the kernel on CPU, measured with
+// benchmarks/bench_spqmm.py on an AMD EPYC (Zen 4): the sparse kernel costs about
+// nnz * ceil(M / 16) vector steps and at 10% density beats the dense GEMM even at batch 64; in
+// dense mode the batch-1 kernel wins and from batch 2 on the blocked decode + GEMM does.
+int64_t auto_crossover_cpu(bool dense_mode, double density) {
+  if (dense_mode) return 2;
+  return density <= 0.3 ? std::numeric_limits<int64_t>::max() : 64;
 }
 
 // DCX_CPU_GENERIC=1 turns the AVX-512 batch-1 kernels off (tests cover the portable ones).
@@ -78,23 +79,45 @@ std::vector<float> make_table(const at::Tensor& codebook) {
   return table;
 }
 
-// Decode W to dense [N, K] float (for the BLAS past the crossover).
-at::Tensor decode(const SpqmmPacked& p, const float* table, SpqmmSeen* seen) {
-  const bool dense_mode = p.dense;
-  at::Tensor w = dense_mode ? at::empty({p.n, p.k}, at::kFloat) : at::zeros({p.n, p.k}, at::kFloat);
-  float* wp = w.data_ptr<float>();
-  const int64_t items = dense_mode ? p.n : p.num_chunks;
-  std::vector<SpqmmSeen> seen_by(items);
-  const int64_t grain = dense_mode ? std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(p.k, 1)) : 1;
-  at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
-    if (dense_mode) {
-      spqmm_decode_dense_rows(p, i0, i1, table, wp, &seen_by[i0]);
-    } else {
-      for (int64_t c = i0; c < i1; ++c) spqmm_decode_chunk(p, c, table, wp, &seen_by[c]);
+// Past the crossover: decode W once, block of rows by block of rows into a per-thread buffer
+// that stays in cache (so the decoded weight never goes to memory), and multiply each block with
+// the BLAS (at::mm: MKL / oneDNN, single-threaded inside the parallel region).
+void decode_gemm(const SpqmmPacked& p, const float* table, const at::Tensor& x2, const float* bias,
+                 float* y, SpqmmSeen* seen) {
+  const int64_t M = x2.size(0), N = p.n, K = p.k;
+  const int64_t rows = std::max<int64_t>(16, std::min<int64_t>(256, (int64_t(1) << 18) / std::max<int64_t>(K, 1)));
+  const int64_t blocks = (N + rows - 1) / rows;
+  std::vector<SpqmmSeen> seen_by(blocks);
+  const bool vec = p.dense && use_avx512();
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    at::Tensor w = at::empty({rows, K}, at::kFloat);
+    float* wp = w.data_ptr<float>();
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * rows, rb = std::min(rows, N - r0);
+      SpqmmSeen* sb = &seen_by[b];
+#ifdef DCX_SPQMM_AVX512
+      if (vec) {
+        using avx512::Lut;
+        switch (avx512::lut_kind(p.bits)) {
+          case Lut::k16: avx512::dense_decode_rows<Lut::k16>(p, r0, r0 + rb, table, wp, sb); break;
+          case Lut::k32: avx512::dense_decode_rows<Lut::k32>(p, r0, r0 + rb, table, wp, sb); break;
+          case Lut::k64: avx512::dense_decode_rows<Lut::k64>(p, r0, r0 + rb, table, wp, sb); break;
+          case Lut::kGather: avx512::dense_decode_rows<Lut::kGather>(p, r0, r0 + rb, table, wp, sb); break;
+        }
+      } else {
+        spqmm_decode_rows(p, r0, r0 + rb, table, wp, sb);
+      }
+#else
+      spqmm_decode_rows(p, r0, r0 + rb, table, wp, sb);
+#endif
+      const at::Tensor out = at::mm(x2, w.narrow(0, 0, rb).t());  // [M, rb]
+      const float* op = out.data_ptr<float>();
+      for (int64_t m = 0; m < M; ++m) {
+        for (int64_t r = 0; r < rb; ++r) y[m * N + r0 + r] = op[m * rb + r] + (bias ? bias[r0 + r] : 0.f);
+      }
     }
   });
   for (const auto& s : seen_by) seen->merge(s);
-  return w;
 }
 
 template <int MB>
@@ -207,18 +230,14 @@ at::Tensor spqmm_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Ten
 
   const double density =
       dense_mode ? 1.0 : double(p.nnz) / std::max<double>(1.0, double(N) * double(K));
-  const int64_t cross = crossover >= 0 ? crossover : auto_crossover_cpu(density);
-  if (M >= std::max<int64_t>(cross, 1) && M > 0) {
-    at::Tensor w = decode(p, table.data(), &seen);
-    check_seen(seen, codebook.numel(), K);
-    return at::linear(x.reshape({M, K}), w.to(x.scalar_type()), bias)
-        .reshape(out_shape);
-  }
-
+  const int64_t cross = crossover >= 0 ? crossover : auto_crossover_cpu(dense_mode, density);
   at::Tensor y = at::empty({M, N}, at::kFloat);
   if (M > 0 && N > 0) {
     if (K == 0) {
       y.copy_(has_bias ? bias_f.expand({M, N}) : at::zeros({M, N}, at::kFloat));
+    } else if (M >= std::max<int64_t>(cross, 1)) {
+      decode_gemm(p, table.data(), x2.contiguous(), bp, y.data_ptr<float>(), &seen);
+      check_seen(seen, codebook.numel(), K);
     } else {
       const int64_t items = dense_mode ? at::get_num_threads() : p.num_chunks;
       std::vector<SpqmmSeen> seen_by(items);
