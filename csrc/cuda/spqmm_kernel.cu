@@ -240,7 +240,7 @@ cudaError_t launch_typed(const SpqmmCudaArgs& a) {
   for (int64_t m0 = 0; m0 < a.m; m0 += mb) {
     const int mvalid = static_cast<int>(std::min<int64_t>(mb, a.m - m0));
     const T* xb = x + m0 * a.k;
-    float* wsb = a.ws + m0 * a.n;
+    float* wsb = a.ws != nullptr ? a.ws + m0 * a.n : nullptr;
     T* yb = y + m0 * a.n;
     cudaError_t err;
     switch (mb) {
