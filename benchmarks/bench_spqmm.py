@@ -60,7 +60,7 @@ PRESETS = {
 
 def make_packed(n, k, density, bits, device, dtype, gen):
     mask = torch.rand(n, k, generator=gen) < density
-    labels = torch.randint(0, 1 << bits, (n, k), generator=gen)
+    labels = torch.randint(0, 1 << bits, (n, k), generator=gen, dtype=torch.uint8)
     codebook = torch.randn(1 << bits, generator=gen).to(dtype)
     packed = dcx.pack(mask, labels, codebook, bits)
     packed = packed._replace(**{f: getattr(packed, f).to(device)

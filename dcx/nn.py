@@ -80,7 +80,7 @@ def pack(
         raise ValueError(f"bits must lie in [1, 8] and hold the {k} codebook ids, got {bits}")
     device = mask.device
     mask = mask.bool()
-    labels = labels.to(device=device, dtype=torch.int64)
+    labels = labels.to(device)
     codebook = codebook.to(device)
     kept = labels[mask]
     if kept.numel() and (kept.min() < 0 or kept.max() >= k):
@@ -93,7 +93,7 @@ def pack(
     empty = torch.zeros(0, dtype=torch.int32, device=device)
 
     if dense:
-        ids = labels.clone()
+        ids = labels.to(torch.uint8)  # ids < 256 where mask is set; pruned ones are set below
         if nnz < n * K:  # pruned positions need an id that decodes to exactly 0
             zero = (codebook == 0).nonzero()
             if zero.numel():
@@ -104,7 +104,7 @@ def pack(
             else:
                 return pack(mask, labels, codebook, bits, dense=False)
             ids[~mask] = zero_id
-        return PackedWeight(ids.to(torch.uint8).contiguous(), empty, empty, codebook, n, K, bits)
+        return PackedWeight(ids.contiguous(), empty, empty, codebook, n, K, bits)
 
     if nnz >= 2**31:
         raise ValueError(f"a sparse layer must have fewer than 2^31 non-zeros, got {nnz}")
@@ -115,7 +115,7 @@ def pack(
     counts = torch.bincount(segment, minlength=n * tiles)
     seg_ptr = torch.zeros(n * tiles + 1, dtype=torch.int64, device=device)
     seg_ptr[1:] = counts.cumsum(0)
-    entries = ((cols % tile) << bits) | labels[rows, cols]
+    entries = ((cols % tile) << bits) | labels[rows, cols].long()
     codes = torch.where(entries >= 1 << 15, entries - (1 << 16), entries).to(torch.int16)
     return PackedWeight(codes.contiguous(), seg_ptr.to(torch.int32), _chunk_plan(seg_ptr),
                         codebook, n, K, bits)
