@@ -19,7 +19,9 @@ benchmarks/results/spqmm-<device>.md (or --name).
 import argparse
 import itertools
 import os
+import statistics
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -58,6 +60,29 @@ PRESETS = {
 }
 
 
+def bench(fn, device, cpu_clock):
+    """common.bench, or with cpu_clock the median CPU time of this process per call (single-
+    threaded runs on a shared machine: time slices given to other processes are not counted)."""
+    if not cpu_clock or device != "cpu":
+        return common.bench(fn, device)
+    for _ in range(3):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < 20 or (time.perf_counter() - start < 0.2 and len(times) < 1000):
+        t0 = time.process_time()
+        fn()
+        times.append(time.process_time() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device, cpu_clock, nbytes=1 << 28):
+    """common.copy_bandwidth, timed with the same clock as the cases."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    return 2 * nbytes / bench(lambda: dst.copy_(src), device, cpu_clock) / 1e9
+
+
 def make_packed(n, k, density, bits, device, dtype, gen):
     mask = torch.rand(n, k, generator=gen) < density
     labels = torch.randint(0, 1 << bits, (n, k), generator=gen, dtype=torch.uint8)
@@ -78,7 +103,8 @@ def rotating(make_fn, items):
     return lambda: make_fn(next(cycle))
 
 
-def run_case(rows, device, name, n, k, density, bits, batches, act_dtype, copy_gbs, cache, gen):
+def run_case(rows, device, name, n, k, density, bits, batches, act_dtype, copy_gbs, cache, gen,
+             cpu_clock=False):
     mask, packed = make_packed(n, k, density, bits, device, act_dtype, gen)
     packs = [packed] + [packed._replace(codes=packed.codes.clone())
                         for _ in range(copies_for(packed.nbytes(), device) - 1)]
@@ -104,16 +130,16 @@ def run_case(rows, device, name, n, k, density, bits, batches, act_dtype, copy_g
     for m in batches:
         x = torch.randn(m, k, generator=gen).to(device=device, dtype=act_dtype)
         x32 = x.float()
-        t_dense = common.bench(rotating(lambda w: F.linear(x32, w), dense[torch.float32]), device)
+        t_dense = bench(rotating(lambda w: F.linear(x32, w), dense[torch.float32]), device, cpu_clock)
         t_half = None
         if device == "cuda":
-            t_half = common.bench(rotating(lambda w: F.linear(x, w), dense[act_dtype]), device)
+            t_half = bench(rotating(lambda w: F.linear(x, w), dense[act_dtype]), device, cpu_clock)
         t_csr = None
         if csr is not None:
             xt = x.t().contiguous()
-            t_csr = common.bench(rotating(lambda w: w @ xt, csr), device)
-        t_dcx = common.bench(rotating(lambda p: dcx.ops.spqmm(
-            x, p.codes, p.seg_ptr, p.chunks, p.codebook, n, k, p.bits), packs), device)
+            t_csr = bench(rotating(lambda w: w @ xt, csr), device, cpu_clock)
+        t_dcx = bench(rotating(lambda p: dcx.ops.spqmm(
+            x, p.codes, p.seg_ptr, p.chunks, p.codebook, n, k, p.bits), packs), device, cpu_clock)
         gbs = packed.nbytes() / t_dcx / 1e9
         fmt = lambda t: "-" if t is None else f"{t * 1e3:.3f}"  # noqa: E731
         ratio = lambda t: "-" if t is None else f"{t / t_dcx:.2f}x"  # noqa: E731
@@ -154,6 +180,8 @@ def main():
     parser.add_argument("--threads", type=lambda s: [int(v) for v in s.split(",")],
                         default=env_list("DCX_BENCH_THREADS", int, [2]), help="CPU threads")
     parser.add_argument("--preset", choices=sorted(PRESETS))
+    parser.add_argument("--cpu-clock", action="store_true",
+                        help="time CPU runs by process CPU time (for 1 thread on a shared machine)")
     parser.add_argument("--devices", type=lambda s: s.split(","), default=common.devices_to_run())
     parser.add_argument("--dtype", default="float16", help="GPU activation dtype (float16, bfloat16)")
     parser.add_argument("--name", default=None, help="results file name (default spqmm-<device>)")
@@ -161,10 +189,11 @@ def main():
     gen = torch.Generator().manual_seed(0)
     for device in args.devices:
         act_dtype = torch.float32 if device == "cpu" else getattr(torch, args.dtype)
-        rows = []
-        copy_gbs = common.copy_bandwidth(device)
+        rows, copy_notes = [], []
         for threads in (args.threads if device == "cpu" else [torch.get_num_threads()]):
             torch.set_num_threads(threads)
+            copy_gbs = copy_bandwidth(device, args.cpu_clock)
+            copy_notes.append(f"{copy_gbs:.1f} GB/s" + (f" ({threads} threads)" if device == "cpu" else ""))
             cache = {}
             for part in grid_from(args):
                 for name in part["shapes"]:
@@ -172,7 +201,7 @@ def main():
                     for density in part["densities"]:
                         for bits in part["bits"]:
                             run_case(rows, device, name, n, k, density, bits, part["batches"],
-                                     act_dtype, copy_gbs, cache, gen)
+                                     act_dtype, copy_gbs, cache, gen, args.cpu_clock)
         header = ["layer", "N x K", "density", "bits", "mode", "batch", "threads", "dense fp32 ms"]
         if device == "cuda":
             header.append(f"dense {args.dtype} ms")
@@ -184,8 +213,9 @@ def main():
         notes = [common.stamp(device), "",
                  f"Activations {act} (dcx and CSR), dense baselines F.linear; CSR is torch.sparse "
                  f"CSR (int64 indices) of the same pruned weight. Measured copy bandwidth: "
-                 f"{copy_gbs:.1f} GB/s (read + write). dcx GB/s counts the packed bytes it reads "
-                 f"(bytes/weight per original weight: dense fp32 is 4). Median of >= 20 runs; "
+                 f"{', '.join(copy_notes)} (read + write, same clock). dcx GB/s counts the packed bytes it reads "
+                 f"(bytes/weight per original weight: dense fp32 is 4). Median of >= 20 runs "
+                 f"({'process CPU time' if args.cpu_clock and device == 'cpu' else 'wall clock'}); "
                  f"dcx's own choice of kernel or decode + BLAS (auto crossover)."]
         common.write_table(args.name or f"spqmm-{device}",
                            "spqmm vs dense F.linear and torch.sparse CSR", header, rows, notes)
