@@ -82,7 +82,7 @@ def pack(
     mask = mask.bool()
     labels = labels.to(device)
     codebook = codebook.to(device)
-    kept = labels[mask]
+    kept = labels[mask].long()
     if kept.numel() and (kept.min() < 0 or kept.max() >= k):
         raise ValueError(f"labels must lie in [0, {k}) where mask is set, got "
                          f"[{kept.min().item()}, {kept.max().item()}]")
@@ -179,6 +179,16 @@ class _PackedModule(nn.Module):
         for name in ("codes", "seg_ptr", "chunks", "codebook"):
             self.register_buffer(name, getattr(p, name))
         self.bits = p.bits
+        self.validate()
+
+    def validate(self):
+        """Run the kernel once with its checks on (RuntimeError on corrupted packed data), so that
+        forward can skip them: on CUDA they cost a host sync per call."""
+        if self.codes.is_meta:
+            return
+        x = torch.zeros(1, self._packed_in_features(), device=self.codes.device)
+        ops.spqmm(x, self.codes, self.seg_ptr, self.chunks, self.codebook.float(),
+                  self.out_features, self._packed_in_features(), self.bits, check=True)
 
     @property
     def packed(self) -> PackedWeight:
@@ -200,6 +210,7 @@ class _PackedModule(nn.Module):
                 setattr(self, name, torch.empty(state_dict[key].shape, dtype=state_dict[key].dtype,
                                                 device=old.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.validate()
 
     def decoded_weight(self) -> Tensor:
         """The dense weight this layer stands for, codebook[labels] x mask, in the codebook dtype."""
@@ -214,8 +225,9 @@ class _PackedModule(nn.Module):
         bias = self.bias
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
+        # The packed data was validated when set or loaded: no per-call check (no sync on CUDA).
         return ops.spqmm(x, self.codes, self.seg_ptr, self.chunks, codebook, self.out_features,
-                         self._packed_in_features(), self.bits, bias)
+                         self._packed_in_features(), self.bits, bias, check=False)
 
 
 class SparseQuantLinear(_PackedModule):

@@ -77,6 +77,7 @@ def spqmm(
     bits: int,
     bias: Optional[Tensor] = None,
     crossover: int = -1,
+    check: bool = True,
 ) -> Tensor:
     """y = x W^T + bias, W [out_features, in_features] packed by dcx.nn.pack and decoded on the fly.
 
@@ -86,10 +87,13 @@ def spqmm(
     empty); the layout is described at the top of csrc/core/spqmm.h. Returns [..., out_features]
     in x's dtype. From a batch (product of x's leading dims) of `crossover` on (-1: a measured
     default per device), W is decoded once and the BLAS runs instead. Corrupted packed data
-    (ids >= codebook size, columns >= in_features, bad pointers) raises RuntimeError.
+    (ids >= codebook size, columns >= in_features, bad pointers) raises RuntimeError; on CUDA
+    that costs one host sync, which check=False skips (reads stay in bounds either way; a CUDA
+    graph capture never syncs).
     """
     return op("spqmm")(
-        x, codes, seg_ptr, chunks, codebook, out_features, in_features, bits, bias, crossover
+        x, codes, seg_ptr, chunks, codebook, out_features, in_features, bits, bias, crossover,
+        check,
     )
 
 
@@ -97,7 +101,7 @@ if available():
 
     @torch.library.register_fake("dcx::spqmm")
     def _(x, codes, seg_ptr, chunks, codebook, out_features, in_features, bits, bias=None,
-          crossover=-1):
+          crossover=-1, check=True):
         torch._check(x.shape[-1] == in_features,
                      lambda: f"x must have in_features = {in_features} elements in its last dimension")
         torch._check(codebook.dtype == x.dtype, lambda: "codebook must have the dtype of x")

@@ -80,6 +80,7 @@ def spqmm(
     bits: int,
     bias: Optional[Tensor] = None,
     crossover: int = -1,
+    check: bool = True,
 ) -> Tensor:
     """F.linear with the decoded weight, in float64, returned in x's dtype."""
     w = spqmm_weight(codes, seg_ptr, codebook, out_features, in_features, bits)

@@ -71,6 +71,18 @@ def test_state_dict_round_trip():
     assert fresh.packed.dense and torch.equal(fresh(x), dense(x))
 
 
+def test_corrupted_state_dict_is_rejected():
+    layer = SparseQuantLinear.from_linear(nn.Linear(200, 30), sparsity=0.8, bits=5)
+    state = layer.state_dict()
+    state["codebook"] = state["codebook"][:4]  # ids up to 31 now point outside the codebook
+    with pytest.raises(RuntimeError, match="codebook id outside the codebook"):
+        SparseQuantLinear(200, 30).load_state_dict(state)
+    state = layer.state_dict()
+    state["seg_ptr"] = state["seg_ptr"].flip(0)
+    with pytest.raises(RuntimeError, match="seg_ptr"):
+        SparseQuantLinear(200, 30).load_state_dict(state)
+
+
 def test_no_bias_and_repr():
     layer = SparseQuantLinear.from_linear(nn.Linear(16, 8, bias=False), sparsity=0.75, bits=2)
     assert layer.bias is None

@@ -139,7 +139,7 @@ def test_reference_decodes_pack():
 def test_opcheck(device, dense):
     _, _, _, p = make_layer(33, 97, 0.2, 5, torch.float32, device, dense=dense)
     x = torch.randn(3, 97, device=device)
-    args = (x, p.codes, p.seg_ptr, p.chunks, p.codebook, 33, 97, p.bits, torch.randn(33, device=device), -1)
+    args = (x, p.codes, p.seg_ptr, p.chunks, p.codebook, 33, 97, p.bits, torch.randn(33, device=device), -1, True)
     torch.library.opcheck(torch.ops.dcx.spqmm.default, args)
 
 
@@ -265,3 +265,16 @@ def test_pack_pruned_labels_are_free_and_dense_mode_zero():
     torch.testing.assert_close(run(x, p), torch.tensor([[-2.0, 5.0]]))
     assert dcx.pack(mask, labels, codebook).codes.dtype == torch.uint8  # 50%: dense by default
     assert dcx.pack(mask, labels, codebook, dense=False).codes.dtype == torch.int16
+
+
+@pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
+def test_pack_label_dtypes(label_dtype):
+    """Any integer labels, including uint8 holding id 255 of a 256-entry codebook."""
+    mask = torch.rand(20, 300) < 0.3
+    labels = torch.randint(0, 128, (20, 300)).to(label_dtype)
+    labels[0, :] = 127 if label_dtype == torch.int16 else 255 if label_dtype == torch.uint8 else 200
+    codebook = torch.randn(256)
+    for dense in (False, True):
+        p = dcx.pack(mask, labels, codebook, dense=dense)
+        x = torch.randn(2, 300)
+        check(run(x, p), x, mask, labels.long(), codebook)

@@ -209,7 +209,7 @@ void run_block(const SpqmmPacked& p, const float* table, const at::Tensor& x2, i
 at::Tensor spqmm_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& seg_ptr,
                      const at::Tensor& chunks, const at::Tensor& codebook, int64_t out_features,
                      int64_t in_features, int64_t bits, const std::optional<at::Tensor>& bias,
-                     int64_t crossover) {
+                     int64_t crossover, bool /*check: the CPU checks cost nothing extra*/) {
   check_spqmm_args(x, codes, seg_ptr, chunks, codebook, out_features, in_features, bits, bias);
   const int64_t N = out_features, K = in_features;
   const SpqmmPacked p = make_packed(codes, seg_ptr, chunks, N, K, bits);

@@ -1,7 +1,8 @@
 // spqmm on CUDA: argument checks, workspace from the caching allocator, launches on the current
-// stream, the crossover to cuBLAS, and the corruption check (one 4-byte read back, skipped while
-// a CUDA graph is being captured; the kernels never read out of bounds either way). The kernels
-// are in spqmm_kernel.cu.
+// stream, the crossover to cuBLAS, and the corruption check (one 4-byte read back, skipped with
+// check=False, as SparseQuantLinear calls it after validating its packed weight once, and while a
+// CUDA graph is being captured; the kernels never read out of bounds either way). The kernels are
+// in spqmm_kernel.cu.
 #include <ATen/ATen.h>
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
@@ -21,8 +22,8 @@ int64_t auto_crossover_cuda(double density) {
   return 8;
 }
 
-void check_flag(const at::Tensor& bad) {
-  if (cuda::stream_capturing()) return;
+void check_flag(const at::Tensor& bad, bool check) {
+  if (!check || cuda::stream_capturing()) return;
   const int flag = bad.item<int>();
   TORCH_CHECK(!(flag & 4), "seg_ptr or chunks are not sound pointers into codes (corrupted packed weight)");
   TORCH_CHECK(!(flag & 1), "codes hold a codebook id outside the codebook (corrupted packed weight)");
@@ -32,7 +33,7 @@ void check_flag(const at::Tensor& bad) {
 at::Tensor spqmm_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& seg_ptr,
                       const at::Tensor& chunks, const at::Tensor& codebook, int64_t out_features,
                       int64_t in_features, int64_t bits, const std::optional<at::Tensor>& bias,
-                      int64_t crossover) {
+                      int64_t crossover, bool check) {
   check_spqmm_args(x, codes, seg_ptr, chunks, codebook, out_features, in_features, bits, bias);
   cuda::check_cuda_tensor(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
@@ -77,7 +78,7 @@ at::Tensor spqmm_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Te
   if (M > 0 && M >= std::max<int64_t>(cross, 1)) {
     at::Tensor w = at::zeros({N, K}, x.options());
     C10_CUDA_CHECK(cuda::launch_spqmm_decode(a, w.data_ptr()));
-    check_flag(bad);
+    check_flag(bad, check);
     return at::linear(x2, w, bias).reshape(out_shape);
   }
   at::Tensor y = at::empty({M, N}, x.options());
@@ -92,7 +93,7 @@ at::Tensor spqmm_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Te
     return y.reshape(out_shape);
   }
   C10_CUDA_CHECK(cuda::launch_spqmm(a));
-  check_flag(bad);
+  check_flag(bad, check);
   return y.reshape(out_shape);
 }
 
