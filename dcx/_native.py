@@ -20,7 +20,8 @@ except ImportError as error:  # not built, or built against another torch
     LOAD_ERROR = error
 
 # Every op in the TORCH_LIBRARY(dcx) block of csrc/dcx.cpp.
-OP_NAMES = ("masked_sgd_step_", "centroid_grad", "spqmm")
+OP_NAMES = ("masked_sgd_step_", "centroid_grad")
+OP_NAMES += ("spqmm",)
 
 
 def available():

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from dcx._native import available, op
 
-__all__ = ["masked_sgd_step_", "centroid_grad", "spqmm"]
+__all__ = ["masked_sgd_step_", "centroid_grad"]
 
 
 def masked_sgd_step_(
@@ -64,6 +64,9 @@ if available():
     def _(grad, labels, num_clusters, mask=None):
         torch._check(num_clusters >= 1, lambda: f"num_clusters must be >= 1, got {num_clusters}")
         return grad.new_empty((num_clusters,))
+
+
+__all__ += ["spqmm"]
 
 
 def spqmm(
