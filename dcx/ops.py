@@ -123,6 +123,38 @@ def huffman_decode(data: Tensor, code_lengths: Tensor, count: int) -> Tensor:
     raises RuntimeError; nothing is read past `data` or written past `count`.
     """
     return op("huffman_decode")(data, code_lengths, count)
+__all__ += ["spqmm"]
+
+
+def spqmm(
+    x: Tensor,
+    codes: Tensor,
+    seg_ptr: Tensor,
+    chunks: Tensor,
+    codebook: Tensor,
+    out_features: int,
+    in_features: int,
+    bits: int,
+    bias: Optional[Tensor] = None,
+    crossover: int = -1,
+    check: bool = True,
+) -> Tensor:
+    """y = x W^T + bias, W [out_features, in_features] packed by dcx.nn.pack and decoded on the fly.
+
+    x: [..., in_features], float32, float16 or bfloat16; codebook (<= 2^bits entries) and bias
+    ([out_features]) in x's dtype; float32 accumulation. codes: int16 [nnz] (sparse mode, with
+    seg_ptr and chunks int32) or uint8 [out_features, in_features] (dense mode, seg_ptr and chunks
+    empty); the layout is described at the top of csrc/core/spqmm.h. Returns [..., out_features]
+    in x's dtype. From a batch (product of x's leading dims) of `crossover` on (-1: a measured
+    default per device), W is decoded once and the BLAS runs instead. Corrupted packed data
+    (ids >= codebook size, columns >= in_features, bad pointers) raises RuntimeError; on CUDA
+    that costs one host sync, which check=False skips (reads stay in bounds either way; a CUDA
+    graph capture never syncs).
+    """
+    return op("spqmm")(
+        x, codes, seg_ptr, chunks, codebook, out_features, in_features, bits, bias, crossover,
+        check,
+    )
 
 
 if available():
@@ -149,3 +181,10 @@ if available():
             lambda: f"values must be float32 or float64, got {values.dtype}",
         )
         return values.new_empty((num_clusters,)), values.new_empty(values.shape, dtype=torch.int32)
+    @torch.library.register_fake("dcx::spqmm")
+    def _(x, codes, seg_ptr, chunks, codebook, out_features, in_features, bits, bias=None,
+          crossover=-1, check=True):
+        torch._check(x.shape[-1] == in_features,
+                     lambda: f"x must have in_features = {in_features} elements in its last dimension")
+        torch._check(codebook.dtype == x.dtype, lambda: "codebook must have the dtype of x")
+        return x.new_empty((*x.shape[:-1], out_features))

@@ -195,3 +195,39 @@ def kmeans1d(
         if moved <= tol_abs:
             break
     return finish(c)
+def spqmm_weight(
+    codes: Tensor, seg_ptr: Tensor, codebook: Tensor, out_features: int, in_features: int, bits: int
+) -> Tensor:
+    """The dense [out_features, in_features] weight a packed layer stands for (csrc/core/spqmm.h
+    describes the layout), decoded with plain torch ops, in float64."""
+    table = codebook.double()
+    if codes.dtype == torch.uint8:  # dense mode: one id per weight
+        return table[codes.long()]
+    tile = 1 << (16 - bits)
+    tiles = -(-in_features // tile)
+    entries = codes.long() & 0xFFFF
+    counts = (seg_ptr[1:] - seg_ptr[:-1]).long()
+    segment = torch.repeat_interleave(torch.arange(counts.numel(), device=codes.device), counts)
+    rows, cols = segment // tiles, (segment % tiles) * tile + (entries >> bits)
+    w = torch.zeros(out_features, in_features, dtype=torch.float64, device=codes.device)
+    w[rows, cols] = table[entries & ((1 << bits) - 1)]
+    return w
+
+
+def spqmm(
+    x: Tensor,
+    codes: Tensor,
+    seg_ptr: Tensor,
+    chunks: Tensor,
+    codebook: Tensor,
+    out_features: int,
+    in_features: int,
+    bits: int,
+    bias: Optional[Tensor] = None,
+    crossover: int = -1,
+    check: bool = True,
+) -> Tensor:
+    """F.linear with the decoded weight, in float64, returned in x's dtype."""
+    w = spqmm_weight(codes, seg_ptr, codebook, out_features, in_features, bits)
+    b = None if bias is None else bias.double()
+    return torch.nn.functional.linear(x.double(), w, b).to(x.dtype)

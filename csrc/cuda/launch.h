@@ -56,6 +56,34 @@ cudaError_t launch_kmeans1d_labels(Dtype dtype, const void* values, int64_t n, c
 cudaError_t launch_kmeans1d_optimal(const double* S, const double* S2, int64_t n, int64_t k,
                                     double* D0, double* D1, int32_t* J, int64_t* bounds,
                                     cudaStream_t stream);
+// spqmm (layout at the top of csrc/core/spqmm.h). x: [m, k] contiguous, y: [m, n], codebook
+// (kc entries) and bias (or null) in `dtype`. Sparse mode: codes, seg_ptr, chunks set and ws a
+// zeroed float [m, n] workspace; dense mode: dense_codes [n, k] set. bad_flag: one int, bit 1 an
+// id >= kc, bit 2 a column >= k, bit 4 unsound pointers.
+struct SpqmmCudaArgs {
+  Dtype dtype;
+  const void* x;
+  void* y;
+  int64_t m, n, k;
+  bool dense;  // dense mode (dense_codes) or sparse mode (codes, seg_ptr, chunks)
+  const uint16_t* codes;
+  const uint8_t* dense_codes;
+  const int32_t* seg_ptr;
+  const int32_t* chunks;
+  int64_t num_chunks, nnz, tiles;
+  int bits;
+  const void* codebook;
+  int kc;
+  const void* bias;
+  float* ws;
+  int* bad_flag;
+  cudaStream_t stream;
+};
+
+cudaError_t launch_spqmm(const SpqmmCudaArgs& args);
+
+// Decode the packed weight to dense [n, k] in `dtype` at `weight` (zeroed by the caller).
+cudaError_t launch_spqmm_decode(const SpqmmCudaArgs& args, void* weight);
 
 }  // namespace cuda
 }  // namespace dcx

@@ -1,0 +1,225 @@
+"""spqmm (dcx.ops.spqmm on the packed sparse-quantized weight) against what a user runs instead,
+in the same process: dense F.linear (fp32; on GPU also fp16 / bf16 through cuBLAS) and
+torch.sparse CSR (MKL / cuSPARSE) holding the same pruned weight.
+
+Weights are random: a uniform random mask at the given density, random codebook ids, a random
+codebook. Bytes counted for dcx are the packed weight it reads (codes, pointers, codebook);
+GB/s on those bytes is compared with the measured copy bandwidth (read + write GB/s, as in the
+other benchmarks). On GPU several copies of every weight are rotated so that a compressed layer
+is not read from L2.
+
+    python benchmarks/bench_spqmm.py                       # full grid (long)
+    python benchmarks/bench_spqmm.py --preset cpu-table    # the committed CPU table
+    python benchmarks/bench_spqmm.py --shapes fc7 --densities 0.1 --bits 5 --batches 1 --threads 2
+Environment: DCX_BENCH_SHAPES, DCX_BENCH_DENSITIES, DCX_BENCH_BITS, DCX_BENCH_BATCHES and
+DCX_BENCH_THREADS give the same lists (comma-separated). Writes
+benchmarks/results/spqmm-<device>.md (or --name).
+"""
+
+import argparse
+import itertools
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import dcx  # noqa: E402
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+
+# name: (out_features N, in_features K); the weight is [N, K].
+SHAPES = {
+    "alexnet-fc6": (4096, 9216),
+    "fc7": (4096, 4096),
+    "vgg16-fc6": (4096, 25088),
+    "mlp-up": (11008, 4096),
+    "mlp-down": (4096, 11008),
+}
+DENSITIES = [0.05, 0.1, 0.25, 0.5, 1.0]
+BITS = [4, 5, 8]
+BATCHES = [1, 4, 16, 64]
+L2_ROTATE_BYTES = 256 << 20  # rotate copies until this many bytes are cycled through (GPU)
+
+# The committed CPU table: every listed shape at batch 1 and 16, 10% and 100% density, 5 bits,
+# plus the target cases (fc7, 10% / 5 bits and 100% / 6 bits, batch 1) and a batch sweep of fc7.
+PRESETS = {
+    "cpu-table": [
+        dict(shapes=list(SHAPES), densities=[0.1, 1.0], bits=[5], batches=[1, 16]),
+        dict(shapes=["fc7"], densities=[1.0], bits=[6], batches=[1, 16]),
+        dict(shapes=["fc7"], densities=[0.05, 0.1, 0.25, 0.5], bits=[4, 8], batches=[1]),
+        dict(shapes=["fc7"], densities=[0.1, 1.0], bits=[5], batches=[4, 64]),
+    ],
+}
+
+
+def bench(fn, device, cpu_clock):
+    """common.bench, or with cpu_clock the median CPU time of this process per call (single-
+    threaded runs on a shared machine: time slices given to other processes are not counted)."""
+    if not cpu_clock or device != "cpu":
+        return common.bench(fn, device)
+    for _ in range(3):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < 20 or (time.perf_counter() - start < 0.2 and len(times) < 1000):
+        t0 = time.process_time()
+        fn()
+        times.append(time.process_time() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device, cpu_clock, nbytes=1 << 28):
+    """common.copy_bandwidth, timed with the same clock as the cases."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    return 2 * nbytes / bench(lambda: dst.copy_(src), device, cpu_clock) / 1e9
+
+
+def make_packed(n, k, density, bits, device, dtype, gen):
+    mask = torch.rand(n, k, generator=gen) < density
+    labels = torch.randint(0, 1 << bits, (n, k), generator=gen, dtype=torch.uint8)
+    codebook = torch.randn(1 << bits, generator=gen).to(dtype)
+    packed = dcx.pack(mask, labels, codebook, bits)
+    packed = packed._replace(**{f: getattr(packed, f).to(device)
+                                for f in ("codes", "seg_ptr", "chunks", "codebook")})
+    return mask, packed
+
+
+def copies_for(nbytes, device):
+    return 1 if device == "cpu" else max(1, -(-L2_ROTATE_BYTES // max(nbytes, 1)))
+
+
+def rotating(make_fn, items):
+    """A callable that runs make_fn(item) on the next of several copies each call."""
+    cycle = itertools.cycle(items)
+    return lambda: make_fn(next(cycle))
+
+
+def run_case(rows, device, name, n, k, density, bits, batches, act_dtype, copy_gbs, cache, gen,
+             cpu_clock=False):
+    mask, packed = make_packed(n, k, density, bits, device, act_dtype, gen)
+    packs = [packed] + [packed._replace(codes=packed.codes.clone())
+                        for _ in range(copies_for(packed.nbytes(), device) - 1)]
+    key = (name, density)
+    if key not in cache:  # baselines depend on shape and density only
+        cache.clear()
+        w32 = torch.randn(n, k, generator=gen).to(device)
+        dense = {torch.float32: [w32]}
+        if device == "cuda":
+            for dt in (torch.float16, torch.bfloat16):
+                dense[dt] = [w32.to(dt)]
+        for dt, ws in dense.items():
+            ws += [ws[0].clone() for _ in range(copies_for(ws[0].numel() * ws[0].element_size(), device) - 1)]
+        csr = None
+        if density < 1.0:
+            wc = (w32 * mask.to(device)).to(act_dtype)
+            first = wc.to_sparse_csr()
+            csr = [first] + [first.clone() for _ in range(copies_for(
+                first.values().numel() * (first.values().element_size() + 8), device) - 1)]
+            del wc
+        cache[key] = dense, csr
+    dense, csr = cache[key]
+    for m in batches:
+        x = torch.randn(m, k, generator=gen).to(device=device, dtype=act_dtype)
+        x32 = x.float()
+        t_dense = bench(rotating(lambda w: F.linear(x32, w), dense[torch.float32]), device, cpu_clock)
+        t_half = None
+        if device == "cuda":
+            t_half = bench(rotating(lambda w: F.linear(x, w), dense[act_dtype]), device, cpu_clock)
+        t_csr = None
+        if csr is not None:
+            xt = x.t().contiguous()
+            t_csr = bench(rotating(lambda w: w @ xt, csr), device, cpu_clock)
+        t_dcx = bench(rotating(lambda p: dcx.ops.spqmm(
+            x, p.codes, p.seg_ptr, p.chunks, p.codebook, n, k, p.bits), packs), device, cpu_clock)
+        gbs = packed.nbytes() / t_dcx / 1e9
+        fmt = lambda t: "-" if t is None else f"{t * 1e3:.3f}"  # noqa: E731
+        ratio = lambda t: "-" if t is None else f"{t / t_dcx:.2f}x"  # noqa: E731
+        row = [name, f"{n}x{k}", f"{density:.0%}", bits, "dense" if packed.dense else "sparse", m,
+               torch.get_num_threads() if device == "cpu" else "-", fmt(t_dense)]
+        if device == "cuda":
+            row.append(fmt(t_half))
+        row += [fmt(t_csr), fmt(t_dcx), f"{packed.nbytes() / (n * k):.3f}", f"{gbs:.1f}",
+                f"{gbs / copy_gbs:.0%}", ratio(t_dense)]
+        if device == "cuda":
+            row.append(ratio(t_half))
+        row.append(ratio(t_csr))
+        rows.append(row)
+        print(" | ".join(str(c) for c in row), flush=True)
+
+
+def grid_from(args):
+    if args.preset:
+        return PRESETS[args.preset]
+    return [dict(shapes=args.shapes, densities=args.densities, bits=args.bits, batches=args.batches)]
+
+
+def env_list(name, cast, default):
+    value = os.environ.get(name)
+    return [cast(v) for v in value.split(",")] if value else default
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", type=lambda s: s.split(","),
+                        default=env_list("DCX_BENCH_SHAPES", str, list(SHAPES)))
+    parser.add_argument("--densities", type=lambda s: [float(v) for v in s.split(",")],
+                        default=env_list("DCX_BENCH_DENSITIES", float, DENSITIES))
+    parser.add_argument("--bits", type=lambda s: [int(v) for v in s.split(",")],
+                        default=env_list("DCX_BENCH_BITS", int, BITS))
+    parser.add_argument("--batches", type=lambda s: [int(v) for v in s.split(",")],
+                        default=env_list("DCX_BENCH_BATCHES", int, BATCHES))
+    parser.add_argument("--threads", type=lambda s: [int(v) for v in s.split(",")],
+                        default=env_list("DCX_BENCH_THREADS", int, [2]), help="CPU threads")
+    parser.add_argument("--preset", choices=sorted(PRESETS))
+    parser.add_argument("--cpu-clock", action="store_true",
+                        help="time CPU runs by process CPU time (for 1 thread on a shared machine)")
+    parser.add_argument("--devices", type=lambda s: s.split(","), default=common.devices_to_run())
+    parser.add_argument("--dtype", default="float16", help="GPU activation dtype (float16, bfloat16)")
+    parser.add_argument("--name", default=None, help="results file name (default spqmm-<device>)")
+    args = parser.parse_args()
+    gen = torch.Generator().manual_seed(0)
+    for device in args.devices:
+        act_dtype = torch.float32 if device == "cpu" else getattr(torch, args.dtype)
+        rows, copy_notes = [], []
+        for threads in (args.threads if device == "cpu" else [torch.get_num_threads()]):
+            torch.set_num_threads(threads)
+            copy_gbs = copy_bandwidth(device, args.cpu_clock)
+            copy_notes.append(f"{copy_gbs:.1f} GB/s" + (f" ({threads} threads)" if device == "cpu" else ""))
+            cache = {}
+            for part in grid_from(args):
+                for name in part["shapes"]:
+                    n, k = SHAPES[name]
+                    for density in part["densities"]:
+                        for bits in part["bits"]:
+                            run_case(rows, device, name, n, k, density, bits, part["batches"],
+                                     act_dtype, copy_gbs, cache, gen, args.cpu_clock)
+        header = ["layer", "N x K", "density", "bits", "mode", "batch", "threads", "dense fp32 ms"]
+        if device == "cuda":
+            header.append(f"dense {args.dtype} ms")
+        header += ["CSR ms", "dcx ms", "dcx bytes/weight", "dcx GB/s", "of copy bw", "vs dense fp32"]
+        if device == "cuda":
+            header.append(f"vs dense {args.dtype}")
+        header.append("vs CSR")
+        act = "float32" if device == "cpu" else args.dtype
+        notes = [common.stamp(device), "",
+                 f"Activations {act} (dcx and CSR), dense baselines F.linear; CSR is torch.sparse "
+                 f"CSR (int64 indices) of the same pruned weight. Measured copy bandwidth: "
+                 f"{', '.join(copy_notes)} (read + write, same clock). dcx GB/s counts the packed bytes it reads "
+                 f"(bytes/weight per original weight: dense fp32 is 4). Median of >= 20 runs "
+                 f"({'process CPU time' if args.cpu_clock and device == 'cpu' else 'wall clock'}); "
+                 f"dcx's own choice of kernel or decode + BLAS (auto crossover)."]
+        common.write_table(args.name or f"spqmm-{device}",
+                           "spqmm vs dense F.linear and torch.sparse CSR", header, rows, notes)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+// spqmm on CUDA: argument checks, workspace from the caching allocator, launches on the current
+// stream, the crossover to cuBLAS, and the corruption check (one 4-byte read back, skipped with
+// check=False, as SparseQuantLinear calls it after validating its packed weight once, and while a
+// CUDA graph is being captured; the kernels never read out of bounds either way). The kernels are
+// in spqmm_kernel.cu.
+#include <ATen/ATen.h>
+#include <c10/util/accumulate.h>
+#include <torch/library.h>
+
+#include "cuda/cuda_glue.h"
+#include "op_args.h"
+
+namespace dcx {
+namespace {
+
+// Batch from which decoding once + cuBLAS beats the kernel. Not yet measured on a GPU: the
+// kernel reads the compressed bytes once per 8 batch columns, cuBLAS the dense bytes once, so the
+// crossover grows as density falls; benchmarks/bench_spqmm.py sweeps it (crossover argument).
+int64_t auto_crossover_cuda(double density) {
+  if (density <= 0.15) return 48;
+  if (density <= 0.3) return 24;
+  return 8;
+}
+
+void check_flag(const at::Tensor& bad, bool check) {
+  if (!check || cuda::stream_capturing()) return;
+  const int flag = bad.item<int>();
+  TORCH_CHECK(!(flag & 4), "seg_ptr or chunks are not sound pointers into codes (corrupted packed weight)");
+  TORCH_CHECK(!(flag & 1), "codes hold a codebook id outside the codebook (corrupted packed weight)");
+  TORCH_CHECK(!(flag & 2), "codes hold a column offset outside in_features (corrupted packed weight)");
+}
+
+at::Tensor spqmm_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& seg_ptr,
+                      const at::Tensor& chunks, const at::Tensor& codebook, int64_t out_features,
+                      int64_t in_features, int64_t bits, const std::optional<at::Tensor>& bias,
+                      int64_t crossover, bool check) {
+  check_spqmm_args(x, codes, seg_ptr, chunks, codebook, out_features, in_features, bits, bias);
+  cuda::check_cuda_tensor(x, "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t N = out_features, K = in_features;
+  const bool dense_mode = codes.scalar_type() == at::kByte;
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  const at::Tensor x2 = x.reshape({M, K}).contiguous();
+  const bool has_bias = bias.has_value() && bias->defined();
+  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  const at::Tensor cb = codebook.contiguous();
+  at::Tensor bad = at::zeros({1}, x.options().dtype(at::kInt));
+
+  cuda::SpqmmCudaArgs a{};
+  a.dtype = cuda::to_dtype(x.scalar_type(), "x");
+  a.x = x2.data_ptr();
+  a.m = M;
+  a.n = N;
+  a.k = K;
+  a.bits = static_cast<int>(bits);
+  a.tiles = (K + spqmm_tile_width(bits) - 1) / spqmm_tile_width(bits);
+  a.codebook = cb.data_ptr();
+  a.kc = static_cast<int>(cb.numel());
+  a.bias = has_bias ? b.data_ptr() : nullptr;
+  a.bad_flag = bad.data_ptr<int>();
+  a.stream = at::cuda::getCurrentCUDAStream();
+  a.dense = dense_mode;
+  if (dense_mode) {
+    a.dense_codes = codes.data_ptr<uint8_t>();
+  } else {
+    a.codes = reinterpret_cast<const uint16_t*>(codes.data_ptr<int16_t>());
+    a.nnz = codes.numel();
+    a.seg_ptr = seg_ptr.data_ptr<int32_t>();
+    a.chunks = chunks.data_ptr<int32_t>();
+    a.num_chunks = chunks.numel() - 1;
+  }
+
+  const double density =
+      dense_mode ? 1.0 : double(a.nnz) / std::max<double>(1.0, double(N) * double(K));
+  const int64_t cross = crossover >= 0 ? crossover : auto_crossover_cuda(density);
+  if (M > 0 && M >= std::max<int64_t>(cross, 1)) {
+    at::Tensor w = at::zeros({N, K}, x.options());
+    C10_CUDA_CHECK(cuda::launch_spqmm_decode(a, w.data_ptr()));
+    check_flag(bad, check);
+    return at::linear(x2, w, bias).reshape(out_shape);
+  }
+  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor ws;
+  if (!dense_mode) {
+    ws = at::zeros({M, N}, x.options().dtype(at::kFloat));
+    a.ws = ws.data_ptr<float>();
+  }
+  a.y = y.data_ptr();
+  if (K == 0) {
+    y.copy_(has_bias ? b.expand({M, N}) : at::zeros({M, N}, x.options()));
+    return y.reshape(out_shape);
+  }
+  C10_CUDA_CHECK(cuda::launch_spqmm(a));
+  check_flag(bad, check);
+  return y.reshape(out_shape);
+}
+
+}  // namespace
+}  // namespace dcx
+
+TORCH_LIBRARY_IMPL(dcx, CUDA, m) { m.impl("spqmm", &dcx::spqmm_cuda); }

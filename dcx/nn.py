@@ -1,0 +1,379 @@
+"""Compressed layers that run on the packed sparse-quantized format: SparseQuantLinear (a drop-in
+nn.Linear), SparseQuantConv2d, `pack` (the one place the in-memory format is built, from
+(mask, labels, codebook)) and `convert` (swap the layers of any model).
+
+The format and the kernels are described at the top of csrc/core/spqmm.h.
+"""
+
+import math
+import re
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dcx import ops
+
+__all__ = ["PackedWeight", "pack", "SparseQuantLinear", "SparseQuantConv2d", "convert"]
+
+# Layers at or above this density are packed in dense mode (one uint8 id per weight, no
+# positions): sparse mode costs 2 bytes per non-zero, so from 50% on dense mode reads fewer bytes,
+# and its contiguous loops are faster.
+DENSE_DENSITY = 0.5
+# Work per chunk, in non-zeros; a segment (one row's entries in one tile) costs SEGMENT_COST more.
+CHUNK_WORK = 4096
+SEGMENT_COST = 8
+
+
+class PackedWeight(NamedTuple):
+    codes: Tensor  # int16 [nnz] (sparse mode) or uint8 [out_features, in_features] (dense mode)
+    seg_ptr: Tensor  # int32 [out_features * tiles + 1] (empty in dense mode)
+    chunks: Tensor  # int32 [num_chunks + 1] (empty in dense mode)
+    codebook: Tensor  # [<= 2^bits]
+    out_features: int
+    in_features: int
+    bits: int
+
+    @property
+    def dense(self) -> bool:
+        return self.codes.dtype == torch.uint8
+
+    def nbytes(self) -> int:
+        """Bytes the kernel reads for the weight (codes, pointers, codebook)."""
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.seg_ptr, self.chunks,
+                                                          self.codebook))
+
+
+def _bits_for(k: int) -> int:
+    return max(1, math.ceil(math.log2(k))) if k > 1 else 1
+
+
+def pack(
+    mask: Tensor,
+    labels: Tensor,
+    codebook: Tensor,
+    bits: Optional[int] = None,
+    dense: Optional[bool] = None,
+) -> PackedWeight:
+    """Pack a weight-shared layer W = codebook[labels] * mask ([out, in]) for dcx.ops.spqmm.
+
+    mask: bool/uint8 [out, in] (0 = pruned); labels: int [out, in], in [0, k) where mask is set
+    (pruned positions may hold anything); codebook: float [k], k <= 256. bits: width of an id
+    (default: the fewest that hold k ids). dense: force dense mode (codes only) or sparse mode;
+    default: dense from DENSE_DENSITY on. Raises ValueError on inconsistent input, so the packed
+    data the kernels read is valid by construction.
+    """
+    if mask.dim() != 2:
+        raise ValueError(f"mask must be 2-D [out_features, in_features], got shape {tuple(mask.shape)}")
+    if labels.shape != mask.shape:
+        raise ValueError(f"labels must have the shape of mask {tuple(mask.shape)}, got {tuple(labels.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    if codebook.dim() != 1 or not 1 <= codebook.numel() <= 256:
+        raise ValueError(f"codebook must be 1-D with 1 to 256 entries, got shape {tuple(codebook.shape)}")
+    if not codebook.dtype.is_floating_point:
+        raise ValueError(f"codebook must be a float tensor, got {codebook.dtype}")
+    k = codebook.numel()
+    bits = _bits_for(k) if bits is None else int(bits)
+    if not 1 <= bits <= 8 or k > (1 << bits):
+        raise ValueError(f"bits must lie in [1, 8] and hold the {k} codebook ids, got {bits}")
+    device = mask.device
+    mask = mask.bool()
+    labels = labels.to(device)
+    codebook = codebook.to(device)
+    kept = labels[mask].long()
+    if kept.numel() and (kept.min() < 0 or kept.max() >= k):
+        raise ValueError(f"labels must lie in [0, {k}) where mask is set, got "
+                         f"[{kept.min().item()}, {kept.max().item()}]")
+    n, K = mask.shape
+    nnz = kept.numel()
+    if dense is None:
+        dense = n * K > 0 and nnz >= DENSE_DENSITY * n * K
+    empty = torch.zeros(0, dtype=torch.int32, device=device)
+
+    if dense:
+        ids = labels.to(torch.uint8)  # ids < 256 where mask is set; pruned ones are set below
+        if nnz < n * K:  # pruned positions need an id that decodes to exactly 0
+            zero = (codebook == 0).nonzero()
+            if zero.numel():
+                zero_id = int(zero[0, 0])
+            elif k < (1 << bits) or bits < 8:
+                zero_id, bits = k, max(bits, _bits_for(k + 1))
+                codebook = torch.cat([codebook, codebook.new_zeros(1)])
+            else:
+                return pack(mask, labels, codebook, bits, dense=False)
+            ids[~mask] = zero_id
+        return PackedWeight(ids.contiguous(), empty, empty, codebook, n, K, bits)
+
+    if nnz >= 2**31:
+        raise ValueError(f"a sparse layer must have fewer than 2^31 non-zeros, got {nnz}")
+    tile = 1 << (16 - bits)
+    tiles = -(-K // tile)
+    rows, cols = mask.nonzero(as_tuple=True)  # row-major: each row's columns ascending
+    segment = rows * tiles + cols // tile
+    counts = torch.bincount(segment, minlength=n * tiles)
+    seg_ptr = torch.zeros(n * tiles + 1, dtype=torch.int64, device=device)
+    seg_ptr[1:] = counts.cumsum(0)
+    entries = ((cols % tile) << bits) | labels[rows, cols].long()
+    codes = torch.where(entries >= 1 << 15, entries - (1 << 16), entries).to(torch.int16)
+    return PackedWeight(codes.contiguous(), seg_ptr.to(torch.int32), _chunk_plan(seg_ptr),
+                        codebook, n, K, bits)
+
+
+def _chunk_plan(seg_ptr: Tensor) -> Tensor:
+    """Segment boundaries of work items of about CHUNK_WORK non-zeros (+ SEGMENT_COST a segment)."""
+    num_segments = seg_ptr.numel() - 1
+    if num_segments == 0:
+        return torch.zeros(1, dtype=torch.int32, device=seg_ptr.device)
+    cost = seg_ptr + SEGMENT_COST * torch.arange(num_segments + 1, device=seg_ptr.device)
+    total = int(cost[-1])
+    num_chunks = max(1, -(-total // CHUNK_WORK))
+    targets = torch.arange(1, num_chunks, device=seg_ptr.device) * (total / num_chunks)
+    inner = torch.searchsorted(cost.double(), targets.double())
+    bounds = torch.cat([inner.new_zeros(1), inner, inner.new_full((1,), num_segments)])
+    return torch.unique_consecutive(bounds).to(torch.int32)
+
+
+def _kmeans1d(values: Tensor, k: int, iters: int = 30):
+    """1-D k-means with linear initialisation (keeps the rare large weights), Lloyd steps by
+    midpoints of the sorted centroids. Returns (centroids [k] float64, labels [n] int64)."""
+    v = values.double()
+    if v.numel() == 0:
+        return torch.zeros(k, dtype=torch.float64, device=v.device), v.long()
+    c = torch.linspace(float(v.min()), float(v.max()), k, dtype=torch.float64, device=v.device)
+    for _ in range(iters):
+        lab = torch.bucketize(v, (c[1:] + c[:-1]) / 2)
+        sums = torch.zeros_like(c).index_add_(0, lab, v)
+        cnt = torch.bincount(lab, minlength=k)
+        new = torch.where(cnt > 0, sums / cnt.clamp(min=1), c)
+        if torch.equal(new, c):
+            break
+        c = new
+    return c, torch.bucketize(v, (c[1:] + c[:-1]) / 2)
+
+
+def _compress_weight(weight: Tensor, sparsity: float, bits: int):
+    """Magnitude pruning to `sparsity` (fraction removed) then k-means weight sharing of the kept
+    weights with 2^bits clusters: (mask, labels, codebook)."""
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must lie in [0, 1], got {sparsity}")
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must lie in [1, 8], got {bits}")
+    w = weight.detach().reshape(weight.shape[0], -1).float()
+    keep = w.numel() - round(sparsity * w.numel())
+    mask = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
+    if keep > 0:
+        mask[w.abs().reshape(-1).topk(keep).indices] = True
+    mask = mask.view_as(w)
+    codebook, kept_labels = _kmeans1d(w[mask], 1 << bits)
+    labels = torch.zeros(w.shape, dtype=torch.int64, device=w.device)
+    labels[mask] = kept_labels
+    return mask, labels, codebook.to(weight.dtype)
+
+
+class _PackedModule(nn.Module):
+    """Holds a PackedWeight as buffers (resized on load_state_dict) and `bits` as extra state."""
+
+    def _set_packed(self, p: PackedWeight):
+        for name in ("codes", "seg_ptr", "chunks", "codebook"):
+            self.register_buffer(name, getattr(p, name))
+        self.bits = p.bits
+        self.validate()
+
+    def validate(self):
+        """Run the kernel once with its checks on (RuntimeError on corrupted packed data), so that
+        forward can skip them: on CUDA they cost a host sync per call."""
+        if self.codes.is_meta:
+            return
+        x = torch.zeros(1, self._packed_in_features(), device=self.codes.device)
+        ops.spqmm(x, self.codes, self.seg_ptr, self.chunks, self.codebook.float(),
+                  self.out_features, self._packed_in_features(), self.bits, check=True)
+
+    @property
+    def packed(self) -> PackedWeight:
+        return PackedWeight(self.codes, self.seg_ptr, self.chunks, self.codebook, self.out_features,
+                            self._packed_in_features(), self.bits)
+
+    def get_extra_state(self):
+        return {"bits": self.bits}
+
+    def set_extra_state(self, state):
+        self.bits = int(state["bits"])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Packed buffers differ in size from layer to layer: take the incoming ones as they are.
+        for name in ("codes", "seg_ptr", "chunks", "codebook"):
+            key = prefix + name
+            if key in state_dict:
+                old = getattr(self, name)
+                setattr(self, name, torch.empty(state_dict[key].shape, dtype=state_dict[key].dtype,
+                                                device=old.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.validate()
+
+    def decoded_weight(self) -> Tensor:
+        """The dense weight this layer stands for, codebook[labels] x mask, in the codebook dtype."""
+        from dcx.reference import spqmm_weight
+
+        p = self.packed
+        w = spqmm_weight(p.codes, p.seg_ptr, p.codebook, p.out_features, p.in_features, p.bits)
+        return w.to(self.codebook.dtype)
+
+    def _linear(self, x: Tensor) -> Tensor:
+        codebook = self.codebook if self.codebook.dtype == x.dtype else self.codebook.to(x.dtype)
+        bias = self.bias
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        # The packed data was validated when set or loaded: no per-call check (no sync on CUDA).
+        return ops.spqmm(x, self.codes, self.seg_ptr, self.chunks, codebook, self.out_features,
+                         self._packed_in_features(), self.bits, bias, check=False)
+
+
+class SparseQuantLinear(_PackedModule):
+    """nn.Linear whose weight is pruned and weight-shared, run by dcx.ops.spqmm.
+
+    Same forward as nn.Linear: x [..., in_features] -> [..., out_features] (float32, float16 or
+    bfloat16). Build with `from_linear` (post-training: magnitude pruning + k-means), or
+    `from_compressed` / `from_packed` (from the weight-sharing stage or a .dcx file). A plain
+    constructor makes an all-pruned layer, to be filled by load_state_dict.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 5,
+                 device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        dtype = dtype or torch.get_default_dtype()
+        mask = torch.zeros(out_features, in_features, dtype=torch.bool, device=device)
+        codebook = torch.zeros(1 << bits, dtype=dtype, device=device)
+        self._set_packed(pack(mask, torch.zeros_like(mask, dtype=torch.int64), codebook, bits,
+                              dense=False))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
+        else:
+            self.register_parameter("bias", None)
+
+    def _packed_in_features(self):
+        return self.in_features
+
+    @classmethod
+    def from_packed(cls, packed: PackedWeight, bias: Optional[Tensor] = None):
+        layer = cls(packed.in_features, packed.out_features, bias=bias is not None, bits=packed.bits,
+                    device=packed.codes.device, dtype=packed.codebook.dtype)
+        layer._set_packed(packed)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().to(packed.codebook.dtype).clone())
+        return layer
+
+    @classmethod
+    def from_compressed(cls, mask: Tensor, labels: Tensor, codebook: Tensor,
+                        bias: Optional[Tensor] = None, bits: Optional[int] = None,
+                        dense: Optional[bool] = None):
+        """From the weight-sharing stage: mask [out, in] (bool), labels [out, in] (int), codebook [k]."""
+        return cls.from_packed(pack(mask, labels, codebook, bits, dense), bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, sparsity: float = 0.0, bits: int = 5,
+                    dense: Optional[bool] = None):
+        """Post-training compression of an nn.Linear: prune the `sparsity` fraction of smallest
+        weights, share the rest among 2^bits k-means centroids."""
+        mask, labels, codebook = _compress_weight(linear.weight, sparsity, bits)
+        return cls.from_compressed(mask, labels, codebook, linear.bias, bits, dense)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._linear(x)
+
+    def extra_repr(self):
+        p = self.packed
+        mode = "dense" if p.dense else f"sparse, nnz={p.codes.numel()}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, bits={self.bits}, {mode}")
+
+
+class SparseQuantConv2d(_PackedModule):
+    """nn.Conv2d (groups=1, zero padding) with a packed weight: im2col (F.unfold) then spqmm."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, bias: bool = True, bits: int = 5, device=None, dtype=None):
+        super().__init__()
+        pair = nn.modules.utils._pair
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride = pair(kernel_size), pair(stride)
+        self.padding, self.dilation = pair(padding), pair(dilation)
+        self.out_features = out_channels
+        dtype = dtype or torch.get_default_dtype()
+        k_in = self._packed_in_features()
+        mask = torch.zeros(out_channels, k_in, dtype=torch.bool, device=device)
+        codebook = torch.zeros(1 << bits, dtype=dtype, device=device)
+        self._set_packed(pack(mask, torch.zeros_like(mask, dtype=torch.int64), codebook, bits,
+                              dense=False))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_channels, dtype=dtype, device=device))
+        else:
+            self.register_parameter("bias", None)
+
+    def _packed_in_features(self):
+        return self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+
+    @classmethod
+    def _like(cls, conv: nn.Conv2d, bits: int):
+        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError("SparseQuantConv2d supports groups=1, numeric zero padding only")
+        return cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                   conv.padding, conv.dilation, conv.bias is not None, bits,
+                   conv.weight.device, conv.weight.dtype)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, sparsity: float = 0.0, bits: int = 5,
+                  dense: Optional[bool] = None):
+        mask, labels, codebook = _compress_weight(conv.weight, sparsity, bits)
+        return cls.from_compressed_like(conv, mask, labels, codebook, bits, dense)
+
+    @classmethod
+    def from_compressed_like(cls, conv: nn.Conv2d, mask, labels, codebook, bits=None, dense=None):
+        """From (mask, labels, codebook) of conv's weight, reshaped or not to [out, in*kh*kw]."""
+        layer = cls._like(conv, bits or _bits_for(codebook.numel()))
+        n = conv.out_channels
+        layer._set_packed(pack(mask.reshape(n, -1), labels.reshape(n, -1), codebook, bits, dense))
+        if conv.bias is not None:
+            layer.bias = nn.Parameter(conv.bias.detach().clone())
+        return layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        batched = x.dim() == 4
+        if not batched:
+            x = x.unsqueeze(0)
+        b, _, h, w = x.shape
+        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+        y = self._linear(cols.transpose(1, 2))  # [b, L, out]
+        oh = (h + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
+        ow = (w + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1
+        y = y.transpose(1, 2).reshape(b, self.out_channels, oh, ow)
+        return y if batched else y.squeeze(0)
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, bits={self.bits}")
+
+
+def convert(model: nn.Module, sparsity: float = 0.0, bits: int = 5,
+            include: Optional[str] = None, exclude: Optional[str] = None, conv: bool = False,
+            dense: Optional[bool] = None) -> nn.Module:
+    """Replace, in place, every nn.Linear (and nn.Conv2d with conv=True) of `model` whose
+    qualified name matches `include` (a regex, re.search; None: all) and not `exclude` by its
+    compressed twin (from_linear / from_conv with `sparsity` and `bits`). Returns `model`."""
+    inc = re.compile(include) if include is not None else None
+    exc = re.compile(exclude) if exclude is not None else None
+    targets = []
+    for name, module in model.named_modules():
+        if not name or (inc and not inc.search(name)) or (exc and exc.search(name)):
+            continue
+        if type(module) is nn.Linear:
+            targets.append((name, SparseQuantLinear.from_linear(module, sparsity, bits, dense)))
+        elif conv and type(module) is nn.Conv2d and module.groups == 1 and module.padding_mode == "zeros" \
+                and not isinstance(module.padding, str):
+            targets.append((name, SparseQuantConv2d.from_conv(module, sparsity, bits, dense)))
+    for name, new in targets:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    return model

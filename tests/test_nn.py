@@ -1,0 +1,152 @@
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dcx
+from dcx.nn import SparseQuantConv2d, SparseQuantLinear
+from tests.testing import devices, requires_kernels, unit_roundoff
+
+pytestmark = requires_kernels
+
+
+def assert_linear_close(y, x, weight, bias):
+    """y against F.linear in float64 with the layer's decoded weight: float32 accumulation of K
+    products, one rounding to x's dtype."""
+    expected = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+    magnitude = F.linear(x.double().abs(), weight.double().abs(),
+                         None if bias is None else bias.double().abs())
+    k = x.shape[-1]
+    bound = (k + 2) * unit_roundoff(torch.float32) * magnitude + unit_roundoff(y.dtype) * expected.abs()
+    assert y.shape == expected.shape and y.dtype == x.dtype
+    assert ((y.double() - expected).abs() <= bound * 1.01 + 1e-30).all()
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("sparsity, bits", [(0.0, 6), (0.9, 5), (0.5, 4), (1.0, 3)])
+def test_from_linear(device, sparsity, bits):
+    linear = nn.Linear(300, 70).to(device)
+    layer = SparseQuantLinear.from_linear(linear, sparsity=sparsity, bits=bits)
+    w = layer.decoded_weight()
+    assert (w != 0).float().mean().item() == pytest.approx(1 - sparsity, abs=0.01)
+    assert torch.unique(w[w != 0]).numel() <= 1 << bits
+    if sparsity < 1:  # weight sharing keeps the weights close: within the largest cluster gap
+        kept = w != 0
+        assert (w[kept] - linear.weight[kept]).abs().max() < linear.weight.abs().max() / 2
+    x = torch.randn(2, 5, 300, device=device)
+    assert_linear_close(layer(x), x, w, linear.bias)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_from_compressed_and_dtypes(device):
+    mask = torch.rand(40, 97, device=device) < 0.3
+    labels = torch.randint(0, 32, (40, 97), device=device)
+    codebook = torch.randn(32, device=device)
+    bias = torch.randn(40, device=device)
+    layer = SparseQuantLinear.from_compressed(mask, labels, codebook, bias)
+    assert layer.bits == 5 and not layer.packed.dense
+    w = codebook[labels] * mask
+    assert torch.equal(layer.decoded_weight(), w)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        half = SparseQuantLinear.from_compressed(mask, labels, codebook, bias).to(dtype)
+        x = torch.randn(7, 97, device=device).to(dtype)
+        assert_linear_close(half(x), x, w.to(dtype), bias.to(dtype))
+
+
+def test_state_dict_round_trip():
+    linear = nn.Linear(200, 30)
+    layer = SparseQuantLinear.from_linear(linear, sparsity=0.8, bits=5)
+    buffer = io.BytesIO()
+    torch.save(layer.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = SparseQuantLinear(200, 30)  # all pruned, other buffer sizes
+    fresh.load_state_dict(torch.load(buffer))
+    x = torch.randn(3, 200)
+    assert torch.equal(fresh(x), layer(x))
+    assert fresh.bits == 5
+    dense = SparseQuantLinear.from_linear(linear, sparsity=0.0, bits=6)
+    fresh.load_state_dict(dense.state_dict())
+    assert fresh.packed.dense and torch.equal(fresh(x), dense(x))
+
+
+def test_corrupted_state_dict_is_rejected():
+    layer = SparseQuantLinear.from_linear(nn.Linear(200, 30), sparsity=0.8, bits=5)
+    state = layer.state_dict()
+    state["codebook"] = state["codebook"][:4]  # ids up to 31 now point outside the codebook
+    with pytest.raises(RuntimeError, match="codebook id outside the codebook"):
+        SparseQuantLinear(200, 30).load_state_dict(state)
+    state = layer.state_dict()
+    state["seg_ptr"] = state["seg_ptr"].flip(0)
+    with pytest.raises(RuntimeError, match="seg_ptr"):
+        SparseQuantLinear(200, 30).load_state_dict(state)
+
+
+def test_no_bias_and_repr():
+    layer = SparseQuantLinear.from_linear(nn.Linear(16, 8, bias=False), sparsity=0.75, bits=2)
+    assert layer.bias is None
+    assert "bits=2" in repr(layer)
+    x = torch.randn(4, 16)
+    assert_linear_close(layer(x), x, layer.decoded_weight(), None)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("stride, padding, dilation", [(1, 0, 1), (2, 1, 1), (1, 2, 2)])
+def test_conv2d(device, stride, padding, dilation):
+    conv = nn.Conv2d(3, 6, 5, stride=stride, padding=padding, dilation=dilation).to(device)
+    layer = SparseQuantConv2d.from_conv(conv, sparsity=0.6, bits=4)
+    w = layer.decoded_weight().reshape_as(conv.weight)
+    x = torch.randn(2, 3, 20, 17, device=device)
+    expected = F.conv2d(x, w, conv.bias, stride, padding, dilation)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x[0]), expected[0], rtol=1e-5, atol=1e-5)
+
+
+def lenet5():
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10),
+    )
+
+
+def test_convert_lenet5_and_filters():
+    model = lenet5()
+    x = torch.randn(4, 1, 28, 28)
+    compressed = dcx.convert(lenet5().eval(), sparsity=0.0, bits=8, conv=True)
+    assert sum(isinstance(m, (SparseQuantLinear, SparseQuantConv2d)) for m in compressed.modules()) == 5
+    # The compressed model computes what a dense model holding its decoded weights computes.
+    model.load_state_dict(_dense_state(compressed), strict=False)
+    torch.testing.assert_close(compressed(x), model(x), rtol=1e-4, atol=1e-4)
+
+    only_fc = dcx.convert(lenet5(), sparsity=0.9, bits=5, include=r"^(7|9)$")
+    kinds = [type(m) for m in only_fc]
+    assert kinds[7] is SparseQuantLinear and kinds[9] is SparseQuantLinear
+    assert kinds[11] is nn.Linear and kinds[0] is nn.Conv2d
+    excluded = dcx.convert(lenet5(), sparsity=0.5, bits=5, exclude=r"^11$")
+    assert type(excluded[11]) is nn.Linear and type(excluded[7]) is SparseQuantLinear
+    assert excluded(x).shape == (4, 10)
+
+    buffer = io.BytesIO()
+    torch.save(compressed.state_dict(), buffer)
+    buffer.seek(0)
+    reloaded = dcx.convert(lenet5(), sparsity=1.0, bits=8, conv=True)
+    reloaded.load_state_dict(torch.load(buffer))
+    assert torch.equal(reloaded(x), compressed(x))
+
+
+def _dense_state(model):
+    """The dense weights a compressed model stands for, as an nn.Linear / nn.Conv2d state dict."""
+    state = {}
+    for name, m in model.named_modules():
+        if isinstance(m, SparseQuantConv2d):
+            state[f"{name}.weight"] = m.decoded_weight().reshape(
+                m.out_channels, m.in_channels, *m.kernel_size)
+        elif isinstance(m, SparseQuantLinear):
+            state[f"{name}.weight"] = m.decoded_weight()
+        else:
+            continue
+        if m.bias is not None:
+            state[f"{name}.bias"] = m.bias.detach()
+    return state

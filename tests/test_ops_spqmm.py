@@ -1,0 +1,280 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dcx
+from dcx import reference
+from tests.testing import FLOAT_DTYPES, devices, noncontiguous, requires_kernels, unit_roundoff
+
+pytestmark = requires_kernels
+
+SHAPES = [(1, 1), (3, 97), (97, 3), (97, 4097), (4097, 97)]  # (out_features N, in_features K)
+BATCHES = [1, 2, 7, 64]
+DENSITIES = [0.0, 0.01, 0.1, 0.5, 1.0]
+
+
+def make_layer(n, k, density, bits, dtype, device, dense=None):
+    """A random weight-shared layer (mask, labels, codebook) and its packed form."""
+    mask = torch.rand(n, k, device=device) < density
+    labels = torch.randint(0, 1 << bits, (n, k), device=device)
+    codebook = torch.randn(1 << bits, device=device).to(dtype)
+    return mask, labels, codebook, dcx.pack(mask, labels, codebook, bits, dense)
+
+
+def run(x, p, bias=None, crossover=-1):
+    return dcx.ops.spqmm(x, p.codes, p.seg_ptr, p.chunks, p.codebook, p.out_features,
+                         p.in_features, p.bits, bias, crossover)
+
+
+def check(y, x, mask, labels, codebook, bias=None):
+    """Against F.linear in float64 with the decoded weight codebook[labels] x mask. Weights and x
+    are exact in x's dtype; each output sums at most K products in float32 (error <= (K + 1) u32
+    sum |w x|, one more term for the bias), then rounds once to x's dtype."""
+    w = codebook.double()[labels] * mask
+    b = None if bias is None else bias.double()
+    expected = F.linear(x.double(), w, b)
+    magnitude = F.linear(x.double().abs(), w.abs(), None if b is None else b.abs())
+    terms = mask.sum(1).double() + 2
+    bound = terms * unit_roundoff(torch.float32) * magnitude + unit_roundoff(x.dtype) * expected.abs()
+    assert y.dtype == x.dtype and y.shape == expected.shape
+    err = (y.double() - expected).abs()
+    assert (err <= bound * 1.01 + 1e-30).all(), f"max excess {(err - bound).max().item()}"
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("density", DENSITIES)
+def test_matches_reference(device, dtype, shape, batch, density):
+    n, k = shape
+    bits = 5
+    mask, labels, codebook, p = make_layer(n, k, density, bits, dtype, device)
+    x = torch.randn(batch, k, device=device).to(dtype)
+    bias = torch.randn(n, device=device).to(dtype)
+    check(run(x, p, bias), x, mask, labels, codebook, bias)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("density", [0.1, 1.0])
+@pytest.mark.parametrize("batch", [1, 7])
+def test_every_bit_width(device, bits, density, batch):
+    mask, labels, codebook, p = make_layer(97, 4097, density, bits, torch.float32, device)
+    x = torch.randn(batch, 4097, device=device)
+    check(run(x, p), x, mask, labels, codebook)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("crossover", [0, 1, 3, 1 << 30])
+def test_modes_and_crossover(device, dense, crossover):
+    """Both packed modes, whatever the density, and both sides of the crossover (kernel / decode +
+    BLAS) agree with the reference."""
+    mask, labels, codebook, p = make_layer(64, 300, 0.3, 4, torch.float32, device, dense=dense)
+    assert p.dense == dense
+    x = torch.randn(7, 300, device=device)
+    bias = torch.randn(64, device=device)
+    check(run(x, p, bias, crossover), x, mask, labels, codebook, bias)
+
+
+@pytest.mark.parametrize("generic", ["0", "1"])
+@pytest.mark.parametrize("bits", [2, 5, 6, 8])
+@pytest.mark.parametrize("density", [0.1, 1.0])
+def test_cpu_portable_and_vector_kernels(monkeypatch, generic, bits, density):
+    """DCX_CPU_GENERIC=1 runs the portable kernels where AVX-512 ones exist; both are right."""
+    monkeypatch.setenv("DCX_CPU_GENERIC", generic)
+    mask, labels, codebook, p = make_layer(33, 4099, density, bits, torch.float32, "cpu")
+    x = torch.randn(1, 4099)
+    check(run(x, p), x, mask, labels, codebook)
+
+
+def test_skewed_rows_split_between_chunks():
+    """One full row among empty ones spans many chunks; its partial sums must add up once."""
+    n, k = 9, 40000
+    mask = torch.zeros(n, k, dtype=torch.bool)
+    mask[4] = True
+    mask[7, ::3] = True
+    labels = torch.randint(0, 16, (n, k))
+    codebook = torch.randn(16)
+    p = dcx.pack(mask, labels, codebook, 4, dense=False)
+    assert p.chunks.numel() > 5
+    for batch in (1, 3, 17):
+        x = torch.randn(batch, k)
+        bias = torch.randn(n)
+        check(run(x, p, bias), x, mask, labels, codebook, bias)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_leading_dims_and_noncontiguous(device):
+    mask, labels, codebook, p = make_layer(33, 97, 0.2, 5, torch.float32, device)
+    x = noncontiguous(torch.randn(2, 3, 97, device=device))
+    y = run(x, p)
+    assert y.shape == (2, 3, 33)
+    check(y.reshape(6, 33), x.reshape(6, 97), mask, labels, codebook)
+    xt = torch.randn(97, 5, device=device).t()  # transposed view
+    check(run(xt, p), xt, mask, labels, codebook)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dense", [False, True])
+def test_empty(device, dense):
+    for n, k, batch in [(0, 5, 3), (5, 0, 3), (5, 7, 0)]:
+        mask, labels, codebook, p = make_layer(n, k, 0.5, 3, torch.float32, device, dense=dense)
+        bias = torch.randn(n, device=device)
+        x = torch.randn(batch, k, device=device)
+        y = run(x, p, bias)
+        assert y.shape == (batch, n)
+        torch.testing.assert_close(y, bias.expand(batch, n) + x @ (codebook[labels] * mask).t())
+
+
+def test_reference_decodes_pack():
+    mask, labels, codebook, p = make_layer(97, 4097, 0.1, 5, torch.float32, "cpu")
+    w = reference.spqmm_weight(p.codes, p.seg_ptr, p.codebook, 97, 4097, 5)
+    assert torch.equal(w, codebook.double()[labels] * mask)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dense", [False, True])
+def test_opcheck(device, dense):
+    _, _, _, p = make_layer(33, 97, 0.2, 5, torch.float32, device, dense=dense)
+    x = torch.randn(3, 97, device=device)
+    args = (x, p.codes, p.seg_ptr, p.chunks, p.codebook, 33, 97, p.bits, torch.randn(33, device=device), -1, True)
+    torch.library.opcheck(torch.ops.dcx.spqmm.default, args)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_compile_fullgraph(device):
+    _, _, _, p = make_layer(33, 97, 0.2, 5, torch.float32, device)
+    x = torch.randn(4, 97, device=device)
+    compiled = torch.compile(lambda x: run(x, p).relu() * 2, fullgraph=True)
+    torch.testing.assert_close(compiled(x), run(x, p).relu() * 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+@pytest.mark.parametrize("dense", [False, True])
+def test_cuda_graph_capture(dense):
+    mask, labels, codebook, p = make_layer(256, 1000, 0.1, 5, torch.float16, "cuda", dense=dense)
+    x = torch.randn(4, 1000, device="cuda", dtype=torch.float16)
+    run(x, p)  # warm-up outside the graph
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = run(x, p)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    check(y, x, mask, labels, codebook)
+
+
+def _corrupt(p, **changes):
+    return p._replace(**changes)
+
+
+def _corruptions(device):
+    _, _, _, p = make_layer(8, 100, 0.5, 5, torch.float32, device, dense=False)
+    _, _, _, d = make_layer(8, 100, 0.9, 5, torch.float32, device, dense=True)
+    bad_id = p.codes.clone()
+    bad_id[3] = (bad_id[3].int() | 31).to(torch.int16)  # id 31 with a 3-entry codebook below
+    bad_col = p.codes.clone()
+    bad_col[-1] = (1000 << 5) | 1  # column 1000 of tile 0 (K = 100)
+    bad_ptr = p.seg_ptr.clone()
+    bad_ptr[2] = p.codes.numel() + 50
+    bad_chunks = p.chunks.clone()
+    bad_chunks[-1] = 10**6
+    bad_dense = d.codes.clone()
+    bad_dense[1, 2] = 200
+    return [
+        (_corrupt(p, codes=bad_id, codebook=p.codebook[:3]), "codebook id outside the codebook"),
+        (_corrupt(p, codes=bad_col), "column offset outside in_features"),
+        (_corrupt(p, seg_ptr=bad_ptr), "seg_ptr"),
+        (_corrupt(p, chunks=bad_chunks), "chunks"),
+        (_corrupt(d, codes=bad_dense), "codebook id outside the codebook"),
+    ]
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("crossover", [-1, 1])
+def test_corrupted_packed_data(device, case, crossover):
+    p, match = _corruptions(device)[case]
+    x = torch.randn(2, 100, device=device)
+    with pytest.raises(RuntimeError, match=match):
+        run(x, p, crossover=crossover)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda x, p, b: (torch.randn(2, 99, device=x.device), p, b), "x must have in_features = 100"),
+        (lambda x, p, b: (x.double(), p, b), "x must be float32, float16 or bfloat16"),
+        (lambda x, p, b: (x.half(), p, b), "codebook must have the dtype of x"),
+        (lambda x, p, b: (x, p._replace(bits=9), b), r"bits must lie in \[1, 8\]"),
+        (lambda x, p, b: (x, p._replace(codes=p.codes.int()), b), "codes must be int16"),
+        (lambda x, p, b: (x, p._replace(seg_ptr=p.seg_ptr[:-1]), b), "seg_ptr must be 1-D"),
+        (lambda x, p, b: (x, p._replace(seg_ptr=p.seg_ptr.long()), b), "seg_ptr must be int32"),
+        (lambda x, p, b: (x, p._replace(codebook=torch.zeros(33, device=x.device)), b), "codebook must be 1-D"),
+        (lambda x, p, b: (x, p, b[:3]), r"bias must have shape \[out_features\]"),
+        (lambda x, p, b: (x, p, b.half()), "bias must have the dtype of x"),
+    ],
+)
+def test_bad_input(device, change, match):
+    _, _, _, p = make_layer(8, 100, 0.5, 5, torch.float32, device, dense=False)
+    x, p, b = change(torch.randn(2, 100, device=device), p, torch.zeros(8, device=device))
+    with pytest.raises(RuntimeError, match=match):
+        run(x, p, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_bad_input_device_mismatch():
+    _, _, _, p = make_layer(8, 100, 0.5, 5, torch.float32, "cuda")
+    with pytest.raises(RuntimeError, match="must be on the device of x"):
+        run(torch.randn(2, 100), p)
+    with pytest.raises(RuntimeError, match="bias must be on the device of x"):
+        run(torch.randn(2, 100, device="cuda"), p, torch.zeros(8))
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (lambda: (torch.ones(3), torch.zeros(3, dtype=torch.long), torch.zeros(4)), "mask must be 2-D"),
+        (lambda: (torch.ones(2, 3), torch.zeros(2, 4, dtype=torch.long), torch.zeros(4)), "labels must have the shape"),
+        (lambda: (torch.ones(2, 3), torch.zeros(2, 3), torch.zeros(4)), "labels must be an integer"),
+        (lambda: (torch.ones(2, 3), torch.full((2, 3), 4), torch.zeros(4)), r"labels must lie in \[0, 4\)"),
+        (lambda: (torch.ones(2, 3), torch.zeros(2, 3, dtype=torch.long), torch.zeros(300)), "codebook must be 1-D with 1 to 256"),
+        (lambda: (torch.ones(2, 3), torch.zeros(2, 3, dtype=torch.long), torch.zeros(5), 2), r"bits must lie in \[1, 8\] and hold"),
+    ],
+)
+def test_pack_rejects_bad_input(args, match):
+    with pytest.raises(ValueError, match=match):
+        dcx.pack(*args())
+
+
+def test_pack_pruned_labels_are_free_and_dense_mode_zero():
+    """Pruned positions may hold any label; dense mode maps them to a zero codebook entry (added
+    when the codebook has none)."""
+    mask = torch.tensor([[True, False], [False, True]])
+    labels = torch.tensor([[1, -7], [99, 0]])
+    codebook = torch.tensor([0.5, -2.0])
+    p = dcx.pack(mask, labels, codebook, dense=True)
+    assert p.dense and p.codebook.tolist() == [0.5, -2.0, 0.0] and p.bits == 2
+    x = torch.tensor([[1.0, 10.0]])
+    torch.testing.assert_close(run(x, p), torch.tensor([[-2.0, 5.0]]))
+    assert dcx.pack(mask, labels, codebook).codes.dtype == torch.uint8  # 50%: dense by default
+    assert dcx.pack(mask, labels, codebook, dense=False).codes.dtype == torch.int16
+
+
+@pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
+def test_pack_label_dtypes(label_dtype):
+    """Any integer labels, including uint8 holding id 255 of a 256-entry codebook."""
+    mask = torch.rand(20, 300) < 0.3
+    labels = torch.randint(0, 128, (20, 300)).to(label_dtype)
+    labels[0, :] = 127 if label_dtype == torch.int16 else 255 if label_dtype == torch.uint8 else 200
+    codebook = torch.randn(256)
+    for dense in (False, True):
+        p = dcx.pack(mask, labels, codebook, dense=dense)
+        x = torch.randn(2, 300)
+        check(run(x, p), x, mask, labels.long(), codebook)
