@@ -744,12 +744,30 @@ def compressed_tensors(model: torch.nn.Module, compressed: dict | None = None) -
 def restore_compressed(model: torch.nn.Module, name: str, ct: CompressedTensor):
     """ADAPTER, file -> model: put one decoded tensor back into `model`.
 
-    Today: writes codebook[labels] * mask into the dense weight `name` and the mask into its
-    `<param>_mask` buffer when the module has one. Integration: replace the module with
-    dcx.SparseQuantLinear / SparseQuantConv2d packed from (ct.mask, ct.labels, ct.codebook, bias).
+    The weight of an nn.Linear / nn.Conv2d becomes a dcx.SparseQuantLinear / SparseQuantConv2d
+    packed straight from (mask, labels, codebook), its bias kept; any other tensor is written
+    dense (codebook[labels] * mask) into the model, with its `<param>_mask` buffer if it has one.
     """
+    from dcx.nn import SparseQuantConv2d, SparseQuantLinear
+
     module_name, _, param = name.rpartition(".")
     module = model.get_submodule(module_name)
+    replacement = None
+    if param == "weight" and type(module) is torch.nn.Linear:
+        replacement = SparseQuantLinear.from_compressed(
+            ct.mask, ct.labels, ct.codebook, bias=module.bias, bits=ct.bits
+        )
+    elif param == "weight" and type(module) is torch.nn.Conv2d and module.groups == 1 \
+            and module.padding_mode == "zeros":
+        replacement = SparseQuantConv2d.from_compressed_like(
+            module, ct.mask, ct.labels, ct.codebook, bits=ct.bits
+        )
+    if replacement is not None:
+        device = module.weight.device
+        parent_name, _, child = module_name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, replacement.to(device))
+        return
     getattr(module, param).data.copy_(ct.to_dense())
     mask = getattr(module, f"{param}_mask", None)
     if mask is not None:
@@ -778,9 +796,10 @@ def save(model: torch.nn.Module, path, compressed: dict | None = None, config=No
 
 
 def load(path, model: torch.nn.Module) -> torch.nn.Module:
-    """Fill `model` (freshly built, same architecture) from a .dcx file and return it. The file is
-    checked completely, and the model's names and shapes against it, before anything is written
-    to the model."""
+    """Fill `model` (freshly built, same architecture) from a .dcx file and return it: compressed
+    nn.Linear / nn.Conv2d layers come back as dcx.SparseQuantLinear / SparseQuantConv2d (fast
+    inference on the packed weight), everything else as stored. The file is checked completely,
+    and the model's names and shapes against it, before anything is written to the model."""
     records, dense, _ = load_records(path)
     state = model.state_dict()
     restored = set(records) | {f"{n}_mask" for n in records if f"{n}_mask" in state}

@@ -237,13 +237,21 @@ def test_save_load_model(tmp_path):
     stored, _, manifest = fmt.load_records(path)
     assert manifest["extra"] == {"config": {"bits": {"fc": 5, "conv": 8}}}
     assert torch.equal(stored["fc1.weight"].mask, net.fc1.weight_mask)
-    assert torch.equal(fresh.fc1.weight_mask, net.fc1.weight_mask)
+    # Compressed Linear and Conv2d layers come back packed, decoding bit for bit.
+    assert isinstance(fresh.fc1, dcx.SparseQuantLinear) and isinstance(fresh.fc2, dcx.SparseQuantLinear)
+    assert isinstance(fresh.conv, dcx.SparseQuantConv2d)
     for name, ct in records.items():
         ct = fmt.compressed_tensors(net, {name: ct})[name]
-        assert bitwise_equal(fresh.get_parameter(name).detach(), ct.to_dense())
+        layer = fresh.get_submodule(name.rpartition(".")[0])
+        decoded = layer.decoded_weight().reshape(ct.shape)
+        assert bitwise_equal(decoded, ct.to_dense()), name
     for name, t in net.state_dict().items():
-        if name not in records and name != "fc1.weight_mask":
-            assert bitwise_equal(fresh.state_dict()[name], t), name
+        if name.rpartition(".")[2] in ("weight", "weight_mask") and name.rpartition(".")[0] in ("fc1", "fc2", "conv"):
+            continue
+        assert bitwise_equal(fresh.state_dict()[name], t), name
+    x = torch.randn(5, 60)
+    expected = torch.nn.functional.linear(x, fresh.fc1.decoded_weight(), net.fc1.bias)
+    torch.testing.assert_close(fresh.fc1(x), expected, rtol=1e-5, atol=1e-5)
     summary = dcx.verify(path)
     assert summary["compressed"] == 3 and summary["bytes"] == os.path.getsize(path)
 
