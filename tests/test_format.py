@@ -3,6 +3,7 @@ compressed tensors and models, byte-identical saves, atomic saves, and every kin
 raising FormatError."""
 
 import json
+import zlib
 import os
 import random
 
@@ -502,3 +503,12 @@ def test_random_mutations_through_the_harness():
             cut = rnd.randrange(len(seed))
             body = seed[:cut] + body + seed[cut + len(body) :]
         fuzz_format.check_one_input(bytes([mode, rnd.randrange(2)]) + body)
+
+
+def test_manifest_bomb_is_refused():
+    """A deflated manifest that would inflate past the limit is an error, not a huge allocation."""
+    import hashlib
+
+    text = zlib.compress(b" " * (fmt.MAX_MANIFEST_EXPANSION + 1), 9)
+    body = fmt.HEADER.pack(fmt.MAGIC, 1, 1, fmt.FLAG_MANIFEST_ZLIB, len(text), zlib.crc32(text)) + text
+    must_fail(body + hashlib.sha256(body).digest(), "inflates past")

@@ -59,13 +59,16 @@ def split(buf):
     """(manifest dict, data bytes) of a file whose header is sane, else None."""
     if len(buf) < fmt.HEADER.size + fmt.DIGEST_SIZE:
         return None
-    manifest_len = struct.unpack_from("<Q", buf, 16)[0]
+    flags, manifest_len = struct.unpack_from("<IQ", buf, 12)
     end = fmt.HEADER.size + manifest_len
     if end > len(buf) - fmt.DIGEST_SIZE:
         return None
     try:
-        manifest = json.loads(buf[fmt.HEADER.size : end].decode())
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        text = buf[fmt.HEADER.size : end]
+        if flags & fmt.FLAG_MANIFEST_ZLIB:
+            text = zlib.decompress(text)
+        manifest = json.loads(text.decode())
+    except (zlib.error, UnicodeDecodeError, ValueError, RecursionError):
         return None
     return manifest, buf[end : len(buf) - fmt.DIGEST_SIZE]
 
