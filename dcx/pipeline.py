@@ -177,7 +177,8 @@ class DeepCompression:
             return self.train_fn(model, optimizer, epoch)
         model.train()
         device = next(model.parameters()).device
-        batches = tqdm(self.train_loader, desc=desc, leave=False, disable=not self.progress)
+        # disable=None: bars on a terminal only, not in logs.
+        batches = tqdm(self.train_loader, desc=desc, leave=False, disable=None if self.progress else True)
         for x, y in batches:
             optimizer.zero_grad(set_to_none=True)
             loss = self.loss_fn(model(x.to(device)), y.to(device))
