@@ -227,25 +227,37 @@ inline void spqmm_decode_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, cons
 
 #ifdef DCX_SPQMM_AVX512
 // Batch-1 kernels with AVX-512: 16 entries per step. Codebook lookups are register permutes
-// (<= 16 entries: one vpermps; 32: one vpermi2ps; 64: two and a blend), beyond 64 an L1 gather;
-// x is gathered from the padded, cache-resident buffer.
+// (<= 16 entries: one vpermps; 32: one vpermi2ps; 64, 128, 256: 2, 4, 8 of them and a tree of
+// blends on the id's high bits), never a gather (on Zen 4 a table gather costs more than the
+// 8-permute tree); x is gathered from the padded, cache-resident buffer.
 namespace avx512 {
 
-enum class Lut { k16, k32, k64, kGather };
+enum class Lut { k16, k32, k64, k128, k256 };
 
 inline Lut lut_kind(int bits) {
-  return bits <= 4 ? Lut::k16 : bits == 5 ? Lut::k32 : bits == 6 ? Lut::k64 : Lut::kGather;
+  return bits <= 4 ? Lut::k16 : bits == 5 ? Lut::k32 : bits == 6 ? Lut::k64 : bits == 7 ? Lut::k128 : Lut::k256;
 }
 
 struct Table {
-  __m512 t[4];
-  const float* mem;
+  __m512 t[16];
 };
 
 DCX_AVX512_FN inline Table load_table(const float* table) {
-  return {{_mm512_loadu_ps(table), _mm512_loadu_ps(table + 16), _mm512_loadu_ps(table + 32),
-           _mm512_loadu_ps(table + 48)},
-          table};
+  Table t;
+  for (int i = 0; i < 16; ++i) t.t[i] = _mm512_loadu_ps(table + 16 * i);
+  return t;
+}
+
+// Entries [32 * j, 32 * j + 32) for the low 5 bits of id, for each pair j of table vectors.
+template <int Pairs>
+DCX_AVX512_FN inline __m512 lookup_tree(const Table& t, __m512i id) {
+  __m512 v[Pairs];
+  for (int j = 0; j < Pairs; ++j) v[j] = _mm512_permutex2var_ps(t.t[2 * j], id, t.t[2 * j + 1]);
+  for (int width = Pairs, bit = 32; width > 1; width /= 2, bit *= 2) {
+    const __mmask16 high = _mm512_test_epi32_mask(id, _mm512_set1_epi32(bit));
+    for (int j = 0; j < width / 2; ++j) v[j] = _mm512_mask_blend_ps(high, v[2 * j], v[2 * j + 1]);
+  }
+  return v[0];
 }
 
 template <Lut L>
@@ -255,11 +267,11 @@ DCX_AVX512_FN inline __m512 lookup(const Table& t, __m512i id) {
   } else if constexpr (L == Lut::k32) {
     return _mm512_permutex2var_ps(t.t[0], id, t.t[1]);
   } else if constexpr (L == Lut::k64) {
-    const __m512 lo = _mm512_permutex2var_ps(t.t[0], id, t.t[1]);
-    const __m512 hi = _mm512_permutex2var_ps(t.t[2], id, t.t[3]);
-    return _mm512_mask_blend_ps(_mm512_test_epi32_mask(id, _mm512_set1_epi32(32)), lo, hi);
+    return lookup_tree<2>(t, id);
+  } else if constexpr (L == Lut::k128) {
+    return lookup_tree<4>(t, id);
   } else {
-    return _mm512_i32gather_ps(id, t.mem, 4);
+    return lookup_tree<8>(t, id);
   }
 }
 
@@ -273,12 +285,15 @@ DCX_AVX512_FN void sparse_chunk(const SpqmmPacked& p, int64_t c, const float* ta
   const __m512i idmask = _mm512_set1_epi32((1 << p.bits) - 1);
   const __m128i shift = _mm_cvtsi32_si128(p.bits);
   __m512i max_id = _mm512_setzero_si512(), max_col = _mm512_set1_epi32(-1);
+  // Vector sums run over a row's segments; one horizontal add per row (or chunk end), not per
+  // segment: at 8 bits a segment spans only 256 columns.
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  const int64_t s_end = p.chunks[c + 1];
   spqmm_walk_chunk<1>(p, c, bias, y, ldy, 1, edge_sums, edge,
                       [&](int64_t s, int64_t base, float* acc) DCX_AVX512_FN {
     const uint16_t* e = p.codes + p.seg_ptr[s];
     const int64_t n = p.seg_ptr[s + 1] - p.seg_ptr[s];
     const __m512i vbase = _mm512_set1_epi32(static_cast<int>(base));
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i + 32 <= n; i += 32) {
       const __m512i v0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(e + i)));
@@ -301,7 +316,10 @@ DCX_AVX512_FN void sparse_chunk(const SpqmmPacked& p, int64_t c, const float* ta
       const __m512 xv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, col, xt, 4);
       a0 = _mm512_fmadd_ps(lookup<L>(tab, id), xv, a0);
     }
-    acc[0] += hsum(_mm512_add_ps(a0, a1));
+    if ((s + 1) % p.tiles == 0 || s + 1 == s_end) {
+      acc[0] += hsum(_mm512_add_ps(a0, a1));
+      a0 = a1 = _mm512_setzero_ps();
+    }
   });
   seen->max_id = std::max<uint32_t>(seen->max_id, _mm512_reduce_max_epu32(max_id));
   seen->max_col = std::max<int64_t>(seen->max_col, _mm512_reduce_max_epi32(max_col));

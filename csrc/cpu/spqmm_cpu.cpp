@@ -85,7 +85,8 @@ std::vector<float> make_table(const at::Tensor& codebook) {
 void decode_gemm(const SpqmmPacked& p, const float* table, const at::Tensor& x2, const float* bias,
                  float* y, SpqmmSeen* seen) {
   const int64_t M = x2.size(0), N = p.n, K = p.k;
-  const int64_t rows = std::max<int64_t>(16, std::min<int64_t>(256, (int64_t(1) << 18) / std::max<int64_t>(K, 1)));
+  // Blocks of about 8 MB decoded (L3-resident), at least 64 rows so each GEMM is not too thin.
+  const int64_t rows = std::max<int64_t>(64, std::min<int64_t>(512, (int64_t(1) << 21) / std::max<int64_t>(K, 1)));
   const int64_t blocks = (N + rows - 1) / rows;
   std::vector<SpqmmSeen> seen_by(blocks);
   const bool vec = p.dense && use_avx512();
@@ -102,7 +103,8 @@ void decode_gemm(const SpqmmPacked& p, const float* table, const at::Tensor& x2,
           case Lut::k16: avx512::dense_decode_rows<Lut::k16>(p, r0, r0 + rb, table, wp, sb); break;
           case Lut::k32: avx512::dense_decode_rows<Lut::k32>(p, r0, r0 + rb, table, wp, sb); break;
           case Lut::k64: avx512::dense_decode_rows<Lut::k64>(p, r0, r0 + rb, table, wp, sb); break;
-          case Lut::kGather: avx512::dense_decode_rows<Lut::kGather>(p, r0, r0 + rb, table, wp, sb); break;
+          case Lut::k128: avx512::dense_decode_rows<Lut::k128>(p, r0, r0 + rb, table, wp, sb); break;
+          case Lut::k256: avx512::dense_decode_rows<Lut::k256>(p, r0, r0 + rb, table, wp, sb); break;
         }
       } else {
         spqmm_decode_rows(p, r0, r0 + rb, table, wp, sb);
@@ -135,7 +137,8 @@ void run_sparse_block(const SpqmmPacked& p, const float* table, const float* xt,
           case Lut::k16: avx512::sparse_chunk<Lut::k16>(p, c, table, xt, bias, y, p.n, es, &edges[c], &seen_by[c]); break;
           case Lut::k32: avx512::sparse_chunk<Lut::k32>(p, c, table, xt, bias, y, p.n, es, &edges[c], &seen_by[c]); break;
           case Lut::k64: avx512::sparse_chunk<Lut::k64>(p, c, table, xt, bias, y, p.n, es, &edges[c], &seen_by[c]); break;
-          case Lut::kGather: avx512::sparse_chunk<Lut::kGather>(p, c, table, xt, bias, y, p.n, es, &edges[c], &seen_by[c]); break;
+          case Lut::k128: avx512::sparse_chunk<Lut::k128>(p, c, table, xt, bias, y, p.n, es, &edges[c], &seen_by[c]); break;
+          case Lut::k256: avx512::sparse_chunk<Lut::k256>(p, c, table, xt, bias, y, p.n, es, &edges[c], &seen_by[c]); break;
         }
         continue;
       }
@@ -176,7 +179,8 @@ void run_dense_block(const SpqmmPacked& p, const float* table, const float* xt, 
         case Lut::k16: avx512::dense_rows<Lut::k16>(p, r0, r1, table, xt, bias, y, &seen); return;
         case Lut::k32: avx512::dense_rows<Lut::k32>(p, r0, r1, table, xt, bias, y, &seen); return;
         case Lut::k64: avx512::dense_rows<Lut::k64>(p, r0, r1, table, xt, bias, y, &seen); return;
-        case Lut::kGather: avx512::dense_rows<Lut::kGather>(p, r0, r1, table, xt, bias, y, &seen); return;
+        case Lut::k128: avx512::dense_rows<Lut::k128>(p, r0, r1, table, xt, bias, y, &seen); return;
+        case Lut::k256: avx512::dense_rows<Lut::k256>(p, r0, r1, table, xt, bias, y, &seen); return;
       }
     }
 #endif

@@ -104,7 +104,8 @@ void test_kernels(int64_t n, int64_t k, int bits, int keep, int64_t chunk_segs) 
         case Lut::k16: dcx::avx512::sparse_chunk<Lut::k16>(l.p, c, table.data(), x.data(), bias.data(), y, n, sums, e, &vseen); break;
         case Lut::k32: dcx::avx512::sparse_chunk<Lut::k32>(l.p, c, table.data(), x.data(), bias.data(), y, n, sums, e, &vseen); break;
         case Lut::k64: dcx::avx512::sparse_chunk<Lut::k64>(l.p, c, table.data(), x.data(), bias.data(), y, n, sums, e, &vseen); break;
-        case Lut::kGather: dcx::avx512::sparse_chunk<Lut::kGather>(l.p, c, table.data(), x.data(), bias.data(), y, n, sums, e, &vseen); break;
+        case Lut::k128: dcx::avx512::sparse_chunk<Lut::k128>(l.p, c, table.data(), x.data(), bias.data(), y, n, sums, e, &vseen); break;
+        case Lut::k256: dcx::avx512::sparse_chunk<Lut::k256>(l.p, c, table.data(), x.data(), bias.data(), y, n, sums, e, &vseen); break;
       }
     });
     check_close(vec, l, x, bias);
