@@ -185,6 +185,7 @@ def main():
     parser.add_argument("--devices", type=lambda s: s.split(","), default=common.devices_to_run())
     parser.add_argument("--dtype", default="float16", help="GPU activation dtype (float16, bfloat16)")
     parser.add_argument("--name", default=None, help="results file name (default spqmm-<device>)")
+    parser.add_argument("--note", action="append", default=[], help="a line added to the table's notes")
     args = parser.parse_args()
     gen = torch.Generator().manual_seed(0)
     for device in args.devices:
@@ -217,6 +218,7 @@ def main():
                  f"(bytes/weight per original weight: dense fp32 is 4). Median of >= 20 runs "
                  f"({'process CPU time' if args.cpu_clock and device == 'cpu' else 'wall clock'}); "
                  f"dcx's own choice of kernel or decode + BLAS (auto crossover)."]
+        notes += ["", *args.note] if args.note else []
         common.write_table(args.name or f"spqmm-{device}",
                            "spqmm vs dense F.linear and torch.sparse CSR", header, rows, notes)
 
