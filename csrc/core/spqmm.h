@@ -277,14 +277,19 @@ DCX_AVX512_FN inline __m512 lookup(const Table& t, __m512i id) {
 
 DCX_AVX512_FN inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
-template <Lut L>
+// kCheckIds: the codebook has fewer than 2^bits entries, so an id may lie outside it and the
+// running maximum of ids is kept; with a full codebook no id can. Columns can only pass K in a
+// row's last tile: only there is the maximum offset reduced.
+template <Lut L, bool kCheckIds>
 DCX_AVX512_FN void sparse_chunk(const SpqmmPacked& p, int64_t c, const float* table,
                                 const float* xt, const float* bias, float* y, int64_t ldy,
                                 float* edge_sums, SpqmmEdge* edge, SpqmmSeen* seen) {
   const Table tab = load_table(table);
   const __m512i idmask = _mm512_set1_epi32((1 << p.bits) - 1);
   const __m128i shift = _mm_cvtsi32_si128(p.bits);
-  __m512i max_id = _mm512_setzero_si512(), max_col = _mm512_set1_epi32(-1);
+  const int64_t tile_w = int64_t(1) << (16 - p.bits);
+  __m512i max_id = _mm512_setzero_si512();
+  int64_t max_col = -1;
   // Vector sums run over a row's segments; one horizontal add per row (or chunk end), not per
   // segment: at 8 bits a segment spans only 256 columns.
   __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
@@ -293,28 +298,31 @@ DCX_AVX512_FN void sparse_chunk(const SpqmmPacked& p, int64_t c, const float* ta
                       [&](int64_t s, int64_t base, float* acc) DCX_AVX512_FN {
     const uint16_t* e = p.codes + p.seg_ptr[s];
     const int64_t n = p.seg_ptr[s + 1] - p.seg_ptr[s];
-    const __m512i vbase = _mm512_set1_epi32(static_cast<int>(base));
+    const float* xb = xt + base;  // the tile's x: gathers take the offsets as they are
+    __m512i max_off = _mm512_setzero_si512();
     int64_t i = 0;
     for (; i + 32 <= n; i += 32) {
       const __m512i v0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(e + i)));
       const __m512i v1 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(e + i + 16)));
       const __m512i id0 = _mm512_and_si512(v0, idmask), id1 = _mm512_and_si512(v1, idmask);
-      const __m512i col0 = _mm512_add_epi32(_mm512_srl_epi32(v0, shift), vbase);
-      const __m512i col1 = _mm512_add_epi32(_mm512_srl_epi32(v1, shift), vbase);
-      max_id = _mm512_max_epu32(max_id, _mm512_max_epu32(id0, id1));
-      max_col = _mm512_max_epi32(max_col, _mm512_max_epi32(col0, col1));
-      a0 = _mm512_fmadd_ps(lookup<L>(tab, id0), _mm512_i32gather_ps(col0, xt, 4), a0);
-      a1 = _mm512_fmadd_ps(lookup<L>(tab, id1), _mm512_i32gather_ps(col1, xt, 4), a1);
+      const __m512i off0 = _mm512_srl_epi32(v0, shift), off1 = _mm512_srl_epi32(v1, shift);
+      if (kCheckIds) max_id = _mm512_max_epu32(max_id, _mm512_max_epu32(id0, id1));
+      max_off = _mm512_max_epu32(max_off, _mm512_max_epu32(off0, off1));
+      a0 = _mm512_fmadd_ps(lookup<L>(tab, id0), _mm512_i32gather_ps(off0, xb, 4), a0);
+      a1 = _mm512_fmadd_ps(lookup<L>(tab, id1), _mm512_i32gather_ps(off1, xb, 4), a1);
     }
     for (; i < n; i += 16) {
       const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
       const __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, e + i));
       const __m512i id = _mm512_and_si512(v, idmask);
-      const __m512i col = _mm512_add_epi32(_mm512_srl_epi32(v, shift), vbase);
-      max_id = _mm512_max_epu32(max_id, id);
-      max_col = _mm512_mask_max_epi32(max_col, m, max_col, col);
-      const __m512 xv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, col, xt, 4);
+      const __m512i off = _mm512_srl_epi32(v, shift);
+      if (kCheckIds) max_id = _mm512_max_epu32(max_id, id);
+      max_off = _mm512_max_epu32(max_off, off);  // masked-off lanes loaded 0
+      const __m512 xv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, off, xb, 4);
       a0 = _mm512_fmadd_ps(lookup<L>(tab, id), xv, a0);
+    }
+    if (n > 0 && base + tile_w > p.k) {
+      max_col = std::max<int64_t>(max_col, base + _mm512_reduce_max_epu32(max_off));
     }
     if ((s + 1) % p.tiles == 0 || s + 1 == s_end) {
       acc[0] += hsum(_mm512_add_ps(a0, a1));
@@ -322,7 +330,7 @@ DCX_AVX512_FN void sparse_chunk(const SpqmmPacked& p, int64_t c, const float* ta
     }
   });
   seen->max_id = std::max<uint32_t>(seen->max_id, _mm512_reduce_max_epu32(max_id));
-  seen->max_col = std::max<int64_t>(seen->max_col, _mm512_reduce_max_epi32(max_col));
+  seen->max_col = std::max<int64_t>(seen->max_col, max_col);
 }
 
 template <Lut L>
