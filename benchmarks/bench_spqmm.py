@@ -5,8 +5,8 @@ torch.sparse CSR (MKL / cuSPARSE) holding the same pruned weight.
 Weights are random: a uniform random mask at the given density, random codebook ids, a random
 codebook. Bytes counted for dcx are the packed weight it reads (codes, pointers, codebook);
 GB/s on those bytes is compared with the measured copy bandwidth (read + write GB/s, as in the
-other benchmarks). On GPU several copies of every weight are rotated so that a compressed layer
-is not read from L2.
+other benchmarks). Several copies of every weight (dense, CSR and packed alike) are rotated so that
+a compressed layer is not read from the GPU's L2 or the CPU's L3 cache.
 
     python benchmarks/bench_spqmm.py                       # full grid (long)
     python benchmarks/bench_spqmm.py --preset cpu-table    # the committed CPU table
@@ -46,7 +46,10 @@ SHAPES = {
 DENSITIES = [0.05, 0.1, 0.25, 0.5, 1.0]
 BITS = [4, 5, 8]
 BATCHES = [1, 4, 16, 64]
-L2_ROTATE_BYTES = 256 << 20  # rotate copies until this many bytes are cycled through (GPU)
+# Rotate weight copies until this many bytes are cycled through, on every device: a compressed
+# layer (a few MB) would otherwise be read from the GPU's L2 or the CPU's L3 while the dense
+# baseline is not.
+ROTATE_BYTES = 256 << 20
 
 # The committed CPU table: every listed shape at batch 1 and 16, 10% and 100% density, 5 bits,
 # plus the target cases (fc7, 10% / 5 bits and 100% / 6 bits, batch 1) and a batch sweep of fc7.
@@ -94,7 +97,7 @@ def make_packed(n, k, density, bits, device, dtype, gen):
 
 
 def copies_for(nbytes, device):
-    return 1 if device == "cpu" else max(1, -(-L2_ROTATE_BYTES // max(nbytes, 1)))
+    return max(1, -(-ROTATE_BYTES // max(nbytes, 1)))
 
 
 def rotating(make_fn, items):
