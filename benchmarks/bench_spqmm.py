@@ -5,8 +5,8 @@ torch.sparse CSR (MKL / cuSPARSE) holding the same pruned weight.
 Weights are random: a uniform random mask at the given density, random codebook ids, a random
 codebook. Bytes counted for dcx are the packed weight it reads (codes, pointers, codebook);
 GB/s on those bytes is compared with the measured copy bandwidth (read + write GB/s, as in the
-other benchmarks). On GPU several copies of every weight are rotated so that a compressed layer
-is not read from L2.
+other benchmarks). Several copies of every weight (dense, CSR and packed alike) are rotated so that
+a compressed layer is not read from the GPU's L2 or the CPU's L3 cache.
 
     python benchmarks/bench_spqmm.py                       # full grid (long)
     python benchmarks/bench_spqmm.py --preset cpu-table    # the committed CPU table
@@ -46,7 +46,10 @@ SHAPES = {
 DENSITIES = [0.05, 0.1, 0.25, 0.5, 1.0]
 BITS = [4, 5, 8]
 BATCHES = [1, 4, 16, 64]
-L2_ROTATE_BYTES = 256 << 20  # rotate copies until this many bytes are cycled through (GPU)
+# Rotate weight copies until this many bytes are cycled through, on every device: a compressed
+# layer (a few MB) would otherwise be read from the GPU's L2 or the CPU's L3 while the dense
+# baseline is not.
+ROTATE_BYTES = 256 << 20
 
 # The committed CPU table: every listed shape at batch 1 and 16, 10% and 100% density, 5 bits,
 # plus the target cases (fc7, 10% / 5 bits and 100% / 6 bits, batch 1) and a batch sweep of fc7.
@@ -94,7 +97,7 @@ def make_packed(n, k, density, bits, device, dtype, gen):
 
 
 def copies_for(nbytes, device):
-    return 1 if device == "cpu" else max(1, -(-L2_ROTATE_BYTES // max(nbytes, 1)))
+    return max(1, -(-ROTATE_BYTES // max(nbytes, 1)))
 
 
 def rotating(make_fn, items):
@@ -185,6 +188,7 @@ def main():
     parser.add_argument("--devices", type=lambda s: s.split(","), default=common.devices_to_run())
     parser.add_argument("--dtype", default="float16", help="GPU activation dtype (float16, bfloat16)")
     parser.add_argument("--name", default=None, help="results file name (default spqmm-<device>)")
+    parser.add_argument("--note", action="append", default=[], help="a line added to the table's notes")
     args = parser.parse_args()
     gen = torch.Generator().manual_seed(0)
     for device in args.devices:
@@ -217,6 +221,7 @@ def main():
                  f"(bytes/weight per original weight: dense fp32 is 4). Median of >= 20 runs "
                  f"({'process CPU time' if args.cpu_clock and device == 'cpu' else 'wall clock'}); "
                  f"dcx's own choice of kernel or decode + BLAS (auto crossover)."]
+        notes += ["", *args.note] if args.note else []
         common.write_table(args.name or f"spqmm-{device}",
                            "spqmm vs dense F.linear and torch.sparse CSR", header, rows, notes)
 

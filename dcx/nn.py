@@ -18,9 +18,10 @@ from dcx import ops
 __all__ = ["PackedWeight", "pack", "SparseQuantLinear", "SparseQuantConv2d", "convert"]
 
 # Layers at or above this density are packed in dense mode (one uint8 id per weight, no
-# positions): sparse mode costs 2 bytes per non-zero, so from 50% on dense mode reads fewer bytes,
-# and its contiguous loops are faster.
-DENSE_DENSITY = 0.5
+# positions). Sparse mode costs 2 bytes per non-zero (fewer bytes below 50%), but its x accesses
+# are gathers: on a Zen 4 CPU, batch 1, dense mode already matches sparse mode at 10% density and
+# is 2x faster at 25% (benchmarks/results/spqmm-cpu-1thread.md).
+DENSE_DENSITY = 0.2
 # Work per chunk, in non-zeros; a segment (one row's entries in one tile) costs SEGMENT_COST more.
 CHUNK_WORK = 4096
 SEGMENT_COST = 8

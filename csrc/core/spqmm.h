@@ -227,25 +227,37 @@ inline void spqmm_decode_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, cons
 
 #ifdef DCX_SPQMM_AVX512
 // Batch-1 kernels with AVX-512: 16 entries per step. Codebook lookups are register permutes
-// (<= 16 entries: one vpermps; 32: one vpermi2ps; 64: two and a blend), beyond 64 an L1 gather;
-// x is gathered from the padded, cache-resident buffer.
+// (<= 16 entries: one vpermps; 32: one vpermi2ps; 64, 128, 256: 2, 4, 8 of them and a tree of
+// blends on the id's high bits), never a gather (on Zen 4 a table gather costs more than the
+// 8-permute tree); x is gathered from the padded, cache-resident buffer.
 namespace avx512 {
 
-enum class Lut { k16, k32, k64, kGather };
+enum class Lut { k16, k32, k64, k128, k256 };
 
 inline Lut lut_kind(int bits) {
-  return bits <= 4 ? Lut::k16 : bits == 5 ? Lut::k32 : bits == 6 ? Lut::k64 : Lut::kGather;
+  return bits <= 4 ? Lut::k16 : bits == 5 ? Lut::k32 : bits == 6 ? Lut::k64 : bits == 7 ? Lut::k128 : Lut::k256;
 }
 
 struct Table {
-  __m512 t[4];
-  const float* mem;
+  __m512 t[16];
 };
 
 DCX_AVX512_FN inline Table load_table(const float* table) {
-  return {{_mm512_loadu_ps(table), _mm512_loadu_ps(table + 16), _mm512_loadu_ps(table + 32),
-           _mm512_loadu_ps(table + 48)},
-          table};
+  Table t;
+  for (int i = 0; i < 16; ++i) t.t[i] = _mm512_loadu_ps(table + 16 * i);
+  return t;
+}
+
+// Entries [32 * j, 32 * j + 32) for the low 5 bits of id, for each pair j of table vectors.
+template <int Pairs>
+DCX_AVX512_FN inline __m512 lookup_tree(const Table& t, __m512i id) {
+  __m512 v[Pairs];
+  for (int j = 0; j < Pairs; ++j) v[j] = _mm512_permutex2var_ps(t.t[2 * j], id, t.t[2 * j + 1]);
+  for (int width = Pairs, bit = 32; width > 1; width /= 2, bit *= 2) {
+    const __mmask16 high = _mm512_test_epi32_mask(id, _mm512_set1_epi32(bit));
+    for (int j = 0; j < width / 2; ++j) v[j] = _mm512_mask_blend_ps(high, v[2 * j], v[2 * j + 1]);
+  }
+  return v[0];
 }
 
 template <Lut L>
@@ -255,56 +267,70 @@ DCX_AVX512_FN inline __m512 lookup(const Table& t, __m512i id) {
   } else if constexpr (L == Lut::k32) {
     return _mm512_permutex2var_ps(t.t[0], id, t.t[1]);
   } else if constexpr (L == Lut::k64) {
-    const __m512 lo = _mm512_permutex2var_ps(t.t[0], id, t.t[1]);
-    const __m512 hi = _mm512_permutex2var_ps(t.t[2], id, t.t[3]);
-    return _mm512_mask_blend_ps(_mm512_test_epi32_mask(id, _mm512_set1_epi32(32)), lo, hi);
+    return lookup_tree<2>(t, id);
+  } else if constexpr (L == Lut::k128) {
+    return lookup_tree<4>(t, id);
   } else {
-    return _mm512_i32gather_ps(id, t.mem, 4);
+    return lookup_tree<8>(t, id);
   }
 }
 
 DCX_AVX512_FN inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
-template <Lut L>
+// kCheckIds: the codebook has fewer than 2^bits entries, so an id may lie outside it and the
+// running maximum of ids is kept; with a full codebook no id can. Columns can only pass K in a
+// row's last tile: only there is the maximum offset reduced.
+template <Lut L, bool kCheckIds>
 DCX_AVX512_FN void sparse_chunk(const SpqmmPacked& p, int64_t c, const float* table,
                                 const float* xt, const float* bias, float* y, int64_t ldy,
                                 float* edge_sums, SpqmmEdge* edge, SpqmmSeen* seen) {
   const Table tab = load_table(table);
   const __m512i idmask = _mm512_set1_epi32((1 << p.bits) - 1);
   const __m128i shift = _mm_cvtsi32_si128(p.bits);
-  __m512i max_id = _mm512_setzero_si512(), max_col = _mm512_set1_epi32(-1);
+  const int64_t tile_w = int64_t(1) << (16 - p.bits);
+  __m512i max_id = _mm512_setzero_si512();
+  int64_t max_col = -1;
+  // Vector sums run over a row's segments; one horizontal add per row (or chunk end), not per
+  // segment: at 8 bits a segment spans only 256 columns.
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  const int64_t s_end = p.chunks[c + 1];
   spqmm_walk_chunk<1>(p, c, bias, y, ldy, 1, edge_sums, edge,
                       [&](int64_t s, int64_t base, float* acc) DCX_AVX512_FN {
     const uint16_t* e = p.codes + p.seg_ptr[s];
     const int64_t n = p.seg_ptr[s + 1] - p.seg_ptr[s];
-    const __m512i vbase = _mm512_set1_epi32(static_cast<int>(base));
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    const float* xb = xt + base;  // the tile's x: gathers take the offsets as they are
+    __m512i max_off = _mm512_setzero_si512();
     int64_t i = 0;
     for (; i + 32 <= n; i += 32) {
       const __m512i v0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(e + i)));
       const __m512i v1 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(e + i + 16)));
       const __m512i id0 = _mm512_and_si512(v0, idmask), id1 = _mm512_and_si512(v1, idmask);
-      const __m512i col0 = _mm512_add_epi32(_mm512_srl_epi32(v0, shift), vbase);
-      const __m512i col1 = _mm512_add_epi32(_mm512_srl_epi32(v1, shift), vbase);
-      max_id = _mm512_max_epu32(max_id, _mm512_max_epu32(id0, id1));
-      max_col = _mm512_max_epi32(max_col, _mm512_max_epi32(col0, col1));
-      a0 = _mm512_fmadd_ps(lookup<L>(tab, id0), _mm512_i32gather_ps(col0, xt, 4), a0);
-      a1 = _mm512_fmadd_ps(lookup<L>(tab, id1), _mm512_i32gather_ps(col1, xt, 4), a1);
+      const __m512i off0 = _mm512_srl_epi32(v0, shift), off1 = _mm512_srl_epi32(v1, shift);
+      if (kCheckIds) max_id = _mm512_max_epu32(max_id, _mm512_max_epu32(id0, id1));
+      max_off = _mm512_max_epu32(max_off, _mm512_max_epu32(off0, off1));
+      a0 = _mm512_fmadd_ps(lookup<L>(tab, id0), _mm512_i32gather_ps(off0, xb, 4), a0);
+      a1 = _mm512_fmadd_ps(lookup<L>(tab, id1), _mm512_i32gather_ps(off1, xb, 4), a1);
     }
     for (; i < n; i += 16) {
       const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
       const __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, e + i));
       const __m512i id = _mm512_and_si512(v, idmask);
-      const __m512i col = _mm512_add_epi32(_mm512_srl_epi32(v, shift), vbase);
-      max_id = _mm512_max_epu32(max_id, id);
-      max_col = _mm512_mask_max_epi32(max_col, m, max_col, col);
-      const __m512 xv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, col, xt, 4);
+      const __m512i off = _mm512_srl_epi32(v, shift);
+      if (kCheckIds) max_id = _mm512_max_epu32(max_id, id);
+      max_off = _mm512_max_epu32(max_off, off);  // masked-off lanes loaded 0
+      const __m512 xv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, off, xb, 4);
       a0 = _mm512_fmadd_ps(lookup<L>(tab, id), xv, a0);
     }
-    acc[0] += hsum(_mm512_add_ps(a0, a1));
+    if (n > 0 && base + tile_w > p.k) {
+      max_col = std::max<int64_t>(max_col, base + _mm512_reduce_max_epu32(max_off));
+    }
+    if ((s + 1) % p.tiles == 0 || s + 1 == s_end) {
+      acc[0] += hsum(_mm512_add_ps(a0, a1));
+      a0 = a1 = _mm512_setzero_ps();
+    }
   });
   seen->max_id = std::max<uint32_t>(seen->max_id, _mm512_reduce_max_epu32(max_id));
-  seen->max_col = std::max<int64_t>(seen->max_col, _mm512_reduce_max_epi32(max_col));
+  seen->max_col = std::max<int64_t>(seen->max_col, max_col);
 }
 
 template <Lut L>

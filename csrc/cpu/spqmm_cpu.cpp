@@ -85,7 +85,8 @@ std::vector<float> make_table(const at::Tensor& codebook) {
 void decode_gemm(const SpqmmPacked& p, const float* table, const at::Tensor& x2, const float* bias,
                  float* y, SpqmmSeen* seen) {
   const int64_t M = x2.size(0), N = p.n, K = p.k;
-  const int64_t rows = std::max<int64_t>(16, std::min<int64_t>(256, (int64_t(1) << 18) / std::max<int64_t>(K, 1)));
+  // Blocks of about 8 MB decoded (L3-resident), at least 64 rows so each GEMM is not too thin.
+  const int64_t rows = std::max<int64_t>(64, std::min<int64_t>(512, (int64_t(1) << 21) / std::max<int64_t>(K, 1)));
   const int64_t blocks = (N + rows - 1) / rows;
   std::vector<SpqmmSeen> seen_by(blocks);
   const bool vec = p.dense && use_avx512();
@@ -102,7 +103,8 @@ void decode_gemm(const SpqmmPacked& p, const float* table, const at::Tensor& x2,
           case Lut::k16: avx512::dense_decode_rows<Lut::k16>(p, r0, r0 + rb, table, wp, sb); break;
           case Lut::k32: avx512::dense_decode_rows<Lut::k32>(p, r0, r0 + rb, table, wp, sb); break;
           case Lut::k64: avx512::dense_decode_rows<Lut::k64>(p, r0, r0 + rb, table, wp, sb); break;
-          case Lut::kGather: avx512::dense_decode_rows<Lut::kGather>(p, r0, r0 + rb, table, wp, sb); break;
+          case Lut::k128: avx512::dense_decode_rows<Lut::k128>(p, r0, r0 + rb, table, wp, sb); break;
+          case Lut::k256: avx512::dense_decode_rows<Lut::k256>(p, r0, r0 + rb, table, wp, sb); break;
         }
       } else {
         spqmm_decode_rows(p, r0, r0 + rb, table, wp, sb);
@@ -120,10 +122,24 @@ void decode_gemm(const SpqmmPacked& p, const float* table, const at::Tensor& x2,
   for (const auto& s : seen_by) seen->merge(s);
 }
 
+#ifdef DCX_SPQMM_AVX512
+template <avx512::Lut L>
+void sparse_chunk_avx512(const SpqmmPacked& p, int64_t c, const float* table, const float* xt,
+                         const float* bias, float* y, float* es, SpqmmEdge* edge, SpqmmSeen* seen,
+                         bool check_ids) {
+  if (check_ids) {
+    avx512::sparse_chunk<L, true>(p, c, table, xt, bias, y, p.n, es, edge, seen);
+  } else {
+    avx512::sparse_chunk<L, false>(p, c, table, xt, bias, y, p.n, es, edge, seen);
+  }
+}
+#endif
+
 template <int MB>
 void run_sparse_block(const SpqmmPacked& p, const float* table, const float* xt, const float* bias,
                       float* y, int mvalid, std::vector<SpqmmSeen>& seen_by,
-                      std::vector<float>& edge_sums, std::vector<SpqmmEdge>& edges) {
+                      std::vector<float>& edge_sums, std::vector<SpqmmEdge>& edges,
+                      bool check_ids) {
   const bool vec = MB == 1 && use_avx512();
   at::parallel_for(0, p.num_chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
@@ -132,10 +148,11 @@ void run_sparse_block(const SpqmmPacked& p, const float* table, const float* xt,
         using avx512::Lut;
         float* es = edge_sums.data() + c * 2;
         switch (avx512::lut_kind(p.bits)) {
-          case Lut::k16: avx512::sparse_chunk<Lut::k16>(p, c, table, xt, bias, y, p.n, es, &edges[c], &seen_by[c]); break;
-          case Lut::k32: avx512::sparse_chunk<Lut::k32>(p, c, table, xt, bias, y, p.n, es, &edges[c], &seen_by[c]); break;
-          case Lut::k64: avx512::sparse_chunk<Lut::k64>(p, c, table, xt, bias, y, p.n, es, &edges[c], &seen_by[c]); break;
-          case Lut::kGather: avx512::sparse_chunk<Lut::kGather>(p, c, table, xt, bias, y, p.n, es, &edges[c], &seen_by[c]); break;
+          case Lut::k16: sparse_chunk_avx512<Lut::k16>(p, c, table, xt, bias, y, es, &edges[c], &seen_by[c], check_ids); break;
+          case Lut::k32: sparse_chunk_avx512<Lut::k32>(p, c, table, xt, bias, y, es, &edges[c], &seen_by[c], check_ids); break;
+          case Lut::k64: sparse_chunk_avx512<Lut::k64>(p, c, table, xt, bias, y, es, &edges[c], &seen_by[c], check_ids); break;
+          case Lut::k128: sparse_chunk_avx512<Lut::k128>(p, c, table, xt, bias, y, es, &edges[c], &seen_by[c], check_ids); break;
+          case Lut::k256: sparse_chunk_avx512<Lut::k256>(p, c, table, xt, bias, y, es, &edges[c], &seen_by[c], check_ids); break;
         }
         continue;
       }
@@ -176,7 +193,8 @@ void run_dense_block(const SpqmmPacked& p, const float* table, const float* xt, 
         case Lut::k16: avx512::dense_rows<Lut::k16>(p, r0, r1, table, xt, bias, y, &seen); return;
         case Lut::k32: avx512::dense_rows<Lut::k32>(p, r0, r1, table, xt, bias, y, &seen); return;
         case Lut::k64: avx512::dense_rows<Lut::k64>(p, r0, r1, table, xt, bias, y, &seen); return;
-        case Lut::kGather: avx512::dense_rows<Lut::kGather>(p, r0, r1, table, xt, bias, y, &seen); return;
+        case Lut::k128: avx512::dense_rows<Lut::k128>(p, r0, r1, table, xt, bias, y, &seen); return;
+        case Lut::k256: avx512::dense_rows<Lut::k256>(p, r0, r1, table, xt, bias, y, &seen); return;
       }
     }
 #endif
@@ -188,7 +206,7 @@ void run_dense_block(const SpqmmPacked& p, const float* table, const float* xt, 
 template <int MB>
 void run_block(const SpqmmPacked& p, const float* table, const at::Tensor& x2, int64_t m0,
                const float* bias, float* y, std::vector<SpqmmSeen>& seen_by,
-               std::vector<float>& edge_sums, std::vector<SpqmmEdge>& edges) {
+               std::vector<float>& edge_sums, std::vector<SpqmmEdge>& edges, bool check_ids) {
   const int64_t M = x2.size(0);
   const int mvalid = static_cast<int>(std::min<int64_t>(MB, M - m0));
   const bool dense_mode = p.dense;
@@ -202,7 +220,7 @@ void run_block(const SpqmmPacked& p, const float* table, const at::Tensor& x2, i
   } else {
     edge_sums.assign(p.num_chunks * 2 * MB, 0.f);
     run_sparse_block<MB>(p, table, xt.data_ptr<float>(), bias, yb, mvalid, seen_by, edge_sums,
-                         edges);
+                         edges, check_ids);
   }
 }
 
@@ -244,14 +262,15 @@ at::Tensor spqmm_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Ten
       std::vector<float> edge_sums;
       std::vector<SpqmmEdge> edges(dense_mode ? 0 : p.num_chunks);
       float* yp = y.data_ptr<float>();
+      const bool check_ids = codebook.numel() < (int64_t(1) << bits);
       const int64_t mb = M == 1 ? 1 : M <= 2 ? 2 : M <= 4 ? 4 : M <= 8 ? 8 : kMaxBlock;
       for (int64_t m0 = 0; m0 < M; m0 += mb) {
         switch (mb) {
-          case 1: run_block<1>(p, table.data(), x2, m0, bp, yp, seen_by, edge_sums, edges); break;
-          case 2: run_block<2>(p, table.data(), x2, m0, bp, yp, seen_by, edge_sums, edges); break;
-          case 4: run_block<4>(p, table.data(), x2, m0, bp, yp, seen_by, edge_sums, edges); break;
-          case 8: run_block<8>(p, table.data(), x2, m0, bp, yp, seen_by, edge_sums, edges); break;
-          default: run_block<kMaxBlock>(p, table.data(), x2, m0, bp, yp, seen_by, edge_sums, edges);
+          case 1: run_block<1>(p, table.data(), x2, m0, bp, yp, seen_by, edge_sums, edges, check_ids); break;
+          case 2: run_block<2>(p, table.data(), x2, m0, bp, yp, seen_by, edge_sums, edges, check_ids); break;
+          case 4: run_block<4>(p, table.data(), x2, m0, bp, yp, seen_by, edge_sums, edges, check_ids); break;
+          case 8: run_block<8>(p, table.data(), x2, m0, bp, yp, seen_by, edge_sums, edges, check_ids); break;
+          default: run_block<kMaxBlock>(p, table.data(), x2, m0, bp, yp, seen_by, edge_sums, edges, check_ids);
         }
       }
       for (const auto& s : seen_by) seen.merge(s);
