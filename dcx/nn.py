@@ -136,24 +136,6 @@ def _chunk_plan(seg_ptr: Tensor) -> Tensor:
     return torch.unique_consecutive(bounds).to(torch.int32)
 
 
-def _kmeans1d(values: Tensor, k: int, iters: int = 30):
-    """1-D k-means with linear initialisation (keeps the rare large weights), Lloyd steps by
-    midpoints of the sorted centroids. Returns (centroids [k] float64, labels [n] int64)."""
-    v = values.double()
-    if v.numel() == 0:
-        return torch.zeros(k, dtype=torch.float64, device=v.device), v.long()
-    c = torch.linspace(float(v.min()), float(v.max()), k, dtype=torch.float64, device=v.device)
-    for _ in range(iters):
-        lab = torch.bucketize(v, (c[1:] + c[:-1]) / 2)
-        sums = torch.zeros_like(c).index_add_(0, lab, v)
-        cnt = torch.bincount(lab, minlength=k)
-        new = torch.where(cnt > 0, sums / cnt.clamp(min=1), c)
-        if torch.equal(new, c):
-            break
-        c = new
-    return c, torch.bucketize(v, (c[1:] + c[:-1]) / 2)
-
-
 def _compress_weight(weight: Tensor, sparsity: float, bits: int):
     """Magnitude pruning to `sparsity` (fraction removed) then k-means weight sharing of the kept
     weights with 2^bits clusters: (mask, labels, codebook)."""
@@ -167,9 +149,15 @@ def _compress_weight(weight: Tensor, sparsity: float, bits: int):
     if keep > 0:
         mask[w.abs().reshape(-1).topk(keep).indices] = True
     mask = mask.view_as(w)
-    codebook, kept_labels = _kmeans1d(w[mask], 1 << bits)
+    # The weight-sharing stage's clustering (linear init keeps the rare large weights).
+    kept = w[mask]
+    if kept.numel() == 0:
+        codebook = torch.zeros(1 << bits, dtype=torch.float32, device=w.device)
+        kept_labels = torch.zeros(0, dtype=torch.int64, device=w.device)
+    else:
+        codebook, kept_labels = ops.kmeans1d(kept, min(1 << bits, kept.numel()), init="linear")
     labels = torch.zeros(w.shape, dtype=torch.int64, device=w.device)
-    labels[mask] = kept_labels
+    labels[mask] = kept_labels.long()
     return mask, labels, codebook.to(weight.dtype)
 
 
