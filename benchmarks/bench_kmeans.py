@@ -121,7 +121,13 @@ def run_cpu(sizes, ks, optimal_max):
              "(init='linear', the same tol rule; and tol=0: to the fixed point, as each iteration "
              "costs only O(k log n)) median of 3 runs; dcx optimal (exact dynamic "
              f"program) timed once, only for n <= {optimal_max:,} (O(k n log n) time: larger "
-             "layers take minutes on 2 threads). Inertia ratios < 1 mean dcx is better."]
+             "layers take minutes on 2 threads). Inertia ratios < 1 mean dcx is better.", "",
+             "Lloyd stops in a local optimum: from the same start, sklearn (float32 arithmetic "
+             "on float32 input, its own relocation of empty clusters) and dcx (float64 means, "
+             "one relocation at a time) can reach different ones, a fraction of a percent "
+             "apart either way at k = 16 and 32; with Laplace tails the linear start leaves "
+             "many clusters empty at k = 256, where relocation decides most of the result. "
+             "The optimal column is the global optimum."]
     common.write_table("kmeans-cpu", "kmeans1d vs sklearn KMeans (CPU)", header, rows, notes)
 
 

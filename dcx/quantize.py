@@ -261,7 +261,8 @@ def cluster_(model: nn.Module, config: Optional[ClusterConfig] = None,
         if config.reassign:
             module.register_buffer(f"{_PARAM}_dense", w.clone())
         module._dcx_cluster_hook = module.register_forward_pre_hook(_rebuild)
-        _rebuild(module)
+        with torch.no_grad():  # a leaf until the first forward: the model stays deep-copyable
+            _rebuild(module)
     return model
 
 

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -159,5 +161,7 @@ def test_bad_masks():
 
 def test_state_dict_and_public_surface():
     model = dcx.cluster_(Small(), ClusterConfig(linear_bits=2, conv_bits=2))
+    clone = copy.deepcopy(model)
+    assert torch.equal(clone(torch.ones(1, 1, 8, 8)), model(torch.ones(1, 1, 8, 8)))
     keys = set(model.state_dict())
     assert {"fc1.weight_codebook", "fc1.weight_labels"} <= keys and "fc1.weight" not in keys

@@ -94,6 +94,26 @@ DCX_HOST_DEVICE ClusterStats cluster_stats_one(const T* x, int64_t n, const doub
   return s;
 }
 
+// count_le(x, n, t) found by galloping from `hint` (the boundary of the previous iteration, which
+// moves little): O(log distance) reads near the hint instead of log n reads across the array.
+template <typename T>
+int64_t count_le_near(const T* x, int64_t n, double t, int64_t hint) {
+  hint = std::min(std::max<int64_t>(hint, 0), n);
+  int64_t lo, hi;  // the answer lies in [lo, hi]
+  if (hint < n && static_cast<double>(x[hint]) <= t) {
+    lo = hint + 1;
+    int64_t step = 1;
+    while (lo + step - 1 < n && static_cast<double>(x[lo + step - 1]) <= t) lo += step, step *= 2;
+    hi = std::min(n, lo + step - 1);
+  } else {
+    hi = hint;
+    int64_t step = 1;
+    while (hi - step >= 0 && !(static_cast<double>(x[hi - step]) <= t)) hi -= step, step *= 2;
+    lo = std::max<int64_t>(0, hi - step + 1);
+  }
+  return lo + count_le(x + lo, hi - lo, t);
+}
+
 // Sum of squared deviations from their mean of the sorted values x[j..i] (inclusive), from the
 // prefix sums: the cost of one cluster in the dynamic program.
 DCX_HOST_DEVICE double segment_cost(const double* S, const double* S2, int64_t j, int64_t i) {
@@ -338,9 +358,21 @@ Fit fit_sorted(const T* x, int64_t n, int64_t k, Init init, uint64_t seed, int64
   } else {
     for (int64_t i : init_indices(init, n, k, seed)) c.push_back(static_cast<double>(x[i]));
   }
+  // Boundaries found near the last ones; the same stats as cluster_stats_one (the CUDA path).
+  std::vector<int64_t> bound(k + 1, 0);
+  bound[k] = n;
+  for (int64_t j = 1; j < k; ++j) bound[j] = n * j / k;
   auto stats = [&](const double* mid, ClusterStats* out) {
-    for (int64_t j = 0; j < k; ++j)
-      out[j] = cluster_stats_one(x, n, S.data(), squares ? S2.data() : nullptr, mid, k, j);
+    for (int64_t j = 1; j < k; ++j) bound[j] = count_le_near(x, n, mid[j - 1], bound[j]);
+    for (int64_t j = 0; j < k; ++j) {
+      ClusterStats& st = out[j];
+      st.begin = bound[j];
+      st.end = std::max(bound[j + 1], bound[j]);
+      st.sum = S[st.end] - S[st.begin];
+      st.sumsq = squares ? S2[st.end] - S2[st.begin] : 0.0;
+      st.lo = st.end > st.begin ? static_cast<double>(x[st.begin]) : 0.0;
+      st.hi = st.end > st.begin ? static_cast<double>(x[st.end - 1]) : 0.0;
+    }
   };
   // The exact partition is a fixed point of Lloyd: these iterations only make the labels the
   // nearest-centroid ones (they differ only on ties).

@@ -203,6 +203,16 @@ static void test_labels() {
   CHECK(km::label_of(2.1, mid.data(), 3) == 3);
   const std::vector<float> x = {-1, 0, 0.5f, 0.5f, 2, 7};
   CHECK(km::count_le(x.data(), 6, 0.5) == 4 && km::count_le(x.data(), 6, -2.0) == 0);
+  // Galloping from any hint finds what the plain search finds.
+  std::vector<float> v = random_values<float>(1000, 3);
+  for (int i = 0; i < 100; ++i) v[i] = v[i + 1];  // runs of equal values
+  std::sort(v.begin(), v.end());
+  bool same = true;
+  for (double t : {-2.0, -0.5, static_cast<double>(v[0]), static_cast<double>(v[500]), 0.3, 2.0})
+    for (int64_t hint : {-5, 0, 1, 17, 499, 500, 998, 999, 1000, 2000})
+      same = same && km::count_le_near(v.data(), 1000, t, hint) == km::count_le(v.data(), 1000, t);
+  CHECK(same);
+  CHECK(km::count_le_near(v.data(), 0, 1.0, 0) == 0);
 }
 
 int main() {
