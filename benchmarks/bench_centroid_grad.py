@@ -42,7 +42,9 @@ def run(device, sizes):
     header = ["n", "k", "bincount ms", "index_add_ ms", "dcx ms", "dcx GB/s", "of copy bw",
               "vs bincount", "vs index_add_"]
     notes = [common.stamp(device), "",
-             f"Measured copy bandwidth: {copy_gbs:.1f} GB/s (read + write). GB/s counts the "
+             f"Measured copy bandwidth: {copy_gbs:.1f} GB/s (torch copy_, read + write bytes; the "
+             f"write-allocate read of its destination is not counted, so an op that reads what it "
+             f"writes, or only reads, can exceed 100%). GB/s counts the "
              f"{BYTES_PER_ELEMENT} bytes per element the op must read; median of >= 20 runs."]
     common.write_table(f"centroid_grad-{device}", "centroid_grad vs bincount and index_add_",
                        header, rows, notes)

@@ -51,7 +51,9 @@ def run(device, sizes):
     header = ["params", "SGD(foreach)+mul_(mask) ms", "dcx masked_sgd_step_ ms", "dcx GB/s",
               "of copy bw", "speedup"]
     notes = [common.stamp(device), "",
-             f"Measured copy bandwidth: {copy_gbs:.1f} GB/s (read + write). GB/s counts the "
+             f"Measured copy bandwidth: {copy_gbs:.1f} GB/s (torch copy_, read + write bytes; the "
+             f"write-allocate read of its destination is not counted, so an op that reads what it "
+             f"writes, or only reads, can exceed 100%). GB/s counts the "
              f"{BYTES_PER_ELEMENT} bytes per element the fused step must move; median of >= 20 runs."]
     common.write_table(f"masked_sgd-{device}", "masked_sgd_step_ vs torch.optim.SGD + masking",
                        header, rows, notes)
