@@ -449,3 +449,32 @@ def test_same_masks_on_every_device(device, granularity):
     for name, mask in P.masks(twin).items():
         assert mask.device.type == device
         assert torch.equal(mask.cpu(), P.masks(model)[name])
+
+
+def test_threshold_criteria_follow_the_schedule():
+    model = nn.Sequential(nn.Linear(40, 30))
+    w = model[0].weight.detach().clone()
+    pruner = Pruner(model, PruneConfig(threshold=0.1, schedule="iterative", iterations=2))
+    pruner.step()
+    assert torch.equal(model[0].weight_mask, w.abs() >= 0.05)
+    pruner.step()
+    assert torch.equal(model[0].weight_mask, w.abs() >= 0.1)
+    model = nn.Sequential(nn.Linear(40, 30))
+    pruner = Pruner(model, PruneConfig(quality=1.0, schedule="gradual", iterations=2))
+    pruner.step()  # k = 0: progress 0, nothing pruned
+    assert model[0].weight_mask.all()
+    w = model[0].weight.detach().clone()
+    pruner.step()  # k = 1: progress 1 - 1/8, on the std of the weights as they are
+    assert torch.equal(model[0].weight_mask, w.abs() >= 0.875 * w.std())
+
+
+def test_global_sparsity_on_a_schedule():
+    model = LeNet300100()
+    total = sum(m.weight.numel() for m in (model.fc1, model.fc2, model.fc3))
+    pruner = Pruner(model, PruneConfig(global_sparsity=0.9, schedule="iterative", iterations=3))
+    pruned = []
+    for _ in range(3):
+        pruner.step()
+        pruned.append(sum(int((~m).sum()) for m in P.masks(model).values()))
+    expected = [count(1 - 0.1 ** (k / 3), total) for k in (1, 2, 3)]
+    assert pruned == expected
