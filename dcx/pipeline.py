@@ -15,6 +15,7 @@ again, and its predictions are compared with the in-memory model's.
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import math
 import random
@@ -134,7 +135,7 @@ class DeepCompression:
     def __init__(self, model: nn.Module, config, *, train_loader=None, test_loader=None,
                  loss_fn: Callable = F.cross_entropy, train_fn: Optional[Callable] = None,
                  eval_fn: Optional[Callable] = None, model_factory: Optional[Callable] = None,
-                 progress: bool = True, log: Callable = print, snapshot: bool = False):
+                 progress: bool = True, log: Optional[Callable] = None, snapshot: bool = False):
         if isinstance(config, (str, Path)):
             config = CompressionConfig.load(config)
         elif isinstance(config, dict):
@@ -155,7 +156,7 @@ class DeepCompression:
         pristine = copy.deepcopy(model)
         self.model_factory = model_factory or (lambda: copy.deepcopy(pristine))
         self.progress = progress
-        self.log = log
+        self.log = log or functools.partial(print, flush=True)  # stage lines show up in logs at once
         # For the distribution plots: copies of the largest weight after each stage.
         weights = [(p.numel(), n) for n, p in model.named_parameters() if p.dim() >= 2]
         self.snapshot_name = max(weights)[1] if snapshot and weights else None
