@@ -164,6 +164,19 @@ def _compress_weight(weight: Tensor, sparsity: float, bits: int):
 class _PackedModule(nn.Module):
     """Holds a PackedWeight as buffers (resized on load_state_dict) and `bits` as extra state."""
 
+    def _init_empty(self, out_features: int, bits: int, bias: bool, dtype, device):
+        """An all-pruned packed weight [out_features, _packed_in_features()] and a zero bias:
+        the state a constructor leaves before load_state_dict or from_* fills it."""
+        dtype = dtype or torch.get_default_dtype()
+        mask = torch.zeros(out_features, self._packed_in_features(), dtype=torch.bool, device=device)
+        codebook = torch.zeros(1 << bits, dtype=dtype, device=device)
+        self._set_packed(pack(mask, torch.zeros_like(mask, dtype=torch.int64), codebook, bits,
+                              dense=False))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
+        else:
+            self.register_parameter("bias", None)
+
     def _set_packed(self, p: PackedWeight):
         for name in ("codes", "seg_ptr", "chunks", "codebook"):
             self.register_buffer(name, getattr(p, name))
@@ -232,15 +245,7 @@ class SparseQuantLinear(_PackedModule):
                  device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        dtype = dtype or torch.get_default_dtype()
-        mask = torch.zeros(out_features, in_features, dtype=torch.bool, device=device)
-        codebook = torch.zeros(1 << bits, dtype=dtype, device=device)
-        self._set_packed(pack(mask, torch.zeros_like(mask, dtype=torch.int64), codebook, bits,
-                              dense=False))
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
-        else:
-            self.register_parameter("bias", None)
+        self._init_empty(out_features, bits, bias, dtype, device)
 
     def _packed_in_features(self):
         return self.in_features
@@ -290,16 +295,7 @@ class SparseQuantConv2d(_PackedModule):
         self.kernel_size, self.stride = pair(kernel_size), pair(stride)
         self.padding, self.dilation = pair(padding), pair(dilation)
         self.out_features = out_channels
-        dtype = dtype or torch.get_default_dtype()
-        k_in = self._packed_in_features()
-        mask = torch.zeros(out_channels, k_in, dtype=torch.bool, device=device)
-        codebook = torch.zeros(1 << bits, dtype=dtype, device=device)
-        self._set_packed(pack(mask, torch.zeros_like(mask, dtype=torch.int64), codebook, bits,
-                              dense=False))
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(out_channels, dtype=dtype, device=device))
-        else:
-            self.register_parameter("bias", None)
+        self._init_empty(out_channels, bits, bias, dtype, device)
 
     def _packed_in_features(self):
         return self.in_channels * self.kernel_size[0] * self.kernel_size[1]

@@ -12,7 +12,10 @@ from torch import Tensor
 
 from dcx._native import available, op
 
-__all__ = ["masked_sgd_step_", "centroid_grad", "kmeans1d"]
+__all__ = [
+    "masked_sgd_step_", "centroid_grad", "kmeans1d", "spqmm",
+    "huffman_code_lengths", "huffman_encode", "huffman_decode",
+]
 
 
 def masked_sgd_step_(
@@ -93,9 +96,6 @@ if available():
         return grad.new_empty((num_clusters,))
 
 
-__all__ += ["huffman_code_lengths", "huffman_encode", "huffman_decode"]
-
-
 def huffman_code_lengths(freqs: Tensor, max_length: int = 24) -> Tensor:
     """Optimal Huffman code lengths of at most `max_length` bits (package-merge), CPU only.
 
@@ -123,7 +123,6 @@ def huffman_decode(data: Tensor, code_lengths: Tensor, count: int) -> Tensor:
     raises RuntimeError; nothing is read past `data` or written past `count`.
     """
     return op("huffman_decode")(data, code_lengths, count)
-__all__ += ["spqmm"]
 
 
 def spqmm(
