@@ -92,7 +92,7 @@ def make_packed(n, k, density, bits, device, dtype, gen):
     codebook = torch.randn(1 << bits, generator=gen).to(dtype)
     packed = dcx.pack(mask, labels, codebook, bits)
     packed = packed._replace(**{f: getattr(packed, f).to(device)
-                                for f in ("codes", "seg_ptr", "chunks", "codebook")})
+                                for f in ("codes", "windows", "group_ptr", "chunks", "codebook")})
     return mask, packed
 
 
@@ -107,7 +107,7 @@ def rotating(make_fn, items):
 
 
 def run_case(rows, device, name, n, k, density, bits, batches, act_dtype, copy_gbs, cache, gen,
-             cpu_clock=False):
+             cpu_clock=False, crossover=-1):
     mask, packed = make_packed(n, k, density, bits, device, act_dtype, gen)
     packs = [packed] + [packed._replace(codes=packed.codes.clone())
                         for _ in range(copies_for(packed.nbytes(), device) - 1)]
@@ -141,8 +141,7 @@ def run_case(rows, device, name, n, k, density, bits, batches, act_dtype, copy_g
         if csr is not None:
             xt = x.t().contiguous()
             t_csr = bench(rotating(lambda w: w @ xt, csr), device, cpu_clock)
-        t_dcx = bench(rotating(lambda p: dcx.ops.spqmm(
-            x, p.codes, p.seg_ptr, p.chunks, p.codebook, n, k, p.bits), packs), device, cpu_clock)
+        t_dcx = bench(rotating(lambda p: p.spqmm(x, crossover=crossover), packs), device, cpu_clock)
         gbs = packed.nbytes() / t_dcx / 1e9
         fmt = lambda t: "-" if t is None else f"{t * 1e3:.3f}"  # noqa: E731
         ratio = lambda t: "-" if t is None else f"{t / t_dcx:.2f}x"  # noqa: E731
@@ -187,6 +186,9 @@ def main():
                         help="time CPU runs by process CPU time (for 1 thread on a shared machine)")
     parser.add_argument("--devices", type=lambda s: s.split(","), default=common.devices_to_run())
     parser.add_argument("--dtype", default="float16", help="GPU activation dtype (float16, bfloat16)")
+    parser.add_argument("--crossover", type=int, default=-1,
+                        help="batch from which dcx decodes + runs the BLAS (-1: its default; 0: "
+                             "always decode; a large value: always the kernel)")
     parser.add_argument("--name", default=None, help="results file name (default spqmm-<device>)")
     parser.add_argument("--note", action="append", default=[], help="a line added to the table's notes")
     args = parser.parse_args()
@@ -205,7 +207,8 @@ def main():
                     for density in part["densities"]:
                         for bits in part["bits"]:
                             run_case(rows, device, name, n, k, density, bits, part["batches"],
-                                     act_dtype, copy_gbs, cache, gen, args.cpu_clock)
+                                     act_dtype, copy_gbs, cache, gen, args.cpu_clock,
+                                     args.crossover)
         header = ["layer", "N x K", "density", "bits", "mode", "batch", "threads", "dense fp32 ms"]
         if device == "cuda":
             header.append(f"dense {args.dtype} ms")
@@ -220,7 +223,8 @@ def main():
                  f"{', '.join(copy_notes)} (read + write, same clock). dcx GB/s counts the packed bytes it reads "
                  f"(bytes/weight per original weight: dense fp32 is 4). Median of >= 20 runs "
                  f"({'process CPU time' if args.cpu_clock and device == 'cpu' else 'wall clock'}); "
-                 f"dcx's own choice of kernel or decode + BLAS (auto crossover)."]
+                 + ("dcx's own choice of kernel or decode + BLAS (auto crossover)." if args.crossover < 0
+                    else f"dcx crossover forced to batch {args.crossover}.")]
         notes += ["", *args.note] if args.note else []
         common.write_table(args.name or f"spqmm-{device}",
                            "spqmm vs dense F.linear and torch.sparse CSR", header, rows, notes)

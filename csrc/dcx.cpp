@@ -29,11 +29,11 @@ TORCH_LIBRARY(dcx, m) {
       "kmeans1d(Tensor values, int num_clusters, str init=\"linear\", int max_iter=300, "
       "float tol=1e-4, int seed=0, str method=\"lloyd\") -> (Tensor, Tensor)");
   // y = x W^T + bias with W [out_features, in_features] held packed (codebook ids decoded on the
-  // fly; layout at the top of csrc/cpu/spqmm_cpu.cpp, built by dcx.nn.pack). x: [..., K];
+  // fly; layout at the top of csrc/core/spqmm.h, built by dcx.nn.pack). x: [..., K];
   // y: [..., N]. crossover: the batch from which W is decoded once and the BLAS runs (-1: auto).
   // check=False: on CUDA, do not read back the corruption flag (no host sync; reads stay in bounds).
   m.def(
-      "spqmm(Tensor x, Tensor codes, Tensor seg_ptr, Tensor chunks, Tensor codebook, "
+      "spqmm(Tensor x, Tensor codes, Tensor windows, Tensor group_ptr, Tensor chunks, Tensor codebook, "
       "int out_features, int in_features, int bits, Tensor? bias=None, int crossover=-1, "
       "bool check=True) -> Tensor");
 }

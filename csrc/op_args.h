@@ -106,19 +106,21 @@ inline void check_kmeans1d_finite(double first, double last) {
               "values must be finite: found NaN or Inf");
 }
 
-// spqmm: shapes, dtypes and devices of the packed weight (csrc/cpu/spqmm_cpu.cpp describes the
-// layout). The contents (ids, positions, pointers) are checked by the kernels themselves.
-inline int64_t spqmm_tile_width(int64_t bits) { return int64_t(1) << (16 - bits); }
+// spqmm: shapes, dtypes and devices of the packed weight (csrc/core/spqmm.h describes the
+// layout). The contents (ids, windows, pointers) are checked by the kernels themselves.
+constexpr int64_t kSpqmmGroupRows = 16;  // rows per group: one step holds one slot per row
 
-inline void check_spqmm_args(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& seg_ptr,
-                             const at::Tensor& chunks, const at::Tensor& codebook,
-                             int64_t out_features, int64_t in_features, int64_t bits,
-                             const std::optional<at::Tensor>& bias) {
+inline void check_spqmm_args(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& windows,
+                             const at::Tensor& group_ptr, const at::Tensor& chunks,
+                             const at::Tensor& codebook, int64_t out_features, int64_t in_features,
+                             int64_t bits, const std::optional<at::Tensor>& bias) {
   check_dtype_in(x, "x", {at::kFloat, at::kHalf, at::kBFloat16}, "float32, float16 or bfloat16");
   TORCH_CHECK(x.dim() >= 1, "x must have at least one dimension, got a scalar");
   TORCH_CHECK(bits >= 1 && bits <= 8, "bits must lie in [1, 8], got ", bits);
   TORCH_CHECK(out_features >= 0 && in_features >= 0,
               "out_features and in_features must be >= 0, got ", out_features, " and ", in_features);
+  TORCH_CHECK(in_features < (int64_t(1) << 31) - 64, "in_features must be below 2^31 - 64, got ",
+              in_features);
   TORCH_CHECK(x.size(-1) == in_features, "x must have in_features = ", in_features,
               " elements in its last dimension, got shape ", x.sizes());
   check_same_dtype(codebook, "codebook", x, "x");
@@ -127,10 +129,12 @@ inline void check_spqmm_args(const at::Tensor& x, const at::Tensor& codes, const
               "codebook must be 1-D with 1 to 2^bits = ", (1 << bits), " entries, got shape ",
               codebook.sizes());
   check_same_device(codes, "codes", x, "x");
-  check_same_device(seg_ptr, "seg_ptr", x, "x");
+  check_same_device(windows, "windows", x, "x");
+  check_same_device(group_ptr, "group_ptr", x, "x");
   check_same_device(chunks, "chunks", x, "x");
   check_dtype_in(codes, "codes", {at::kShort, at::kByte}, "int16 (sparse) or uint8 (dense)");
-  check_dtype_in(seg_ptr, "seg_ptr", {at::kInt}, "int32");
+  check_dtype_in(windows, "windows", {at::kInt}, "int32");
+  check_dtype_in(group_ptr, "group_ptr", {at::kInt}, "int32");
   check_dtype_in(chunks, "chunks", {at::kInt}, "int32");
   if (codes.scalar_type() == at::kByte) {
     TORCH_CHECK(codes.dim() == 2 && codes.size(0) == out_features && codes.size(1) == in_features,
@@ -138,17 +142,19 @@ inline void check_spqmm_args(const at::Tensor& x, const at::Tensor& codes, const
                 out_features, ", ", in_features, "], got ", codes.sizes());
     TORCH_CHECK(codes.is_contiguous(), "codes must be contiguous");
   } else {
-    const int64_t tiles = (in_features + spqmm_tile_width(bits) - 1) / spqmm_tile_width(bits);
-    TORCH_CHECK(codes.dim() == 1 && codes.is_contiguous(), "codes (sparse mode, int16) must be 1-D",
-                " and contiguous, got shape ", codes.sizes());
-    TORCH_CHECK(seg_ptr.dim() == 1 && seg_ptr.numel() == out_features * tiles + 1 &&
-                    seg_ptr.is_contiguous(),
-                "seg_ptr must be 1-D with out_features * tiles + 1 = ", out_features * tiles + 1,
-                " entries (", tiles, " tiles of ", spqmm_tile_width(bits), " columns per row), got ",
-                seg_ptr.sizes());
+    const int64_t groups = (out_features + kSpqmmGroupRows - 1) / kSpqmmGroupRows;
+    TORCH_CHECK(codes.dim() == 2 && codes.size(1) == kSpqmmGroupRows && codes.is_contiguous(),
+                "codes (sparse mode, int16) must be contiguous with shape [steps, 16], got shape ",
+                codes.sizes());
+    TORCH_CHECK(codes.size(0) < (int64_t(1) << 31), "codes must hold fewer than 2^31 steps");
+    TORCH_CHECK(windows.dim() == 1 && windows.numel() == codes.size(0) && windows.is_contiguous(),
+                "windows must be 1-D and contiguous with one entry per step (", codes.size(0),
+                "), got shape ", windows.sizes());
+    TORCH_CHECK(group_ptr.dim() == 1 && group_ptr.numel() == groups + 1 && group_ptr.is_contiguous(),
+                "group_ptr must be 1-D with ceil(out_features / 16) + 1 = ", groups + 1,
+                " entries, got shape ", group_ptr.sizes());
     TORCH_CHECK(chunks.dim() == 1 && chunks.numel() >= 1 && chunks.is_contiguous(),
                 "chunks must be 1-D, contiguous and non-empty, got shape ", chunks.sizes());
-    TORCH_CHECK(codes.numel() < (int64_t(1) << 31), "codes must hold fewer than 2^31 entries");
   }
   if (bias.has_value() && bias->defined()) {
     check_same_dtype(*bias, "bias", x, "x");

@@ -18,18 +18,21 @@ from dcx import ops
 __all__ = ["PackedWeight", "pack", "SparseQuantLinear", "SparseQuantConv2d", "convert"]
 
 # Layers at or above this density are packed in dense mode (one uint8 id per weight, no
-# positions). Sparse mode costs 2 bytes per non-zero (fewer bytes below 50%), but its x accesses
-# are gathers: on a Zen 4 CPU, batch 1, dense mode already matches sparse mode at 10% density and
-# is 2x faster at 25% (benchmarks/results/spqmm-cpu-1thread.md).
+# positions). Sparse mode costs about 2.9 bytes per non-zero at 10% density (2 bytes a slot, 70%
+# of the slots live) and 2.3 at 25%, so it reads fewer bytes up to about 35% density; on a Zen 4
+# CPU at batch 1 the two modes run equally fast near 20% (benchmarks/results/spqmm-cpu.md).
 DENSE_DENSITY = 0.2
-# Work per chunk, in non-zeros; a segment (one row's entries in one tile) costs SEGMENT_COST more.
-CHUNK_WORK = 4096
-SEGMENT_COST = 8
+ROWS = 16  # rows per group = slots per step (csrc/core/spqmm.h)
+WINDOW = 32  # columns of x one step can reach
+# Steps per chunk (a work item of the CPU threads or of a GPU thread block).
+CHUNK_STEPS = 256
+_BUFFERS = ("codes", "windows", "group_ptr", "chunks", "codebook")
 
 
 class PackedWeight(NamedTuple):
-    codes: Tensor  # int16 [nnz] (sparse mode) or uint8 [out_features, in_features] (dense mode)
-    seg_ptr: Tensor  # int32 [out_features * tiles + 1] (empty in dense mode)
+    codes: Tensor  # int16 [steps, 16] (sparse mode) or uint8 [out_features, in_features] (dense)
+    windows: Tensor  # int32 [steps]: first column of each step's window (empty in dense mode)
+    group_ptr: Tensor  # int32 [ceil(out_features / 16) + 1] (empty in dense mode)
     chunks: Tensor  # int32 [num_chunks + 1] (empty in dense mode)
     codebook: Tensor  # [<= 2^bits]
     out_features: int
@@ -42,8 +45,14 @@ class PackedWeight(NamedTuple):
 
     def nbytes(self) -> int:
         """Bytes the kernel reads for the weight (codes, pointers, codebook)."""
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.seg_ptr, self.chunks,
-                                                          self.codebook))
+        return sum(t.numel() * t.element_size() for t in self[:5])
+
+    def spqmm(self, x: Tensor, bias: Optional[Tensor] = None, check: bool = True,
+              crossover: int = -1) -> Tensor:
+        """x W^T + bias through dcx.ops.spqmm (the codebook cast to x's dtype)."""
+        return ops.spqmm(x, self.codes, self.windows, self.group_ptr, self.chunks,
+                         self.codebook.to(x.dtype), self.out_features, self.in_features, self.bits,
+                         bias, crossover, check)
 
 
 def _bits_for(k: int) -> int:
@@ -105,35 +114,68 @@ def pack(
             else:
                 return pack(mask, labels, codebook, bits, dense=False)
             ids[~mask] = zero_id
-        return PackedWeight(ids.contiguous(), empty, empty, codebook, n, K, bits)
+        return PackedWeight(ids.contiguous(), empty, empty, empty, codebook, n, K, bits)
 
     if nnz >= 2**31:
         raise ValueError(f"a sparse layer must have fewer than 2^31 non-zeros, got {nnz}")
-    tile = 1 << (16 - bits)
-    tiles = -(-K // tile)
     rows, cols = mask.nonzero(as_tuple=True)  # row-major: each row's columns ascending
-    segment = rows * tiles + cols // tile
-    counts = torch.bincount(segment, minlength=n * tiles)
-    seg_ptr = torch.zeros(n * tiles + 1, dtype=torch.int64, device=device)
-    seg_ptr[1:] = counts.cumsum(0)
-    entries = ((cols % tile) << bits) | labels[rows, cols].long()
-    codes = torch.where(entries >= 1 << 15, entries - (1 << 16), entries).to(torch.int16)
-    return PackedWeight(codes.contiguous(), seg_ptr.to(torch.int32), _chunk_plan(seg_ptr),
-                        codebook, n, K, bits)
+    slots = (1 << 15) | labels[rows, cols].long()  # live bit and id; the offset is added below
+    codes, windows, group_ptr = _fill_steps(rows, cols, slots, n)
+    return PackedWeight(codes, windows, group_ptr, _chunk_plan(windows.numel(), device), codebook, n, K,
+                        bits)
 
 
-def _chunk_plan(seg_ptr: Tensor) -> Tensor:
-    """Segment boundaries of work items of about CHUNK_WORK non-zeros (+ SEGMENT_COST a segment)."""
-    num_segments = seg_ptr.numel() - 1
-    if num_segments == 0:
-        return torch.zeros(1, dtype=torch.int32, device=seg_ptr.device)
-    cost = seg_ptr + SEGMENT_COST * torch.arange(num_segments + 1, device=seg_ptr.device)
-    total = int(cost[-1])
-    num_chunks = max(1, -(-total // CHUNK_WORK))
-    targets = torch.arange(1, num_chunks, device=seg_ptr.device) * (total / num_chunks)
-    inner = torch.searchsorted(cost.double(), targets.double())
-    bounds = torch.cat([inner.new_zeros(1), inner, inner.new_full((1,), num_segments)])
-    return torch.unique_consecutive(bounds).to(torch.int32)
+def _fill_steps(rows: Tensor, cols: Tensor, slots: Tensor, n: int):
+    """Lay out each group of ROWS rows as steps (csrc/core/spqmm.h): a step's window begins at
+    the smallest next column of the group's rows, and each row whose next weight lies within the
+    window puts it in the step. All groups advance together, one step per iteration."""
+    device = rows.device
+    groups = -(-n // ROWS)
+    row_ptr = torch.zeros(groups * ROWS + 1, dtype=torch.int64, device=device)
+    row_ptr[1:n + 1] = torch.bincount(rows, minlength=n).cumsum(0)
+    row_ptr[n + 1:] = row_ptr[n]
+    nxt, end = row_ptr[:-1].view(groups, ROWS).clone(), row_ptr[1:].view(groups, ROWS)
+    far = torch.iinfo(torch.int64).max // 2
+    cols_ext = torch.cat([cols.long(), cols.new_full((1,), far, dtype=torch.int64)])
+    slots_ext = torch.cat([slots, slots.new_zeros(1)])
+    step_codes, step_windows, step_groups = [], [], []
+    group_ids = torch.arange(groups, device=device)
+    while True:
+        has = nxt < end
+        active = has.any(1)
+        if not bool(active.any()):
+            break
+        at = torch.where(has, nxt, cols_ext.numel() - 1)  # rows with nothing left read `far`
+        col = cols_ext[at]
+        window = col.min(1).values
+        take = has & (col < window[:, None] + WINDOW)
+        code = torch.where(take, slots_ext[at] | ((col - window[:, None]).clamp(0, WINDOW - 1) << 8), 0)
+        step_codes.append(code[active])
+        step_windows.append(window[active])
+        step_groups.append(group_ids[active])
+        nxt += take.long()
+    if step_codes:
+        group_of = torch.cat(step_groups)
+        order = torch.sort(group_of, stable=True).indices  # iteration order within a group
+        codes = torch.cat(step_codes)[order]
+        windows = torch.cat(step_windows)[order]
+        counts = torch.bincount(group_of, minlength=groups)
+    else:
+        codes = torch.zeros(0, ROWS, dtype=torch.int64, device=device)
+        windows = torch.zeros(0, dtype=torch.int64, device=device)
+        counts = torch.zeros(groups, dtype=torch.int64, device=device)
+    group_ptr = torch.zeros(groups + 1, dtype=torch.int64, device=device)
+    group_ptr[1:] = counts.cumsum(0)
+    if group_ptr[-1] >= 2**31:
+        raise ValueError("a sparse layer must pack into fewer than 2^31 steps")
+    codes = torch.where(codes >= 1 << 15, codes - (1 << 16), codes).to(torch.int16)
+    return codes.contiguous(), windows.to(torch.int32), group_ptr.to(torch.int32)
+
+
+def _chunk_plan(steps: int, device) -> Tensor:
+    """Step boundaries of work items of CHUNK_STEPS steps."""
+    return torch.tensor(list(range(0, steps, CHUNK_STEPS)) + [steps], dtype=torch.int32,
+                        device=device)
 
 
 def _compress_weight(weight: Tensor, sparsity: float, bits: int):
@@ -178,7 +220,7 @@ class _PackedModule(nn.Module):
             self.register_parameter("bias", None)
 
     def _set_packed(self, p: PackedWeight):
-        for name in ("codes", "seg_ptr", "chunks", "codebook"):
+        for name in _BUFFERS:
             self.register_buffer(name, getattr(p, name))
         self.bits = p.bits
         self.validate()
@@ -189,12 +231,11 @@ class _PackedModule(nn.Module):
         if self.codes.is_meta:
             return
         x = torch.zeros(1, self._packed_in_features(), device=self.codes.device)
-        ops.spqmm(x, self.codes, self.seg_ptr, self.chunks, self.codebook.float(),
-                  self.out_features, self._packed_in_features(), self.bits, check=True)
+        self.packed.spqmm(x, check=True)
 
     @property
     def packed(self) -> PackedWeight:
-        return PackedWeight(self.codes, self.seg_ptr, self.chunks, self.codebook, self.out_features,
+        return PackedWeight(*(getattr(self, name) for name in _BUFFERS), self.out_features,
                             self._packed_in_features(), self.bits)
 
     def get_extra_state(self):
@@ -205,7 +246,7 @@ class _PackedModule(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Packed buffers differ in size from layer to layer: take the incoming ones as they are.
-        for name in ("codes", "seg_ptr", "chunks", "codebook"):
+        for name in _BUFFERS:
             key = prefix + name
             if key in state_dict:
                 old = getattr(self, name)
@@ -219,17 +260,13 @@ class _PackedModule(nn.Module):
         from dcx.reference import spqmm_weight
 
         p = self.packed
-        w = spqmm_weight(p.codes, p.seg_ptr, p.codebook, p.out_features, p.in_features, p.bits)
+        w = spqmm_weight(p.codes, p.windows, p.group_ptr, p.codebook, p.out_features, p.in_features)
         return w.to(self.codebook.dtype)
 
     def _linear(self, x: Tensor) -> Tensor:
-        codebook = self.codebook if self.codebook.dtype == x.dtype else self.codebook.to(x.dtype)
-        bias = self.bias
-        if bias is not None and bias.dtype != x.dtype:
-            bias = bias.to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
         # The packed data was validated when set or loaded: no per-call check (no sync on CUDA).
-        return ops.spqmm(x, self.codes, self.seg_ptr, self.chunks, codebook, self.out_features,
-                         self._packed_in_features(), self.bits, bias, check=False)
+        return self.packed.spqmm(x, bias, check=False)
 
 
 class SparseQuantLinear(_PackedModule):

@@ -128,7 +128,8 @@ def huffman_decode(data: Tensor, code_lengths: Tensor, count: int) -> Tensor:
 def spqmm(
     x: Tensor,
     codes: Tensor,
-    seg_ptr: Tensor,
+    windows: Tensor,
+    group_ptr: Tensor,
     chunks: Tensor,
     codebook: Tensor,
     out_features: int,
@@ -141,9 +142,9 @@ def spqmm(
     """y = x W^T + bias, W [out_features, in_features] packed by dcx.nn.pack and decoded on the fly.
 
     x: [..., in_features], float32, float16 or bfloat16; codebook (<= 2^bits entries) and bias
-    ([out_features]) in x's dtype; float32 accumulation. codes: int16 [nnz] (sparse mode, with
-    seg_ptr and chunks int32) or uint8 [out_features, in_features] (dense mode, seg_ptr and chunks
-    empty); the layout is described at the top of csrc/core/spqmm.h. Returns [..., out_features]
+    ([out_features]) in x's dtype; float32 accumulation. codes: int16 [steps, 16] (sparse mode,
+    with windows, group_ptr and chunks int32) or uint8 [out_features, in_features] (dense mode,
+    the others empty); the layout is described at the top of csrc/core/spqmm.h. Returns [..., out_features]
     in x's dtype. From a batch (product of x's leading dims) of `crossover` on (-1: a measured
     default per device), W is decoded once and the BLAS runs instead. Corrupted packed data
     (ids >= codebook size, columns >= in_features, bad pointers) raises RuntimeError; on CUDA
@@ -151,8 +152,8 @@ def spqmm(
     graph capture never syncs).
     """
     return op("spqmm")(
-        x, codes, seg_ptr, chunks, codebook, out_features, in_features, bits, bias, crossover,
-        check,
+        x, codes, windows, group_ptr, chunks, codebook, out_features, in_features, bits, bias,
+        crossover, check,
     )
 
 
@@ -181,8 +182,8 @@ if available():
         )
         return values.new_empty((num_clusters,)), values.new_empty(values.shape, dtype=torch.int32)
     @torch.library.register_fake("dcx::spqmm")
-    def _(x, codes, seg_ptr, chunks, codebook, out_features, in_features, bits, bias=None,
-          crossover=-1, check=True):
+    def _(x, codes, windows, group_ptr, chunks, codebook, out_features, in_features, bits,
+          bias=None, crossover=-1, check=True):
         torch._check(x.shape[-1] == in_features,
                      lambda: f"x must have in_features = {in_features} elements in its last dimension")
         torch._check(codebook.dtype == x.dtype, lambda: "codebook must have the dtype of x")

@@ -196,28 +196,30 @@ def kmeans1d(
             break
     return finish(c)
 def spqmm_weight(
-    codes: Tensor, seg_ptr: Tensor, codebook: Tensor, out_features: int, in_features: int, bits: int
+    codes: Tensor, windows: Tensor, group_ptr: Tensor, codebook: Tensor, out_features: int,
+    in_features: int
 ) -> Tensor:
     """The dense [out_features, in_features] weight a packed layer stands for (csrc/core/spqmm.h
     describes the layout), decoded with plain torch ops, in float64."""
     table = codebook.double()
     if codes.dtype == torch.uint8:  # dense mode: one id per weight
         return table[codes.long()]
-    tile = 1 << (16 - bits)
-    tiles = -(-in_features // tile)
-    entries = codes.long() & 0xFFFF
-    counts = (seg_ptr[1:] - seg_ptr[:-1]).long()
-    segment = torch.repeat_interleave(torch.arange(counts.numel(), device=codes.device), counts)
-    rows, cols = segment // tiles, (segment % tiles) * tile + (entries >> bits)
+    slots = codes.long() & 0xFFFF  # [steps, 16]
+    counts = (group_ptr[1:] - group_ptr[:-1]).long()
+    group = torch.repeat_interleave(torch.arange(counts.numel(), device=codes.device), counts)
+    rows = group[:, None] * 16 + torch.arange(16, device=codes.device)
+    cols = windows.long()[:, None] + ((slots >> 8) & 31)
+    live = (slots >> 15) == 1
     w = torch.zeros(out_features, in_features, dtype=torch.float64, device=codes.device)
-    w[rows, cols] = table[entries & ((1 << bits) - 1)]
+    w[rows[live], cols[live]] = table[slots[live] & 0xFF]
     return w
 
 
 def spqmm(
     x: Tensor,
     codes: Tensor,
-    seg_ptr: Tensor,
+    windows: Tensor,
+    group_ptr: Tensor,
     chunks: Tensor,
     codebook: Tensor,
     out_features: int,
@@ -228,6 +230,6 @@ def spqmm(
     check: bool = True,
 ) -> Tensor:
     """F.linear with the decoded weight, in float64, returned in x's dtype."""
-    w = spqmm_weight(codes, seg_ptr, codebook, out_features, in_features, bits)
+    w = spqmm_weight(codes, windows, group_ptr, codebook, out_features, in_features)
     b = None if bias is None else bias.double()
     return torch.nn.functional.linear(x.double(), w, b).to(x.dtype)

@@ -78,8 +78,8 @@ def test_corrupted_state_dict_is_rejected():
     with pytest.raises(RuntimeError, match="codebook id outside the codebook"):
         SparseQuantLinear(200, 30).load_state_dict(state)
     state = layer.state_dict()
-    state["seg_ptr"] = state["seg_ptr"].flip(0)
-    with pytest.raises(RuntimeError, match="seg_ptr"):
+    state["group_ptr"] = state["group_ptr"].flip(0)
+    with pytest.raises(RuntimeError, match="group_ptr"):
         SparseQuantLinear(200, 30).load_state_dict(state)
 
 

@@ -22,8 +22,8 @@ def make_layer(n, k, density, bits, dtype, device, dense=None):
 
 
 def run(x, p, bias=None, crossover=-1):
-    return dcx.ops.spqmm(x, p.codes, p.seg_ptr, p.chunks, p.codebook, p.out_features,
-                         p.in_features, p.bits, bias, crossover)
+    return dcx.ops.spqmm(x, p.codes, p.windows, p.group_ptr, p.chunks, p.codebook,
+                         p.out_features, p.in_features, p.bits, bias, crossover)
 
 
 def check(y, x, mask, labels, codebook, bias=None):
@@ -130,7 +130,7 @@ def test_empty(device, dense):
 
 def test_reference_decodes_pack():
     mask, labels, codebook, p = make_layer(97, 4097, 0.1, 5, torch.float32, "cpu")
-    w = reference.spqmm_weight(p.codes, p.seg_ptr, p.codebook, 97, 4097, 5)
+    w = reference.spqmm_weight(p.codes, p.windows, p.group_ptr, p.codebook, 97, 4097)
     assert torch.equal(w, codebook.double()[labels] * mask)
 
 
@@ -139,7 +139,8 @@ def test_reference_decodes_pack():
 def test_opcheck(device, dense):
     _, _, _, p = make_layer(33, 97, 0.2, 5, torch.float32, device, dense=dense)
     x = torch.randn(3, 97, device=device)
-    args = (x, p.codes, p.seg_ptr, p.chunks, p.codebook, 33, 97, p.bits, torch.randn(33, device=device), -1, True)
+    args = (x, p.codes, p.windows, p.group_ptr, p.chunks, p.codebook, 33, 97, p.bits,
+            torch.randn(33, device=device), -1, True)
     torch.library.opcheck(torch.ops.dcx.spqmm.default, args)
 
 
@@ -172,29 +173,39 @@ def _corrupt(p, **changes):
 
 
 def _corruptions(device):
-    _, _, _, p = make_layer(8, 100, 0.5, 5, torch.float32, device, dense=False)
+    _, _, _, p = make_layer(40, 100, 0.5, 5, torch.float32, device, dense=False)
     _, _, _, d = make_layer(8, 100, 0.9, 5, torch.float32, device, dense=True)
+    live = (p.codes.long() & 0xFFFF) >> 15 == 1
+    step, lane = [int(i) for i in live.nonzero()[0]]
     bad_id = p.codes.clone()
-    bad_id[3] = (bad_id[3].int() | 31).to(torch.int16)  # id 31 with a 3-entry codebook below
-    bad_col = p.codes.clone()
-    bad_col[-1] = (1000 << 5) | 1  # column 1000 of tile 0 (K = 100)
-    bad_ptr = p.seg_ptr.clone()
-    bad_ptr[2] = p.codes.numel() + 50
+    bad_id[step, lane] |= 31  # id 31 with a 3-entry codebook below
+    bad_window = p.windows.clone()
+    bad_window[-1] = 1000  # K = 100
+    negative_window = p.windows.clone()
+    negative_window[0] = -5
+    bad_offset = p.codes.clone()  # the last step's window moved to K - 1 with a live offset 31
+    bad_offset[-1, 0] = torch.tensor(0x8000 | (31 << 8), dtype=torch.int32).to(torch.int16)
+    last_window = p.windows.clone()
+    last_window[-1] = 99
+    bad_ptr = p.group_ptr.clone()
+    bad_ptr[2] = p.codes.shape[0] + 50
     bad_chunks = p.chunks.clone()
     bad_chunks[-1] = 10**6
     bad_dense = d.codes.clone()
     bad_dense[1, 2] = 200
     return [
         (_corrupt(p, codes=bad_id, codebook=p.codebook[:3]), "codebook id outside the codebook"),
-        (_corrupt(p, codes=bad_col), "column offset outside in_features"),
-        (_corrupt(p, seg_ptr=bad_ptr), "seg_ptr"),
+        (_corrupt(p, windows=bad_window), "column outside in_features"),
+        (_corrupt(p, windows=negative_window), "column outside in_features"),
+        (_corrupt(p, codes=bad_offset, windows=last_window), "column outside in_features"),
+        (_corrupt(p, group_ptr=bad_ptr), "group_ptr"),
         (_corrupt(p, chunks=bad_chunks), "chunks"),
         (_corrupt(d, codes=bad_dense), "codebook id outside the codebook"),
     ]
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", range(7))
 @pytest.mark.parametrize("crossover", [-1, 1])
 def test_corrupted_packed_data(device, case, crossover):
     p, match = _corruptions(device)[case]
@@ -214,8 +225,11 @@ def test_corrupted_packed_data(device, case, crossover):
         (lambda x, p, b: (x.half(), p, b), "codebook must have the dtype of x"),
         (lambda x, p, b: (x, p._replace(bits=9), b), r"bits must lie in \[1, 8\]"),
         (lambda x, p, b: (x, p._replace(codes=p.codes.int()), b), "codes must be int16"),
-        (lambda x, p, b: (x, p._replace(seg_ptr=p.seg_ptr[:-1]), b), "seg_ptr must be 1-D"),
-        (lambda x, p, b: (x, p._replace(seg_ptr=p.seg_ptr.long()), b), "seg_ptr must be int32"),
+        (lambda x, p, b: (x, p._replace(codes=p.codes.flatten()), b), r"codes \(sparse mode, int16\) must be"),
+        (lambda x, p, b: (x, p._replace(windows=p.windows[:-1]), b), "windows must be 1-D"),
+        (lambda x, p, b: (x, p._replace(windows=p.windows.long()), b), "windows must be int32"),
+        (lambda x, p, b: (x, p._replace(group_ptr=p.group_ptr[:-1]), b), "group_ptr must be 1-D"),
+        (lambda x, p, b: (x, p._replace(group_ptr=p.group_ptr.long()), b), "group_ptr must be int32"),
         (lambda x, p, b: (x, p._replace(codebook=torch.zeros(33, device=x.device)), b), "codebook must be 1-D"),
         (lambda x, p, b: (x, p, b[:3]), r"bias must have shape \[out_features\]"),
         (lambda x, p, b: (x, p, b.half()), "bias must have the dtype of x"),

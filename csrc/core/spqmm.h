@@ -1,26 +1,34 @@
 // spqmm on the CPU, torch-free: y = x W^T + bias with W kept packed and its codebook ids decoded
 // on the fly. The packed layout (built by dcx.nn.pack, read by the CPU and CUDA kernels):
 //
-//   bits b in [1, 8]; codebook of k <= 2^b entries; tile width T = 2^(16 - b) columns;
-//   S = ceil(K / T) tiles per row; segment s = row * S + tile.
-//   sparse mode:
-//     codes   int16 [nnz]  each a uint16 (column - tile * T) << b | id: a fixed-width 16-bit field,
-//                          decoded with one shift and one mask (no prefix sum); the entries of a
-//                          row come in tile order, segment after segment.
-//     seg_ptr int32 [N*S+1] segment s is codes[seg_ptr[s] : seg_ptr[s+1]].
-//     chunks  int32 [C+1]   segment boundaries of C work items of about equal non-zeros (plus a
-//                          cost per segment), so one dense row does not stall the others: a row
-//                          may be split between chunks and its partial sums are added at the end.
-//     At 10% density and 5 bits: 0.2 bytes per original weight (dense fp32: 4, CSR fp32 + int32:
-//     0.8), and the x tile an entry points into is at most 2^(16-b) floats.
+//   Rows are taken 16 at a time: group g holds rows [16 g, 16 g + 16) (the last one may be
+//   partial; its missing rows are padding). A group is a sequence of steps; a step holds one slot
+//   per row of the group (lane i = row 16 g + i) and one window, the column where a 32-column
+//   window of x begins: every live slot of the step reads x[window + offset], offset < 32.
+//     codes     int16 [steps, 16]  slot = live << 15 | offset << 8 | id as a uint16: live 1 for a
+//                                  weight, 0 for padding (all 16 bits 0); offset in [0, 32); id
+//                                  in [0, 256) a codebook index; bits 13 and 14 are 0.
+//     windows   int32 [steps]      first column of each step's window; window + offset < K for
+//                                  every live slot.
+//     group_ptr int32 [G + 1]      G = ceil(N / 16); group g is steps [group_ptr[g], group_ptr[g+1]).
+//     chunks    int32 [C + 1]      step boundaries of C work items of about equal size, so one
+//                                  dense row does not stall the others: a group may be split
+//                                  between chunks and its partial sums are added at the end.
+//   The packer fills steps greedily: a step's window begins at the smallest next column of the
+//   group's rows, and each row puts its next weight in the step if it lies within the window.
+//   A lane therefore always accumulates the same row (no reduction across lanes), and x is read as
+//   a 32-float window (two vector loads and a register permute on the CPU, shared memory on a GPU)
+//   instead of a gather per weight. At 10% density about 70% of the slots are live: 2.9 bytes per
+//   non-zero, 0.29 per original weight (dense fp32: 4, CSR fp32 + int32: 0.8).
 //   dense mode (layers kept at, or near, full density): codes uint8 [N, K], one id per weight, no
-//     positions (1 byte per weight, 4x fewer than fp32); seg_ptr and chunks are empty.
+//     positions (1 byte per weight, 4x fewer than fp32); windows, group_ptr and chunks are empty.
 //
 // Safety without per-element branches: the codebook is read through a 256-entry table (ids >= k
-// read a zero) and x through a buffer padded with zeros to S * T columns, so any 16-bit entry
-// reads in bounds; the kernels keep a running maximum of the ids and columns they saw (one vector
-// max per 16 entries) and the op reports corrupted data after the pass. The pointers (seg_ptr,
-// chunks) are checked before it (O(N * S)).
+// read a zero) and x through a buffer padded with 32 zeros past K, windows are clamped to K before
+// they are read, so any slot reads in bounds; the kernels keep a running maximum of the ids and
+// windows they saw, look at the offsets of the few steps whose window reaches past K, and the op
+// reports corrupted data after the pass. The pointers (group_ptr, chunks) are checked before it
+// (O(G + C)).
 #pragma once
 
 #include <algorithm>
@@ -44,42 +52,53 @@
 #define DCX_SPQMM_MULTIVERSION
 #endif
 
+// The chunk walker is inlined into each kernel, so the kernel's per-step lambda (compiled for its
+// own target) is inlined too and its accumulators stay in registers.
+#if defined(__GNUC__)
+#define DCX_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define DCX_ALWAYS_INLINE inline
+#endif
+
 namespace dcx {
 
 constexpr int kSpqmmTable = 256;  // codebook table size: every 8-bit id reads in bounds
+constexpr int kSpqmmRows = 16;    // rows per group = slots per step
+constexpr int kSpqmmWindow = 32;  // columns of x a step can reach
+constexpr uint32_t kSpqmmLive = 0x8000;
 
 struct SpqmmPacked {
-  const uint16_t* codes = nullptr;       // sparse mode entries
+  const uint16_t* codes = nullptr;       // sparse mode slots [steps][16]
   const uint8_t* dense_codes = nullptr;  // dense mode ids [n, k]
-  const int32_t* seg_ptr = nullptr;
+  const int32_t* windows = nullptr;
+  const int32_t* group_ptr = nullptr;
   const int32_t* chunks = nullptr;
   int64_t num_chunks = 0;
-  int64_t nnz = 0;
+  int64_t steps = 0;
+  int64_t groups = 0;
   int64_t n = 0;  // out_features
   int64_t k = 0;  // in_features
-  int64_t tiles = 0;
   int bits = 8;
   bool dense = false;  // dense mode (codes only); an empty layer's pointers may all be null
 };
 
-inline int64_t spqmm_tiles(int64_t k, int bits) {
-  const int64_t t = int64_t(1) << (16 - bits);
-  return (k + t - 1) / t;
-}
+inline int64_t spqmm_groups(int64_t n) { return (n + kSpqmmRows - 1) / kSpqmmRows; }
 
-// Pointer checks for sparse mode, O(N * S + C): nullptr when the structure is sound.
+// Columns of the staged x: K, then zeros so that a window clamped to K reads in bounds.
+inline int64_t spqmm_x_stride(int64_t k) { return (k + kSpqmmWindow + 15) / 16 * 16; }
+
+// Pointer checks for sparse mode, O(G + C): nullptr when the structure is sound.
 inline const char* spqmm_check_structure(const SpqmmPacked& p) {
-  const int64_t nseg = p.n * p.tiles;
-  if (p.seg_ptr[0] != 0) return "seg_ptr[0] must be 0";
-  for (int64_t s = 0; s < nseg; ++s) {
-    if (p.seg_ptr[s + 1] < p.seg_ptr[s]) return "seg_ptr must be non-decreasing";
+  if (p.group_ptr[0] != 0) return "group_ptr[0] must be 0";
+  for (int64_t g = 0; g < p.groups; ++g) {
+    if (p.group_ptr[g + 1] < p.group_ptr[g]) return "group_ptr must be non-decreasing";
   }
-  if (p.seg_ptr[nseg] != p.nnz) return "seg_ptr[-1] must equal the number of codes";
+  if (p.group_ptr[p.groups] != p.steps) return "group_ptr[-1] must equal the number of steps";
   if (p.chunks[0] != 0) return "chunks[0] must be 0";
   for (int64_t c = 0; c < p.num_chunks; ++c) {
     if (p.chunks[c + 1] < p.chunks[c]) return "chunks must be non-decreasing";
   }
-  if (p.chunks[p.num_chunks] != nseg) return "chunks[-1] must equal out_features * tiles";
+  if (p.chunks[p.num_chunks] != p.steps) return "chunks[-1] must equal the number of steps";
   return nullptr;
 }
 
@@ -93,79 +112,99 @@ struct SpqmmSeen {
   }
 };
 
-// Partial sums of the (at most two) rows a chunk shares with its neighbours.
-struct SpqmmEdge {
-  int64_t row[2] = {-1, -1};
-};
-
-// Walks the segments of chunk c, calling seg(s, column_base, acc) for each, and flushes a row's
-// MB sums when it ends: rows wholly inside the chunk go to y (+ bias), shared rows to `edge`
-// (slot 0: the row that began before the chunk, slot 1: the row that goes on after it).
-template <int MB, typename SegFn>
-inline void spqmm_walk_chunk(const SpqmmPacked& p, int64_t c, const float* bias, float* y,
-                             int64_t ldy, int mvalid, float* edge_sums, SpqmmEdge* edge,
-                             SegFn&& seg) {
-  const int64_t s0 = p.chunks[c], s1 = p.chunks[c + 1];
-  if (s0 >= s1) return;
-  const int64_t S = p.tiles;
-  const int64_t T = int64_t(1) << (16 - p.bits);
-  float acc[MB];
-  int64_t row = s0 / S;
-  for (int m = 0; m < MB; ++m) acc[m] = 0.f;
-  auto flush = [&](int64_t r) {
-    const bool starts_inside = r * S >= s0, ends_inside = (r + 1) * S <= s1;
-    if (starts_inside && ends_inside) {
-      const float b = bias ? bias[r] : 0.f;
-      for (int m = 0; m < mvalid; ++m) y[m * ldy + r] = acc[m] + b;
-    } else {
-      const int slot = starts_inside ? 1 : 0;
-      edge->row[slot] = r;
-      for (int m = 0; m < MB; ++m) edge_sums[slot * MB + m] = acc[m];
-    }
-    for (int m = 0; m < MB; ++m) acc[m] = 0.f;
-  };
-  int64_t tile = s0 - row * S;
-  for (int64_t s = s0; s < s1; ++s) {
-    if (tile == S) {
-      flush(row);
-      ++row;
-      tile = 0;
-    }
-    seg(s, tile * T, acc);
-    ++tile;
-  }
-  flush(row);
+// A step's window clamped to K (a negative one too: it is compared as unsigned), so that its 32
+// columns lie in the staged x; the unclamped value goes to the running maximum.
+inline int64_t spqmm_window(const SpqmmPacked& p, int64_t s, int64_t* max_col) {
+  const uint32_t w = static_cast<uint32_t>(p.windows[s]);
+  *max_col = std::max<int64_t>(*max_col, w);
+  return std::min<int64_t>(w, p.k);
 }
 
-// Generic kernel (any machine): sparse chunk with MB batch columns; xt is [S*T][MB] floats.
+// Partial sums of the (at most two) groups a chunk shares with its neighbours: slot 0 the group
+// that began before the chunk, slot 1 the group that goes on after it.
+struct SpqmmEdge {
+  int64_t group[2] = {-1, -1};
+};
+
+// Walks the steps of chunk c: step(s) for each, flush(g, slot) when group g ends inside the chunk
+// or the chunk ends; slot is -1 when the chunk holds the whole group (its sums go to y, which
+// holds the bias), else the edge slot its partial sums go to.
+template <typename StepFn, typename FlushFn>
+DCX_ALWAYS_INLINE void spqmm_walk_chunk(const SpqmmPacked& p, int64_t c, StepFn&& step, FlushFn&& flush) {
+  const int64_t s0 = p.chunks[c], s1 = p.chunks[c + 1];
+  if (s0 >= s1) return;
+  // The group holding step s0: the last g with group_ptr[g] <= s0 (empty groups are skipped).
+  int64_t g = std::upper_bound(p.group_ptr, p.group_ptr + p.groups + 1, int32_t(s0)) - p.group_ptr - 1;
+  auto slot = [&](int64_t grp) {
+    if (p.group_ptr[grp] < s0) return 0;
+    return p.group_ptr[grp + 1] > s1 ? 1 : -1;
+  };
+  int64_t end = p.group_ptr[g + 1];
+  for (int64_t s = s0; s < s1; ++s) {
+    if (s == end) {
+      flush(g, slot(g));
+      do {
+        ++g;
+      } while (p.group_ptr[g + 1] <= s);
+      end = p.group_ptr[g + 1];
+    }
+    step(s);
+  }
+  flush(g, slot(g));
+}
+
+// Adds a group's sums acc[m][lane] to y (rows past n are padding) or stores them in its edge.
+template <int MB>
+inline void spqmm_flush(const SpqmmPacked& p, int64_t g, int slot, const float (*acc)[kSpqmmRows],
+                        float* y, int64_t ldy, int mvalid, float* edge_sums, SpqmmEdge* edge) {
+  const int64_t r0 = g * kSpqmmRows;
+  const int lanes = static_cast<int>(std::min<int64_t>(kSpqmmRows, p.n - r0));
+  if (slot < 0) {
+    for (int m = 0; m < mvalid; ++m)
+      for (int i = 0; i < lanes; ++i) y[m * ldy + r0 + i] += acc[m][i];
+  } else {
+    edge->group[slot] = g;
+    std::memcpy(edge_sums + slot * MB * kSpqmmRows, acc, sizeof(float) * MB * kSpqmmRows);
+  }
+}
+
+// Generic kernel (any machine): sparse chunk with MB batch columns; xs is [MB][ldx] floats, y
+// [MB][ldy] holds the bias already.
 template <int MB>
 DCX_SPQMM_MULTIVERSION void spqmm_sparse_chunk(const SpqmmPacked& p, int64_t c,
                                                const float* __restrict table,
-                                               const float* __restrict xt, const float* bias,
-                                               float* y, int64_t ldy, int mvalid, float* edge_sums,
+                                               const float* __restrict xs, int64_t ldx, float* y,
+                                               int64_t ldy, int mvalid, float* edge_sums,
                                                SpqmmEdge* edge, SpqmmSeen* seen) {
-  const uint32_t idmask = (1u << p.bits) - 1;
-  const int bits = p.bits;
   uint32_t max_id = 0;
   int64_t max_col = -1;
-  spqmm_walk_chunk<MB>(p, c, bias, y, ldy, mvalid, edge_sums, edge,
-                       [&](int64_t s, int64_t base, float* acc) {
-                         const int32_t lo = p.seg_ptr[s], hi = p.seg_ptr[s + 1];
-                         uint32_t seg_max_off = 0;
-                         float a[MB];
-                         for (int m = 0; m < MB; ++m) a[m] = 0.f;
-                         for (int32_t e = lo; e < hi; ++e) {
-                           const uint32_t v = p.codes[e];
-                           const uint32_t id = v & idmask, off = v >> bits;
-                           max_id = std::max(max_id, id);
-                           seg_max_off = std::max(seg_max_off, off);
-                           const float w = table[id];
-                           const float* xr = xt + (base + off) * MB;
-                           for (int m = 0; m < MB; ++m) a[m] += w * xr[m];
-                         }
-                         if (hi > lo) max_col = std::max(max_col, base + int64_t(seg_max_off));
-                         for (int m = 0; m < MB; ++m) acc[m] += a[m];
-                       });
+  float acc[MB][kSpqmmRows] = {};
+  auto step = [&](int64_t s) {
+    const uint16_t* slot = p.codes + s * kSpqmmRows;
+    const int64_t j0 = spqmm_window(p, s, &max_col);
+    float w[kSpqmmRows];
+    int32_t col[kSpqmmRows];
+    for (int i = 0; i < kSpqmmRows; ++i) {
+      const uint32_t v = slot[i];
+      max_id = std::max(max_id, v & 0xFFu);
+      w[i] = (v & kSpqmmLive) ? table[v & 0xFFu] : 0.f;
+      col[i] = static_cast<int32_t>((v >> 8) & (kSpqmmWindow - 1));
+    }
+    if (j0 + kSpqmmWindow > p.k) {  // only here can a live slot point past K
+      for (int i = 0; i < kSpqmmRows; ++i)
+        if (slot[i] & kSpqmmLive) max_col = std::max<int64_t>(max_col, j0 + col[i]);
+    }
+    for (int m = 0; m < MB; ++m) {
+      const float* xw = xs + m * ldx + j0;
+      for (int i = 0; i < kSpqmmRows; ++i) acc[m][i] += w[i] * xw[col[i]];
+    }
+  };
+  auto flush = [&](int64_t g, int slot) {
+    spqmm_flush<MB>(p, g, slot, acc, y, ldy, mvalid, edge_sums, edge);
+    for (int m = 0; m < MB; ++m)
+      for (int i = 0; i < kSpqmmRows; ++i) acc[m][i] = 0.f;
+  };
+  spqmm_walk_chunk(p, c, step, flush);
   seen->max_id = std::max(seen->max_id, max_id);
   seen->max_col = std::max(seen->max_col, max_col);
 }
@@ -210,26 +249,28 @@ inline void spqmm_decode_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, cons
     return;
   }
   std::fill(w, w + (r1 - r0) * p.k, 0.f);
-  const uint32_t idmask = (1u << p.bits) - 1;
-  const int64_t T = int64_t(1) << (16 - p.bits);
-  for (int64_t s = r0 * p.tiles; s < r1 * p.tiles; ++s) {
-    const int64_t row = s / p.tiles - r0, base = (s % p.tiles) * T;
-    for (int32_t e = p.seg_ptr[s]; e < p.seg_ptr[s + 1]; ++e) {
-      const uint32_t v = p.codes[e];
-      const uint32_t id = v & idmask;
-      const int64_t col = base + (v >> p.bits);
-      seen->max_id = std::max(seen->max_id, id);
-      seen->max_col = std::max(seen->max_col, col);
-      w[row * p.k + std::min(col, p.k - 1)] = table[id];
+  int64_t max_col = -1;
+  for (int64_t g = r0 / kSpqmmRows; g < spqmm_groups(r1); ++g) {
+    for (int64_t s = p.group_ptr[g]; s < p.group_ptr[g + 1]; ++s) {
+      const int64_t j0 = spqmm_window(p, s, &max_col);
+      for (int i = 0; i < kSpqmmRows; ++i) {
+        const uint32_t v = p.codes[s * kSpqmmRows + i];
+        const int64_t row = g * kSpqmmRows + i, col = j0 + ((v >> 8) & (kSpqmmWindow - 1));
+        seen->max_id = std::max(seen->max_id, v & 0xFFu);
+        if (!(v & kSpqmmLive)) continue;
+        max_col = std::max(max_col, col);
+        if (row >= r0 && row < r1 && col < p.k) w[(row - r0) * p.k + col] = table[v & 0xFFu];
+      }
     }
   }
+  seen->max_col = std::max(seen->max_col, max_col);
 }
 
 #ifdef DCX_SPQMM_AVX512
-// Batch-1 kernels with AVX-512: 16 entries per step. Codebook lookups are register permutes
-// (<= 16 entries: one vpermps; 32: one vpermi2ps; 64, 128, 256: 2, 4, 8 of them and a tree of
-// blends on the id's high bits), never a gather (on Zen 4 a table gather costs more than the
-// 8-permute tree); x is gathered from the padded, cache-resident buffer.
+// Kernels with AVX-512: 16 slots per step. Codebook lookups are register permutes (<= 16
+// entries: one vpermps; 32: one vpermi2ps; 64, 128, 256: 2, 4, 8 of them and a tree of blends on
+// the id's high bits), and so is the x lookup in the step's window: never a gather (on Zen 4 a
+// 16-lane gather costs about 20 cycles, a permute 1 or 2).
 namespace avx512 {
 
 enum class Lut { k16, k32, k64, k128, k256 };
@@ -277,58 +318,46 @@ DCX_AVX512_FN inline __m512 lookup(const Table& t, __m512i id) {
 
 DCX_AVX512_FN inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
-// kCheckIds: the codebook has fewer than 2^bits entries, so an id may lie outside it and the
-// running maximum of ids is kept; with a full codebook no id can. Columns can only pass K in a
-// row's last tile: only there is the maximum offset reduced.
-template <Lut L, bool kCheckIds>
+// Sparse chunk with MB batch columns (xs [MB][ldx], y [MB][ldy] holding the bias): per step, one
+// 32-byte load of the 16 slots, the weights by register lookup, and per batch column the window
+// of x by two loads and one permute; lane i accumulates row 16 g + i all along.
+template <Lut L, int MB>
 DCX_AVX512_FN void sparse_chunk(const SpqmmPacked& p, int64_t c, const float* table,
-                                const float* xt, const float* bias, float* y, int64_t ldy,
+                                const float* xs, int64_t ldx, float* y, int64_t ldy, int mvalid,
                                 float* edge_sums, SpqmmEdge* edge, SpqmmSeen* seen) {
   const Table tab = load_table(table);
-  const __m512i idmask = _mm512_set1_epi32((1 << p.bits) - 1);
-  const __m128i shift = _mm_cvtsi32_si128(p.bits);
-  const int64_t tile_w = int64_t(1) << (16 - p.bits);
+  const __m512i live_bit = _mm512_set1_epi32(kSpqmmLive), id_mask = _mm512_set1_epi32(0xFF);
   __m512i max_id = _mm512_setzero_si512();
   int64_t max_col = -1;
-  // Vector sums run over a row's segments; one horizontal add per row (or chunk end), not per
-  // segment: at 8 bits a segment spans only 256 columns.
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-  const int64_t s_end = p.chunks[c + 1];
-  spqmm_walk_chunk<1>(p, c, bias, y, ldy, 1, edge_sums, edge,
-                      [&](int64_t s, int64_t base, float* acc) DCX_AVX512_FN {
-    const uint16_t* e = p.codes + p.seg_ptr[s];
-    const int64_t n = p.seg_ptr[s + 1] - p.seg_ptr[s];
-    const float* xb = xt + base;  // the tile's x: gathers take the offsets as they are
-    __m512i max_off = _mm512_setzero_si512();
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-      const __m512i v0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(e + i)));
-      const __m512i v1 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(e + i + 16)));
-      const __m512i id0 = _mm512_and_si512(v0, idmask), id1 = _mm512_and_si512(v1, idmask);
-      const __m512i off0 = _mm512_srl_epi32(v0, shift), off1 = _mm512_srl_epi32(v1, shift);
-      if (kCheckIds) max_id = _mm512_max_epu32(max_id, _mm512_max_epu32(id0, id1));
-      max_off = _mm512_max_epu32(max_off, _mm512_max_epu32(off0, off1));
-      a0 = _mm512_fmadd_ps(lookup<L>(tab, id0), _mm512_i32gather_ps(off0, xb, 4), a0);
-      a1 = _mm512_fmadd_ps(lookup<L>(tab, id1), _mm512_i32gather_ps(off1, xb, 4), a1);
+  __m512 acc[MB];
+  for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+  auto step = [&](int64_t s) DCX_AVX512_FN {
+    const int64_t j0 = spqmm_window(p, s, &max_col);
+    const __m512i v =
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(p.codes + s * kSpqmmRows)));
+    const __mmask16 live = _mm512_test_epi32_mask(v, live_bit);
+    max_id = _mm512_max_epu32(max_id, _mm512_and_si512(v, id_mask));
+    const __m512 w = _mm512_maskz_mov_ps(live, lookup<L>(tab, v));  // lookups use the id's bits
+    const __m512i off = _mm512_srli_epi32(v, 8);  // the permute reads its low 5 bits
+    if (j0 + kSpqmmWindow > p.k) {  // only here can a live slot point past K
+      const __m512i o = _mm512_and_si512(off, _mm512_set1_epi32(kSpqmmWindow - 1));
+      if (live) max_col = std::max<int64_t>(max_col, j0 + _mm512_mask_reduce_max_epu32(live, o));
     }
-    for (; i < n; i += 16) {
-      const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
-      const __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, e + i));
-      const __m512i id = _mm512_and_si512(v, idmask);
-      const __m512i off = _mm512_srl_epi32(v, shift);
-      if (kCheckIds) max_id = _mm512_max_epu32(max_id, id);
-      max_off = _mm512_max_epu32(max_off, off);  // masked-off lanes loaded 0
-      const __m512 xv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, off, xb, 4);
-      a0 = _mm512_fmadd_ps(lookup<L>(tab, id), xv, a0);
+    for (int m = 0; m < MB; ++m) {
+      const float* xw = xs + m * ldx + j0;
+      const __m512 xv = _mm512_permutex2var_ps(_mm512_loadu_ps(xw), off, _mm512_loadu_ps(xw + 16));
+      acc[m] = _mm512_fmadd_ps(w, xv, acc[m]);
     }
-    if (n > 0 && base + tile_w > p.k) {
-      max_col = std::max<int64_t>(max_col, base + _mm512_reduce_max_epu32(max_off));
+  };
+  auto flush = [&](int64_t g, int slot) DCX_AVX512_FN {
+    alignas(64) float sums[MB][kSpqmmRows];
+    for (int m = 0; m < MB; ++m) {
+      _mm512_store_ps(sums[m], acc[m]);
+      acc[m] = _mm512_setzero_ps();
     }
-    if ((s + 1) % p.tiles == 0 || s + 1 == s_end) {
-      acc[0] += hsum(_mm512_add_ps(a0, a1));
-      a0 = a1 = _mm512_setzero_ps();
-    }
-  });
+    spqmm_flush<MB>(p, g, slot, sums, y, ldy, mvalid, edge_sums, edge);
+  };
+  spqmm_walk_chunk(p, c, step, flush);
   seen->max_id = std::max<uint32_t>(seen->max_id, _mm512_reduce_max_epu32(max_id));
   seen->max_col = std::max<int64_t>(seen->max_col, max_col);
 }

@@ -1,10 +1,11 @@
 // spqmm on CPU: y = x W^T + bias, W packed as codebook ids (see csrc/core/spqmm.h for the layout,
 // the safety argument and the inner loops).
 //
-// x [..., K] is staged once per call as float, transposed to [K (padded to whole tiles)][MB] for
-// blocks of MB batch columns, so each decoded weight multiplies MB contiguous x values (one
-// vector) and x stays in cache. Work items are the packed chunks (about equal non-zeros) for
-// sparse mode and row ranges for dense mode, run with at::parallel_for. Past the crossover batch
+// x [..., K] is staged once per call as float for blocks of MB batch columns: [MB][K + 32 zeros]
+// in sparse mode (a step reads a 32-column window of each), transposed to [K][MB] in dense mode
+// (each decoded weight multiplies MB contiguous x values). Work items are the packed chunks
+// (about equal numbers of steps) for sparse mode and row ranges for dense mode, run with
+// at::parallel_for. Past the crossover batch
 // the weight is decoded once, in cache-sized blocks of rows each multiplied with at::mm (MKL /
 // oneDNN), so dcx is not slower than dense at large batch.
 #include <ATen/ATen.h>
@@ -22,7 +23,7 @@
 namespace dcx {
 namespace {
 
-constexpr int kMaxBlock = 16;  // batch columns per pass of the generic kernel
+constexpr int kMaxBlock = 8;  // batch columns per pass
 
 // Batch size from which decode + BLAS beats the kernel on CPU, measured with
 // benchmarks/bench_spqmm.py on an AMD EPYC (Zen 4): the sparse kernel costs about
@@ -43,20 +44,22 @@ bool use_avx512() {
 #endif
 }
 
-SpqmmPacked make_packed(const at::Tensor& codes, const at::Tensor& seg_ptr,
-                        const at::Tensor& chunks, int64_t n, int64_t k, int64_t bits) {
+SpqmmPacked make_packed(const at::Tensor& codes, const at::Tensor& windows,
+                        const at::Tensor& group_ptr, const at::Tensor& chunks, int64_t n, int64_t k,
+                        int64_t bits) {
   SpqmmPacked p;
   p.n = n;
   p.k = k;
   p.bits = static_cast<int>(bits);
-  p.tiles = spqmm_tiles(k, p.bits);
   if (codes.scalar_type() == at::kByte) {
     p.dense = true;
     p.dense_codes = codes.data_ptr<uint8_t>();
   } else {
     p.codes = reinterpret_cast<const uint16_t*>(codes.data_ptr<int16_t>());
-    p.nnz = codes.numel();
-    p.seg_ptr = seg_ptr.data_ptr<int32_t>();
+    p.steps = codes.size(0);
+    p.windows = windows.data_ptr<int32_t>();
+    p.groups = spqmm_groups(n);
+    p.group_ptr = group_ptr.data_ptr<int32_t>();
     p.chunks = chunks.data_ptr<int32_t>();
     p.num_chunks = chunks.numel() - 1;
   }
@@ -67,8 +70,8 @@ void check_seen(const SpqmmSeen& seen, int64_t k_codebook, int64_t in_features) 
   TORCH_CHECK(seen.max_id < static_cast<uint64_t>(k_codebook),
               "codes hold a codebook id outside the codebook: id ", seen.max_id,
               " >= codebook size ", k_codebook, " (corrupted packed weight)");
-  TORCH_CHECK(seen.max_col < in_features, "codes hold a column offset outside in_features: column ",
-              seen.max_col, " >= ", in_features, " (corrupted packed weight)");
+  TORCH_CHECK(seen.max_col < in_features, "windows or codes hold a column outside in_features: ",
+              "column ", seen.max_col, " >= ", in_features, " (corrupted packed weight)");
 }
 
 // The codebook as a zero-padded float table of kSpqmmTable entries.
@@ -85,8 +88,9 @@ std::vector<float> make_table(const at::Tensor& codebook) {
 void decode_gemm(const SpqmmPacked& p, const float* table, const at::Tensor& x2, const float* bias,
                  float* y, SpqmmSeen* seen) {
   const int64_t M = x2.size(0), N = p.n, K = p.k;
-  // Blocks of about 8 MB decoded (L3-resident), at least 64 rows so each GEMM is not too thin.
-  const int64_t rows = std::max<int64_t>(64, std::min<int64_t>(512, (int64_t(1) << 21) / std::max<int64_t>(K, 1)));
+  // Blocks of about 8 MB decoded (L3-resident), at least 64 rows so each GEMM is not too thin, and
+  // whole groups of 16 rows (sparse mode decodes a group at a time).
+  const int64_t rows = std::max<int64_t>(64, std::min<int64_t>(512, (int64_t(1) << 21) / std::max<int64_t>(K, 1))) / 16 * 16;
   const int64_t blocks = (N + rows - 1) / rows;
   std::vector<SpqmmSeen> seen_by(blocks);
   const bool vec = p.dense && use_avx512();
@@ -122,58 +126,40 @@ void decode_gemm(const SpqmmPacked& p, const float* table, const at::Tensor& x2,
   for (const auto& s : seen_by) seen->merge(s);
 }
 
-#ifdef DCX_SPQMM_AVX512
-template <avx512::Lut L>
-void sparse_chunk_avx512(const SpqmmPacked& p, int64_t c, const float* table, const float* xt,
-                         const float* bias, float* y, float* es, SpqmmEdge* edge, SpqmmSeen* seen,
-                         bool check_ids) {
-  if (check_ids) {
-    avx512::sparse_chunk<L, true>(p, c, table, xt, bias, y, p.n, es, edge, seen);
-  } else {
-    avx512::sparse_chunk<L, false>(p, c, table, xt, bias, y, p.n, es, edge, seen);
-  }
-}
-#endif
-
 template <int MB>
-void run_sparse_block(const SpqmmPacked& p, const float* table, const float* xt, const float* bias,
+void run_sparse_block(const SpqmmPacked& p, const float* table, const float* xs, int64_t ldx,
                       float* y, int mvalid, std::vector<SpqmmSeen>& seen_by,
-                      std::vector<float>& edge_sums, std::vector<SpqmmEdge>& edges,
-                      bool check_ids) {
-  const bool vec = MB == 1 && use_avx512();
+                      std::vector<float>& edge_sums, std::vector<SpqmmEdge>& edges) {
+  const bool vec = use_avx512();
+  constexpr int64_t kEdge = 2 * MB * kSpqmmRows;
   at::parallel_for(0, p.num_chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
+      float* es = edge_sums.data() + c * kEdge;
 #ifdef DCX_SPQMM_AVX512
       if (vec) {
         using avx512::Lut;
-        float* es = edge_sums.data() + c * 2;
         switch (avx512::lut_kind(p.bits)) {
-          case Lut::k16: sparse_chunk_avx512<Lut::k16>(p, c, table, xt, bias, y, es, &edges[c], &seen_by[c], check_ids); break;
-          case Lut::k32: sparse_chunk_avx512<Lut::k32>(p, c, table, xt, bias, y, es, &edges[c], &seen_by[c], check_ids); break;
-          case Lut::k64: sparse_chunk_avx512<Lut::k64>(p, c, table, xt, bias, y, es, &edges[c], &seen_by[c], check_ids); break;
-          case Lut::k128: sparse_chunk_avx512<Lut::k128>(p, c, table, xt, bias, y, es, &edges[c], &seen_by[c], check_ids); break;
-          case Lut::k256: sparse_chunk_avx512<Lut::k256>(p, c, table, xt, bias, y, es, &edges[c], &seen_by[c], check_ids); break;
+          case Lut::k16: avx512::sparse_chunk<Lut::k16, MB>(p, c, table, xs, ldx, y, p.n, mvalid, es, &edges[c], &seen_by[c]); break;
+          case Lut::k32: avx512::sparse_chunk<Lut::k32, MB>(p, c, table, xs, ldx, y, p.n, mvalid, es, &edges[c], &seen_by[c]); break;
+          case Lut::k64: avx512::sparse_chunk<Lut::k64, MB>(p, c, table, xs, ldx, y, p.n, mvalid, es, &edges[c], &seen_by[c]); break;
+          case Lut::k128: avx512::sparse_chunk<Lut::k128, MB>(p, c, table, xs, ldx, y, p.n, mvalid, es, &edges[c], &seen_by[c]); break;
+          case Lut::k256: avx512::sparse_chunk<Lut::k256, MB>(p, c, table, xs, ldx, y, p.n, mvalid, es, &edges[c], &seen_by[c]); break;
         }
         continue;
       }
 #endif
-      spqmm_sparse_chunk<MB>(p, c, table, xt, bias, y, p.n, mvalid, edge_sums.data() + c * 2 * MB,
-                             &edges[c], &seen_by[c]);
+      spqmm_sparse_chunk<MB>(p, c, table, xs, ldx, y, p.n, mvalid, es, &edges[c], &seen_by[c]);
     }
   });
-  // Rows shared between chunks: bias once, then every chunk's partial sum.
+  // Groups shared between chunks: every chunk's partial sums, added in chunk order.
   for (int64_t c = 0; c < p.num_chunks; ++c) {
     for (int side = 0; side < 2; ++side) {
-      const int64_t r = edges[c].row[side];
-      if (r < 0) continue;
-      for (int m = 0; m < mvalid; ++m) y[m * p.n + r] = bias ? bias[r] : 0.f;
-    }
-  }
-  for (int64_t c = 0; c < p.num_chunks; ++c) {
-    for (int side = 0; side < 2; ++side) {
-      const int64_t r = edges[c].row[side];
-      if (r < 0) continue;
-      for (int m = 0; m < mvalid; ++m) y[m * p.n + r] += edge_sums[(c * 2 + side) * MB + m];
+      const int64_t g = edges[c].group[side];
+      if (g < 0) continue;
+      const int lanes = static_cast<int>(std::min<int64_t>(kSpqmmRows, p.n - g * kSpqmmRows));
+      const float* sums = edge_sums.data() + c * kEdge + side * MB * kSpqmmRows;
+      for (int m = 0; m < mvalid; ++m)
+        for (int i = 0; i < lanes; ++i) y[m * p.n + g * kSpqmmRows + i] += sums[m * kSpqmmRows + i];
     }
     edges[c] = SpqmmEdge();
   }
@@ -202,35 +188,44 @@ void run_dense_block(const SpqmmPacked& p, const float* table, const float* xt, 
   });
 }
 
-// y[m0 : m0 + MB] for one block of batch columns: stage x transposed, run the kernel.
+// y[m0 : m0 + MB] for one block of batch columns: stage x, run the kernel.
 template <int MB>
 void run_block(const SpqmmPacked& p, const float* table, const at::Tensor& x2, int64_t m0,
                const float* bias, float* y, std::vector<SpqmmSeen>& seen_by,
-               std::vector<float>& edge_sums, std::vector<SpqmmEdge>& edges, bool check_ids) {
+               std::vector<float>& edge_sums, std::vector<SpqmmEdge>& edges) {
   const int64_t M = x2.size(0);
   const int mvalid = static_cast<int>(std::min<int64_t>(MB, M - m0));
-  const bool dense_mode = p.dense;
-  const int64_t rows = dense_mode ? p.k : p.tiles * (int64_t(1) << (16 - p.bits));
-  // [rows][MB], zero beyond K and beyond the last batch column: every read is in bounds.
-  at::Tensor xt = at::zeros({rows, MB}, at::kFloat);
-  xt.narrow(0, 0, p.k).narrow(1, 0, mvalid).copy_(x2.narrow(0, m0, mvalid).t());
   float* yb = y + m0 * p.n;
-  if (dense_mode) {
+  const at::Tensor xm = x2.narrow(0, m0, mvalid);
+  if (p.dense) {
+    // [K][MB], zero beyond the last batch column.
+    at::Tensor xt = at::zeros({p.k, MB}, at::kFloat);
+    xt.narrow(1, 0, mvalid).copy_(xm.t());
     run_dense_block<MB>(p, table, xt.data_ptr<float>(), bias, yb, mvalid, seen_by);
-  } else {
-    edge_sums.assign(p.num_chunks * 2 * MB, 0.f);
-    run_sparse_block<MB>(p, table, xt.data_ptr<float>(), bias, yb, mvalid, seen_by, edge_sums,
-                         edges, check_ids);
+    return;
   }
+  // [MB][ldx], zero beyond K (windows clamped to K read zeros) and beyond the last batch column.
+  const int64_t ldx = spqmm_x_stride(p.k);
+  at::Tensor xs = at::zeros({MB, ldx}, at::kFloat);
+  xs.narrow(0, 0, mvalid).narrow(1, 0, p.k).copy_(xm);
+  // y starts as the bias; the kernels add their sums.
+  for (int m = 0; m < mvalid; ++m) {
+    float* row = yb + m * p.n;
+    if (bias) std::copy(bias, bias + p.n, row); else std::fill(row, row + p.n, 0.f);
+  }
+  edge_sums.assign(p.num_chunks * 2 * MB * kSpqmmRows, 0.f);
+  run_sparse_block<MB>(p, table, xs.data_ptr<float>(), ldx, yb, mvalid, seen_by, edge_sums, edges);
 }
 
-at::Tensor spqmm_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& seg_ptr,
-                     const at::Tensor& chunks, const at::Tensor& codebook, int64_t out_features,
+at::Tensor spqmm_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& windows,
+                     const at::Tensor& group_ptr, const at::Tensor& chunks,
+                     const at::Tensor& codebook, int64_t out_features,
                      int64_t in_features, int64_t bits, const std::optional<at::Tensor>& bias,
                      int64_t crossover, bool /*check: the CPU checks cost nothing extra*/) {
-  check_spqmm_args(x, codes, seg_ptr, chunks, codebook, out_features, in_features, bits, bias);
+  check_spqmm_args(x, codes, windows, group_ptr, chunks, codebook, out_features, in_features, bits,
+                   bias);
   const int64_t N = out_features, K = in_features;
-  const SpqmmPacked p = make_packed(codes, seg_ptr, chunks, N, K, bits);
+  const SpqmmPacked p = make_packed(codes, windows, group_ptr, chunks, N, K, bits);
   const bool dense_mode = p.dense;
   if (!dense_mode) {
     const char* bad = spqmm_check_structure(p);
@@ -246,8 +241,10 @@ at::Tensor spqmm_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   const std::vector<float> table = make_table(codebook);
   SpqmmSeen seen;
 
-  const double density =
-      dense_mode ? 1.0 : double(p.nnz) / std::max<double>(1.0, double(N) * double(K));
+  // Slots per weight: the non-zero density plus the padding (about 1.4x at 10%).
+  const double density = dense_mode ? 1.0
+                                    : double(p.steps * kSpqmmRows) /
+                                          std::max<double>(1.0, double(N) * double(K));
   const int64_t cross = crossover >= 0 ? crossover : auto_crossover_cpu(dense_mode, density);
   at::Tensor y = at::empty({M, N}, at::kFloat);
   if (M > 0 && N > 0) {
@@ -262,15 +259,13 @@ at::Tensor spqmm_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Ten
       std::vector<float> edge_sums;
       std::vector<SpqmmEdge> edges(dense_mode ? 0 : p.num_chunks);
       float* yp = y.data_ptr<float>();
-      const bool check_ids = codebook.numel() < (int64_t(1) << bits);
-      const int64_t mb = M == 1 ? 1 : M <= 2 ? 2 : M <= 4 ? 4 : M <= 8 ? 8 : kMaxBlock;
+      const int64_t mb = M == 1 ? 1 : M <= 2 ? 2 : M <= 4 ? 4 : kMaxBlock;
       for (int64_t m0 = 0; m0 < M; m0 += mb) {
         switch (mb) {
-          case 1: run_block<1>(p, table.data(), x2, m0, bp, yp, seen_by, edge_sums, edges, check_ids); break;
-          case 2: run_block<2>(p, table.data(), x2, m0, bp, yp, seen_by, edge_sums, edges, check_ids); break;
-          case 4: run_block<4>(p, table.data(), x2, m0, bp, yp, seen_by, edge_sums, edges, check_ids); break;
-          case 8: run_block<8>(p, table.data(), x2, m0, bp, yp, seen_by, edge_sums, edges, check_ids); break;
-          default: run_block<kMaxBlock>(p, table.data(), x2, m0, bp, yp, seen_by, edge_sums, edges, check_ids);
+          case 1: run_block<1>(p, table.data(), x2, m0, bp, yp, seen_by, edge_sums, edges); break;
+          case 2: run_block<2>(p, table.data(), x2, m0, bp, yp, seen_by, edge_sums, edges); break;
+          case 4: run_block<4>(p, table.data(), x2, m0, bp, yp, seen_by, edge_sums, edges); break;
+          default: run_block<kMaxBlock>(p, table.data(), x2, m0, bp, yp, seen_by, edge_sums, edges);
         }
       }
       for (const auto& s : seen_by) seen.merge(s);

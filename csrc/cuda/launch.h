@@ -57,20 +57,22 @@ cudaError_t launch_kmeans1d_optimal(const double* S, const double* S2, int64_t n
                                     double* D0, double* D1, int32_t* J, int64_t* bounds,
                                     cudaStream_t stream);
 // spqmm (layout at the top of csrc/core/spqmm.h). x: [m, k] contiguous, y: [m, n], codebook
-// (kc entries) and bias (or null) in `dtype`. Sparse mode: codes, seg_ptr, chunks set and ws a
-// zeroed float [m, n] workspace; dense mode: dense_codes [n, k] set. bad_flag: one int, bit 1 an
-// id >= kc, bit 2 a column >= k, bit 4 unsound pointers.
+// (kc entries) and bias (or null) in `dtype`. Sparse mode: codes [steps, 16], windows [steps],
+// group_ptr [ceil(n / 16) + 1], chunks [num_chunks + 1] set, and ws a zeroed float [m, n]
+// workspace; dense mode: dense_codes [n, k] set. bad_flag: one int, bit 1 an id >= kc, bit 2 a
+// column >= k, bit 4 unsound pointers.
 struct SpqmmCudaArgs {
   Dtype dtype;
   const void* x;
   void* y;
   int64_t m, n, k;
-  bool dense;  // dense mode (dense_codes) or sparse mode (codes, seg_ptr, chunks)
+  bool dense;  // dense mode (dense_codes) or sparse mode (codes, windows, group_ptr, chunks)
   const uint16_t* codes;
   const uint8_t* dense_codes;
-  const int32_t* seg_ptr;
+  const int32_t* windows;
+  const int32_t* group_ptr;
   const int32_t* chunks;
-  int64_t num_chunks, nnz, tiles;
+  int64_t num_chunks, steps, groups;
   int bits;
   const void* codebook;
   int kc;
