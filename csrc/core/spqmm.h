@@ -23,7 +23,7 @@
 //   dense mode (layers kept at, or near, full density): codes uint8 [N, K], one id per weight, no
 //     positions (1 byte per weight, 4x fewer than fp32); windows, group_ptr and chunks are empty.
 //
-// Safety without per-element branches: the codebook is read through a 256-entry table (ids >= k
+// Safety without per-element branches: the codebook is read through a zero-padded table (ids >= k
 // read a zero) and x through a buffer padded with 32 zeros past K, windows are clamped to K before
 // they are read, so any slot reads in bounds; the kernels keep a running maximum of the ids and
 // windows they saw, look at the offsets of the few steps whose window reaches past K, and the op
@@ -62,7 +62,9 @@
 
 namespace dcx {
 
-constexpr int kSpqmmTable = 256;  // codebook table size: every 8-bit id reads in bounds
+// Codebook table: ids [0, 256) then 256 zeros that padding slots read (id | 256 when not live),
+// so the portable kernel needs no branch on the live bit.
+constexpr int kSpqmmTable = 512;
 constexpr int kSpqmmRows = 16;    // rows per group = slots per step
 constexpr int kSpqmmWindow = 32;  // columns of x a step can reach
 constexpr uint32_t kSpqmmLive = 0x8000;
@@ -187,7 +189,7 @@ DCX_SPQMM_MULTIVERSION void spqmm_sparse_chunk(const SpqmmPacked& p, int64_t c,
     for (int i = 0; i < kSpqmmRows; ++i) {
       const uint32_t v = slot[i];
       max_id = std::max(max_id, v & 0xFFu);
-      w[i] = (v & kSpqmmLive) ? table[v & 0xFFu] : 0.f;
+      w[i] = table[(v & 0xFFu) | ((~v >> 7) & 0x100u)];
       col[i] = static_cast<int32_t>((v >> 8) & (kSpqmmWindow - 1));
     }
     if (j0 + kSpqmmWindow > p.k) {  // only here can a live slot point past K

@@ -16,6 +16,8 @@ namespace {
 // Batch from which decoding once + cuBLAS beats the kernel. Not yet measured on a GPU: the
 // kernel reads the compressed bytes once per 8 batch columns, cuBLAS the dense bytes once, so the
 // crossover grows as density falls; benchmarks/bench_spqmm.py sweeps it (crossover argument).
+// Sparse mode's density is that of the slots (steps * 16 / (N * K)), padding included: the kernel
+// pays for every slot, live or not.
 int64_t auto_crossover_cuda(double density) {
   if (density <= 0.15) return 48;
   if (density <= 0.3) return 24;
@@ -25,16 +27,21 @@ int64_t auto_crossover_cuda(double density) {
 void check_flag(const at::Tensor& bad, bool check) {
   if (!check || cuda::stream_capturing()) return;
   const int flag = bad.item<int>();
-  TORCH_CHECK(!(flag & 4), "seg_ptr or chunks are not sound pointers into codes (corrupted packed weight)");
+  TORCH_CHECK(!(flag & 4),
+              "group_ptr or chunks are not sound step pointers (they must start at 0, not decrease "
+              "and end at the number of steps; corrupted packed weight)");
   TORCH_CHECK(!(flag & 1), "codes hold a codebook id outside the codebook (corrupted packed weight)");
-  TORCH_CHECK(!(flag & 2), "codes hold a column offset outside in_features (corrupted packed weight)");
+  TORCH_CHECK(!(flag & 2),
+              "windows and codes point at a column outside in_features (corrupted packed weight)");
 }
 
-at::Tensor spqmm_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& seg_ptr,
-                      const at::Tensor& chunks, const at::Tensor& codebook, int64_t out_features,
-                      int64_t in_features, int64_t bits, const std::optional<at::Tensor>& bias,
-                      int64_t crossover, bool check) {
-  check_spqmm_args(x, codes, seg_ptr, chunks, codebook, out_features, in_features, bits, bias);
+at::Tensor spqmm_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& windows,
+                      const at::Tensor& group_ptr, const at::Tensor& chunks,
+                      const at::Tensor& codebook, int64_t out_features, int64_t in_features,
+                      int64_t bits, const std::optional<at::Tensor>& bias, int64_t crossover,
+                      bool check) {
+  check_spqmm_args(x, codes, windows, group_ptr, chunks, codebook, out_features, in_features, bits,
+                   bias);
   cuda::check_cuda_tensor(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t N = out_features, K = in_features;
@@ -55,7 +62,6 @@ at::Tensor spqmm_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Te
   a.n = N;
   a.k = K;
   a.bits = static_cast<int>(bits);
-  a.tiles = (K + spqmm_tile_width(bits) - 1) / spqmm_tile_width(bits);
   a.codebook = cb.data_ptr();
   a.kc = static_cast<int>(cb.numel());
   a.bias = has_bias ? b.data_ptr() : nullptr;
@@ -66,14 +72,17 @@ at::Tensor spqmm_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Te
     a.dense_codes = codes.data_ptr<uint8_t>();
   } else {
     a.codes = reinterpret_cast<const uint16_t*>(codes.data_ptr<int16_t>());
-    a.nnz = codes.numel();
-    a.seg_ptr = seg_ptr.data_ptr<int32_t>();
+    a.steps = codes.size(0);
+    a.windows = windows.data_ptr<int32_t>();
+    a.groups = (N + kSpqmmGroupRows - 1) / kSpqmmGroupRows;
+    a.group_ptr = group_ptr.data_ptr<int32_t>();
     a.chunks = chunks.data_ptr<int32_t>();
     a.num_chunks = chunks.numel() - 1;
   }
 
   const double density =
-      dense_mode ? 1.0 : double(a.nnz) / std::max<double>(1.0, double(N) * double(K));
+      dense_mode ? 1.0
+                 : double(codes.numel()) / std::max<double>(1.0, double(N) * double(K));
   const int64_t cross = crossover >= 0 ? crossover : auto_crossover_cuda(density);
   if (M > 0 && M >= std::max<int64_t>(cross, 1)) {
     at::Tensor w = at::zeros({N, K}, x.options());

@@ -1,19 +1,34 @@
-// spqmm on CUDA: y = x W^T + bias with W packed as codebook ids (the layout is described at the
-// top of csrc/core/spqmm.h: 16-bit entries (tile-local column << bits | id), per-segment pointers,
-// chunks of about equal non-zeros; or uint8 ids only in dense mode).
+// spqmm on CUDA: y = x W^T + bias with W packed as codebook ids (layout at the top of
+// csrc/core/spqmm.h). Sparse mode: rows in groups of 16; a step is 16 slots (slot i for row
+// 16g + i, uint16 live << 15 | offset << 8 | id) and one window (the first of the 32 columns the
+// step's slots read); group g is steps [group_ptr[g], group_ptr[g+1]). Dense mode: uint8 ids
+// [N, K].
 //
-// Sparse mode: one block per chunk, so work is split by non-zeros, not rows. The block's warps
-// take its segments in turn; the 32 lanes of a warp read 32 consecutive 16-bit entries (one 64-byte
-// coalesced load), decode each once (a mask, a shift) and apply it to every one of the MB batch
-// columns. The codebook lives in a register per lane and is read with a warp shuffle when it has
-// <= 32 entries, else in shared memory (<= 256). A segment's sums are reduced with shuffles and
-// added to a float32 workspace [M, N] with one atomic per batch column; a last small kernel adds
-// the bias and rounds to x's dtype.
+// Sparse mode. A step costs the same whatever its rows hold, so the kernel splits the steps
+// itself into equal pieces, one per warp (the packer's chunks are the CPU's work items; here they
+// are only checked). The grid is sized to the resident warps and every block first stages the
+// codebook (float table[256] in shared memory) and, when it fits, x for the MB batch columns of
+// this pass ([MB, K] in x's dtype, shared memory), so a slot's x read is one shared load.
+// A warp walks its piece two steps at a time: half-warp h takes step s + h, lane i of it is
+// row 16g + i and reads its slot (a warp reads 64 contiguous bytes; 32 steps' slots and windows
+// are loaded before any is used, to keep loads in flight), decodes it once (masks and shifts),
+// looks the weight up (a warp shuffle of a per-lane register when the codebook has <= 32 entries,
+// else the shared table) and applies it to each of the MB columns: acc[m] += w * x[m][window +
+// offset]. Each lane so keeps its row's sums in registers; when its half-warp's step enters
+// another group, and at the piece's end, the sums go to a float32 workspace [M, N] with one
+// atomicAdd per row and column (a group may span pieces, so partial sums are added). A last small
+// kernel adds the bias and rounds to x's dtype. Shuffles are outside any branch that can differ
+// between lanes (loop trip counts are per warp), so every __shfl_sync sees the whole warp.
 // Dense mode: one warp per row, each lane loads 16 ids (one 16-byte load) and 16 x values.
 // Past the crossover batch the glue decodes W once (decode kernels below) and calls cuBLAS.
 //
-// Nothing is trusted: pointers are clamped to the arrays, ids >= k read 0 and columns >= K are
-// skipped; each such event sets a flag the glue turns into an error (outside graph capture).
+// Nothing is trusted: a slot counts only when live, its id < kc (flag 1, checked in every slot,
+// live or not, as on the CPU) and its window lies in [0, K) with window + offset < K (flag 2; a
+// window outside [0, K) is flagged even when its step has no live slot); other slots are
+// skipped. group_ptr and chunks must start at 0, not decrease and end at steps (flag 4); a
+// step's group is found by a binary search whose answer is always in range, so corrupted pointers
+// give wrong rows, never out-of-bounds accesses. Live slots in the padding rows of a partial last
+// group are dropped. The glue turns the flags into an error (outside graph capture).
 #include <algorithm>
 
 #include "cuda/dtype.cuh"
@@ -22,8 +37,12 @@ namespace dcx {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
+constexpr int kDenseThreads = 256;
+constexpr int kDenseWarps = kDenseThreads / 32;
+constexpr int kSparseThreads = 512;
+constexpr int kSparseWarps = kSparseThreads / 32;
+constexpr int kGroupRows = 16;    // rows per group = slots per step = lanes per half-warp
+constexpr int kBatchSteps = 32;   // steps whose slots and windows a warp loads before using them
 constexpr unsigned kFull = 0xffffffffu;
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -37,63 +56,152 @@ __device__ __forceinline__ void load_table(const T* codebook, int kc, float* tab
   for (int i = threadIdx.x; i < 256; i += blockDim.x) table[i] = i < kc ? to_float(codebook[i]) : 0.f;
 }
 
-// Clamped segment bounds; sets `flag` bit 4 when the pointers are not sound.
-__device__ __forceinline__ void segment_bounds(const int32_t* seg_ptr, int64_t s, int64_t nnz,
-                                               int64_t* lo, int64_t* hi, int* flag) {
-  const int64_t a = seg_ptr[s], b = seg_ptr[s + 1];
-  if (a < 0 || b < a || b > nnz) *flag |= 4;
-  *lo = min(max(a, int64_t(0)), nnz);
-  *hi = min(max(b, *lo), nnz);
+// Flag 4 unless p[0 .. count) starts at 0, never decreases and ends at `steps`; the grid's
+// threads share the entries.
+__device__ __forceinline__ int check_pointers(const int32_t* __restrict__ p, int64_t count,
+                                              int64_t steps) {
+  int flag = 0;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t v = p[i];
+    const bool bad = i == 0 ? v != 0 : v < p[i - 1];
+    if (bad || v > steps || (i == count - 1 && v != steps)) flag = 4;
+  }
+  return flag;
 }
 
-template <typename T, int MB, bool kShuffle>
-__global__ void __launch_bounds__(kThreads)
-spqmm_sparse_kernel(const T* __restrict__ x, int64_t ldx, int mvalid,
-                    const uint16_t* __restrict__ codes, const int32_t* __restrict__ seg_ptr,
-                    const int32_t* __restrict__ chunks, int64_t nnz, int64_t n, int64_t k,
-                    int64_t tiles, int bits, const T* __restrict__ codebook, int kc,
-                    float* __restrict__ ws, int* __restrict__ bad_flag) {
+// The largest g in [0, groups) with group_ptr[g] <= s (0 if none): the group of step s when the
+// pointers are sound, and a group in range whatever they hold. groups >= 1.
+__device__ __forceinline__ int64_t find_group(const int32_t* __restrict__ group_ptr,
+                                              int64_t groups, int64_t s) {
+  int64_t lo = 0, hi = groups - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) >> 1;
+    if (group_ptr[mid] <= s) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
+// The group after g holds s in the common case (one read); otherwise search.
+__device__ __forceinline__ int64_t next_group(const int32_t* __restrict__ group_ptr,
+                                              int64_t groups, int64_t g, int64_t s) {
+  if (g + 1 < groups && group_ptr[g + 1] <= s && s < group_ptr[g + 2]) return g + 1;
+  return find_group(group_ptr, groups, s);
+}
+
+// One slot, decoded and checked: ok when it is live, its id in the codebook and its column
+// (window + offset) in [0, k). col is 0 when not ok, so callers may read x[col] either way.
+// Ids are checked in every slot (padding is all zeros, so id 0), as the CPU kernels do; columns
+// only in live slots.
+struct Slot {
+  uint32_t id;
+  int col;
+  bool ok;
+};
+
+__device__ __forceinline__ Slot decode_slot(uint32_t v, int window, int k, int kc, int* flag) {
+  const uint32_t id = v & 0xffu, off = (v >> 8) & 0x1fu;
+  const bool live = (v & 0x8000u) != 0;
+  // Columns left in [window, k); 0 for a window outside [0, k). No overflow: k < 2^31 - 64.
+  const uint32_t room = uint32_t(window) < uint32_t(k) ? uint32_t(k - window) : 0u;
+  const bool id_ok = id < uint32_t(kc), col_ok = off < room;
+  if (!id_ok) *flag |= 1;
+  if (live && !col_ok) *flag |= 2;
+  const bool ok = live && id_ok && col_ok;
+  return {id, ok ? window + int(off) : 0, ok};
+}
+
+extern __shared__ __align__(16) unsigned char spqmm_smem[];
+
+// kStaged: x's [mvalid, k] slice is copied to shared memory (dynamic size mvalid * k * sizeof(T)).
+// piece: steps per warp work item (a multiple of kBatchSteps). validate: check the pointers (the
+// first batch pass does). Up to MB = 4, two blocks per SM (64 registers): at small batches the
+// kernel streams codes and wants warps in flight; MB = 8 needs ~100 registers not to spill.
+template <typename T, int MB, bool kShuffle, bool kStaged>
+__global__ void __launch_bounds__(kSparseThreads, MB <= 4 ? 2 : 1)
+spqmm_sparse_kernel(const T* __restrict__ x, int mvalid, const uint16_t* __restrict__ codes,
+                    const int32_t* __restrict__ windows, const int32_t* __restrict__ group_ptr,
+                    const int32_t* __restrict__ chunks, int64_t steps, int64_t groups,
+                    int64_t num_chunks, int64_t n, int k, int64_t piece, bool validate,
+                    const T* __restrict__ codebook, int kc, float* __restrict__ ws,
+                    int* __restrict__ bad_flag) {
   __shared__ float table[256];
+  T* xs = reinterpret_cast<T*>(spqmm_smem);
   load_table(codebook, kc, table);
+  if (kStaged) {
+    for (int i = threadIdx.x; i < mvalid * k; i += blockDim.x) xs[i] = x[i];
+  }
   __syncthreads();
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const float reg_entry = lane < kc ? table[lane] : 0.f;
-  const int64_t nseg = n * tiles;
   int flag = 0;
-  int64_t s0 = chunks[blockIdx.x], s1 = chunks[blockIdx.x + 1];
-  if (s0 < 0 || s1 < s0 || s1 > nseg) flag |= 4;
-  s0 = min(max(s0, int64_t(0)), nseg);
-  s1 = min(max(s1, s0), nseg);
-  const uint32_t idmask = (1u << bits) - 1;
-  const int64_t tile_w = int64_t(1) << (16 - bits);
-  for (int64_t s = s0 + warp; s < s1; s += kWarps) {
-    int64_t lo, hi;
-    segment_bounds(seg_ptr, s, nnz, &lo, &hi, &flag);
-    const int64_t row = s / tiles, base = (s - row * tiles) * tile_w;
-    float acc[MB];
+  if (validate) {
+    flag |= check_pointers(group_ptr, groups + 1, steps);
+    flag |= check_pointers(chunks, num_chunks + 1, steps);
+  }
+  const int lane = threadIdx.x & 31, half = lane >> 4, slot = lane & 15;
+  const float reg_entry = kShuffle ? table[lane] : 0.f;  // table[lane] is 0 for lane >= kc
+  const int64_t warps = int64_t(gridDim.x) * (blockDim.x >> 5);
+  const int64_t pieces = (steps + piece - 1) / piece;
+  float acc[MB];
 #pragma unroll
-    for (int m = 0; m < MB; ++m) acc[m] = 0.f;
-    // Every lane runs the same number of steps, so the shuffle below sees the whole warp.
-    for (int64_t e0 = lo; e0 < hi; e0 += 32) {
-      const int64_t e = e0 + lane;
-      const uint32_t v = e < hi ? codes[e] : 0u;
-      const uint32_t id = v & idmask;
-      const int64_t col = base + (v >> bits);
-      const bool ok = e < hi && id < uint32_t(kc) && col < k;
-      if (e < hi && !ok) flag |= id >= uint32_t(kc) ? 1 : 2;
-      float w = kShuffle ? __shfl_sync(kFull, reg_entry, id & 31) : table[id];
-      if (!ok) w = 0.f;
-      const int64_t c = ok ? col : 0;
-#pragma unroll
-      for (int m = 0; m < MB; ++m) {
-        if (m < mvalid) acc[m] += w * to_float(x[m * ldx + c]);
-      }
-    }
+  for (int m = 0; m < MB; ++m) acc[m] = 0.f;
+  // Adds the lane's sums for group g to the workspace (zeros are skipped: padding rows, rows
+  // with no weight in this piece).
+  auto flush = [&](int64_t g) {
+    const int64_t row = g * kGroupRows + slot;
 #pragma unroll
     for (int m = 0; m < MB; ++m) {
-      const float sum = warp_sum(acc[m]);
-      if (lane == 0 && m < mvalid && hi > lo) atomicAdd(&ws[m * n + row], sum);
+      if (m < mvalid && row < n && acc[m] != 0.f) atomicAdd(&ws[m * n + row], acc[m]);
+      acc[m] = 0.f;
     }
+  };
+  for (int64_t p = blockIdx.x * int64_t(blockDim.x >> 5) + (threadIdx.x >> 5); p < pieces;
+       p += warps) {
+    const int64_t a = p * piece, b = a + min(piece, steps - a);
+    int64_t g = find_group(group_ptr, groups, a);
+    int64_t gend = group_ptr[g + 1];
+    for (int64_t base = a; base < b; base += kBatchSteps) {
+      // Step base + t for t < rem; t = 2j + h is half h's step in pair j. Lane l holds the window
+      // of step base + l. Indices within the batch are 32-bit.
+      const int rem = int(min(b - base, int64_t(kBatchSteps)));
+      // Steps t >= until lie past the current group's end.
+      int until = int(min(max(gend - base, int64_t(0)), int64_t(kBatchSteps)));
+      int window = 0;
+      if (lane < rem) {
+        window = windows[base + lane];
+        if (uint32_t(window) >= uint32_t(k)) flag |= 2;
+      }
+      const uint16_t* cp = codes + base * kGroupRows + lane;
+      uint32_t v[kBatchSteps / 2];
+#pragma unroll
+      for (int j = 0; j < kBatchSteps / 2; ++j) {
+        v[j] = 2 * j + half < rem ? uint32_t(cp[j * 2 * kGroupRows]) : 0u;  // 0: not live
+      }
+#pragma unroll
+      for (int j = 0; j < kBatchSteps / 2; ++j) {
+        const int t = 2 * j + half;
+        const int w0 = __shfl_sync(kFull, window, t);
+        if (t < rem && t >= until) {  // uniform within the half-warp
+          flush(g);
+          g = next_group(group_ptr, groups, g, base + t);
+          gend = group_ptr[g + 1];
+          until = int(min(max(gend - base, int64_t(0)), int64_t(kBatchSteps)));
+        }
+        const Slot e = decode_slot(v[j], w0, k, kc, &flag);
+        const float w = kShuffle ? __shfl_sync(kFull, reg_entry, int(e.id & 31u)) : table[e.id];
+        if (e.ok) {
+#pragma unroll
+          for (int m = 0; m < MB; ++m) {
+            if (m < mvalid) {
+              const float xv = kStaged ? to_float(xs[m * k + e.col])
+                                       : to_float(x[int64_t(m) * k + e.col]);
+              acc[m] += w * xv;
+            }
+          }
+        }
+      }
+    }
+    flush(g);
   }
   if (flag) atomicOr(bad_flag, flag);
 }
@@ -109,7 +217,7 @@ __global__ void spqmm_epilogue_kernel(const float* __restrict__ ws, const T* __r
 
 // Dense mode: one warp per row; kVec: K % 16 == 0 and aligned rows, 16 ids per 16-byte load.
 template <typename T, int MB, bool kVec>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kDenseThreads)
 spqmm_dense_kernel(const T* __restrict__ x, int64_t ldx, int mvalid,
                    const uint8_t* __restrict__ codes, int64_t n, int64_t k,
                    const T* __restrict__ codebook, int kc, const T* __restrict__ bias,
@@ -118,7 +226,7 @@ spqmm_dense_kernel(const T* __restrict__ x, int64_t ldx, int mvalid,
   load_table(codebook, kc, table);
   __syncthreads();
   const int lane = threadIdx.x & 31;
-  const int64_t row = blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5);
+  const int64_t row = blockIdx.x * int64_t(kDenseWarps) + (threadIdx.x >> 5);
   if (row >= n) return;
   const uint8_t* code = codes + row * k;
   float acc[MB];
@@ -159,27 +267,37 @@ spqmm_dense_kernel(const T* __restrict__ x, int64_t ldx, int mvalid,
   }
 }
 
-// Decode to dense W [n, k] in T (zeroed by the caller), for cuBLAS past the crossover.
+// Decode to dense W [n, k] in T (zeroed by the caller), for cuBLAS past the crossover. Same
+// pieces and group walk as the sparse kernel, one step per half-warp at a time (no shuffles, so
+// the halves may diverge).
 template <typename T>
-__global__ void spqmm_decode_sparse_kernel(const uint16_t* __restrict__ codes,
-                                           const int32_t* __restrict__ seg_ptr, int64_t nnz,
-                                           int64_t n, int64_t k, int64_t tiles, int bits,
-                                           const T* __restrict__ codebook, int kc,
-                                           T* __restrict__ w, int* __restrict__ bad_flag) {
-  const int64_t tile_w = int64_t(1) << (16 - bits);
-  const uint32_t idmask = (1u << bits) - 1;
-  int flag = 0;
-  for (int64_t s = blockIdx.x; s < n * tiles; s += gridDim.x) {
-    int64_t lo, hi;
-    segment_bounds(seg_ptr, s, nnz, &lo, &hi, &flag);
-    const int64_t row = s / tiles, base = (s - row * tiles) * tile_w;
-    for (int64_t e = lo + threadIdx.x; e < hi; e += blockDim.x) {
-      const uint32_t v = codes[e];
-      const uint32_t id = v & idmask;
-      const int64_t col = base + (v >> bits);
-      if (id >= uint32_t(kc)) flag |= 1;
-      else if (col >= k) flag |= 2;
-      else w[row * k + col] = codebook[id];
+__global__ void __launch_bounds__(kSparseThreads)
+spqmm_decode_sparse_kernel(const uint16_t* __restrict__ codes, const int32_t* __restrict__ windows,
+                           const int32_t* __restrict__ group_ptr,
+                           const int32_t* __restrict__ chunks, int64_t steps, int64_t groups,
+                           int64_t num_chunks, int64_t n, int k, int64_t piece,
+                           const T* __restrict__ codebook, int kc, T* __restrict__ w,
+                           int* __restrict__ bad_flag) {
+  int flag = check_pointers(group_ptr, groups + 1, steps) |
+             check_pointers(chunks, num_chunks + 1, steps);
+  const int lane = threadIdx.x & 31, half = lane >> 4, slot = lane & 15;
+  const int64_t warps = int64_t(gridDim.x) * (blockDim.x >> 5);
+  const int64_t pieces = (steps + piece - 1) / piece;
+  for (int64_t p = blockIdx.x * int64_t(blockDim.x >> 5) + (threadIdx.x >> 5); p < pieces;
+       p += warps) {
+    const int64_t a = p * piece, b = a + min(piece, steps - a);
+    int64_t g = find_group(group_ptr, groups, a);
+    int64_t gend = group_ptr[g + 1];
+    for (int64_t s = a + half; s < b; s += 2) {
+      if (s >= gend) {
+        g = next_group(group_ptr, groups, g, s);
+        gend = group_ptr[g + 1];
+      }
+      const int window = windows[s];
+      if (slot == 0 && uint32_t(window) >= uint32_t(k)) flag |= 2;
+      const Slot e = decode_slot(codes[s * kGroupRows + slot], window, k, kc, &flag);
+      const int64_t row = g * kGroupRows + slot;
+      if (e.ok && row < n) w[row * k + e.col] = codebook[e.id];
     }
   }
   if (flag) atomicOr(bad_flag, flag);
@@ -199,42 +317,120 @@ __global__ void spqmm_decode_dense_kernel(const uint8_t* __restrict__ codes, int
   if (flag) atomicOr(bad_flag, flag);
 }
 
+// What the sparse launches need to know about the current device (attribute and occupancy
+// queries: no sync, allowed while a graph is being captured).
+struct DeviceLimits {
+  int sms = 1, smem_per_sm = 0, smem_per_block = 0;
+};
+
+cudaError_t device_limits(DeviceLimits* d) {
+  int dev;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err == cudaSuccess) {
+    err = cudaDeviceGetAttribute(&d->sms, cudaDevAttrMultiProcessorCount, dev);
+  }
+  if (err == cudaSuccess) {
+    err = cudaDeviceGetAttribute(&d->smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
+  }
+  if (err == cudaSuccess) {
+    err = cudaDeviceGetAttribute(&d->smem_per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  }
+  return err;
+}
+
+// Stage x's slice in shared memory when it fits with two blocks on an SM (room for the static
+// table and the runtime's 1 KiB reserve per block); past that, fewer warps would be left to keep
+// loads in flight than reading x through L1 costs.
+bool stage_x(const DeviceLimits& d, size_t xbytes) {
+  constexpr size_t kFixed = 2048;
+  const size_t limit =
+      std::min<size_t>(std::max(d.smem_per_block, 0), std::max(d.smem_per_sm, 0) / 2);
+  return xbytes > 0 && limit > kFixed && xbytes <= limit - kFixed;
+}
+
+// Grid and piece size of one sparse launch: one piece of equal steps per resident warp (steps are
+// equal work), at least one batch of steps each; at least one block, which also checks the
+// pointers when there are no steps.
+struct SparsePlan {
+  unsigned blocks;
+  int64_t piece;
+};
+
+template <typename Kernel>
+cudaError_t plan_sparse(Kernel kernel, const DeviceLimits& d, int64_t steps, size_t smem,
+                        SparsePlan* p) {
+  cudaError_t err = cudaSuccess;
+  if (smem > 48 * 1024) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (err != cudaSuccess) return err;
+  }
+  int per_sm = 0;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kSparseThreads, smem);
+  if (err != cudaSuccess) return err;
+  const int64_t max_blocks = int64_t(std::max(d.sms, 1)) * std::max(per_sm, 1);
+  const int64_t warps = max_blocks * kSparseWarps;
+  int64_t piece = std::max<int64_t>((steps + warps - 1) / warps, kBatchSteps);
+  piece = (piece + kBatchSteps - 1) / kBatchSteps * kBatchSteps;
+  const int64_t pieces = (steps + piece - 1) / piece;
+  p->piece = piece;
+  const int64_t want = (pieces + kSparseWarps - 1) / kSparseWarps;
+  p->blocks = unsigned(std::max<int64_t>(1, std::min(max_blocks, want)));
+  return cudaSuccess;
+}
+
+template <typename T, int MB, bool kShuffle, bool kStaged>
+cudaError_t launch_sparse(const SpqmmCudaArgs& a, const DeviceLimits& d, const T* x, int mvalid,
+                          bool validate, float* ws) {
+  auto kernel = spqmm_sparse_kernel<T, MB, kShuffle, kStaged>;
+  const size_t smem = kStaged ? size_t(mvalid) * size_t(a.k) * sizeof(T) : 0;
+  SparsePlan p;
+  const cudaError_t err = plan_sparse(kernel, d, a.steps, smem, &p);
+  if (err != cudaSuccess) return err;
+  kernel<<<p.blocks, kSparseThreads, smem, a.stream>>>(
+      x, mvalid, a.codes, a.windows, a.group_ptr, a.chunks, a.steps, a.groups, a.num_chunks, a.n,
+      int(a.k), p.piece, validate, static_cast<const T*>(a.codebook), a.kc, ws, a.bad_flag);
+  return cudaGetLastError();
+}
+
 template <typename T, int MB>
-cudaError_t launch_block(const SpqmmCudaArgs& a, const T* x, int mvalid, float* ws, T* y) {
+cudaError_t launch_block(const SpqmmCudaArgs& a, const DeviceLimits& d, const T* x, int mvalid,
+                         bool first, float* ws, T* y) {
   const T* cb = static_cast<const T*>(a.codebook);
   if (a.dense) {
-    const unsigned blocks = static_cast<unsigned>((a.n + kWarps - 1) / kWarps);
+    const unsigned blocks = static_cast<unsigned>((a.n + kDenseWarps - 1) / kDenseWarps);
     const bool vec = a.k % 16 == 0 && is_aligned(a.dense_codes, 16);
     if (blocks == 0) return cudaSuccess;
     if (vec) {
-      spqmm_dense_kernel<T, MB, true><<<blocks, kThreads, 0, a.stream>>>(
+      spqmm_dense_kernel<T, MB, true><<<blocks, kDenseThreads, 0, a.stream>>>(
           x, a.k, mvalid, a.dense_codes, a.n, a.k, cb, a.kc, static_cast<const T*>(a.bias), y,
           a.bad_flag);
     } else {
-      spqmm_dense_kernel<T, MB, false><<<blocks, kThreads, 0, a.stream>>>(
+      spqmm_dense_kernel<T, MB, false><<<blocks, kDenseThreads, 0, a.stream>>>(
           x, a.k, mvalid, a.dense_codes, a.n, a.k, cb, a.kc, static_cast<const T*>(a.bias), y,
           a.bad_flag);
     }
     return cudaGetLastError();
   }
-  if (a.num_chunks == 0) return cudaSuccess;
-  const unsigned blocks = static_cast<unsigned>(a.num_chunks);
+  // Later passes have nothing to check and, without steps, nothing to add.
+  if (a.steps == 0 && !first) return cudaSuccess;
+  const bool staged = stage_x(d, size_t(mvalid) * size_t(a.k) * sizeof(T));
   if (a.kc <= 32) {
-    spqmm_sparse_kernel<T, MB, true><<<blocks, kThreads, 0, a.stream>>>(
-        x, a.k, mvalid, a.codes, a.seg_ptr, a.chunks, a.nnz, a.n, a.k, a.tiles, a.bits, cb, a.kc,
-        ws, a.bad_flag);
-  } else {
-    spqmm_sparse_kernel<T, MB, false><<<blocks, kThreads, 0, a.stream>>>(
-        x, a.k, mvalid, a.codes, a.seg_ptr, a.chunks, a.nnz, a.n, a.k, a.tiles, a.bits, cb, a.kc,
-        ws, a.bad_flag);
+    return staged ? launch_sparse<T, MB, true, true>(a, d, x, mvalid, first, ws)
+                  : launch_sparse<T, MB, true, false>(a, d, x, mvalid, first, ws);
   }
-  return cudaGetLastError();
+  return staged ? launch_sparse<T, MB, false, true>(a, d, x, mvalid, first, ws)
+                : launch_sparse<T, MB, false, false>(a, d, x, mvalid, first, ws);
 }
 
 template <typename T>
 cudaError_t launch_typed(const SpqmmCudaArgs& a) {
   const T* x = static_cast<const T*>(a.x);
   T* y = static_cast<T*>(a.y);
+  DeviceLimits d;
+  if (!a.dense) {
+    const cudaError_t err = device_limits(&d);
+    if (err != cudaSuccess) return err;
+  }
   // Batch columns per pass: each decoded weight is applied to all of them.
   const int mb = a.m <= 1 ? 1 : a.m <= 2 ? 2 : a.m <= 4 ? 4 : 8;
   for (int64_t m0 = 0; m0 < a.m; m0 += mb) {
@@ -242,19 +438,20 @@ cudaError_t launch_typed(const SpqmmCudaArgs& a) {
     const T* xb = x + m0 * a.k;
     float* wsb = a.ws != nullptr ? a.ws + m0 * a.n : nullptr;
     T* yb = y + m0 * a.n;
+    const bool first = m0 == 0;
     cudaError_t err;
     switch (mb) {
-      case 1: err = launch_block<T, 1>(a, xb, mvalid, wsb, yb); break;
-      case 2: err = launch_block<T, 2>(a, xb, mvalid, wsb, yb); break;
-      case 4: err = launch_block<T, 4>(a, xb, mvalid, wsb, yb); break;
-      default: err = launch_block<T, 8>(a, xb, mvalid, wsb, yb); break;
+      case 1: err = launch_block<T, 1>(a, d, xb, mvalid, first, wsb, yb); break;
+      case 2: err = launch_block<T, 2>(a, d, xb, mvalid, first, wsb, yb); break;
+      case 4: err = launch_block<T, 4>(a, d, xb, mvalid, first, wsb, yb); break;
+      default: err = launch_block<T, 8>(a, d, xb, mvalid, first, wsb, yb); break;
     }
     if (err != cudaSuccess) return err;
   }
   if (!a.dense && a.m * a.n > 0) {
-    const int64_t want = (a.m * a.n + kThreads - 1) / kThreads;
+    const int64_t want = (a.m * a.n + kDenseThreads - 1) / kDenseThreads;
     const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(want, 4096));
-    spqmm_epilogue_kernel<T><<<blocks, kThreads, 0, a.stream>>>(
+    spqmm_epilogue_kernel<T><<<blocks, kDenseThreads, 0, a.stream>>>(
         a.ws, static_cast<const T*>(a.bias), y, a.m, a.n);
   }
   return cudaGetLastError();
@@ -266,16 +463,21 @@ cudaError_t decode_typed(const SpqmmCudaArgs& a, void* w) {
   if (a.dense) {
     const int64_t count = a.n * a.k;
     if (count == 0) return cudaSuccess;
-    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((count + kThreads - 1) / kThreads, 8192));
-    spqmm_decode_dense_kernel<T><<<blocks, kThreads, 0, a.stream>>>(a.dense_codes, count, cb, a.kc,
-                                                                     static_cast<T*>(w), a.bad_flag);
+    const int64_t want = (count + kDenseThreads - 1) / kDenseThreads;
+    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(want, 8192));
+    spqmm_decode_dense_kernel<T><<<blocks, kDenseThreads, 0, a.stream>>>(
+        a.dense_codes, count, cb, a.kc, static_cast<T*>(w), a.bad_flag);
   } else {
-    const int64_t nseg = a.n * a.tiles;
-    if (nseg == 0) return cudaSuccess;
-    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(nseg, 65535));
-    spqmm_decode_sparse_kernel<T><<<blocks, 128, 0, a.stream>>>(
-        a.codes, a.seg_ptr, a.nnz, a.n, a.k, a.tiles, a.bits, cb, a.kc, static_cast<T*>(w),
-        a.bad_flag);
+    if (a.n == 0) return cudaSuccess;
+    DeviceLimits d;
+    cudaError_t err = device_limits(&d);
+    if (err != cudaSuccess) return err;
+    SparsePlan p;
+    err = plan_sparse(spqmm_decode_sparse_kernel<T>, d, a.steps, 0, &p);
+    if (err != cudaSuccess) return err;
+    spqmm_decode_sparse_kernel<T><<<p.blocks, kSparseThreads, 0, a.stream>>>(
+        a.codes, a.windows, a.group_ptr, a.chunks, a.steps, a.groups, a.num_chunks, a.n,
+        int(a.k), p.piece, cb, a.kc, static_cast<T*>(w), a.bad_flag);
   }
   return cudaGetLastError();
 }

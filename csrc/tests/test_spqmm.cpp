@@ -3,6 +3,7 @@
 // by chunk, add the shared groups' partial sums as the op does, and compare with a plain dot
 // product; check the pointer validation and the seen-maximum report.
 #include <cmath>
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -136,7 +137,8 @@ void test_kernels(int64_t n, int64_t k, int bits, int keep, int64_t chunk_steps)
 }
 
 void test_structure_errors() {
-  std::vector<float> table(dcx::kSpqmmTable, 1.f);
+  std::vector<float> table(dcx::kSpqmmTable, 0.f);
+  std::fill(table.begin(), table.begin() + 256, 1.f);
   Layer l = make_layer(40, 100, 5, 3, 1, table);
   l.group_ptr[2] = l.group_ptr[1] - 1;
   CHECK(dcx::spqmm_check_structure(l.p) != nullptr);
@@ -150,7 +152,8 @@ void test_structure_errors() {
 
 // A window past K (or negative) is clamped before x is read and reported after the pass.
 void test_bad_window_is_reported() {
-  std::vector<float> table(dcx::kSpqmmTable, 1.f), bias(40, 0.f);
+  std::vector<float> table(dcx::kSpqmmTable, 0.f), bias(40, 0.f);
+  std::fill(table.begin(), table.begin() + 256, 1.f);
   for (int32_t bad : {100, 1 << 30, -7}) {
     Layer l = make_layer(40, 100, 5, 3, 4, table);
     l.windows[l.windows.size() / 2] = bad;
