@@ -60,6 +60,12 @@ PRESETS = {
         dict(shapes=["fc7"], densities=[0.05, 0.1, 0.25, 0.5], bits=[4, 8], batches=[1]),
         dict(shapes=["fc7"], densities=[0.1, 1.0], bits=[5], batches=[4, 64]),
     ],
+    # The GPU table (benchmarks/gpu_check.sh, about a minute): AlexNet fc6 at 10% / 5 bits over
+    # the batch sizes, then fc7 and an LLM projection, sparse and dense, 4 and 8 bits, batch 1.
+    "gpu-table": [
+        dict(shapes=["alexnet-fc6"], densities=[0.1], bits=[5], batches=[1, 4, 16, 64]),
+        dict(shapes=["fc7", "mlp-up"], densities=[0.1, 1.0], bits=[4, 8], batches=[1]),
+    ],
 }
 
 
@@ -141,7 +147,9 @@ def run_case(rows, device, name, n, k, density, bits, batches, act_dtype, copy_g
         if csr is not None:
             xt = x.t().contiguous()
             t_csr = bench(rotating(lambda w: w @ xt, csr), device, cpu_clock)
-        t_dcx = bench(rotating(lambda p: p.spqmm(x, crossover=crossover), packs), device, cpu_clock)
+        # check=False as SparseQuantLinear calls it (on CUDA the check is a host sync per call).
+        t_dcx = bench(rotating(lambda p: p.spqmm(x, check=False, crossover=crossover), packs),
+                      device, cpu_clock)
         gbs = packed.nbytes() / t_dcx / 1e9
         fmt = lambda t: "-" if t is None else f"{t * 1e3:.3f}"  # noqa: E731
         ratio = lambda t: "-" if t is None else f"{t / t_dcx:.2f}x"  # noqa: E731

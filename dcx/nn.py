@@ -25,7 +25,7 @@ DENSE_DENSITY = 0.2
 ROWS = 16  # rows per group = slots per step (csrc/core/spqmm.h)
 WINDOW = 32  # columns of x one step can reach
 # Steps per chunk (a work item of the CPU threads or of a GPU thread block).
-CHUNK_STEPS = 256
+CHUNK_STEPS = 1024
 _BUFFERS = ("codes", "windows", "group_ptr", "chunks", "codebook")
 
 

@@ -334,6 +334,16 @@ DCX_AVX512_FN void sparse_chunk(const SpqmmPacked& p, int64_t c, const float* ta
   __m512 acc[MB];
   for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
   auto step = [&](int64_t s) DCX_AVX512_FN {
+    // Prefetch the codes 64 steps (2 KB, past the chunk's end too: the thread's next chunk
+    // usually follows) and the windows 256 steps ahead: the steps themselves are too short for the
+    // out-of-order window to hide a memory latency (measured: 1.4x at 2 threads on Zen 4).
+    if ((s & 1) == 0) {
+      _mm_prefetch(reinterpret_cast<const char*>(p.codes + std::min(s + 64, p.steps - 1) * kSpqmmRows),
+                   _MM_HINT_T0);
+      if ((s & 15) == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(p.windows + std::min(s + 256, p.steps - 1)),
+                     _MM_HINT_T0);
+    }
     const int64_t j0 = spqmm_window(p, s, &max_col);
     const __m512i v =
         _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(p.codes + s * kSpqmmRows)));
