@@ -11,6 +11,7 @@ the heavy-ish tails of trained layers.
 
     python benchmarks/bench_kmeans.py   ->  benchmarks/results/kmeans-<device>.md
     DCX_BENCH_SIZES=1000000 DCX_BENCH_K=16,32 DCX_BENCH_OPTIMAL_MAX=1000000 to choose
+    (DCX_BENCH_OPTIMAL_MAX_CUDA on the GPU; DCX_BENCH_DEVICES=cuda skips the CPU table)
 """
 
 import os
@@ -160,8 +161,10 @@ def run_cuda(sizes, ks, optimal_max):
 def main():
     ks = [int(k) for k in os.environ.get("DCX_BENCH_K", "16,32,256").split(",")]
     optimal_max = int(os.environ.get("DCX_BENCH_OPTIMAL_MAX", 1_000_000))
-    run_cpu(common.sizes_from_env([1_000_000, 10_000_000]), ks, optimal_max)
-    if torch.cuda.is_available():
+    devices = common.devices_to_run()
+    if "cpu" in devices:
+        run_cpu(common.sizes_from_env([1_000_000, 10_000_000]), ks, optimal_max)
+    if "cuda" in devices:
         run_cuda(common.sizes_from_env([10_000_000, 100_000_000]), ks,
                  int(os.environ.get("DCX_BENCH_OPTIMAL_MAX_CUDA", 10_000_000)))
 

@@ -21,7 +21,8 @@ def commit():
                                capture_output=True, text=True, cwd=Path(__file__).parent).stdout
         return out.stdout.strip() + ("+dirty" if dirty.strip() else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        # A copy of the tree without git (as on a GPU machine): the caller may name the commit.
+        return os.environ.get("DCX_COMMIT", "unknown")
 
 
 def device_name(device):
@@ -101,4 +102,8 @@ def sizes_from_env(default):
 
 
 def devices_to_run():
-    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    """'cpu', and 'cuda' when a GPU is present; DCX_BENCH_DEVICES=cuda (comma-separated) keeps
+    only those listed, so a GPU run need not repeat the CPU tables."""
+    present = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    wanted = os.environ.get("DCX_BENCH_DEVICES")
+    return [d for d in present if d in wanted.split(",")] if wanted else present
