@@ -19,7 +19,6 @@ benchmarks/results/spqmm-<device>.md (or --name).
 import argparse
 import itertools
 import os
-import statistics
 import sys
 import time
 import warnings
@@ -69,27 +68,19 @@ PRESETS = {
 }
 
 
-def bench(fn, device, cpu_clock):
-    """common.bench, or with cpu_clock the median CPU time of this process per call (single-
-    threaded runs on a shared machine: time slices given to other processes are not counted)."""
-    if not cpu_clock or device != "cpu":
-        return common.bench(fn, device)
-    for _ in range(3):
-        fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < 20 or (time.perf_counter() - start < 0.2 and len(times) < 1000):
-        t0 = time.process_time()
-        fn()
-        times.append(time.process_time() - t0)
-    return statistics.median(times)
+def clock_for(device, cpu_clock):
+    """Wall clock, or with cpu_clock on the CPU the CPU time of this process (single-threaded
+    runs on a shared machine: time slices given to other processes are not counted)."""
+    return time.process_time if cpu_clock and device == "cpu" else time.perf_counter
 
 
 def copy_bandwidth(device, cpu_clock, nbytes=1 << 28):
     """common.copy_bandwidth, timed with the same clock as the cases."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
-    return 2 * nbytes / bench(lambda: dst.copy_(src), device, cpu_clock) / 1e9
+    seconds = common.bench_side_by_side({"copy": lambda: dst.copy_(src)}, device,
+                                        clock=clock_for(device, cpu_clock))["copy"]
+    return 2 * nbytes / seconds / 1e9
 
 
 def make_packed(n, k, density, bits, device, dtype, gen):
@@ -139,17 +130,16 @@ def run_case(rows, device, name, n, k, density, bits, batches, act_dtype, copy_g
     for m in batches:
         x = torch.randn(m, k, generator=gen).to(device=device, dtype=act_dtype)
         x32 = x.float()
-        t_dense = bench(rotating(lambda w: F.linear(x32, w), dense[torch.float32]), device, cpu_clock)
-        t_half = None
+        xt = x.t().contiguous()
+        fns = {"dense": rotating(lambda w: F.linear(x32, w), dense[torch.float32])}
         if device == "cuda":
-            t_half = bench(rotating(lambda w: F.linear(x, w), dense[act_dtype]), device, cpu_clock)
-        t_csr = None
+            fns["half"] = rotating(lambda w: F.linear(x, w), dense[act_dtype])
         if csr is not None:
-            xt = x.t().contiguous()
-            t_csr = bench(rotating(lambda w: w @ xt, csr), device, cpu_clock)
+            fns["csr"] = rotating(lambda w: w @ xt, csr)
         # check=False as SparseQuantLinear calls it (on CUDA the check is a host sync per call).
-        t_dcx = bench(rotating(lambda p: p.spqmm(x, check=False, crossover=crossover), packs),
-                      device, cpu_clock)
+        fns["dcx"] = rotating(lambda p: p.spqmm(x, check=False, crossover=crossover), packs)
+        times = common.bench_side_by_side(fns, device, clock=clock_for(device, cpu_clock))
+        t_dense, t_half, t_csr, t_dcx = (times.get(f) for f in ("dense", "half", "csr", "dcx"))
         gbs = packed.nbytes() / t_dcx / 1e9
         fmt = lambda t: "-" if t is None else f"{t * 1e3:.3f}"  # noqa: E731
         ratio = lambda t: "-" if t is None else f"{t / t_dcx:.2f}x"  # noqa: E731
@@ -229,7 +219,8 @@ def main():
                  f"Activations {act} (dcx and CSR), dense baselines F.linear; CSR is torch.sparse "
                  f"CSR (int64 indices) of the same pruned weight. Measured copy bandwidth: "
                  f"{', '.join(copy_notes)} (read + write, same clock). dcx GB/s counts the packed bytes it reads "
-                 f"(bytes/weight per original weight: dense fp32 is 4). Median of >= 20 runs "
+                 f"(bytes/weight per original weight: dense fp32 is 4). Median of >= 20 runs, the "
+                 f"methods timed in interleaved rounds "
                  f"({'process CPU time' if args.cpu_clock and device == 'cpu' else 'wall clock'}); "
                  + ("dcx's own choice of kernel or decode + BLAS (auto crossover)." if args.crossover < 0
                     else f"dcx crossover forced to batch {args.crossover}.")]

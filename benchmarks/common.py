@@ -49,26 +49,44 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def time_call(fn, device, clock=time.perf_counter):
+    """Seconds of one fn() call: CUDA events on the GPU, else `clock` around the call."""
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = clock()
+    fn()
+    return clock() - t0
+
+
 def bench(fn, device, warmup=3, repeat=20, min_time=0.2):
     """Median seconds of fn() over `repeat` runs (more while under min_time), after warm-up."""
-    for _ in range(warmup):
-        fn()
+    return bench_side_by_side({"fn": fn}, device, warmup, repeat, min_time)["fn"]
+
+
+def bench_side_by_side(fns, device, warmup=3, repeat=20, min_time=0.2, clock=time.perf_counter,
+                       block=5):
+    """Median seconds per call of each callable in `fns` (name -> fn), timed in interleaved
+    rounds: each round runs every fn once untimed, then `block` timed calls. A drift of the
+    machine (memory bandwidth shared with other tenants, clocks) then moves them alike, so their
+    ratios stay fair, while each timed call still finds its own code and threads warm."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     sync(device)
-    times = []
-    start_all = time.perf_counter()
-    while len(times) < repeat or (time.perf_counter() - start_all < min_time and len(times) < 1000):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+    times = {name: [] for name in fns}
+    start = time.perf_counter()
+    while len(times[next(iter(fns))]) < repeat or (
+            time.perf_counter() - start < min_time * len(fns) and len(times[next(iter(fns))]) < 1000):
+        for name, fn in fns.items():
             fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+            sync(device)
+            times[name] += [time_call(fn, device, clock) for _ in range(block)]
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def copy_bandwidth(device, nbytes=1 << 28):

@@ -18,10 +18,11 @@ from dcx import ops
 __all__ = ["PackedWeight", "pack", "SparseQuantLinear", "SparseQuantConv2d", "convert"]
 
 # Layers at or above this density are packed in dense mode (one uint8 id per weight, no
-# positions). Sparse mode costs about 2.9 bytes per non-zero at 10% density (2 bytes a slot, 70%
-# of the slots live) and 2.3 at 25%, so it reads fewer bytes up to about 35% density; on a Zen 4
-# CPU at batch 1 the two modes run equally fast near 20% (benchmarks/results/spqmm-cpu.md).
-DENSE_DENSITY = 0.2
+# positions). Sparse mode costs about 3.2 bytes per non-zero at 10% density (2 bytes a slot, 70%
+# of the slots live) and 2.6 at 25%; on a Zen 4 CPU at batch 1 (4096x4096) it runs in 1.06 ms at
+# 25% density against 1.26 ms for dense mode, and in 1.82 ms at 50% against 1.31 ms
+# (benchmarks/results/spqmm-cpu.md).
+DENSE_DENSITY = 0.3
 ROWS = 16  # rows per group = slots per step (csrc/core/spqmm.h)
 WINDOW = 32  # columns of x one step can reach
 # Steps per chunk (a work item of the CPU threads or of a GPU thread block).
