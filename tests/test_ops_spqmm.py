@@ -78,14 +78,16 @@ def test_modes_and_crossover(device, dense, crossover):
     check(run(x, p, bias, crossover), x, mask, labels, codebook, bias)
 
 
-@pytest.mark.parametrize("generic", ["0", "1"])
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
 @pytest.mark.parametrize("bits", [2, 5, 6, 8])
 @pytest.mark.parametrize("density", [0.1, 1.0])
-def test_cpu_portable_and_vector_kernels(monkeypatch, generic, bits, density):
-    """DCX_CPU_GENERIC=1 runs the portable kernels where AVX-512 ones exist; both are right."""
-    monkeypatch.setenv("DCX_CPU_GENERIC", generic)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cpu_kernels_of_each_isa(monkeypatch, isa, bits, density, batch):
+    """DCX_CPU_ISA picks narrower kernels than the CPU could run (the widest it has otherwise):
+    every one is right."""
+    monkeypatch.setenv("DCX_CPU_ISA", isa)
     mask, labels, codebook, p = make_layer(33, 4099, density, bits, torch.float32, "cpu")
-    x = torch.randn(1, 4099)
+    x = torch.randn(batch, 4099)
     check(run(x, p), x, mask, labels, codebook)
 
 

@@ -41,6 +41,7 @@
 #include <immintrin.h>
 #define DCX_SPQMM_AVX512 1
 #define DCX_AVX512_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+#define DCX_AVX2_FN __attribute__((target("avx2,fma")))
 #endif
 
 // Batched loops vectorise over the batch columns; compiled for AVX-512, AVX2 and the baseline.
@@ -432,6 +433,82 @@ inline bool supported() {
 }
 
 }  // namespace avx512
+
+// Batch-1 sparse kernel with AVX2 (machines without AVX-512): each step as two halves of 8
+// lanes. A 32-entry table (the window of x, or a codebook of <= 32 entries) is held in 4 ymm
+// registers and read with vpermps, which picks within each quarter by the index's low 3 bits,
+// and two blends on bits 3 and 4; larger codebooks are gathered from the table, whose zero half
+// serves padding slots.
+namespace avx2 {
+
+DCX_AVX2_FN inline __m256 lookup32(const __m256* t, __m256i idx) {
+  const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));  // to the sign bit
+  const __m256 bit4 = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 27));
+  const __m256 lo = _mm256_blendv_ps(_mm256_permutevar8x32_ps(t[0], idx),
+                                     _mm256_permutevar8x32_ps(t[1], idx), bit3);
+  const __m256 hi = _mm256_blendv_ps(_mm256_permutevar8x32_ps(t[2], idx),
+                                     _mm256_permutevar8x32_ps(t[3], idx), bit3);
+  return _mm256_blendv_ps(lo, hi, bit4);
+}
+
+template <bool kSmallCodebook>
+DCX_AVX2_FN void sparse_chunk(const SpqmmPacked& p, int64_t c, const float* table,
+                              const float* xs, float* y, float* edge_sums, SpqmmEdge* edge,
+                              SpqmmSeen* seen) {
+  __m256 tab[4];
+  for (int i = 0; i < 4; ++i) tab[i] = _mm256_loadu_ps(table + 8 * i);
+  const __m256i id_mask = _mm256_set1_epi32(0xFF);
+  __m256i max_id = _mm256_setzero_si256();
+  int64_t max_col = -1;
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  auto step = [&](int64_t s) DCX_AVX2_FN {
+    const int64_t j0 = spqmm_window(p, s, &max_col);
+    __m256 xw[4];
+    for (int i = 0; i < 4; ++i) xw[i] = _mm256_loadu_ps(xs + j0 + 8 * i);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i v = _mm256_cvtepu16_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.codes + s * kSpqmmRows + 8 * h)));
+      const __m256i id = _mm256_and_si256(v, id_mask);
+      max_id = _mm256_max_epu32(max_id, id);
+      __m256 w;
+      if (kSmallCodebook) {  // padding slots: the live bit (15) moved to the sign bit selects 0
+        const __m256 live = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        w = _mm256_blendv_ps(_mm256_setzero_ps(), lookup32(tab, v), live);
+      } else {  // ids of padding slots read the zero half of the table
+        const __m256i dead = _mm256_andnot_si256(_mm256_srli_epi32(v, 7), _mm256_set1_epi32(0x100));
+        w = _mm256_i32gather_ps(table, _mm256_or_si256(id, dead), 4);
+      }
+      const __m256i off = _mm256_srli_epi32(v, 8);  // lookup32 reads bits 0-4
+      acc[h] = _mm256_fmadd_ps(w, lookup32(xw, off), acc[h]);
+      if (j0 + kSpqmmWindow > p.k) {  // only here can a live slot point past K
+        alignas(32) uint32_t o[8], sv[8];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(o), off);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(sv), v);
+        for (int i = 0; i < 8; ++i)
+          if (sv[i] & kSpqmmLive) max_col = std::max<int64_t>(max_col, j0 + (o[i] & (kSpqmmWindow - 1)));
+      }
+    }
+  };
+  auto flush = [&](int64_t g, int slot) DCX_AVX2_FN {
+    alignas(32) float sums[1][kSpqmmRows];
+    _mm256_store_ps(sums[0], acc[0]);
+    _mm256_store_ps(sums[0] + 8, acc[1]);
+    acc[0] = acc[1] = _mm256_setzero_ps();
+    spqmm_flush<1>(p, g, slot, sums, y, p.n, 1, edge_sums, edge);
+  };
+  spqmm_walk_chunk(p, c, step, flush);
+  alignas(32) uint32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), max_id);
+  seen->max_id = std::max(seen->max_id, *std::max_element(lanes, lanes + 8));
+  seen->max_col = std::max(seen->max_col, max_col);
+}
+
+inline bool supported() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+
+}  // namespace avx2
 #endif  // DCX_SPQMM_AVX512
 
 }  // namespace dcx

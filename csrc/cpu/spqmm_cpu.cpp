@@ -15,6 +15,7 @@
 
 #include <cstdlib>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "core/spqmm.h"
@@ -34,15 +35,23 @@ int64_t auto_crossover_cpu(bool dense_mode, double density) {
   return density <= 0.3 ? std::numeric_limits<int64_t>::max() : 64;
 }
 
-// DCX_CPU_GENERIC=1 turns the AVX-512 batch-1 kernels off (tests cover the portable ones).
-bool use_avx512() {
+// The widest kernels this CPU runs: AVX-512 (every mode and batch), AVX2 (sparse mode, batch 1)
+// or the portable ones. DCX_CPU_ISA=avx2 or generic asks for narrower ones (tests cover each).
+enum class Isa { kGeneric, kAvx2, kAvx512 };
+
+Isa cpu_isa() {
+  Isa best = Isa::kGeneric;
 #ifdef DCX_SPQMM_AVX512
-  const char* env = std::getenv("DCX_CPU_GENERIC");
-  return avx512::supported() && !(env && env[0] == '1');
-#else
-  return false;
+  best = avx512::supported() ? Isa::kAvx512 : avx2::supported() ? Isa::kAvx2 : Isa::kGeneric;
 #endif
+  const char* env = std::getenv("DCX_CPU_ISA");
+  const std::string want = env ? env : "";
+  if (want == "generic") return Isa::kGeneric;
+  if (want == "avx2" && best == Isa::kAvx512) return Isa::kAvx2;
+  return best;
 }
+
+bool use_avx512() { return cpu_isa() == Isa::kAvx512; }
 
 SpqmmPacked make_packed(const at::Tensor& codes, const at::Tensor& windows,
                         const at::Tensor& group_ptr, const at::Tensor& chunks, int64_t n, int64_t k,
@@ -130,7 +139,8 @@ template <int MB>
 void run_sparse_block(const SpqmmPacked& p, const float* table, const float* xs, int64_t ldx,
                       float* y, int mvalid, std::vector<SpqmmSeen>& seen_by,
                       std::vector<float>& edge_sums, std::vector<SpqmmEdge>& edges) {
-  const bool vec = use_avx512();
+  const Isa isa = cpu_isa();
+  const bool vec = isa == Isa::kAvx512, avx2_batch1 = MB == 1 && isa == Isa::kAvx2;
   constexpr int64_t kEdge = 2 * MB * kSpqmmRows;
   at::parallel_for(0, p.num_chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
@@ -144,6 +154,16 @@ void run_sparse_block(const SpqmmPacked& p, const float* table, const float* xs,
           case Lut::k64: avx512::sparse_chunk<Lut::k64, MB>(p, c, table, xs, ldx, y, p.n, mvalid, es, &edges[c], &seen_by[c]); break;
           case Lut::k128: avx512::sparse_chunk<Lut::k128, MB>(p, c, table, xs, ldx, y, p.n, mvalid, es, &edges[c], &seen_by[c]); break;
           case Lut::k256: avx512::sparse_chunk<Lut::k256, MB>(p, c, table, xs, ldx, y, p.n, mvalid, es, &edges[c], &seen_by[c]); break;
+        }
+        continue;
+      }
+#endif
+#ifdef DCX_SPQMM_AVX512
+      if (avx2_batch1) {
+        if (p.bits <= 5) {
+          avx2::sparse_chunk<true>(p, c, table, xs, y, es, &edges[c], &seen_by[c]);
+        } else {
+          avx2::sparse_chunk<false>(p, c, table, xs, y, es, &edges[c], &seen_by[c]);
         }
         continue;
       }

@@ -1,7 +1,7 @@
 // Native tests of the spqmm core: pack a small layer here (the greedy steps of dcx.nn.pack,
-// written out sequentially), run the portable and (where the CPU has them) AVX-512 kernels chunk
-// by chunk, add the shared groups' partial sums as the op does, and compare with a plain dot
-// product; check the pointer validation and the seen-maximum report.
+// written out sequentially), run the portable and (where the CPU has them) AVX-512 and AVX2
+// kernels chunk by chunk, add the shared groups' partial sums as the op does, and compare with a
+// plain dot product; check the pointer validation and the seen-maximum report.
 #include <cmath>
 #include <algorithm>
 #include <cstdint>
@@ -132,6 +132,15 @@ void test_kernels(int64_t n, int64_t k, int bits, int keep, int64_t chunk_steps)
     });
     check_close(vec, l, x, bias);
     CHECK(vseen.max_id == seen.max_id && vseen.max_col == seen.max_col);
+  }
+  if (dcx::avx2::supported()) {
+    dcx::SpqmmSeen aseen;
+    const auto vec = run(l, bias, [&](int64_t c, float* y, float* sums, dcx::SpqmmEdge* e) {
+      if (bits <= 5) dcx::avx2::sparse_chunk<true>(l.p, c, table.data(), x.data(), y, sums, e, &aseen);
+      else dcx::avx2::sparse_chunk<false>(l.p, c, table.data(), x.data(), y, sums, e, &aseen);
+    });
+    check_close(vec, l, x, bias);
+    CHECK(aseen.max_id == seen.max_id && aseen.max_col == seen.max_col);
   }
 #endif
 }
