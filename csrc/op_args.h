@@ -110,6 +110,12 @@ inline void check_kmeans1d_finite(double first, double last) {
 // layout). The contents (ids, windows, pointers) are checked by the kernels themselves.
 constexpr int64_t kSpqmmGroupRows = 16;  // rows per group: one step holds one slot per row
 
+// Bytes per row of dense mode's codes: one id per byte, or with ids of up to 4 bits two per byte
+// in blocks of 128 columns (64 bytes).
+inline int64_t spqmm_dense_width(int64_t in_features, int64_t bits) {
+  return bits <= 4 ? (in_features + 127) / 128 * 64 : in_features;
+}
+
 inline void check_spqmm_args(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& windows,
                              const at::Tensor& group_ptr, const at::Tensor& chunks,
                              const at::Tensor& codebook, int64_t out_features, int64_t in_features,
@@ -137,9 +143,11 @@ inline void check_spqmm_args(const at::Tensor& x, const at::Tensor& codes, const
   check_dtype_in(group_ptr, "group_ptr", {at::kInt}, "int32");
   check_dtype_in(chunks, "chunks", {at::kInt}, "int32");
   if (codes.scalar_type() == at::kByte) {
-    TORCH_CHECK(codes.dim() == 2 && codes.size(0) == out_features && codes.size(1) == in_features,
-                "codes (dense mode, uint8) must have shape [out_features, in_features] = [",
-                out_features, ", ", in_features, "], got ", codes.sizes());
+    const int64_t width = spqmm_dense_width(in_features, bits);
+    TORCH_CHECK(codes.dim() == 2 && codes.size(0) == out_features && codes.size(1) == width,
+                "codes (dense mode, uint8) must have shape [out_features, ",
+                bits <= 4 ? "ceil(in_features / 128) * 64" : "in_features", "] = [", out_features,
+                ", ", width, "], got ", codes.sizes());
     TORCH_CHECK(codes.is_contiguous(), "codes must be contiguous");
   } else {
     const int64_t groups = (out_features + kSpqmmGroupRows - 1) / kSpqmmGroupRows;

@@ -31,7 +31,9 @@ _BUFFERS = ("codes", "windows", "group_ptr", "chunks", "codebook")
 
 
 class PackedWeight(NamedTuple):
-    codes: Tensor  # int16 [steps, 16] (sparse mode) or uint8 [out_features, in_features] (dense)
+    # int16 [steps, 16] (sparse mode); dense mode: uint8 [out_features, in_features], or with
+    # bits <= 4 two ids per byte, [out_features, ceil(in_features / 128) * 64]
+    codes: Tensor
     windows: Tensor  # int32 [steps]: first column of each step's window (empty in dense mode)
     group_ptr: Tensor  # int32 [ceil(out_features / 16) + 1] (empty in dense mode)
     chunks: Tensor  # int32 [num_chunks + 1] (empty in dense mode)
@@ -115,6 +117,8 @@ def pack(
             else:
                 return pack(mask, labels, codebook, bits, dense=False)
             ids[~mask] = zero_id
+        if bits <= 4:
+            ids = _pack_nibbles(ids)
         return PackedWeight(ids.contiguous(), empty, empty, empty, codebook, n, K, bits)
 
     if nnz >= 2**31:
@@ -124,6 +128,18 @@ def pack(
     codes, windows, group_ptr = _fill_steps(rows, cols, slots, n)
     return PackedWeight(codes, windows, group_ptr, _chunk_plan(windows.numel(), device), codebook, n, K,
                         bits)
+
+
+def _pack_nibbles(ids: Tensor) -> Tensor:
+    """Dense mode with ids of up to 4 bits: two per byte, [N, ceil(K / 128) * 64]. A block of 128
+    columns is 16 little-endian 32-bit words; nibble t of word d holds column 16 t + d, so shifts
+    and masks of one 64-byte vector give 8 vectors of 16 consecutive columns' ids."""
+    n, k = ids.shape
+    blocks = -(-k // 128)
+    padded = ids.new_zeros(n, blocks * 128)
+    padded[:, :k] = ids
+    nibbles = padded.view(n, blocks, 8, 16).transpose(2, 3)  # [n, block, word d, nibble t]
+    return (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).reshape(n, blocks * 64)
 
 
 def _fill_steps(rows: Tensor, cols: Tensor, slots: Tensor, n: int):
@@ -261,7 +277,8 @@ class _PackedModule(nn.Module):
         from dcx.reference import spqmm_weight
 
         p = self.packed
-        w = spqmm_weight(p.codes, p.windows, p.group_ptr, p.codebook, p.out_features, p.in_features)
+        w = spqmm_weight(p.codes, p.windows, p.group_ptr, p.codebook, p.out_features, p.in_features,
+                         p.bits)
         return w.to(self.codebook.dtype)
 
     def _linear(self, x: Tensor) -> Tensor:

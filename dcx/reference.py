@@ -197,11 +197,16 @@ def kmeans1d(
     return finish(c)
 def spqmm_weight(
     codes: Tensor, windows: Tensor, group_ptr: Tensor, codebook: Tensor, out_features: int,
-    in_features: int
+    in_features: int, bits: int
 ) -> Tensor:
     """The dense [out_features, in_features] weight a packed layer stands for (csrc/core/spqmm.h
     describes the layout), decoded with plain torch ops, in float64."""
     table = codebook.double()
+    if codes.dtype == torch.uint8 and bits <= 4:  # dense mode, two ids per byte
+        words = codes.long().view(out_features, -1, 16, 4)  # [n, block, word d, byte]
+        nibbles = torch.stack([words & 15, words >> 4], dim=-1).flatten(-2)  # nibble t = 0..7
+        ids = nibbles.transpose(2, 3).reshape(out_features, -1)  # column 128 b + 16 t + d
+        return table[ids[:, :in_features]]
     if codes.dtype == torch.uint8:  # dense mode: one id per weight
         return table[codes.long()]
     slots = codes.long() & 0xFFFF  # [steps, 16]
@@ -230,6 +235,6 @@ def spqmm(
     check: bool = True,
 ) -> Tensor:
     """F.linear with the decoded weight, in float64, returned in x's dtype."""
-    w = spqmm_weight(codes, windows, group_ptr, codebook, out_features, in_features)
+    w = spqmm_weight(codes, windows, group_ptr, codebook, out_features, in_features, bits)
     b = None if bias is None else bias.double()
     return torch.nn.functional.linear(x.double(), w, b).to(x.dtype)

@@ -132,7 +132,7 @@ def test_empty(device, dense):
 
 def test_reference_decodes_pack():
     mask, labels, codebook, p = make_layer(97, 4097, 0.1, 5, torch.float32, "cpu")
-    w = reference.spqmm_weight(p.codes, p.windows, p.group_ptr, p.codebook, 97, 4097)
+    w = reference.spqmm_weight(p.codes, p.windows, p.group_ptr, p.codebook, 97, 4097, 5)
     assert torch.equal(w, codebook.double()[labels] * mask)
 
 
@@ -195,6 +195,11 @@ def _corruptions(device):
     bad_chunks[-1] = 10**6
     bad_dense = d.codes.clone()
     bad_dense[1, 2] = 200
+    mask = torch.rand(8, 100, device=device) < 0.9
+    nibbles = dcx.pack(mask, torch.randint(0, 10, (8, 100), device=device),
+                       torch.randn(10, device=device), dense=True)  # 10 ids + a zero: 4 bits
+    bad_nibble = nibbles.codes.clone()
+    bad_nibble[3, 5] |= 0xF0  # id 15 for column 49 (word 1, nibble 3) of row 3
     return [
         (_corrupt(p, codes=bad_id, codebook=p.codebook[:3]), "codebook id outside the codebook"),
         (_corrupt(p, windows=bad_window), "column outside in_features"),
@@ -203,11 +208,12 @@ def _corruptions(device):
         (_corrupt(p, group_ptr=bad_ptr), "group_ptr"),
         (_corrupt(p, chunks=bad_chunks), "chunks"),
         (_corrupt(d, codes=bad_dense), "codebook id outside the codebook"),
+        (_corrupt(nibbles, codes=bad_nibble), "codebook id outside the codebook"),
     ]
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("case", range(7))
+@pytest.mark.parametrize("case", range(8))
 @pytest.mark.parametrize("crossover", [-1, 1])
 def test_corrupted_packed_data(device, case, crossover):
     p, match = _corruptions(device)[case]
@@ -267,6 +273,20 @@ def test_bad_input_device_mismatch():
 def test_pack_rejects_bad_input(args, match):
     with pytest.raises(ValueError, match=match):
         dcx.pack(*args())
+
+
+def test_dense_mode_packs_small_ids_two_per_byte():
+    """Up to 4 bits, dense mode holds two ids per byte: [N, ceil(K / 128) * 64]; in a block of
+    128 columns, nibble t of little-endian 32-bit word d holds column 16 t + d."""
+    labels = torch.arange(40).remainder(16).repeat(3, 1)
+    p = dcx.pack(torch.ones(3, 40, dtype=torch.bool), labels, torch.randn(16), dense=True)
+    assert p.bits == 4 and p.codes.shape == (3, 64)
+    # labels are column % 16. Byte 4 d + t // 2: columns 5 (t 0) and 21 (t 1) share byte 20;
+    # column 39 (d 7, t 2) is the low nibble of byte 29, whose high nibble (column 55) is empty.
+    assert p.codes[0, 20] == 5 | (21 % 16) << 4
+    assert p.codes[0, 29] == 39 % 16
+    x = torch.randn(2, 40)
+    check(run(x, p), x, torch.ones(3, 40, dtype=torch.bool), labels, p.codebook)
 
 
 def test_pack_pruned_labels_are_free_and_dense_mode_zero():

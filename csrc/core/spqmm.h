@@ -21,7 +21,10 @@
 //   instead of a gather per weight. At 10% density about 70% of the slots are live: 2.9 bytes per
 //   non-zero, 0.29 per original weight (dense fp32: 4, CSR fp32 + int32: 0.8).
 //   dense mode (layers kept at, or near, full density): codes uint8 [N, K], one id per weight, no
-//     positions (1 byte per weight, 4x fewer than fp32); windows, group_ptr and chunks are empty.
+//     positions (1 byte per weight, 4x fewer than fp32); with ids of up to 4 bits two per byte,
+//     [N, ceil(K / 128) * 64]: a block of 128 columns is 16 little-endian 32-bit words, nibble t
+//     of word d holding column 16 t + d (0.5 byte per weight: a layer quantized to a 4-bit
+//     codebook reads 8x fewer bytes than fp32). windows, group_ptr and chunks are empty.
 //
 // Safety without per-element branches: the codebook is read through a zero-padded table (ids >= k
 // read a zero) and x through a buffer padded with 32 zeros past K, windows are clamped to K before
@@ -72,7 +75,7 @@ constexpr uint32_t kSpqmmLive = 0x8000;
 
 struct SpqmmPacked {
   const uint16_t* codes = nullptr;       // sparse mode slots [steps][16]
-  const uint8_t* dense_codes = nullptr;  // dense mode ids [n, k]
+  const uint8_t* dense_codes = nullptr;  // dense mode ids [n, dense_width]
   const int32_t* windows = nullptr;
   const int32_t* group_ptr = nullptr;
   const int32_t* chunks = nullptr;
@@ -83,7 +86,18 @@ struct SpqmmPacked {
   int64_t k = 0;  // in_features
   int bits = 8;
   bool dense = false;  // dense mode (codes only); an empty layer's pointers may all be null
+  bool nibbles = false;  // dense mode with bits <= 4: two ids per byte
+  int64_t dense_width = 0;  // bytes per row in dense mode
 };
+
+// Dense mode: the id of column j of a row. With nibbles, a block of 128 columns is 16
+// little-endian 32-bit words and nibble t of word d holds column 16 t + d: byte 4 d + t / 2,
+// the high nibble for odd t.
+inline uint32_t spqmm_dense_id(const uint8_t* row, int64_t j, bool nibbles) {
+  if (!nibbles) return row[j];
+  const int64_t t = (j >> 4) & 7, d = j & 15;
+  return (row[(j >> 7) * 64 + 4 * d + (t >> 1)] >> (4 * (t & 1))) & 15u;
+}
 
 inline int64_t spqmm_groups(int64_t n) { return (n + kSpqmmRows - 1) / kSpqmmRows; }
 
@@ -220,13 +234,14 @@ DCX_SPQMM_MULTIVERSION void spqmm_dense_rows(const SpqmmPacked& p, int64_t r0, i
                                              float* y, int64_t ldy, int mvalid, SpqmmSeen* seen) {
   uint32_t max_id = 0;
   for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* code = p.dense_codes + r * p.k;
+    const uint8_t* code = p.dense_codes + r * p.dense_width;
     float a[MB];
     for (int m = 0; m < MB; ++m) a[m] = 0.f;
-    uint8_t row_max = 0;
+    uint32_t row_max = 0;
     for (int64_t j = 0; j < p.k; ++j) {
-      row_max = std::max(row_max, code[j]);
-      const float w = table[code[j]];
+      const uint32_t id = spqmm_dense_id(code, j, p.nibbles);
+      row_max = std::max(row_max, id);
+      const float w = table[id];
       for (int m = 0; m < MB; ++m) a[m] += w * xt[j * MB + m];
     }
     max_id = std::max<uint32_t>(max_id, row_max);
@@ -242,13 +257,16 @@ DCX_SPQMM_MULTIVERSION void spqmm_dense_rows(const SpqmmPacked& p, int64_t r0, i
 inline void spqmm_decode_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, const float* table,
                               float* w, SpqmmSeen* seen) {
   if (p.dense) {
-    uint8_t max_id = 0;
-    const uint8_t* code = p.dense_codes + r0 * p.k;
-    for (int64_t i = 0; i < (r1 - r0) * p.k; ++i) {
-      max_id = std::max(max_id, code[i]);
-      w[i] = table[code[i]];
+    uint32_t max_id = 0;
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* code = p.dense_codes + r * p.dense_width;
+      for (int64_t j = 0; j < p.k; ++j) {
+        const uint32_t id = spqmm_dense_id(code, j, p.nibbles);
+        max_id = std::max(max_id, id);
+        w[(r - r0) * p.k + j] = table[id];
+      }
     }
-    seen->max_id = std::max<uint32_t>(seen->max_id, max_id);
+    seen->max_id = std::max(seen->max_id, max_id);
     return;
   }
   std::fill(w, w + (r1 - r0) * p.k, 0.f);
@@ -375,9 +393,53 @@ DCX_AVX512_FN void sparse_chunk(const SpqmmPacked& p, int64_t c, const float* ta
   seen->max_col = std::max<int64_t>(seen->max_col, max_col);
 }
 
+// Dense mode, two ids per byte (bits <= 4: one vpermps lookup). A block of 128 columns is one
+// 64-byte vector whose nibble t of every 32-bit lane holds the ids of columns 16 t + lane: a
+// shift and a mask give them, no shuffle. Columns past K read x as zero (their ids are the
+// packer's zeros).
+DCX_AVX512_FN inline __mmask16 tail_mask(int64_t k, int64_t j) {
+  return k - j >= 16 ? __mmask16(0xFFFF) : k <= j ? __mmask16(0) : __mmask16((1u << (k - j)) - 1);
+}
+
+// The ids of columns 16 t + lane of a 64-byte block.
+DCX_AVX512_FN inline __m512i nibble_ids(__m512i block, int t) {
+  return _mm512_and_si512(_mm512_srl_epi32(block, _mm_cvtsi32_si128(4 * t)), _mm512_set1_epi32(15));
+}
+
+DCX_AVX512_FN inline void dense_rows_nibbles(const SpqmmPacked& p, int64_t r0, int64_t r1,
+                                             const float* table, const float* x,
+                                             const float* bias, float* y, SpqmmSeen* seen) {
+  const __m512 tab = _mm512_loadu_ps(table);
+  const int64_t K = p.k, blocks = p.dense_width / 64;
+  __m512i max_id = _mm512_setzero_si512();
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* code = p.dense_codes + r * p.dense_width;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      const __m512i block = _mm512_loadu_si512(code + 64 * b);
+      const float* xb = x + 128 * b;
+      const bool whole = 128 * (b + 1) <= K;
+      for (int t = 0; t < 8; t += 2) {
+        const __m512i i0 = nibble_ids(block, t), i1 = nibble_ids(block, t + 1);
+        max_id = _mm512_max_epu32(max_id, _mm512_max_epu32(i0, i1));
+        const __m512 x0 = whole ? _mm512_loadu_ps(xb + 16 * t)
+                                : _mm512_maskz_loadu_ps(tail_mask(K, 128 * b + 16 * t), xb + 16 * t);
+        const __m512 x1 = whole ? _mm512_loadu_ps(xb + 16 * t + 16)
+                                : _mm512_maskz_loadu_ps(tail_mask(K, 128 * b + 16 * t + 16),
+                                                        xb + 16 * t + 16);
+        a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(i0, tab), x0, a0);
+        a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(i1, tab), x1, a1);
+      }
+    }
+    y[r] = hsum(_mm512_add_ps(a0, a1)) + (bias ? bias[r] : 0.f);
+  }
+  seen->max_id = std::max<uint32_t>(seen->max_id, _mm512_reduce_max_epu32(max_id));
+}
+
 template <Lut L>
 DCX_AVX512_FN void dense_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, const float* table,
                               const float* x, const float* bias, float* y, SpqmmSeen* seen) {
+  if (p.nibbles) return dense_rows_nibbles(p, r0, r1, table, x, bias, y, seen);
   const Table tab = load_table(table);
   const int64_t K = p.k;
   __m128i max_id = _mm_setzero_si128();
@@ -411,6 +473,25 @@ DCX_AVX512_FN void dense_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, cons
 template <Lut L>
 DCX_AVX512_FN void dense_decode_rows(const SpqmmPacked& p, int64_t r0, int64_t r1,
                                      const float* table, float* w, SpqmmSeen* seen) {
+  if (p.nibbles) {
+    const __m512 tab = _mm512_loadu_ps(table);
+    __m512i max_id = _mm512_setzero_si512();
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* code = p.dense_codes + r * p.dense_width;
+      float* wr = w + (r - r0) * p.k;
+      for (int64_t b = 0; b < p.dense_width / 64; ++b) {
+        const __m512i block = _mm512_loadu_si512(code + 64 * b);
+        for (int t = 0; t < 8; ++t) {
+          const __m512i ids = nibble_ids(block, t);
+          max_id = _mm512_max_epu32(max_id, ids);
+          const int64_t j = 128 * b + 16 * t;
+          _mm512_mask_storeu_ps(wr + j, tail_mask(p.k, j), _mm512_permutexvar_ps(ids, tab));
+        }
+      }
+    }
+    seen->max_id = std::max<uint32_t>(seen->max_id, _mm512_reduce_max_epu32(max_id));
+    return;
+  }
   const Table tab = load_table(table);
   const uint8_t* code = p.dense_codes + r0 * p.k;
   const int64_t count = (r1 - r0) * p.k;

@@ -63,6 +63,8 @@ SpqmmPacked make_packed(const at::Tensor& codes, const at::Tensor& windows,
   if (codes.scalar_type() == at::kByte) {
     p.dense = true;
     p.dense_codes = codes.data_ptr<uint8_t>();
+    p.nibbles = bits <= 4;
+    p.dense_width = spqmm_dense_width(k, bits);
   } else {
     p.codes = reinterpret_cast<const uint16_t*>(codes.data_ptr<int16_t>());
     p.steps = codes.size(0);

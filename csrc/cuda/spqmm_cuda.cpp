@@ -4,6 +4,7 @@
 // CUDA graph is being captured; the kernels never read out of bounds either way). The kernels are
 // in spqmm_kernel.cu.
 #include <ATen/ATen.h>
+#include <cstdint>
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
 
@@ -68,8 +69,12 @@ at::Tensor spqmm_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Te
   a.bad_flag = bad.data_ptr<int>();
   a.stream = at::cuda::getCurrentCUDAStream();
   a.dense = dense_mode;
+  // Two ids per byte (bits <= 4): the kernel reads rows of 16-byte blocks with 16-byte loads, so
+  // a view that does not start on 16 bytes is copied to a fresh (aligned) allocation.
+  const bool misaligned = reinterpret_cast<uintptr_t>(codes.data_ptr()) % 16 != 0;
+  const at::Tensor dense_codes = dense_mode && bits <= 4 && misaligned ? codes.clone() : codes;
   if (dense_mode) {
-    a.dense_codes = codes.data_ptr<uint8_t>();
+    a.dense_codes = dense_codes.data_ptr<uint8_t>();
   } else {
     a.codes = reinterpret_cast<const uint16_t*>(codes.data_ptr<int16_t>());
     a.steps = codes.size(0);

@@ -216,6 +216,7 @@ __global__ void spqmm_epilogue_kernel(const float* __restrict__ ws, const T* __r
 }
 
 // Dense mode: one warp per row; kVec: K % 16 == 0 and aligned rows, 16 ids per 16-byte load.
+// Ids of up to 4 bits come two per byte (csrc/core/spqmm.h): spqmm_dense_nibble_kernel.
 template <typename T, int MB, bool kVec>
 __global__ void __launch_bounds__(kDenseThreads)
 spqmm_dense_kernel(const T* __restrict__ x, int64_t ldx, int mvalid,
@@ -267,6 +268,59 @@ spqmm_dense_kernel(const T* __restrict__ x, int64_t ldx, int mvalid,
   }
 }
 
+// Dense mode with two ids per byte: a row is ceil(k / 128) blocks of 64 bytes, 16 little-endian
+// 32-bit words each, nibble t of word d holding column 128 b + 16 t + d. One warp per row; a
+// lane takes a quarter block at a time (a 16-byte load: words 4 q .. 4 q + 3, 32 ids), so a
+// warp reads 512 contiguous bytes; columns past k are skipped.
+template <typename T, int MB>
+__global__ void __launch_bounds__(kDenseThreads)
+spqmm_dense_nibble_kernel(const T* __restrict__ x, int64_t ldx, int mvalid,
+                          const uint8_t* __restrict__ codes, int64_t n, int64_t k,
+                          const T* __restrict__ codebook, int kc, const T* __restrict__ bias,
+                          T* __restrict__ y, int* __restrict__ bad_flag) {
+  __shared__ float table[256];
+  load_table(codebook, kc, table);
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  const int64_t row = blockIdx.x * int64_t(kDenseWarps) + (threadIdx.x >> 5);
+  if (row >= n) return;
+  const int64_t quarters = (k + 127) / 128 * 4;
+  const uint8_t* code = codes + row * quarters * 16;
+  float acc[MB];
+#pragma unroll
+  for (int m = 0; m < MB; ++m) acc[m] = 0.f;
+  uint32_t max_id = 0;
+  for (int64_t q = lane; q < quarters; q += 32) {
+    const uint4 packed = *reinterpret_cast<const uint4*>(code + q * 16);
+    const uint32_t words[4] = {packed.x, packed.y, packed.z, packed.w};
+    const int64_t base = (q >> 2) * 128 + (q & 3) * 4;  // column of word 0, nibble 0
+#pragma unroll
+    for (int dd = 0; dd < 4; ++dd) {
+#pragma unroll
+      for (int t = 0; t < 8; ++t) {
+        const uint32_t id = (words[dd] >> (4 * t)) & 15u;
+        max_id = max(max_id, id);
+        const int64_t col = base + 16 * t + dd;
+        if (col < k) {
+          const float w = table[id];
+#pragma unroll
+          for (int m = 0; m < MB; ++m) {
+            if (m < mvalid) acc[m] += w * to_float(x[m * ldx + col]);
+          }
+        }
+      }
+    }
+  }
+  if (max_id >= uint32_t(kc)) atomicOr(bad_flag, 1);
+#pragma unroll
+  for (int m = 0; m < MB; ++m) {
+    const float sum = warp_sum(acc[m]);
+    if (lane == 0 && m < mvalid) {
+      y[m * n + row] = from_float<T>(sum + (bias ? to_float(bias[row]) : 0.f));
+    }
+  }
+}
+
 // Decode to dense W [n, k] in T (zeroed by the caller), for cuBLAS past the crossover. Same
 // pieces and group walk as the sparse kernel, one step per half-warp at a time (no shuffles, so
 // the halves may diverge).
@@ -305,12 +359,21 @@ spqmm_decode_sparse_kernel(const uint16_t* __restrict__ codes, const int32_t* __
 
 template <typename T>
 __global__ void spqmm_decode_dense_kernel(const uint8_t* __restrict__ codes, int64_t count,
+                                          int64_t k, bool nibbles,
                                           const T* __restrict__ codebook, int kc,
                                           T* __restrict__ w, int* __restrict__ bad_flag) {
   int flag = 0;
+  const int64_t width = (k + 127) / 128 * 64;  // bytes per row with two ids per byte
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count;
        i += int64_t(gridDim.x) * blockDim.x) {
-    const uint32_t id = codes[i];
+    uint32_t id;
+    if (nibbles) {
+      // Column 128 b + 16 t + d: nibble t of word d of block b (csrc/core/spqmm.h).
+      const int64_t row = i / k, col = i - row * k, t = (col >> 4) & 7, d = col & 15;
+      id = (uint32_t(codes[row * width + (col >> 7) * 64 + 4 * d + (t >> 1)]) >> (4 * (t & 1))) & 15u;
+    } else {
+      id = codes[i];
+    }
     if (id >= uint32_t(kc)) flag = 1;
     w[i] = id < uint32_t(kc) ? codebook[id] : from_float<T>(0.f);
   }
@@ -400,7 +463,11 @@ cudaError_t launch_block(const SpqmmCudaArgs& a, const DeviceLimits& d, const T*
     const unsigned blocks = static_cast<unsigned>((a.n + kDenseWarps - 1) / kDenseWarps);
     const bool vec = a.k % 16 == 0 && is_aligned(a.dense_codes, 16);
     if (blocks == 0) return cudaSuccess;
-    if (vec) {
+    if (a.bits <= 4) {  // two ids per byte; rows of whole 16-byte blocks (the op checks alignment)
+      spqmm_dense_nibble_kernel<T, MB><<<blocks, kDenseThreads, 0, a.stream>>>(
+          x, a.k, mvalid, a.dense_codes, a.n, a.k, cb, a.kc, static_cast<const T*>(a.bias), y,
+          a.bad_flag);
+    } else if (vec) {
       spqmm_dense_kernel<T, MB, true><<<blocks, kDenseThreads, 0, a.stream>>>(
           x, a.k, mvalid, a.dense_codes, a.n, a.k, cb, a.kc, static_cast<const T*>(a.bias), y,
           a.bad_flag);
@@ -466,7 +533,7 @@ cudaError_t decode_typed(const SpqmmCudaArgs& a, void* w) {
     const int64_t want = (count + kDenseThreads - 1) / kDenseThreads;
     const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(want, 8192));
     spqmm_decode_dense_kernel<T><<<blocks, kDenseThreads, 0, a.stream>>>(
-        a.dense_codes, count, cb, a.kc, static_cast<T*>(w), a.bad_flag);
+        a.dense_codes, count, a.k, a.bits <= 4, cb, a.kc, static_cast<T*>(w), a.bad_flag);
   } else {
     if (a.n == 0) return cudaSuccess;
     DeviceLimits d;
