@@ -51,11 +51,14 @@ BATCHES = [1, 4, 16, 64]
 ROTATE_BYTES = 256 << 20
 
 # The committed CPU table: every listed shape at batch 1 and 16, 10% and 100% density, 5 bits,
-# plus the target cases (fc7, 10% / 5 bits and 100% / 6 bits, batch 1) and a batch sweep of fc7.
+# plus the target cases (fc7, 10% / 5 bits and 100% / 6 bits, batch 1), 4-bit dense mode, other
+# densities and bit widths, and a batch sweep of fc7.
 PRESETS = {
     "cpu-table": [
         dict(shapes=list(SHAPES), densities=[0.1, 1.0], bits=[5], batches=[1, 16]),
         dict(shapes=["fc7"], densities=[1.0], bits=[6], batches=[1, 16]),
+        # weight sharing without pruning at 4 bits (dense mode, two ids per byte)
+        dict(shapes=["fc7", "mlp-up"], densities=[1.0], bits=[4], batches=[1, 16]),
         dict(shapes=["fc7"], densities=[0.05, 0.1, 0.25, 0.5], bits=[4, 8], batches=[1]),
         dict(shapes=["fc7"], densities=[0.1, 1.0], bits=[5], batches=[4, 64]),
     ],
