@@ -91,8 +91,7 @@ def make_packed(n, k, density, bits, device, dtype, gen):
     labels = torch.randint(0, 1 << bits, (n, k), generator=gen, dtype=torch.uint8)
     codebook = torch.randn(1 << bits, generator=gen).to(dtype)
     packed = dcx.pack(mask, labels, codebook, bits)
-    packed = packed._replace(**{f: getattr(packed, f).to(device)
-                                for f in ("codes", "windows", "group_ptr", "chunks", "codebook")})
+    packed = packed.to(device)
     return mask, packed
 
 

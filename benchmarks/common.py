@@ -80,12 +80,13 @@ def bench_side_by_side(fns, device, warmup=3, repeat=20, min_time=0.2, clock=tim
     sync(device)
     times = {name: [] for name in fns}
     start = time.perf_counter()
-    while len(times[next(iter(fns))]) < repeat or (
-            time.perf_counter() - start < min_time * len(fns) and len(times[next(iter(fns))]) < 1000):
+    timed = 0  # calls of each fn so far
+    while timed < repeat or (time.perf_counter() - start < min_time * len(fns) and timed < 1000):
         for name, fn in fns.items():
             fn()
             sync(device)
             times[name] += [time_call(fn, device, clock) for _ in range(block)]
+        timed += block
     return {name: statistics.median(t) for name, t in times.items()}
 
 

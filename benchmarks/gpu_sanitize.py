@@ -179,8 +179,7 @@ def spqmm(dev, quick):
         labels = torch.randint(0, 1 << bits, (n, k), generator=g)
         codebook = torch.randn(1 << bits, generator=g)
         packed = dcx.pack(mask, labels, codebook, bits, dense=dense)
-        fields = ("codes", "windows", "group_ptr", "chunks", "codebook")
-        dpacked = packed._replace(**{f: getattr(packed, f).to(dev) for f in fields})
+        dpacked = packed.to(dev)
         for dtype in dtypes:
             w = codebook.to(dtype).double()[labels] * mask  # the weight, exact in dtype
             bias = torch.randn(n, generator=g).to(dtype)

@@ -27,7 +27,6 @@ ROWS = 16  # rows per group = slots per step (csrc/core/spqmm.h)
 WINDOW = 32  # columns of x one step can reach
 # Steps per chunk (a work item of the CPU threads or of a GPU thread block).
 CHUNK_STEPS = 1024
-_BUFFERS = ("codes", "windows", "group_ptr", "chunks", "codebook")
 
 
 class PackedWeight(NamedTuple):
@@ -50,12 +49,20 @@ class PackedWeight(NamedTuple):
         """Bytes the kernel reads for the weight (codes, pointers, codebook)."""
         return sum(t.numel() * t.element_size() for t in self[:5])
 
+    def to(self, device) -> "PackedWeight":
+        """The same packed weight with its tensors on `device`."""
+        return self._replace(**{name: getattr(self, name).to(device) for name in _BUFFERS})
+
     def spqmm(self, x: Tensor, bias: Optional[Tensor] = None, check: bool = True,
               crossover: int = -1) -> Tensor:
         """x W^T + bias through dcx.ops.spqmm (the codebook cast to x's dtype)."""
         return ops.spqmm(x, self.codes, self.windows, self.group_ptr, self.chunks,
                          self.codebook.to(x.dtype), self.out_features, self.in_features, self.bits,
                          bias, crossover, check)
+
+
+# The tensors of a PackedWeight (SparseQuantLinear's buffers).
+_BUFFERS = PackedWeight._fields[:5]
 
 
 def _bits_for(k: int) -> int:

@@ -393,14 +393,15 @@ DCX_AVX512_FN void sparse_chunk(const SpqmmPacked& p, int64_t c, const float* ta
   seen->max_col = std::max<int64_t>(seen->max_col, max_col);
 }
 
-// Dense mode, two ids per byte (bits <= 4: one vpermps lookup). A block of 128 columns is one
-// 64-byte vector whose nibble t of every 32-bit lane holds the ids of columns 16 t + lane: a
-// shift and a mask give them, no shuffle. Columns past K read x as zero (their ids are the
-// packer's zeros).
+// Lanes of the 16 elements from j that lie below k.
 DCX_AVX512_FN inline __mmask16 tail_mask(int64_t k, int64_t j) {
   return k - j >= 16 ? __mmask16(0xFFFF) : k <= j ? __mmask16(0) : __mmask16((1u << (k - j)) - 1);
 }
 
+// Dense mode, two ids per byte (bits <= 4: one vpermps lookup). A block of 128 columns is one
+// 64-byte vector whose nibble t of every 32-bit lane holds the ids of columns 16 t + lane: a
+// shift and a mask give them, no shuffle. Columns past K read x as zero (their ids are the
+// packer's zeros).
 // The ids of columns 16 t + lane of a 64-byte block.
 DCX_AVX512_FN inline __m512i nibble_ids(__m512i block, int t) {
   return _mm512_and_si512(_mm512_srl_epi32(block, _mm_cvtsi32_si128(4 * t)), _mm512_set1_epi32(15));
@@ -456,7 +457,7 @@ DCX_AVX512_FN void dense_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, cons
                            a1);
     }
     for (; j < K; j += 16) {
-      const __mmask16 m = K - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - j)) - 1);
+      const __mmask16 m = tail_mask(K, j);
       const __m128i c = _mm_maskz_loadu_epi8(m, code + j);
       max_id = _mm_max_epu8(max_id, c);
       a0 = _mm512_fmadd_ps(lookup<L>(tab, _mm512_cvtepu8_epi32(c)), _mm512_maskz_loadu_ps(m, x + j),
@@ -497,7 +498,7 @@ DCX_AVX512_FN void dense_decode_rows(const SpqmmPacked& p, int64_t r0, int64_t r
   const int64_t count = (r1 - r0) * p.k;
   __m128i max_id = _mm_setzero_si128();
   for (int64_t i = 0; i < count; i += 16) {
-    const __mmask16 m = count - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (count - i)) - 1);
+    const __mmask16 m = tail_mask(count, i);
     const __m128i c = _mm_maskz_loadu_epi8(m, code + i);
     max_id = _mm_max_epu8(max_id, c);
     _mm512_mask_storeu_ps(w + i, m, lookup<L>(tab, _mm512_cvtepu8_epi32(c)));

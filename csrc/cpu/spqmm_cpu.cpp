@@ -27,9 +27,10 @@ namespace {
 constexpr int kMaxBlock = 8;  // batch columns per pass
 
 // Batch size from which decode + BLAS beats the kernel on CPU, measured with
-// benchmarks/bench_spqmm.py on an AMD EPYC (Zen 4): the sparse kernel costs about
-// nnz * ceil(M / 16) vector steps and at 10% density beats the dense GEMM even at batch 64; in
-// dense mode the batch-1 kernel wins and from batch 2 on the blocked decode + GEMM does.
+// benchmarks/bench_spqmm.py on an AMD EPYC (Zen 4). density is that of the slots (padding
+// included); the sparse kernel costs about steps * M vector steps and at 10% density beats the
+// dense GEMM even at batch 64 (2.5x); in dense mode the batch-1 kernel wins and from batch 2 on
+// the blocked decode + GEMM does.
 int64_t auto_crossover_cpu(bool dense_mode, double density) {
   if (dense_mode) return 2;
   return density <= 0.3 ? std::numeric_limits<int64_t>::max() : 64;

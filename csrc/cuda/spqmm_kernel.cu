@@ -215,9 +215,17 @@ __global__ void spqmm_epilogue_kernel(const float* __restrict__ ws, const T* __r
   }
 }
 
-// Dense mode: one warp per row; kVec: K % 16 == 0 and aligned rows, 16 ids per 16-byte load.
-// Ids of up to 4 bits come two per byte (csrc/core/spqmm.h): spqmm_dense_nibble_kernel.
-template <typename T, int MB, bool kVec>
+// Dense mode: one warp per row. Layouts (csrc/core/spqmm.h):
+//   kBytes      one id per byte, a lane per column;
+//   kBytesVec   one id per byte, K % 16 == 0 and aligned rows: 16 ids per 16-byte load;
+//   kNibbles    two ids per byte (bits <= 4): a row is ceil(k / 128) blocks of 64 bytes, 16
+//               little-endian 32-bit words each, nibble t of word d holding column
+//               128 b + 16 t + d; a lane takes a quarter block at a time (a 16-byte load: words
+//               4 q .. 4 q + 3, 32 ids), so a warp reads 512 contiguous bytes; columns past k
+//               are skipped.
+enum class DenseLayout { kBytes, kBytesVec, kNibbles };
+
+template <typename T, int MB, DenseLayout kLayout>
 __global__ void __launch_bounds__(kDenseThreads)
 spqmm_dense_kernel(const T* __restrict__ x, int64_t ldx, int mvalid,
                    const uint8_t* __restrict__ codes, int64_t n, int64_t k,
@@ -229,87 +237,48 @@ spqmm_dense_kernel(const T* __restrict__ x, int64_t ldx, int mvalid,
   const int lane = threadIdx.x & 31;
   const int64_t row = blockIdx.x * int64_t(kDenseWarps) + (threadIdx.x >> 5);
   if (row >= n) return;
-  const uint8_t* code = codes + row * k;
   float acc[MB];
 #pragma unroll
   for (int m = 0; m < MB; ++m) acc[m] = 0.f;
   uint32_t max_id = 0;
-  if (kVec) {
+  // One weight: its id (checked after the row) times column col of each batch column.
+  auto add = [&](uint32_t id, int64_t col) {
+    max_id = max(max_id, id);
+    const float w = table[id];
+#pragma unroll
+    for (int m = 0; m < MB; ++m) {
+      if (m < mvalid) acc[m] += w * to_float(x[m * ldx + col]);
+    }
+  };
+  if constexpr (kLayout == DenseLayout::kNibbles) {
+    const int64_t quarters = (k + 127) / 128 * 4;
+    const uint8_t* code = codes + row * quarters * 16;
+    for (int64_t q = lane; q < quarters; q += 32) {
+      const uint4 packed = *reinterpret_cast<const uint4*>(code + q * 16);
+      const uint32_t words[4] = {packed.x, packed.y, packed.z, packed.w};
+      const int64_t base = (q >> 2) * 128 + (q & 3) * 4;  // column of word 0, nibble 0
+#pragma unroll
+      for (int dd = 0; dd < 4; ++dd) {
+#pragma unroll
+        for (int t = 0; t < 8; ++t) {
+          const uint32_t id = (words[dd] >> (4 * t)) & 15u;
+          const int64_t col = base + 16 * t + dd;
+          if (col < k) add(id, col);
+          else max_id = max(max_id, id);
+        }
+      }
+    }
+  } else if constexpr (kLayout == DenseLayout::kBytesVec) {
+    const uint8_t* code = codes + row * k;
     for (int64_t j0 = int64_t(lane) * 16; j0 < k; j0 += 32 * 16) {
       const uint4 packed = *reinterpret_cast<const uint4*>(code + j0);
       const uint8_t* ids = reinterpret_cast<const uint8_t*>(&packed);
 #pragma unroll
-      for (int i = 0; i < 16; ++i) {
-        max_id = max(max_id, uint32_t(ids[i]));
-        const float w = table[ids[i]];
-#pragma unroll
-        for (int m = 0; m < MB; ++m) {
-          if (m < mvalid) acc[m] += w * to_float(x[m * ldx + j0 + i]);
-        }
-      }
+      for (int i = 0; i < 16; ++i) add(ids[i], j0 + i);
     }
   } else {
-    for (int64_t j = lane; j < k; j += 32) {
-      max_id = max(max_id, uint32_t(code[j]));
-      const float w = table[code[j]];
-#pragma unroll
-      for (int m = 0; m < MB; ++m) {
-        if (m < mvalid) acc[m] += w * to_float(x[m * ldx + j]);
-      }
-    }
-  }
-  if (max_id >= uint32_t(kc)) atomicOr(bad_flag, 1);
-#pragma unroll
-  for (int m = 0; m < MB; ++m) {
-    const float sum = warp_sum(acc[m]);
-    if (lane == 0 && m < mvalid) {
-      y[m * n + row] = from_float<T>(sum + (bias ? to_float(bias[row]) : 0.f));
-    }
-  }
-}
-
-// Dense mode with two ids per byte: a row is ceil(k / 128) blocks of 64 bytes, 16 little-endian
-// 32-bit words each, nibble t of word d holding column 128 b + 16 t + d. One warp per row; a
-// lane takes a quarter block at a time (a 16-byte load: words 4 q .. 4 q + 3, 32 ids), so a
-// warp reads 512 contiguous bytes; columns past k are skipped.
-template <typename T, int MB>
-__global__ void __launch_bounds__(kDenseThreads)
-spqmm_dense_nibble_kernel(const T* __restrict__ x, int64_t ldx, int mvalid,
-                          const uint8_t* __restrict__ codes, int64_t n, int64_t k,
-                          const T* __restrict__ codebook, int kc, const T* __restrict__ bias,
-                          T* __restrict__ y, int* __restrict__ bad_flag) {
-  __shared__ float table[256];
-  load_table(codebook, kc, table);
-  __syncthreads();
-  const int lane = threadIdx.x & 31;
-  const int64_t row = blockIdx.x * int64_t(kDenseWarps) + (threadIdx.x >> 5);
-  if (row >= n) return;
-  const int64_t quarters = (k + 127) / 128 * 4;
-  const uint8_t* code = codes + row * quarters * 16;
-  float acc[MB];
-#pragma unroll
-  for (int m = 0; m < MB; ++m) acc[m] = 0.f;
-  uint32_t max_id = 0;
-  for (int64_t q = lane; q < quarters; q += 32) {
-    const uint4 packed = *reinterpret_cast<const uint4*>(code + q * 16);
-    const uint32_t words[4] = {packed.x, packed.y, packed.z, packed.w};
-    const int64_t base = (q >> 2) * 128 + (q & 3) * 4;  // column of word 0, nibble 0
-#pragma unroll
-    for (int dd = 0; dd < 4; ++dd) {
-#pragma unroll
-      for (int t = 0; t < 8; ++t) {
-        const uint32_t id = (words[dd] >> (4 * t)) & 15u;
-        max_id = max(max_id, id);
-        const int64_t col = base + 16 * t + dd;
-        if (col < k) {
-          const float w = table[id];
-#pragma unroll
-          for (int m = 0; m < MB; ++m) {
-            if (m < mvalid) acc[m] += w * to_float(x[m * ldx + col]);
-          }
-        }
-      }
-    }
+    const uint8_t* code = codes + row * k;
+    for (int64_t j = lane; j < k; j += 32) add(code[j], j);
   }
   if (max_id >= uint32_t(kc)) atomicOr(bad_flag, 1);
 #pragma unroll
@@ -461,20 +430,18 @@ cudaError_t launch_block(const SpqmmCudaArgs& a, const DeviceLimits& d, const T*
   const T* cb = static_cast<const T*>(a.codebook);
   if (a.dense) {
     const unsigned blocks = static_cast<unsigned>((a.n + kDenseWarps - 1) / kDenseWarps);
-    const bool vec = a.k % 16 == 0 && is_aligned(a.dense_codes, 16);
     if (blocks == 0) return cudaSuccess;
-    if (a.bits <= 4) {  // two ids per byte; rows of whole 16-byte blocks (the op checks alignment)
-      spqmm_dense_nibble_kernel<T, MB><<<blocks, kDenseThreads, 0, a.stream>>>(
-          x, a.k, mvalid, a.dense_codes, a.n, a.k, cb, a.kc, static_cast<const T*>(a.bias), y,
-          a.bad_flag);
-    } else if (vec) {
-      spqmm_dense_kernel<T, MB, true><<<blocks, kDenseThreads, 0, a.stream>>>(
-          x, a.k, mvalid, a.dense_codes, a.n, a.k, cb, a.kc, static_cast<const T*>(a.bias), y,
-          a.bad_flag);
+    auto launch = [&](auto kernel) {
+      kernel<<<blocks, kDenseThreads, 0, a.stream>>>(x, a.k, mvalid, a.dense_codes, a.n, a.k, cb,
+                                                    a.kc, static_cast<const T*>(a.bias), y,
+                                                    a.bad_flag);
+    };
+    if (a.bits <= 4) {  // two ids per byte; rows of whole 16-byte blocks (the glue aligns them)
+      launch(spqmm_dense_kernel<T, MB, DenseLayout::kNibbles>);
+    } else if (a.k % 16 == 0 && is_aligned(a.dense_codes, 16)) {
+      launch(spqmm_dense_kernel<T, MB, DenseLayout::kBytesVec>);
     } else {
-      spqmm_dense_kernel<T, MB, false><<<blocks, kDenseThreads, 0, a.stream>>>(
-          x, a.k, mvalid, a.dense_codes, a.n, a.k, cb, a.kc, static_cast<const T*>(a.bias), y,
-          a.bad_flag);
+      launch(spqmm_dense_kernel<T, MB, DenseLayout::kBytes>);
     }
     return cudaGetLastError();
   }
