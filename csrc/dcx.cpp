@@ -4,6 +4,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "core/spqmm_layout.h"
+
 TORCH_LIBRARY(dcx, m) {
   // One fused SGD step; pruned positions (mask == 0) of param and momentum_buffer become exactly
   // zero. init_buffer: the buffer is new and takes the gradient, as torch.optim.SGD's first step.
@@ -38,9 +40,22 @@ TORCH_LIBRARY(dcx, m) {
       "bool check=True) -> Tensor");
 }
 
-// `import dcx._C` loads this library, which runs the registrations above; the module itself is
-// empty: everything is reached through torch.ops.dcx.
+// `import dcx._C` loads this library, which runs the registrations above; the ops are reached
+// through torch.ops.dcx. The module holds one thing: SPQMM_LAYOUT, the packed layout's constants
+// (csrc/core/spqmm.h), so that the Python packer (dcx.nn.pack) reads them from where the kernels
+// do instead of keeping copies.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+  PyObject* layout = Py_BuildValue(
+      "{s:i,s:i,s:i,s:i,s:i,s:i}", "rows", dcx::kSpqmmRows, "window", dcx::kSpqmmWindow,
+      "live_bit", dcx::kSpqmmLiveBit, "offset_shift", dcx::kSpqmmOffsetShift, "id_mask",
+      dcx::kSpqmmIdMask, "nibble_block", dcx::kSpqmmNibbleBlock);
+  if (layout == nullptr || PyModule_AddObject(module, "SPQMM_LAYOUT", layout) < 0) {
+    Py_XDECREF(layout);
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }

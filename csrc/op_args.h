@@ -7,6 +7,7 @@
 
 #include "checks.h"
 #include "core/kmeans1d.h"
+#include "core/spqmm_layout.h"
 
 namespace dcx {
 
@@ -108,12 +109,13 @@ inline void check_kmeans1d_finite(double first, double last) {
 
 // spqmm: shapes, dtypes and devices of the packed weight (csrc/core/spqmm.h describes the
 // layout). The contents (ids, windows, pointers) are checked by the kernels themselves.
-constexpr int64_t kSpqmmGroupRows = 16;  // rows per group: one step holds one slot per row
+constexpr int64_t kSpqmmGroupRows = kSpqmmRows;  // rows per group: a step holds a slot per row
 
 // Bytes per row of dense mode's codes: one id per byte, or with ids of up to 4 bits two per byte
-// in blocks of 128 columns (64 bytes).
+// in blocks of kSpqmmNibbleBlock columns.
 inline int64_t spqmm_dense_width(int64_t in_features, int64_t bits) {
-  return bits <= 4 ? (in_features + 127) / 128 * 64 : in_features;
+  constexpr int64_t block = kSpqmmNibbleBlock;
+  return bits <= 4 ? (in_features + block - 1) / block * (block / 2) : in_features;
 }
 
 inline void check_spqmm_args(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& windows,

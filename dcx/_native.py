@@ -13,7 +13,7 @@ BUILD_HINT = (
 )
 
 try:
-    from dcx import _C  # noqa: F401  (loading the library registers torch.ops.dcx.*)
+    from dcx import _C  # loading the library registers torch.ops.dcx.*
 
     LOAD_ERROR = None
 except ImportError as error:  # not built, or built against another torch
@@ -50,6 +50,16 @@ def kernels():
                     keys.append(key)
         result[name] = keys
     return result
+
+
+def spqmm_layout():
+    """The packed layout's constants of dcx.ops.spqmm, from the one place that defines them
+    (csrc/core/spqmm.h, exported by the compiled extension): rows (per group, = slots per step),
+    window (columns one step reaches), live_bit, offset_shift and id_mask (the fields of a
+    16-bit slot), nibble_block (columns per block of two-ids-per-byte dense codes)."""
+    if LOAD_ERROR is not None:
+        raise RuntimeError(f"dcx kernels are not built ({LOAD_ERROR}); {BUILD_HINT}")
+    return dict(_C.SPQMM_LAYOUT)
 
 
 def check_device_kernel(name, tensor):

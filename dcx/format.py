@@ -1,4 +1,5 @@
-"""The .dcx file: a pruned, weight-shared model as a small file that loads back bit for bit.
+"""The .dcx container and its tensor codec: bytes <-> compressed tensors. It knows no module
+(dcx.io puts models into files and files into models).
 
 Layout (all integers little-endian):
 
@@ -12,14 +13,18 @@ Layout (all integers little-endian):
               bitstreams, segment pointers, and raw parameters
     digest    32 bytes: SHA-256 of everything before it
 
-A compressed tensor (a `CompressedTensor`: mask, cluster labels, codebook) is stored in one of two
-modes, whichever is smaller:
+A compressed tensor (a `CompressedTensor`) is a mask with, per kept weight, either a codebook
+label (weight sharing: payload "codes") or a raw value (pruning alone: payload "values"). Codes
+are stored in one of two modes, whichever is smaller:
 
   sparse  positions of the kept weights as relative indices (the gap to the previous kept weight,
           in `index_bits` bits, Han et al. section 2), Huffman coded, plus the Huffman-coded labels
           of the kept weights only.
   dense   one Huffman-coded symbol per position: the label, or k (one past the codebook) for a
           pruned position; no positions. A quantized but unpruned layer stores its codes alone.
+
+Values are stored in sparse mode: the Huffman-coded positions, then the kept values raw, in
+position order.
 
 Relative indices: with M = 2^index_bits - 1, an entry v in 1..M is a kept weight v positions after
 the previous one; v = 0 is a filler that skips M positions and holds no weight (the paper's filler
@@ -45,7 +50,7 @@ import math
 import os
 import struct
 import sys
-import tempfile
+import secrets
 import zlib
 from dataclasses import dataclass
 
@@ -63,8 +68,8 @@ __all__ = [
     "save_records",
     "load_records",
     "verify",
-    "save",
-    "load",
+    "read",
+    "write_atomic",
     "encode_positions",
     "decode_positions",
     "encode_file",
@@ -73,7 +78,7 @@ __all__ = [
 ]
 
 MAGIC = b"\x89DCX\r\n\x1a\n"
-VERSION = (1, 1)  # 1.1: the manifest may be zlib-deflated (header flag bit 0)
+VERSION = (1, 2)  # 1.1: the manifest may be zlib-deflated (header flag bit 0); 1.2: "values"
 FLAG_MANIFEST_ZLIB = 1
 MAX_MANIFEST_EXPANSION = 1 << 26  # bytes a deflated manifest may inflate to (64 MiB)
 HEADER = struct.Struct("<8sHHIQI4x")
@@ -104,19 +109,22 @@ class FormatError(ValueError):
 
 @dataclass
 class CompressedTensor:
-    """One pruned, weight-shared tensor: weight = codebook[labels] where mask, exactly 0 elsewhere.
+    """One pruned and/or weight-shared tensor.
 
-    mask: bool, the weight's shape; labels: integer, the weight's shape (values at pruned positions
-    are ignored); codebook: 1-D float [k], k <= 2^bits; index_bits: bits of a relative index (the
-    paper uses 4 for fully connected layers, 5 for VGG, 8 for conv). segment_rows: rows per
-    segment of positions (None: enough rows for SEGMENT_POSITIONS). mode: "sparse", "dense" or
-    None (whichever is smaller).
+    mask: bool, the tensor's shape, True = kept. Then either
+      codebook (1-D float [k], k <= 2^bits), labels (integer, the tensor's shape; ignored where
+      pruned) and bits: tensor = codebook[labels] where mask, exactly 0 elsewhere; or
+      values (float, the tensor's shape; ignored where pruned): tensor = values where mask.
+    index_bits: bits of a relative index (the paper uses 4 for fully connected layers, 5 for VGG,
+    8 for conv). segment_rows: rows per segment of positions (None: enough rows for
+    SEGMENT_POSITIONS). mode: codes only, "sparse", "dense" or None (whichever is smaller).
     """
 
     mask: Tensor
-    labels: Tensor
-    codebook: Tensor
-    bits: int
+    labels: Tensor | None = None
+    codebook: Tensor | None = None
+    bits: int | None = None
+    values: Tensor | None = None
     index_bits: int = 4
     segment_rows: int | None = None
     mode: str | None = None
@@ -125,10 +133,18 @@ class CompressedTensor:
     def shape(self):
         return tuple(self.mask.shape)
 
+    @property
+    def payload(self) -> str:
+        return "values" if self.values is not None else "codes"
+
     def to_dense(self) -> Tensor:
-        """codebook[labels] at kept positions, exactly zero elsewhere, in the codebook's dtype."""
-        values = self.codebook[self.labels.long().clamp(0, self.codebook.numel() - 1)]
-        return torch.where(self.mask, values, torch.zeros((), dtype=self.codebook.dtype))
+        """The tensor: codebook[labels] (or values) at kept positions, exactly +0.0 elsewhere, in
+        the codebook's (or the values') dtype."""
+        if self.values is not None:
+            values = self.values
+        else:
+            values = self.codebook[self.labels.long().clamp(0, self.codebook.numel() - 1)]
+        return torch.where(self.mask, values, torch.zeros((), dtype=values.dtype))
 
 
 # --------------------------------------------------------------------------- relative indices
@@ -227,8 +243,29 @@ def _check_record(name: str, ct: CompressedTensor):
     def fail(msg):
         raise ValueError(f"{name}: {msg}")
 
-    if ct.mask.dtype != torch.bool:
-        fail(f"mask must be bool, got {ct.mask.dtype}")
+    if not isinstance(ct.mask, Tensor) or ct.mask.dtype != torch.bool:
+        fail(f"mask must be a bool tensor, got {getattr(ct.mask, 'dtype', type(ct.mask))}")
+    if ct.mask.dim() > MAX_DIMS:
+        fail(f"at most {MAX_DIMS} dimensions, got {ct.mask.dim()}")
+    if not (isinstance(ct.index_bits, int) and 1 <= ct.index_bits <= 16):
+        fail(f"index_bits must be an int in [1, 16], got {ct.index_bits!r}")
+    if ct.segment_rows is not None and not (
+        isinstance(ct.segment_rows, int) and ct.segment_rows >= 1
+    ):
+        fail(f"segment_rows must be None or an int >= 1, got {ct.segment_rows!r}")
+    if ct.values is not None:
+        if ct.codebook is not None or ct.labels is not None:
+            fail("give either values or codebook and labels, not both")
+        if ct.values.shape != ct.mask.shape:
+            fail(f"values must have the shape of mask {tuple(ct.mask.shape)}, got "
+                 f"{tuple(ct.values.shape)}")
+        if DTYPE_NAMES.get(ct.values.dtype) not in FLOAT_DTYPES:
+            fail(f"values must be float32, float64, float16 or bfloat16, got {ct.values.dtype}")
+        if ct.mode not in (None, "sparse"):
+            fail(f"values are stored in sparse mode only, got mode {ct.mode!r}")
+        return
+    if ct.codebook is None or ct.labels is None:
+        fail("give values, or codebook and labels")
     if ct.labels.shape != ct.mask.shape:
         fail(
             f"labels must have the shape of mask {tuple(ct.mask.shape)}, "
@@ -244,16 +281,8 @@ def _check_record(name: str, ct: CompressedTensor):
         fail(f"bits must be an int in [1, 16], got {ct.bits!r}")
     if ct.codebook.numel() > 1 << ct.bits:
         fail(f"codebook has {ct.codebook.numel()} entries, more than 2^bits = {1 << ct.bits}")
-    if not (isinstance(ct.index_bits, int) and 1 <= ct.index_bits <= 16):
-        fail(f"index_bits must be an int in [1, 16], got {ct.index_bits!r}")
-    if ct.segment_rows is not None and not (
-        isinstance(ct.segment_rows, int) and ct.segment_rows >= 1
-    ):
-        fail(f"segment_rows must be None or an int >= 1, got {ct.segment_rows!r}")
     if ct.mode not in (None, "sparse", "dense"):
         fail(f"mode must be None, 'sparse' or 'dense', got {ct.mode!r}")
-    if ct.mask.dim() > MAX_DIMS:
-        fail(f"at most {MAX_DIMS} dimensions, got {ct.mask.dim()}")
     kept = ct.labels[ct.mask]
     if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= ct.codebook.numel()):
         fail(f"labels must lie in [0, {ct.codebook.numel()}) where mask is set")
@@ -270,45 +299,50 @@ def _geometry(shape, segment_rows: int | None):
 
 
 def encode_tensor(ct: CompressedTensor, name: str = "tensor"):
-    """(manifest entry, [(section kind, bytes)]) of one compressed tensor, in sparse or dense
-    mode (ct.mode, or the smaller)."""
+    """(manifest entry, [(section kind, bytes)]) of one compressed tensor: codes in sparse or dense
+    mode (ct.mode, or the smaller), values in sparse mode."""
     _check_record(name, ct)
     shape = tuple(ct.mask.shape)
     numel = ct.mask.numel()
-    k = ct.codebook.numel()
     rows, cols, segment_rows = _geometry(shape, ct.segment_rows)
     mask = ct.mask.detach().cpu().reshape(-1)
-    labels = ct.labels.detach().cpu().reshape(-1).long()
     meta = {
         "kind": "compressed",
+        "payload": ct.payload,
         "shape": list(shape),
-        "dtype": DTYPE_NAMES[ct.codebook.dtype],
-        "bits": ct.bits,
         "index_bits": ct.index_bits,
         "nnz": int(mask.sum()),
     }
-    codebook = _raw_bytes(ct.codebook.detach().cpu())
 
-    candidates = {}
-    if ct.mode in (None, "sparse"):
-        positions = torch.nonzero(mask).reshape(-1).numpy()
+    def positions():
         entries, seg_entries = encode_positions(
-            positions, numel, segment_rows * cols, ct.index_bits
+            torch.nonzero(mask).reshape(-1).numpy(), numel, segment_rows * cols, ct.index_bits
         )
-        label_lengths, label_stream = _huffman(labels[mask], k)
         index_lengths, index_stream = _huffman(
             torch.from_numpy(entries.astype(np.int64)), 1 << ct.index_bits
         )
+        extra = {"mode": "sparse", "segment_rows": segment_rows, "entries": len(entries)}
+        return extra, [("index_lengths", index_lengths), ("index", index_stream),
+                       ("pointers", seg_entries.astype("<u4").tobytes())]
+
+    if ct.values is not None:
+        values = ct.values.detach().cpu().reshape(-1)
+        extra, sections = positions()
+        meta.update(extra, dtype=DTYPE_NAMES[values.dtype])
+        return meta, sections + [("values", _raw_bytes(values[mask]))]
+
+    k = ct.codebook.numel()
+    labels = ct.labels.detach().cpu().reshape(-1).long()
+    codebook = _raw_bytes(ct.codebook.detach().cpu())
+    meta.update(dtype=DTYPE_NAMES[ct.codebook.dtype], bits=ct.bits)
+    candidates = {}
+    if ct.mode in (None, "sparse"):
+        extra, index_sections = positions()
+        label_lengths, label_stream = _huffman(labels[mask], k)
         candidates["sparse"] = (
-            {"mode": "sparse", "segment_rows": segment_rows, "entries": len(entries)},
-            [
-                ("codebook", codebook),
-                ("label_lengths", label_lengths),
-                ("labels", label_stream),
-                ("index_lengths", index_lengths),
-                ("index", index_stream),
-                ("pointers", seg_entries.astype("<u4").tobytes()),
-            ],
+            extra,
+            [("codebook", codebook), ("label_lengths", label_lengths), ("labels", label_stream)]
+            + index_sections,
         )
     if ct.mode in (None, "dense"):
         symbols = torch.where(mask, labels, torch.full_like(labels, k))  # k marks a pruned position
@@ -372,92 +406,104 @@ def _as_tensor(data: bytes) -> Tensor:
     )
 
 
+def _decode_positions(meta, sections, shape, index_bits, where) -> Tensor:
+    """Flat int64 positions of the kept weights of a sparse-mode entry."""
+    numel = math.prod(shape)
+    rows, cols, segment_rows = _geometry(shape, _need_int(meta, "segment_rows", 1, 2**62, where))
+    m = (1 << index_bits) - 1
+    if len(sections["index_lengths"]) != 1 << index_bits:
+        raise FormatError(
+            f"{where}: index code lengths hold {len(sections['index_lengths'])} "
+            f"entries, expected {1 << index_bits}"
+        )
+    seg_size = segment_rows * cols
+    nseg = -(-numel // seg_size) if numel else 0
+    if len(sections["pointers"]) != 4 * nseg:
+        raise FormatError(
+            f"{where}: pointer section has {len(sections['pointers'])} bytes, "
+            f"{nseg} segments need {4 * nseg}"
+        )
+    seg_entries = np.frombuffer(sections["pointers"], dtype="<u4").astype(np.int64)
+    entries = int(seg_entries.sum())
+    # Every segment is covered to within M positions by entries of <= M positions each.
+    if numel > (entries + nseg) * m:
+        raise FormatError(f"{where}: {entries} relative indices cannot cover {numel} positions")
+    stream = _decode_stream(sections["index"], sections["index_lengths"], entries, f"{where} index")
+    positions = decode_positions(stream.numpy(), seg_entries, numel, seg_size, index_bits)
+    return torch.from_numpy(positions)
+
+
 def decode_tensor(meta: dict, sections: dict, name: str = "tensor") -> CompressedTensor:
     """The CompressedTensor of a manifest entry and its sections {kind: bytes}; FormatError when
     anything disagrees. Sizes are checked against the bytes before anything is allocated."""
     where = f"tensor {name!r}"
     shape = _shape_of(meta, where)
     dtype = _dtype_of(meta, where, FLOAT_DTYPES)
-    bits = _need_int(meta, "bits", 1, 16, where)
     index_bits = _need_int(meta, "index_bits", 1, 16, where)
+    payload = meta.get("payload", "codes")  # files before 1.2 hold codes only
     mode = meta.get("mode")
-    if mode not in ("sparse", "dense"):
-        raise FormatError(f"{where}: mode must be 'sparse' or 'dense', got {mode!r}")
-    wanted = ["codebook", "label_lengths", "labels"]
-    if mode == "sparse":
-        wanted += ["index_lengths", "index", "pointers"]
+    if payload not in ("codes", "values"):
+        raise FormatError(f"{where}: payload must be 'codes' or 'values', got {payload!r}")
+    allowed = ("sparse",) if payload == "values" else ("sparse", "dense")
+    if mode not in allowed:
+        raise FormatError(f"{where}: {payload} need mode {' or '.join(map(repr, allowed))}, got "
+                          f"{mode!r}")
+    wanted = ["index_lengths", "index", "pointers"] if mode == "sparse" else []
+    wanted += ["values"] if payload == "values" else ["codebook", "label_lengths", "labels"]
     if sorted(sections) != sorted(wanted):
-        raise FormatError(f"{where}: {mode} mode needs sections {wanted}, got {sorted(sections)}")
+        raise FormatError(f"{where}: {payload} in {mode} mode need sections {wanted}, got "
+                          f"{sorted(sections)}")
     numel = math.prod(shape)
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    cb = sections["codebook"]
-    k = len(cb) // itemsize
-    if len(cb) % itemsize or not 1 <= k <= 1 << bits:
-        raise FormatError(
-            f"{where}: codebook section of {len(cb)} bytes is not 1 to 2^{bits} "
-            f"{meta['dtype']} values"
-        )
-    codebook = torch.frombuffer(bytearray(cb), dtype=torch.uint8).view(dtype).clone()
-    alphabet = k + (1 if mode == "dense" else 0)
-    if len(sections["label_lengths"]) != alphabet:
-        raise FormatError(
-            f"{where}: label code lengths hold {len(sections['label_lengths'])} "
-            f"entries, expected {alphabet}"
-        )
-
-    if mode == "dense":
-        symbols = _decode_stream(
-            sections["labels"], sections["label_lengths"], numel, f"{where} labels"
-        )
-        mask = symbols != k
-        labels = torch.where(mask, symbols, torch.zeros((), dtype=torch.long))
-    else:
-        rows, cols, segment_rows = _geometry(
-            shape, _need_int(meta, "segment_rows", 1, 2**62, where)
-        )
-        m = (1 << index_bits) - 1
-        if len(sections["index_lengths"]) != 1 << index_bits:
-            raise FormatError(
-                f"{where}: index code lengths hold {len(sections['index_lengths'])} "
-                f"entries, expected {1 << index_bits}"
-            )
-        seg_size = segment_rows * cols
-        nseg = -(-numel // seg_size) if numel else 0
-        if len(sections["pointers"]) != 4 * nseg:
-            raise FormatError(
-                f"{where}: pointer section has {len(sections['pointers'])} bytes, "
-                f"{nseg} segments need {4 * nseg}"
-            )
-        seg_entries = np.frombuffer(sections["pointers"], dtype="<u4").astype(np.int64)
-        entries = int(seg_entries.sum())
-        # Every segment is covered to within M positions by entries of <= M positions each.
-        if numel > (entries + nseg) * m:
-            raise FormatError(f"{where}: {entries} relative indices cannot cover {numel} positions")
-        stream = _decode_stream(
-            sections["index"], sections["index_lengths"], entries, f"{where} index"
-        )
-        positions = decode_positions(stream.numpy(), seg_entries, numel, seg_size, index_bits)
-        nnz = len(positions)
-        kept = _decode_stream(sections["labels"], sections["label_lengths"], nnz, f"{where} labels")
+    # Every size is checked against the bytes before a tensor of `numel` is allocated.
+    index = _decode_positions(meta, sections, shape, index_bits, where) if mode == "sparse" else None
+    if payload == "values":
+        raw = sections["values"]
+        if len(raw) != len(index) * itemsize:
+            raise FormatError(f"{where}: values section of {len(raw)} bytes, {len(index)} kept "
+                              f"{meta['dtype']} weights need {len(index) * itemsize}")
         mask = torch.zeros(numel, dtype=torch.bool)
-        labels = torch.zeros(numel, dtype=torch.long)
-        index = torch.from_numpy(positions)
+        values = torch.zeros(numel, dtype=dtype)
+        values[index] = _as_tensor(raw).view(dtype)
         mask[index] = True
-        labels[index] = kept
+        record = CompressedTensor(mask.reshape(shape), values=values.reshape(shape))
+    else:
+        bits = _need_int(meta, "bits", 1, 16, where)
+        cb = sections["codebook"]
+        k = len(cb) // itemsize
+        if len(cb) % itemsize or not 1 <= k <= 1 << bits:
+            raise FormatError(
+                f"{where}: codebook section of {len(cb)} bytes is not 1 to 2^{bits} "
+                f"{meta['dtype']} values"
+            )
+        codebook = _as_tensor(cb).view(dtype).clone()
+        alphabet = k + (1 if mode == "dense" else 0)
+        if len(sections["label_lengths"]) != alphabet:
+            raise FormatError(
+                f"{where}: label code lengths hold {len(sections['label_lengths'])} "
+                f"entries, expected {alphabet}"
+            )
+        if mode == "dense":
+            symbols = _decode_stream(
+                sections["labels"], sections["label_lengths"], numel, f"{where} labels"
+            )
+            mask = symbols != k
+            labels = torch.where(mask, symbols, torch.zeros((), dtype=torch.long))
+        else:
+            kept = _decode_stream(sections["labels"], sections["label_lengths"], len(index),
+                                  f"{where} labels")
+            mask = torch.zeros(numel, dtype=torch.bool)
+            labels = torch.zeros(numel, dtype=torch.long)
+            mask[index] = True
+            labels[index] = kept
+        record = CompressedTensor(mask.reshape(shape), labels.reshape(shape), codebook, bits)
     nnz = meta.get("nnz")
     if nnz != int(mask.sum()):
         raise FormatError(
             f"{where}: manifest says {nnz!r} kept weights, the streams hold {int(mask.sum())}"
         )
-    return CompressedTensor(
-        mask.reshape(shape),
-        labels.reshape(shape),
-        codebook,
-        bits,
-        index_bits,
-        meta.get("segment_rows"),
-        mode,
-    )
+    record.index_bits, record.segment_rows, record.mode = index_bits, meta.get("segment_rows"), mode
+    return record
 
 
 # ------------------------------------------------------------------------------ the file
@@ -524,15 +570,16 @@ def seal(manifest: dict, data: bytes, version=VERSION) -> bytes:
 
 def save_records(path, records: dict, dense: dict, manifest_extra: dict | None = None):
     """Write a .dcx file atomically (see encode_file)."""
-    _write_atomic(path, encode_file(records, dense, manifest_extra))
+    write_atomic(path, encode_file(records, dense, manifest_extra))
 
 
-def _write_atomic(path, data: bytes):
-    """Temporary file in the target's folder, fsync, rename: a crash leaves the old file or the
-    new one at `path`, never a torn one."""
+def write_atomic(path, data: bytes):
+    """A temporary file in the target's folder, fsync, rename: a crash leaves the old file or the
+    new one at `path`, never a torn one. The file's mode follows the umask, as open() would."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -660,7 +707,7 @@ def parse(buf: bytes):
     return manifest, sections
 
 
-def _read(path) -> bytes:
+def read(path) -> bytes:
     with open(path, "rb") as f:
         return f.read()
 
@@ -716,13 +763,13 @@ def decode_file(buf: bytes):
 def load_records(path):
     """(records {name: CompressedTensor}, dense {name: Tensor}, manifest) of a .dcx file, every
     check passed; FormatError otherwise."""
-    return decode_file(_read(path))
+    return decode_file(read(path))
 
 
 def verify(path) -> dict:
     """Check a .dcx file completely (header, checksums, digest, every stream decoded); returns a
     summary, raises FormatError."""
-    buf = _read(path)
+    buf = read(path)
     records, dense, manifest = decode_file(buf)
     return {
         "path": os.fspath(path),
@@ -732,112 +779,3 @@ def verify(path) -> dict:
         "dense": len(dense),
         "sha256": buf[-DIGEST_SIZE:].hex(),
     }
-
-
-# ------------------------------------------------------------------- models <-> the file
-# The two adapters below are the only places that know how the other stages keep their state.
-
-
-def compressed_tensors(model: torch.nn.Module, compressed: dict | None = None) -> dict:
-    """ADAPTER, stages -> file: {state_dict name of a weight: CompressedTensor}.
-
-    Today: the `compressed` mapping the caller passes; a record whose mask is None takes the
-    pruning stage's `<param>_mask` buffer of the module (all True when there is none).
-    Integration: when `compressed` is None, build the records here from what the weight-sharing
-    stage keeps on each module (codebook [k] float, labels int of the weight's shape, mask bool).
-    """
-    result = {}
-    for name, ct in (compressed or {}).items():
-        if ct.mask is None:
-            module_name, _, param = name.rpartition(".")
-            module = model.get_submodule(module_name)
-            mask = getattr(module, f"{param}_mask", None)
-            shape = getattr(module, param).shape
-            mask = mask.bool() if mask is not None else torch.ones(shape, dtype=torch.bool)
-            ct = CompressedTensor(
-                mask, ct.labels, ct.codebook, ct.bits, ct.index_bits, ct.segment_rows, ct.mode
-            )
-        result[name] = ct
-    return result
-
-
-def restore_compressed(model: torch.nn.Module, name: str, ct: CompressedTensor):
-    """ADAPTER, file -> model: put one decoded tensor back into `model`.
-
-    The weight of an nn.Linear / nn.Conv2d becomes a dcx.SparseQuantLinear / SparseQuantConv2d
-    packed straight from (mask, labels, codebook), its bias kept; any other tensor is written
-    dense (codebook[labels] * mask) into the model, with its `<param>_mask` buffer if it has one.
-    """
-    from dcx.nn import SparseQuantConv2d, SparseQuantLinear
-
-    module_name, _, param = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    replacement = None
-    if param == "weight" and type(module) is torch.nn.Linear:
-        replacement = SparseQuantLinear.from_compressed(
-            ct.mask, ct.labels, ct.codebook, bias=module.bias, bits=ct.bits
-        )
-    elif param == "weight" and type(module) is torch.nn.Conv2d and module.groups == 1 \
-            and module.padding_mode == "zeros":
-        replacement = SparseQuantConv2d.from_compressed_like(
-            module, ct.mask, ct.labels, ct.codebook, bits=ct.bits
-        )
-    if replacement is not None:
-        device = module.weight.device
-        parent_name, _, child = module_name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, replacement.to(device))
-        return
-    getattr(module, param).data.copy_(ct.to_dense())
-    mask = getattr(module, f"{param}_mask", None)
-    if mask is not None:
-        mask.copy_(ct.mask)
-
-
-def save(model: torch.nn.Module, path, compressed: dict | None = None, config=None):
-    """Save `model` as a .dcx file: the weights in `compressed` ({state_dict name:
-    CompressedTensor}, see compressed_tensors) Huffman coded, every other state_dict entry raw.
-    `config`: the compression config (a dict, or an object with to_dict()), kept in the manifest."""
-    records = compressed_tensors(model, compressed)
-    state = model.state_dict()
-    for name, ct in records.items():
-        if name not in state:
-            raise ValueError(f"{name!r} is not in the model's state_dict")
-        if tuple(state[name].shape) != ct.shape:
-            raise ValueError(
-                f"{name}: the model's shape {tuple(state[name].shape)} differs from "
-                f"the record's {ct.shape}"
-            )
-    skip = set(records) | {f"{name}_mask" for name in records}
-    dense = {name: t for name, t in state.items() if name not in skip}
-    if config is not None and hasattr(config, "to_dict"):
-        config = config.to_dict()
-    save_records(path, records, dense, {"config": config} if config is not None else {})
-
-
-def load(path, model: torch.nn.Module) -> torch.nn.Module:
-    """Fill `model` (freshly built, same architecture) from a .dcx file and return it: compressed
-    nn.Linear / nn.Conv2d layers come back as dcx.SparseQuantLinear / SparseQuantConv2d (fast
-    inference on the packed weight), everything else as stored. The file is checked completely,
-    and the model's names and shapes against it, before anything is written to the model."""
-    records, dense, _ = load_records(path)
-    state = model.state_dict()
-    restored = set(records) | {f"{n}_mask" for n in records if f"{n}_mask" in state}
-    missing = sorted(set(state) - restored - set(dense))
-    unexpected = sorted((set(records) | set(dense)) - set(state))
-    if missing or unexpected:
-        raise ValueError(
-            f"the file does not match the model: missing {missing}, unexpected {unexpected}"
-        )
-    for name, t in list(dense.items()) + [(n, ct.to_dense()) for n, ct in records.items()]:
-        if state[name].shape != t.shape or state[name].dtype != t.dtype:
-            raise ValueError(
-                f"{name}: the file holds {t.dtype} {tuple(t.shape)}, the model "
-                f"{state[name].dtype} {tuple(state[name].shape)}"
-            )
-    with torch.no_grad():
-        for name, t in dense.items():
-            state[name].copy_(t)
-        for name, ct in records.items():
-            restore_compressed(model, name, ct)
-    return model

@@ -1,37 +1,40 @@
 """Compressed layers that run on the packed sparse-quantized format: SparseQuantLinear (a drop-in
 nn.Linear), SparseQuantConv2d, `pack` (the one place the in-memory format is built, from
-(mask, labels, codebook)) and `convert` (swap the layers of any model).
+(mask, labels, codebook)), `pack_layers_` (every shared layer of a model that a packed twin can
+run, swapped for it: what dcx.load and convert do) and `convert` (post-training compression of
+any model's Linear / Conv2d layers through the stage verbs).
 
-The format and the kernels are described at the top of csrc/core/spqmm.h.
+The format and the kernels are described at the top of csrc/core/spqmm.h; its constants come from
+there (dcx._native.spqmm_layout()).
 """
 
 import math
-import re
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dcx import ops
+from dcx import _native, ops, state
+from dcx.config import ClusterConfig, PruneConfig, check_overrides, resolve_overrides
 
-__all__ = ["PackedWeight", "pack", "SparseQuantLinear", "SparseQuantConv2d", "convert"]
+__all__ = ["PackedWeight", "pack", "unpack", "packable", "pack_layers_", "SparseQuantLinear",
+           "SparseQuantConv2d", "convert"]
 
-# Layers at or above this density are packed in dense mode (one uint8 id per weight, no
-# positions). Sparse mode costs about 3.2 bytes per non-zero at 10% density (2 bytes a slot, 70%
-# of the slots live) and 2.6 at 25%; on a Zen 4 CPU at batch 1 (4096x4096) it runs in 1.06 ms at
-# 25% density against 1.26 ms for dense mode, and in 1.82 ms at 50% against 1.31 ms
-# (benchmarks/results/spqmm-cpu.md).
+# Layers at or above this density are packed in dense mode (ids only, no positions). Sparse mode
+# costs about 3.2 bytes per non-zero at 10% density (2 bytes a slot, 70% of the slots live) and
+# 2.6 at 25%; on a Zen 4 CPU at batch 1 (4096x4096) it runs in 1.06 ms at 25% density against
+# 1.26 ms for dense mode, and in 1.82 ms at 50% against 1.31 ms (benchmarks/results/spqmm-cpu.md).
 DENSE_DENSITY = 0.3
-ROWS = 16  # rows per group = slots per step (csrc/core/spqmm.h)
-WINDOW = 32  # columns of x one step can reach
-# Steps per chunk (a work item of the CPU threads or of a GPU thread block).
+# Steps per chunk (a work item of the CPU threads or of a GPU thread block): the packer's choice,
+# the kernels read the chunk boundaries from the data.
 CHUNK_STEPS = 1024
 
 
 class PackedWeight(NamedTuple):
-    # int16 [steps, 16] (sparse mode); dense mode: uint8 [out_features, in_features], or with
-    # bits <= 4 two ids per byte, [out_features, ceil(in_features / 128) * 64]
+    # sparse mode: int16 [steps, rows per group]; dense mode: uint8 [out_features, in_features]
+    # (one id per byte), or with bits <= 4 two ids per byte, [out_features,
+    # ceil(in_features / nibble_block) * nibble_block / 2]
     codes: Tensor
     windows: Tensor  # int32 [steps]: first column of each step's window (empty in dense mode)
     group_ptr: Tensor  # int32 [ceil(out_features / 16) + 1] (empty in dense mode)
@@ -108,6 +111,7 @@ def pack(
                          f"[{kept.min().item()}, {kept.max().item()}]")
     n, K = mask.shape
     nnz = kept.numel()
+    layout = _native.spqmm_layout()
     if dense is None:
         dense = n * K > 0 and nnz >= DENSE_DENSITY * n * K
     empty = torch.zeros(0, dtype=torch.int32, device=device)
@@ -125,34 +129,36 @@ def pack(
                 return pack(mask, labels, codebook, bits, dense=False)
             ids[~mask] = zero_id
         if bits <= 4:
-            ids = _pack_nibbles(ids)
+            ids = _pack_nibbles(ids, layout["nibble_block"])
         return PackedWeight(ids.contiguous(), empty, empty, empty, codebook, n, K, bits)
 
     if nnz >= 2**31:
         raise ValueError(f"a sparse layer must have fewer than 2^31 non-zeros, got {nnz}")
     rows, cols = mask.nonzero(as_tuple=True)  # row-major: each row's columns ascending
-    slots = (1 << 15) | labels[rows, cols].long()  # live bit and id; the offset is added below
-    codes, windows, group_ptr = _fill_steps(rows, cols, slots, n)
+    slots = (1 << layout["live_bit"]) | labels[rows, cols].long()  # the offset is added below
+    codes, windows, group_ptr = _fill_steps(rows, cols, slots, n, layout)
     return PackedWeight(codes, windows, group_ptr, _chunk_plan(windows.numel(), device), codebook, n, K,
                         bits)
 
 
-def _pack_nibbles(ids: Tensor) -> Tensor:
-    """Dense mode with ids of up to 4 bits: two per byte, [N, ceil(K / 128) * 64]. A block of 128
-    columns is 16 little-endian 32-bit words; nibble t of word d holds column 16 t + d, so shifts
-    and masks of one 64-byte vector give 8 vectors of 16 consecutive columns' ids."""
+def _pack_nibbles(ids: Tensor, block: int) -> Tensor:
+    """Dense mode with ids of up to 4 bits: two per byte, [N, ceil(K / block) * block / 2]. A block
+    of 128 columns is 16 little-endian 32-bit words; nibble t of word d holds column 16 t + d, so
+    shifts and masks of one 64-byte vector give 8 vectors of 16 consecutive columns' ids."""
     n, k = ids.shape
-    blocks = -(-k // 128)
-    padded = ids.new_zeros(n, blocks * 128)
+    blocks = -(-k // block)
+    padded = ids.new_zeros(n, blocks * block)
     padded[:, :k] = ids
-    nibbles = padded.view(n, blocks, 8, 16).transpose(2, 3)  # [n, block, word d, nibble t]
-    return (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).reshape(n, blocks * 64)
+    words = block // 8
+    nibbles = padded.view(n, blocks, 8, words).transpose(2, 3)  # [n, block, word d, nibble t]
+    return (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).reshape(n, blocks * block // 2)
 
 
-def _fill_steps(rows: Tensor, cols: Tensor, slots: Tensor, n: int):
-    """Lay out each group of ROWS rows as steps (csrc/core/spqmm.h): a step's window begins at
-    the smallest next column of the group's rows, and each row whose next weight lies within the
-    window puts it in the step. All groups advance together, one step per iteration."""
+def _fill_steps(rows: Tensor, cols: Tensor, slots: Tensor, n: int, layout: dict):
+    """Lay out each group of layout["rows"] rows as steps (csrc/core/spqmm.h): a step's window
+    begins at the smallest next column of the group's rows, and each row whose next weight lies
+    within the window puts it in the step. All groups advance together, one step per iteration."""
+    ROWS, WINDOW, shift = layout["rows"], layout["window"], layout["offset_shift"]
     device = rows.device
     groups = -(-n // ROWS)
     row_ptr = torch.zeros(groups * ROWS + 1, dtype=torch.int64, device=device)
@@ -173,7 +179,8 @@ def _fill_steps(rows: Tensor, cols: Tensor, slots: Tensor, n: int):
         col = cols_ext[at]
         window = col.min(1).values
         take = has & (col < window[:, None] + WINDOW)
-        code = torch.where(take, slots_ext[at] | ((col - window[:, None]).clamp(0, WINDOW - 1) << 8), 0)
+        offset = (col - window[:, None]).clamp(0, WINDOW - 1)
+        code = torch.where(take, slots_ext[at] | (offset << shift), 0)
         step_codes.append(code[active])
         step_windows.append(window[active])
         step_groups.append(group_ids[active])
@@ -192,7 +199,7 @@ def _fill_steps(rows: Tensor, cols: Tensor, slots: Tensor, n: int):
     group_ptr[1:] = counts.cumsum(0)
     if group_ptr[-1] >= 2**31:
         raise ValueError("a sparse layer must pack into fewer than 2^31 steps")
-    codes = torch.where(codes >= 1 << 15, codes - (1 << 16), codes).to(torch.int16)
+    codes = torch.where(codes >= 1 << 15, codes - (1 << 16), codes).to(torch.int16)  # as int16
     return codes.contiguous(), windows.to(torch.int32), group_ptr.to(torch.int32)
 
 
@@ -202,33 +209,40 @@ def _chunk_plan(steps: int, device) -> Tensor:
                         device=device)
 
 
-def _compress_weight(weight: Tensor, sparsity: float, bits: int):
-    """Magnitude pruning to `sparsity` (fraction removed) then k-means weight sharing of the kept
-    weights with 2^bits clusters: (mask, labels, codebook)."""
-    if not 0.0 <= sparsity <= 1.0:
-        raise ValueError(f"sparsity must lie in [0, 1], got {sparsity}")
+def unpack(packed: PackedWeight) -> tuple[Tensor, Tensor]:
+    """(mask, labels) of a packed weight, [out_features, in_features]: the inverse of pack (in
+    dense mode, positions whose id decodes to exactly zero count as pruned)."""
+    from dcx.reference import spqmm_ids
+
+    p = packed
+    kept, ids = spqmm_ids(p.codes, p.windows, p.group_ptr, p.out_features, p.in_features, p.bits)
+    if p.dense:
+        kept = p.codebook[ids] != 0
+    return kept, torch.where(kept, ids, torch.zeros_like(ids))
+
+
+def _compress_layer(weight: Tensor, sparsity: float, bits: int):
+    """Post-training compression of one weight as the stages do it (dcx.prune.compute_mask, then
+    dcx.quantize.cluster_values with linear init): (mask, labels, codebook) of the weight viewed as
+    [out, -1]."""
+    from dcx.prune import compute_mask
+    from dcx.quantize import cluster_values
+
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must lie in [1, 8], got {bits}")
-    w = weight.detach().reshape(weight.shape[0], -1).float()
-    keep = w.numel() - round(sparsity * w.numel())
-    mask = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
-    if keep > 0:
-        mask[w.abs().reshape(-1).topk(keep).indices] = True
-    mask = mask.view_as(w)
-    # The weight-sharing stage's clustering (linear init keeps the rare large weights).
-    kept = w[mask]
-    if kept.numel() == 0:
-        codebook = torch.zeros(1 << bits, dtype=torch.float32, device=w.device)
-        kept_labels = torch.zeros(0, dtype=torch.int64, device=w.device)
-    else:
-        codebook, kept_labels = ops.kmeans1d(kept, min(1 << bits, kept.numel()), init="linear")
+    w = weight.detach().reshape(weight.shape[0], -1)
+    mask = compute_mask(w, "element", sparsity=sparsity)
+    codebook, kept = cluster_values(w[mask], ClusterConfig(linear_bits=bits).layer_fields(False))
     labels = torch.zeros(w.shape, dtype=torch.int64, device=w.device)
-    labels[mask] = kept_labels.long()
+    labels[mask] = kept.long().to(w.device)
     return mask, labels, codebook.to(weight.dtype)
 
 
 class _PackedModule(nn.Module):
-    """Holds a PackedWeight as buffers (resized on load_state_dict) and `bits` as extra state."""
+    """Holds a PackedWeight as buffers (resized on load_state_dict) and `bits` as extra state, and
+    hands its compressed state back to dcx.state (`layer_state`)."""
+
+    is_conv = False
 
     def _init_empty(self, out_features: int, bits: int, bias: bool, dtype, device):
         """An all-pruned packed weight [out_features, _packed_in_features()] and a zero bias:
@@ -265,8 +279,8 @@ class _PackedModule(nn.Module):
     def get_extra_state(self):
         return {"bits": self.bits}
 
-    def set_extra_state(self, state):
-        self.bits = int(state["bits"])
+    def set_extra_state(self, extra):
+        self.bits = int(extra["bits"])
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Packed buffers differ in size from layer to layer: take the incoming ones as they are.
@@ -279,14 +293,27 @@ class _PackedModule(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.validate()
 
-    def decoded_weight(self) -> Tensor:
-        """The dense weight this layer stands for, codebook[labels] x mask, in the codebook dtype."""
-        from dcx.reference import spqmm_weight
+    def layer_state(self, module_name: str = "") -> state.LayerState:
+        """The compressed state this layer holds packed (dcx.state reads it here): mask, labels
+        and codebook in the shape of the weight it stands for."""
+        mask, labels = unpack(self.packed)
+        shape = self.weight_shape
+        keys = tuple(k for k in self.state_dict(keep_vars=True) if k != "bias")
+        return state.LayerState(module_name, "weight", self, mask.reshape(shape), self.codebook,
+                                labels.reshape(shape).to(torch.int32), self.bits, None, keys,
+                                packed=True, conv=self.is_conv)
 
-        p = self.packed
-        w = spqmm_weight(p.codes, p.windows, p.group_ptr, p.codebook, p.out_features, p.in_features,
-                         p.bits)
-        return w.to(self.codebook.dtype)
+    @property
+    def weight(self) -> Tensor:
+        """The dense weight this layer stands for, in the plain layer's shape (decoded on each
+        access: for code that reads a layer's weight; forward never does)."""
+        return self.decoded_weight().reshape(self.weight_shape)
+
+    def decoded_weight(self) -> Tensor:
+        """The dense weight this layer stands for, codebook[labels] x mask, [out_features,
+        in_features] in the codebook dtype."""
+        mask, labels = unpack(self.packed)
+        return torch.where(mask, self.codebook[labels], torch.zeros((), dtype=self.codebook.dtype))
 
     def _linear(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -298,8 +325,8 @@ class SparseQuantLinear(_PackedModule):
     """nn.Linear whose weight is pruned and weight-shared, run by dcx.ops.spqmm.
 
     Same forward as nn.Linear: x [..., in_features] -> [..., out_features] (float32, float16 or
-    bfloat16). Build with `from_linear` (post-training: magnitude pruning + k-means), or
-    `from_compressed` / `from_packed` (from the weight-sharing stage or a .dcx file). A plain
+    bfloat16). Build with `from_linear` (post-training: magnitude pruning + k-means),
+    `from_state` (a layer the stages compressed), or `from_compressed` / `from_packed`. A plain
     constructor makes an all-pruned layer, to be filled by load_state_dict.
     """
 
@@ -311,6 +338,10 @@ class SparseQuantLinear(_PackedModule):
 
     def _packed_in_features(self):
         return self.in_features
+
+    @property
+    def weight_shape(self):
+        return (self.out_features, self.in_features)
 
     @classmethod
     def from_packed(cls, packed: PackedWeight, bias: Optional[Tensor] = None):
@@ -325,15 +356,22 @@ class SparseQuantLinear(_PackedModule):
     def from_compressed(cls, mask: Tensor, labels: Tensor, codebook: Tensor,
                         bias: Optional[Tensor] = None, bits: Optional[int] = None,
                         dense: Optional[bool] = None):
-        """From the weight-sharing stage: mask [out, in] (bool), labels [out, in] (int), codebook [k]."""
+        """From mask [out, in] (bool), labels [out, in] (int) and codebook [k]."""
         return cls.from_packed(pack(mask, labels, codebook, bits, dense), bias)
+
+    @classmethod
+    def from_state(cls, st: state.LayerState, dense: Optional[bool] = None):
+        """The packed twin of an nn.Linear whose weight the stages shared (dcx.state)."""
+        mask = st.mask if st.mask is not None else torch.ones_like(st.labels, dtype=torch.bool)
+        return cls.from_compressed(mask, st.labels, st.codebook.detach(), st.module.bias, st.bits,
+                                   dense)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, sparsity: float = 0.0, bits: int = 5,
                     dense: Optional[bool] = None):
         """Post-training compression of an nn.Linear: prune the `sparsity` fraction of smallest
         weights, share the rest among 2^bits k-means centroids."""
-        mask, labels, codebook = _compress_weight(linear.weight, sparsity, bits)
+        mask, labels, codebook = _compress_layer(linear.weight, sparsity, bits)
         return cls.from_compressed(mask, labels, codebook, linear.bias, bits, dense)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -346,34 +384,73 @@ class SparseQuantLinear(_PackedModule):
                 f"bias={self.bias is not None}, bits={self.bits}, {mode}")
 
 
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def _conv_pads(padding, kernel_size, dilation) -> tuple:
+    """F.pad amounts (left, right, top, bottom) of a 2-D convolution's padding, as nn.Conv2d
+    computes them: "same" puts the odd one of d (k - 1) on the right and bottom."""
+    pads = []
+    for i in (1, 0):  # F.pad lists the last dimension first
+        if padding == "valid":
+            pads += [0, 0]
+        elif padding == "same":
+            total = dilation[i] * (kernel_size[i] - 1)
+            pads += [total // 2, total - total // 2]
+        else:
+            pads += [padding[i], padding[i]]
+    return tuple(pads)
+
+
 class SparseQuantConv2d(_PackedModule):
-    """nn.Conv2d (groups=1, zero padding) with a packed weight: im2col (F.unfold) then spqmm."""
+    """nn.Conv2d (groups=1; numeric, "same" or "valid" padding in any padding_mode) with a packed
+    weight: pad, im2col (F.unfold), then spqmm."""
+
+    is_conv = True
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
-                 dilation=1, bias: bool = True, bits: int = 5, device=None, dtype=None):
+                 dilation=1, bias: bool = True, bits: int = 5, padding_mode: str = "zeros",
+                 device=None, dtype=None):
         super().__init__()
         pair = nn.modules.utils._pair
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride = pair(kernel_size), pair(stride)
-        self.padding, self.dilation = pair(padding), pair(dilation)
+        self.kernel_size, self.stride, self.dilation = pair(kernel_size), pair(stride), pair(dilation)
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"padding must be a number, a pair, 'same' or 'valid', got "
+                                 f"{padding!r}")
+            if padding == "same" and self.stride != (1, 1):
+                raise ValueError("padding='same' needs stride 1, as in nn.Conv2d")
+            self.padding = padding
+        else:
+            self.padding = pair(padding)
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        self.padding_mode = padding_mode
+        self._pads = _conv_pads(self.padding, self.kernel_size, self.dilation)
         self.out_features = out_channels
         self._init_empty(out_channels, bits, bias, dtype, device)
 
     def _packed_in_features(self):
         return self.in_channels * self.kernel_size[0] * self.kernel_size[1]
 
+    @property
+    def weight_shape(self):
+        return (self.out_channels, self.in_channels, *self.kernel_size)
+
     @classmethod
     def _like(cls, conv: nn.Conv2d, bits: int):
-        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError("SparseQuantConv2d supports groups=1, numeric zero padding only")
+        reason = packable(conv)
+        if reason is not None:
+            raise ValueError(f"SparseQuantConv2d cannot run this layer: {reason}")
         return cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                   conv.padding, conv.dilation, conv.bias is not None, bits,
+                   conv.padding, conv.dilation, conv.bias is not None, bits, conv.padding_mode,
                    conv.weight.device, conv.weight.dtype)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, sparsity: float = 0.0, bits: int = 5,
                   dense: Optional[bool] = None):
-        mask, labels, codebook = _compress_weight(conv.weight, sparsity, bits)
+        mask, labels, codebook = _compress_layer(conv.weight, sparsity, bits)
         return cls.from_compressed_like(conv, mask, labels, codebook, bits, dense)
 
     @classmethod
@@ -386,41 +463,156 @@ class SparseQuantConv2d(_PackedModule):
             layer.bias = nn.Parameter(conv.bias.detach().clone())
         return layer
 
+    @classmethod
+    def from_state(cls, st: state.LayerState, dense: Optional[bool] = None):
+        """The packed twin of an nn.Conv2d whose weight the stages shared (dcx.state)."""
+        mask = st.mask if st.mask is not None else torch.ones_like(st.labels, dtype=torch.bool)
+        return cls.from_compressed_like(st.module, mask, st.labels, st.codebook.detach(), st.bits,
+                                        dense)
+
     def forward(self, x: Tensor) -> Tensor:
         batched = x.dim() == 4
         if not batched:
             x = x.unsqueeze(0)
+        left, right, top, bottom = self._pads
+        if self.padding_mode == "zeros" and left == right and top == bottom:
+            padding = (top, left)  # symmetric zeros: unfold pads by itself
+        else:
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x, padding = F.pad(x, self._pads, mode=mode), (0, 0)
         b, _, h, w = x.shape
-        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+        cols = F.unfold(x, self.kernel_size, self.dilation, padding, self.stride)
         y = self._linear(cols.transpose(1, 2))  # [b, L, out]
-        oh = (h + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
-        ow = (w + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1
+        (kh, kw), (dh, dw), (sh, sw) = self.kernel_size, self.dilation, self.stride
+        oh = (h + 2 * padding[0] - dh * (kh - 1) - 1) // sh + 1
+        ow = (w + 2 * padding[1] - dw * (kw - 1) - 1) // sw + 1
         y = y.transpose(1, 2).reshape(b, self.out_channels, oh, ow)
         return y if batched else y.squeeze(0)
 
     def extra_repr(self):
+        mode = "" if self.padding_mode == "zeros" else f", padding_mode={self.padding_mode}"
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, bits={self.bits}")
+                f"stride={self.stride}, padding={self.padding}{mode}, bits={self.bits}")
 
 
-def convert(model: nn.Module, sparsity: float = 0.0, bits: int = 5,
-            include: Optional[str] = None, exclude: Optional[str] = None, conv: bool = False,
-            dense: Optional[bool] = None) -> nn.Module:
-    """Replace, in place, every nn.Linear (and nn.Conv2d with conv=True) of `model` whose
-    qualified name matches `include` (a regex, re.search; None: all) and not `exclude` by its
-    compressed twin (from_linear / from_conv with `sparsity` and `bits`). Returns `model`."""
-    inc = re.compile(include) if include is not None else None
-    exc = re.compile(exclude) if exclude is not None else None
-    targets = []
-    for name, module in model.named_modules():
-        if not name or (inc and not inc.search(name)) or (exc and exc.search(name)):
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def packable(module: nn.Module) -> Optional[str]:
+    """None when a packed twin (SparseQuantLinear / SparseQuantConv2d) computes what `module`
+    computes; otherwise the reason it cannot, for messages and reports. A subclass qualifies
+    when it keeps the plain layer's forward."""
+    kind = type(module).__name__
+    if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        return "nn.MultiheadAttention reads this layer's weight directly"
+    if isinstance(module, nn.Linear):
+        if type(module).forward is not nn.Linear.forward:
+            return f"{kind} overrides nn.Linear.forward"
+        return None
+    if isinstance(module, nn.Conv2d):
+        if (type(module).forward is not nn.Conv2d.forward
+                or type(module)._conv_forward is not nn.Conv2d._conv_forward):
+            return f"{kind} overrides nn.Conv2d's forward"
+        if module.groups != 1:
+            return f"groups={module.groups} (SparseQuantConv2d runs groups=1)"
+        return None
+    return f"{kind} has no packed twin"
+
+
+def _twin(module: nn.Module):
+    return SparseQuantConv2d if isinstance(module, nn.Conv2d) else SparseQuantLinear
+
+
+def _replace_modules(model: nn.Module, new: dict) -> None:
+    """Swap every occurrence of the modules {id(old): new} inside `model`."""
+    if id(model) in new:
+        raise ValueError("the model itself is a layer to replace: wrap it in a container")
+    for _, parent in list(model.named_modules(remove_duplicate=False)):
+        for child_name, child in list(parent._modules.items()):
+            if child is not None and id(child) in new:
+                parent._modules[child_name] = new[id(child)]
+
+
+def pack_layers_(model: nn.Module, names=None, dense: Optional[bool] = None) -> nn.Module:
+    """Swap every weight-shared layer of `model` (dcx.state) that a packed twin can run
+    (`packable`) for that twin: nn.Linear -> SparseQuantLinear, nn.Conv2d -> SparseQuantConv2d,
+    built from the layer's mask, labels and codebook. names: only these modules. dense: force
+    the packed mode (default: dense from DENSE_DENSITY on). Other layers stay as they are.
+    Returns the model."""
+    new = {}
+    for st in state.layers(model).values():
+        if (not st.shared or st.packed or st.param != "weight"
+                or (names is not None and st.module_name not in names)
+                or packable(st.module) is not None):
             continue
-        if type(module) is nn.Linear:
-            targets.append((name, SparseQuantLinear.from_linear(module, sparsity, bits, dense)))
-        elif conv and type(module) is nn.Conv2d and module.groups == 1 and module.padding_mode == "zeros" \
-                and not isinstance(module.padding, str):
-            targets.append((name, SparseQuantConv2d.from_conv(module, sparsity, bits, dense)))
-    for name, new in targets:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        new[id(st.module)] = _twin(st.module).from_state(st, dense)
+    _replace_modules(model, new)
     return model
+
+
+def convert(model: nn.Module, sparsity: float = 0.0, bits: int = 5, overrides=None,
+            include=None, exclude=None, conv: bool = False,
+            dense: Optional[bool] = None) -> nn.Module:
+    """Post-training compression, in place: every nn.Linear of `model` (and nn.Conv2d with
+    conv=True) that a packed twin can run is pruned to `sparsity` by magnitude (dcx.prune_),
+    its surviving weights shared among 2^bits k-means centroids (dcx.cluster_), and swapped for
+    its packed twin (pack_layers_). Returns the model.
+
+    overrides: {pattern: {"sparsity": s, "bits": b} or None} by the rule of dcx.config (exact
+    module name, else the first "re:" pattern matching the whole name; None leaves the layer
+    alone). include / exclude: lists of patterns by the same rule, sugar for leaving out every
+    other layer / these layers. A pattern that selects no layer is an error.
+    """
+    overrides = check_overrides(overrides or {}, "convert", _check_convert_layer)
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must lie in [1, 8], got {bits}")
+    kinds = (nn.Linear, nn.Conv2d) if conv else (nn.Linear,)
+    layers = {}  # the layers convert may compress: plain, or pruned but not shared yet
+    for name, m in model.named_modules():
+        st = state.get(m)
+        if name and isinstance(m, kinds) and packable(m) is None and (st is None or not st.shared):
+            layers[name] = [name, f"{name}.weight"]
+    known = [n for n, _ in model.named_modules()]
+
+    def selected(patterns, where):
+        if isinstance(patterns, str):
+            patterns = [patterns]
+        return set(resolve_overrides({p: True for p in patterns}, layers, where, known))
+
+    chosen = set(layers)
+    if include is not None:
+        chosen &= selected(include, "convert include")
+    if exclude is not None:
+        chosen -= selected(exclude, "convert exclude")
+    settings = resolve_overrides(overrides, layers, "convert", known)
+    per_layer = {}
+    for name in layers:
+        override = settings.get(name, (None, {}))[1]
+        if name in chosen and override is not None:
+            per_layer[name] = {"sparsity": sparsity, "bits": bits, **override}
+    if not per_layer:
+        return model
+    pruned = {n: {"sparsity": v["sparsity"]} for n, v in per_layer.items() if v["sparsity"] > 0}
+    if pruned:
+        from dcx.prune import prune_
+
+        prune_(model, PruneConfig(sparsity=0.0, targets=list(pruned), overrides=pruned))
+    from dcx.quantize import _clusterable, cluster_
+
+    others = {n: None for n in _clusterable(model) if n not in per_layer}
+    cluster_(model, ClusterConfig(overrides={n: {"bits": v["bits"]} for n, v in per_layer.items()}
+                                  | others))
+    return pack_layers_(model, names=set(per_layer), dense=dense)
+
+
+def _check_convert_layer(where, layer):
+    from dcx.config import ConfigError
+
+    if set(layer) - {"sparsity", "bits"}:
+        raise ConfigError(f"{where}: a layer may set sparsity and bits, got {sorted(layer)}")
+    if "bits" in layer and not (isinstance(layer["bits"], int) and 1 <= layer["bits"] <= 8):
+        raise ConfigError(f"{where}: bits must be an int in [1, 8], got {layer['bits']!r}")
+    value = layer.get("sparsity", 0.0)
+    if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+        raise ConfigError(f"{where}: sparsity must be a number in [0, 1], got {value!r}")

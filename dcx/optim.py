@@ -8,38 +8,45 @@ exactly zero.
   that zero pruned gradients before the step and pruned weights and every per-weight state
   tensor (exp_avg, exp_avg_sq, ...) after it.
 
-`masks` is the model (its mask buffers, see dcx.prune, are looked up at every step, so masks a
-Pruner adds or tightens later are honoured) or a {parameter: bool mask} mapping.
+Masks need not be passed: a pruned Parameter carries a link to its mask (dcx.state), read at
+every step, so masks a Pruner adds or tightens later are honoured. `masks=` overrides that with
+the model (its pruned parameters) or a {parameter: bool mask} mapping.
 """
 
 from collections.abc import Callable, Iterable, Mapping
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from dcx import ops
-from dcx.prune import param_masks
+from dcx import ops, state
 
 __all__ = ["MaskedSGD", "mask_optimizer_"]
 
 Masks = nn.Module | Mapping[Tensor, Tensor] | None
 
 
-def _resolver(masks: Masks) -> Callable[[], Mapping[Tensor, Tensor]]:
+def _resolver(masks: Masks) -> Callable[[], Callable[[Tensor], Optional[Tensor]]]:
+    """A function, called once per step, that gives a lookup from a parameter to its mask (None:
+    not pruned)."""
     if masks is None:
-        return dict
+        return lambda: state.mask_of
     if isinstance(masks, nn.Module):
-        return lambda: param_masks(masks)
+        def lookup():
+            found = {id(st.module._parameters.get(st.param)): st.mask
+                     for st in state.layers(masks).values() if st.mask is not None}
+            return lambda p: found.get(id(p))
+        return lookup
     if isinstance(masks, Mapping):
         for key, mask in masks.items():
             if not isinstance(key, Tensor) or not isinstance(mask, Tensor):
-                raise TypeError("masks must map parameters (tensors) to mask tensors; "
-                                "use dcx.prune.param_masks(model) or pass the model")
+                raise TypeError("masks must map parameters (tensors) to mask tensors, or be the "
+                                "model; pruned parameters need no masks= at all")
             if mask.shape != key.shape:
                 raise ValueError(f"a mask has shape {tuple(mask.shape)} but its parameter has "
                                  f"{tuple(key.shape)}")
-        fixed = dict(masks)
-        return lambda: fixed
+        fixed = {id(p): mask for p, mask in masks.items()}
+        return lambda: lambda p: fixed.get(id(p))
     raise TypeError(f"masks must be an nn.Module, a {{parameter: mask}} dict or None, "
                     f"got {type(masks).__name__}")
 
@@ -47,8 +54,9 @@ def _resolver(masks: Masks) -> Callable[[], Mapping[Tensor, Tensor]]:
 class MaskedSGD(torch.optim.Optimizer):
     """SGD in which pruned weights and their momentum stay exactly zero.
 
-    Arguments as torch.optim.SGD, plus `masks` (the model or {parameter: mask}); parameters
-    without a mask are updated densely. Parameters must be float32, float16 or bfloat16.
+    Arguments as torch.optim.SGD. Pruned parameters are found by themselves (dcx.state);
+    `masks` (the model or {parameter: mask}) overrides that. Parameters without a mask are
+    updated densely. Parameters must be float32, float16 or bfloat16.
     """
 
     def __init__(
@@ -97,7 +105,7 @@ class MaskedSGD(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("MaskedSGD does not support sparse gradients")
-                mask = mask_of.get(p)
+                mask = mask_of(p)
                 if mask is None:
                     mask = self._dense_mask(p)
                 buf, new_buffer = None, False
@@ -114,18 +122,20 @@ class MaskedSGD(torch.optim.Optimizer):
         return loss
 
 
-def mask_optimizer_(optimizer: torch.optim.Optimizer, masks: Masks) -> torch.optim.Optimizer:
+def mask_optimizer_(optimizer: torch.optim.Optimizer, masks: Masks = None) -> torch.optim.Optimizer:
     """Make `optimizer` keep pruned weights at zero: before each step pruned gradients are
     zeroed, after it pruned weights and every state tensor of a weight's shape (exp_avg,
-    exp_avg_sq, momentum_buffer, ...). Returns the same optimizer (LR schedulers still work)."""
+    exp_avg_sq, momentum_buffer, ...). Pruned parameters are found by themselves; `masks`
+    overrides that as for MaskedSGD. Returns the same optimizer (LR schedulers still work)."""
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError("optimizer must be a torch.optim.Optimizer, got "
                         f"{type(optimizer).__name__}")
     resolve = _resolver(masks)
 
     def own_masks(opt):
-        mine = {id(p) for group in opt.param_groups for p in group["params"]}
-        return [(p, m) for p, m in resolve().items() if id(p) in mine]
+        mask_of = resolve()
+        pairs = ((p, mask_of(p)) for group in opt.param_groups for p in group["params"])
+        return [(p, m) for p, m in pairs if m is not None]
 
     @torch.no_grad()
     def before(opt, args, kwargs):

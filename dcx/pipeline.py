@@ -17,10 +17,8 @@ from __future__ import annotations
 import copy
 import functools
 import io
-import math
 import random
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -31,11 +29,14 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from dcx import format as dcx_format
-from dcx import prune as dcx_prune
-from dcx import quantize as dcx_quantize
+from dcx import io as dcx_io
+from dcx import report as dcx_report
+from dcx import state
 from dcx.config import CompressionConfig, ConfigError, TrainConfig
+from dcx.encode import encode_
 from dcx.optim import MaskedSGD
+from dcx.prune import Pruner, masks
+from dcx.quantize import cluster_, codebook_parameters, finalize_clustering_
 
 __all__ = ["DeepCompression", "CompressionResult", "StageResult", "seed_everything",
            "evaluate_accuracy", "state_dict_bytes"]
@@ -62,21 +63,10 @@ def evaluate_accuracy(model: nn.Module, loader) -> float:
     return (predictions(model, loader) == labels).float().mean().item()
 
 
-def state_dict_bytes(model: nn.Module, sparse: bool = False) -> int:
-    """Bytes torch.save writes for the model's state_dict; with sparse=True, every tensor that is
-    mostly zero is stored as CSR with int32 indices (plain sparse storage, no quantization)."""
-    state = {}
-    for name, t in model.state_dict().items():
-        if name.endswith(dcx_prune.MASK_SUFFIX):
-            continue
-        if sparse and t.dim() >= 2 and t.is_floating_point() and (t == 0).float().mean() > 0.5:
-            with warnings.catch_warnings():  # "sparse CSR support is in beta"
-                warnings.simplefilter("ignore", UserWarning)
-                csr = t.reshape(t.shape[0], -1).to_sparse_csr()
-            t = (csr.crow_indices().int(), csr.col_indices().int(), csr.values())
-        state[name] = t
+def state_dict_bytes(model: nn.Module) -> int:
+    """Bytes torch.save writes for the model's state_dict."""
     buffer = io.BytesIO()
-    torch.save(state, buffer)
+    torch.save(model.state_dict(), buffer)
     return buffer.getbuffer().nbytes
 
 
@@ -120,7 +110,14 @@ class CompressionResult:
 
 
 class DeepCompression:
-    """Runs train -> prune + masked retrain -> cluster + centroid fine-tuning -> encode -> save.
+    """Runs train -> prune + masked retrain -> cluster + centroid fine-tuning -> encode -> save,
+    through the public stage verbs (Pruner, MaskedSGD, cluster_, finalize_clustering_, encode_,
+    save, load) and nothing else.
+
+    Sizes per stage, all of the .dcx container (header, manifest, codebooks and the tensors kept
+    raw counted in each): pruned = P (fixed-width relative indices, fp32 values), quantized = P+Q
+    (fixed-width codes and indices), encoded = P+Q+H (the Huffman-coded file on disk). The
+    reference row is torch.save of the fp32 state_dict.
 
     model: any nn.Module (classification: logits of shape [batch, classes]).
     config: a CompressionConfig (or a dict / YAML path of one).
@@ -163,10 +160,8 @@ class DeepCompression:
 
     def _snapshot(self, result, stage, model):
         if self.snapshot_name is not None:
-            weight = dict(model.named_parameters()).get(self.snapshot_name)
-            if weight is None:  # clustered: the weight is computed from the codebook
-                module_name, _, param = self.snapshot_name.rpartition(".")
-                weight = getattr(model.get_submodule(module_name), param)
+            module_name, _, param = self.snapshot_name.rpartition(".")
+            weight = getattr(model.get_submodule(module_name), param)  # a Parameter, or rebuilt
             result.snapshots.setdefault(self.snapshot_name, {})[stage] = weight.detach().cpu().clone()
 
     # ----------------------------------------------------------------------------- helpers
@@ -204,6 +199,11 @@ class DeepCompression:
                  f"  ({stage.seconds:.1f} s) {note}")
         return stage
 
+    def _fixed_width_bytes(self, model) -> int:
+        """The .dcx container of the model as it is now, with fixed-width codes and indices."""
+        encode_(model, self.config.encode)
+        return dcx_report.report(dcx_io.encode(model, self.config)).file_bytes_pq
+
     # ------------------------------------------------------------------------------- run
     def run(self, path) -> CompressionResult:
         cfg = self.config
@@ -221,107 +221,73 @@ class DeepCompression:
                     "fp32, torch.save")
         self._snapshot(result, "dense", model)
 
-        masks = {}
         if cfg.prune is not None:
             started = time.perf_counter()
             self._prune(model)
-            masks = {name: m.clone() for name, m in dcx_prune.masks(model).items()}
-            dcx_prune.finalize_(model)  # zeros baked in; the masks travel on to clustering
-            kept = sum(int(m.sum()) for m in masks.values()) / max(sum(m.numel() for m in masks.values()), 1)
-            self._stage(result, "pruned", model, started, state_dict_bytes(model, sparse=True),
-                        f"{100 * kept:.1f}% of pruned layers' weights kept; CSR, torch.save")
+            pruned = list(masks(model).values())
+            kept = sum(int(m.sum()) for m in pruned) / max(sum(m.numel() for m in pruned), 1)
+            self._stage(result, "pruned", model, started, self._fixed_width_bytes(model),
+                        f"{100 * kept:.1f}% of pruned layers' weights kept; P: .dcx with "
+                        "fixed-width indices, fp32 values")
             self._snapshot(result, "pruned", model)
 
-        records = {}
         if cfg.cluster is not None:
             started = time.perf_counter()
-            records = self._cluster(model, masks)
-            self._stage(result, "quantized", model, started, _pq_bytes(model, records, cfg),
-                        "P+Q: fixed-width codes and indices, before Huffman")
+            self._cluster(model)
+            self._stage(result, "quantized", model, started, self._fixed_width_bytes(model),
+                        "P+Q: .dcx with fixed-width codes and indices, before Huffman")
             self._snapshot(result, "clustered", model)
-            if self.snapshot_name in records:
-                result.centroids[self.snapshot_name] = records[self.snapshot_name].codebook
+            if self.snapshot_name in state.layers(model):
+                result.centroids[self.snapshot_name] = \
+                    state.layers(model)[self.snapshot_name].codebook.detach().cpu().clone()
 
         started = time.perf_counter()
         path = Path(path)
-        dcx_format.save(model, path, compressed=records, config=cfg)
-        loaded = dcx_format.load(path, self.model_factory())
+        encode_(model, cfg.encode)
+        dcx_io.save(model, path, cfg)
+        loaded = dcx_io.load(path, self.model_factory())
         result.path = path
         self._stage(result, "encoded", loaded, started, path.stat().st_size,
                     "P+Q+H: the .dcx file on disk, loaded back")
         if self.test_loader is not None:
             result.same_predictions = bool(torch.equal(predictions(model, self.test_loader),
                                                        predictions(loaded, self.test_loader)))
-        from dcx.report import report
-
-        result.report = report(path, self.model_factory())
+        result.report = dcx_report.report(path, self.model_factory())
         return result
 
     def _prune(self, model):
         cfg = self.config
-        pruner = dcx_prune.Pruner(model, cfg.prune)
-        last = dcx_prune._final_step(cfg.prune)
-        if cfg.retrain.epochs <= last:
+        pruner = Pruner(model, cfg.prune)
+        if cfg.retrain.epochs <= pruner.final_step:
             raise ConfigError(f"retrain.epochs ({cfg.retrain.epochs}) must exceed the pruning "
-                              f"schedule's last step ({last}), so every pruning step is retrained")
+                              f"schedule's last step ({pruner.final_step}), so every pruning "
+                              "step is retrained")
         t = cfg.retrain
         optimizer = MaskedSGD(model.parameters(), lr=t.lr, momentum=t.momentum,
-                              weight_decay=t.weight_decay, masks=model)
+                              weight_decay=t.weight_decay)
         self._train(model, optimizer, t, "prune+retrain", before_epoch=lambda epoch: pruner.step())
+        pruner.finalize()
 
-    def _cluster(self, model, masks):
-        """Weight sharing and centroid fine-tuning; returns the file records of the shared
-        layers ({weight name: CompressedTensor}) and leaves plain weights in the model."""
+    def _cluster(self, model):
+        """Weight sharing, then centroid fine-tuning (only the centroids move, as in the paper:
+        every other parameter is frozen meanwhile), then the shared weights are finalized."""
         cfg = self.config
-        by_module = {name.rpartition(".")[0]: m for name, m in masks.items() if name.endswith(".weight")}
-        dcx_quantize.cluster_(model, cfg.cluster, masks=by_module)
+        cluster_(model, cfg.cluster)
         t = cfg.finetune
         if t.epochs:
-            centroids = dcx_quantize.codebook_parameters(model)
-            others = [p for n, p in model.named_parameters()
-                      if not n.endswith("_codebook") and p.requires_grad]
-            for p in others:  # only the centroids move (the paper); biases stay as trained
+            centroids = codebook_parameters(model)
+            chosen = {id(c) for c in centroids}
+            others = [p for p in model.parameters() if id(p) not in chosen and p.requires_grad]
+            for p in others:
                 p.requires_grad_(False)
             optimizer = torch.optim.SGD(centroids, lr=t.lr, momentum=t.momentum,
                                         weight_decay=t.weight_decay)
             self._train(model, optimizer, t, "fine-tune centroids")
             for p in others:
                 p.requires_grad_(True)
-        records = {}
-        for name, (codebook, labels, mask) in dcx_quantize.codebooks(model).items():
-            module = model.get_submodule(name)
-            conv = isinstance(module, nn.modules.conv._ConvNd)
-            bits = max(1, math.ceil(math.log2(max(codebook.numel(), 2))))
-            if mask is None:
-                mask = torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
-            records[f"{name}.weight"] = dcx_format.CompressedTensor(
-                mask.detach().cpu().clone(), labels.detach().cpu().clone(),
-                codebook.detach().cpu().clone(), bits,
-                index_bits=cfg.encode.conv_index_bits if conv else cfg.encode.linear_index_bits,
-            )
-        dcx_quantize.finalize_(model)
-        return records
+        finalize_clustering_(model)
 
 
 def _trains(config: CompressionConfig) -> bool:
     return bool(config.train.epochs or (config.prune and config.retrain.epochs)
                 or (config.cluster and config.finetune.epochs))
-
-
-def _pq_bytes(model: nn.Module, records: dict, cfg: CompressionConfig) -> int:
-    """Size after pruning and quantization, before Huffman coding (the paper's P+Q): per shared
-    layer, a `bits`-wide code per kept weight plus an `index_bits`-wide relative index per entry
-    (fillers included) and the fp32 codebook; every other parameter at 32 bits."""
-    total_bits = 0
-    for name, ct in records.items():
-        positions = torch.nonzero(ct.mask.reshape(-1)).reshape(-1)
-        gaps = torch.diff(positions, prepend=torch.tensor([-1]))
-        top = (1 << ct.index_bits) - 1
-        entries = int(((gaps - 1) // top).sum()) + positions.numel()
-        dense_bits = ct.mask.numel() * math.ceil(math.log2(ct.codebook.numel() + 1))
-        sparse_bits = positions.numel() * ct.bits + entries * ct.index_bits
-        total_bits += min(dense_bits, sparse_bits) + 32 * ct.codebook.numel()
-    for name, t in model.state_dict().items():
-        if name not in records and not name.endswith(dcx_prune.MASK_SUFFIX):
-            total_bits += t.numel() * t.element_size() * 8
-    return (total_bits + 7) // 8

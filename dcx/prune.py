@@ -1,15 +1,16 @@
 """Pruning, the first stage of Deep Compression: remove the unimportant connections, then retrain
-the rest with their masks held fixed (dcx.optim.MaskedSGD).
+the rest with their masks held fixed (dcx.MaskedSGD).
 
 Lifecycle, as torch.ao.pruning: prepare -> step -> finalize.
 
     config = PruneConfig(sparsity=0.9, schedule="iterative", iterations=4, frequency=2,
                          overrides={"fc3": {"sparsity": 0.7}})
     pruner = Pruner(model, config)          # prepare: all-ones masks, nothing pruned yet
+    optimizer = MaskedSGD(model.parameters(), lr=0.01)   # reads the masks from the parameters
     for epoch in range(epochs):
         pruner.step()                       # prunes on the schedule's steps
-        train_one_epoch(model, MaskedSGD(model.parameters(), lr=0.01, masks=model))
-    pruner.finalize()                       # bake the zeros in, drop masks and hooks
+        train_one_epoch(model, optimizer)
+    pruner.finalize()                       # = finalize_pruning_(model): the final masks
 
 `prune_(model, config)` prunes to the final target at once.
 
@@ -29,12 +30,13 @@ units. Filter and channel also apply to Linear weights (output neurons, input fe
 Ties are broken deterministically: among equal scores the lower flat index is pruned first.
 Pruning is monotone: a pruned unit stays pruned.
 
-Masks are bool buffers named `<param>_mask` on the module that owns the parameter (so they
-travel with state_dict and deepcopy); pruned weights are zeroed in place, with no second dense
-copy. A forward pre-hook re-zeroes pruned weights in training mode (so even an optimizer that
-knows nothing of masks cannot bring them back into the forward pass) and a load_state_dict
-post-hook re-applies masks after loading. Under torch.distributed, masks are broadcast from
-rank 0 after each pruning step, so ranks can never disagree.
+The masks are the layers' compressed state (dcx.state): bool buffers `<param>_mask` on the
+module that owns the parameter, read by every later stage (cluster_, save, the report).
+Pruned weights are zeroed in place, with no second dense copy, and stay zero in training (the
+state's forward hook, and the masks' link to their Parameters that dcx.MaskedSGD and
+dcx.mask_optimizer_ read). A layer pruned after it was clustered works too: its mask joins the
+codebook state. Under torch.distributed, masks are broadcast from rank 0 after each pruning
+step, so ranks can never disagree.
 
 Schedules count `Pruner.step()` calls (call it once per epoch or once per batch, as you like):
   oneshot    the full target at step `start`
@@ -48,157 +50,34 @@ For threshold criteria the threshold grows with the schedule's progress, k/n or 
 1 - (1 - k/n)^3 (threshold x progress).
 """
 
-import copy
-import dataclasses
 import math
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from dcx import state
+from dcx.config import (CRITERIA, GRANULARITIES, NORMS, SCHEDULES, ConfigError, PruneConfig,
+                        _check_fraction, _compile, resolve_overrides)
+
 __all__ = [
     "PruneConfig",
     "Pruner",
     "prune_",
-    "finalize_",
+    "finalize_pruning_",
     "masks",
     "sparsity",
     "apply_masks_",
-    "attach_masks_",
+    "set_masks_",
     "compute_mask",
     "schedule_progress",
     "GRANULARITIES",
     "SCHEDULES",
 ]
 
-GRANULARITIES = ("element", "kernel", "filter", "channel")
-NORMS = ("l1", "l2")
-SCHEDULES = ("oneshot", "iterative", "gradual")
-CRITERIA = ("sparsity", "global_sparsity", "threshold", "quality")
-# Fields a per-layer override may set.
-LAYER_FIELDS = CRITERIA + ("granularity", "norm", "include_bias")
-MASK_SUFFIX = "_mask"
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def _check_fraction(name, value):
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-
-
-def _check_layer_fields(where, fields):
-    unknown = set(fields) - set(LAYER_FIELDS)
-    if unknown:
-        raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; "
-                         f"a layer may set {list(LAYER_FIELDS)}")
-    chosen = [c for c in CRITERIA if fields.get(c) is not None]
-    if len(chosen) > 1:
-        raise ValueError(f"{where}: set exactly one criterion of {list(CRITERIA)}, got {chosen}")
-    for name in ("sparsity", "global_sparsity"):
-        if fields.get(name) is not None:
-            _check_fraction(f"{where}: {name}", fields[name])
-    for name in ("threshold", "quality"):
-        value = fields.get(name)
-        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)
-                                      and value >= 0):
-            raise ValueError(f"{where}: {name} must be a finite number >= 0, got {value!r}")
-    if fields.get("granularity") is not None and fields["granularity"] not in GRANULARITIES:
-        raise ValueError(f"{where}: unknown granularity {fields['granularity']!r}; "
-                         f"expected one of {list(GRANULARITIES)}")
-    if fields.get("norm") is not None and fields["norm"] not in NORMS:
-        raise ValueError(f"{where}: norm must be one of {list(NORMS)}, got {fields['norm']!r}")
-    if fields.get("include_bias") is not None and not isinstance(fields["include_bias"], bool):
-        raise ValueError(f"{where}: include_bias must be a bool, got {fields['include_bias']!r}")
-
-
-@dataclass
-class PruneConfig:
-    """What to prune, how much, and when. Validated on construction.
-
-    overrides: {pattern: {field: value} or None}; a pattern is a module name or parameter name
-    ("fc3", "fc3.weight") or a regex "re:<pattern>" matched in full against either. An exact
-    name wins over regexes; among regexes the first listed wins. None excludes the layer.
-    Every target and override pattern must match something in the model.
-    """
-
-    sparsity: float | None = None
-    global_sparsity: float | None = None
-    threshold: float | None = None
-    quality: float | None = None
-    granularity: str = "element"
-    norm: str = "l1"
-    include_bias: bool = False
-    targets: list[str] | None = None
-    overrides: dict[str, dict[str, Any] | None] = field(default_factory=dict)
-    schedule: str = "oneshot"
-    start: int = 0
-    frequency: int = 1
-    iterations: int = 1
-    initial_sparsity: float = 0.0
-
-    def __post_init__(self):
-        _check_layer_fields("PruneConfig", self._layer_fields())
-        if all(getattr(self, c) is None for c in CRITERIA):
-            raise ValueError(f"PruneConfig: set one criterion of {list(CRITERIA)}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"PruneConfig: unknown schedule {self.schedule!r}; "
-                             f"expected one of {list(SCHEDULES)}")
-        for name, low in (("start", 0), ("frequency", 1), ("iterations", 1)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"PruneConfig: {name} must be an int >= {low}, got {value!r}")
-        _check_fraction("PruneConfig: initial_sparsity", self.initial_sparsity)
-        if self.targets is not None:
-            if isinstance(self.targets, str) or not all(isinstance(t, str) for t in self.targets):
-                raise ValueError("PruneConfig: targets must be a list of names, got "
-                                 f"{self.targets!r}")
-            self.targets = list(self.targets)
-        if not isinstance(self.overrides, Mapping):
-            raise ValueError(f"PruneConfig: overrides must be a dict, got {self.overrides!r}")
-        self.overrides = {key: (None if value is None else dict(value))
-                          for key, value in self.overrides.items()}
-        for pattern, fields in self.overrides.items():
-            _pattern(pattern)  # a bad regex fails here
-            if fields is not None:
-                _check_layer_fields(f"PruneConfig override {pattern!r}", fields)
-
-    def _layer_fields(self):
-        return {name: getattr(self, name) for name in LAYER_FIELDS}
-
-    def to_dict(self) -> dict[str, Any]:
-        return copy.deepcopy(dataclasses.asdict(self))
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "PruneConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise ValueError(f"PruneConfig: unknown field(s) {sorted(unknown)}")
-        return cls(**copy.deepcopy(dict(data)))
-
-
-# ---------------------------------------------------------------------------------------------
-# Name matching
-
-
-def _pattern(pattern):
-    """(exact name, None) or (None, compiled regex) for 're:<regex>'."""
-    if pattern.startswith("re:"):
-        try:
-            return None, re.compile(pattern[3:])
-        except re.error as error:
-            raise ValueError(f"bad regex in {pattern!r}: {error}") from None
-    return pattern, None
-
-
-def _matches(pattern, names):
-    exact, regex = _pattern(pattern)
-    if exact is not None:
-        return exact in names
-    return any(regex.fullmatch(n) for n in names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,7 +191,8 @@ def schedule_progress(config: PruneConfig, step: int) -> float | None:
     return 1.0 - (1.0 - k / n) ** 3 if k <= n else None  # gradual (Zhu & Gupta)
 
 
-def _final_step(config):
+def final_step(config: PruneConfig) -> int:
+    """The Pruner.step() count at which the schedule reaches its final target."""
     if config.schedule == "oneshot":
         return config.start
     last = config.iterations - 1 if config.schedule == "iterative" else config.iterations
@@ -332,10 +212,25 @@ class _Target:
     spec: dict[str, Any]      # resolved layer fields (criterion, granularity, ...)
     tied_to: str | None = None  # a bias that follows its weight's filters
 
+    def weight(self) -> Tensor:
+        return state._values(self.module, self.param_name)
+
+    def mask(self) -> Tensor:
+        return self.module._buffers[self.param_name + state.MASK]
+
 
 def _owner(model, full_name):
     module_name, _, param_name = full_name.rpartition(".")
     return module_name, model.get_submodule(module_name), param_name
+
+
+def _weight_name(module_name, module):
+    """The full name of a module's weight, when it has one (a Parameter, or a shared weight)."""
+    if hasattr(module, "layer_state"):  # a packed layer: its state is final
+        return None
+    if isinstance(module._parameters.get("weight"), nn.Parameter) or state.get(module) is not None:
+        return f"{module_name}.weight" if module_name else "weight"
+    return None
 
 
 def _select(model, config):
@@ -344,52 +239,47 @@ def _select(model, config):
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
     if config.targets is None:
-        return [f"{name}.weight" if name else "weight" for name, m in modules.items()
-                if isinstance(m, PRUNABLE)]
+        return [n for n in (_weight_name(name, m) for name, m in modules.items()
+                            if isinstance(m, PRUNABLE)) if n is not None]
     chosen = []
     for pattern in config.targets:
-        exact, regex = _pattern(pattern)
+        exact, regex = _compile(pattern, "PruneConfig targets")
         hits = [n for n in list(modules) + list(params)
                 if (n == exact if exact is not None else regex.fullmatch(n))]
         if not hits:
-            raise ValueError(f"target {pattern!r} matches no module or parameter of the model; "
-                             f"modules: {sorted(n for n in modules if n)}")
+            raise ConfigError(f"target {pattern!r} matches no module or parameter of the model; "
+                              f"modules: {sorted(n for n in modules if n)}")
         for name in hits:
             if name in params:
                 chosen.append(name)
             elif name in modules:
-                weight = getattr(modules[name], "weight", None)
-                if isinstance(weight, nn.Parameter):
-                    chosen.append(f"{name}.weight" if name else "weight")
+                weight = _weight_name(name, modules[name])
+                if weight is not None:
+                    chosen.append(weight)
                 elif exact is not None:
-                    raise ValueError(f"target {pattern!r} is a module without a weight parameter")
+                    raise ConfigError(f"target {pattern!r} is a module without a weight "
+                                      "parameter")
     return list(dict.fromkeys(chosen))
 
 
 def _resolve(model, config) -> list[_Target]:
     names = _select(model, config)
-    base = config._layer_fields()
-    # Overrides: exact names first, then regexes in order.
-    exact = {p: f for p, f in config.overrides.items() if not p.startswith("re:")}
-    regexes = [(p, f) for p, f in config.overrides.items() if p.startswith("re:")]
-    used = set()
+    known = list(dict(model.named_modules())) + list(dict(model.named_parameters()))
+    layers = {full: [full, full.rpartition(".")[0]] for full in names}
+    chosen = resolve_overrides(config.overrides, layers, "PruneConfig", known)
+    base = config.layer_fields()
     targets = []
     for full in names:
         module_name, module, param_name = _owner(model, full)
-        keys = [full, module_name]
         fields = dict(base)
-        hit = next(((k, exact[k]) for k in keys if k in exact), None)
-        if hit is None:
-            hit = next(((p, f) for p, f in regexes if _matches(p, keys)), None)
-        if hit is not None:
-            used.add(hit[0])
-            if hit[1] is None:
+        if full in chosen:
+            override = chosen[full][1]
+            if override is None:
                 continue  # excluded
-            if any(hit[1].get(c) is not None for c in CRITERIA):
+            if any(override.get(c) is not None for c in CRITERIA):
                 fields.update({c: None for c in CRITERIA})
-            fields.update({k: v for k, v in hit[1].items() if v is not None})
-        param = getattr(module, param_name)
-        _check_granularity(fields["granularity"], param.shape, full)
+            fields.update({k: v for k, v in override.items() if v is not None})
+        _check_granularity(fields["granularity"], state._values(module, param_name).shape, full)
         targets.append(_Target(full, module_name, module, param_name, fields))
         bias = getattr(module, "bias", None)
         bias_name = f"{module_name}.bias" if module_name else "bias"
@@ -398,109 +288,26 @@ def _resolve(model, config) -> list[_Target]:
             bias_fields = dict(fields, granularity="element")
             tied = full if fields["granularity"] == "filter" else None
             targets.append(_Target(bias_name, module_name, module, "bias", bias_fields, tied))
-    all_names = list(dict(model.named_modules())) + list(dict(model.named_parameters()))
-    for pattern in config.overrides:
-        if pattern in used or any(_matches(pattern, [n, _owner(model, n)[0]]) for n in names):
-            continue
-        if _matches(pattern, all_names):
-            raise ValueError(f"override {pattern!r} matches no pruning target; targets: {names}")
-        raise ValueError(f"override {pattern!r} matches no module or parameter of the model; "
-                         f"modules: {sorted(n for n, _ in model.named_modules() if n)}")
     if not targets:
-        raise ValueError("the config selects no parameter to prune")
+        raise ConfigError("the config selects no parameter to prune")
     global_targets = [t for t in targets if t.spec["global_sparsity"] is not None]
     for t in global_targets:
         if t.spec["granularity"] != "element":
-            raise ValueError(f"global_sparsity needs element granularity; {t.name} has "
-                             f"{t.spec['granularity']!r}")
+            raise ConfigError(f"global_sparsity needs element granularity; {t.name} has "
+                              f"{t.spec['granularity']!r}")
     if len({t.spec["global_sparsity"] for t in global_targets}) > 1:
-        raise ValueError("all layers pruned by global_sparsity must share one value")
+        raise ConfigError("all layers pruned by global_sparsity must share one value")
     return targets
 
 
 # ---------------------------------------------------------------------------------------------
-# Masks on modules
-
-
-class _MaskHook:
-    """Forward pre-hook and load_state_dict post-hook of a module with masks. It holds only
-    names (no tensors), so deepcopy and pickling of the module carry it correctly."""
-
-    def __init__(self, param_names):
-        self.param_names = list(param_names)
-
-    def apply(self, module):
-        with torch.no_grad():
-            for name in self.param_names:
-                mask = getattr(module, name + MASK_SUFFIX, None)
-                if mask is not None:
-                    getattr(module, name).masked_fill_(~mask, 0.0)
-
-    def __call__(self, module, args):  # forward pre-hook
-        if module.training:
-            with torch.no_grad():  # .data: no version bump, so saved activations stay valid
-                for name in self.param_names:
-                    mask = getattr(module, name + MASK_SUFFIX, None)
-                    if mask is not None:
-                        getattr(module, name).data.mul_(mask)
-
-    def after_load(self, module, incompatible_keys):
-        self.apply(module)
-
-
-def _hook_of(module):
-    return next((h for h in module._forward_pre_hooks.values() if isinstance(h, _MaskHook)), None)
-
-
-def _add_mask(module, param_name, mask=None):
-    """Register `<param_name>_mask` on module (all ones unless given) and its hooks once."""
-    param = getattr(module, param_name)
-    buffer_name = param_name + MASK_SUFFIX
-    if buffer_name not in module._buffers:
-        if mask is None:
-            mask = torch.ones_like(param, dtype=torch.bool)
-        module.register_buffer(buffer_name, mask.to(device=param.device, dtype=torch.bool).clone())
-    hook = _hook_of(module)
-    if hook is None:
-        hook = _MaskHook([])
-        module.register_forward_pre_hook(hook)
-        module.register_load_state_dict_post_hook(hook.after_load)
-    if param_name not in hook.param_names:
-        hook.param_names.append(param_name)
-    return getattr(module, buffer_name)
-
-
-def _remove_hooks(module):
-    for hooks in (module._forward_pre_hooks, module._load_state_dict_post_hooks):
-        for key, hook in list(hooks.items()):
-            owner = getattr(hook, "__self__", hook)  # after_load is a bound method
-            if isinstance(owner, _MaskHook):
-                del hooks[key]
-
-
-def _mask_items(model):
-    """(full param name, module, param name, mask) for every mask buffer in the model."""
-    for module_name, module in model.named_modules():
-        for buffer_name, buffer in module._buffers.items():
-            if buffer is None or not buffer_name.endswith(MASK_SUFFIX):
-                continue
-            param_name = buffer_name[: -len(MASK_SUFFIX)]
-            param = module._parameters.get(param_name)
-            if buffer.dtype == torch.bool and isinstance(param, Tensor):
-                full = f"{module_name}.{param_name}" if module_name else param_name
-                yield full, module, param_name, buffer
+# Masks of a model (the pruning part of dcx.state)
 
 
 def masks(model: nn.Module) -> dict[str, Tensor]:
-    """{parameter name: its mask (bool, True = kept)} for every masked parameter; the tensors are
-    the buffers themselves (later stages read them: clustering keeps to surviving weights, the
-    file format stores them)."""
-    return {full: mask for full, _, _, mask in _mask_items(model)}
-
-
-def param_masks(model: nn.Module) -> dict[Tensor, Tensor]:
-    """{parameter tensor: mask}, the form optimizers use (dcx.optim)."""
-    return {getattr(module, p): mask for _, module, p, mask in _mask_items(model)}
+    """{parameter name: its mask (bool, True = kept)} for every pruned parameter; the tensors are
+    the buffers themselves."""
+    return {name: st.mask for name, st in state.layers(model).items() if st.mask is not None}
 
 
 def sparsity(model: nn.Module) -> dict[str, float]:
@@ -510,38 +317,35 @@ def sparsity(model: nn.Module) -> dict[str, float]:
 
 
 def apply_masks_(model: nn.Module) -> nn.Module:
-    """Zero every pruned weight in place (+0.0)."""
-    with torch.no_grad():
-        for _, module, param_name, mask in _mask_items(model):
-            getattr(module, param_name).masked_fill_(~mask, 0.0)
+    """Zero every pruned weight in place (+0.0), e.g. after an optimizer that does not know the
+    masks moved them."""
+    for st in state.layers(model).values():
+        if st.mask is not None and not st.packed:
+            state.apply_(st.module, st.param)
     return model
 
 
-def attach_masks_(model: nn.Module, state_dict: Mapping[str, Tensor]) -> nn.Module:
-    """Register the mask buffers a pruned model's state_dict holds (keys `<param>_mask`) on a
-    fresh model of the same architecture, so `model.load_state_dict(state_dict)` then works."""
-    params = dict(model.named_parameters())
-    for key, value in state_dict.items():
-        if not key.endswith(MASK_SUFFIX) or key[: -len(MASK_SUFFIX)] not in params:
+def set_masks_(model: nn.Module, masks: Mapping[str, Tensor]) -> nn.Module:
+    """Prune `model` to given masks: {parameter name ("fc1.weight"): bool mask, True = kept}, or
+    a pruned model's state_dict (its "<param>_mask" entries are the masks; the other entries
+    are ignored). Returns the model."""
+    params = {name for name, _ in model.named_parameters()} | set(state.layers(model))
+    for key, value in masks.items():
+        full = key[: -len(state.MASK)] if key.endswith(state.MASK) else key
+        if full not in params or (full == key and value.dtype != torch.bool):
+            if value.dtype == torch.bool and full == key:
+                raise ValueError(f"set_masks_: {key!r} is not a parameter of the model")
             continue
-        full = key[: -len(MASK_SUFFIX)]
-        if tuple(value.shape) != tuple(params[full].shape):
-            raise ValueError(f"mask {key} has shape {tuple(value.shape)} but {full} has "
-                             f"{tuple(params[full].shape)}")
         _, module, param_name = _owner(model, full)
-        _add_mask(module, param_name, value)
-    return apply_masks_(model)
-
-
-def finalize_(model: nn.Module) -> nn.Module:
-    """Bake the masks in: pruned weights are zero, and the mask buffers and hooks are removed.
-    Read `masks(model)` first if a later stage needs them."""
-    apply_masks_(model)
-    for _, module, param_name, _ in list(_mask_items(model)):
-        del module._buffers[param_name + MASK_SUFFIX]
-    for module in model.modules():
-        _remove_hooks(module)
+        state.set_mask_(module, param_name, value.bool())
     return model
+
+
+def finalize_pruning_(model: nn.Module) -> nn.Module:
+    """End pruning: every pruned weight is exactly +0.0 and the masks become the layers' final
+    state, which the later stages read (cluster_ shares only the kept weights, save stores only
+    their positions) and training keeps (pruned weights stay zero). Returns the model."""
+    return apply_masks_(model)
 
 
 def _broadcast_masks(targets):
@@ -552,7 +356,7 @@ def _broadcast_masks(targets):
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
     for t in targets:
-        mask = getattr(t.module, t.param_name + MASK_SUFFIX)
+        mask = t.mask()
         as_bytes = mask.to(torch.uint8)
         dist.broadcast(as_bytes, src=0)
         mask.copy_(as_bytes.bool())
@@ -564,7 +368,8 @@ def _broadcast_masks(targets):
 
 class Pruner:
     """Prunes `model` on `config`'s schedule. Construction prepares (all-ones masks on every
-    target); `step()` prunes when the schedule says so; `finalize()` bakes the masks in."""
+    target, or the masks the layers already have); `step()` prunes when the schedule says so;
+    `finalize()` ends pruning (finalize_pruning_)."""
 
     def __init__(self, model: nn.Module, config: PruneConfig):
         if not isinstance(config, PruneConfig):
@@ -574,12 +379,14 @@ class Pruner:
         self.targets = _resolve(model, config)
         self.step_count = 0
         for t in self.targets:
-            _add_mask(t.module, t.param_name)
+            if t.module._buffers.get(t.param_name + state.MASK) is None:
+                state.set_mask_(t.module, t.param_name,
+                                torch.ones_like(t.weight(), dtype=torch.bool))
 
     @property
     def final_step(self) -> int:
         """The step on which the final target is reached."""
-        return _final_step(self.config)
+        return final_step(self.config)
 
     def step(self, step: int | None = None) -> bool:
         """Advance the schedule by one (or jump to `step`) and prune if this is a pruning step.
@@ -601,7 +408,7 @@ class Pruner:
         level = {}  # per target: (sparsity or None, threshold or None)
         pool = []
         for t in self.targets:
-            spec, param = t.spec, getattr(t.module, t.param_name)
+            spec, weight = t.spec, t.weight()
             if t.tied_to is not None:
                 continue
             if spec["sparsity"] is not None:
@@ -611,25 +418,24 @@ class Pruner:
             elif spec["threshold"] is not None:
                 level[t.name] = (None, spec["threshold"] * progress)
             else:  # Han's rule, on the weights as they are now (pruned ones count as zeros)
-                std = param.detach().float().std().item() if param.numel() > 1 else 0.0
+                std = weight.detach().float().std().item() if weight.numel() > 1 else 0.0
                 level[t.name] = (None, spec["quality"] * progress * std)
         with torch.no_grad():
             for t in self.targets:
                 if t.name in level:
                     s, thr = level[t.name]
-                    mask = getattr(t.module, t.param_name + MASK_SUFFIX)
-                    mask.copy_(compute_mask(getattr(t.module, t.param_name), t.spec["granularity"],
-                                            s, thr, t.spec["norm"], mask))
+                    t.mask().copy_(compute_mask(t.weight(), t.spec["granularity"], s, thr,
+                                                t.spec["norm"], t.mask()))
             if pool:
                 final = pool[0].spec["global_sparsity"]
                 self._prune_global(pool, _ramp(self.config.schedule, s_i, final, progress))
             for t in self.targets:
                 if t.tied_to is not None:  # a bias follows its filters
-                    weight_mask = getattr(t.module, "weight" + MASK_SUFFIX)
-                    bias_mask = getattr(t.module, "bias" + MASK_SUFFIX)
-                    bias_mask &= _units(weight_mask, "filter").any(dim=1)
+                    bias_mask = t.mask()
+                    bias_mask &= _units(t.module._buffers["weight" + state.MASK], "filter").any(1)
             _broadcast_masks(self.targets)
-            apply_masks_(self.model)
+            for t in self.targets:
+                state.apply_(t.module, t.param_name)
         return sparsity(self.model)
 
     def _prune_global(self, pool, target):
@@ -637,8 +443,8 @@ class Pruner:
         smallest |w| over all of them, ties to the earlier layer and lower index."""
         scores, mask_list = [], []
         for t in pool:
-            mask = getattr(t.module, t.param_name + MASK_SUFFIX)
-            score = getattr(t.module, t.param_name).detach().float().abs().reshape(-1)
+            mask = t.mask()
+            score = t.weight().detach().float().abs().reshape(-1)
             scores.append(score.masked_fill(~mask.reshape(-1), -1.0))
             mask_list.append(mask)
         flat = torch.cat(scores)
@@ -648,7 +454,7 @@ class Pruner:
             mask &= ~part.reshape(mask.shape)
 
     def finalize(self) -> nn.Module:
-        return finalize_(self.model)
+        return finalize_pruning_(self.model)
 
     def sparsity(self) -> dict[str, float]:
         return sparsity(self.model)
@@ -663,7 +469,8 @@ def _ramp(schedule, initial, final, progress):
     return final + (initial - final) * (1.0 - progress)
 
 
-def prune_(model: nn.Module, config: PruneConfig) -> dict[str, float]:
-    """Prune `model` in place to `config`'s final target at once (the schedule is not used).
-    Returns {parameter name: sparsity reached}."""
-    return Pruner(model, config).prune_to(1.0)
+def prune_(model: nn.Module, config: PruneConfig) -> nn.Module:
+    """Prune `model` in place to `config`'s final target at once (the schedule is not used) and
+    return it; `dcx.prune.sparsity(model)` tells what each layer reached."""
+    Pruner(model, config).prune_to(1.0)
+    return model

@@ -6,6 +6,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from dcx import _native
+
 
 def masked_sgd_step_(
     param: Tensor,
@@ -195,29 +197,45 @@ def kmeans1d(
         if moved <= tol_abs:
             break
     return finish(c)
-def spqmm_weight(
-    codes: Tensor, windows: Tensor, group_ptr: Tensor, codebook: Tensor, out_features: int,
-    in_features: int, bits: int
-) -> Tensor:
-    """The dense [out_features, in_features] weight a packed layer stands for (csrc/core/spqmm.h
-    describes the layout), decoded with plain torch ops, in float64."""
-    table = codebook.double()
+def spqmm_ids(
+    codes: Tensor, windows: Tensor, group_ptr: Tensor, out_features: int, in_features: int,
+    bits: int
+) -> tuple[Tensor, Tensor]:
+    """(kept, ids) of a packed layer (csrc/core/spqmm.h describes the layout), decoded with plain
+    torch ops: kept bool [out_features, in_features] (True at every position in dense mode) and
+    int64 codebook ids (0 where nothing is stored)."""
+    layout = _native.spqmm_layout()
+    rows_per_group, block = layout["rows"], layout["nibble_block"]
     if codes.dtype == torch.uint8 and bits <= 4:  # dense mode, two ids per byte
         words = codes.long().view(out_features, -1, 16, 4)  # [n, block, word d, byte]
         nibbles = torch.stack([words & 15, words >> 4], dim=-1).flatten(-2)  # nibble t = 0..7
         ids = nibbles.transpose(2, 3).reshape(out_features, -1)  # column 128 b + 16 t + d
-        return table[ids[:, :in_features]]
+        assert block == 128  # the view above is that block's shape
+        ids = ids[:, :in_features]
+        return torch.ones_like(ids, dtype=torch.bool), ids
     if codes.dtype == torch.uint8:  # dense mode: one id per weight
-        return table[codes.long()]
-    slots = codes.long() & 0xFFFF  # [steps, 16]
+        return torch.ones(codes.shape, dtype=torch.bool, device=codes.device), codes.long()
+    slots = codes.long() & 0xFFFF  # [steps, rows_per_group]
     counts = (group_ptr[1:] - group_ptr[:-1]).long()
     group = torch.repeat_interleave(torch.arange(counts.numel(), device=codes.device), counts)
-    rows = group[:, None] * 16 + torch.arange(16, device=codes.device)
-    cols = windows.long()[:, None] + ((slots >> 8) & 31)
-    live = (slots >> 15) == 1
-    w = torch.zeros(out_features, in_features, dtype=torch.float64, device=codes.device)
-    w[rows[live], cols[live]] = table[slots[live] & 0xFF]
-    return w
+    rows = group[:, None] * rows_per_group + torch.arange(rows_per_group, device=codes.device)
+    offsets = (slots >> layout["offset_shift"]) & (layout["window"] - 1)
+    cols = windows.long()[:, None] + offsets
+    live = (slots >> layout["live_bit"]) == 1
+    kept = torch.zeros(out_features, in_features, dtype=torch.bool, device=codes.device)
+    ids = torch.zeros(out_features, in_features, dtype=torch.long, device=codes.device)
+    kept[rows[live], cols[live]] = True
+    ids[rows[live], cols[live]] = slots[live] & layout["id_mask"]
+    return kept, ids
+
+
+def spqmm_weight(
+    codes: Tensor, windows: Tensor, group_ptr: Tensor, codebook: Tensor, out_features: int,
+    in_features: int, bits: int
+) -> Tensor:
+    """The dense [out_features, in_features] weight a packed layer stands for, in float64."""
+    kept, ids = spqmm_ids(codes, windows, group_ptr, out_features, in_features, bits)
+    return torch.where(kept, codebook.double()[ids], torch.zeros((), dtype=torch.float64))
 
 
 def spqmm(

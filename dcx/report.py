@@ -6,7 +6,8 @@ Per compressed layer: weights kept (%); weight bits and index bits per stored we
 (stored bytes / fp32 bytes, as the paper prints it) for both. P+Q bytes are what fixed-width codes
 would take: ceil((symbols * bits + entries * index_bits) / 8) plus the codebook and segment
 pointers; P+Q+H bytes are the layer's sections in the file (codebook, code tables, bitstreams,
-pointers). Weight bits count per stored symbol (the kept weights in sparse mode, every position in
+pointers). A layer pruned but not shared stores its kept values raw (their dtype's bits in both
+columns). Weight bits count per stored symbol (the kept weights in sparse mode, every position in
 dense mode); index bits count per kept weight, fillers included. Totals add the layers; the
 overall ratios divide the fp32 parameters (4 bytes per element of every floating tensor) and
 torch.save(model.state_dict()) by the whole file.
@@ -77,6 +78,12 @@ class Report:
     @property
     def ratio_fp32(self):
         return self.fp32_bytes / self.file_bytes
+
+    @property
+    def file_bytes_pq(self):
+        """The whole file's bytes with fixed-width codes and indices instead of Huffman streams:
+        the same container, header, manifest and raw tensors included."""
+        return self.file_bytes - self.total.bytes_pqh + self.total.bytes_pq
 
     @property
     def ratio_torch_save(self):
@@ -163,17 +170,19 @@ class Report:
 
 
 def _layer_row(meta, sizes):
-    numel, nnz, bits, index_bits = (
-        math.prod(meta["shape"]),
-        meta["nnz"],
-        meta["bits"],
-        meta["index_bits"],
-    )
-    codebook = sizes["codebook"]
-    k = codebook // torch.empty(0, dtype=fmt.DTYPES[meta["dtype"]]).element_size()
+    numel, nnz, index_bits = math.prod(meta["shape"]), meta["nnz"], meta["index_bits"]
+    itemsize = torch.empty(0, dtype=fmt.DTYPES[meta["dtype"]]).element_size()
+    values = meta.get("payload") == "values"
+    codebook = sizes.get("codebook", 0)
+    if values:  # the kept weights raw: their dtype's bits, fixed width or not
+        bits = fixed_bits = 8 * itemsize
+    else:
+        bits = meta["bits"]
+        k = codebook // itemsize
     if meta["mode"] == "sparse":
         symbols, entries, pointers = nnz, meta["entries"], sizes["pointers"]
-        fixed_bits = bits
+        if not values:
+            fixed_bits = bits
         index_pq = index_bits * entries / nnz if nnz else 0.0
         index_pqh = 8 * sizes["index"] / nnz if nnz else 0.0
     else:  # one symbol per position; a pruned position is one more symbol (k)
@@ -181,6 +190,7 @@ def _layer_row(meta, sizes):
         fixed_bits = bits if nnz == numel else max(1, math.ceil(math.log2(k + 1)))
         index_pq = index_pqh = 0.0
     bytes_pq = math.ceil((symbols * fixed_bits + entries * index_bits) / 8) + codebook + pointers
+    stream = sizes["values"] if values else sizes["labels"]
     return LayerRow(
         name=meta["name"],
         shape=list(meta["shape"]),
@@ -190,7 +200,7 @@ def _layer_row(meta, sizes):
         bits=bits,
         index_bits=index_bits,
         weight_bits_pq=float(fixed_bits),
-        weight_bits_pqh=8 * sizes["labels"] / symbols if symbols else 0.0,
+        weight_bits_pqh=8 * stream / symbols if symbols else 0.0,
         index_bits_pq=index_pq,
         index_bits_pqh=index_pqh,
         bytes_fp32=4 * numel,
@@ -225,11 +235,12 @@ def _total(rows):
     )
 
 
-def report(path, model: torch.nn.Module | None = None) -> Report:
-    """The compression table of a .dcx file (checked and decoded completely). With `model`, the
-    torch.save baseline is model.state_dict(); without, the state_dict rebuilt from the file (the
-    compressed weights dense, every raw tensor as stored)."""
-    buf = fmt._read(path)
+def report(source, model: torch.nn.Module | None = None) -> Report:
+    """The compression table of a .dcx file (a path, or the file's bytes; checked and decoded
+    completely). With `model`, the torch.save baseline is model.state_dict(); without, the
+    state_dict rebuilt from the file (the compressed weights dense, every raw tensor as stored)."""
+    buf = bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else fmt.read(source)
+    path = "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else source
     records, dense, manifest = fmt.decode_file(buf)
     sizes = [entry["size"] for entry in manifest["sections"]]
     rows, raw_bytes = [], 0

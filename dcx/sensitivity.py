@@ -19,7 +19,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dcx.prune import MASK_SUFFIX, PruneConfig, _check_fraction, _resolve, compute_mask
+from dcx import state
+from dcx.config import PruneConfig, _check_fraction
+from dcx.prune import _resolve, compute_mask
 
 __all__ = ["SensitivityResult", "sensitivity_analysis", "pick_sparsities", "to_overrides",
            "DEFAULT_SPARSITIES"]
@@ -106,7 +108,7 @@ def sensitivity_analysis(
     steps = tqdm(total=len(targets) * len(sparsities), desc="sensitivity", disable=not progress)
     for t in targets:
         param = getattr(t.module, t.param_name)
-        existing = getattr(t.module, t.param_name + MASK_SUFFIX, None)
+        existing = t.module._buffers.get(t.param_name + state.MASK)
         saved = param.detach().clone()
         curve = []
         try:

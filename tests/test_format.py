@@ -40,7 +40,8 @@ def random_record(
     else:
         labels = torch.randint(0, k, shape)
     codebook = torch.sort(torch.randn(k))[0].to(dtype)
-    return fmt.CompressedTensor(mask, labels, codebook, bits, index_bits, segment_rows, mode)
+    return fmt.CompressedTensor(mask, labels, codebook, bits, index_bits=index_bits,
+                                segment_rows=segment_rows, mode=mode)
 
 
 def check_same(ct, back):
@@ -182,7 +183,7 @@ def test_round_trip_property(shape, density, bits, index_bits, mode, seed):
 @pytest.mark.parametrize(
     "change, match",
     [
-        (lambda ct: setattr(ct, "mask", ct.mask.int()), "mask must be bool"),
+        (lambda ct: setattr(ct, "mask", ct.mask.int()), "mask must be a bool tensor"),
         (lambda ct: setattr(ct, "labels", ct.labels.float()), "labels must be an integer"),
         (lambda ct: setattr(ct, "labels", ct.labels[:1]), "labels must have the shape"),
         (lambda ct: setattr(ct, "bits", 2), "more than 2"),
@@ -203,79 +204,47 @@ def test_bad_records(change, match):
         fmt.encode_tensor(ct, "w")
 
 
-# ---------------------------------------------------------------------------- files and models
+# ---------------------------------------------------------------------------- values and files
 
 
-class Net(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = torch.nn.Linear(60, 40)
-        self.conv = torch.nn.Conv2d(3, 8, 3)
-        self.bn = torch.nn.BatchNorm1d(40)
-        self.fc2 = torch.nn.Linear(40, 10)
-        self.fc1.register_buffer("weight_mask", torch.ones(40, 60, dtype=torch.bool))
+@pytest.mark.parametrize("shape", [(0,), (1,), (40, 60), (8, 3, 3, 3)])
+@pytest.mark.parametrize("density", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_values_round_trip(shape, density, dtype):
+    """Pruning alone: the kept values raw, bit for bit, at Huffman-coded positions."""
+    mask = torch.rand(shape) < density
+    values = torch.randn(shape).to(dtype)
+    values.view(-1)[:1] = -0.0  # a signed zero survives
+    ct = fmt.CompressedTensor(mask, values=values, index_bits=4)
+    meta, sections = fmt.encode_tensor(ct)
+    assert meta["payload"] == "values" and meta["mode"] == "sparse"
+    assert len(dict(sections)["values"]) == int(mask.sum()) * values.element_size()
+    back = fmt.decode_tensor(json.loads(json.dumps(meta)), dict(sections))
+    assert torch.equal(back.mask, mask) and back.codebook is None
+    assert bitwise_equal(back.to_dense(), ct.to_dense())
 
 
-def compressed_net():
-    net = Net()
-    net.bn.running_mean.normal_()
-    records = {
-        "fc1.weight": random_record((40, 60), 0.1, 5, 4),
-        "conv.weight": random_record((8, 3, 3, 3), 0.3, 8, 8),
-        "fc2.weight": random_record((40, 10)[::-1], 1.0, 4),
-    }
-    records["fc1.weight"].mask = None  # taken from the module's weight_mask buffer
-    net.fc1.weight_mask.copy_(torch.rand(40, 60) < 0.1)
-    return net, records
-
-
-def test_save_load_model(tmp_path):
-    net, records = compressed_net()
-    path = tmp_path / "net.dcx"
-    dcx.save(net, path, records, config={"bits": {"fc": 5, "conv": 8}})
-    fresh = Net()
-    dcx.load(path, fresh)
-    stored, _, manifest = fmt.load_records(path)
-    assert manifest["extra"] == {"config": {"bits": {"fc": 5, "conv": 8}}}
-    assert torch.equal(stored["fc1.weight"].mask, net.fc1.weight_mask)
-    # Compressed Linear and Conv2d layers come back packed, decoding bit for bit.
-    assert isinstance(fresh.fc1, dcx.SparseQuantLinear) and isinstance(fresh.fc2, dcx.SparseQuantLinear)
-    assert isinstance(fresh.conv, dcx.SparseQuantConv2d)
-    for name, ct in records.items():
-        ct = fmt.compressed_tensors(net, {name: ct})[name]
-        layer = fresh.get_submodule(name.rpartition(".")[0])
-        decoded = layer.decoded_weight().reshape(ct.shape)
-        assert bitwise_equal(decoded, ct.to_dense()), name
-    for name, t in net.state_dict().items():
-        if name.rpartition(".")[2] in ("weight", "weight_mask") and name.rpartition(".")[0] in ("fc1", "fc2", "conv"):
-            continue
-        assert bitwise_equal(fresh.state_dict()[name], t), name
-    x = torch.randn(5, 60)
-    expected = torch.nn.functional.linear(x, fresh.fc1.decoded_weight(), net.fc1.bias)
-    torch.testing.assert_close(fresh.fc1(x), expected, rtol=1e-5, atol=1e-5)
-    summary = dcx.verify(path)
-    assert summary["compressed"] == 3 and summary["bytes"] == os.path.getsize(path)
-
-
-def test_load_rejects_other_architecture(tmp_path):
-    net, records = compressed_net()
-    path = tmp_path / "net.dcx"
-    dcx.save(net, path, records)
-    other = Net()
-    other.fc2 = torch.nn.Linear(40, 11)
-    before = {k: v.clone() for k, v in other.state_dict().items()}
-    with pytest.raises(ValueError, match="fc2"):
-        dcx.load(path, other)
-    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())  # untouched
-    with pytest.raises(ValueError, match="missing"):
-        dcx.load(path, torch.nn.Sequential(torch.nn.Linear(2, 2)))
+def test_bad_values_records():
+    mask = torch.rand(4, 5) < 0.5
+    for ct, match in [
+        (fmt.CompressedTensor(mask, values=torch.randn(4, 6)), "values must have the shape"),
+        (fmt.CompressedTensor(mask, values=torch.ones(4, 5, dtype=torch.int32)), "values must be"),
+        (fmt.CompressedTensor(mask, values=torch.randn(4, 5), mode="dense"), "sparse mode only"),
+        (fmt.CompressedTensor(mask, torch.zeros(4, 5, dtype=torch.long), torch.randn(2), 1,
+                              values=torch.randn(4, 5)), "not both"),
+        (fmt.CompressedTensor(mask), "give values, or codebook and labels"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            fmt.encode_tensor(ct, "w")
 
 
 def test_byte_identical(tmp_path):
-    torch.manual_seed(1)
-    net, records = compressed_net()
-    dcx.save(net, tmp_path / "a.dcx", records, config={"x": 1})
-    dcx.save(net, tmp_path / "b.dcx", records, config={"x": 1})
+    records = {"fc1.weight": random_record((40, 60), 0.1, 5, 4),
+               "conv.weight": random_record((8, 3, 3, 3), 0.3, 8, 8),
+               "p.weight": fmt.CompressedTensor(torch.rand(9, 9) < 0.3, values=torch.randn(9, 9))}
+    dense = {"fc1.bias": torch.randn(40)}
+    fmt.save_records(tmp_path / "a.dcx", records, dense, {"x": 1})
+    fmt.save_records(tmp_path / "b.dcx", records, dense, {"x": 1})
     assert (tmp_path / "a.dcx").read_bytes() == (tmp_path / "b.dcx").read_bytes()
     # Saving what was loaded gives the same bytes again.
     loaded, dense, manifest = fmt.load_records(tmp_path / "a.dcx")
@@ -340,7 +309,8 @@ def must_fail(buf, match=None):
 
 def test_good_file_loads(good_file):
     records, dense, _ = fmt.decode_file(good_file)
-    assert len(records) == 6 and len(dense) == 5
+    assert len(records) == 7 and len(dense) == 5
+    assert records["pruned.weight"].values is not None
 
 
 def test_every_section_flipped(good_file):
@@ -443,8 +413,13 @@ def tensor(manifest, name):
         (lambda m, d: tensor(m, "fc.weight").update(index_bits=99), "'index_bits' must be"),
         (lambda m, d: tensor(m, "fc.weight").update(dtype="float64"), "label code lengths hold"),
         (lambda m, d: tensor(m, "fc.weight").update(dtype="object"), "dtype must be one of"),
-        (lambda m, d: tensor(m, "fc.weight").update(mode="dense"), "needs sections"),
-        (lambda m, d: tensor(m, "fc.weight").update(mode="csr"), "mode must be"),
+        (lambda m, d: tensor(m, "fc.weight").update(mode="dense"), "need sections"),
+        (lambda m, d: tensor(m, "fc.weight").update(payload="both"), "payload must be"),
+        (lambda m, d: tensor(m, "pruned.weight").update(mode="dense"), "values need mode"),
+        (lambda m, d: tensor(m, "pruned.weight").update(nnz=0), "kept weights"),
+        (lambda m, d: tensor(m, "pruned.weight").update(dtype="float16"), "values section of"),
+        (lambda m, d: tensor(m, "pruned.weight").update(payload="codes"), "need sections"),
+        (lambda m, d: tensor(m, "fc.weight").update(mode="csr"), "need mode"),
         (lambda m, d: tensor(m, "fc.weight").update(kind="pickle"), "kind must be"),
         (lambda m, d: tensor(m, "fc.weight")["sections"].update(labels=0), "already used"),
         (lambda m, d: tensor(m, "fc.weight")["sections"].update(labels=999), "section numbers"),

@@ -37,9 +37,9 @@ def test_masked_sgd_equals_torch_sgd_on_kept_positions(hyper):
     ours = LeNet300100()
     prune_(ours, PruneConfig(sparsity=0.7))
     theirs = LeNet300100()
-    P.attach_masks_(theirs, ours.state_dict())
+    P.set_masks_(theirs, ours.state_dict())
     theirs.load_state_dict(ours.state_dict())
-    opt_ours = MaskedSGD(ours.parameters(), lr=0.05, masks=ours, **hyper)
+    opt_ours = MaskedSGD(ours.parameters(), lr=0.05, **hyper)  # masks found by themselves
     opt_theirs = torch.optim.SGD(theirs.parameters(), lr=0.05, **hyper)
     train(ours, opt_ours)
     train(theirs, opt_theirs)
@@ -88,7 +88,7 @@ def test_masked_sgd_first_step_and_dense_match_sgd():
 @requires_kernels
 def test_masked_sgd_follows_masks_added_later():
     model = LeNet300100()
-    opt = MaskedSGD(model.parameters(), lr=0.1, momentum=0.9, masks=model)
+    opt = MaskedSGD(model.parameters(), lr=0.1, momentum=0.9)
     train(model, opt, steps=2)
     pruner = P.Pruner(model, PruneConfig(sparsity=0.5))
     pruner.step()
@@ -96,6 +96,30 @@ def test_masked_sgd_follows_masks_added_later():
     for name, mask in P.masks(model).items():
         p = model.get_parameter(name)
         assert (p[~mask] == 0).all() and (opt.state[p]["momentum_buffer"][~mask] == 0).all()
+
+
+@requires_kernels
+def test_masked_sgd_finds_masks_without_being_told():
+    """The issue's trap: MaskedSGD(model.parameters()) after prune_ keeps the model pruned, also
+    in a deep copy (relinked at its first forward) and after .to(); masks=model does the same."""
+    import copy
+
+    import dcx
+
+    model = dcx.prune_(LeNet300100(), PruneConfig(sparsity=0.9))
+    train(model, MaskedSGD(model.parameters(), lr=0.1, momentum=0.9), steps=5)
+    assert P.sparsity(model)["fc1.weight"] == pytest.approx(0.9)
+    assert (model.fc1.weight == 0).float().mean().item() == pytest.approx(0.9, abs=1e-3)
+    clone = copy.deepcopy(model).to(torch.float64).to(torch.float32)
+    opt = MaskedSGD(clone.parameters(), lr=0.1, momentum=0.9)
+    train(clone, opt, steps=3)
+    for name, mask in P.masks(clone).items():
+        p = clone.get_parameter(name)
+        assert (p[~mask] == 0).all() and (opt.state[p]["momentum_buffer"][~mask] == 0).all()
+    explicit = dcx.prune_(LeNet300100(), PruneConfig(sparsity=0.5))
+    opt = MaskedSGD(explicit.parameters(), lr=0.1, momentum=0.9, masks=explicit)
+    train(explicit, opt, steps=2)
+    assert all((explicit.get_parameter(n)[~m] == 0).all() for n, m in P.masks(explicit).items())
 
 
 @requires_kernels
@@ -161,7 +185,7 @@ def test_mask_optimizer_keeps_pruned_weights_and_state_zero(make):
 def test_mask_optimizer_with_model_and_scheduler():
     model = LeNet300100()
     prune_(model, PruneConfig(sparsity=0.8))
-    opt = mask_optimizer_(torch.optim.AdamW(model.parameters(), lr=1e-3), model)
+    opt = mask_optimizer_(torch.optim.AdamW(model.parameters(), lr=1e-3))  # masks by themselves
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     train(model, opt, steps=3)
     scheduler.step()
@@ -172,6 +196,11 @@ def test_mask_optimizer_with_model_and_scheduler():
         assert (opt.state[p]["exp_avg_sq"][~mask] == 0).all()
     with pytest.raises(TypeError, match="optimizer must be"):
         mask_optimizer_(object(), model)
+    other = LeNet300100()
+    prune_(other, PruneConfig(sparsity=0.5))
+    opt = mask_optimizer_(torch.optim.Adam(other.parameters(), lr=1e-3), other)  # masks=model
+    train(other, opt, steps=2)
+    assert all((other.get_parameter(n)[~m] == 0).all() for n, m in P.masks(other).items())
 
 
 @requires_kernels
@@ -182,10 +211,10 @@ def test_masked_sgd_on_device(device):
     ours = LeNet300100().to(device)
     prune_(ours, PruneConfig(sparsity=0.7))
     theirs = LeNet300100().to(device)
-    P.attach_masks_(theirs, ours.state_dict())
+    P.set_masks_(theirs, ours.state_dict())
     theirs.load_state_dict(ours.state_dict())
     hyper = dict(lr=0.05, momentum=0.9, weight_decay=1e-3)
-    opt_ours = MaskedSGD(ours.parameters(), masks=ours, **hyper)
+    opt_ours = MaskedSGD(ours.parameters(), **hyper)
     opt_theirs = torch.optim.SGD(theirs.parameters(), **hyper)
     for model, opt in ((ours, opt_ours), (theirs, opt_theirs)):
         generator = torch.Generator().manual_seed(1)

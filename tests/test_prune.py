@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+
+import dcx
 from torch import nn
 
 from dcx import prune as P
@@ -87,8 +89,8 @@ def test_han_quality_threshold():
 def test_per_layer_sparsity_on_model():
     model = LeNet300100()
     dense = {n: p.detach().clone() for n, p in model.named_parameters()}
-    report = prune_(model, PruneConfig(sparsity=0.92, overrides={"fc2": {"sparsity": 0.91},
-                                                                 "re:fc3": {"sparsity": 0.74}}))
+    report = P.sparsity(prune_(model, PruneConfig(sparsity=0.92, overrides={
+        "fc2": {"sparsity": 0.91}, "re:fc3": {"sparsity": 0.74}})))
     for name, s in (("fc1", 0.92), ("fc2", 0.91), ("fc3", 0.74)):
         w = dense[f"{name}.weight"]
         k = count(s, w.numel())
@@ -182,7 +184,7 @@ def test_bias_follows_filters_and_element_bias():
 
 def test_param_selected_by_name_and_regex():
     net = Net()
-    report = prune_(net, PruneConfig(sparsity=0.5, targets=["scale", "re:head.*"]))
+    report = P.sparsity(prune_(net, PruneConfig(sparsity=0.5, targets=["scale", "re:head.*"])))
     assert set(report) == {"scale", "head.weight", "head.bias"}
     assert net.scale_mask.shape == net.scale.shape and report["scale"] == count(0.5, 91) / 91
     assert not hasattr(net.fc, "weight_mask")
@@ -196,7 +198,7 @@ def test_override_precedence_and_exclusion():
         "fc": {"sparsity": 0.3},          # exact beats regex
         "conv1d": None,                   # excluded
     })
-    report = prune_(net, config)
+    report = P.sparsity(prune_(net, config))
     assert report == {"conv.weight": count(0.1, 216) / 216, "fc.weight": count(0.3, 3007) / 3007,
                       "head.weight": count(0.1, 155) / 155}
 
@@ -300,7 +302,7 @@ def test_state_dict_round_trip():
     fresh = LeNet5()
     with pytest.raises(RuntimeError, match="Unexpected key"):
         fresh.load_state_dict(state)
-    P.attach_masks_(fresh, state)
+    P.set_masks_(fresh, state)
     fresh.load_state_dict(state)
     for name, mask in P.masks(model).items():
         assert torch.equal(P.masks(fresh)[name], mask)
@@ -343,20 +345,22 @@ def test_deepcopy_and_pickle():
     assert (loaded.fc2.weight[~loaded.fc2.weight_mask] == 0).all()
 
 
-def test_finalize_bakes_masks_in():
+def test_finalize_pruning_keeps_the_masks_as_state():
+    """finalize_pruning_ ends pruning: zeros baked in, the masks stay the layers' state (read by
+    cluster_ and save) and stay enforced in training."""
     model = LeNet300100()
     pruner = Pruner(model, PruneConfig(sparsity=0.9))
     pruner.step()
     saved = {k: v.clone() for k, v in P.masks(model).items()}
-    pruner.finalize()
-    assert P.masks(model) == {} and not any(k.endswith("_mask") for k in model.state_dict())
-    assert not model.fc1._forward_pre_hooks and not model.fc1._load_state_dict_post_hooks
+    assert pruner.finalize() is model
+    assert {k: torch.equal(v, saved[k]) for k, v in P.masks(model).items()} == dict.fromkeys(saved, True)
     for name, mask in saved.items():
         assert (model.get_parameter(name)[~mask] == 0).all()
     with torch.no_grad():
         model.fc1.weight.fill_(1.0)
-    model(torch.randn(1, 784))
-    assert (model.fc1.weight == 1).all()
+    model.train()(torch.randn(1, 784))
+    assert (model.fc1.weight[~saved["fc1.weight"]] == 0).all()
+    assert P.finalize_pruning_(model) is model
 
 
 def test_masks_helpers():
@@ -365,8 +369,8 @@ def test_masks_helpers():
     m = P.masks(model)
     assert list(m) == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "fc3.weight", "fc3.bias"]
     assert m["fc1.weight"] is model.fc1.weight_mask and m["fc1.weight"].dtype == torch.bool
-    pm = P.param_masks(model)
-    assert pm[model.fc2.bias] is model.fc2.bias_mask
+    assert dcx.state.mask_of(model.fc2.bias) is model.fc2.bias_mask
+    assert dcx.state.mask_of(torch.nn.Parameter(torch.ones(2))) is None
 
 
 # --- config ---------------------------------------------------------------------------------------
@@ -377,7 +381,7 @@ def test_config_round_trip():
                          iterations=5, frequency=2, targets=["fc1", "re:conv.*"],
                          overrides={"fc1": {"sparsity": 0.5}, "re:conv2": None})
     assert PruneConfig.from_dict(config.to_dict()) == config
-    with pytest.raises(ValueError, match="unknown field"):
+    with pytest.raises(ValueError, match="unknown key"):
         PruneConfig.from_dict({"sparsity": 0.5, "sparsty": 0.1})
 
 
@@ -416,9 +420,9 @@ def test_bad_config(kwargs, match):
         (PruneConfig(sparsity=0.5, targets=["fc9"]), "target 'fc9' matches no module"),
         (PruneConfig(sparsity=0.5, targets=["re:conv.*"]), "matches no module"),
         (PruneConfig(sparsity=0.5, overrides={"fc4": {"sparsity": 0.1}}),
-         "override 'fc4' matches no module or parameter"),
+         "override 'fc4' matches no layer of the model"),
         (PruneConfig(sparsity=0.5, targets=["fc1"], overrides={"fc2": None}),
-         "override 'fc2' matches no pruning target"),
+         "override 'fc2' matches no layer it applies to"),
         (PruneConfig(sparsity=0.5, overrides={"re:fc.*": None}), "selects no parameter"),
         (PruneConfig(global_sparsity=0.5, granularity="filter"), "global_sparsity needs element"),
     ],

@@ -39,6 +39,7 @@
 #include <cstring>
 
 #include "core/common.h"
+#include "core/spqmm_layout.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__CUDACC__)
 #include <immintrin.h>
@@ -68,10 +69,6 @@ namespace dcx {
 
 // Codebook table: ids [0, 256) then 256 zeros that padding slots read (id | 256 when not live),
 // so the portable kernel needs no branch on the live bit.
-constexpr int kSpqmmTable = 512;
-constexpr int kSpqmmRows = 16;    // rows per group = slots per step
-constexpr int kSpqmmWindow = 32;  // columns of x a step can reach
-constexpr uint32_t kSpqmmLive = 0x8000;
 
 struct SpqmmPacked {
   const uint16_t* codes = nullptr;       // sparse mode slots [steps][16]
@@ -203,9 +200,9 @@ DCX_SPQMM_MULTIVERSION void spqmm_sparse_chunk(const SpqmmPacked& p, int64_t c,
     int32_t col[kSpqmmRows];
     for (int i = 0; i < kSpqmmRows; ++i) {
       const uint32_t v = slot[i];
-      max_id = std::max(max_id, v & 0xFFu);
-      w[i] = table[(v & 0xFFu) | ((~v >> 7) & 0x100u)];
-      col[i] = static_cast<int32_t>((v >> 8) & (kSpqmmWindow - 1));
+      max_id = std::max(max_id, v & kSpqmmIdMask);
+      w[i] = table[(v & kSpqmmIdMask) | ((~v >> (kSpqmmLiveBit - 8)) & 0x100u)];
+      col[i] = static_cast<int32_t>((v >> kSpqmmOffsetShift) & (kSpqmmWindow - 1));
     }
     if (j0 + kSpqmmWindow > p.k) {  // only here can a live slot point past K
       for (int i = 0; i < kSpqmmRows; ++i)
@@ -276,11 +273,11 @@ inline void spqmm_decode_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, cons
       const int64_t j0 = spqmm_window(p, s, &max_col);
       for (int i = 0; i < kSpqmmRows; ++i) {
         const uint32_t v = p.codes[s * kSpqmmRows + i];
-        const int64_t row = g * kSpqmmRows + i, col = j0 + ((v >> 8) & (kSpqmmWindow - 1));
-        seen->max_id = std::max(seen->max_id, v & 0xFFu);
+        const int64_t row = g * kSpqmmRows + i, col = j0 + ((v >> kSpqmmOffsetShift) & (kSpqmmWindow - 1));
+        seen->max_id = std::max(seen->max_id, v & kSpqmmIdMask);
         if (!(v & kSpqmmLive)) continue;
         max_col = std::max(max_col, col);
-        if (row >= r0 && row < r1 && col < p.k) w[(row - r0) * p.k + col] = table[v & 0xFFu];
+        if (row >= r0 && row < r1 && col < p.k) w[(row - r0) * p.k + col] = table[v & kSpqmmIdMask];
       }
     }
   }
@@ -347,7 +344,7 @@ DCX_AVX512_FN void sparse_chunk(const SpqmmPacked& p, int64_t c, const float* ta
                                 const float* xs, int64_t ldx, float* y, int64_t ldy, int mvalid,
                                 float* edge_sums, SpqmmEdge* edge, SpqmmSeen* seen) {
   const Table tab = load_table(table);
-  const __m512i live_bit = _mm512_set1_epi32(kSpqmmLive), id_mask = _mm512_set1_epi32(0xFF);
+  const __m512i live_bit = _mm512_set1_epi32(kSpqmmLive), id_mask = _mm512_set1_epi32(kSpqmmIdMask);
   __m512i max_id = _mm512_setzero_si512();
   int64_t max_col = -1;
   __m512 acc[MB];
@@ -539,7 +536,7 @@ DCX_AVX2_FN void sparse_chunk(const SpqmmPacked& p, int64_t c, const float* tabl
                               SpqmmSeen* seen) {
   __m256 tab[4];
   for (int i = 0; i < 4; ++i) tab[i] = _mm256_loadu_ps(table + 8 * i);
-  const __m256i id_mask = _mm256_set1_epi32(0xFF);
+  const __m256i id_mask = _mm256_set1_epi32(kSpqmmIdMask);
   __m256i max_id = _mm256_setzero_si256();
   int64_t max_col = -1;
   __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};

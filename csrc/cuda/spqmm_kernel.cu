@@ -31,6 +31,7 @@
 // group are dropped. The glue turns the flags into an error (outside graph capture).
 #include <algorithm>
 
+#include "core/spqmm_layout.h"
 #include "cuda/dtype.cuh"
 
 namespace dcx {
@@ -41,7 +42,8 @@ constexpr int kDenseThreads = 256;
 constexpr int kDenseWarps = kDenseThreads / 32;
 constexpr int kSparseThreads = 512;
 constexpr int kSparseWarps = kSparseThreads / 32;
-constexpr int kGroupRows = 16;    // rows per group = slots per step = lanes per half-warp
+constexpr int kGroupRows = kSpqmmRows;  // rows per group = slots per step = lanes per half-warp
+static_assert(kGroupRows == 16, "a step's slots fill a half-warp");
 constexpr int kBatchSteps = 32;   // steps whose slots and windows a warp loads before using them
 constexpr unsigned kFull = 0xffffffffu;
 
@@ -101,8 +103,9 @@ struct Slot {
 };
 
 __device__ __forceinline__ Slot decode_slot(uint32_t v, int window, int k, int kc, int* flag) {
-  const uint32_t id = v & 0xffu, off = (v >> 8) & 0x1fu;
-  const bool live = (v & 0x8000u) != 0;
+  const uint32_t id = v & uint32_t(kSpqmmIdMask);
+  const uint32_t off = (v >> kSpqmmOffsetShift) & uint32_t(kSpqmmWindow - 1);
+  const bool live = (v & kSpqmmLive) != 0;
   // Columns left in [window, k); 0 for a window outside [0, k). No overflow: k < 2^31 - 64.
   const uint32_t room = uint32_t(window) < uint32_t(k) ? uint32_t(k - window) : 0u;
   const bool id_ok = id < uint32_t(kc), col_ok = off < room;

@@ -25,7 +25,8 @@ from dcx import format as fmt  # noqa: E402
 
 
 def seed_files():
-    """Small valid files covering both modes, several index widths, raw tensors of many dtypes."""
+    """Small valid files covering both modes of codes, values, several index widths, raw tensors
+    of many dtypes."""
     g = torch.Generator().manual_seed(0)
     records = {}
     for name, shape, density, bits, index_bits in [
@@ -40,8 +41,12 @@ def seed_files():
         k = 1 << bits
         labels = torch.randint(0, k, shape, generator=g)
         records[name] = fmt.CompressedTensor(
-            mask, labels, torch.randn(k, generator=g), bits, index_bits
+            mask, labels, torch.randn(k, generator=g), bits, index_bits=index_bits
         )
+    mask = torch.rand(8, 20, generator=g) < 0.2
+    records["pruned.weight"] = fmt.CompressedTensor(
+        mask, values=torch.randn(8, 20, generator=g), index_bits=3
+    )
     dense = {
         "fc.bias": torch.randn(12, generator=g),
         "bn.num_batches_tracked": torch.tensor(3),

@@ -1,0 +1,205 @@
+"""Models <-> .dcx files: the one place that knows both modules and the file (dcx.format knows
+only bytes and tensors, dcx.state only modules).
+
+    dcx.save(model, "model.dcx")                 # after any stage, no other argument
+    model = dcx.load("model.dcx", MyModel())     # a freshly built model, compressed layers packed
+    tensors = dcx.load("model.dcx")              # no model: the decoded state_dict
+
+What `save` stores for each parameter with compressed state (dcx.state), all Huffman coded:
+  pruned and shared  the codes of the kept weights at relative positions, or the codes of every
+                     position with a symbol for "pruned", whichever is smaller
+  shared only        the codes of every position (dense mode)
+  pruned only        the kept weights' values, raw, at relative positions
+and every other state_dict entry raw. Packed layers (SparseQuant*, from dcx.convert or an
+earlier load) are stored the same way, from their packed state. Saving what it cannot encode
+raises: a non-tensor entry in the state_dict, a pruned position that holds a non-zero value, a
+shared weight that no longer equals codebook[labels].
+
+`load` checks the file completely, and the model's names and shapes against it, before anything
+is written to the model; then it restores each layer's state and, with packed=True, swaps the
+shared nn.Linear / nn.Conv2d layers for SparseQuantLinear / SparseQuantConv2d (dcx.nn.
+pack_layers_, as dcx.convert does). A layer no packed twin can run keeps its decoded weight and
+its state, so `load(..., packed=False)` gives a model the stages can carry on with.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from dcx import format as fmt
+from dcx import state
+from dcx.config import EncodeConfig
+
+__all__ = ["save", "load", "encode", "records"]
+
+
+def _index_bits(st: state.LayerState) -> int:
+    if st.index_bits is not None:
+        return st.index_bits
+    default = EncodeConfig()
+    return default.conv_index_bits if st.conv else default.linear_index_bits
+
+
+def _record(st: state.LayerState) -> fmt.CompressedTensor:
+    """The file record of one layer's state; ValueError when the weight does not match it."""
+    if st.shared:
+        mask = st.mask if st.mask is not None else torch.ones_like(st.labels, dtype=torch.bool)
+        if not (st.live or st.packed):
+            weight, expected = getattr(st.module, st.param).detach(), st.shared_values()
+            if not torch.equal(weight, expected):
+                raise ValueError(
+                    f"{st.name}: {int((weight != expected).sum())} weights differ from "
+                    "codebook[labels]: the weight changed after finalize_clustering_; share it "
+                    "again (dcx.cluster_) or save it as it was")
+        return fmt.CompressedTensor(mask.cpu(), st.labels.cpu(), st.codebook.detach().cpu(),
+                                    st.bits, index_bits=_index_bits(st))
+    weight = st.weight()
+    mask = st.mask
+    moved = int((weight[~mask] != 0).sum())
+    if moved:
+        raise ValueError(
+            f"{st.name}: {moved} pruned positions hold non-zero values (an optimizer that does "
+            "not know the masks moved them); zero them with dcx.prune.apply_masks_(model), or "
+            "train with dcx.MaskedSGD / dcx.mask_optimizer_")
+    return fmt.CompressedTensor(mask.cpu(), values=weight.cpu(), index_bits=_index_bits(st))
+
+
+def records(model: nn.Module) -> tuple[dict, dict]:
+    """(compressed {name: CompressedTensor}, raw {name: Tensor}) of `model`: what `save` writes."""
+    compressed, owned = {}, set()
+    for name, st in state.layers(model).items():
+        compressed[name] = _record(st)
+        prefix = f"{st.module_name}." if st.module_name else ""
+        owned |= {prefix + key for key in st.keys}
+    raw = {}
+    for key, value in model.state_dict().items():
+        if key in owned:
+            continue
+        if not isinstance(value, Tensor):
+            raise ValueError(f"{key}: {type(value).__name__} (a module's extra state) cannot be "
+                             "stored: a .dcx file holds tensors only")
+        raw[key] = value
+    return compressed, raw
+
+
+def encode(model: nn.Module, config=None, extra: Optional[dict] = None) -> bytes:
+    """The bytes `save` writes. config: the compression config (a dict, or an object with
+    to_dict()), kept in the manifest; extra: more JSON-serialisable manifest entries."""
+    compressed, raw = records(model)
+    if not compressed:
+        warnings.warn("no layer of the model holds compressed state (prune_, cluster_ or convert "
+                      "first): the file stores every tensor raw", stacklevel=3)
+    manifest = dict(extra or {})
+    if config is not None:
+        manifest["config"] = config.to_dict() if hasattr(config, "to_dict") else config
+    return fmt.encode_file(compressed, raw, manifest)
+
+
+def save(model: nn.Module, path, config=None, extra: Optional[dict] = None) -> Path:
+    """Write `model` as a .dcx file at `path` (atomically; the file follows the umask) and return
+    the path. The same model gives the same bytes."""
+    fmt.write_atomic(path, encode(model, config, extra))
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _record_dtype(ct: fmt.CompressedTensor) -> torch.dtype:
+    return (ct.values if ct.values is not None else ct.codebook).dtype
+
+
+def _check_fits(model: nn.Module, compressed: dict, raw: dict):
+    """ValueError, before anything is written, unless every name, shape and dtype of the file
+    matches the model."""
+    state_dict = model.state_dict()
+    owned, problems = set(), []
+    for name, ct in compressed.items():
+        module_name, _, param = name.rpartition(".")
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            problems.append(f"{name}: the model has no module {module_name!r}")
+            continue
+        st = state.get(module, param, module_name)
+        if hasattr(module, "layer_state"):
+            if ct.codebook is None:
+                problems.append(f"{name}: {type(module).__name__} runs shared weights, the file "
+                                "holds the layer pruned only; load it into the plain layer")
+                continue
+            shape, dtype = (module.weight_shape, module.codebook.dtype) if param == "weight" \
+                else (None, None)
+        else:
+            target = getattr(module, param, None)
+            shape, dtype = (target.shape, target.dtype) if isinstance(target, Tensor) \
+                else (None, None)
+        if shape is None:
+            problems.append(f"{name}: {type(module).__name__} has no tensor {param!r}")
+            continue
+        if tuple(shape) != ct.shape or dtype != _record_dtype(ct):
+            problems.append(f"{name}: the file holds {_record_dtype(ct)} {ct.shape}, the model "
+                            f"{dtype} {tuple(shape)}")
+        prefix = f"{module_name}." if module_name else ""
+        owned |= {prefix + k for k in (st.keys if st is not None else (param,))}
+    for name, t in raw.items():
+        if name in state_dict and (state_dict[name].shape != t.shape
+                                   or state_dict[name].dtype != t.dtype):
+            problems.append(f"{name}: the file holds {t.dtype} {tuple(t.shape)}, the model "
+                            f"{state_dict[name].dtype} {tuple(state_dict[name].shape)}")
+    missing = sorted(set(state_dict) - owned - set(raw))
+    unexpected = sorted(set(raw) - set(state_dict))
+    if missing or unexpected or problems:
+        raise ValueError(f"the file does not match the model: missing {missing}, unexpected "
+                         f"{unexpected}" + "".join(f"; {p}" for p in problems))
+
+
+@torch.no_grad()
+def _restore(model: nn.Module, name: str, ct: fmt.CompressedTensor):
+    """Put one record back: a packed layer is repacked, any other layer gets the decoded weight
+    and the record's state (mask, codebook and labels, index bits)."""
+    module_name, _, param = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if hasattr(module, "layer_state"):
+        from dcx.nn import pack
+
+        device, n = module.codes.device, module.weight_shape[0]
+        mask, labels = ct.mask.to(device).reshape(n, -1), ct.labels.to(device).reshape(n, -1)
+        module._set_packed(pack(mask, labels, ct.codebook.to(device), ct.bits))
+        return
+    st = state.get(module, param, module_name)
+    if st is not None and st.live:
+        state.finalize_shared_(module, param)
+    module._parameters[param].copy_(ct.to_dense())
+    if not bool(ct.mask.all()) or (st is not None and st.mask is not None):
+        state.set_mask_(module, param, ct.mask)
+    if ct.codebook is not None:
+        state.set_shared_(module, param, ct.codebook, ct.labels, ct.bits, live=False)
+    state.set_index_bits_(module, param, ct.index_bits)
+
+
+def load(path, model: Optional[nn.Module] = None, packed: bool = True):
+    """Fill `model` (freshly built, same architecture) from a .dcx file and return it; see the
+    module docstring. Without a model, return the decoded state_dict ({name: tensor}, every
+    compressed weight dense)."""
+    compressed, raw, manifest = fmt.load_records(path)
+    if model is None:
+        decoded = {**{n: ct.to_dense() for n, ct in compressed.items()}, **raw}
+        return {meta["name"]: decoded[meta["name"]] for meta in manifest["tensors"]}
+    _check_fits(model, compressed, raw)
+    state_dict = model.state_dict()
+    with torch.no_grad():
+        for name, t in raw.items():
+            state_dict[name].copy_(t)
+    for name, ct in compressed.items():
+        _restore(model, name, ct)
+    if packed:
+        from dcx.nn import pack_layers_
+
+        pack_layers_(model)
+    return model
