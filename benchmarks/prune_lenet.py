@@ -124,7 +124,7 @@ def main():
     config = PruneConfig(sparsity=0.0, overrides=overrides, schedule="iterative",
                          iterations=args.rounds, frequency=args.retrain_epochs)
     pruner = Pruner(model, config)
-    optimizer = MaskedSGD(model.parameters(), lr=args.retrain_lr, masks=model, **hyper)
+    optimizer = MaskedSGD(model.parameters(), lr=args.retrain_lr, **hyper)
     rounds = []
     for epoch in tqdm(range(pruner.final_step + 1), desc="prune/retrain"):
         if pruner.step():

@@ -53,6 +53,8 @@ def kmeans_1d(values, k, iters=20):
 
 
 def synthetic_compressed(model):
+    """Prune and share each layer of `model` (as the stages' state, dcx.state); returns the
+    records the file should hold."""
     records = {}
     for name, density in DENSITY.items():
         layer = getattr(model, name)
@@ -63,10 +65,14 @@ def synthetic_compressed(model):
         codebook, kept_labels = kmeans_1d(w[mask], 1 << BITS)
         labels = torch.zeros(w.shape, dtype=torch.long)
         labels[mask] = kept_labels
-        records[f"{name}.weight"] = CompressedTensor(mask, labels, codebook, BITS, INDEX_BITS)
+        records[f"{name}.weight"] = CompressedTensor(mask, labels, codebook, BITS,
+                                                     index_bits=INDEX_BITS)
         with torch.no_grad():
             layer.weight.copy_(records[f"{name}.weight"].to_dense())
             layer.bias.normal_(0, 0.05)
+        dcx.state.set_mask_(layer, "weight", mask)
+        dcx.state.set_shared_(layer, "weight", codebook, labels, BITS, live=False)
+    dcx.encode_(model, dcx.EncodeConfig(linear_index_bits=INDEX_BITS))
     return records
 
 
@@ -79,10 +85,9 @@ def main():
         dcx.save(
             model,
             path,
-            records,
             config={"bits": BITS, "index_bits": INDEX_BITS, "density": DENSITY, "synthetic": True},
         )
-        fresh = dcx.load(path, LeNet300())
+        fresh = dcx.load(path, LeNet300(), packed=False)
         assert all(torch.equal(fresh.get_parameter(n), ct.to_dense()) for n, ct in records.items())
         result = report(path, model=LeNet300())  # fp32 model: torch.save baseline
     result.path = "lenet300-synthetic.dcx"
