@@ -7,6 +7,8 @@ Flag tree:
                  0              -> CPU kernels only
   TORCH_CUDA_ARCH_LIST          honoured as torch reads it; default "8.0;9.0" (A100, H100/H200)
   DCX_DEBUG=1                   -O0 -g, no NDEBUG
+  CUDA library headers          from pip wheels (site-packages/nvidia/*/include) only for the
+                                headers the toolkit lacks, searched after the toolkit's (-isystem)
   MAX_JOBS                      parallel compile jobs (ninja), as torch reads it
 
 Sources are found by glob, so a new op only adds files:
@@ -46,15 +48,22 @@ def _use_cuda():
     return available
 
 
-def _cuda_library_includes():
-    """CUDA library headers shipped as pip wheels (nvidia/cu13/include, nvidia/*/include)."""
+def _cuda_library_includes(cuda_home):
+    """Folders of CUDA library headers shipped as pip wheels (nvidia/cu13/include,
+    nvidia/*/include) that hold a header the toolkit at cuda_home lacks: an nvcc-only toolkit has
+    no cuBLAS or cuSPARSE headers, which torch's CUDA headers include. They are passed with
+    -isystem, so they are searched after the toolkit's own folder (which torch adds with -I): a
+    full toolkit's headers always win, and two versions of cuda_fp16.h or crt/ never mix."""
     import site
 
+    toolkit = os.path.join(cuda_home or "", "include")
+    have = set(os.listdir(toolkit)) if os.path.isdir(toolkit) else set()
     dirs = []
     for base in site.getsitepackages() + [site.getusersitepackages()]:
         for pattern in ("nvidia/cu*/include", "nvidia/*/include"):
             dirs += sorted(glob.glob(os.path.join(base, pattern)))
-    return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
+    return [d for d in dict.fromkeys(dirs)
+            if os.path.isdir(d) and any(f.endswith(".h") and f not in have for f in os.listdir(d))]
 
 
 def _sources(pattern):
@@ -79,10 +88,13 @@ def extensions():
     if not _use_cuda():
         return [CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **kwargs)]
 
+    from torch.utils.cpp_extension import CUDA_HOME
+
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     sources += _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu")
-    include_dirs += _cuda_library_includes()
-    nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
+    wheel_headers = [flag for d in _cuda_library_includes(CUDA_HOME) for flag in ("-isystem", d)]
+    cxx += wheel_headers
+    nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo"] + wheel_headers
     return [
         CUDAExtension(
             sources=sources,

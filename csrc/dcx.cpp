@@ -13,8 +13,12 @@ TORCH_LIBRARY(dcx, m) {
       "masked_sgd_step_(Tensor(a!) param, Tensor grad, Tensor mask, Tensor(b!)? momentum_buffer, "
       "float lr, float momentum=0., float dampening=0., float weight_decay=0., "
       "bool nesterov=False, bool maximize=False, bool init_buffer=False) -> ()");
-  // Per-cluster sum of grad over the positions with that label (mask == 0 excluded).
-  m.def("centroid_grad(Tensor grad, Tensor labels, int num_clusters, Tensor? mask=None) -> Tensor");
+  // Per-cluster sum of grad over the positions with that label (mask == 0 excluded). Labels
+  // outside [0, num_clusters) are never written; check=True makes them an error (on CUDA one
+  // host sync, which a training loop over labels it made itself skips with check=False).
+  m.def(
+      "centroid_grad(Tensor grad, Tensor labels, int num_clusters, Tensor? mask=None, "
+      "bool check=True) -> Tensor");
   // Canonical Huffman codec of the .dcx file (csrc/core/huffman.h). CPU only: it is a file-format
   // step run by dcx.save / dcx.load, not a kernel on the model's path. A code is given by its
   // code lengths (uint8, one per symbol of the alphabet, 0 = absent).

@@ -45,15 +45,18 @@ def masked_sgd_step_(
 
 
 def centroid_grad(
-    grad: Tensor, labels: Tensor, num_clusters: int, mask: Optional[Tensor] = None
+    grad: Tensor, labels: Tensor, num_clusters: int, mask: Optional[Tensor] = None,
+    check: bool = True,
 ) -> Tensor:
     """Sum of `grad` over the positions of each label: the gradient of a shared-weight codebook.
 
     grad: float tensor of any shape; labels: int32/int64 of grad's shape, in [0, num_clusters)
     where mask is set; mask: optional bool/uint8, 0 = excluded. Returns [num_clusters] in grad's
-    dtype (float32 accumulation, float64 for float64). Deterministic on CPU.
+    dtype (float32 accumulation, float64 for float64). Deterministic on CPU. Labels outside the
+    range are never written; check=True raises RuntimeError for them (on CUDA one host sync,
+    which check=False skips: a training step over labels the clustering made needs no check).
     """
-    return op("centroid_grad")(grad, labels, num_clusters, mask)
+    return op("centroid_grad")(grad, labels, num_clusters, mask, check)
 
 
 def kmeans1d(
@@ -91,7 +94,7 @@ if available():
         return None
 
     @torch.library.register_fake("dcx::centroid_grad")
-    def _(grad, labels, num_clusters, mask=None):
+    def _(grad, labels, num_clusters, mask=None, check=True):
         torch._check(num_clusters >= 1, lambda: f"num_clusters must be >= 1, got {num_clusters}")
         return grad.new_empty((num_clusters,))
 

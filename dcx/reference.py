@@ -40,14 +40,20 @@ def masked_sgd_step_(
 
 
 def centroid_grad(
-    grad: Tensor, labels: Tensor, num_clusters: int, mask: Optional[Tensor] = None
+    grad: Tensor, labels: Tensor, num_clusters: int, mask: Optional[Tensor] = None,
+    check: bool = True,
 ) -> Tensor:
-    """Per-label sums in float64 (the exact-enough oracle), returned in grad's dtype."""
+    """Per-label sums in float64 (the exact-enough oracle), returned in grad's dtype; labels out
+    of range are skipped (an error with check=True)."""
     values = grad.reshape(-1).double()
     index = labels.reshape(-1).long()
     if mask is not None:
         keep = mask.reshape(-1).bool()
         values, index = values[keep], index[keep]
+    inside = (index >= 0) & (index < num_clusters)
+    if check and not bool(inside.all()):
+        raise RuntimeError("labels must lie in [0, num_clusters) where mask is set")
+    values, index = values[inside], index[inside]
     out = torch.zeros(num_clusters, dtype=torch.float64, device=grad.device)
     return out.index_add_(0, index, values).to(grad.dtype)
 

@@ -79,11 +79,25 @@ def test_masked_labels_are_not_validated():
 
 
 @pytest.mark.parametrize("device", devices())
+def test_unchecked_labels_out_of_range_are_skipped(device):
+    """check=False: no error (on CUDA no host sync), and labels outside the range are skipped on
+    both devices as the reference skips them."""
+    grad = torch.arange(1.0, 9.0, device=device)
+    labels = torch.tensor([0, 1, 5, -2, 1, 0, 2, 9], device=device)
+    out = dcx.ops.centroid_grad(grad, labels, 3, None, check=False)
+    assert out.tolist() == [1.0 + 6.0, 2.0 + 5.0, 7.0]
+    assert torch.equal(out, reference.centroid_grad(grad, labels, 3, None, check=False))
+    with pytest.raises(RuntimeError, match="labels must lie in"):
+        reference.centroid_grad(grad, labels, 3)
+
+
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("masked", [False, True])
-def test_opcheck(device, dtype, masked):
+@pytest.mark.parametrize("check", [True, False])
+def test_opcheck(device, dtype, masked, check):
     grad, labels, mask = make_inputs(1000, 16, dtype, device, masked=masked)
-    torch.library.opcheck(torch.ops.dcx.centroid_grad.default, (grad, labels, 16, mask))
+    torch.library.opcheck(torch.ops.dcx.centroid_grad.default, (grad, labels, 16, mask, check))
 
 
 @pytest.mark.parametrize("device", devices())

@@ -225,6 +225,40 @@ def test_corrupted_packed_data(device, case, crossover):
 
 
 @pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("isa", ["avx512", "generic"])
+@pytest.mark.parametrize("crossover", [-1, 1])
+def test_padding_nibbles_are_never_read(monkeypatch, device, isa, crossover):
+    """Dense codes of up to 4 bits pad each row to whole blocks of 128 columns: those nibbles are
+    never read as weights, so a value there is no error on any path (kernel, decode, ISA)."""
+    monkeypatch.setenv("DCX_CPU_ISA", isa)
+    mask = torch.ones(5, 100, dtype=torch.bool, device=device)
+    labels = torch.randint(0, 10, (5, 100), device=device)
+    p = dcx.pack(mask, labels, torch.randn(10, device=device), dense=True)
+    codes = p.codes.clone()
+    codes[:, 4 * 9 + 3] |= 0xF0  # nibble 7 of word 9: column 16 * 7 + 9 = 121 >= K
+    x = torch.randn(3, 100, device=device)
+    y = run(x, p._replace(codes=codes), crossover=crossover)
+    check(y, x, mask, labels, p.codebook)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("shape, batch", [((0, 40), 3), ((8, 40), 0), ((8, 0), 3), ((0, 0), 0),
+                                          ((8, 0), 0)])
+def test_empty_dimensions_still_check_the_pointers(device, shape, batch):
+    """With nothing to compute (M, N or K zero) the structure of a sparse weight is still
+    checked, on every device alike."""
+    n, k = shape
+    _, _, _, p = make_layer(n, k, 0.3, 5, torch.float32, device, dense=False)
+    x = torch.randn(batch, k, device=device)
+    y = run(x, p, torch.ones(n, device=device))
+    assert y.shape == (batch, n) and (y == 1).all()
+    with pytest.raises(RuntimeError, match="group_ptr or chunks|group_ptr|chunks"):
+        run(x, p._replace(chunks=p.chunks + 7))
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize(
     "change, match",
     [

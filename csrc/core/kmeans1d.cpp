@@ -59,21 +59,40 @@ void radix_sort(T* data, int64_t n) {
   }
   for (int64_t i = 0; i < n; ++i) a[i] = from_key(a[i]);
   std::memcpy(data, a.data(), sizeof(T) * n);
+  for (int64_t i = 0; i < n; ++i) data[i] = data[i] == T(0) ? T(0) : data[i];  // -0.0 -> +0.0
 }
 
+// The tiled order of kmeans1d.h, each product and sum rounded on its own: the compiler must not
+// fuse d * d into the addition (the CUDA kernels use __dmul_rn / __dadd_rn for the same reason).
 template <typename T>
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("fp-contract=off")))
+#endif
 double prefix_sums(const T* x, int64_t n, double shift, double* S, double* S2) {
-  double s = 0.0, s2 = 0.0;
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
   S[0] = 0.0;
   if (S2 != nullptr) S2[0] = 0.0;
-  for (int64_t i = 0; i < n; ++i) {
-    const double d = static_cast<double>(x[i]) - shift;
-    s += d;
-    s2 += d * d;
-    S[i + 1] = s;
-    if (S2 != nullptr) S2[i + 1] = s2;
+  double offset = 0.0, offset2 = 0.0, last2 = 0.0;
+  for (int64_t t0 = 0; t0 < n; t0 += kScanTile) {
+    const int64_t t1 = std::min(n, t0 + kScanTile);
+    double total = 0.0, total2 = 0.0, run = offset, run2 = offset2;
+    for (int64_t i = t0; i < t1; ++i) {
+      const double d = static_cast<double>(x[i]) - shift;
+      const double d2 = d * d;
+      total += d;
+      total2 += d2;
+      run += d;
+      run2 += d2;
+      S[i + 1] = run;
+      if (S2 != nullptr) S2[i + 1] = run2;
+    }
+    offset += total;
+    offset2 += total2;
+    last2 = run2;
   }
-  return s2;
+  return last2;
 }
 
 template <typename T>

@@ -237,13 +237,20 @@ LloydResult lloyd(StatsFn&& compute_stats, double* c, int64_t k, double shift, i
 
 // ---- host functions (kmeans1d.cpp), for float and double values ----
 
-// Sorts n values ascending (LSD radix sort on the order-preserving bit pattern; -0.0 before +0.0,
-// NaN with the sign bit set first and without it last).
+// Sorts n values ascending (LSD radix sort on the order-preserving bit pattern; NaN with the sign
+// bit set first and without it last), -0.0 written as +0.0 (as the CUDA op does), so both
+// devices hold the same sorted values bit for bit.
 template <typename T>
 void radix_sort(T* data, int64_t n);
 
-// S[0] = 0, S[i + 1] = S[i] + (x[i] - shift), S2 likewise of the squares; n + 1 entries each.
-// S2 may be null (Lloyd needs only S). Returns the sum of the squares.
+// Prefix sums in one fixed order, the same on every device (the CUDA op runs these steps in its
+// kernels): the values are cut into tiles of kScanTile; a tile's total is summed from zero in
+// order; the tiles' offsets are the running sum of the totals in order; inside a tile the running
+// sum starts from the tile's offset. Every operation is one IEEE double rounding (no fused
+// multiply-add), so the CPU and CUDA sums agree bit for bit, and the decisions made from them.
+// S[i + 1] is the sum of (x[j] - shift) over j <= i, S2 likewise of the squares; n + 1 entries
+// each, S[0] = 0. S2 may be null (Lloyd needs only S). Returns the sum of the squares (S2[n]).
+constexpr int64_t kScanTile = 2048;
 template <typename T>
 double prefix_sums(const T* x, int64_t n, double shift, double* S, double* S2);
 

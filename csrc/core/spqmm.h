@@ -419,7 +419,12 @@ DCX_AVX512_FN inline void dense_rows_nibbles(const SpqmmPacked& p, int64_t r0, i
       const bool whole = 128 * (b + 1) <= K;
       for (int t = 0; t < 8; t += 2) {
         const __m512i i0 = nibble_ids(block, t), i1 = nibble_ids(block, t + 1);
-        max_id = _mm512_max_epu32(max_id, _mm512_max_epu32(i0, i1));
+        if (whole) {
+          max_id = _mm512_max_epu32(max_id, _mm512_max_epu32(i0, i1));
+        } else {  // padding nibbles past K are never read, so never checked (as the decode)
+          max_id = _mm512_mask_max_epu32(max_id, tail_mask(K, 128 * b + 16 * t), max_id, i0);
+          max_id = _mm512_mask_max_epu32(max_id, tail_mask(K, 128 * b + 16 * t + 16), max_id, i1);
+        }
         const __m512 x0 = whole ? _mm512_loadu_ps(xb + 16 * t)
                                 : _mm512_maskz_loadu_ps(tail_mask(K, 128 * b + 16 * t), xb + 16 * t);
         const __m512 x1 = whole ? _mm512_loadu_ps(xb + 16 * t + 16)

@@ -82,12 +82,10 @@ std::tuple<at::Tensor, at::Tensor> kmeans1d_cuda(const at::Tensor& values, int64
       const double shift = read_value(sorted, n / 2, stream);
       at::Tensor S = at::empty({n + 1}, f64), S2 = at::empty({n + 1}, f64);
       {
-        at::Tensor tmp = at::empty({n}, f64);
-        at::Tensor scan_temp = at::empty({int64_t(cuda::kmeans1d_scan_temp_bytes(n))}, bytes);
+        at::Tensor scratch = at::empty({cuda::kmeans1d_prefix_scratch(n)}, f64);
         C10_CUDA_CHECK(cuda::launch_kmeans1d_prefix(dtype, sorted.data_ptr(), n, shift,
                                                     S.data_ptr<double>(), S2.data_ptr<double>(),
-                                                    tmp.data_ptr<double>(), scan_temp.data_ptr(),
-                                                    scan_temp.numel(), stream));
+                                                    scratch.data_ptr<double>(), stream));
       }
       const double* Sp = S.data_ptr<double>();
       const double* S2p = S2.data_ptr<double>();

@@ -2,15 +2,18 @@
 // (core/kmeans1d.h, shared with the CPU op, so both devices decide alike).
 //
 //   sort      cub::DeviceRadixSort::SortKeys (values only: labels come from a binary search of
-//             each value in its own order, so no permutation is kept and nothing is scattered)
-//   prefix    the shifted values and their squares in double, cub::DeviceScan::InclusiveSum
+//             each value in its own order, so no permutation is kept and nothing is scattered),
+//             then -0.0 written as +0.0, as the CPU sort does
+//   prefix    the shifted values and their squares in double, in the fixed tiled order of
+//             kmeans1d::prefix_sums (a thread per tile, then one thread over the tile totals):
+//             the same sums as the CPU bit for bit, so both devices take the same decisions
+//             (a library scan's order of additions is its own and may change from run to run)
 //   stats     per Lloyd iteration, one thread per cluster: its range by two binary searches of
 //             the sorted values, its sums from prefix-sum differences
 //   labels    one thread per value: binary search over the k - 1 midpoints in shared memory
 //   exact DP  each row level by level, the nodes of a level in parallel (a warp per node while
 //             nodes are few and their candidate ranges long, a thread per node after)
 #include <cub/device/device_radix_sort.cuh>
-#include <cub/device/device_scan.cuh>
 
 #include <algorithm>
 
@@ -28,12 +31,63 @@ inline unsigned blocks_for(int64_t n, int64_t cap = 65535LL * 8) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, cap)));
 }
 
+// -0.0 -> +0.0 in the sorted values (both compare equal, so the order stays sorted).
 template <typename T>
-__global__ void shifted_kernel(const T* __restrict__ x, int64_t n, double shift, bool square,
-                               double* __restrict__ out) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const double d = static_cast<double>(x[i]) - shift;
-    out[i] = square ? d * d : d;
+__global__ void positive_zero_kernel(T* __restrict__ x, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    if (x[i] == T(0)) x[i] = T(0);
+}
+
+// The tiled prefix sums of kmeans1d::prefix_sums, each product and sum rounded on its own
+// (__dmul_rn / __dadd_rn: nvcc would otherwise fuse d * d into the addition, and the CPU does not).
+// Pass 1: each tile's totals, summed from zero in order; one thread per tile.
+template <typename T>
+__global__ void tile_totals_kernel(const T* __restrict__ x, int64_t n, double shift,
+                                   double* __restrict__ total, double* __restrict__ total2) {
+  const int64_t tiles = (n + kmeans1d::kScanTile - 1) / kmeans1d::kScanTile;
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < tiles; t += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t0 = t * kmeans1d::kScanTile, t1 = min(n, t0 + kmeans1d::kScanTile);
+    double s = 0.0, s2 = 0.0;
+    for (int64_t i = t0; i < t1; ++i) {
+      const double d = __dsub_rn(static_cast<double>(x[i]), shift);
+      s = __dadd_rn(s, d);
+      s2 = __dadd_rn(s2, __dmul_rn(d, d));
+    }
+    total[t] = s;
+    total2[t] = s2;
+  }
+}
+
+// Pass 2: the totals become the tiles' offsets (their running sum, in order), in place; one thread.
+__global__ void tile_offsets_kernel(double* __restrict__ total, double* __restrict__ total2,
+                                    int64_t tiles) {
+  double off = 0.0, off2 = 0.0;
+  for (int64_t t = 0; t < tiles; ++t) {
+    const double a = total[t], a2 = total2[t];
+    total[t] = off;
+    total2[t] = off2;
+    off = __dadd_rn(off, a);
+    off2 = __dadd_rn(off2, a2);
+  }
+}
+
+// Pass 3: each tile's running sums from its offset; one thread per tile.
+template <typename T>
+__global__ void tile_scan_kernel(const T* __restrict__ x, int64_t n, double shift,
+                                 const double* __restrict__ offset, const double* __restrict__ offset2,
+                                 double* __restrict__ S, double* __restrict__ S2) {
+  const int64_t tiles = (n + kmeans1d::kScanTile - 1) / kmeans1d::kScanTile;
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < tiles; t += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t0 = t * kmeans1d::kScanTile, t1 = min(n, t0 + kmeans1d::kScanTile);
+    double run = offset[t], run2 = offset2[t];
+    for (int64_t i = t0; i < t1; ++i) {
+      const double d = __dsub_rn(static_cast<double>(x[i]), shift);
+      run = __dadd_rn(run, d);
+      run2 = __dadd_rn(run2, __dmul_rn(d, d));
+      S[i + 1] = run;
+      S2[i + 1] = run2;
+    }
+    if (t == 0) S[0] = S2[0] = 0.0;
   }
 }
 
@@ -187,34 +241,43 @@ size_t kmeans1d_sort_temp_bytes(Dtype dtype, int64_t n) {
 cudaError_t launch_kmeans1d_sort(Dtype dtype, const void* in, void* out, int64_t n, void* temp,
                                  size_t temp_bytes, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  return dtype == Dtype::kFloat64 ? sort_typed<double>(in, out, n, temp, &temp_bytes, stream)
-                                  : sort_typed<float>(in, out, n, temp, &temp_bytes, stream);
+  cudaError_t err = dtype == Dtype::kFloat64 ? sort_typed<double>(in, out, n, temp, &temp_bytes, stream)
+                                             : sort_typed<float>(in, out, n, temp, &temp_bytes, stream);
+  if (err != cudaSuccess) return err;
+  if (dtype == Dtype::kFloat64)
+    positive_zero_kernel<<<blocks_for(n), kThreads, 0, stream>>>(static_cast<double*>(out), n);
+  else
+    positive_zero_kernel<<<blocks_for(n), kThreads, 0, stream>>>(static_cast<float*>(out), n);
+  return cudaGetLastError();
 }
 
-size_t kmeans1d_scan_temp_bytes(int64_t n) {
-  size_t bytes = 0;
-  cub::DeviceScan::InclusiveSum(nullptr, bytes, static_cast<const double*>(nullptr),
-                                static_cast<double*>(nullptr), static_cast<int>(n), cudaStream_t(0));
-  return bytes;
+int64_t kmeans1d_prefix_scratch(int64_t n) {
+  return 2 * ((n + kmeans1d::kScanTile - 1) / kmeans1d::kScanTile);
 }
 
 cudaError_t launch_kmeans1d_prefix(Dtype dtype, const void* sorted, int64_t n, double shift,
-                                   double* S, double* S2, double* tmp, void* temp,
-                                   size_t temp_bytes, cudaStream_t stream) {
-  cudaError_t err = cudaMemsetAsync(S, 0, sizeof(double), stream);
-  if (err == cudaSuccess) err = cudaMemsetAsync(S2, 0, sizeof(double), stream);
-  if (err != cudaSuccess || n == 0) return err;
-  for (int pass = 0; pass < 2; ++pass) {
-    if (dtype == Dtype::kFloat64)
-      shifted_kernel<<<blocks_for(n), kThreads, 0, stream>>>(static_cast<const double*>(sorted), n, shift, pass == 1, tmp);
-    else
-      shifted_kernel<<<blocks_for(n), kThreads, 0, stream>>>(static_cast<const float*>(sorted), n, shift, pass == 1, tmp);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    err = cub::DeviceScan::InclusiveSum(temp, temp_bytes, tmp, (pass == 0 ? S : S2) + 1,
-                                        static_cast<int>(n), stream);
-    if (err != cudaSuccess) return err;
+                                   double* S, double* S2, double* scratch, cudaStream_t stream) {
+  if (n == 0) {
+    cudaError_t err = cudaMemsetAsync(S, 0, sizeof(double), stream);
+    return err == cudaSuccess ? cudaMemsetAsync(S2, 0, sizeof(double), stream) : err;
   }
-  return cudaSuccess;
+  const int64_t tiles = kmeans1d_prefix_scratch(n) / 2;
+  double *total = scratch, *total2 = scratch + tiles;
+  if (dtype == Dtype::kFloat64) {
+    tile_totals_kernel<<<blocks_for(tiles), kThreads, 0, stream>>>(static_cast<const double*>(sorted), n, shift, total, total2);
+  } else {
+    tile_totals_kernel<<<blocks_for(tiles), kThreads, 0, stream>>>(static_cast<const float*>(sorted), n, shift, total, total2);
+  }
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  tile_offsets_kernel<<<1, 1, 0, stream>>>(total, total2, tiles);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  if (dtype == Dtype::kFloat64) {
+    tile_scan_kernel<<<blocks_for(tiles), kThreads, 0, stream>>>(static_cast<const double*>(sorted), n, shift, total, total2, S, S2);
+  } else {
+    tile_scan_kernel<<<blocks_for(tiles), kThreads, 0, stream>>>(static_cast<const float*>(sorted), n, shift, total, total2, S, S2);
+  }
+  return cudaGetLastError();
 }
 
 cudaError_t launch_kmeans1d_distinct(Dtype dtype, const void* sorted, int64_t n, int64_t limit,

@@ -32,11 +32,12 @@ cudaError_t launch_centroid_grad(Dtype dtype, const void* grad, IndexDtype index
 size_t kmeans1d_sort_temp_bytes(Dtype dtype, int64_t n);
 cudaError_t launch_kmeans1d_sort(Dtype dtype, const void* in, void* out, int64_t n, void* temp,
                                  size_t temp_bytes, cudaStream_t stream);
-size_t kmeans1d_scan_temp_bytes(int64_t n);
-// S, S2: n + 1 doubles (prefix sums of sorted - shift and its square); tmp: n doubles.
+// Doubles of scratch the prefix sums need (two per tile of kmeans1d::kScanTile values).
+int64_t kmeans1d_prefix_scratch(int64_t n);
+// S, S2: n + 1 doubles, the prefix sums of sorted - shift and of its square in the fixed order of
+// kmeans1d::prefix_sums (bit for bit the CPU's); scratch: kmeans1d_prefix_scratch(n) doubles.
 cudaError_t launch_kmeans1d_prefix(Dtype dtype, const void* sorted, int64_t n, double shift,
-                                   double* S, double* S2, double* tmp, void* temp,
-                                   size_t temp_bytes, cudaStream_t stream);
+                                   double* S, double* S2, double* scratch, cudaStream_t stream);
 // write == false: adds the number of distinct sorted values to *counter (zeroed by the caller);
 // write == true: writes up to `limit` of them to out, in any order (counter: slots, zeroed).
 cudaError_t launch_kmeans1d_distinct(Dtype dtype, const void* sorted, int64_t n, int64_t limit,
@@ -59,10 +60,11 @@ cudaError_t launch_kmeans1d_optimal(const double* S, const double* S2, int64_t n
 // spqmm (layout at the top of csrc/core/spqmm.h). x: [m, k] contiguous, y: [m, n], codebook
 // (kc entries) and bias (or null) in `dtype`. Sparse mode: codes [steps, 16], windows [steps],
 // group_ptr [ceil(n / 16) + 1], chunks [num_chunks + 1] set, and ws a zeroed float [m, n]
-// workspace; dense mode: dense_codes [n, k] set. bad_flag: one int, bit 1 an id >= kc, bit 2 a
-// column >= k, bit 4 unsound pointers.
+// workspace; dense mode: dense_codes set. bad_flag: one zeroed int, bit 1 an id >= kc, bit 2 a
+// column >= k, bit 4 unsound pointers. device: the current device (its limits are cached).
 struct SpqmmCudaArgs {
   Dtype dtype;
+  int device;
   const void* x;
   void* y;
   int64_t m, n, k;
@@ -82,9 +84,10 @@ struct SpqmmCudaArgs {
   cudaStream_t stream;
 };
 
+// With m, n or k zero there is nothing to compute; sparse mode's pointers are still checked.
 cudaError_t launch_spqmm(const SpqmmCudaArgs& args);
 
-// Decode the packed weight to dense [n, k] in `dtype` at `weight` (zeroed by the caller).
+// Decode the packed weight to dense [n, k] in `dtype` at `weight`, every element written.
 cudaError_t launch_spqmm_decode(const SpqmmCudaArgs& args, void* weight);
 
 }  // namespace cuda

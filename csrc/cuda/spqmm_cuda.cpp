@@ -1,8 +1,9 @@
-// spqmm on CUDA: argument checks, workspace from the caching allocator, launches on the current
-// stream, the crossover to cuBLAS, and the corruption check (one 4-byte read back, skipped with
-// check=False, as SparseQuantLinear calls it after validating its packed weight once, and while a
-// CUDA graph is being captured; the kernels never read out of bounds either way). The kernels are
-// in spqmm_kernel.cu.
+// spqmm on CUDA: argument checks, workspace from the caching allocator (one allocation and one
+// memset per call), launches on the current stream, the crossover to cuBLAS, and the corruption
+// check (one 4-byte read back, skipped with check=False, as SparseQuantLinear calls it after
+// validating its packed weight once, and while a CUDA graph is being captured; the kernels never
+// read out of bounds either way). Device limits and occupancy are cached in spqmm_kernel.cu, so a
+// call makes no runtime queries. The kernels are in spqmm_kernel.cu.
 #include <ATen/ATen.h>
 #include <cstdint>
 #include <c10/util/accumulate.h>
@@ -45,6 +46,7 @@ at::Tensor spqmm_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Te
                    bias);
   cuda::check_cuda_tensor(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t N = out_features, K = in_features;
   const bool dense_mode = codes.scalar_type() == at::kByte;
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
@@ -54,10 +56,23 @@ at::Tensor spqmm_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Te
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
   const at::Tensor cb = codebook.contiguous();
-  at::Tensor bad = at::zeros({1}, x.options().dtype(at::kInt));
+
+  const double density =
+      dense_mode ? 1.0
+                 : double(codes.numel()) / std::max<double>(1.0, double(N) * double(K));
+  const int64_t cross = crossover >= 0 ? crossover : auto_crossover_cuda(density);
+  const bool empty = M == 0 || N == 0 || K == 0;
+  const bool decode = !empty && M >= std::max<int64_t>(cross, 1);
+  // One allocation and one memset for the corruption flag (16 bytes, keeping the workspace
+  // aligned) and, in sparse mode below the crossover, the float32 workspace [M, N].
+  const int64_t ws_floats = dense_mode || decode || empty ? 0 : M * N;
+  at::Tensor scratch = at::empty({4 + ws_floats}, x.options().dtype(at::kFloat));
+  C10_CUDA_CHECK(cudaMemsetAsync(scratch.data_ptr(), 0, scratch.nbytes(), stream));
+  const at::Tensor bad = scratch.narrow(0, 0, 1).view(at::kInt);
 
   cuda::SpqmmCudaArgs a{};
   a.dtype = cuda::to_dtype(x.scalar_type(), "x");
+  a.device = x.get_device();
   a.x = x2.data_ptr();
   a.m = M;
   a.n = N;
@@ -67,7 +82,8 @@ at::Tensor spqmm_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Te
   a.kc = static_cast<int>(cb.numel());
   a.bias = has_bias ? b.data_ptr() : nullptr;
   a.bad_flag = bad.data_ptr<int>();
-  a.stream = at::cuda::getCurrentCUDAStream();
+  a.ws = ws_floats > 0 ? scratch.data_ptr<float>() + 4 : nullptr;
+  a.stream = stream;
   a.dense = dense_mode;
   // Two ids per byte (bits <= 4): the kernel reads rows of 16-byte blocks with 16-byte loads, so
   // a view that does not start on 16 bytes is copied to a fresh (aligned) allocation.
@@ -85,28 +101,16 @@ at::Tensor spqmm_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Te
     a.num_chunks = chunks.numel() - 1;
   }
 
-  const double density =
-      dense_mode ? 1.0
-                 : double(codes.numel()) / std::max<double>(1.0, double(N) * double(K));
-  const int64_t cross = crossover >= 0 ? crossover : auto_crossover_cuda(density);
-  if (M > 0 && M >= std::max<int64_t>(cross, 1)) {
-    at::Tensor w = at::zeros({N, K}, x.options());
+  if (decode) {  // past the crossover: W decoded once (every element written), then the BLAS
+    at::Tensor w = at::empty({N, K}, x.options());
     C10_CUDA_CHECK(cuda::launch_spqmm_decode(a, w.data_ptr()));
     check_flag(bad, check);
     return at::linear(x2, w, bias).reshape(out_shape);
   }
   at::Tensor y = at::empty({M, N}, x.options());
-  at::Tensor ws;
-  if (!dense_mode) {
-    ws = at::zeros({M, N}, x.options().dtype(at::kFloat));
-    a.ws = ws.data_ptr<float>();
-  }
   a.y = y.data_ptr();
-  if (K == 0) {
-    y.copy_(has_bias ? b.expand({M, N}) : at::zeros({M, N}, x.options()));
-    return y.reshape(out_shape);
-  }
-  C10_CUDA_CHECK(cuda::launch_spqmm(a));
+  C10_CUDA_CHECK(cuda::launch_spqmm(a));  // with nothing to compute, only the pointer checks
+  if (empty && M > 0 && N > 0) y.copy_(has_bias ? b.expand({M, N}) : at::zeros({M, N}, x.options()));
   check_flag(bad, check);
   return y.reshape(out_shape);
 }

@@ -31,6 +31,10 @@
 // give wrong rows, never out-of-bounds accesses. Live slots in the padding rows of a partial last
 // group are dropped. The glue turns the flags into an error (outside graph capture).
 #include <algorithm>
+#include <map>
+#include <mutex>
+#include <set>
+#include <tuple>
 
 #include "core/spqmm_layout.h"
 #include "cuda/dtype.cuh"
@@ -225,8 +229,8 @@ __global__ void spqmm_epilogue_kernel(const float* __restrict__ ws, const T* __r
 //   kNibbles    two ids per byte (bits <= 4): a row is ceil(k / 128) blocks of 64 bytes, 16
 //               little-endian 32-bit words each, nibble t of word d holding column
 //               128 b + 16 t + d; a lane takes a quarter block at a time (a 16-byte load: words
-//               4 q .. 4 q + 3, 32 ids), so a warp reads 512 contiguous bytes; columns past k
-//               are skipped.
+//               4 q .. 4 q + 3, 32 ids), so a warp reads 512 contiguous bytes; the padding
+//               nibbles past k are skipped, ids and all (as on the CPU and in the decode).
 enum class DenseLayout { kBytes, kBytesVec, kNibbles };
 
 template <typename T, int MB, DenseLayout kLayout>
@@ -267,8 +271,7 @@ spqmm_dense_kernel(const T* __restrict__ x, int64_t ldx, int mvalid,
         for (int t = 0; t < 8; ++t) {
           const uint32_t id = (words[dd] >> (4 * t)) & 15u;
           const int64_t col = base + 16 * t + dd;
-          if (col < k) add(id, col);
-          else max_id = max(max_id, id);
+          if (col < k) add(id, col);  // padding past k is never read, so never checked
         }
       }
     }
@@ -294,39 +297,48 @@ spqmm_dense_kernel(const T* __restrict__ x, int64_t ldx, int mvalid,
   }
 }
 
-// Decode to dense W [n, k] in T (zeroed by the caller), for cuBLAS past the crossover. Same
-// pieces and group walk as the sparse kernel, one step per half-warp at a time (no shuffles, so
-// the halves may diverge).
+// Decode to dense W [n, k] in T for cuBLAS past the crossover, writing every element (no zero
+// fill before it): a block takes whole groups; it zeroes the group's rows, then its half-warps
+// scatter the group's steps, one step each at a time, into the rows it just zeroed (in L2). A
+// group's steps are group_ptr[g] .. group_ptr[g + 1] clamped into [0, steps], so corrupted
+// pointers (flagged) give wrong weights, never an access out of bounds; a block writes only its
+// own groups' rows.
 template <typename T>
 __global__ void __launch_bounds__(kSparseThreads)
 spqmm_decode_sparse_kernel(const uint16_t* __restrict__ codes, const int32_t* __restrict__ windows,
                            const int32_t* __restrict__ group_ptr,
                            const int32_t* __restrict__ chunks, int64_t steps, int64_t groups,
-                           int64_t num_chunks, int64_t n, int k, int64_t piece,
+                           int64_t num_chunks, int64_t n, int k,
                            const T* __restrict__ codebook, int kc, T* __restrict__ w,
                            int* __restrict__ bad_flag) {
   int flag = check_pointers(group_ptr, groups + 1, steps) |
              check_pointers(chunks, num_chunks + 1, steps);
-  const int lane = threadIdx.x & 31, half = lane >> 4, slot = lane & 15;
-  const int64_t warps = int64_t(gridDim.x) * (blockDim.x >> 5);
-  const int64_t pieces = (steps + piece - 1) / piece;
-  for (int64_t p = blockIdx.x * int64_t(blockDim.x >> 5) + (threadIdx.x >> 5); p < pieces;
-       p += warps) {
-    const int64_t a = p * piece, b = a + min(piece, steps - a);
-    int64_t g = find_group(group_ptr, groups, a);
-    int64_t gend = group_ptr[g + 1];
-    for (int64_t s = a + half; s < b; s += 2) {
-      if (s >= gend) {
-        g = next_group(group_ptr, groups, g, s);
-        gend = group_ptr[g + 1];
-      }
+  const int slot = threadIdx.x & 15, halves = blockDim.x >> 4;
+  for (int64_t g = blockIdx.x; g < groups; g += gridDim.x) {
+    const int64_t r0 = g * kGroupRows, rows = min(int64_t(kGroupRows), n - r0);
+    T* wg = w + r0 * k;
+    for (int64_t i = threadIdx.x; i < rows * k; i += blockDim.x) wg[i] = from_float<T>(0.f);
+    __syncthreads();
+    const int64_t s0 = min(max(int64_t(group_ptr[g]), int64_t(0)), steps);
+    const int64_t s1 = min(max(int64_t(group_ptr[g + 1]), s0), steps);
+    for (int64_t s = s0 + (threadIdx.x >> 4); s < s1; s += halves) {
       const int window = windows[s];
       if (slot == 0 && uint32_t(window) >= uint32_t(k)) flag |= 2;
       const Slot e = decode_slot(codes[s * kGroupRows + slot], window, k, kc, &flag);
-      const int64_t row = g * kGroupRows + slot;
-      if (e.ok && row < n) w[row * k + e.col] = codebook[e.id];
+      if (e.ok && slot < rows) wg[slot * int64_t(k) + e.col] = codebook[e.id];
     }
+    __syncthreads();  // the scatter into this group's rows ends before the next group is zeroed
   }
+  if (flag) atomicOr(bad_flag, flag);
+}
+
+// Only the pointer checks (flag 4), for a call with nothing else to compute (M, N or K zero):
+// the CPU op checks the structure whatever the sizes, and so does this one.
+__global__ void spqmm_check_pointers_kernel(const int32_t* __restrict__ group_ptr, int64_t groups,
+                                            const int32_t* __restrict__ chunks, int64_t num_chunks,
+                                            int64_t steps, int* __restrict__ bad_flag) {
+  const int flag = check_pointers(group_ptr, groups + 1, steps) |
+                   check_pointers(chunks, num_chunks + 1, steps);
   if (flag) atomicOr(bad_flag, flag);
 }
 
@@ -353,24 +365,59 @@ __global__ void spqmm_decode_dense_kernel(const uint8_t* __restrict__ codes, int
   if (flag) atomicOr(bad_flag, flag);
 }
 
-// What the sparse launches need to know about the current device (attribute and occupancy
-// queries: no sync, allowed while a graph is being captured).
+// What the sparse launches need to know about a device, queried once per device: a call then
+// makes no runtime queries (they cost microseconds of host time per call, about what the kernel
+// itself takes at batch 1).
 struct DeviceLimits {
   int sms = 1, smem_per_sm = 0, smem_per_block = 0;
 };
 
-cudaError_t device_limits(DeviceLimits* d) {
-  int dev;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err == cudaSuccess) {
-    err = cudaDeviceGetAttribute(&d->sms, cudaDevAttrMultiProcessorCount, dev);
+std::mutex& cache_mutex() {
+  static std::mutex mu;
+  return mu;
+}
+
+cudaError_t device_limits(int dev, DeviceLimits* d) {
+  static std::map<int, DeviceLimits> cache;
+  std::lock_guard<std::mutex> lock(cache_mutex());
+  const auto it = cache.find(dev);
+  if (it != cache.end()) {
+    *d = it->second;
+    return cudaSuccess;
   }
+  cudaError_t err = cudaDeviceGetAttribute(&d->sms, cudaDevAttrMultiProcessorCount, dev);
   if (err == cudaSuccess) {
     err = cudaDeviceGetAttribute(&d->smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
   }
   if (err == cudaSuccess) {
     err = cudaDeviceGetAttribute(&d->smem_per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   }
+  if (err == cudaSuccess) cache[dev] = *d;
+  return err;
+}
+
+// Resident blocks per SM of `kernel` with `smem` bytes of dynamic shared memory, once per
+// (device, kernel, smem); the first query of a kernel on a device also raises its dynamic shared
+// memory limit to the device's maximum, once, instead of per call.
+cudaError_t blocks_per_sm(int dev, const void* kernel, int threads, size_t smem,
+                          const DeviceLimits& d, int* per_sm) {
+  static std::map<std::tuple<int, const void*, size_t>, int> cache;
+  static std::set<std::pair<int, const void*>> raised;
+  std::lock_guard<std::mutex> lock(cache_mutex());
+  const auto key = std::make_tuple(dev, kernel, smem);
+  const auto it = cache.find(key);
+  if (it != cache.end()) {
+    *per_sm = it->second;
+    return cudaSuccess;
+  }
+  cudaError_t err = cudaSuccess;
+  if (raised.insert({dev, kernel}).second && d.smem_per_block > 48 * 1024) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               d.smem_per_block);
+    if (err != cudaSuccess) return err;
+  }
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, kernel, threads, smem);
+  if (err == cudaSuccess) cache[key] = *per_sm;
   return err;
 }
 
@@ -393,15 +440,11 @@ struct SparsePlan {
 };
 
 template <typename Kernel>
-cudaError_t plan_sparse(Kernel kernel, const DeviceLimits& d, int64_t steps, size_t smem,
+cudaError_t plan_sparse(Kernel kernel, int dev, const DeviceLimits& d, int64_t steps, size_t smem,
                         SparsePlan* p) {
-  cudaError_t err = cudaSuccess;
-  if (smem > 48 * 1024) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (err != cudaSuccess) return err;
-  }
   int per_sm = 0;
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kSparseThreads, smem);
+  const cudaError_t err = blocks_per_sm(dev, reinterpret_cast<const void*>(kernel), kSparseThreads,
+                                        smem, d, &per_sm);
   if (err != cudaSuccess) return err;
   const int64_t max_blocks = int64_t(std::max(d.sms, 1)) * std::max(per_sm, 1);
   const int64_t warps = max_blocks * kSparseWarps;
@@ -420,7 +463,7 @@ cudaError_t launch_sparse(const SpqmmCudaArgs& a, const DeviceLimits& d, const T
   auto kernel = spqmm_sparse_kernel<T, MB, kShuffle, kStaged>;
   const size_t smem = kStaged ? size_t(mvalid) * size_t(a.k) * sizeof(T) : 0;
   SparsePlan p;
-  const cudaError_t err = plan_sparse(kernel, d, a.steps, smem, &p);
+  const cudaError_t err = plan_sparse(kernel, a.device, d, a.steps, smem, &p);
   if (err != cudaSuccess) return err;
   kernel<<<p.blocks, kSparseThreads, smem, a.stream>>>(
       x, mvalid, a.codes, a.windows, a.group_ptr, a.chunks, a.steps, a.groups, a.num_chunks, a.n,
@@ -466,7 +509,7 @@ cudaError_t launch_typed(const SpqmmCudaArgs& a) {
   T* y = static_cast<T*>(a.y);
   DeviceLimits d;
   if (!a.dense) {
-    const cudaError_t err = device_limits(&d);
+    const cudaError_t err = device_limits(a.device, &d);
     if (err != cudaSuccess) return err;
   }
   // Batch columns per pass: each decoded weight is applied to all of them.
@@ -508,22 +551,33 @@ cudaError_t decode_typed(const SpqmmCudaArgs& a, void* w) {
   } else {
     if (a.n == 0) return cudaSuccess;
     DeviceLimits d;
-    cudaError_t err = device_limits(&d);
+    cudaError_t err = device_limits(a.device, &d);
     if (err != cudaSuccess) return err;
-    SparsePlan p;
-    err = plan_sparse(spqmm_decode_sparse_kernel<T>, d, a.steps, 0, &p);
+    int per_sm = 0;
+    auto kernel = spqmm_decode_sparse_kernel<T>;
+    err = blocks_per_sm(a.device, reinterpret_cast<const void*>(kernel), kSparseThreads, 0, d,
+                        &per_sm);
     if (err != cudaSuccess) return err;
-    spqmm_decode_sparse_kernel<T><<<p.blocks, kSparseThreads, 0, a.stream>>>(
+    const int64_t resident = int64_t(std::max(d.sms, 1)) * std::max(per_sm, 1);
+    const unsigned blocks = unsigned(std::max<int64_t>(1, std::min(resident, a.groups)));
+    kernel<<<blocks, kSparseThreads, 0, a.stream>>>(
         a.codes, a.windows, a.group_ptr, a.chunks, a.steps, a.groups, a.num_chunks, a.n,
-        int(a.k), p.piece, cb, a.kc, static_cast<T*>(w), a.bad_flag);
+        int(a.k), cb, a.kc, static_cast<T*>(w), a.bad_flag);
   }
   return cudaGetLastError();
 }
 
 }  // namespace
 
+cudaError_t launch_spqmm_check(const SpqmmCudaArgs& a) {
+  if (a.dense) return cudaSuccess;
+  spqmm_check_pointers_kernel<<<1, kDenseThreads, 0, a.stream>>>(a.group_ptr, a.groups, a.chunks,
+                                                                 a.num_chunks, a.steps, a.bad_flag);
+  return cudaGetLastError();
+}
+
 cudaError_t launch_spqmm(const SpqmmCudaArgs& args) {
-  if (args.m == 0 || args.n == 0) return cudaSuccess;
+  if (args.m == 0 || args.n == 0 || args.k == 0) return launch_spqmm_check(args);
   switch (args.dtype) {
     case Dtype::kFloat32: return launch_typed<float>(args);
     case Dtype::kFloat16: return launch_typed<__half>(args);
