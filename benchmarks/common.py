@@ -1,5 +1,6 @@
-"""Shared benchmark plumbing: timing (CPU wall clock, CUDA events), the stamp on every table,
-device copy bandwidth, and markdown output to benchmarks/results/."""
+"""Shared benchmark plumbing: timing (CPU wall clock; on CUDA, CUDA-graph replays timed with
+events), the stamp on every table, device copy bandwidth, and markdown output to
+benchmarks/results/."""
 
 import os
 import platform
@@ -39,9 +40,22 @@ def device_name(device):
     return f"{cpu}, {torch.get_num_threads()} threads"
 
 
+# CUDA timing: each callable is captured as a CUDA graph of GRAPH_CALLS consecutive calls (so a
+# rotation of weight copies is captured as it runs) and the graph's replays are timed with
+# events, per call: the kernels' time without the per-call host overhead of launching them
+# (which at batch 1 is about as long as the kernels). Callables that cannot be captured (they
+# read results back) are timed eagerly, and the table's stamp names them.
+GRAPH_CALLS = 10
+EAGER = set()
+
+
 def stamp(device):
-    return (f"device: {device_name(device)}; torch {torch.__version__}; commit {commit()}; "
+    text = (f"device: {device_name(device)}; torch {torch.__version__}; commit {commit()}; "
             f"{time.strftime('%Y-%m-%d')}")
+    if device == "cuda":
+        text += (f"; GPU times: CUDA-graph replays of {GRAPH_CALLS} calls, per call"
+                 + (f" (eager, not capturable: {', '.join(sorted(EAGER))})" if EAGER else ""))
+    return text
 
 
 def sync(device):
@@ -68,12 +82,39 @@ def bench(fn, device, warmup=3, repeat=20, min_time=0.2):
     return bench_side_by_side({"fn": fn}, device, warmup, repeat, min_time)["fn"]
 
 
+def as_graph(fn, name):
+    """fn as a callable that replays a CUDA graph of GRAPH_CALLS fn() calls, and the number of
+    calls one replay makes; (fn, 1) when fn cannot be captured."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream, as torch asks
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for _ in range(GRAPH_CALLS):
+                fn()
+    except Exception:  # a host read-back or another uncapturable call: time it eagerly
+        torch.cuda.synchronize()
+        EAGER.add(name)
+        return fn, 1
+    return graph.replay, GRAPH_CALLS
+
+
 def bench_side_by_side(fns, device, warmup=3, repeat=20, min_time=0.2, clock=time.perf_counter,
                        block=5):
     """Median seconds per call of each callable in `fns` (name -> fn), timed in interleaved
     rounds: each round runs every fn once untimed, then `block` timed calls. A drift of the
     machine (memory bandwidth shared with other tenants, clocks) then moves them alike, so their
-    ratios stay fair, while each timed call still finds its own code and threads warm."""
+    ratios stay fair, while each timed call still finds its own code and threads warm. On CUDA
+    each fn is a graph replay of GRAPH_CALLS calls (see as_graph), its time divided by them."""
+    calls = dict.fromkeys(fns, 1)
+    if device == "cuda":
+        graphs = {name: as_graph(fn, name) for name, fn in fns.items()}
+        fns = {name: g for name, (g, _) in graphs.items()}
+        calls = {name: c for name, (_, c) in graphs.items()}
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -87,7 +128,7 @@ def bench_side_by_side(fns, device, warmup=3, repeat=20, min_time=0.2, clock=tim
             sync(device)
             times[name] += [time_call(fn, device, clock) for _ in range(block)]
         timed += block
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: statistics.median(t) / calls[name] for name, t in times.items()}
 
 
 def copy_bandwidth(device, nbytes=1 << 28):

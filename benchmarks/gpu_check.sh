@@ -1,22 +1,66 @@
 #!/usr/bin/env bash
-# The GPU round in one call, from the repository root of a copy of the tree on a GPU machine:
-# environment, CUDA build (sm_90 only), the test suite, every CUDA op checked against the CPU
-# kernels (benchmarks/gpu_sanitize.py), the CUDA benchmarks, the same checks under
-# compute-sanitizer (memcheck, racecheck, synccheck), one ncu profile of spqmm, and a summary
-# printed last. Every step has its own timeout and the whole run a budget, so a hang costs one
-# step; a failed step is recorded and the next one runs.
+# The GPU round in one call, from the repository root of a copy of the tree on a GPU machine,
+# most important first, so that a run cut by its budget loses the least:
+#   env, build (sm_90 only), pytest -k cuda (each result logged as it comes), every CUDA op
+#   against the CPU kernels and dcx.reference (benchmarks/gpu_sanitize.py), the same checks under
+#   compute-sanitizer memcheck and racecheck (quick), the CUDA tables at reduced sizes, one ncu
+#   profile of spqmm last; the summary is printed at the end.
+# Every step has its own time cap and the whole run a budget (DCX_GPU_BUDGET_S, default 450 s:
+# 7.5 minutes, leaving room in a 15-minute lease for the machine's start and a second run); a
+# step that would start with too little budget left is skipped, a hang costs one step, and a
+# failed step is recorded while the next one runs.
 #
 #   bash benchmarks/gpu_check.sh [OUTDIR]        # OUTDIR: default $OUT, else ./gpu-out
+#   bash benchmarks/gpu_check.sh --dry-run       # the steps, their caps and the budget; runs nothing
 #
-# Environment: DCX_GPU_BUDGET_S (whole run, default 510 s), DCX_COMMIT (the commit stamped on
-# the tables when the copy has no git), PYTHON (default python3).
-# OUTDIR gets 8 files at most: summary.txt, tables.md (every table written by this run),
+# Environment: DCX_GPU_BUDGET_S (whole run), DCX_COMMIT (the commit stamped on the tables when
+# the copy has no git), PYTHON (default python3).
+# OUTDIR gets 7 files at most: summary.txt, tables.md (every table written by this run),
 # gpu-round.tar.gz (all logs and tables), build.log, pytest.log, sanitize-<tool>.log.
 # Without a GPU the GPU steps are reported as skipped.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT" || exit 1
+BUDGET="${DCX_GPU_BUDGET_S:-450}"  # the caps below add up to 410 s
+RESERVE=25   # seconds kept for a step's kill grace (10 s), the summary and the tarball
+# The plan: step, time cap in seconds, what it does. The caps are worst cases and add up to
+# less than the budget (the dry run shows it); the build's longest file, spqmm_kernel.cu, takes
+# about 65 s for sm_90 on one core.
+PLAN=(
+  "env            10  versions of the machine, torch, nvcc, the tools"
+  "build         140  DCX_USE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 setup.py build_ext --inplace"
+  "kernels        10  every op but the Huffman codec has a CUDA kernel"
+  "pytest         65  pytest -k cuda (8 workers), each result logged as it comes"
+  "check-ops      25  gpu_sanitize.py: every CUDA op against the CPU kernel / dcx.reference"
+  "memcheck       40  compute-sanitizer memcheck on gpu_sanitize.py --quick"
+  "racecheck      30  compute-sanitizer racecheck on gpu_sanitize.py --quick"
+  "bench-spqmm    35  bench_spqmm.py --preset gpu-table (CUDA-graph replays)"
+  "bench-masked_sgd 10  bench_masked_sgd.py at 10M"
+  "bench-centroid_grad 10  bench_centroid_grad.py at 10M"
+  "bench-kmeans   15  bench_kmeans.py at 1M"
+  "ncu            20  one ncu profile of the spqmm kernels (AlexNet fc6, 10%, 5 bits, fp16)"
+)
+cap_of() {  # cap_of STEP: the step's cap from PLAN
+  local line
+  for line in "${PLAN[@]}"; do
+    read -r name cap _ <<<"$line"
+    [[ $name == "$1" ]] && { echo "$cap"; return; }
+  done
+  echo 30
+}
+if [[ "${1:-}" == "--dry-run" ]]; then
+  total=0
+  printf '%-20s %6s %8s  %s\n' step cap "by then" what
+  for line in "${PLAN[@]}"; do
+    read -r name cap what <<<"$line"
+    total=$((total + cap))
+    printf '%-20s %5ss %7ss  %s\n' "$name" "$cap" "$total" "$what"
+  done
+  echo "budget ${BUDGET} s, ${RESERVE} s of it kept for the summary: the caps add up to ${total} s,"
+  echo "$((total + RESERVE)) s with it; a step that would start with under 15 s of budget left is skipped."
+  exit 0
+fi
 OUTDIR="${1:-${OUT:-./gpu-out}}"
 mkdir -p "$OUTDIR" && OUTDIR="$(cd "$OUTDIR" && pwd)" || exit 1
 # Logs beyond the few kept in OUTDIR go here, then into the tarball (OUTDIR holds 8 files).
@@ -26,8 +70,6 @@ MARK="$WORK/start.mark"
 touch "$MARK"
 
 PY="${PYTHON:-python3}"
-BUDGET="${DCX_GPU_BUDGET_S:-510}"
-RESERVE=25   # seconds kept for a step's kill grace (10 s), the summary and the tarball
 START=$SECONDS
 JOBS="$(nproc 2>/dev/null || echo 4)"
 (( JOBS > 16 )) && JOBS=16
@@ -45,11 +87,12 @@ record() {  # record NAME STATUS SECONDS
   printf '%-20s %-36s %5ss\n' "$1" "$2" "$3" >>"$OUTDIR/summary.txt"  # progress, if cut short
 }
 
-# run_step NAME CAP LOG CMD...: CMD under a timeout of CAP seconds (less when the budget runs
+# run_step NAME LOG CMD...: CMD under a timeout of the step's cap (less when the budget runs
 # short), output to LOG. Returns CMD's exit status (124 on timeout, 125 when skipped).
 run_step() {
-  local name=$1 cap=$2 log=$3
-  shift 3
+  local name=$1 cap log=$2
+  cap=$(cap_of "$name")
+  shift 2
   local left=$((BUDGET - (SECONDS - START) - RESERVE))
   if ((left < 15)); then
     record "$name" "skipped (time budget)" 0
@@ -128,7 +171,7 @@ true
 EOF
 export PY SANITIZER NCU
 : >"$OUTDIR/summary.txt"
-run_step env 90 "$WORK/env.log" bash "$WORK/env.sh"
+run_step env "$WORK/env.log" bash "$WORK/env.sh"
 
 # What can run here: a CUDA build of torch (to build), a GPU (to run).
 FLAGS="$(timeout 60 "$PY" -c 'import torch; print(int(torch.version.cuda is not None), int(torch.cuda.is_available()))' 2>/dev/null | tail -n 1)"
@@ -142,10 +185,10 @@ BUILD_OK=0
 if [[ -n "$GPU_WHY" ]]; then
   skip build "$GPU_WHY" "$OUTDIR/build.log"
 else
-  if run_step build 300 "$OUTDIR/build.log" \
+  if run_step build "$OUTDIR/build.log" \
     env DCX_USE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$JOBS" "$PY" setup.py build_ext --inplace; then
     # Every op but the CPU-only Huffman codec must have a CUDA kernel.
-    run_step kernels 60 "$WORK/kernels.log" "$PY" -c '
+    run_step kernels "$WORK/kernels.log" "$PY" -c '
 import dcx
 from dcx._native import CPU_ONLY
 print(dcx.kernels())
@@ -157,53 +200,32 @@ fi
 NEED=""   # why the steps that need the CUDA build cannot run
 if [[ -n "$GPU_WHY" ]]; then NEED="$GPU_WHY"; elif ((!BUILD_OK)); then NEED="build failed"; fi
 
-# ---- c. the test suite, CUDA cases included ------------------------------------------------
+# ---- c. the CUDA tests (CI runs the CPU ones) ---------------------------------------------
+# Each result goes to $WORK/tests.log as it comes (tests/conftest.py, DCX_TEST_LOG), so a run
+# cut by its cap still counts what ran; junit is written at the end as well.
 if [[ -n "$NEED" ]]; then
   skip pytest "$NEED" "$OUTDIR/pytest.log"
 else
-  # 8 workers of 2 threads each (CI's thread count) where pytest-xdist is present, each compiling
-  # torch.compile graphs in-process (no pool of compile workers per test process); a per-test
-  # timeout where pytest-timeout is.
-  PYTEST_ARGS=(-q -ra tests --junitxml="$WORK/pytest.xml")
+  # 8 workers of 2 threads each where pytest-xdist is present, each compiling torch.compile
+  # graphs in-process; a per-test timeout where pytest-timeout is.
+  PYTEST_ARGS=(-q -ra tests -k cuda --junitxml="$WORK/pytest.xml")
   "$PY" -c 'import xdist' 2>/dev/null && PYTEST_ARGS+=(-n 8)
-  "$PY" -c 'import pytest_timeout' 2>/dev/null && PYTEST_ARGS+=(--timeout 150)
-  run_step pytest 240 "$OUTDIR/pytest.log" env OMP_NUM_THREADS=2 TORCHINDUCTOR_COMPILE_THREADS=1 \
-    "$PY" -m pytest "${PYTEST_ARGS[@]}"
+  "$PY" -c 'import pytest_timeout' 2>/dev/null && PYTEST_ARGS+=(--timeout 60)
+  run_step pytest "$OUTDIR/pytest.log" env DCX_TEST_LOG="$WORK/tests.log" OMP_NUM_THREADS=2 \
+    TORCHINDUCTOR_COMPILE_THREADS=1 "$PY" -m pytest "${PYTEST_ARGS[@]}"
 fi
 
-# ---- d1. every CUDA op against the CPU kernels / dcx.reference, without a sanitizer ---------
+# ---- d. every CUDA op against the CPU kernels / dcx.reference, without a sanitizer ----------
 # (without a GPU it checks the CPU kernels instead: a smoke test of the driver)
 if [[ -n "$NEED" && -z "$GPU_WHY" ]]; then
   skip check-ops "$NEED"
 elif [[ -n "$GPU_WHY" ]] && ! timeout 60 "$PY" -c 'import dcx, sys; sys.exit(not dcx.available())' 2>/dev/null; then
   skip check-ops "$GPU_WHY; dcx not built"
 else
-  run_step check-ops 90 "$WORK/check-ops.log" "$PY" benchmarks/gpu_sanitize.py
+  run_step check-ops "$WORK/check-ops.log" "$PY" benchmarks/gpu_sanitize.py
 fi
 
-# ---- e. benchmarks on CUDA (the CPU tables are not repeated) -------------------------------
-bench() {  # bench NAME CAP ENV... -- ARGS...
-  local name=$1 cap=$2 envs=()
-  shift 2
-  while [[ $1 != -- ]]; do envs+=("$1"); shift; done
-  shift
-  if [[ -n "$NEED" ]]; then skip "$name" "$NEED"; return; fi
-  run_step "$name" "$cap" "$WORK/$name.log" env DCX_BENCH_DEVICES=cuda "${envs[@]}" "$PY" "$@"
-}
-bench bench-spqmm 150 -- benchmarks/bench_spqmm.py --preset gpu-table --devices cuda \
-  --note "Preset gpu-table (benchmarks/gpu_check.sh)."
-bench bench-masked_sgd 90 -- benchmarks/bench_masked_sgd.py
-bench bench-centroid_grad 90 -- benchmarks/bench_centroid_grad.py
-# 10M values: the plain-torch Lloyd baseline at 100M takes minutes.
-bench bench-kmeans 120 DCX_BENCH_SIZES=10000000 -- benchmarks/bench_kmeans.py
-if ((HAVE_GPU)); then
-  timeout 20 nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw \
-    --format=csv >"$WORK/clocks-after-benchmarks.txt" 2>&1
-fi
-
-# ---- d2. compute-sanitizer -----------------------------------------------------------------
-# After the benchmarks: their run time is the hardest to foresee, so a run that overruns the
-# budget costs sanitizer runs, not tables.
+# ---- e. compute-sanitizer memcheck and racecheck on the op checks (quick) --------------------
 SAN_OPTS=(--error-exitcode 1 --target-processes all)
 SAN_FILTER=() MEM_FILTER=()
 if [[ -z "$NEED" && -n "$SANITIZER" ]]; then
@@ -217,25 +239,41 @@ if [[ -z "$NEED" && -n "$SANITIZER" ]]; then
     MEM_FILTER=(--kernel-name kns=dcx --kernel-name kns=cub)
   fi
 fi
-sanitize() {  # sanitize TOOL CAP TOOL-OPTIONS... -- DRIVER-ARGS...
-  local tool=$1 cap=$2 opts=() log="$OUTDIR/sanitize-$1.log"
-  shift 2
+sanitize() {  # sanitize TOOL TOOL-OPTIONS... -- DRIVER-ARGS...
+  local tool=$1 opts=() log="$OUTDIR/sanitize-$1.log"
+  shift 1
   while [[ $1 != -- ]]; do opts+=("$1"); shift; done
   shift
   if [[ -n "$NEED" ]]; then skip "$tool" "$NEED" "$log"; return; fi
   if [[ -z "$SANITIZER" ]]; then skip "$tool" "no compute-sanitizer" "$log"; return; fi
-  run_step "$tool" "$cap" "$log" "$SANITIZER" --tool "$tool" "${SAN_OPTS[@]}" "${opts[@]}" \
+  run_step "$tool" "$log" "$SANITIZER" --tool "$tool" "${SAN_OPTS[@]}" "${opts[@]}" \
     "$PY" benchmarks/gpu_sanitize.py "$@"
 }
 # Without the caching allocator every tensor is its own allocation, so memcheck sees an access
 # past its end.
-export PYTORCH_NO_CUDA_MEMORY_CACHING=1
-sanitize memcheck 150 --leak-check no "${MEM_FILTER[@]}" --
-unset PYTORCH_NO_CUDA_MEMORY_CACHING
-sanitize racecheck 120 "${SAN_FILTER[@]}" --
-sanitize synccheck 90 "${SAN_FILTER[@]}" -- --quick
+PYTORCH_NO_CUDA_MEMORY_CACHING=1 sanitize memcheck --leak-check no "${MEM_FILTER[@]}" -- --quick
+sanitize racecheck "${SAN_FILTER[@]}" -- --quick
 
-# ---- e2. one ncu profile of the spqmm kernels (AlexNet fc6, 10%, 5 bits, fp16, batch 1) -----
+# ---- f. the CUDA tables at reduced sizes (the CPU tables are not repeated) ------------------
+bench() {  # bench NAME ENV... -- ARGS...
+  local name=$1 envs=()
+  shift 1
+  while [[ $1 != -- ]]; do envs+=("$1"); shift; done
+  shift
+  if [[ -n "$NEED" ]]; then skip "$name" "$NEED"; return; fi
+  run_step "$name" "$WORK/$name.log" env DCX_BENCH_DEVICES=cuda "${envs[@]}" "$PY" "$@"
+}
+bench bench-spqmm -- benchmarks/bench_spqmm.py --preset gpu-table --devices cuda \
+  --note "Preset gpu-table (benchmarks/gpu_check.sh)."
+bench bench-masked_sgd DCX_BENCH_SIZES=10000000 -- benchmarks/bench_masked_sgd.py
+bench bench-centroid_grad DCX_BENCH_SIZES=10000000 -- benchmarks/bench_centroid_grad.py
+bench bench-kmeans DCX_BENCH_SIZES=1000000 -- benchmarks/bench_kmeans.py
+if ((HAVE_GPU)); then
+  timeout 20 nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw \
+    --format=csv >"$WORK/clocks-after-benchmarks.txt" 2>&1
+fi
+
+# ---- h. last: one ncu profile of the spqmm kernels (AlexNet fc6, 10%, 5 bits, fp16, batch 1) --
 cat >"$WORK/ncu_spqmm.py" <<'EOF'
 import torch
 
@@ -257,7 +295,7 @@ if [[ -n "$NEED" ]]; then
 elif [[ -z "$NCU" ]]; then
   skip ncu "no ncu"
 else
-  run_step ncu 90 "$WORK/ncu.log" "$NCU" --clock-control none --kernel-name regex:spqmm \
+  run_step ncu "$WORK/ncu.log" "$NCU" --clock-control none --kernel-name regex:spqmm \
     --launch-count 3 "$PY" "$WORK/ncu_spqmm.py"
 fi
 
@@ -269,31 +307,17 @@ for f in "${TABLES[@]}"; do
   cp "$f" "$WORK/tables/"
   { echo "<!-- $f -->"; cat "$f"; echo; } >>"$OUTDIR/tables.md"
 done
-for f in build.log pytest.log sanitize-memcheck.log sanitize-racecheck.log sanitize-synccheck.log; do
+for f in build.log pytest.log sanitize-memcheck.log sanitize-racecheck.log; do
   [[ -f "$OUTDIR/$f" ]] && cp "$OUTDIR/$f" "$WORK/"
 done
 
-# CUDA test counts from the junit report: passed, failed, and skipped for want of a GPU.
+# CUDA test counts from the results logged as they came (tests/conftest.py): passed, failed,
+# and skipped (for want of a GPU: must be none), also when pytest was cut by its cap.
 CUDA_TESTS=""
-if [[ -f "$WORK/pytest.xml" ]]; then
-  CUDA_TESTS="$("$PY" - "$WORK/pytest.xml" <<'EOF'
-import sys
-import xml.etree.ElementTree as ET
-
-passed = failed = skipped = no_gpu = 0
-for case in ET.parse(sys.argv[1]).getroot().iter("testcase"):
-    tags = {child.tag: child for child in case}
-    if "skipped" in tags:
-        no_gpu += "no CUDA GPU" in (tags["skipped"].get("message") or "")
-        skipped += "cuda" in case.get("name", "")
-    elif "failure" in tags or "error" in tags:
-        failed += "cuda" in case.get("name", "")
-    else:
-        passed += "cuda" in case.get("name", "")
-print(f"CUDA tests (ids with 'cuda'): {passed} passed, {failed} failed, {skipped} skipped; "
-      f"skipped for want of a GPU: {no_gpu}" + (" (must be 0)" if no_gpu else ""))
-EOF
-)"
+if [[ -f "$WORK/tests.log" ]]; then
+  CUDA_TESTS="$(awk '{n[$1]++} $1 == "skipped" && /no CUDA GPU/ {g++}
+    END {printf "CUDA tests (ids with cuda): %d passed, %d failed, %d skipped; skipped for want of a GPU: %d%s",
+         n["passed"], n["failed"], n["skipped"], g, (g ? " (must be 0)" : "")}' "$WORK/tests.log")"
 fi
 
 {
@@ -309,7 +333,7 @@ fi
   echo "pytest: $(grep -E '(passed|failed|error)' "$OUTDIR/pytest.log" 2>/dev/null | tail -n 1 || head -n 1 "$OUTDIR/pytest.log")"
   [[ -n "$CUDA_TESTS" ]] && echo "$CUDA_TESTS"
   grep -h -A 8 '^gpu_sanitize (' "$WORK/check-ops.log" 2>/dev/null | cut -c1-160
-  for tool in memcheck racecheck synccheck; do
+  for tool in memcheck racecheck; do
     log="$OUTDIR/sanitize-$tool.log"
     [[ -f "$log" ]] || continue
     echo "$tool: $(grep -h -E '(ERROR|RACECHECK|SYNCCHECK) SUMMARY|^gpu_sanitize \(|Device not supported|skipped' "$log" | tr '\n' ' ' | cut -c1-300)"

@@ -153,15 +153,25 @@ def test_seed_determinism(init):
 @pytest.mark.parametrize("method", ["lloyd", "optimal"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpu_cuda_agree(init, method, dtype):
-    """Same seed, same result on both devices: the O(k) decisions are the same host code; only
-    the prefix sums are added in another order (float64), so centroids agree to a few float64
-    roundings of a mean, well inside one rounding of the output dtype."""
+    """Same seed, same result on both devices, bit for bit: the O(k) decisions are the same host
+    code and the prefix sums are added in one fixed order on both (kmeans1d::prefix_sums), so
+    labels and centroids are equal; signed zeros sort alike (-0.0 as +0.0)."""
     values = data("heavy", 50001).to(dtype)
+    values[::97] = -0.0
+    values[1::97] = 0.0
     c_cpu, l_cpu = dcx.ops.kmeans1d(values, 16, init=init, seed=3, method=method)
     c_gpu, l_gpu = dcx.ops.kmeans1d(values.cuda(), 16, init=init, seed=3, method=method)
     assert torch.equal(l_cpu, l_gpu.cpu())
-    eps = torch.finfo(dtype).eps
-    torch.testing.assert_close(c_gpu.cpu(), c_cpu, rtol=eps, atol=eps * values.abs().max().item())
+    assert c_gpu.cpu().view(torch.uint8).tolist() == c_cpu.view(torch.uint8).tolist()
+
+
+@pytest.mark.parametrize("device", devices())
+def test_signed_zeros_are_one_value(device):
+    """-0.0 and +0.0 are one value: one centroid, and it is +0.0 whatever the input order."""
+    for values in ([-0.0, 0.0, 1.0, 2.0], [0.0, -0.0, 1.0, 2.0], [-0.0, -0.0, 1.0, 2.0]):
+        c, labels = dcx.ops.kmeans1d(torch.tensor(values, device=device), 3)
+        assert c.tolist() == [0.0, 1.0, 2.0] and not torch.signbit(c).any()
+        assert labels.tolist() == [0, 0, 1, 2]
 
 
 @pytest.mark.parametrize("kind", ["uniform", "gaussian", "bimodal", "heavy"])
