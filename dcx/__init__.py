@@ -25,9 +25,10 @@ from dcx.prune import Pruner, finalize_pruning_, prune_  # noqa: E402
 from dcx.quantize import cluster_, finalize_clustering_  # noqa: E402
 
 from dcx import nn  # noqa: E402
-from dcx.nn import SparseQuantConv2d, SparseQuantLinear, convert, pack, pack_layers_  # noqa: E402
+from dcx.nn import (SparseQuantConv2d, SparseQuantEmbedding, SparseQuantLinear,  # noqa: E402
+                    convert, pack, pack_layers_)
 
-from dcx import format, io, report  # noqa: E402
+from dcx import format, hf, io, report  # noqa: E402
 from dcx.encode import encode_  # noqa: E402
 from dcx.format import FormatError, verify  # noqa: E402
 from dcx.io import load, save  # noqa: E402
@@ -39,7 +40,8 @@ __all__ = [
     "data", "models", "optim", "prune", "quantize", "sensitivity", "nn", "format", "io", "report",
     "MaskedSGD", "mask_optimizer_", "PruneConfig", "Pruner", "finalize_pruning_", "prune_",
     "ClusterConfig", "cluster_", "finalize_clustering_", "EncodeConfig", "encode_",
-    "SparseQuantLinear", "SparseQuantConv2d", "convert", "pack", "pack_layers_",
+    "SparseQuantLinear", "SparseQuantConv2d", "SparseQuantEmbedding", "convert", "pack",
+    "pack_layers_", "hf",
     "FormatError", "save", "load", "verify",
     "CompressionConfig", "TrainConfig", "DeepCompression",
 ]

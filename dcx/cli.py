@@ -1,25 +1,34 @@
 """The `dcx` command.
 
-    dcx demo [--out DIR]                          the whole pipeline on scikit-learn's digits
+    dcx demo [--out DIR]                          the whole pipeline on the bundled digits
     dcx compress --config CFG [--model M] [--data D] [--out FILE]
+    dcx convert SRC --bits B [--sparsity S] [--overrides O.yaml] [--no-embeddings] --out FILE
     dcx eval FILE [--model M] [--data D]          accuracy of a .dcx file loaded into the model
     dcx report FILE [--json | --markdown]         the per-layer compression table
     dcx verify FILE                               check every checksum and decode everything
+    dcx export FILE --out model.safetensors       the decoded weights, for tools without dcx
     dcx bench [NAME ...]                          the microbenchmarks (from a source checkout)
 
-Data: --data digits (bundled, no download) or a folder of MNIST IDX files (or $DCX_MNIST).
-Exit codes: 0 success, 1 a failure while running, 2 bad usage, config or data, 3 a corrupt or
-foreign .dcx file.
+Models (--model): lenet300, lenet5, or package.module:factory (a callable returning the
+nn.Module; the current folder is importable). Data (--data): digits (bundled, no download), a
+folder of MNIST IDX files (or $DCX_MNIST), or package.module:loaders (a callable returning
+(train_loader, test_loader)). convert's SRC: a transformers model folder (config.json + weights,
+loaded offline) or package.module:factory with --weights (.safetensors, or .pt loaded with
+weights_only=True).
+Exit codes: 0 success, 1 a failure while running, 2 bad usage, config or data (or a missing
+optional package: the message names the extra to install), 3 a corrupt or foreign .dcx file.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CORRUPT = 0, 1, 2, 3
@@ -30,10 +39,70 @@ class UsageError(Exception):
     """Bad arguments, config or data: exit code 2."""
 
 
-def build_model(name: str, sample_shape):
-    """A fresh model by name for inputs of `sample_shape` ([C, H, W])."""
+def resolve(spec: str, what: str):
+    """The object that 'package.module:name' names (name may be dotted), imported with the
+    current folder on sys.path, as `python -m` would."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(f"{what} {spec!r} must be 'package.module:name'")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as error:
+        raise UsageError(f"cannot import {module_name!r} for {what} {spec!r}: {error}") from None
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise UsageError(f"{what} {spec!r}: {module_name} has no {attr!r}") from None
+    if not callable(obj):
+        raise UsageError(f"{what} {spec!r} is not callable")
+    return obj
+
+
+def load_weights(model, path):
+    """Fill `model` from a state_dict file: .safetensors, or .pt / .pth / .bin through
+    torch.load(weights_only=True) (no code runs)."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"weights file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from dcx.hf import require
+
+        state = require("safetensors.torch").load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # unpickling refused or a corrupt file
+            raise UsageError(f"cannot read weights {str(path)!r}: {error}") from None
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UsageError(f"{str(path)!r} does not hold a state_dict (a mapping of names to tensors)")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise UsageError(f"the weights in {str(path)!r} do not fit the model: {error}") from None
+
+
+def build_model(name: str, sample_shape=None, weights=None):
+    """A fresh model: lenet300 / lenet5 for inputs of `sample_shape` ([C, H, W]), or the
+    nn.Module a package.module:factory returns; `weights` (a state_dict file) loaded into it."""
+    from torch import nn
+
     from dcx.models import LeNet5, LeNet300100
 
+    if ":" in name:
+        model = resolve(name, "model")()
+        if not isinstance(model, nn.Module):
+            raise UsageError(f"model {name!r} returned {type(model).__name__}, not an nn.Module")
+        if weights is not None:
+            load_weights(model, weights)
+        return model
+    if weights is not None:
+        raise UsageError("--weights fills a package.module:factory model; lenet300 and lenet5 "
+                         "are built fresh")
     if name == "lenet300":
         features = 1
         for d in sample_shape:
@@ -43,7 +112,26 @@ def build_model(name: str, sample_shape):
         if tuple(sample_shape[-2:]) != (28, 28):
             raise UsageError(f"lenet5 needs 28x28 images (MNIST), the data has {tuple(sample_shape)}")
         return LeNet5(in_channels=sample_shape[0])
-    raise UsageError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    raise UsageError(f"unknown model {name!r}; choose one of {', '.join(MODELS)} or give "
+                     "package.module:factory")
+
+
+def make_loaders(spec: str | None, batch_size: int, seed: int):
+    """(train_loader, test_loader, name, sample shape) from 'digits', an MNIST folder, or a
+    package.module:loaders callable."""
+    if spec and ":" in spec and not Path(spec).exists():
+        loaders = resolve(spec, "data")()
+        if not (isinstance(loaders, (tuple, list)) and len(loaders) == 2):
+            raise UsageError(f"data {spec!r} must return (train_loader, test_loader)")
+        train, test = loaders
+        try:
+            sample = next(iter(test))[0]
+        except (StopIteration, TypeError, IndexError):
+            raise UsageError(f"data {spec!r}: the test loader must yield (x, y) batches") from None
+        return train, test, spec, tuple(sample.shape[1:])
+    train_x, train_y, test_x, test_y, name = load_data(spec)
+    train, test = _loaders(train_x, train_y, test_x, test_y, batch_size, seed)
+    return train, test, name, tuple(train_x.shape[1:])
 
 
 def load_data(spec: str | None):
@@ -76,10 +164,10 @@ def run_pipeline(config, model_name, data_spec, out: Path, plots: bool = True, p
     from dcx import plots as dcx_plots
     from dcx.pipeline import DeepCompression, seed_everything
 
-    train_x, train_y, test_x, test_y, data_name = load_data(data_spec)
+    train, test, data_name, sample_shape = make_loaders(data_spec, config.train.batch_size,
+                                                        config.random_seed)
     seed_everything(config.random_seed)
-    model = build_model(model_name, tuple(train_x.shape[1:]))
-    train, test = _loaders(train_x, train_y, test_x, test_y, config.train.batch_size, config.random_seed)
+    model = build_model(model_name, sample_shape)
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     pipeline = DeepCompression(model, config, train_loader=train, test_loader=test,
@@ -142,11 +230,9 @@ def cmd_eval(args):
     import dcx
     from dcx.pipeline import evaluate_accuracy
 
-    _, _, test_x, test_y, data_name = load_data(args.data)
-    model = dcx.load(args.file, build_model(args.model, tuple(test_x.shape[1:])))
-    from dcx.data import loader
-
-    accuracy = evaluate_accuracy(model, loader(test_x, test_y, 1000))
+    _, test, data_name, sample_shape = make_loaders(args.data, 1000, 0)
+    model = dcx.load(args.file, build_model(args.model, sample_shape))
+    accuracy = evaluate_accuracy(model, test)
     print(f"{args.file}: {args.model} on {data_name} test: accuracy {100 * accuracy:.2f}% "
           f"(error {100 * (1 - accuracy):.2f}%)")
     return EXIT_OK
@@ -165,6 +251,113 @@ def cmd_verify(args):
 
     info = verify(args.file)
     print(f"{args.file}: OK ({json.dumps(info, default=str)})")
+    return EXIT_OK
+
+
+def load_overrides(path):
+    """{pattern: {"bits": b, "sparsity": s} or None} from a .yaml or .json file."""
+    from dcx.config import ConfigError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"overrides file {str(path)!r} does not exist")
+    try:
+        if path.suffix == ".json":
+            data = json.loads(path.read_text())
+        else:
+            import yaml
+
+            data = yaml.safe_load(path.read_text())
+    except Exception as error:  # json's ValueError, yaml.YAMLError
+        raise ConfigError(f"cannot parse {str(path)!r}: {error}") from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{str(path)!r} must hold a mapping of layer patterns to settings")
+    return dict(data)
+
+
+def convert_source(src: str, weights):
+    """(model, bytes of its weights on disk, what they are, manifest extra) of convert's SRC."""
+    from dcx import hf
+
+    path = Path(src)
+    if path.is_dir():
+        if weights is not None:
+            raise UsageError("--weights fills a package.module:factory model; a model folder "
+                             "holds its own weights")
+        model = hf.load_folder(path)
+        files = [f for f in path.iterdir() if f.suffix in (".safetensors", ".bin")]
+        return model, sum(f.stat().st_size for f in files), ", ".join(f.name for f in files), \
+            hf.manifest_extra(model)
+    if ":" in src and not path.exists():
+        model = build_model(src, weights=weights)
+        size = Path(weights).stat().st_size if weights else 0
+        return model, size, str(weights) if weights else "", hf.manifest_extra(model)
+    raise UsageError(f"{src!r} is neither a model folder (config.json + weights) nor "
+                     "package.module:factory")
+
+
+def cmd_convert(args):
+    import dcx
+
+    started = time.perf_counter()
+    overrides = load_overrides(args.overrides) if args.overrides else None
+    model, source_bytes, source, extra = convert_source(args.src, args.weights)
+    model.eval()
+    rows = []
+    try:
+        dcx.convert(model, sparsity=args.sparsity, bits=args.bits, overrides=overrides,
+                    embeddings=args.embeddings, progress=not args.quiet, report=rows)
+    except ValueError as error:  # bad bits or sparsity (ConfigError for overrides is one too)
+        from dcx.config import ConfigError
+
+        if isinstance(error, ConfigError):
+            raise
+        raise UsageError(str(error)) from None
+    extra["dcx_convert"] = {"bits": args.bits, "sparsity": args.sparsity,
+                            "embeddings": args.embeddings, "overrides": overrides}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    dcx.save(model, out, extra=extra)
+    seconds = time.perf_counter() - started
+    print(f"\n{args.src}: {len(rows)} layers with a weight of two or more dimensions\n")
+    print(convert_table(rows))
+    report = dcx.report.report(out)
+    print(f"\nper-layer compression ({out}):\n")
+    print(report)
+    size = out.stat().st_size
+    against = f"{source_bytes / size:.1f}x smaller than {source} ({source_bytes:,} bytes), " \
+        if source_bytes else ""
+    print(f"\nfile {out}: {size:,} bytes; {against}{report.fp32_bytes / size:.1f}x smaller than "
+          f"the fp32 parameters; {seconds:.1f} s")
+    return EXIT_OK
+
+
+def convert_table(rows) -> str:
+    """One line per layer: what convert did and, where it did not pack the layer, why."""
+    lines = ["| layer | type | shape | done | bits | sparsity | why not packed |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        bits = "" if r.bits is None else str(r.bits)
+        lines.append(f"| {r.name} | {r.kind} | {'x'.join(map(str, r.shape))} | {r.action} | "
+                     f"{bits} | {100 * r.sparsity:.0f}% | {r.reason} |")
+    dense = [r for r in rows if r.action == "dense"]
+    lines.append(f"\n{sum(r.action == 'packed' for r in rows)} packed, "
+                 f"{sum(r.action == 'shared' for r in rows)} shared with their decoded weight, "
+                 f"{len(dense)} left dense")
+    return "\n".join(lines)
+
+
+def cmd_export(args):
+    import dcx
+    from dcx import format as fmt
+    from dcx.hf import require
+
+    safetensors = require("safetensors.torch")
+    tensors = {name: t.contiguous() for name, t in dcx.load(args.file).items()}
+    data = safetensors.save(tensors, metadata={"producer": "dcx export",
+                                               "source": os.path.basename(args.file)})
+    fmt.write_atomic(args.out, data)
+    print(f"{args.out}: {len(tensors)} tensors, {len(data):,} bytes (decoded from {args.file})")
     return EXIT_OK
 
 
@@ -190,7 +383,7 @@ def parser():
     p = argparse.ArgumentParser(prog="dcx", description="Deep Compression for PyTorch.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("demo", help="the whole pipeline on scikit-learn's digits (about a minute)")
+    s = sub.add_parser("demo", help="the whole pipeline on the bundled digits (about a minute)")
     s.add_argument("--out", default="dcx-demo", help="folder for the file and plots (dcx-demo)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -198,8 +391,10 @@ def parser():
 
     s = sub.add_parser("compress", help="run a compression config on a model and data set")
     s.add_argument("--config", required=True, help="a .yaml or .json CompressionConfig")
-    s.add_argument("--model", default="lenet300", choices=MODELS)
-    s.add_argument("--data", help="'digits' or an MNIST folder (default: $DCX_MNIST or digits)")
+    s.add_argument("--model", default="lenet300",
+                   help="lenet300, lenet5 or package.module:factory (default lenet300)")
+    s.add_argument("--data", help="'digits', an MNIST folder or package.module:loaders "
+                                  "(default: $DCX_MNIST or digits)")
     s.add_argument("--out", default="model.dcx")
     s.add_argument("--json", help="also write the stage results as JSON here")
     s.add_argument("--no-plots", action="store_true")
@@ -208,9 +403,30 @@ def parser():
 
     s = sub.add_parser("eval", help="accuracy of a .dcx file loaded into its model")
     s.add_argument("file")
-    s.add_argument("--model", default="lenet300", choices=MODELS)
-    s.add_argument("--data")
+    s.add_argument("--model", default="lenet300",
+                   help="lenet300, lenet5 or package.module:factory")
+    s.add_argument("--data", help="'digits', an MNIST folder or package.module:loaders")
     s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("convert", help="post-training compression of a transformers folder or "
+                                       "any model into a .dcx file")
+    s.add_argument("src", help="a transformers model folder, or package.module:factory")
+    s.add_argument("--weights", help="a state_dict (.safetensors or .pt) for a factory model")
+    s.add_argument("--bits", type=int, required=True, help="codebook bits per layer (1 to 8)")
+    s.add_argument("--sparsity", type=float, default=0.0,
+                   help="fraction pruned by magnitude first (default 0: sharing only)")
+    s.add_argument("--overrides", help="a .yaml or .json file: {layer pattern: {bits: b, "
+                                       "sparsity: s} or null}, patterns as in dcx.config")
+    s.add_argument("--embeddings", action=argparse.BooleanOptionalAction, default=True,
+                   help="compress nn.Embedding tables too (default: yes)")
+    s.add_argument("--out", required=True, help="the .dcx file to write")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(fn=cmd_convert)
+
+    s = sub.add_parser("export", help="the decoded weights of a .dcx file as safetensors")
+    s.add_argument("file")
+    s.add_argument("--out", required=True, help="the .safetensors file to write")
+    s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("report", help="the per-layer compression table of a .dcx file")
     s.add_argument("file")
@@ -233,12 +449,16 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     from dcx.config import ConfigError
     from dcx.format import FormatError
+    from dcx.hf import MissingDependency
 
     try:
         return args.fn(args)
     except FormatError as error:
         print(f"dcx: corrupt or foreign file: {error}", file=sys.stderr)
         return EXIT_CORRUPT
+    except MissingDependency as error:
+        print(f"dcx: {error}", file=sys.stderr)
+        return EXIT_USAGE
     except FileNotFoundError as error:
         print(f"dcx: {error}", file=sys.stderr)
         return EXIT_USAGE

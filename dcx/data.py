@@ -3,7 +3,8 @@
 - MNIST from the standard IDX files (gzip or raw) in a folder the user names (argument, or the
   environment variable DCX_MNIST). Headers are validated: magic number, element type, number of
   dimensions, sizes, and the file length.
-- scikit-learn's bundled 8x8 digits (sklearn.datasets.load_digits), which need no download.
+- the 8x8 digits scikit-learn bundles (UCI optdigits), bundled with dcx too: no download and
+  no scikit-learn.
 
 Images come back as float32 [N, 1, H, W] in [0, 1], labels as int64 [N]; `loader` batches them.
 """
@@ -118,18 +119,22 @@ def load_mnist(root: str | Path | None = None, split: str = "train"):
     return x, torch.from_numpy(labels.astype(np.int64))
 
 
+DIGITS = Path(__file__).resolve().parent / "digits.npz"
+
+
 def load_digits(split: str = "train", test_fraction: float = 0.2, seed: int = 0):
-    """scikit-learn's 1,797 8x8 digits as (images float32 [N, 1, 8, 8] in [0, 1], labels int64),
-    split into train and test by a seeded permutation (the same split every call)."""
+    """The 1,797 8x8 handwritten digits of the UCI optdigits set, as scikit-learn ships them
+    (bundled with dcx, dcx/digits.npz: no download, no scikit-learn), as (images float32
+    [N, 1, 8, 8] in [0, 1], labels int64), split into train and test by a seeded permutation
+    (the same split every call)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    from sklearn.datasets import load_digits as sk_digits
-
-    bunch = sk_digits()
-    x = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)
-    y = torch.from_numpy(bunch.target.astype(np.int64))
+    with np.load(DIGITS) as bundle:
+        images, target = bundle["images"], bundle["target"]
+    x = torch.from_numpy(images.astype(np.float32) / 16.0).unsqueeze(1)
+    y = torch.from_numpy(target.astype(np.int64))
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     n_test = int(round(test_fraction * len(y)))
     index = order[:n_test] if split == "test" else order[n_test:]

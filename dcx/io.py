@@ -166,11 +166,7 @@ def _restore(model: nn.Module, name: str, ct: fmt.CompressedTensor):
     module_name, _, param = name.rpartition(".")
     module = model.get_submodule(module_name)
     if hasattr(module, "layer_state"):
-        from dcx.nn import pack
-
-        device, n = module.codes.device, module.weight_shape[0]
-        mask, labels = ct.mask.to(device).reshape(n, -1), ct.labels.to(device).reshape(n, -1)
-        module._set_packed(pack(mask, labels, ct.codebook.to(device), ct.bits))
+        module.load_compressed(ct.mask, ct.labels, ct.codebook, ct.bits)
         return
     st = state.get(module, param, module_name)
     if st is not None and st.live:

@@ -19,7 +19,7 @@ from dcx import _native, ops, state
 from dcx.config import ClusterConfig, PruneConfig, check_overrides, resolve_overrides
 
 __all__ = ["PackedWeight", "pack", "unpack", "packable", "pack_layers_", "SparseQuantLinear",
-           "SparseQuantConv2d", "convert"]
+           "SparseQuantConv2d", "SparseQuantEmbedding", "convert", "ConvertRow"]
 
 # Layers at or above this density are packed in dense mode (ids only, no positions). Sparse mode
 # costs about 3.2 bytes per non-zero at 10% density (2 bytes a slot, 70% of the slots live) and
@@ -117,17 +117,10 @@ def pack(
     empty = torch.zeros(0, dtype=torch.int32, device=device)
 
     if dense:
-        ids = labels.to(torch.uint8)  # ids < 256 where mask is set; pruned ones are set below
-        if nnz < n * K:  # pruned positions need an id that decodes to exactly 0
-            zero = (codebook == 0).nonzero()
-            if zero.numel():
-                zero_id = int(zero[0, 0])
-            elif k < (1 << bits) or bits < 8:
-                zero_id, bits = k, max(bits, _bits_for(k + 1))
-                codebook = torch.cat([codebook, codebook.new_zeros(1)])
-            else:
-                return pack(mask, labels, codebook, bits, dense=False)
-            ids[~mask] = zero_id
+        dense_ids = _dense_ids(mask, labels, codebook, bits)
+        if dense_ids is None:  # no id is left for the pruned positions
+            return pack(mask, labels, codebook, bits, dense=False)
+        ids, codebook, bits = dense_ids
         if bits <= 4:
             ids = _pack_nibbles(ids, layout["nibble_block"])
         return PackedWeight(ids.contiguous(), empty, empty, empty, codebook, n, K, bits)
@@ -139,6 +132,26 @@ def pack(
     codes, windows, group_ptr = _fill_steps(rows, cols, slots, n, layout)
     return PackedWeight(codes, windows, group_ptr, _chunk_plan(windows.numel(), device), codebook, n, K,
                         bits)
+
+
+def _dense_ids(mask: Tensor, labels: Tensor, codebook: Tensor, bits: int):
+    """(uint8 ids, codebook, bits) of a weight-shared layer with an id at every position: pruned
+    positions take an id that decodes to exactly 0 (a zero entry of the codebook, or one added,
+    which may take one more bit); None when a full 256-entry codebook leaves no id for them."""
+    ids = labels.to(torch.uint8)  # ids < 256 where mask is set; pruned ones are set below
+    if bool(mask.all()):
+        return ids, codebook, bits
+    k = codebook.numel()
+    zero = (codebook == 0).nonzero()
+    if zero.numel():
+        zero_id = int(zero[0, 0])
+    elif k < (1 << bits) or bits < 8:
+        zero_id, bits = k, max(bits, _bits_for(k + 1))
+        codebook = torch.cat([codebook, codebook.new_zeros(1)])
+    else:
+        return None
+    ids[~mask] = zero_id
+    return ids, codebook, bits
 
 
 def _pack_nibbles(ids: Tensor, block: int) -> Tensor:
@@ -292,6 +305,13 @@ class _PackedModule(nn.Module):
                                                 device=old.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.validate()
+
+    def load_compressed(self, mask: Tensor, labels: Tensor, codebook: Tensor, bits: int):
+        """Repack from (mask, labels, codebook) of the weight this layer stands for (a file's
+        record, as dcx.load meets a packed layer in the model it fills)."""
+        device, n = self.codes.device, self.out_features
+        self._set_packed(pack(mask.to(device).reshape(n, -1), labels.to(device).reshape(n, -1),
+                              codebook.to(device, self.codebook.dtype), bits))
 
     def layer_state(self, module_name: str = "") -> state.LayerState:
         """The compressed state this layer holds packed (dcx.state reads it here): mask, labels
@@ -495,6 +515,104 @@ class SparseQuantConv2d(_PackedModule):
                 f"stride={self.stride}, padding={self.padding}{mode}, bits={self.bits}")
 
 
+class SparseQuantEmbedding(nn.Module):
+    """nn.Embedding whose table is weight-shared (and maybe pruned): one uint8 codebook id per
+    entry (4x fewer bytes than fp32) and the codebook. Same forward as nn.Embedding: an index
+    tensor of any shape -> [..., embedding_dim]; a lookup decodes only the rows it returns
+    (codebook[ids[input]]). padding_idx is kept (it only shapes gradients, and this layer has
+    none to train); max_norm is refused, since it rewrites the table in place.
+    Build with `from_embedding` (post-training), `from_state` (a layer the stages shared), or a
+    plain constructor filled by load_state_dict."""
+
+    is_conv = False
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: Optional[int] = None,
+                 bits: int = 5, device=None, dtype=None):
+        super().__init__()
+        if padding_idx is not None:
+            if not -num_embeddings <= padding_idx < num_embeddings:
+                raise ValueError(f"padding_idx must lie in [-{num_embeddings}, {num_embeddings}), "
+                                 f"got {padding_idx}")
+            padding_idx %= num_embeddings
+        self.num_embeddings, self.embedding_dim, self.padding_idx = (num_embeddings,
+                                                                    embedding_dim, padding_idx)
+        self.bits = bits
+        self.register_buffer("ids", torch.zeros(num_embeddings, embedding_dim, dtype=torch.uint8,
+                                                device=device))
+        self.register_buffer("codebook", torch.zeros(1 << bits, dtype=dtype or torch.get_default_dtype(),
+                                                     device=device))
+
+    @property
+    def weight_shape(self):
+        return (self.num_embeddings, self.embedding_dim)
+
+    def load_compressed(self, mask: Tensor, labels: Tensor, codebook: Tensor, bits: int):
+        """Set the table from (mask, labels, codebook) of the weight it stands for."""
+        device = self.ids.device
+        dense = _dense_ids(mask.to(device).bool(), labels.to(device), codebook.to(device), bits)
+        if dense is None:
+            raise ValueError("a pruned table with a full 256-entry codebook leaves no id for the "
+                             "pruned entries: share it with 7 bits or fewer")
+        ids, codebook, bits = dense
+        self.ids, self.codebook, self.bits = ids.contiguous(), codebook.to(self.codebook.dtype), bits
+
+    @classmethod
+    def _like(cls, embedding: nn.Embedding, bits: int):
+        reason = packable(embedding)
+        if reason is not None:
+            raise ValueError(f"SparseQuantEmbedding cannot run this layer: {reason}")
+        w = embedding.weight
+        return cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, bits,
+                   w.device, w.dtype)
+
+    @classmethod
+    def from_state(cls, st: state.LayerState, dense: Optional[bool] = None):
+        """The packed twin of an nn.Embedding whose table the stages shared (dcx.state)."""
+        layer = cls._like(st.module, st.bits)
+        mask = st.mask if st.mask is not None else torch.ones_like(st.labels, dtype=torch.bool)
+        layer.load_compressed(mask, st.labels, st.codebook.detach(), st.bits)
+        return layer
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, sparsity: float = 0.0, bits: int = 5):
+        """Post-training compression: prune the `sparsity` fraction of smallest entries, share
+        the rest among 2^bits k-means centroids."""
+        layer = cls._like(embedding, bits)
+        layer.load_compressed(*_compress_layer(embedding.weight, sparsity, bits), bits)
+        return layer
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self.codebook[self.ids[input].long()]
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense table this layer stands for (decoded on each access: for code that reads a
+        layer's weight; forward never does)."""
+        return self.codebook[self.ids.long()]
+
+    def layer_state(self, module_name: str = "") -> state.LayerState:
+        ids = self.ids.long()
+        keys = tuple(k for k in self.state_dict(keep_vars=True))
+        return state.LayerState(module_name, "weight", self, self.codebook[ids] != 0, self.codebook,
+                                ids.to(torch.int32), self.bits, None, keys, packed=True)
+
+    def get_extra_state(self):
+        return {"bits": self.bits}
+
+    def set_extra_state(self, extra):
+        self.bits = int(extra["bits"])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "codebook"  # the codebook's size follows the bits
+        if key in state_dict:
+            self.codebook = torch.empty_like(state_dict[key], device=self.codebook.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self):
+        pad = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
+        return f"{self.num_embeddings}, {self.embedding_dim}{pad}, bits={self.bits}"
+
+
 # ---------------------------------------------------------------------------------------------
 # Models
 
@@ -517,10 +635,18 @@ def packable(module: nn.Module) -> Optional[str]:
         if module.groups != 1:
             return f"groups={module.groups} (SparseQuantConv2d runs groups=1)"
         return None
+    if isinstance(module, nn.Embedding):
+        if type(module).forward is not nn.Embedding.forward:
+            return f"{kind} overrides nn.Embedding.forward"
+        if module.max_norm is not None:
+            return "max_norm renormalises the table in place"
+        return None
     return f"{kind} has no packed twin"
 
 
 def _twin(module: nn.Module):
+    if isinstance(module, nn.Embedding):
+        return SparseQuantEmbedding
     return SparseQuantConv2d if isinstance(module, nn.Conv2d) else SparseQuantLinear
 
 
@@ -551,27 +677,66 @@ def pack_layers_(model: nn.Module, names=None, dense: Optional[bool] = None) -> 
     return model
 
 
+class ConvertRow(NamedTuple):
+    """What convert did with one layer that has a weight of two or more dimensions."""
+
+    name: str
+    kind: str  # the module's class name
+    shape: tuple
+    action: str  # "packed" (a SparseQuant* layer), "shared" (its decoded weight kept), "dense"
+    bits: Optional[int]
+    sparsity: float
+    reason: str  # why it is not packed, or not compressed at all ("" when packed)
+
+
 def convert(model: nn.Module, sparsity: float = 0.0, bits: int = 5, overrides=None,
-            include=None, exclude=None, conv: bool = False,
-            dense: Optional[bool] = None) -> nn.Module:
-    """Post-training compression, in place: every nn.Linear of `model` (and nn.Conv2d with
-    conv=True) that a packed twin can run is pruned to `sparsity` by magnitude (dcx.prune_),
-    its surviving weights shared among 2^bits k-means centroids (dcx.cluster_), and swapped for
-    its packed twin (pack_layers_). Returns the model.
+            include=None, exclude=None, conv: bool = True, embeddings: bool = True,
+            dense: Optional[bool] = None, progress: bool = False,
+            report: Optional[list] = None) -> nn.Module:
+    """Post-training compression, in place: every nn.Linear of `model` (and every convolution
+    with conv=True, every nn.Embedding with embeddings=True, subclasses included) is pruned to
+    `sparsity` by magnitude (dcx.prune_), its surviving weights shared among 2^bits k-means
+    centroids (dcx.cluster_), and, where a packed twin computes what it computes (`packable`),
+    swapped for SparseQuantLinear / SparseQuantConv2d / SparseQuantEmbedding (pack_layers_). A
+    layer without one (a grouped convolution, a subclass with its own forward) keeps its decoded
+    weight and its shared state, so dcx.save still stores it as codes. Returns the model.
 
     overrides: {pattern: {"sparsity": s, "bits": b} or None} by the rule of dcx.config (exact
     module name, else the first "re:" pattern matching the whole name; None leaves the layer
     alone). include / exclude: lists of patterns by the same rule, sugar for leaving out every
-    other layer / these layers. A pattern that selects no layer is an error.
+    other layer / these layers. A pattern that selects no layer is an error. progress: a bar
+    over the layers. report: a list that gets one ConvertRow per layer with a weight of two or
+    more dimensions, the ones left dense included, each with its reason.
     """
     overrides = check_overrides(overrides or {}, "convert", _check_convert_layer)
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must lie in [1, 8], got {bits}")
-    kinds = (nn.Linear, nn.Conv2d) if conv else (nn.Linear,)
-    layers = {}  # the layers convert may compress: plain, or pruned but not shared yet
+    kinds = (nn.Linear,) + ((nn.modules.conv._ConvNd,) if conv else ()) \
+        + ((nn.Embedding,) if embeddings else ())
+    owners = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        for param_name, p in m._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), set()).add(f"{name}.{param_name}" if name else param_name)
+    rows, layers = {}, {}  # layers: the ones convert may compress, with their names for patterns
     for name, m in model.named_modules():
+        weight = m._parameters.get("weight")
+        if not name or weight is None or weight.dim() < 2 or hasattr(m, "layer_state"):
+            continue
         st = state.get(m)
-        if name and isinstance(m, kinds) and packable(m) is None and (st is None or not st.shared):
+        row = ConvertRow(name, type(m).__name__, tuple(weight.shape), "dense", None, 0.0, "")
+        if not isinstance(m, (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)):
+            rows[name] = row._replace(reason="not a Linear, convolution or embedding")
+        elif not isinstance(m, kinds):
+            rows[name] = row._replace(reason="convolutions left out (conv=False)"
+                                      if isinstance(m, nn.modules.conv._ConvNd)
+                                      else "embeddings left out (embeddings=False)")
+        elif st is not None and st.shared:
+            rows[name] = row._replace(action="shared", reason="already shared")
+        elif len(owners.get(id(weight), ())) > 1:
+            rows[name] = row._replace(reason=f"weight tied to {sorted(owners[id(weight)])}")
+        else:
+            rows[name] = row
             layers[name] = [name, f"{name}.weight"]
     known = [n for n, _ in model.named_modules()]
 
@@ -589,21 +754,32 @@ def convert(model: nn.Module, sparsity: float = 0.0, bits: int = 5, overrides=No
     per_layer = {}
     for name in layers:
         override = settings.get(name, (None, {}))[1]
-        if name in chosen and override is not None:
-            per_layer[name] = {"sparsity": sparsity, "bits": bits, **override}
-    if not per_layer:
-        return model
-    pruned = {n: {"sparsity": v["sparsity"]} for n, v in per_layer.items() if v["sparsity"] > 0}
-    if pruned:
-        from dcx.prune import prune_
+        if name not in chosen or override is None:
+            rows[name] = rows[name]._replace(reason="excluded (include / exclude / overrides)")
+            continue
+        per_layer[name] = {"sparsity": sparsity, "bits": bits, **override}
+    if per_layer:
+        pruned = {n: {"sparsity": v["sparsity"]} for n, v in per_layer.items() if v["sparsity"] > 0}
+        if pruned:
+            from dcx.prune import prune_
 
-        prune_(model, PruneConfig(sparsity=0.0, targets=list(pruned), overrides=pruned))
-    from dcx.quantize import _clusterable, cluster_
+            prune_(model, PruneConfig(sparsity=0.0, targets=list(pruned), overrides=pruned))
+        from dcx.quantize import _clusterable, cluster_
 
-    others = {n: None for n in _clusterable(model) if n not in per_layer}
-    cluster_(model, ClusterConfig(overrides={n: {"bits": v["bits"]} for n, v in per_layer.items()}
-                                  | others))
-    return pack_layers_(model, names=set(per_layer), dense=dense)
+        others = {n: None for n in _clusterable(model) if n not in per_layer}
+        cluster_(model, ClusterConfig(overrides={n: {"bits": v["bits"]}
+                                                 for n, v in per_layer.items()} | others),
+                 progress=progress)
+        for name, v in per_layer.items():
+            reason = packable(model.get_submodule(name))
+            rows[name] = rows[name]._replace(action="shared" if reason else "packed",
+                                             bits=v["bits"], sparsity=v["sparsity"],
+                                             reason=reason or "")
+        pack_layers_(model, names={n for n in per_layer if rows[n].action == "packed"},
+                     dense=dense)
+    if report is not None:
+        report.extend(rows.values())
+    return model
 
 
 def _check_convert_layer(where, layer):

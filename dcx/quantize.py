@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from dcx import ops, state
 from dcx.config import ClusterConfig, ConfigError, resolve_overrides
@@ -75,10 +76,12 @@ def _clusterable(model: nn.Module) -> dict[str, nn.Module]:
     return result
 
 
-def cluster_(model: nn.Module, config: Optional[ClusterConfig] = None) -> nn.Module:
+def cluster_(model: nn.Module, config: Optional[ClusterConfig] = None,
+             progress: bool = False) -> nn.Module:
     """Share the weights of every layer of `model` in place (see the module docstring): every
     module whose weight has two or more dimensions (Linear, ConvNd, Embedding, ...), except the
-    ones an override excludes (None) and the ones already shared. Returns the model."""
+    ones an override excludes (None) and the ones already shared. progress: a bar over the
+    layers (on a terminal). Returns the model."""
     config = config or ClusterConfig()
     if not isinstance(config, ClusterConfig):
         raise TypeError(f"config must be a ClusterConfig, got {type(config).__name__}")
@@ -91,11 +94,11 @@ def cluster_(model: nn.Module, config: Optional[ClusterConfig] = None) -> nn.Mod
         for param_name, p in module._parameters.items():
             if p is not None:
                 owners.setdefault(id(p), []).append(f"{name}.{param_name}" if name else param_name)
-    for name, module in candidates.items():
+    todo = {n: m for n, m in candidates.items() if n not in chosen or chosen[n][1] is not None}
+    for name, module in tqdm(todo.items(), desc="cluster", unit="layer", leave=False,
+                             disable=None if progress else True):
         layer = config.layer_fields(isinstance(module, nn.modules.conv._ConvNd))
         if name in chosen:
-            if chosen[name][1] is None:
-                continue
             layer.update(chosen[name][1])
         weight = module.weight
         tied = owners.get(id(weight), [])

@@ -102,3 +102,185 @@ def test_demo(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "gives the same predictions: yes" in run.stdout
     assert (tmp_path / "demo.dcx").exists() and (tmp_path / "demo-weights.png").exists()
+
+
+# --- any model: convert, export, compress with a user's model and data -----------------------
+
+USER_MODELS = '''
+import torch
+from torch import nn
+
+
+class Padded(nn.Conv2d):
+    """A "same"-padding conv that pads in its own forward, as real model code does."""
+
+    def forward(self, x):
+        return super().forward(nn.functional.pad(x, (1, 1, 1, 1)))
+
+
+def make():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(50, 16, padding_idx=0), nn.Flatten(), nn.Linear(16 * 6, 32),
+                         nn.ReLU(), nn.Linear(32, 4))
+
+
+def make_conv():
+    torch.manual_seed(0)
+    return nn.Sequential(Padded(3, 8, 3), nn.Conv2d(8, 8, 3, padding=1, groups=4),
+                         nn.Conv2d(8, 4, 3, padding="same"), nn.Flatten(), nn.Linear(4 * 8 * 8, 5))
+
+
+def loaders():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 1, 8, 8, generator=g)
+    y = (x.flatten(1).sum(1) > 0).long() + 2 * (x[:, 0, 0, 0] > 0).long()
+    data = torch.utils.data.TensorDataset(x, y)
+    return (torch.utils.data.DataLoader(data, batch_size=32, shuffle=True, generator=g),
+            torch.utils.data.DataLoader(data, batch_size=128))
+
+
+def small_mlp():
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
+'''
+
+
+@pytest.fixture
+def user_folder(tmp_path):
+    (tmp_path / "usermodels.py").write_text(USER_MODELS)
+    return tmp_path
+
+
+def test_convert_a_factory_model_with_weights(user_folder):
+    import torch
+
+    import dcx as dcx_pkg
+
+    sys.path.insert(0, str(user_folder))
+    try:
+        import usermodels
+    finally:
+        sys.path.remove(str(user_folder))
+    model = usermodels.make()
+    torch.save(model.state_dict(), user_folder / "weights.pt")
+    run = dcx("convert", "usermodels:make", "--weights", "weights.pt", "--bits", "5",
+              "--sparsity", "0.3", "--out", "m.dcx", "--quiet", cwd=user_folder)
+    assert run.returncode == 0, run.stderr
+    assert "| 0 | Embedding | 50x16 | packed | 5 | 30% |" in run.stdout
+    assert "3 packed, 0 shared with their decoded weight, 0 left dense" in run.stdout
+    loaded = dcx_pkg.load(user_folder / "m.dcx", usermodels.make())
+    assert isinstance(loaded[0], dcx_pkg.SparseQuantEmbedding) and loaded[0].padding_idx == 0
+    ids = torch.randint(0, 50, (3, 6))
+    reference = dcx_pkg.convert(usermodels.make(), bits=5, sparsity=0.3)
+    torch.testing.assert_close(loaded(ids), reference(ids), rtol=1e-5, atol=1e-5)
+    # safetensors weights, and convs: a subclass with its own forward and a grouped conv keep
+    # their decoded weight (shared), "same" padding is packed; every one listed with its reason.
+    from safetensors.torch import save_file
+
+    save_file(usermodels.make_conv().state_dict(), str(user_folder / "conv.safetensors"))
+    run = dcx("convert", "usermodels:make_conv", "--weights", "conv.safetensors", "--bits", "6",
+              "--out", "c.dcx", "--quiet", cwd=user_folder)
+    assert run.returncode == 0, run.stderr
+    assert "| 0 | Padded | 8x3x3x3 | shared | 6 | 0% | Padded overrides nn.Conv2d's forward |" in run.stdout
+    assert "groups=4 (SparseQuantConv2d runs groups=1)" in run.stdout
+    assert "2 packed, 2 shared with their decoded weight, 0 left dense" in run.stdout
+    # export: the decoded weights as safetensors, for tools that know no dcx
+    run = dcx("export", "c.dcx", "--out", "c-decoded.safetensors", cwd=user_folder)
+    assert run.returncode == 0, run.stderr
+    from safetensors.torch import load_file
+
+    exported = load_file(str(user_folder / "c-decoded.safetensors"))
+    decoded = dcx_pkg.load(user_folder / "c.dcx")
+    assert exported.keys() == decoded.keys()
+    assert all(torch.equal(exported[k], decoded[k]) for k in decoded)
+    plain = usermodels.make_conv()
+    plain.load_state_dict(exported)  # a plain model runs the decoded weights
+
+
+def test_convert_a_transformers_folder(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    import torch
+
+    import dcx as dcx_pkg
+
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64,
+                                     max_position_embeddings=32)
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(tmp_path / "bert")
+    (tmp_path / "over.yaml").write_text("re:embeddings\\..*: {bits: 4}\npooler.dense: null\n")
+    run = dcx("convert", tmp_path / "bert", "--bits", "6", "--overrides", tmp_path / "over.yaml",
+              "--out", tmp_path / "bert.dcx", "--quiet")
+    assert run.returncode == 0, run.stderr
+    assert "smaller than model.safetensors" in run.stdout
+    assert "| pooler.dense | Linear | 32x32 | dense |  | 0% | excluded" in run.stdout
+    # The file and its config alone rebuild the model; or a model built from the folder's config.
+    original = transformers.BertModel.from_pretrained(tmp_path / "bert").eval()
+    rebuilt = dcx_pkg.hf.model_from_file(tmp_path / "bert.dcx")
+    fresh = transformers.AutoModel.from_config(
+        transformers.AutoConfig.from_pretrained(tmp_path / "bert")).eval()
+    loaded = dcx_pkg.load(tmp_path / "bert.dcx", fresh)
+    assert isinstance(loaded.embeddings.word_embeddings, dcx_pkg.SparseQuantEmbedding)
+    assert loaded.embeddings.word_embeddings.bits <= 5  # 4 bits, and a zero id if needed
+    ids = torch.randint(1, 100, (2, 10))
+    with torch.no_grad():
+        a, b = rebuilt(ids).last_hidden_state, loaded(ids).last_hidden_state
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        cos = torch.nn.functional.cosine_similarity(a.flatten(1), original(ids).last_hidden_state.flatten(1))
+    assert (cos > 0.9).all()
+
+
+def test_compress_a_factory_model_on_its_own_loaders(user_folder, tmp_path):
+    (user_folder / "c.yaml").write_text(SMALL)
+    run = dcx("compress", "--config", "c.yaml", "--model", "usermodels:small_mlp",
+              "--data", "usermodels:loaders", "--out", "mlp.dcx", "--quiet", "--no-plots",
+              cwd=user_folder)
+    assert run.returncode == 0, run.stderr + run.stdout
+    assert "| encoded |" in run.stdout and "gives the same predictions: yes" in run.stdout
+    run = dcx("eval", "mlp.dcx", "--model", "usermodels:small_mlp", "--data", "usermodels:loaders",
+              cwd=user_folder)
+    assert run.returncode == 0 and "accuracy" in run.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("convert", "/no/such/folder", "--bits", "4", "--out", "x.dcx"), "neither a model folder"),
+        (("convert", "usermodels:make", "--weights", "missing.pt", "--bits", "4", "--out", "x.dcx"),
+         "weights file 'missing.pt' does not exist"),
+        (("convert", "usermodels:make", "--bits", "9", "--out", "x.dcx"), r"bits must lie in [1, 8]"),
+        (("convert", "usermodels:make", "--bits", "4", "--overrides", "o.yaml", "--out", "x.dcx"),
+         "override 'fc9' matches no layer"),
+        (("convert", "usermodels:nothing", "--bits", "4", "--out", "x.dcx"), "has no 'nothing'"),
+        (("convert", "nomodule:make", "--bits", "4", "--out", "x.dcx"), "cannot import 'nomodule'"),
+        (("compress", "--config", "c.yaml", "--data", "usermodels:small_mlp"),
+         "must return (train_loader, test_loader)"),
+    ],
+)
+def test_any_model_usage_errors_exit_2(user_folder, args, message):
+    (user_folder / "o.yaml").write_text("fc9: {bits: 3}\n")
+    (user_folder / "c.yaml").write_text(SMALL)
+    run = dcx(*args, cwd=user_folder)
+    assert run.returncode == 2, run.stderr + run.stdout
+    assert message in run.stderr
+    assert not (user_folder / "x.dcx").exists()
+
+
+def test_a_missing_optional_package_names_its_extra(tmp_path, compressed):
+    """Without safetensors (or transformers) the command says which extra to install."""
+    _, out, _ = compressed
+    code = ("import sys; sys.modules['safetensors'] = None; sys.modules['safetensors.torch'] = None;"
+            "from dcx.cli import main; sys.exit(main(sys.argv[1:]))")
+    run = subprocess.run([sys.executable, "-c", code, "export", str(out), "--out",
+                          str(tmp_path / "x.safetensors")], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300)
+    assert run.returncode == 2, run.stderr
+    assert "pip install 'dcx[hf]'" in run.stderr
+
+
+def test_the_demo_data_needs_no_scikit_learn():
+    code = ("import sys; sys.modules['sklearn'] = None; from dcx.data import load_digits;"
+            "x, y = load_digits('train'); assert x.shape[1:] == (1, 8, 8); print(len(x))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "1438"

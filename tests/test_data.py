@@ -105,6 +105,17 @@ def test_real_mnist():
     assert hashlib.md5(raw).hexdigest() == "27ae3e4e09519cfbb04c329615203637"
 
 
+def test_bundled_digits_are_scikit_learns():
+    sklearn = pytest.importorskip("sklearn.datasets", reason="scikit-learn is not installed")
+    bunch = sklearn.load_digits()
+    x, y = data.load_digits("train")
+    xt, yt = data.load_digits("test")
+    order = torch.randperm(1797, generator=torch.Generator().manual_seed(0))
+    images = torch.from_numpy(bunch.images).float().div(16).unsqueeze(1)
+    assert torch.equal(torch.cat([xt, x]), images[order])
+    assert torch.equal(torch.cat([yt, y]), torch.from_numpy(bunch.target)[order])
+
+
 def test_digits_and_loader():
     x, y = data.load_digits("train")
     xt, yt = data.load_digits("test")

@@ -150,3 +150,68 @@ def _dense_state(model):
         if m.bias is not None:
             state[f"{name}.bias"] = m.bias.detach()
     return state
+
+
+@pytest.mark.parametrize("sparsity, bits", [(0.0, 4), (0.5, 5), (0.0, 8)])
+def test_sparse_quant_embedding(sparsity, bits):
+    """A drop-in nn.Embedding: the same lookup as the plain layer holding the decoded table, for
+    any index shape; padding_idx kept; the table round-trips through state_dict."""
+    embedding = nn.Embedding(97, 24, padding_idx=-1)
+    layer = dcx.SparseQuantEmbedding.from_embedding(embedding, sparsity=sparsity, bits=bits)
+    assert layer.padding_idx == 96 and layer.ids.dtype == torch.uint8
+    table = layer.weight
+    assert table.shape == (97, 24)
+    assert (table == 0).float().mean().item() == pytest.approx(sparsity, abs=0.01)
+    assert torch.unique(table[table != 0]).numel() <= 1 << bits
+    plain = nn.Embedding(97, 24, padding_idx=96)
+    with torch.no_grad():
+        plain.weight.copy_(table)
+    for ids in (torch.randint(0, 97, (5,)), torch.randint(0, 97, (3, 7)), torch.tensor(4)):
+        assert torch.equal(layer(ids), plain(ids))
+    with pytest.raises(IndexError):
+        layer(torch.tensor([97]))
+    buffer = io.BytesIO()
+    torch.save(layer.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = dcx.SparseQuantEmbedding(97, 24, padding_idx=96)
+    fresh.load_state_dict(torch.load(buffer))
+    assert torch.equal(fresh.weight, table) and fresh.bits == layer.bits
+
+
+def test_embedding_max_norm_is_refused_and_convert_says_why():
+    with pytest.raises(ValueError, match="max_norm renormalises the table"):
+        dcx.SparseQuantEmbedding.from_embedding(nn.Embedding(10, 4, max_norm=1.0), bits=3)
+    model = nn.Sequential(nn.Embedding(10, 4, max_norm=1.0), nn.Linear(4, 3))
+    rows = []
+    dcx.convert(model, bits=3, report=rows)
+    assert type(model[0]) is nn.Embedding and isinstance(model[1], SparseQuantLinear)
+    assert rows[0].action == "shared" and "max_norm" in rows[0].reason
+    with pytest.raises(ValueError, match="padding_idx must lie in"):
+        dcx.SparseQuantEmbedding(10, 4, padding_idx=10)
+
+
+def test_convert_serves_subclasses_and_grouped_convs():
+    """Subclasses that keep the plain layer's computation are packed; one with its own forward,
+    and grouped or depthwise convolutions, keep their decoded weight, shared; every layer with a
+    2-D+ weight is in the report with its reason."""
+
+    class Scaled(nn.Linear):  # extra init logic, plain forward
+        def __init__(self, *args):
+            super().__init__(*args)
+            nn.init.normal_(self.weight, std=0.02)
+
+    class Own(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4, padding=1), nn.Flatten(),
+                          Scaled(64, 16), Own(16, 8), nn.LayerNorm(8))
+    x = torch.randn(2, 4, 4, 4)
+    rows = []
+    dcx.convert(model, bits=6, report=rows)
+    kinds = {r.name: (r.kind, r.action, r.reason) for r in rows}
+    assert kinds == {"0": ("Conv2d", "shared", "groups=4 (SparseQuantConv2d runs groups=1)"),
+                     "2": ("Scaled", "packed", ""),
+                     "3": ("Own", "shared", "Own overrides nn.Linear.forward")}
+    assert isinstance(model[2], SparseQuantLinear) and type(model[3]) is Own
+    assert model(x).shape == (2, 8)
