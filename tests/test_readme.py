@@ -9,12 +9,15 @@ import pytest
 from tests.testing import requires_kernels
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-MARK = "<!-- runs as written: tests/test_readme.py -->"
+MARK = "<!-- runs as written: tests/test_readme.py"  # then " -->" or " (needs: module, ...) -->"
 
 
 def marked_blocks():
+    """[(the modules a block needs, its code)] of the marked python blocks."""
     text = README.read_text()
-    return re.findall(re.escape(MARK) + r"\s*```python\n(.*?)```", text, re.S)
+    found = re.findall(re.escape(MARK) + r"(?: \(needs: ([^)]*)\))? -->\s*```python\n(.*?)```",
+                       text, re.S)
+    return [([m.strip() for m in needs.split(",") if m.strip()], code) for needs, code in found]
 
 
 def test_the_readme_marks_its_examples():
@@ -24,5 +27,10 @@ def test_the_readme_marks_its_examples():
 @requires_kernels
 @pytest.mark.parametrize("index", range(len(marked_blocks())))
 def test_readme_example_runs(index, tmp_path, monkeypatch, capsys):
+    needs, code = marked_blocks()[index]
+    for module in needs:
+        pytest.importorskip(module, reason=f"README block {index} needs {module} "
+                                           "(pip install -e '.[bench]')")
     monkeypatch.chdir(tmp_path)
-    exec(compile(marked_blocks()[index], f"README.md block {index}", "exec"), {})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    exec(compile(code, f"README.md block {index}", "exec"), {})
