@@ -53,9 +53,10 @@ extern "C" PyObject* PyInit__C(void) {
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
   PyObject* layout = Py_BuildValue(
-      "{s:i,s:i,s:i,s:i,s:i,s:i}", "rows", dcx::kSpqmmRows, "window", dcx::kSpqmmWindow,
+      "{s:i,s:i,s:i,s:i,s:i,s:i,s:i}", "rows", dcx::kSpqmmRows, "window", dcx::kSpqmmWindow,
       "live_bit", dcx::kSpqmmLiveBit, "offset_shift", dcx::kSpqmmOffsetShift, "id_mask",
-      dcx::kSpqmmIdMask, "nibble_block", dcx::kSpqmmNibbleBlock);
+      dcx::kSpqmmIdMask, "nibble_block", dcx::kSpqmmNibbleBlock, "bit_block",
+      dcx::kSpqmmBitBlock);
   if (layout == nullptr || PyModule_AddObject(module, "SPQMM_LAYOUT", layout) < 0) {
     Py_XDECREF(layout);
     Py_DECREF(module);

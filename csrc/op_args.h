@@ -111,13 +111,6 @@ inline void check_kmeans1d_finite(double first, double last) {
 // layout). The contents (ids, windows, pointers) are checked by the kernels themselves.
 constexpr int64_t kSpqmmGroupRows = kSpqmmRows;  // rows per group: a step holds a slot per row
 
-// Bytes per row of dense mode's codes: one id per byte, or with ids of up to 4 bits two per byte
-// in blocks of kSpqmmNibbleBlock columns.
-inline int64_t spqmm_dense_width(int64_t in_features, int64_t bits) {
-  constexpr int64_t block = kSpqmmNibbleBlock;
-  return bits <= 4 ? (in_features + block - 1) / block * (block / 2) : in_features;
-}
-
 inline void check_spqmm_args(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& windows,
                              const at::Tensor& group_ptr, const at::Tensor& chunks,
                              const at::Tensor& codebook, int64_t out_features, int64_t in_features,
@@ -148,8 +141,9 @@ inline void check_spqmm_args(const at::Tensor& x, const at::Tensor& codes, const
     const int64_t width = spqmm_dense_width(in_features, bits);
     TORCH_CHECK(codes.dim() == 2 && codes.size(0) == out_features && codes.size(1) == width,
                 "codes (dense mode, uint8) must have shape [out_features, ",
-                bits <= 4 ? "ceil(in_features / 128) * 64" : "in_features", "] = [", out_features,
-                ", ", width, "], got ", codes.sizes());
+                bits <= 4 ? "ceil(in_features / 128) * 64"
+                          : bits < 8 ? "ceil(in_features / 64) * 8 * bits" : "in_features",
+                "] = [", out_features, ", ", width, "], got ", codes.sizes());
     TORCH_CHECK(codes.is_contiguous(), "codes must be contiguous");
   } else {
     const int64_t groups = (out_features + kSpqmmGroupRows - 1) / kSpqmmGroupRows;

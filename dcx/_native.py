@@ -56,7 +56,8 @@ def spqmm_layout():
     """The packed layout's constants of dcx.ops.spqmm, from the one place that defines them
     (csrc/core/spqmm.h, exported by the compiled extension): rows (per group, = slots per step),
     window (columns one step reaches), live_bit, offset_shift and id_mask (the fields of a
-    16-bit slot), nibble_block (columns per block of two-ids-per-byte dense codes)."""
+    16-bit slot), nibble_block (columns per block of two-ids-per-byte dense codes), bit_block
+    (columns per block of bit-packed dense codes, bits 5 to 7)."""
     if LOAD_ERROR is not None:
         raise RuntimeError(f"dcx kernels are not built ({LOAD_ERROR}); {BUILD_HINT}")
     return dict(_C.SPQMM_LAYOUT)

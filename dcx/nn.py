@@ -32,9 +32,9 @@ CHUNK_STEPS = 1024
 
 
 class PackedWeight(NamedTuple):
-    # sparse mode: int16 [steps, rows per group]; dense mode: uint8 [out_features, in_features]
-    # (one id per byte), or with bits <= 4 two ids per byte, [out_features,
-    # ceil(in_features / nibble_block) * nibble_block / 2]
+    # sparse mode: int16 [steps, rows per group]; dense mode: uint8 [out_features, width], the ids
+    # at about bits / 8 bytes each: two per byte up to 4 bits, bit-packed from 5 to 7, one per
+    # byte at 8 (the layouts are at the end of csrc/core/spqmm_layout.h)
     codes: Tensor
     windows: Tensor  # int32 [steps]: first column of each step's window (empty in dense mode)
     group_ptr: Tensor  # int32 [ceil(out_features / 16) + 1] (empty in dense mode)
@@ -123,6 +123,8 @@ def pack(
         ids, codebook, bits = dense_ids
         if bits <= 4:
             ids = _pack_nibbles(ids, layout["nibble_block"])
+        elif bits < 8:
+            ids = _pack_bits(ids, bits, layout["bit_block"])
         return PackedWeight(ids.contiguous(), empty, empty, empty, codebook, n, K, bits)
 
     if nnz >= 2**31:
@@ -165,6 +167,25 @@ def _pack_nibbles(ids: Tensor, block: int) -> Tensor:
     words = block // 8
     nibbles = padded.view(n, blocks, 8, words).transpose(2, 3)  # [n, block, word d, nibble t]
     return (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).reshape(n, blocks * block // 2)
+
+
+def _pack_bits(ids: Tensor, bits: int, block: int) -> Tensor:
+    """Dense mode with ids of 5 to 7 bits, bit-packed: [N, ceil(K / block) * block / 8 * bits];
+    column j of a row is bits [j * bits, (j + 1) * bits) of the row's little-endian bit stream
+    (csrc/core/spqmm_layout.h). Rows are packed a slice at a time (the bit expansion takes 8x
+    the ids' bytes)."""
+    n, k = ids.shape
+    width = -(-k // block) * block
+    out = ids.new_zeros(n, width // 8 * bits)
+    shifts = torch.arange(bits, device=ids.device, dtype=torch.uint8)
+    weights = (1 << torch.arange(8, device=ids.device, dtype=torch.int32)).to(torch.int32)
+    step = max(1, (1 << 22) // max(width * bits, 1))
+    for r0 in range(0, n, step):
+        part = ids.new_zeros(min(step, n - r0), width)
+        part[:, :k] = ids[r0:r0 + step]
+        stream = ((part.unsqueeze(-1) >> shifts) & 1).reshape(part.shape[0], -1, 8)  # LSB first
+        out[r0:r0 + step] = (stream.to(torch.int32) * weights).sum(-1).to(torch.uint8)
+    return out
 
 
 def _fill_steps(rows: Tensor, cols: Tensor, slots: Tensor, n: int, layout: dict):

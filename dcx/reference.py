@@ -219,6 +219,12 @@ def spqmm_ids(
         assert block == 128  # the view above is that block's shape
         ids = ids[:, :in_features]
         return torch.ones_like(ids, dtype=torch.bool), ids
+    if codes.dtype == torch.uint8 and bits < 8:  # dense mode, bit-packed: LSB-first bit stream
+        stream = (codes.long().unsqueeze(-1) >> torch.arange(8, device=codes.device)) & 1
+        stream = stream.reshape(out_features, -1)[:, : in_features * bits]
+        place = 1 << torch.arange(bits, device=codes.device)
+        ids = (stream.reshape(out_features, in_features, bits) * place).sum(-1)
+        return torch.ones_like(ids, dtype=torch.bool), ids
     if codes.dtype == torch.uint8:  # dense mode: one id per weight
         return torch.ones(codes.shape, dtype=torch.bool, device=codes.device), codes.long()
     slots = codes.long() & 0xFFFF  # [steps, rows_per_group]

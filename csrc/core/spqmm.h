@@ -20,11 +20,11 @@
 //   a 32-float window (two vector loads and a register permute on the CPU, shared memory on a GPU)
 //   instead of a gather per weight. At 10% density about 70% of the slots are live: 2.9 bytes per
 //   non-zero, 0.29 per original weight (dense fp32: 4, CSR fp32 + int32: 0.8).
-//   dense mode (layers kept at, or near, full density): codes uint8 [N, K], one id per weight, no
-//     positions (1 byte per weight, 4x fewer than fp32); with ids of up to 4 bits two per byte,
-//     [N, ceil(K / 128) * 64]: a block of 128 columns is 16 little-endian 32-bit words, nibble t
-//     of word d holding column 16 t + d (0.5 byte per weight: a layer quantized to a 4-bit
-//     codebook reads 8x fewer bytes than fp32). windows, group_ptr and chunks are empty.
+//   dense mode (layers kept at, or near, full density): codes uint8 [N, width], the ids only, no
+//     positions, at about bits / 8 bytes per weight (4-bit ids two per byte, 5 to 7-bit ids
+//     bit-packed, 8-bit one per byte: a 6-bit layer reads 0.75 byte per weight, 5.3x fewer than
+//     fp32); the three layouts are at the end of core/spqmm_layout.h. windows, group_ptr and
+//     chunks are empty.
 //
 // Safety without per-element branches: the codebook is read through a zero-padded table (ids >= k
 // read a zero) and x through a buffer padded with 32 zeros past K, windows are clamped to K before
@@ -37,6 +37,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "core/common.h"
 #include "core/spqmm_layout.h"
@@ -83,18 +84,9 @@ struct SpqmmPacked {
   int64_t k = 0;  // in_features
   int bits = 8;
   bool dense = false;  // dense mode (codes only); an empty layer's pointers may all be null
-  bool nibbles = false;  // dense mode with bits <= 4: two ids per byte
+  SpqmmDense layout = SpqmmDense::kBytes;  // dense mode's layout (core/spqmm_layout.h)
   int64_t dense_width = 0;  // bytes per row in dense mode
 };
-
-// Dense mode: the id of column j of a row. With nibbles, a block of 128 columns is 16
-// little-endian 32-bit words and nibble t of word d holds column 16 t + d: byte 4 d + t / 2,
-// the high nibble for odd t.
-inline uint32_t spqmm_dense_id(const uint8_t* row, int64_t j, bool nibbles) {
-  if (!nibbles) return row[j];
-  const int64_t t = (j >> 4) & 7, d = j & 15;
-  return (row[(j >> 7) * 64 + 4 * d + (t >> 1)] >> (4 * (t & 1))) & 15u;
-}
 
 inline int64_t spqmm_groups(int64_t n) { return (n + kSpqmmRows - 1) / kSpqmmRows; }
 
@@ -236,7 +228,7 @@ DCX_SPQMM_MULTIVERSION void spqmm_dense_rows(const SpqmmPacked& p, int64_t r0, i
     for (int m = 0; m < MB; ++m) a[m] = 0.f;
     uint32_t row_max = 0;
     for (int64_t j = 0; j < p.k; ++j) {
-      const uint32_t id = spqmm_dense_id(code, j, p.nibbles);
+      const uint32_t id = spqmm_dense_id(code, j, p.bits);
       row_max = std::max(row_max, id);
       const float w = table[id];
       for (int m = 0; m < MB; ++m) a[m] += w * xt[j * MB + m];
@@ -258,7 +250,7 @@ inline void spqmm_decode_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, cons
     for (int64_t r = r0; r < r1; ++r) {
       const uint8_t* code = p.dense_codes + r * p.dense_width;
       for (int64_t j = 0; j < p.k; ++j) {
-        const uint32_t id = spqmm_dense_id(code, j, p.nibbles);
+        const uint32_t id = spqmm_dense_id(code, j, p.bits);
         max_id = std::max(max_id, id);
         w[(r - r0) * p.k + j] = table[id];
       }
@@ -395,119 +387,151 @@ DCX_AVX512_FN inline __mmask16 tail_mask(int64_t k, int64_t j) {
   return k - j >= 16 ? __mmask16(0xFFFF) : k <= j ? __mmask16(0) : __mmask16((1u << (k - j)) - 1);
 }
 
-// Dense mode, two ids per byte (bits <= 4: one vpermps lookup). A block of 128 columns is one
-// 64-byte vector whose nibble t of every 32-bit lane holds the ids of columns 16 t + lane: a
-// shift and a mask give them, no shuffle. Columns past K read x as zero (their ids are the
-// packer's zeros).
-// The ids of columns 16 t + lane of a 64-byte block.
+// Dense mode: every layout (core/spqmm_layout.h) read 16 consecutive columns at a time, as one
+// vector of 16 ids: nibbles by a shift and a mask of their 64-byte block (whose 32-bit lane d
+// holds columns 16 t + d in nibble t); bit-packed ids by one masked load of the 2 * bits bytes
+// that hold 16 ids, broadcast to the four 128-bit lanes, a byte shuffle putting each id's bytes
+// in its own 32-bit lane, a variable shift and a mask (AVX-512BW, no VBMI); bytes by a widening
+// load. Columns past K get id 0 and read x as 0: padding is never read as a weight, nor checked.
 DCX_AVX512_FN inline __m512i nibble_ids(__m512i block, int t) {
   return _mm512_and_si512(_mm512_srl_epi32(block, _mm_cvtsi32_si128(4 * t)), _mm512_set1_epi32(15));
 }
 
-DCX_AVX512_FN inline void dense_rows_nibbles(const SpqmmPacked& p, int64_t r0, int64_t r1,
-                                             const float* table, const float* x,
-                                             const float* bias, float* y, SpqmmSeen* seen) {
-  const __m512 tab = _mm512_loadu_ps(table);
-  const int64_t K = p.k, blocks = p.dense_width / 64;
+// Constants of the bit-packed reader for ids of `bits` bits.
+struct BitIds {
+  __m512i shuffle, shift, mask;
+  __mmask16 load;  // the 2 * bits bytes of 16 ids
+  int bits = 8;
+};
+
+DCX_AVX512_FN inline BitIds bit_ids_setup(int bits) {
+  BitIds b;
+  alignas(64) int8_t shuffle[64];
+  alignas(64) int32_t shift[16];
+  for (int i = 0; i < 16; ++i) {
+    const int bit = i * bits, byte = bit >> 3;
+    shift[i] = bit & 7;
+    for (int t = 0; t < 4; ++t) shuffle[4 * i + t] = byte + t < 2 * bits ? int8_t(byte + t) : int8_t(-128);
+  }
+  b.shuffle = _mm512_load_si512(shuffle);
+  b.shift = _mm512_load_si512(shift);
+  b.mask = _mm512_set1_epi32((1 << bits) - 1);
+  b.load = __mmask16((1u << (2 * bits)) - 1);
+  b.bits = bits;
+  return b;
+}
+
+DCX_AVX512_FN inline __m512i bit_ids(const uint8_t* chunk, const BitIds& b) {
+  const __m512i bytes = _mm512_broadcast_i32x4(_mm_maskz_loadu_epi8(b.load, chunk));
+  return _mm512_and_si512(_mm512_srlv_epi32(_mm512_shuffle_epi8(bytes, b.shuffle), b.shift), b.mask);
+}
+
+// Columns per block of layout D; the ids of columns [cols * blk + 16 t, + 16) of a row.
+template <SpqmmDense D>
+constexpr int kBlockCols = D == SpqmmDense::kNibbles ? kSpqmmNibbleBlock : kSpqmmBitBlock;
+
+template <SpqmmDense D>
+DCX_AVX512_FN inline __m512i ids16(const uint8_t* row, int64_t blk, int t, const BitIds& b,
+                                   __mmask16 valid) {
+  if constexpr (D == SpqmmDense::kNibbles) {
+    return nibble_ids(_mm512_loadu_si512(row + (kSpqmmNibbleBlock / 2) * blk), t);
+  } else if constexpr (D == SpqmmDense::kBits) {
+    return bit_ids(row + blk * (kSpqmmBitBlock / 8) * b.bits + t * 2 * b.bits, b);
+  } else {  // rows are not padded: a masked load, so the last row's tail is not read
+    return _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(valid, row + kSpqmmBitBlock * blk + 16 * t));
+  }
+}
+
+// Dense rows [r0, r1) for MB batch rows of x ([MB][ldx], zero past the valid ones): each weight
+// is decoded once (16 at a time, a register lookup) and applied to every batch row; at MB = 1 four
+// accumulators in turn keep four FMAs in flight.
+template <Lut L, SpqmmDense D, int MB>
+DCX_AVX512_FN void dense_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, const float* table,
+                              const float* x, int64_t ldx, int mvalid, const float* bias,
+                              float* y, int64_t ldy, SpqmmSeen* seen) {
+  constexpr int kAcc = MB >= 4 ? 1 : 4 / MB;
+  constexpr int kCols = kBlockCols<D>, kT = kCols / 16;
+  const Table tab = load_table(table);
+  const BitIds bi = bit_ids_setup(D == SpqmmDense::kBits ? p.bits : 8);
+  const int64_t K = p.k, blocks = (K + kCols - 1) / kCols;
   __m512i max_id = _mm512_setzero_si512();
   for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* code = p.dense_codes + r * p.dense_width;
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    for (int64_t b = 0; b < blocks; ++b) {
-      const __m512i block = _mm512_loadu_si512(code + 64 * b);
-      const float* xb = x + 128 * b;
-      const bool whole = 128 * (b + 1) <= K;
-      for (int t = 0; t < 8; t += 2) {
-        const __m512i i0 = nibble_ids(block, t), i1 = nibble_ids(block, t + 1);
-        if (whole) {
-          max_id = _mm512_max_epu32(max_id, _mm512_max_epu32(i0, i1));
-        } else {  // padding nibbles past K are never read, so never checked (as the decode)
-          max_id = _mm512_mask_max_epu32(max_id, tail_mask(K, 128 * b + 16 * t), max_id, i0);
-          max_id = _mm512_mask_max_epu32(max_id, tail_mask(K, 128 * b + 16 * t + 16), max_id, i1);
+    const uint8_t* row = p.dense_codes + r * p.dense_width;
+    __m512 acc[MB][kAcc];
+    for (int m = 0; m < MB; ++m)
+      for (int a = 0; a < kAcc; ++a) acc[m][a] = _mm512_setzero_ps();
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const bool whole = kCols * (blk + 1) <= K;
+#pragma GCC unroll 8
+      for (int t = 0; t < kT; ++t) {
+        const int64_t j = kCols * blk + 16 * t;
+        const __mmask16 valid = whole ? __mmask16(0xFFFF) : tail_mask(K, j);
+        __m512i id = ids16<D>(row, blk, t, bi, valid);
+        if (!whole) id = _mm512_maskz_mov_epi32(valid, id);
+        max_id = _mm512_max_epu32(max_id, id);
+        const __m512 w = lookup<L>(tab, id);
+        for (int m = 0; m < MB; ++m) {
+          const __m512 xv = whole ? _mm512_loadu_ps(x + m * ldx + j)
+                                  : _mm512_maskz_loadu_ps(valid, x + m * ldx + j);
+          acc[m][t % kAcc] = _mm512_fmadd_ps(w, xv, acc[m][t % kAcc]);
         }
-        const __m512 x0 = whole ? _mm512_loadu_ps(xb + 16 * t)
-                                : _mm512_maskz_loadu_ps(tail_mask(K, 128 * b + 16 * t), xb + 16 * t);
-        const __m512 x1 = whole ? _mm512_loadu_ps(xb + 16 * t + 16)
-                                : _mm512_maskz_loadu_ps(tail_mask(K, 128 * b + 16 * t + 16),
-                                                        xb + 16 * t + 16);
-        a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(i0, tab), x0, a0);
-        a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(i1, tab), x1, a1);
       }
     }
-    y[r] = hsum(_mm512_add_ps(a0, a1)) + (bias ? bias[r] : 0.f);
+    const float b = bias ? bias[r] : 0.f;
+    for (int m = 0; m < mvalid; ++m) {
+      __m512 sum = acc[m][0];
+      for (int a = 1; a < kAcc; ++a) sum = _mm512_add_ps(sum, acc[m][a]);
+      y[m * ldy + r] = hsum(sum) + b;
+    }
   }
   seen->max_id = std::max<uint32_t>(seen->max_id, _mm512_reduce_max_epu32(max_id));
 }
 
-template <Lut L>
-DCX_AVX512_FN void dense_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, const float* table,
-                              const float* x, const float* bias, float* y, SpqmmSeen* seen) {
-  if (p.nibbles) return dense_rows_nibbles(p, r0, r1, table, x, bias, y, seen);
-  const Table tab = load_table(table);
-  const int64_t K = p.k;
-  __m128i max_id = _mm_setzero_si128();
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* code = p.dense_codes + r * K;
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    int64_t j = 0;
-    for (; j + 32 <= K; j += 32) {
-      const __m128i c0 = _mm_loadu_si128((const __m128i*)(code + j));
-      const __m128i c1 = _mm_loadu_si128((const __m128i*)(code + j + 16));
-      max_id = _mm_max_epu8(max_id, _mm_max_epu8(c0, c1));
-      a0 = _mm512_fmadd_ps(lookup<L>(tab, _mm512_cvtepu8_epi32(c0)), _mm512_loadu_ps(x + j), a0);
-      a1 = _mm512_fmadd_ps(lookup<L>(tab, _mm512_cvtepu8_epi32(c1)), _mm512_loadu_ps(x + j + 16),
-                           a1);
-    }
-    for (; j < K; j += 16) {
-      const __mmask16 m = tail_mask(K, j);
-      const __m128i c = _mm_maskz_loadu_epi8(m, code + j);
-      max_id = _mm_max_epu8(max_id, c);
-      a0 = _mm512_fmadd_ps(lookup<L>(tab, _mm512_cvtepu8_epi32(c)), _mm512_maskz_loadu_ps(m, x + j),
-                           a0);
-    }
-    y[r] = hsum(_mm512_add_ps(a0, a1)) + (bias ? bias[r] : 0.f);
-  }
-  alignas(16) uint8_t lanes[16];
-  _mm_store_si128((__m128i*)lanes, max_id);
-  seen->max_id = std::max<uint32_t>(seen->max_id, *std::max_element(lanes, lanes + 16));
-}
-
-// Dense mode decode of rows [r0, r1) into w: 16 ids per step through the register table.
-template <Lut L>
+// Dense decode of rows [r0, r1) into w ([r1 - r0, K] floats), 16 columns per lookup.
+template <Lut L, SpqmmDense D>
 DCX_AVX512_FN void dense_decode_rows(const SpqmmPacked& p, int64_t r0, int64_t r1,
                                      const float* table, float* w, SpqmmSeen* seen) {
-  if (p.nibbles) {
-    const __m512 tab = _mm512_loadu_ps(table);
-    __m512i max_id = _mm512_setzero_si512();
-    for (int64_t r = r0; r < r1; ++r) {
-      const uint8_t* code = p.dense_codes + r * p.dense_width;
-      float* wr = w + (r - r0) * p.k;
-      for (int64_t b = 0; b < p.dense_width / 64; ++b) {
-        const __m512i block = _mm512_loadu_si512(code + 64 * b);
-        for (int t = 0; t < 8; ++t) {
-          const __m512i ids = nibble_ids(block, t);
-          max_id = _mm512_max_epu32(max_id, ids);
-          const int64_t j = 128 * b + 16 * t;
-          _mm512_mask_storeu_ps(wr + j, tail_mask(p.k, j), _mm512_permutexvar_ps(ids, tab));
-        }
+  constexpr int kCols = kBlockCols<D>, kT = kCols / 16;
+  const Table tab = load_table(table);
+  const BitIds bi = bit_ids_setup(D == SpqmmDense::kBits ? p.bits : 8);
+  const int64_t K = p.k, blocks = (K + kCols - 1) / kCols;
+  __m512i max_id = _mm512_setzero_si512();
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = p.dense_codes + r * p.dense_width;
+    float* wr = w + (r - r0) * K;
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+#pragma GCC unroll 8
+      for (int t = 0; t < kT; ++t) {
+        const int64_t j = kCols * blk + 16 * t;
+        if (j >= K) break;
+        const __mmask16 valid = tail_mask(K, j);
+        const __m512i id = _mm512_maskz_mov_epi32(valid, ids16<D>(row, blk, t, bi, valid));
+        max_id = _mm512_max_epu32(max_id, id);
+        _mm512_mask_storeu_ps(wr + j, valid, lookup<L>(tab, id));
       }
     }
-    seen->max_id = std::max<uint32_t>(seen->max_id, _mm512_reduce_max_epu32(max_id));
-    return;
   }
-  const Table tab = load_table(table);
-  const uint8_t* code = p.dense_codes + r0 * p.k;
-  const int64_t count = (r1 - r0) * p.k;
-  __m128i max_id = _mm_setzero_si128();
-  for (int64_t i = 0; i < count; i += 16) {
-    const __mmask16 m = tail_mask(count, i);
-    const __m128i c = _mm_maskz_loadu_epi8(m, code + i);
-    max_id = _mm_max_epu8(max_id, c);
-    _mm512_mask_storeu_ps(w + i, m, lookup<L>(tab, _mm512_cvtepu8_epi32(c)));
+  seen->max_id = std::max<uint32_t>(seen->max_id, _mm512_reduce_max_epu32(max_id));
+}
+
+// The kernel for a layer's lookup kind and layout: f<L, D>() called with the caller's arguments.
+template <typename F>
+DCX_AVX512_FN inline void with_dense_kind(const SpqmmPacked& p, F&& f) {
+  auto by_layout = [&](auto lut) DCX_AVX512_FN {
+    constexpr Lut L = decltype(lut)::value;
+    switch (p.layout) {
+      case SpqmmDense::kNibbles: f(std::integral_constant<Lut, L>(), std::integral_constant<SpqmmDense, SpqmmDense::kNibbles>()); break;
+      case SpqmmDense::kBits: f(std::integral_constant<Lut, L>(), std::integral_constant<SpqmmDense, SpqmmDense::kBits>()); break;
+      default: f(std::integral_constant<Lut, L>(), std::integral_constant<SpqmmDense, SpqmmDense::kBytes>()); break;
+    }
+  };
+  switch (lut_kind(p.bits)) {
+    case Lut::k16: by_layout(std::integral_constant<Lut, Lut::k16>()); break;
+    case Lut::k32: by_layout(std::integral_constant<Lut, Lut::k32>()); break;
+    case Lut::k64: by_layout(std::integral_constant<Lut, Lut::k64>()); break;
+    case Lut::k128: by_layout(std::integral_constant<Lut, Lut::k128>()); break;
+    case Lut::k256: by_layout(std::integral_constant<Lut, Lut::k256>()); break;
   }
-  alignas(16) uint8_t lanes[16];
-  _mm_store_si128((__m128i*)lanes, max_id);
-  seen->max_id = std::max<uint32_t>(seen->max_id, *std::max_element(lanes, lanes + 16));
 }
 
 inline bool supported() {

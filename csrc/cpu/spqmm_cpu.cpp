@@ -64,7 +64,7 @@ SpqmmPacked make_packed(const at::Tensor& codes, const at::Tensor& windows,
   if (codes.scalar_type() == at::kByte) {
     p.dense = true;
     p.dense_codes = codes.data_ptr<uint8_t>();
-    p.nibbles = bits <= 4;
+    p.layout = spqmm_dense_layout(bits);
     p.dense_width = spqmm_dense_width(k, bits);
   } else {
     p.codes = reinterpret_cast<const uint16_t*>(codes.data_ptr<int16_t>());
@@ -114,14 +114,10 @@ void decode_gemm(const SpqmmPacked& p, const float* table, const at::Tensor& x2,
       SpqmmSeen* sb = &seen_by[b];
 #ifdef DCX_SPQMM_AVX512
       if (vec) {
-        using avx512::Lut;
-        switch (avx512::lut_kind(p.bits)) {
-          case Lut::k16: avx512::dense_decode_rows<Lut::k16>(p, r0, r0 + rb, table, wp, sb); break;
-          case Lut::k32: avx512::dense_decode_rows<Lut::k32>(p, r0, r0 + rb, table, wp, sb); break;
-          case Lut::k64: avx512::dense_decode_rows<Lut::k64>(p, r0, r0 + rb, table, wp, sb); break;
-          case Lut::k128: avx512::dense_decode_rows<Lut::k128>(p, r0, r0 + rb, table, wp, sb); break;
-          case Lut::k256: avx512::dense_decode_rows<Lut::k256>(p, r0, r0 + rb, table, wp, sb); break;
-        }
+        avx512::with_dense_kind(p, [&](auto lut, auto layout) DCX_AVX512_FN {
+          avx512::dense_decode_rows<decltype(lut)::value, decltype(layout)::value>(
+              p, r0, r0 + rb, table, wp, sb);
+        });
       } else {
         spqmm_decode_rows(p, r0, r0 + rb, table, wp, sb);
       }
@@ -188,26 +184,26 @@ void run_sparse_block(const SpqmmPacked& p, const float* table, const float* xs,
   }
 }
 
+// Dense mode for MB batch rows: x is [MB][K] for the AVX-512 kernels, [K][MB] for the portable
+// one (zero past the valid rows either way). Rows are split in pieces of about 32K weights, so
+// a small layer still keeps every thread busy.
 template <int MB>
-void run_dense_block(const SpqmmPacked& p, const float* table, const float* xt, const float* bias,
+void run_dense_block(const SpqmmPacked& p, const float* table, const float* x, const float* bias,
                      float* y, int mvalid, std::vector<SpqmmSeen>& seen_by) {
   const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(p.k, 1));
-  const bool vec = MB == 1 && use_avx512();
+  const bool vec = use_avx512();
   at::parallel_for(0, p.n, grain, [&](int64_t r0, int64_t r1) {
     SpqmmSeen& seen = seen_by[at::get_thread_num()];
 #ifdef DCX_SPQMM_AVX512
     if (vec) {
-      using avx512::Lut;
-      switch (avx512::lut_kind(p.bits)) {
-        case Lut::k16: avx512::dense_rows<Lut::k16>(p, r0, r1, table, xt, bias, y, &seen); return;
-        case Lut::k32: avx512::dense_rows<Lut::k32>(p, r0, r1, table, xt, bias, y, &seen); return;
-        case Lut::k64: avx512::dense_rows<Lut::k64>(p, r0, r1, table, xt, bias, y, &seen); return;
-        case Lut::k128: avx512::dense_rows<Lut::k128>(p, r0, r1, table, xt, bias, y, &seen); return;
-        case Lut::k256: avx512::dense_rows<Lut::k256>(p, r0, r1, table, xt, bias, y, &seen); return;
-      }
+      avx512::with_dense_kind(p, [&](auto lut, auto layout) DCX_AVX512_FN {
+        avx512::dense_rows<decltype(lut)::value, decltype(layout)::value, MB>(
+            p, r0, r1, table, x, p.k, mvalid, bias, y, p.n, &seen);
+      });
+      return;
     }
 #endif
-    spqmm_dense_rows<MB>(p, r0, r1, table, xt, bias, y, p.n, mvalid, &seen);
+    spqmm_dense_rows<MB>(p, r0, r1, table, x, bias, y, p.n, mvalid, &seen);
   });
 }
 
@@ -221,10 +217,11 @@ void run_block(const SpqmmPacked& p, const float* table, const at::Tensor& x2, i
   float* yb = y + m0 * p.n;
   const at::Tensor xm = x2.narrow(0, m0, mvalid);
   if (p.dense) {
-    // [K][MB], zero beyond the last batch column.
-    at::Tensor xt = at::zeros({p.k, MB}, at::kFloat);
-    xt.narrow(1, 0, mvalid).copy_(xm.t());
-    run_dense_block<MB>(p, table, xt.data_ptr<float>(), bias, yb, mvalid, seen_by);
+    // [MB][K] rows (AVX-512) or [K][MB] columns (portable), zero beyond the valid rows.
+    const bool rows = use_avx512();
+    at::Tensor xb = rows ? at::zeros({MB, p.k}, at::kFloat) : at::zeros({p.k, MB}, at::kFloat);
+    (rows ? xb.narrow(0, 0, mvalid) : xb.narrow(1, 0, mvalid)).copy_(rows ? xm : xm.t());
+    run_dense_block<MB>(p, table, xb.data_ptr<float>(), bias, yb, mvalid, seen_by);
     return;
   }
   // [MB][ldx], zero beyond K (windows clamped to K read zeros) and beyond the last batch column.

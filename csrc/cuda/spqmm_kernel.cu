@@ -231,12 +231,15 @@ __global__ void spqmm_epilogue_kernel(const float* __restrict__ ws, const T* __r
 //               128 b + 16 t + d; a lane takes a quarter block at a time (a 16-byte load: words
 //               4 q .. 4 q + 3, 32 ids), so a warp reads 512 contiguous bytes; the padding
 //               nibbles past k are skipped, ids and all (as on the CPU and in the decode).
-enum class DenseLayout { kBytes, kBytesVec, kNibbles };
+//   kBits       bit-packed ids (bits 5..7, core/spqmm_layout.h): a lane per column, its id read
+//               from the one or two bytes that hold it (neighbouring lanes share bytes, so a
+//               warp's reads stay within a few cache lines).
+enum class DenseLayout { kBytes, kBytesVec, kNibbles, kBits };
 
 template <typename T, int MB, DenseLayout kLayout>
 __global__ void __launch_bounds__(kDenseThreads)
 spqmm_dense_kernel(const T* __restrict__ x, int64_t ldx, int mvalid,
-                   const uint8_t* __restrict__ codes, int64_t n, int64_t k,
+                   const uint8_t* __restrict__ codes, int64_t n, int64_t k, int bits,
                    const T* __restrict__ codebook, int kc, const T* __restrict__ bias,
                    T* __restrict__ y, int* __restrict__ bad_flag) {
   __shared__ float table[256];
@@ -275,6 +278,9 @@ spqmm_dense_kernel(const T* __restrict__ x, int64_t ldx, int mvalid,
         }
       }
     }
+  } else if constexpr (kLayout == DenseLayout::kBits) {
+    const uint8_t* code = codes + row * spqmm_dense_width(k, bits);
+    for (int64_t j = lane; j < k; j += 32) add(spqmm_dense_id(code, j, bits), j);
   } else if constexpr (kLayout == DenseLayout::kBytesVec) {
     const uint8_t* code = codes + row * k;
     for (int64_t j0 = int64_t(lane) * 16; j0 < k; j0 += 32 * 16) {
@@ -344,21 +350,15 @@ __global__ void spqmm_check_pointers_kernel(const int32_t* __restrict__ group_pt
 
 template <typename T>
 __global__ void spqmm_decode_dense_kernel(const uint8_t* __restrict__ codes, int64_t count,
-                                          int64_t k, bool nibbles,
+                                          int64_t k, int bits,
                                           const T* __restrict__ codebook, int kc,
                                           T* __restrict__ w, int* __restrict__ bad_flag) {
   int flag = 0;
-  const int64_t width = (k + 127) / 128 * 64;  // bytes per row with two ids per byte
+  const int64_t width = spqmm_dense_width(k, bits);  // bytes per row, in any layout
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count;
        i += int64_t(gridDim.x) * blockDim.x) {
-    uint32_t id;
-    if (nibbles) {
-      // Column 128 b + 16 t + d: nibble t of word d of block b (csrc/core/spqmm.h).
-      const int64_t row = i / k, col = i - row * k, t = (col >> 4) & 7, d = col & 15;
-      id = (uint32_t(codes[row * width + (col >> 7) * 64 + 4 * d + (t >> 1)]) >> (4 * (t & 1))) & 15u;
-    } else {
-      id = codes[i];
-    }
+    const int64_t row = i / k, col = i - row * k;
+    const uint32_t id = spqmm_dense_id(codes + row * width, col, bits);
     if (id >= uint32_t(kc)) flag = 1;
     w[i] = id < uint32_t(kc) ? codebook[id] : from_float<T>(0.f);
   }
@@ -479,12 +479,15 @@ cudaError_t launch_block(const SpqmmCudaArgs& a, const DeviceLimits& d, const T*
     const unsigned blocks = static_cast<unsigned>((a.n + kDenseWarps - 1) / kDenseWarps);
     if (blocks == 0) return cudaSuccess;
     auto launch = [&](auto kernel) {
-      kernel<<<blocks, kDenseThreads, 0, a.stream>>>(x, a.k, mvalid, a.dense_codes, a.n, a.k, cb,
-                                                    a.kc, static_cast<const T*>(a.bias), y,
-                                                    a.bad_flag);
+      kernel<<<blocks, kDenseThreads, 0, a.stream>>>(x, a.k, mvalid, a.dense_codes, a.n, a.k,
+                                                    a.bits, cb, a.kc,
+                                                    static_cast<const T*>(a.bias), y, a.bad_flag);
     };
-    if (a.bits <= 4) {  // two ids per byte; rows of whole 16-byte blocks (the glue aligns them)
+    const SpqmmDense layout = spqmm_dense_layout(a.bits);
+    if (layout == SpqmmDense::kNibbles) {  // rows of whole 16-byte blocks (the glue aligns them)
       launch(spqmm_dense_kernel<T, MB, DenseLayout::kNibbles>);
+    } else if (layout == SpqmmDense::kBits) {
+      launch(spqmm_dense_kernel<T, MB, DenseLayout::kBits>);
     } else if (a.k % 16 == 0 && is_aligned(a.dense_codes, 16)) {
       launch(spqmm_dense_kernel<T, MB, DenseLayout::kBytesVec>);
     } else {
@@ -547,7 +550,7 @@ cudaError_t decode_typed(const SpqmmCudaArgs& a, void* w) {
     const int64_t want = (count + kDenseThreads - 1) / kDenseThreads;
     const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(want, 8192));
     spqmm_decode_dense_kernel<T><<<blocks, kDenseThreads, 0, a.stream>>>(
-        a.dense_codes, count, a.k, a.bits <= 4, cb, a.kc, static_cast<T*>(w), a.bad_flag);
+        a.dense_codes, count, a.k, a.bits, cb, a.kc, static_cast<T*>(w), a.bad_flag);
   } else {
     if (a.n == 0) return cudaSuccess;
     DeviceLimits d;
