@@ -96,13 +96,20 @@ std::vector<float> make_table(const at::Tensor& codebook) {
 
 // Past the crossover: decode W once, block of rows by block of rows into a per-thread buffer
 // that stays in cache (so the decoded weight never goes to memory), and multiply each block with
-// the BLAS (at::mm: MKL / oneDNN, single-threaded inside the parallel region).
-void decode_gemm(const SpqmmPacked& p, const float* table, const at::Tensor& x2, const float* bias,
-                 float* y, SpqmmSeen* seen) {
-  const int64_t M = x2.size(0), N = p.n, K = p.k;
-  // Blocks of about 8 MB decoded (L3-resident), at least 64 rows so each GEMM is not too thin, and
-  // whole groups of 16 rows (sparse mode decodes a group at a time).
-  const int64_t rows = std::max<int64_t>(64, std::min<int64_t>(512, (int64_t(1) << 21) / std::max<int64_t>(K, 1))) / 16 * 16;
+// the BLAS (at::mm, single-threaded inside the parallel region) in the activations' own type:
+// float32 (MKL), or bfloat16 (oneDNN's bf16 GEMM, fp32 accumulation: the multiply's data type is
+// what wins once rows are many), the block then converted to bf16 in cache.
+void decode_gemm(const SpqmmPacked& p, const float* table, const at::Tensor& xg, const float* bias,
+                 const at::Tensor& bias_bf16, float* y, SpqmmSeen* seen) {
+  const int64_t M = xg.size(0), N = p.n, K = p.k;
+  const bool bf16 = xg.scalar_type() == at::kBFloat16;
+  // Blocks of about 8 MB decoded (L3-resident), at least 64 rows so each GEMM is not too thin
+  // (but no more than a thread's share, so a small layer keeps every thread busy), and whole
+  // groups of 16 rows (sparse mode decodes a group at a time).
+  const int64_t share = (N + at::get_num_threads() - 1) / at::get_num_threads();
+  const int64_t rows = std::max<int64_t>(16, std::min<int64_t>({
+      std::max<int64_t>(64, std::min<int64_t>(512, (int64_t(1) << 21) / std::max<int64_t>(K, 1))),
+      (share + 15) / 16 * 16})) / 16 * 16;
   const int64_t blocks = (N + rows - 1) / rows;
   std::vector<SpqmmSeen> seen_by(blocks);
   const bool vec = p.dense && use_avx512();
@@ -124,7 +131,17 @@ void decode_gemm(const SpqmmPacked& p, const float* table, const at::Tensor& x2,
 #else
       spqmm_decode_rows(p, r0, r0 + rb, table, wp, sb);
 #endif
-      const at::Tensor out = at::mm(x2, w.narrow(0, 0, rb).t());  // [M, rb]
+      const at::Tensor wb = w.narrow(0, 0, rb);
+      if (bf16) {  // the bias inside the GEMM, so the fp32 sum is rounded to bf16 once
+        const at::Tensor wt = wb.to(at::kBFloat16).t();
+        const at::Tensor out = (bias_bf16.defined() ? at::addmm(bias_bf16.narrow(0, r0, rb), xg, wt)
+                                                    : at::mm(xg, wt)).to(at::kFloat);
+        const float* op = out.data_ptr<float>();
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t r = 0; r < rb; ++r) y[m * N + r0 + r] = op[m * rb + r];
+        continue;
+      }
+      const at::Tensor out = at::mm(xg, wb.t());  // [M, rb]
       const float* op = out.data_ptr<float>();
       for (int64_t m = 0; m < M; ++m) {
         for (int64_t r = 0; r < rb; ++r) y[m * N + r0 + r] = op[m * rb + r] + (bias ? bias[r0 + r] : 0.f);
@@ -271,7 +288,10 @@ at::Tensor spqmm_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Ten
     if (K == 0) {
       y.copy_(has_bias ? bias_f.expand({M, N}) : at::zeros({M, N}, at::kFloat));
     } else if (M >= std::max<int64_t>(cross, 1)) {
-      decode_gemm(p, table.data(), x2.contiguous(), bp, y.data_ptr<float>(), &seen);
+      const bool bf16 = x.scalar_type() == at::kBFloat16;
+      const at::Tensor xg = bf16 ? x.reshape({M, K}).contiguous() : x2.contiguous();
+      decode_gemm(p, table.data(), xg, bp, bf16 && has_bias ? bias->contiguous() : at::Tensor(),
+                  y.data_ptr<float>(), &seen);
       check_seen(seen, codebook.numel(), K);
     } else {
       const int64_t items = dense_mode ? at::get_num_threads() : p.num_chunks;
