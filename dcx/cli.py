@@ -2,7 +2,8 @@
 
     dcx demo [--out DIR]                          the whole pipeline on the bundled digits
     dcx compress --config CFG [--model M] [--data D] [--out FILE]
-    dcx convert SRC --bits B [--sparsity S] [--overrides O.yaml] [--no-embeddings] --out FILE
+    dcx convert SRC --bits B [--sparsity S] [--overrides O.yaml] [--no-embeddings]
+                [--compute MODE] --out FILE
     dcx eval FILE [--model M] [--data D]          accuracy of a .dcx file loaded into the model
     dcx report FILE [--json | --markdown]         the per-layer compression table
     dcx verify FILE                               check every checksum and decode everything
@@ -306,7 +307,8 @@ def cmd_convert(args):
     rows = []
     try:
         dcx.convert(model, sparsity=args.sparsity, bits=args.bits, overrides=overrides,
-                    embeddings=args.embeddings, progress=not args.quiet, report=rows)
+                    embeddings=args.embeddings, compute=args.compute, progress=not args.quiet,
+                    report=rows)
     except ValueError as error:  # bad bits or sparsity (ConfigError for overrides is one too)
         from dcx.config import ConfigError
 
@@ -314,7 +316,8 @@ def cmd_convert(args):
             raise
         raise UsageError(str(error)) from None
     extra["dcx_convert"] = {"bits": args.bits, "sparsity": args.sparsity,
-                            "embeddings": args.embeddings, "overrides": overrides}
+                            "embeddings": args.embeddings, "overrides": overrides,
+                            "compute": args.compute}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     dcx.save(model, out, extra=extra)
@@ -419,6 +422,9 @@ def parser():
                                        "sparsity: s} or null}, patterns as in dcx.config")
     s.add_argument("--embeddings", action=argparse.BooleanOptionalAction, default=True,
                    help="compress nn.Embedding tables too (default: yes)")
+    s.add_argument("--compute", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="what the packed layers compute in once loaded (recorded in the file; "
+                        "default auto: the activations' dtype)")
     s.add_argument("--out", required=True, help="the .dcx file to write")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_convert)

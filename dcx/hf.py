@@ -63,9 +63,11 @@ def manifest_extra(model: nn.Module) -> dict:
     return {MANIFEST_KEY: json.loads(config.to_json_string(use_diff=False))}
 
 
-def model_from_file(path, packed: bool = True) -> nn.Module:
+def model_from_file(path, packed: bool = True, compute: str | None = None) -> nn.Module:
     """The compressed model of a .dcx file written from a transformers model: AutoModel built
-    from the config in the file's manifest, then filled by dcx.load (checked completely first)."""
+    from the config in the file's manifest, then filled by dcx.load (checked completely first).
+    compute: the packed layers' compute mode; None: what `dcx convert --compute` recorded in
+    the file, else "auto"."""
     from dcx import format as fmt
     from dcx.io import load
 
@@ -74,7 +76,9 @@ def model_from_file(path, packed: bool = True) -> nn.Module:
     if not isinstance(config, dict) or "model_type" not in config:
         raise ValueError(f"{path}: the file carries no transformers config (save it with "
                          "extra=dcx.hf.manifest_extra(model), as dcx convert does)")
+    if compute is None:
+        compute = (manifest["extra"].get("dcx_convert") or {}).get("compute", "auto")
     transformers = require("transformers")
     config = dict(config)
     auto = transformers.AutoConfig.for_model(config.pop("model_type"), **config)
-    return load(path, transformers.AutoModel.from_config(auto).eval(), packed)
+    return load(path, transformers.AutoModel.from_config(auto).eval(), packed, compute)

@@ -179,10 +179,10 @@ def _restore(model: nn.Module, name: str, ct: fmt.CompressedTensor):
     state.set_index_bits_(module, param, ct.index_bits)
 
 
-def load(path, model: Optional[nn.Module] = None, packed: bool = True):
+def load(path, model: Optional[nn.Module] = None, packed: bool = True, compute: str = "auto"):
     """Fill `model` (freshly built, same architecture) from a .dcx file and return it; see the
-    module docstring. Without a model, return the decoded state_dict ({name: tensor}, every
-    compressed weight dense)."""
+    module docstring; compute: the packed layers' compute mode (dcx.nn.COMPUTE_MODES). Without a
+    model, return the decoded state_dict ({name: tensor}, every compressed weight dense)."""
     compressed, raw, manifest = fmt.load_records(path)
     if model is None:
         decoded = {**{n: ct.to_dense() for n, ct in compressed.items()}, **raw}
@@ -197,5 +197,5 @@ def load(path, model: Optional[nn.Module] = None, packed: bool = True):
     if packed:
         from dcx.nn import pack_layers_
 
-        pack_layers_(model)
+        pack_layers_(model, compute=compute)
     return model

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from dcx import _native, ops, state
 from dcx.config import ClusterConfig, PruneConfig, check_overrides, resolve_overrides
 
-__all__ = ["PackedWeight", "pack", "unpack", "packable", "pack_layers_", "SparseQuantLinear",
+__all__ = ["PackedWeight", "pack", "unpack", "packable", "pack_layers_", "COMPUTE_MODES",
+           "SparseQuantLinear",
            "SparseQuantConv2d", "SparseQuantEmbedding", "convert", "ConvertRow"]
 
 # Layers at or above this density are packed in dense mode (ids only, no positions). Sparse mode
@@ -29,6 +30,18 @@ DENSE_DENSITY = 0.3
 # Steps per chunk (a work item of the CPU threads or of a GPU thread block): the packer's choice,
 # the kernels read the chunk boundaries from the data.
 CHUNK_STEPS = 1024
+# What a packed layer computes in (its `compute`): "auto" follows the activations' dtype;
+# "float32" and "bfloat16" run the op on activations cast to that dtype (fp32 accumulation
+# either way; past the crossover bfloat16 runs a bf16 GEMM on the decoded weight, the fastest
+# path on CPUs with AVX512-BF16 or AMX) and cast the result back.
+COMPUTE_MODES = ("auto", "float32", "bfloat16")
+_COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _check_compute(compute):
+    if compute not in COMPUTE_MODES:
+        raise ValueError(f"compute must be one of {COMPUTE_MODES}, got {compute!r}")
+    return compute
 
 
 class PackedWeight(NamedTuple):
@@ -273,10 +286,20 @@ def _compress_layer(weight: Tensor, sparsity: float, bits: int):
 
 
 class _PackedModule(nn.Module):
-    """Holds a PackedWeight as buffers (resized on load_state_dict) and `bits` as extra state, and
-    hands its compressed state back to dcx.state (`layer_state`)."""
+    """Holds a PackedWeight as buffers (resized on load_state_dict) and `bits` and `compute` as
+    extra state, and hands its compressed state back to dcx.state (`layer_state`)."""
 
     is_conv = False
+    _compute = "auto"
+
+    @property
+    def compute(self) -> str:
+        """What the layer computes in: one of COMPUTE_MODES (settable on a built layer)."""
+        return self._compute
+
+    @compute.setter
+    def compute(self, value: str):
+        self._compute = _check_compute(value)
 
     def _init_empty(self, out_features: int, bits: int, bias: bool, dtype, device):
         """An all-pruned packed weight [out_features, _packed_in_features()] and a zero bias:
@@ -311,10 +334,11 @@ class _PackedModule(nn.Module):
                             self._packed_in_features(), self.bits)
 
     def get_extra_state(self):
-        return {"bits": self.bits}
+        return {"bits": self.bits, "compute": self.compute}
 
     def set_extra_state(self, extra):
         self.bits = int(extra["bits"])
+        self.compute = extra.get("compute", "auto")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Packed buffers differ in size from layer to layer: take the incoming ones as they are.
@@ -357,9 +381,11 @@ class _PackedModule(nn.Module):
         return torch.where(mask, self.codebook[labels], torch.zeros((), dtype=self.codebook.dtype))
 
     def _linear(self, x: Tensor) -> Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+        dtype = _COMPUTE_DTYPES.get(self.compute, x.dtype)
+        xc = x.to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
         # The packed data was validated when set or loaded: no per-call check (no sync on CUDA).
-        return self.packed.spqmm(x, bias, check=False)
+        return self.packed.spqmm(xc, bias, check=False).to(x.dtype)
 
 
 class SparseQuantLinear(_PackedModule):
@@ -409,11 +435,14 @@ class SparseQuantLinear(_PackedModule):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, sparsity: float = 0.0, bits: int = 5,
-                    dense: Optional[bool] = None):
+                    dense: Optional[bool] = None, compute: str = "auto"):
         """Post-training compression of an nn.Linear: prune the `sparsity` fraction of smallest
-        weights, share the rest among 2^bits k-means centroids."""
+        weights, share the rest among 2^bits k-means centroids; `compute` as COMPUTE_MODES."""
+        _check_compute(compute)
         mask, labels, codebook = _compress_layer(linear.weight, sparsity, bits)
-        return cls.from_compressed(mask, labels, codebook, linear.bias, bits, dense)
+        layer = cls.from_compressed(mask, labels, codebook, linear.bias, bits, dense)
+        layer.compute = compute
+        return layer
 
     def forward(self, x: Tensor) -> Tensor:
         return self._linear(x)
@@ -490,9 +519,12 @@ class SparseQuantConv2d(_PackedModule):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, sparsity: float = 0.0, bits: int = 5,
-                  dense: Optional[bool] = None):
+                  dense: Optional[bool] = None, compute: str = "auto"):
+        _check_compute(compute)
         mask, labels, codebook = _compress_layer(conv.weight, sparsity, bits)
-        return cls.from_compressed_like(conv, mask, labels, codebook, bits, dense)
+        layer = cls.from_compressed_like(conv, mask, labels, codebook, bits, dense)
+        layer.compute = compute
+        return layer
 
     @classmethod
     def from_compressed_like(cls, conv: nn.Conv2d, mask, labels, codebook, bits=None, dense=None):
@@ -681,19 +713,25 @@ def _replace_modules(model: nn.Module, new: dict) -> None:
                 parent._modules[child_name] = new[id(child)]
 
 
-def pack_layers_(model: nn.Module, names=None, dense: Optional[bool] = None) -> nn.Module:
+def pack_layers_(model: nn.Module, names=None, dense: Optional[bool] = None,
+                 compute: str = "auto") -> nn.Module:
     """Swap every weight-shared layer of `model` (dcx.state) that a packed twin can run
     (`packable`) for that twin: nn.Linear -> SparseQuantLinear, nn.Conv2d -> SparseQuantConv2d,
-    built from the layer's mask, labels and codebook. names: only these modules. dense: force
-    the packed mode (default: dense from DENSE_DENSITY on). Other layers stay as they are.
-    Returns the model."""
+    nn.Embedding -> SparseQuantEmbedding, built from the layer's mask, labels and codebook.
+    names: only these modules. dense: force the packed mode (default: dense from DENSE_DENSITY
+    on). compute: the new Linear / Conv2d layers' compute mode (COMPUTE_MODES). Other layers
+    stay as they are. Returns the model."""
+    _check_compute(compute)
     new = {}
     for st in state.layers(model).values():
         if (not st.shared or st.packed or st.param != "weight"
                 or (names is not None and st.module_name not in names)
                 or packable(st.module) is not None):
             continue
-        new[id(st.module)] = _twin(st.module).from_state(st, dense)
+        layer = _twin(st.module).from_state(st, dense)
+        if isinstance(layer, _PackedModule):
+            layer.compute = compute
+        new[id(st.module)] = layer
     _replace_modules(model, new)
     return model
 
@@ -712,7 +750,7 @@ class ConvertRow(NamedTuple):
 
 def convert(model: nn.Module, sparsity: float = 0.0, bits: int = 5, overrides=None,
             include=None, exclude=None, conv: bool = True, embeddings: bool = True,
-            dense: Optional[bool] = None, progress: bool = False,
+            dense: Optional[bool] = None, compute: str = "auto", progress: bool = False,
             report: Optional[list] = None) -> nn.Module:
     """Post-training compression, in place: every nn.Linear of `model` (and every convolution
     with conv=True, every nn.Embedding with embeddings=True, subclasses included) is pruned to
@@ -725,10 +763,12 @@ def convert(model: nn.Module, sparsity: float = 0.0, bits: int = 5, overrides=No
     overrides: {pattern: {"sparsity": s, "bits": b} or None} by the rule of dcx.config (exact
     module name, else the first "re:" pattern matching the whole name; None leaves the layer
     alone). include / exclude: lists of patterns by the same rule, sugar for leaving out every
-    other layer / these layers. A pattern that selects no layer is an error. progress: a bar
-    over the layers. report: a list that gets one ConvertRow per layer with a weight of two or
-    more dimensions, the ones left dense included, each with its reason.
+    other layer / these layers. A pattern that selects no layer is an error. compute: the packed
+    Linear / Conv2d layers' compute mode (COMPUTE_MODES). progress: a bar over the layers.
+    report: a list that gets one ConvertRow per layer with a weight of two or more dimensions,
+    the ones left dense included, each with its reason.
     """
+    _check_compute(compute)
     overrides = check_overrides(overrides or {}, "convert", _check_convert_layer)
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must lie in [1, 8], got {bits}")
@@ -797,7 +837,7 @@ def convert(model: nn.Module, sparsity: float = 0.0, bits: int = 5, overrides=No
                                              bits=v["bits"], sparsity=v["sparsity"],
                                              reason=reason or "")
         pack_layers_(model, names={n for n in per_layer if rows[n].action == "packed"},
-                     dense=dense)
+                     dense=dense, compute=compute)
     if report is not None:
         report.extend(rows.values())
     return model

@@ -215,3 +215,47 @@ def test_convert_serves_subclasses_and_grouped_convs():
                      "3": ("Own", "shared", "Own overrides nn.Linear.forward")}
     assert isinstance(model[2], SparseQuantLinear) and type(model[3]) is Own
     assert model(x).shape == (2, 8)
+
+
+@pytest.mark.parametrize("compute", ["auto", "float32", "bfloat16"])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 7, 64])
+@pytest.mark.parametrize("sparsity", [0.0, 0.9])
+def test_compute_modes(compute, x_dtype, batch, sparsity):
+    """Each compute mode against F.linear in float64 on what the mode computes with: float32 on
+    the weights as they are; bfloat16 on x and the codebook rounded to bf16 (each within a bf16
+    rounding: 2 u_bf16 sum |w x|), products exact in fp32 and summed in fp32 (K u32 sum |w x|),
+    the sum rounded once to the output dtype. Past the crossover (batch 64, dense) bfloat16 runs
+    a bf16 GEMM with the same bound."""
+    torch.manual_seed(0)
+    linear = nn.Linear(200, 48)
+    layer = SparseQuantLinear.from_linear(linear, sparsity=sparsity, bits=6, compute=compute)
+    x = torch.randn(batch, 200).to(x_dtype)
+    y = layer(x)
+    assert y.dtype == x_dtype and layer.compute == compute
+    mode = {"auto": x_dtype, "float32": torch.float32, "bfloat16": torch.bfloat16}[compute]
+    w, b = layer.decoded_weight().double(), linear.bias.detach().double()
+    expected = F.linear(x.double(), w, b)
+    magnitude = F.linear(x.double().abs(), w.abs(), b.abs())
+    u_in = unit_roundoff(torch.bfloat16) if mode == torch.bfloat16 and x_dtype != mode else 0.0
+    u_w = unit_roundoff(torch.bfloat16) if mode == torch.bfloat16 else 0.0
+    u_out = max(unit_roundoff(x_dtype), unit_roundoff(mode))
+    bound = ((200 + 2) * unit_roundoff(torch.float32) + u_in + 2 * u_w) * magnitude \
+        + u_out * expected.abs()
+    assert ((y.double() - expected).abs() <= bound * 1.01 + 1e-30).all()
+
+
+def test_compute_is_settable_and_kept():
+    layer = SparseQuantLinear.from_linear(nn.Linear(40, 8), bits=4)
+    assert layer.compute == "auto"
+    layer.compute = "bfloat16"
+    with pytest.raises(ValueError, match="compute must be one of"):
+        layer.compute = "int3"
+    fresh = SparseQuantLinear(40, 8)
+    fresh.load_state_dict(layer.state_dict())
+    assert fresh.compute == "bfloat16"
+    model = dcx.convert(nn.Sequential(nn.Linear(40, 8)), bits=4, compute="float32")
+    assert model[0].compute == "float32"
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(3, 40).bfloat16()
+    torch.testing.assert_close(compiled(x), model(x))
