@@ -10,6 +10,7 @@ a compressed layer is not read from the GPU's L2 or the CPU's L3 cache.
 
     python benchmarks/bench_spqmm.py                       # full grid (long)
     python benchmarks/bench_spqmm.py --preset cpu-table    # the committed CPU table
+    python benchmarks/bench_spqmm.py --anchors             # against torch's quantized CPU paths
     python benchmarks/bench_spqmm.py --shapes fc7 --densities 0.1 --bits 5 --batches 1 --threads 2
 Environment: DCX_BENCH_SHAPES, DCX_BENCH_DENSITIES, DCX_BENCH_BITS, DCX_BENCH_BATCHES and
 DCX_BENCH_THREADS give the same lists (comma-separated). Writes
@@ -158,6 +159,109 @@ def run_case(rows, device, name, n, k, density, bits, batches, act_dtype, copy_g
         print(" | ".join(str(c) for c in row), flush=True)
 
 
+# Against the fastest CPU paths torch itself has (--anchors): bf16 F.linear (oneDNN), dynamic
+# int8 (quantize_dynamic: fbgemm), int8 and int4 (group 32) weight-only with bf16 activations;
+# the 4096 x 4096 layer of the targets, dense 4 and 6 bits and 10% at 5 bits, batch 1, 16, 128.
+ANCHOR_CASES = [("fc7", 1.0, 4), ("fc7", 1.0, 6), ("fc7", 0.1, 5)]
+ANCHOR_BATCHES = [1, 16, 128]
+
+
+def read_bandwidth(nbytes=1 << 28):
+    """GB/s of a read-only pass over `nbytes` (a sum of float32), the ceiling of a layer that
+    streams its weight once."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32).uniform_()
+    seconds = common.bench_side_by_side({"read": lambda: src.sum()}, "cpu")["read"]
+    return nbytes / seconds / 1e9
+
+
+def torch_anchors(n, k, gen):
+    """{method: (list of rotated weight objects, fn(weight, x32, xb) -> y, bytes read per call)}."""
+    w = torch.randn(n, k, generator=gen) / k ** 0.5
+    anchors = {}
+    anchors["fp32"] = ([w], lambda t, x, xb: F.linear(x, t), 4 * n * k)
+    anchors["bf16"] = ([w.bfloat16()], lambda t, x, xb: F.linear(xb, t), 2 * n * k)
+    dyn = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(k, n, bias=False)),
+                                                 {torch.nn.Linear}, dtype=torch.qint8)
+    anchors["int8 dyn"] = ([dyn], lambda t, x, xb: t(x), n * k)
+    scale = w.abs().amax(1) / 127
+    w8 = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    anchors["int8 wo"] = ([(w8, scale.bfloat16())],
+                          lambda t, x, xb: torch.ops.aten._weight_int8pack_mm(xb, *t), n * k + 2 * n)
+    g = 32
+    wg = w.reshape(n, k // g, g)
+    low, high = wg.amin(-1), wg.amax(-1)
+    step = (high - low) / 15
+    q = torch.round((wg - low[..., None]) / step[..., None]).clamp(0, 15).to(torch.int32)
+    packed4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.reshape(n, k), 2)
+    sz = torch.stack([step.t(), (low + 8 * step).t()], -1).bfloat16()
+    anchors["int4 wo"] = ([(packed4, sz)],
+                          lambda t, x, xb: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, t[0], g, t[1]),
+                          n * k // 2 + sz.numel() * 2)
+    for name, (items, fn, nbytes) in anchors.items():
+        first = items[0]
+        for _ in range(copies_for(nbytes, "cpu") - 1):
+            items.append(_clone(first))
+    return anchors
+
+
+def _clone(obj):
+    import copy
+
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, tuple):
+        return tuple(_clone(t) for t in obj)
+    return copy.deepcopy(obj)
+
+
+def run_anchors(args):
+    """The --anchors table: every method's ms and GB/s (bytes it reads per call over the measured
+    read bandwidth), and dcx's best mode against each of torch's."""
+    gen = torch.Generator().manual_seed(0)
+    torch.set_num_threads(args.threads[0])
+    read_gbs = read_bandwidth()
+    rows = []
+    methods = ["fp32", "bf16", "int8 dyn", "int8 wo", "int4 wo", "dcx fp32", "dcx bf16"]
+    for name, density, bits in ANCHOR_CASES:
+        n, k = SHAPES[name]
+        anchors = torch_anchors(n, k, gen)
+        for dtype in (torch.float32, torch.bfloat16):
+            mask, packed = make_packed(n, k, density, bits, "cpu", dtype, gen)
+            packs = [packed] + [packed._replace(codes=packed.codes.clone())
+                                for _ in range(copies_for(packed.nbytes(), "cpu") - 1)]
+            anchors["dcx " + ("fp32" if dtype == torch.float32 else "bf16")] = (
+                packs, lambda p, x, xb, dt=dtype: p.spqmm(x if dt == torch.float32 else xb,
+                                                          check=False), packed.nbytes())
+        for m in ANCHOR_BATCHES:
+            x = torch.randn(m, k, generator=gen)
+            xb = x.bfloat16()
+            fns = {meth: rotating(lambda t, fn=anchors[meth][1]: fn(t, x, xb), anchors[meth][0])
+                   for meth in methods}
+            times = common.bench_side_by_side(fns, "cpu", repeat=10 if m >= 128 else 20)
+            best = min(("dcx fp32", "dcx bf16"), key=times.get)
+            cells = [f"{times[meth] * 1e6:,.0f} ({anchors[meth][2] / times[meth] / 1e9:.0f})"
+                     for meth in methods]
+            ratios = [f"{times[a] / times[best]:.2f}x" for a in ("fp32", "bf16", "int8 dyn", "int4 wo")]
+            rows.append([name, f"{n}x{k}", f"{density:.0%}", bits,
+                         "dense" if packed.dense else "sparse", m, *cells, best, *ratios])
+            print(" | ".join(str(c) for c in rows[-1]), flush=True)
+    header = ["layer", "N x K", "density", "bits", "mode", "batch",
+              *[f"{meth} us (GB/s)" for meth in methods], "dcx best",
+              "vs fp32", "vs bf16", "vs int8 dyn", "vs int4 wo"]
+    notes = [common.stamp("cpu"), "",
+             f"Each method's microseconds per call and, in parentheses, the GB/s of the weight bytes "
+             f"it reads per call (fp32 4, bf16 2, int8 1, int4 0.5 + scales, dcx its packed bytes) "
+             f"against a measured read bandwidth of {read_gbs:.1f} GB/s. Every weight rotated "
+             f"through {ROTATE_BYTES >> 20} MB of copies, past the 32 MB L3. Activations fp32 for "
+             "fp32 and int8 dynamic (quantize_dynamic, fbgemm), bf16 for bf16 and the weight-only "
+             "int8 / int4 (group 32) ops; dcx fp32 / bf16: dcx.ops.spqmm on fp32 / bf16 "
+             "activations (compute='float32' / 'bfloat16'). Ratios: the anchor's time over dcx's "
+             "faster mode. Median of interleaved rounds, wall clock. Command: "
+             "`python benchmarks/bench_spqmm.py --anchors`."]
+    common.write_table("spqmm-cpu-anchors", "spqmm vs torch's quantized CPU paths (4096 x 4096)",
+                       header, rows, notes)
+
+
 def grid_from(args):
     if args.preset:
         return PRESETS[args.preset]
@@ -191,7 +295,11 @@ def main():
                              "always decode; a large value: always the kernel)")
     parser.add_argument("--name", default=None, help="results file name (default spqmm-<device>)")
     parser.add_argument("--note", action="append", default=[], help="a line added to the table's notes")
+    parser.add_argument("--anchors", action="store_true",
+                        help="the table against torch's quantized CPU paths (spqmm-cpu-anchors.md)")
     args = parser.parse_args()
+    if args.anchors:
+        return run_anchors(args)
     gen = torch.Generator().manual_seed(0)
     for device in args.devices:
         act_dtype = torch.float32 if device == "cpu" else getattr(torch, args.dtype)
