@@ -4,7 +4,8 @@ import torch.nn.functional as F
 
 import dcx
 from dcx import reference
-from tests.testing import FLOAT_DTYPES, devices, noncontiguous, requires_kernels, unit_roundoff
+from tests.testing import (FLOAT_DTYPES, cpu_isas, devices, noncontiguous, requires_kernels,
+                           unit_roundoff)
 
 pytestmark = requires_kernels
 
@@ -78,7 +79,7 @@ def test_modes_and_crossover(device, dense, crossover):
     check(run(x, p, bias, crossover), x, mask, labels, codebook, bias)
 
 
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+@pytest.mark.parametrize("isa", cpu_isas())
 @pytest.mark.parametrize("bits", [2, 5, 6, 8])
 @pytest.mark.parametrize("density", [0.1, 1.0])
 @pytest.mark.parametrize("batch", [1, 3])
@@ -225,7 +226,7 @@ def test_corrupted_packed_data(device, case, crossover):
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("isa", ["avx512", "generic"])
+@pytest.mark.parametrize("isa", cpu_isas())
 @pytest.mark.parametrize("crossover", [-1, 1])
 def test_padding_nibbles_are_never_read(monkeypatch, device, isa, crossover):
     """Dense codes of up to 4 bits pad each row to whole blocks of 128 columns: those nibbles are

@@ -24,6 +24,19 @@ def devices():
 
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def cpu_isas():
+    """The DCX_CPU_ISA values for the CPU kernels, each a parameter that skips with a reason when
+    this CPU lacks it (the native tests, csrc/tests, run the AVX-512 kernels on emulated
+    intrinsics whatever the CPU)."""
+    capability = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", ...
+    has = {"avx512": capability.startswith("AVX512"),
+           "avx2": capability.startswith(("AVX512", "AVX2"))}
+    return [pytest.param(isa, marks=pytest.mark.skipif(not has.get(isa, True),
+                                                       reason=f"this CPU has no {isa.upper()} "
+                                                              f"(torch reports {capability})"))
+            for isa in ("avx512", "avx2", "generic")]
 SIZES = [0, 1, 97, 4097, (1 << 20) + 3]
 
 

@@ -42,9 +42,22 @@
 #include "core/common.h"
 #include "core/spqmm_layout.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__CUDACC__)
+// DCX_SPQMM_AVX512: the AVX-512 kernels are compiled (for the CPUs that have it, chosen at run
+// time), DCX_SPQMM_AVX2 likewise. With DCX_AVX512_EMULATE (the native tests) the AVX-512 kernels
+// are compiled against plain-C++ intrinsics (csrc/tests/avx512_emu.h) and run on any CPU.
+#if defined(DCX_AVX512_EMULATE)
+#include <cmath>
+#define DCX_SPQMM_AVX512 1
+#define DCX_AVX512_FN
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define DCX_SPQMM_AVX2 1
+#define DCX_AVX2_FN __attribute__((target("avx2,fma")))
+#endif
+#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__CUDACC__)
 #include <immintrin.h>
 #define DCX_SPQMM_AVX512 1
+#define DCX_SPQMM_AVX2 1
 #define DCX_AVX512_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 #define DCX_AVX2_FN __attribute__((target("avx2,fma")))
 #endif
@@ -282,6 +295,10 @@ inline void spqmm_decode_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, cons
 // the id's high bits), and so is the x lookup in the step's window: never a gather (on Zen 4 a
 // 16-lane gather costs about 20 cycles, a permute 1 or 2).
 namespace avx512 {
+
+#ifdef DCX_AVX512_EMULATE
+#include "tests/avx512_emu.h"
+#endif
 
 enum class Lut { k16, k32, k64, k128, k256 };
 
@@ -535,12 +552,18 @@ DCX_AVX512_FN inline void with_dense_kind(const SpqmmPacked& p, F&& f) {
 }
 
 inline bool supported() {
+#ifdef DCX_AVX512_EMULATE
+  return true;
+#else
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   return ok;
+#endif
 }
 
 }  // namespace avx512
+
+#ifdef DCX_SPQMM_AVX2
 
 // Batch-1 sparse kernel with AVX2 (machines without AVX-512): each step as two halves of 8
 // lanes. A 32-entry table (the window of x, or a codebook of <= 32 entries) is held in 4 ymm
@@ -617,6 +640,7 @@ inline bool supported() {
 }
 
 }  // namespace avx2
+#endif  // DCX_SPQMM_AVX2
 #endif  // DCX_SPQMM_AVX512
 
 }  // namespace dcx

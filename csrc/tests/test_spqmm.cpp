@@ -1,10 +1,14 @@
 // Native tests of the spqmm core: pack a small layer here (the greedy steps of dcx.nn.pack,
 // written out sequentially), run the portable and (where the CPU has them) AVX-512 and AVX2
 // kernels chunk by chunk, add the shared groups' partial sums as the op does, and compare with a
-// plain dot product; check the pointer validation and the seen-maximum report.
+// plain dot product; check the pointer validation and the seen-maximum report. Dense mode: every
+// layout packed here too, each kernel (1 to 8 batch rows) and the decode against plain dot
+// products, with garbage in the padding (never read). Built once more with DCX_AVX512_EMULATE,
+// the AVX-512 kernels run on emulated intrinsics on any CPU.
 #include <cmath>
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "core/spqmm.h"
@@ -133,6 +137,8 @@ void test_kernels(int64_t n, int64_t k, int bits, int keep, int64_t chunk_steps)
     check_close(vec, l, x, bias);
     CHECK(vseen.max_id == seen.max_id && vseen.max_col == seen.max_col);
   }
+#endif
+#ifdef DCX_SPQMM_AVX2
   if (dcx::avx2::supported()) {
     dcx::SpqmmSeen aseen;
     const auto vec = run(l, bias, [&](int64_t c, float* y, float* sums, dcx::SpqmmEdge* e) {
@@ -175,6 +181,135 @@ void test_bad_window_is_reported() {
   }
 }
 
+// A dense layer in the layout of `bits` (core/spqmm_layout.h), packed here from the ids; the
+// padding past K filled with ones (never read, never checked).
+struct DenseLayer {
+  std::vector<uint8_t> codes;
+  std::vector<uint32_t> ids;  // [n, k]
+  dcx::SpqmmPacked p;
+};
+
+DenseLayer make_dense(int64_t n, int64_t k, int bits) {
+  DenseLayer l;
+  const int64_t width = dcx::spqmm_dense_width(k, bits);
+  l.codes.assign(n * width, 0xFF);
+  l.ids.resize(n * k);
+  for (int64_t r = 0; r < n; ++r) {
+    uint8_t* row = l.codes.data() + r * width;
+    if (dcx::spqmm_dense_layout(bits) != dcx::SpqmmDense::kBytes) {  // clear the real columns
+      for (int64_t j = 0; j < k; ++j) {
+        if (dcx::spqmm_dense_layout(bits) == dcx::SpqmmDense::kNibbles) {
+          const int64_t t = (j >> 4) & 7, d = j & 15, byte = (j >> 7) * 64 + 4 * d + (t >> 1);
+          row[byte] &= uint8_t(~(15u << (4 * (t & 1))));
+        } else {
+          for (int b = 0; b < bits; ++b) row[(j * bits + b) >> 3] &= uint8_t(~(1u << ((j * bits + b) & 7)));
+        }
+      }
+    }
+    for (int64_t j = 0; j < k; ++j) {
+      const uint32_t id = uint32_t((r * 5 + j * 3 + (j >> 3)) % (1 << bits));
+      l.ids[r * k + j] = id;
+      switch (dcx::spqmm_dense_layout(bits)) {
+        case dcx::SpqmmDense::kNibbles: {
+          const int64_t t = (j >> 4) & 7, d = j & 15;
+          row[(j >> 7) * 64 + 4 * d + (t >> 1)] |= uint8_t(id << (4 * (t & 1)));
+          break;
+        }
+        case dcx::SpqmmDense::kBits:
+          for (int b = 0; b < bits; ++b)
+            if (id >> b & 1) row[(j * bits + b) >> 3] |= uint8_t(1u << ((j * bits + b) & 7));
+          break;
+        default: row[j] = uint8_t(id);
+      }
+      CHECK(dcx::spqmm_dense_id(row, j, bits) == id);
+    }
+  }
+  l.p.dense = true;
+  l.p.dense_codes = l.codes.data();
+  l.p.layout = dcx::spqmm_dense_layout(bits);
+  l.p.dense_width = width;
+  l.p.n = n;
+  l.p.k = k;
+  l.p.bits = bits;
+  return l;
+}
+
+// y [MB][n] against plain dot products of the ids' weights with x [MB][k].
+template <int MB>
+void check_dense(const std::vector<float>& y, const DenseLayer& l, const std::vector<float>& table,
+                 const std::vector<float>& x, const std::vector<float>& bias, int mvalid) {
+  for (int m = 0; m < mvalid; ++m)
+    for (int64_t r = 0; r < l.p.n; ++r) {
+      double ref = bias[r], mag = std::fabs(bias[r]);
+      for (int64_t j = 0; j < l.p.k; ++j) {
+        const double w = table[l.ids[r * l.p.k + j]];
+        ref += w * x[m * l.p.k + j];
+        mag += std::fabs(w * x[m * l.p.k + j]);
+      }
+      CHECK(std::fabs(y[m * l.p.n + r] - ref) <= (l.p.k + 2) * 6e-8 * mag + 1e-30);
+    }
+}
+
+template <int MB>
+void test_dense_batch(const DenseLayer& l, const std::vector<float>& table,
+                      const std::vector<float>& bias, uint32_t max_id) {
+  const int64_t n = l.p.n, k = l.p.k;
+  const int mvalid = MB > 1 ? MB - 1 : 1;  // a partial block: the last row of x is zeros
+  std::vector<float> x(MB * k, 0.f), xt(k * MB, 0.f);
+  for (int m = 0; m < mvalid; ++m)
+    for (int64_t j = 0; j < k; ++j) x[m * k + j] = xt[j * MB + m] = std::cos(0.11f * float(j + 7 * m));
+  std::vector<float> y(MB * n, -1.f);
+  dcx::SpqmmSeen seen;
+  dcx::spqmm_dense_rows<MB>(l.p, 0, n, table.data(), xt.data(), bias.data(), y.data(), n, mvalid, &seen);
+  check_dense<MB>(y, l, table, x, bias, mvalid);
+  CHECK(seen.max_id == max_id);
+#ifdef DCX_SPQMM_AVX512
+  if (dcx::avx512::supported()) {
+    std::vector<float> yv(MB * n, -1.f);
+    dcx::SpqmmSeen vseen;
+    // Two row ranges, as the threads take them.
+    dcx::avx512::with_dense_kind(l.p, [&](auto lut, auto layout) DCX_AVX512_FN {
+      for (auto [r0, r1] : {std::pair<int64_t, int64_t>{0, n / 2}, {n / 2, n}})
+        dcx::avx512::dense_rows<decltype(lut)::value, decltype(layout)::value, MB>(
+            l.p, r0, r1, table.data(), x.data(), k, mvalid, bias.data(), yv.data(), n, &vseen);
+    });
+    check_dense<MB>(yv, l, table, x, bias, mvalid);
+    CHECK(vseen.max_id == max_id);
+  }
+#endif
+}
+
+void test_dense(int64_t n, int64_t k, int bits) {
+  std::vector<float> table(dcx::kSpqmmTable, 0.f), bias(n);
+  for (int i = 0; i < (1 << bits); ++i) table[i] = 0.125f * float(i % 23) - 1.25f;
+  for (int64_t r = 0; r < n; ++r) bias[r] = 0.25f * float(r % 5);
+  const DenseLayer l = make_dense(n, k, bits);
+  uint32_t max_id = 0;
+  for (uint32_t id : l.ids) max_id = std::max(max_id, id);
+  test_dense_batch<1>(l, table, bias, max_id);
+  test_dense_batch<2>(l, table, bias, max_id);
+  test_dense_batch<4>(l, table, bias, max_id);
+  test_dense_batch<8>(l, table, bias, max_id);
+  // The decode past the crossover: every weight as the table holds it.
+  std::vector<float> w(n * k, -1.f);
+  dcx::SpqmmSeen seen;
+  dcx::spqmm_decode_rows(l.p, 0, n, table.data(), w.data(), &seen);
+  for (int64_t i = 0; i < n * k; ++i) CHECK(w[i] == table[l.ids[i]]);
+  CHECK(seen.max_id == max_id);
+#ifdef DCX_SPQMM_AVX512
+  if (dcx::avx512::supported()) {
+    std::vector<float> wv(n * k, -1.f);
+    dcx::SpqmmSeen vseen;
+    dcx::avx512::with_dense_kind(l.p, [&](auto lut, auto layout) DCX_AVX512_FN {
+      dcx::avx512::dense_decode_rows<decltype(lut)::value, decltype(layout)::value>(
+          l.p, 0, n, table.data(), wv.data(), &vseen);
+    });
+    for (int64_t i = 0; i < n * k; ++i) CHECK(wv[i] == table[l.ids[i]]);
+    CHECK(vseen.max_id == max_id);
+  }
+#endif
+}
+
 }  // namespace
 
 int main() {
@@ -184,6 +319,9 @@ int main() {
     test_kernels(40, 333, bits, 1, 1000); // several groups per chunk
     test_kernels(5, 4097, bits, 0, 2);    // all pruned
   }
+  for (int bits : {1, 2, 4, 5, 6, 7, 8})
+    for (int64_t k : {1, 15, 16, 63, 64, 65, 127, 128, 129, 300}) test_dense(5, k, bits);
+  test_dense(33, 1000, 6);
   test_structure_errors();
   test_bad_window_is_reported();
   return dcx_test::finish("test_spqmm");

@@ -1,0 +1,171 @@
+// The AVX-512 intrinsics the spqmm kernels use, written in plain C++ with the instructions'
+// semantics (Intel's pseudocode), for the native tests: built with -DDCX_AVX512_EMULATE,
+// core/spqmm.h includes this header inside namespace dcx::avx512 (where these names hide the
+// real ones) and the AVX-512 kernels run on any CPU, under ASan and UBSan too: a masked load
+// here reads only its masked bytes, so a kernel that touches memory it should not is caught.
+// Only for tests: about two orders of magnitude slower than the hardware.
+//
+// Included inside a namespace: no #include here (core/spqmm.h includes <cstdint>, <cstring>).
+#pragma once
+
+struct __m512 { float f[16]; };
+struct __m512i {
+  union {
+    uint8_t u8[64];
+    int8_t i8[64];
+    uint16_t u16[32];
+    uint32_t u32[16];
+    int32_t i32[16];
+    uint64_t u64[8];
+  };
+};
+struct __m128i {
+  union {
+    uint8_t u8[16];
+    int8_t i8[16];
+    uint32_t u32[4];
+    int32_t i32[4];
+  };
+};
+struct __m256i {
+  union {
+    uint8_t u8[32];
+    uint16_t u16[16];
+  };
+};
+typedef uint16_t __mmask16;
+
+// Without optimisation GCC's headers define the immediate-operand intrinsics as macros.
+#undef _mm_prefetch
+#undef _mm512_srli_epi32
+#ifndef _MM_HINT_T0
+#define _MM_HINT_T0 3
+#endif
+inline void _mm_prefetch(const char*, int) {}
+
+inline __m512 _mm512_setzero_ps() { __m512 r; for (float& v : r.f) v = 0.f; return r; }
+inline __m512i _mm512_setzero_si512() { __m512i r; std::memset(&r, 0, sizeof r); return r; }
+inline __m512i _mm512_set1_epi32(int v) {
+  __m512i r;
+  for (int i = 0; i < 16; ++i) r.i32[i] = v;
+  return r;
+}
+inline __m512 _mm512_loadu_ps(const float* p) { __m512 r; std::memcpy(r.f, p, 64); return r; }
+inline __m512i _mm512_loadu_si512(const void* p) { __m512i r; std::memcpy(&r, p, 64); return r; }
+inline __m512i _mm512_load_si512(const void* p) { return _mm512_loadu_si512(p); }
+inline __m256i _mm256_loadu_si256(const __m256i* p) { __m256i r; std::memcpy(&r, p, 32); return r; }
+inline void _mm512_store_ps(float* p, __m512 v) { std::memcpy(p, v.f, 64); }
+inline __m512 _mm512_maskz_loadu_ps(__mmask16 k, const float* p) {
+  __m512 r = _mm512_setzero_ps();
+  for (int i = 0; i < 16; ++i) if (k >> i & 1) r.f[i] = p[i];
+  return r;
+}
+inline void _mm512_mask_storeu_ps(float* p, __mmask16 k, __m512 v) {
+  for (int i = 0; i < 16; ++i) if (k >> i & 1) p[i] = v.f[i];
+}
+inline __m128i _mm_maskz_loadu_epi8(__mmask16 k, const void* p) {
+  __m128i r;
+  std::memset(&r, 0, sizeof r);
+  for (int i = 0; i < 16; ++i) if (k >> i & 1) r.u8[i] = static_cast<const uint8_t*>(p)[i];
+  return r;
+}
+inline __m128i _mm_cvtsi32_si128(int v) {
+  __m128i r;
+  std::memset(&r, 0, sizeof r);
+  r.i32[0] = v;
+  return r;
+}
+
+inline __m512 _mm512_add_ps(__m512 a, __m512 b) {
+  for (int i = 0; i < 16; ++i) a.f[i] += b.f[i];
+  return a;
+}
+inline __m512 _mm512_fmadd_ps(__m512 a, __m512 b, __m512 c) {
+  for (int i = 0; i < 16; ++i) c.f[i] = std::fma(a.f[i], b.f[i], c.f[i]);
+  return c;
+}
+inline float _mm512_reduce_add_ps(__m512 v) {
+  float s = 0.f;
+  for (float x : v.f) s += x;
+  return s;
+}
+inline __m512 _mm512_maskz_mov_ps(__mmask16 k, __m512 v) {
+  for (int i = 0; i < 16; ++i) if (!(k >> i & 1)) v.f[i] = 0.f;
+  return v;
+}
+inline __m512 _mm512_mask_blend_ps(__mmask16 k, __m512 a, __m512 b) {
+  for (int i = 0; i < 16; ++i) if (k >> i & 1) a.f[i] = b.f[i];
+  return a;
+}
+inline __m512 _mm512_permutexvar_ps(__m512i idx, __m512 a) {  // idx bits 0..3
+  __m512 r;
+  for (int i = 0; i < 16; ++i) r.f[i] = a.f[idx.u32[i] & 15];
+  return r;
+}
+inline __m512 _mm512_permutex2var_ps(__m512 a, __m512i idx, __m512 b) {  // bit 4 picks b
+  __m512 r;
+  for (int i = 0; i < 16; ++i) r.f[i] = (idx.u32[i] & 16 ? b : a).f[idx.u32[i] & 15];
+  return r;
+}
+
+inline __m512i _mm512_and_si512(__m512i a, __m512i b) {
+  for (int i = 0; i < 8; ++i) a.u64[i] &= b.u64[i];
+  return a;
+}
+inline __m512i _mm512_max_epu32(__m512i a, __m512i b) {
+  for (int i = 0; i < 16; ++i) a.u32[i] = std::max(a.u32[i], b.u32[i]);
+  return a;
+}
+inline uint32_t _mm512_reduce_max_epu32(__m512i a) {
+  uint32_t m = 0;
+  for (uint32_t v : a.u32) m = std::max(m, v);
+  return m;
+}
+inline uint32_t _mm512_mask_reduce_max_epu32(__mmask16 k, __m512i a) {
+  uint32_t m = 0;
+  for (int i = 0; i < 16; ++i) if (k >> i & 1) m = std::max(m, a.u32[i]);
+  return m;
+}
+inline __m512i _mm512_maskz_mov_epi32(__mmask16 k, __m512i a) {
+  for (int i = 0; i < 16; ++i) if (!(k >> i & 1)) a.u32[i] = 0;
+  return a;
+}
+inline __mmask16 _mm512_test_epi32_mask(__m512i a, __m512i b) {
+  __mmask16 k = 0;
+  for (int i = 0; i < 16; ++i) if (a.u32[i] & b.u32[i]) k |= __mmask16(1u << i);
+  return k;
+}
+inline __m512i _mm512_srli_epi32(__m512i a, unsigned n) {
+  for (int i = 0; i < 16; ++i) a.u32[i] = n > 31 ? 0 : a.u32[i] >> n;
+  return a;
+}
+inline __m512i _mm512_srl_epi32(__m512i a, __m128i count) {  // the low 64 bits of count
+  const uint64_t n = uint64_t(count.u32[0]) | uint64_t(count.u32[1]) << 32;
+  for (int i = 0; i < 16; ++i) a.u32[i] = n > 31 ? 0 : a.u32[i] >> n;
+  return a;
+}
+inline __m512i _mm512_srlv_epi32(__m512i a, __m512i count) {
+  for (int i = 0; i < 16; ++i) a.u32[i] = count.u32[i] > 31 ? 0 : a.u32[i] >> count.u32[i];
+  return a;
+}
+inline __m512i _mm512_shuffle_epi8(__m512i a, __m512i b) {  // within each 128-bit lane
+  __m512i r;
+  for (int i = 0; i < 64; ++i)
+    r.u8[i] = b.u8[i] & 0x80 ? 0 : a.u8[(i & ~15) + (b.u8[i] & 15)];
+  return r;
+}
+inline __m512i _mm512_broadcast_i32x4(__m128i a) {
+  __m512i r;
+  for (int l = 0; l < 4; ++l) std::memcpy(r.u8 + 16 * l, a.u8, 16);
+  return r;
+}
+inline __m512i _mm512_cvtepu8_epi32(__m128i a) {
+  __m512i r;
+  for (int i = 0; i < 16; ++i) r.u32[i] = a.u8[i];
+  return r;
+}
+inline __m512i _mm512_cvtepu16_epi32(__m256i a) {
+  __m512i r;
+  for (int i = 0; i < 16; ++i) r.u32[i] = a.u16[i];
+  return r;
+}
