@@ -634,6 +634,186 @@ DCX_AVX2_FN void sparse_chunk(const SpqmmPacked& p, int64_t c, const float* tabl
   seen->max_col = std::max(seen->max_col, max_col);
 }
 
+// Dense mode with AVX2 (CPUs without AVX-512): 8 consecutive columns at a time as one vector
+// of 8 ids: nibbles by a shift and a mask of one half of their 64-byte block (32-bit word d holds
+// columns 16 t + d in nibble t); bit-packed ids from the `bits` bytes of a group of 8, broadcast
+// to every 64-bit lane, a byte shuffle putting each id's bytes in its own 32-bit lane, a variable
+// shift and a mask; bytes by a widening load. Codebook lookups are register permutes up to 64
+// entries (a tree of blends on the id's bits 3 to 5) and a gather from the table beyond. Columns
+// past K get id 0 and read x as 0 (padding is never read as a weight, nor checked).
+struct BitIds8 {
+  __m256i shuffle, shift, mask;
+  int bits = 8;
+};
+
+DCX_AVX2_FN inline BitIds8 bit_ids8_setup(int bits) {
+  BitIds8 b;
+  alignas(32) int8_t shuffle[32];
+  alignas(32) int32_t shift[8];
+  for (int i = 0; i < 8; ++i) {
+    const int bit = i * bits;
+    shift[i] = bit & 7;
+    // Bytes bit / 8 .. + 3 of the group; an id needs only the first two (bits + shift <= 14),
+    // and indices 8 and 9 read the next copy of the group in the lane (masked off).
+    for (int t = 0; t < 4; ++t) shuffle[4 * i + t] = int8_t((bit >> 3) + t);
+  }
+  b.shuffle = _mm256_load_si256(reinterpret_cast<const __m256i*>(shuffle));
+  b.shift = _mm256_load_si256(reinterpret_cast<const __m256i*>(shift));
+  b.mask = _mm256_set1_epi32((1 << bits) - 1);
+  b.bits = bits;
+  return b;
+}
+
+// The 8 ids of columns j .. j + 7 (j a multiple of 8) of a dense row; `end`: the end of the codes
+// (an 8-byte read there would run past it); cols: columns left in the row (8 or fewer).
+template <SpqmmDense D>
+DCX_AVX2_FN inline __m256i ids8(const uint8_t* row, int64_t j, const BitIds8& b,
+                                const uint8_t* end, int64_t cols) {
+  if constexpr (D == SpqmmDense::kNibbles) {
+    const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+        row + (j / kSpqmmNibbleBlock) * (kSpqmmNibbleBlock / 2) + 4 * (j & 8)));
+    return _mm256_and_si256(_mm256_srl_epi32(half, _mm_cvtsi32_si128(int(4 * ((j >> 4) & 7)))),
+                            _mm256_set1_epi32(15));
+  } else {
+    const uint8_t* at = D == SpqmmDense::kBits ? row + (j >> 3) * b.bits : row + j;
+    const int64_t need = D == SpqmmDense::kBits ? b.bits : std::min<int64_t>(cols, 8);
+    uint64_t v = 0;
+    // 8 bytes at once where they lie inside the codes (a group's `bits` bytes and the next
+    // group's, masked off), else only the bytes needed
+    if (at + 8 <= end && (D == SpqmmDense::kBits || cols >= 8)) {
+      std::memcpy(&v, at, 8);
+    } else {
+      std::memcpy(&v, at, size_t(need));
+    }
+    if constexpr (D == SpqmmDense::kBits) {
+      return _mm256_and_si256(
+          _mm256_srlv_epi32(_mm256_shuffle_epi8(_mm256_set1_epi64x(int64_t(v)), b.shuffle), b.shift),
+          b.mask);
+    } else {
+      return _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(int64_t(v)));
+    }
+  }
+}
+
+// Codebook entries of 8 ids: entries [8 j, 8 j + 8) in register j (NT of them, by permutes and
+// a tree of blends on bits 3.. of the id), or gathered from the table (NT = 0).
+template <int NT>
+DCX_AVX2_FN inline __m256 lookup8(const __m256* t, const float* table, __m256i id) {
+  if constexpr (NT == 0) {
+    return _mm256_i32gather_ps(table, id, 4);
+  } else {
+    __m256 v[NT];
+    for (int j = 0; j < NT; ++j) v[j] = _mm256_permutevar8x32_ps(t[j], id);
+    for (int width = NT, bit = 3; width > 1; width /= 2, ++bit) {
+      const __m256 high = _mm256_castsi256_ps(_mm256_slli_epi32(id, 31 - bit));  // to the sign
+      for (int j = 0; j < width / 2; ++j) v[j] = _mm256_blendv_ps(v[2 * j], v[2 * j + 1], high);
+    }
+    return v[0];
+  }
+}
+
+DCX_AVX2_FN inline __m256i tail_mask8(int64_t left) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(std::min<int64_t>(left, 8))), lane);
+}
+
+DCX_AVX2_FN inline float hsum8(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 h = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+DCX_AVX2_FN inline uint32_t hmax8(__m256i v) {
+  alignas(32) uint32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), v);
+  return *std::max_element(lanes, lanes + 8);
+}
+
+// Dense rows [r0, r1) for MB batch rows of x ([MB][ldx], zero past the valid ones): each weight
+// decoded once and applied to every batch row; at MB = 1 four accumulators in turn.
+template <int NT, SpqmmDense D, int MB>
+DCX_AVX2_FN void dense_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, const float* table,
+                            const float* x, int64_t ldx, int mvalid, const float* bias, float* y,
+                            int64_t ldy, SpqmmSeen* seen) {
+  constexpr int kAcc = MB >= 4 ? 1 : 4 / MB;
+  __m256 tab[NT > 0 ? NT : 1];
+  for (int j = 0; j < NT; ++j) tab[j] = _mm256_loadu_ps(table + 8 * j);
+  const BitIds8 bi = bit_ids8_setup(D == SpqmmDense::kBits ? p.bits : 8);
+  const int64_t K = p.k;
+  const uint8_t* end = p.dense_codes + p.n * p.dense_width;
+  __m256i max_id = _mm256_setzero_si256();
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = p.dense_codes + r * p.dense_width;
+    __m256 acc[MB][kAcc];
+    for (int m = 0; m < MB; ++m)
+      for (int a = 0; a < kAcc; ++a) acc[m][a] = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (int step = 0; j + 8 <= K; j += 8, ++step) {
+      const __m256i id = ids8<D>(row, j, bi, end, 8);
+      max_id = _mm256_max_epu32(max_id, id);
+      const __m256 w = lookup8<NT>(tab, table, id);
+      for (int m = 0; m < MB; ++m)
+        acc[m][step % kAcc] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * ldx + j), acc[m][step % kAcc]);
+    }
+    if (j < K) {  // the last K % 8 columns
+      const __m256i valid = tail_mask8(K - j);
+      const __m256i id = _mm256_and_si256(ids8<D>(row, j, bi, end, K - j), valid);
+      max_id = _mm256_max_epu32(max_id, id);
+      const __m256 w = lookup8<NT>(tab, table, id);
+      for (int m = 0; m < MB; ++m)
+        acc[m][0] = _mm256_fmadd_ps(w, _mm256_maskload_ps(x + m * ldx + j, valid), acc[m][0]);
+    }
+    const float b = bias ? bias[r] : 0.f;
+    for (int m = 0; m < mvalid; ++m) {
+      __m256 sum = acc[m][0];
+      for (int a = 1; a < kAcc; ++a) sum = _mm256_add_ps(sum, acc[m][a]);
+      y[m * ldy + r] = hsum8(sum) + b;
+    }
+  }
+  seen->max_id = std::max(seen->max_id, hmax8(max_id));
+}
+
+// Dense decode of rows [r0, r1) into w ([r1 - r0, K] floats), 8 columns per lookup.
+template <int NT, SpqmmDense D>
+DCX_AVX2_FN void dense_decode_rows(const SpqmmPacked& p, int64_t r0, int64_t r1,
+                                   const float* table, float* w, SpqmmSeen* seen) {
+  __m256 tab[NT > 0 ? NT : 1];
+  for (int j = 0; j < NT; ++j) tab[j] = _mm256_loadu_ps(table + 8 * j);
+  const BitIds8 bi = bit_ids8_setup(D == SpqmmDense::kBits ? p.bits : 8);
+  const int64_t K = p.k;
+  const uint8_t* end = p.dense_codes + p.n * p.dense_width;
+  __m256i max_id = _mm256_setzero_si256();
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = p.dense_codes + r * p.dense_width;
+    float* wr = w + (r - r0) * K;
+    for (int64_t j = 0; j < K; j += 8) {
+      const __m256i valid = tail_mask8(K - j);
+      const __m256i id = _mm256_and_si256(ids8<D>(row, j, bi, end, K - j), valid);
+      max_id = _mm256_max_epu32(max_id, id);
+      _mm256_maskstore_ps(wr + j, valid, lookup8<NT>(tab, table, id));
+    }
+  }
+  seen->max_id = std::max(seen->max_id, hmax8(max_id));
+}
+
+// The kernel for a layer's lookup size and layout: f<NT, D>() called with the caller's arguments.
+template <typename F>
+DCX_AVX2_FN inline void with_dense_kind(const SpqmmPacked& p, F&& f) {
+  auto by_layout = [&](auto nt) DCX_AVX2_FN {
+    constexpr int NT = decltype(nt)::value;
+    switch (p.layout) {
+      case SpqmmDense::kNibbles: f(std::integral_constant<int, NT>(), std::integral_constant<SpqmmDense, SpqmmDense::kNibbles>()); break;
+      case SpqmmDense::kBits: f(std::integral_constant<int, NT>(), std::integral_constant<SpqmmDense, SpqmmDense::kBits>()); break;
+      default: f(std::integral_constant<int, NT>(), std::integral_constant<SpqmmDense, SpqmmDense::kBytes>()); break;
+    }
+  };
+  if (p.bits <= 3) by_layout(std::integral_constant<int, 1>());
+  else if (p.bits == 4) by_layout(std::integral_constant<int, 2>());
+  else if (p.bits == 5) by_layout(std::integral_constant<int, 4>());
+  else if (p.bits == 6) by_layout(std::integral_constant<int, 8>());
+  else by_layout(std::integral_constant<int, 0>());  // 128 or 256 entries: gathered
+}
+
 inline bool supported() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return ok;

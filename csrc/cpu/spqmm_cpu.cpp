@@ -36,8 +36,8 @@ int64_t auto_crossover_cpu(bool dense_mode, double density) {
   return density <= 0.3 ? std::numeric_limits<int64_t>::max() : 64;
 }
 
-// The widest kernels this CPU runs: AVX-512 (every mode and batch), AVX2 (sparse mode, batch 1)
-// or the portable ones. DCX_CPU_ISA=avx2 or generic asks for narrower ones (tests cover each).
+// The widest kernels this CPU runs: AVX-512 (every mode and batch), AVX2 (dense mode at every
+// batch, sparse mode at batch 1) or the portable ones. DCX_CPU_ISA=avx2 or generic asks for narrower ones (tests cover each).
 enum class Isa { kGeneric, kAvx2, kAvx512 };
 
 Isa cpu_isa() {
@@ -112,7 +112,7 @@ void decode_gemm(const SpqmmPacked& p, const float* table, const at::Tensor& xg,
       (share + 15) / 16 * 16})) / 16 * 16;
   const int64_t blocks = (N + rows - 1) / rows;
   std::vector<SpqmmSeen> seen_by(blocks);
-  const bool vec = p.dense && use_avx512();
+  const Isa isa = p.dense ? cpu_isa() : Isa::kGeneric;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     at::Tensor w = at::empty({rows, K}, at::kFloat);
     float* wp = w.data_ptr<float>();
@@ -120,9 +120,14 @@ void decode_gemm(const SpqmmPacked& p, const float* table, const at::Tensor& xg,
       const int64_t r0 = b * rows, rb = std::min(rows, N - r0);
       SpqmmSeen* sb = &seen_by[b];
 #ifdef DCX_SPQMM_AVX512
-      if (vec) {
+      if (isa == Isa::kAvx512) {
         avx512::with_dense_kind(p, [&](auto lut, auto layout) DCX_AVX512_FN {
           avx512::dense_decode_rows<decltype(lut)::value, decltype(layout)::value>(
+              p, r0, r0 + rb, table, wp, sb);
+        });
+      } else if (isa == Isa::kAvx2) {
+        avx2::with_dense_kind(p, [&](auto nt, auto layout) DCX_AVX2_FN {
+          avx2::dense_decode_rows<decltype(nt)::value, decltype(layout)::value>(
               p, r0, r0 + rb, table, wp, sb);
         });
       } else {
@@ -201,20 +206,27 @@ void run_sparse_block(const SpqmmPacked& p, const float* table, const float* xs,
   }
 }
 
-// Dense mode for MB batch rows: x is [MB][K] for the AVX-512 kernels, [K][MB] for the portable
-// one (zero past the valid rows either way). Rows are split in pieces of about 32K weights, so
-// a small layer still keeps every thread busy.
+// Dense mode for MB batch rows: x is [MB][K] for the AVX-512 and AVX2 kernels, [K][MB] for the
+// portable one (zero past the valid rows either way). Rows are split in pieces of about 32K
+// weights, so a small layer still keeps every thread busy.
 template <int MB>
 void run_dense_block(const SpqmmPacked& p, const float* table, const float* x, const float* bias,
                      float* y, int mvalid, std::vector<SpqmmSeen>& seen_by) {
   const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(p.k, 1));
-  const bool vec = use_avx512();
+  const Isa isa = cpu_isa();
   at::parallel_for(0, p.n, grain, [&](int64_t r0, int64_t r1) {
     SpqmmSeen& seen = seen_by[at::get_thread_num()];
 #ifdef DCX_SPQMM_AVX512
-    if (vec) {
+    if (isa == Isa::kAvx512) {
       avx512::with_dense_kind(p, [&](auto lut, auto layout) DCX_AVX512_FN {
         avx512::dense_rows<decltype(lut)::value, decltype(layout)::value, MB>(
+            p, r0, r1, table, x, p.k, mvalid, bias, y, p.n, &seen);
+      });
+      return;
+    }
+    if (isa == Isa::kAvx2) {
+      avx2::with_dense_kind(p, [&](auto nt, auto layout) DCX_AVX2_FN {
+        avx2::dense_rows<decltype(nt)::value, decltype(layout)::value, MB>(
             p, r0, r1, table, x, p.k, mvalid, bias, y, p.n, &seen);
       });
       return;
@@ -234,8 +246,8 @@ void run_block(const SpqmmPacked& p, const float* table, const at::Tensor& x2, i
   float* yb = y + m0 * p.n;
   const at::Tensor xm = x2.narrow(0, m0, mvalid);
   if (p.dense) {
-    // [MB][K] rows (AVX-512) or [K][MB] columns (portable), zero beyond the valid rows.
-    const bool rows = use_avx512();
+    // [MB][K] rows (AVX-512, AVX2) or [K][MB] columns (portable), zero beyond the valid rows.
+    const bool rows = cpu_isa() != Isa::kGeneric;
     at::Tensor xb = rows ? at::zeros({MB, p.k}, at::kFloat) : at::zeros({p.k, MB}, at::kFloat);
     (rows ? xb.narrow(0, 0, mvalid) : xb.narrow(1, 0, mvalid)).copy_(rows ? xm : xm.t());
     run_dense_block<MB>(p, table, xb.data_ptr<float>(), bias, yb, mvalid, seen_by);

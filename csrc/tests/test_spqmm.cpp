@@ -277,6 +277,19 @@ void test_dense_batch(const DenseLayer& l, const std::vector<float>& table,
     CHECK(vseen.max_id == max_id);
   }
 #endif
+#ifdef DCX_SPQMM_AVX2
+  if (dcx::avx2::supported()) {
+    std::vector<float> ya(MB * n, -1.f);
+    dcx::SpqmmSeen aseen;
+    dcx::avx2::with_dense_kind(l.p, [&](auto nt, auto layout) DCX_AVX2_FN {
+      for (auto [r0, r1] : {std::pair<int64_t, int64_t>{0, n / 2}, {n / 2, n}})
+        dcx::avx2::dense_rows<decltype(nt)::value, decltype(layout)::value, MB>(
+            l.p, r0, r1, table.data(), x.data(), k, mvalid, bias.data(), ya.data(), n, &aseen);
+    });
+    check_dense<MB>(ya, l, table, x, bias, mvalid);
+    CHECK(aseen.max_id == max_id);
+  }
+#endif
 }
 
 void test_dense(int64_t n, int64_t k, int bits) {
@@ -306,6 +319,18 @@ void test_dense(int64_t n, int64_t k, int bits) {
     });
     for (int64_t i = 0; i < n * k; ++i) CHECK(wv[i] == table[l.ids[i]]);
     CHECK(vseen.max_id == max_id);
+  }
+#endif
+#ifdef DCX_SPQMM_AVX2
+  if (dcx::avx2::supported()) {
+    std::vector<float> wa(n * k, -1.f);
+    dcx::SpqmmSeen aseen;
+    dcx::avx2::with_dense_kind(l.p, [&](auto nt, auto layout) DCX_AVX2_FN {
+      dcx::avx2::dense_decode_rows<decltype(nt)::value, decltype(layout)::value>(
+          l.p, 0, n, table.data(), wa.data(), &aseen);
+    });
+    for (int64_t i = 0; i < n * k; ++i) CHECK(wa[i] == table[l.ids[i]]);
+    CHECK(aseen.max_id == max_id);
   }
 #endif
 }
