@@ -26,13 +26,15 @@ namespace {
 
 constexpr int kMaxBlock = 8;  // batch columns per pass
 
-// Batch size from which decode + BLAS beats the kernel on CPU, measured with
-// benchmarks/bench_spqmm.py on an AMD EPYC (Zen 4). density is that of the slots (padding
-// included); the sparse kernel costs about steps * M vector steps and at 10% density beats the
-// dense GEMM even at batch 64 (2.5x); in dense mode the batch-1 kernel wins and from batch 2 on
-// the blocked decode + GEMM does.
-int64_t auto_crossover_cpu(bool dense_mode, double density) {
-  if (dense_mode) return 2;
+// Batch size from which decode + BLAS beats the kernel on CPU. Sparse mode (density: that of the
+// slots, padding included): the kernel costs about steps * M vector steps and at 10% density
+// beats the dense GEMM even at batch 64 (2.5x, Zen 4 with AVX-512). Dense mode: the kernels
+// decode each weight once per 8 batch rows; with AVX2 (4096 x 4096, 4 and 6 bits, an AMD EPYC
+// without AVX-512, benchmarks/bench_spqmm.py) the kernel wins up to about batch 24 and the
+// blocked decode + GEMM from there; the AVX-512 kernel is taken to cross at the same batch (not
+// measured yet); the portable kernel loses from batch 2.
+int64_t auto_crossover_cpu(bool dense_mode, double density, bool vector_kernels) {
+  if (dense_mode) return vector_kernels ? 24 : 2;
   return density <= 0.3 ? std::numeric_limits<int64_t>::max() : 64;
 }
 
@@ -294,7 +296,8 @@ at::Tensor spqmm_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   const double density = dense_mode ? 1.0
                                     : double(p.steps * kSpqmmRows) /
                                           std::max<double>(1.0, double(N) * double(K));
-  const int64_t cross = crossover >= 0 ? crossover : auto_crossover_cpu(dense_mode, density);
+  const int64_t cross = crossover >= 0 ? crossover
+                                        : auto_crossover_cpu(dense_mode, density, cpu_isa() != Isa::kGeneric);
   at::Tensor y = at::empty({M, N}, at::kFloat);
   if (M > 0 && N > 0) {
     if (K == 0) {
