@@ -79,6 +79,24 @@ def test_modes_and_crossover(device, dense, crossover):
     check(run(x, p, bias, crossover), x, mask, labels, codebook, bias)
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("crossover", [0, 1 << 30])
+def test_inputs_that_require_grad(device, dense, crossover):
+    """An inference op called in grad mode with leaf inputs (activations of a model being
+    examined): the kernel's inner BLAS calls, on every thread, must not try to record them."""
+    mask, labels, codebook, p = make_layer(200, 300, 0.3, 4, torch.float32, device, dense=dense)
+    x = torch.randn(40, 300, device=device, requires_grad=True)
+    bias = torch.randn(200, device=device, requires_grad=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        y = run(x, p, bias, crossover)
+    finally:
+        torch.set_num_threads(threads)
+    check(y.detach(), x.detach(), mask, labels, codebook, bias.detach())
+
+
 @pytest.mark.parametrize("isa", cpu_isas())
 @pytest.mark.parametrize("bits", [2, 5, 6, 8])
 @pytest.mark.parametrize("density", [0.1, 1.0])

@@ -101,21 +101,30 @@ std::vector<float> make_table(const at::Tensor& codebook) {
 // the BLAS (at::mm, single-threaded inside the parallel region) in the activations' own type:
 // float32 (MKL), or bfloat16 (oneDNN's bf16 GEMM, fp32 accumulation: the multiply's data type is
 // what wins once rows are many), the block then converted to bf16 in cache.
-void decode_gemm(const SpqmmPacked& p, const float* table, const at::Tensor& xg, const float* bias,
-                 const at::Tensor& bias_bf16, float* y, SpqmmSeen* seen) {
+// Each block's product is written as rows of y^T ([N, M], contiguous row blocks, the BLAS writes
+// them in place), then y^T is transposed into y once.
+void decode_gemm(const SpqmmPacked& p, const float* table, const at::Tensor& xg,
+                 const at::Tensor& bias_f, const at::Tensor& bias_bf16, at::Tensor& y,
+                 SpqmmSeen* seen) {
   const int64_t M = xg.size(0), N = p.n, K = p.k;
   const bool bf16 = xg.scalar_type() == at::kBFloat16;
   // Blocks of about 8 MB decoded (L3-resident), at least 64 rows so each GEMM is not too thin
   // (but no more than a thread's share, so a small layer keeps every thread busy), and whole
   // groups of 16 rows (sparse mode decodes a group at a time).
-  const int64_t share = (N + at::get_num_threads() - 1) / at::get_num_threads();
-  const int64_t rows = std::max<int64_t>(16, std::min<int64_t>({
-      std::max<int64_t>(64, std::min<int64_t>(512, (int64_t(1) << 21) / std::max<int64_t>(K, 1))),
-      (share + 15) / 16 * 16})) / 16 * 16;
+  // The number of blocks is a multiple of the threads, so they share the rows evenly.
+  const int64_t threads = at::get_num_threads();
+  const int64_t most = std::max<int64_t>(64, std::min<int64_t>(512, (int64_t(1) << 21) / std::max<int64_t>(K, 1)));
+  const int64_t rounds = std::max<int64_t>(1, (N + threads * most - 1) / (threads * most));
+  const int64_t rows = std::max<int64_t>(16, (N + threads * rounds - 1) / (threads * rounds) + 15) / 16 * 16;
   const int64_t blocks = (N + rows - 1) / rows;
   std::vector<SpqmmSeen> seen_by(blocks);
+  at::Tensor yt = at::empty({N, M}, at::kFloat);
+  const at::Tensor xt = xg.t();  // [K, M]: the BLAS reads it transposed, no copy
   const Isa isa = p.dense ? cpu_isa() : Isa::kGeneric;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    // Grad mode is thread-local: the pool's threads need their own guard (the BLAS's out= form
+    // refuses inputs that require grad while grad mode is on).
+    const at::NoGradGuard no_grad;
     at::Tensor w = at::empty({rows, K}, at::kFloat);
     float* wp = w.data_ptr<float>();
     for (int64_t b = b0; b < b1; ++b) {
@@ -139,23 +148,20 @@ void decode_gemm(const SpqmmPacked& p, const float* table, const at::Tensor& xg,
       spqmm_decode_rows(p, r0, r0 + rb, table, wp, sb);
 #endif
       const at::Tensor wb = w.narrow(0, 0, rb);
+      at::Tensor rows_t = yt.narrow(0, r0, rb);  // [rb, M]
       if (bf16) {  // the bias inside the GEMM, so the fp32 sum is rounded to bf16 once
-        const at::Tensor wt = wb.to(at::kBFloat16).t();
-        const at::Tensor out = (bias_bf16.defined() ? at::addmm(bias_bf16.narrow(0, r0, rb), xg, wt)
-                                                    : at::mm(xg, wt)).to(at::kFloat);
-        const float* op = out.data_ptr<float>();
-        for (int64_t m = 0; m < M; ++m)
-          for (int64_t r = 0; r < rb; ++r) y[m * N + r0 + r] = op[m * rb + r];
+        const at::Tensor wh = wb.to(at::kBFloat16);
+        rows_t.copy_(bias_bf16.defined()
+                         ? at::addmm(bias_bf16.narrow(0, r0, rb).unsqueeze(1), wh, xt)
+                         : at::mm(wh, xt));
         continue;
       }
-      const at::Tensor out = at::mm(xg, wb.t());  // [M, rb]
-      const float* op = out.data_ptr<float>();
-      for (int64_t m = 0; m < M; ++m) {
-        for (int64_t r = 0; r < rb; ++r) y[m * N + r0 + r] = op[m * rb + r] + (bias ? bias[r0 + r] : 0.f);
-      }
+      at::mm_out(rows_t, wb, xt);
+      if (bias_f.defined()) rows_t.add_(bias_f.narrow(0, r0, rb).unsqueeze(1));
     }
   });
   for (const auto& s : seen_by) seen->merge(s);
+  y.copy_(yt.t());
 }
 
 template <int MB>
@@ -275,6 +281,8 @@ at::Tensor spqmm_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Ten
                      int64_t crossover, bool /*check: the CPU checks cost nothing extra*/) {
   check_spqmm_args(x, codes, windows, group_ptr, chunks, codebook, out_features, in_features, bits,
                    bias);
+  // The ATen calls inside (casts, the BLAS) are the kernel's own arithmetic, not a graph to record.
+  const at::NoGradGuard no_grad;
   const int64_t N = out_features, K = in_features;
   const SpqmmPacked p = make_packed(codes, windows, group_ptr, chunks, N, K, bits);
   const bool dense_mode = p.dense;
@@ -305,8 +313,8 @@ at::Tensor spqmm_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Ten
     } else if (M >= std::max<int64_t>(cross, 1)) {
       const bool bf16 = x.scalar_type() == at::kBFloat16;
       const at::Tensor xg = bf16 ? x.reshape({M, K}).contiguous() : x2.contiguous();
-      decode_gemm(p, table.data(), xg, bp, bf16 && has_bias ? bias->contiguous() : at::Tensor(),
-                  y.data_ptr<float>(), &seen);
+      decode_gemm(p, table.data(), xg, bias_f, bf16 && has_bias ? bias->contiguous() : at::Tensor(),
+                  y, &seen);
       check_seen(seen, codebook.numel(), K);
     } else {
       const int64_t items = dense_mode ? at::get_num_threads() : p.num_chunks;
