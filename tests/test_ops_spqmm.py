@@ -82,16 +82,19 @@ def test_modes_and_crossover(device, dense, crossover):
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dense", [False, True])
 @pytest.mark.parametrize("crossover", [0, 1 << 30])
-def test_inputs_that_require_grad(device, dense, crossover):
+@pytest.mark.parametrize("mode", ["grad", "inference"])
+def test_grad_and_inference_mode(device, dense, crossover, mode):
     """An inference op called in grad mode with leaf inputs (activations of a model being
-    examined): the kernel's inner BLAS calls, on every thread, must not try to record them."""
+    examined), or inside torch.inference_mode: the kernel's inner BLAS calls, on every thread,
+    must neither try to record the inputs nor refuse to write inference tensors."""
     mask, labels, codebook, p = make_layer(200, 300, 0.3, 4, torch.float32, device, dense=dense)
-    x = torch.randn(40, 300, device=device, requires_grad=True)
-    bias = torch.randn(200, device=device, requires_grad=True)
+    x = torch.randn(40, 300, device=device, requires_grad=mode == "grad")
+    bias = torch.randn(200, device=device, requires_grad=mode == "grad")
     threads = torch.get_num_threads()
     torch.set_num_threads(max(2, threads))
     try:
-        y = run(x, p, bias, crossover)
+        with torch.inference_mode(mode == "inference"):
+            y = run(x, p, bias, crossover)
     finally:
         torch.set_num_threads(threads)
     check(y.detach(), x.detach(), mask, labels, codebook, bias.detach())

@@ -10,6 +10,7 @@
 // oneDNN), so dcx is not slower than dense at large batch.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
 
@@ -121,10 +122,11 @@ void decode_gemm(const SpqmmPacked& p, const float* table, const at::Tensor& xg,
   at::Tensor yt = at::empty({N, M}, at::kFloat);
   const at::Tensor xt = xg.t();  // [K, M]: the BLAS reads it transposed, no copy
   const Isa isa = p.dense ? cpu_isa() : Isa::kGeneric;
+  // Grad and inference mode are thread-local: the pool's threads take the caller's, so the BLAS's
+  // out= form neither records inputs that require grad nor refuses to write an inference tensor.
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    // Grad mode is thread-local: the pool's threads need their own guard (the BLAS's out= form
-    // refuses inputs that require grad while grad mode is on).
-    const at::NoGradGuard no_grad;
+    const at::ThreadLocalStateGuard state(caller_state);
     at::Tensor w = at::empty({rows, K}, at::kFloat);
     float* wp = w.data_ptr<float>();
     for (int64_t b = b0; b < b1; ++b) {
