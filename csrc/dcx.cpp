@@ -42,6 +42,11 @@ TORCH_LIBRARY(dcx, m) {
       "spqmm(Tensor x, Tensor codes, Tensor windows, Tensor group_ptr, Tensor chunks, Tensor codebook, "
       "int out_features, int in_features, int bits, Tensor? bias=None, int crossover=-1, "
       "bool check=True) -> Tensor");
+  // The same product for a dense-mode layer in int8 arithmetic (csrc/core/spqmm_int8.h): the
+  // codebook as int8 with one scale, x quantized per row in blocks of 32, int32 dot products.
+  m.def(
+      "spqmm_int8(Tensor x, Tensor codes, Tensor codebook, int out_features, int in_features, "
+      "int bits, Tensor? bias=None, bool check=True) -> Tensor");
 }
 
 // `import dcx._C` loads this library, which runs the registrations above; the ops are reached

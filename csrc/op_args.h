@@ -168,4 +168,16 @@ inline void check_spqmm_args(const at::Tensor& x, const at::Tensor& codes, const
   }
 }
 
+// spqmm_int8 takes a dense-mode layer only (uint8 codes, no positions); the rest as spqmm.
+inline void check_spqmm_int8_args(const at::Tensor& x, const at::Tensor& codes,
+                                  const at::Tensor& codebook, int64_t out_features,
+                                  int64_t in_features, int64_t bits,
+                                  const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(codes.scalar_type() == at::kByte,
+              "codes must be uint8 (a dense-mode layer: spqmm_int8 serves dense mode only), got ",
+              codes.scalar_type());
+  const at::Tensor none = at::empty({0}, x.options().dtype(at::kInt));
+  check_spqmm_args(x, codes, none, none, none, codebook, out_features, in_features, bits, bias);
+}
+
 }  // namespace dcx

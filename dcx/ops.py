@@ -13,7 +13,7 @@ from torch import Tensor
 from dcx._native import available, op
 
 __all__ = [
-    "masked_sgd_step_", "centroid_grad", "kmeans1d", "spqmm",
+    "masked_sgd_step_", "centroid_grad", "kmeans1d", "spqmm", "spqmm_int8",
     "huffman_code_lengths", "huffman_encode", "huffman_decode",
 ]
 
@@ -84,6 +84,26 @@ def kmeans1d(
     and CUDA.
     """
     return op("kmeans1d")(values, num_clusters, init, max_iter, tol, seed, method)
+
+
+def spqmm_int8(
+    x: Tensor,
+    codes: Tensor,
+    codebook: Tensor,
+    out_features: int,
+    in_features: int,
+    bits: int,
+    bias: Optional[Tensor] = None,
+    check: bool = True,
+) -> Tensor:
+    """spqmm for a dense-mode layer (uint8 codes) in int8 arithmetic: the codebook held as int8
+    values with one scale (max|c| / 127), each row of x quantized on the fly in blocks of 32
+    columns (scale max|x| / 127, round half to even), int32 dot products per block, their scaled
+    sum in float32 (the rule is written out at the top of csrc/core/spqmm_int8.h and, in torch,
+    in dcx.reference.spqmm_int8). Arguments and errors as spqmm; returns [..., out_features] in
+    x's dtype. It trades fidelity (about 1e-2 relative error per output) for speed at small
+    batch on CPUs."""
+    return op("spqmm_int8")(x, codes, codebook, out_features, in_features, bits, bias, check)
 
 
 if available():
@@ -187,6 +207,15 @@ if available():
     @torch.library.register_fake("dcx::spqmm")
     def _(x, codes, windows, group_ptr, chunks, codebook, out_features, in_features, bits,
           bias=None, crossover=-1, check=True):
+        torch._check(x.shape[-1] == in_features,
+                     lambda: f"x must have in_features = {in_features} elements in its last dimension")
+        torch._check(codebook.dtype == x.dtype, lambda: "codebook must have the dtype of x")
+        return x.new_empty((*x.shape[:-1], out_features))
+
+    @torch.library.register_fake("dcx::spqmm_int8")
+    def _(x, codes, codebook, out_features, in_features, bits, bias=None, check=True):
+        torch._check(codes.dtype == torch.uint8,
+                     lambda: "codes must be uint8 (a dense-mode layer: spqmm_int8 serves dense mode only)")
         torch._check(x.shape[-1] == in_features,
                      lambda: f"x must have in_features = {in_features} elements in its last dimension")
         torch._check(codebook.dtype == x.dtype, lambda: "codebook must have the dtype of x")

@@ -40,6 +40,7 @@
 #include <type_traits>
 
 #include "core/common.h"
+#include "core/spqmm_int8.h"
 #include "core/spqmm_layout.h"
 
 // DCX_SPQMM_AVX512: the AVX-512 kernels are compiled (for the CPUs that have it, chosen at run
@@ -287,6 +288,43 @@ inline void spqmm_decode_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, cons
     }
   }
   seen->max_col = std::max(seen->max_col, max_col);
+}
+
+// int8 compute (core/spqmm_int8.h), any machine: dense rows [r0, r1) for MB activation rows
+// (xq [MB][ldq] int8 and xs [MB][blocks] scales, zero past the valid rows); table: the int8
+// codebook (256 entries), wscale its scale.
+template <int MB>
+DCX_SPQMM_MULTIVERSION void spqmm_q8_dense_rows(const SpqmmPacked& p, int64_t r0, int64_t r1,
+                                                const int8_t* table, float wscale,
+                                                const int8_t* __restrict xq, int64_t ldq,
+                                                const float* __restrict xs, int mvalid,
+                                                const float* bias, float* y, int64_t ldy,
+                                                SpqmmSeen* seen) {
+  const int64_t blocks = q8_blocks(p.k);
+  uint32_t max_id = 0;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* code = p.dense_codes + r * p.dense_width;
+    float acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = 0.f;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t j0 = b * kQ8Block, n = std::min<int64_t>(kQ8Block, p.k - j0);
+      int32_t w[kQ8Block] = {};
+      for (int64_t t = 0; t < n; ++t) {
+        const uint32_t id = spqmm_dense_id(code, j0 + t, p.bits);
+        max_id = std::max(max_id, id);
+        w[t] = table[id];
+      }
+      for (int m = 0; m < MB; ++m) {
+        const int8_t* xb = xq + m * ldq + j0;
+        int32_t dot = 0;
+        for (int t = 0; t < kQ8Block; ++t) dot += int32_t(xb[t]) * w[t];
+        acc[m] += float(dot) * xs[m * blocks + b];
+      }
+    }
+    const float bv = bias ? bias[r] : 0.f;
+    for (int m = 0; m < mvalid; ++m) y[m * ldy + r] = acc[m] * wscale + bv;
+  }
+  seen->max_id = std::max(seen->max_id, max_id);
 }
 
 #ifdef DCX_SPQMM_AVX512
@@ -824,6 +862,105 @@ DCX_AVX2_FN inline void with_dense_kind(const SpqmmPacked& p, F&& f) {
   else if (p.bits == 4) by_layout(std::integral_constant<int, 2>());
   else if (p.bits == 5) by_layout(std::integral_constant<int, 4>());
   else by_layout(std::integral_constant<int, 0>());
+}
+
+// int8 compute with AVX2 (core/spqmm_int8.h): 32 columns at a time. Their ids as 32 bytes (one
+// load in the byte layout, else four 8-id vectors packed), the int8 weights by byte shuffles of
+// the codebook's 16-entry quarters (NT of them, a tree of blends on the id's bits 4..), then per
+// activation row: sign(x, w), maddubs(|w|, that) and madd give 8 int32 partial dots (exact:
+// |pair sum| <= 2 * 127 * 127), scaled by the block's activation scale into 8 float sums.
+template <SpqmmDense D>
+DCX_AVX2_FN inline __m256i ids32(const uint8_t* row, int64_t j, const BitIds8& b,
+                                 const uint8_t* end, int64_t left) {
+  if constexpr (D == SpqmmDense::kBytes) {
+    if (left >= 32) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + j));
+  }
+  __m256i v[4];
+  for (int q = 0; q < 4; ++q) {
+    const int64_t l = left - 8 * q;
+    v[q] = l <= 0 ? _mm256_setzero_si256()
+                  : _mm256_and_si256(ids8<D>(row, j + 8 * q, b, end, std::min<int64_t>(l, 8)),
+                                     tail_mask8(l));
+  }
+  // The packs work within 128-bit lanes: dword 4 h + q holds ids [4 h, 4 h + 4) of v[q]; the
+  // permute puts them back in column order.
+  const __m256i packed = _mm256_packus_epi16(_mm256_packus_epi32(v[0], v[1]),
+                                             _mm256_packus_epi32(v[2], v[3]));
+  return _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+template <int NT>
+DCX_AVX2_FN inline __m256i lookup32_q8(const __m256i* t, __m256i id) {
+  if constexpr (NT == 1) {
+    return _mm256_shuffle_epi8(t[0], id);  // ids < 16: bit 7 is clear
+  } else {
+    const __m256i low = _mm256_and_si256(id, _mm256_set1_epi8(15));
+    __m256i v[NT];
+    for (int j = 0; j < NT; ++j) v[j] = _mm256_shuffle_epi8(t[j], low);
+    for (int width = NT, bit = 4; width > 1; width /= 2, ++bit) {
+      const __m256i high = _mm256_slli_epi16(id, 7 - bit);  // bit `bit` of each byte to its bit 7
+      for (int j = 0; j < width / 2; ++j) v[j] = _mm256_blendv_epi8(v[2 * j], v[2 * j + 1], high);
+    }
+    return v[0];
+  }
+}
+
+// Rows [r0, r1) for MB activation rows (xq [MB][ldq], xs [MB][blocks], zero past the valid ones).
+template <int NT, SpqmmDense D, int MB>
+DCX_AVX2_FN void q8_dense_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, const int8_t* table,
+                               float wscale, const int8_t* xq, int64_t ldq, const float* xs,
+                               int mvalid, const float* bias, float* y, int64_t ldy,
+                               SpqmmSeen* seen) {
+  __m256i tab[NT];
+  for (int j = 0; j < NT; ++j)
+    tab[j] = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(table + 16 * j)));
+  const BitIds8 bi = bit_ids8_setup(D == SpqmmDense::kBits ? p.bits : 8);
+  const int64_t K = p.k, blocks = q8_blocks(K);
+  const uint8_t* end = p.dense_codes + p.n * p.dense_width;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i max_id = _mm256_setzero_si256();
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = p.dense_codes + r * p.dense_width;
+    __m256 acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t j = b * kQ8Block;
+      const __m256i id = ids32<D>(row, j, bi, end, K - j);
+      max_id = _mm256_max_epu8(max_id, id);
+      const __m256i w = lookup32_q8<NT>(tab, id);
+      const __m256i aw = _mm256_abs_epi8(w);
+      for (int m = 0; m < MB; ++m) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * ldq + j));
+        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, w)), ones);
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(xs + m * blocks + b), acc[m]);
+      }
+    }
+    const float bv = bias ? bias[r] : 0.f;
+    for (int m = 0; m < mvalid; ++m) y[m * ldy + r] = hsum8(acc[m]) * wscale + bv;
+  }
+  alignas(32) uint8_t lanes[32];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), max_id);
+  seen->max_id = std::max<uint32_t>(seen->max_id, *std::max_element(lanes, lanes + 32));
+}
+
+// The int8 kernel for a layer's codebook size and layout: f<NT, D>() with NT = 16-entry quarters.
+template <typename F>
+DCX_AVX2_FN inline void with_q8_kind(const SpqmmPacked& p, F&& f) {
+  auto by_layout = [&](auto nt) DCX_AVX2_FN {
+    constexpr int NT = decltype(nt)::value;
+    switch (p.layout) {
+      case SpqmmDense::kNibbles: f(std::integral_constant<int, NT>(), std::integral_constant<SpqmmDense, SpqmmDense::kNibbles>()); break;
+      case SpqmmDense::kBits: f(std::integral_constant<int, NT>(), std::integral_constant<SpqmmDense, SpqmmDense::kBits>()); break;
+      default: f(std::integral_constant<int, NT>(), std::integral_constant<SpqmmDense, SpqmmDense::kBytes>()); break;
+    }
+  };
+  switch (p.bits <= 4 ? 1 : 1 << (p.bits - 4)) {
+    case 1: by_layout(std::integral_constant<int, 1>()); break;
+    case 2: by_layout(std::integral_constant<int, 2>()); break;
+    case 4: by_layout(std::integral_constant<int, 4>()); break;
+    case 8: by_layout(std::integral_constant<int, 8>()); break;
+    default: by_layout(std::integral_constant<int, 16>()); break;
+  }
 }
 
 inline bool supported() {

@@ -340,7 +340,90 @@ at::Tensor spqmm_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   return y.to(x.scalar_type()).reshape(out_shape);
 }
 
+// int8 compute (csrc/core/spqmm_int8.h) for a dense-mode layer. x is quantized once per call
+// into [M rounded up to the block][blocks * 32] int8 and [..][blocks] scales (zero past the valid
+// rows and columns); each thread takes a range of W's rows and runs every block of MB activation
+// rows over it, so its share of W is read from memory once and then from its own cache.
+template <int MB>
+void q8_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, const int8_t* table, float wscale,
+             const int8_t* xq, int64_t ldq, const float* xs, int64_t M, const float* bias,
+             float* y, Isa isa, SpqmmSeen* seen) {
+  const int64_t blocks = q8_blocks(p.k);
+  for (int64_t m0 = 0; m0 < M; m0 += MB) {
+    const int mvalid = static_cast<int>(std::min<int64_t>(MB, M - m0));
+    const int8_t* xb = xq + m0 * ldq;
+    const float* sb = xs + m0 * blocks;
+    float* yb = y + m0 * p.n;
+#ifdef DCX_SPQMM_AVX512
+    if (isa != Isa::kGeneric) {
+      avx2::with_q8_kind(p, [&](auto nt, auto layout) DCX_AVX2_FN {
+        avx2::q8_dense_rows<decltype(nt)::value, decltype(layout)::value, MB>(
+            p, r0, r1, table, wscale, xb, ldq, sb, mvalid, bias, yb, p.n, seen);
+      });
+      continue;
+    }
+#endif
+    spqmm_q8_dense_rows<MB>(p, r0, r1, table, wscale, xb, ldq, sb, mvalid, bias, yb, p.n, seen);
+  }
+}
+
+at::Tensor spqmm_int8_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebook,
+                          int64_t out_features, int64_t in_features, int64_t bits,
+                          const std::optional<at::Tensor>& bias, bool /*check: free on the CPU*/) {
+  check_spqmm_int8_args(x, codes, codebook, out_features, in_features, bits, bias);
+  const at::NoGradGuard no_grad;
+  const int64_t N = out_features, K = in_features;
+  const at::Tensor none;
+  const SpqmmPacked p = make_packed(codes, none, none, none, N, K, bits);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  const bool has_bias = bias.has_value() && bias->defined();
+  const at::Tensor bias_f = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor y = at::empty({M, N}, at::kFloat);
+  if (M > 0 && N > 0) {
+    const at::Tensor x2 = x.reshape({M, K}).to(at::kFloat).contiguous();
+    const at::Tensor cb = codebook.to(at::kFloat).contiguous();
+    int8_t table[256];
+    const float wscale = q8_codebook(cb.data_ptr<float>(), cb.numel(), table);
+    const int64_t mb = M == 1 ? 1 : M <= 2 ? 2 : M <= 4 ? 4 : kMaxBlock;
+    const int64_t blocks = q8_blocks(K), ldq = blocks * kQ8Block, rows = (M + mb - 1) / mb * mb;
+    at::Tensor xq = at::zeros({rows, ldq}, at::kChar);
+    at::Tensor xs = at::zeros({rows, std::max<int64_t>(blocks, 1)}, at::kFloat);
+    const float* xp = x2.data_ptr<float>();
+    int8_t* qp = xq.data_ptr<int8_t>();
+    float* sp = xs.data_ptr<float>();
+    at::parallel_for(0, M, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(K, 1)),
+                     [&](int64_t m0, int64_t m1) {
+                       for (int64_t m = m0; m < m1; ++m)
+                         q8_quantize_row(xp + m * K, K, qp + m * ldq, sp + m * blocks);
+                     });
+    // Rows in pieces of about 32K weights (at least a row), so a small layer keeps every thread busy.
+    const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(K, 1));
+    const Isa isa = cpu_isa();
+    std::vector<SpqmmSeen> seen_by(at::get_num_threads());
+    const float* bp = has_bias ? bias_f.data_ptr<float>() : nullptr;
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
+      SpqmmSeen* seen = &seen_by[at::get_thread_num()];
+      switch (mb) {
+        case 1: q8_rows<1>(p, r0, r1, table, wscale, qp, ldq, sp, M, bp, yp, isa, seen); break;
+        case 2: q8_rows<2>(p, r0, r1, table, wscale, qp, ldq, sp, M, bp, yp, isa, seen); break;
+        case 4: q8_rows<4>(p, r0, r1, table, wscale, qp, ldq, sp, M, bp, yp, isa, seen); break;
+        default: q8_rows<kMaxBlock>(p, r0, r1, table, wscale, qp, ldq, sp, M, bp, yp, isa, seen);
+      }
+    });
+    SpqmmSeen seen;
+    for (const auto& s : seen_by) seen.merge(s);
+    check_seen(seen, codebook.numel(), K);
+  }
+  return y.to(x.scalar_type()).reshape(out_shape);
+}
+
 }  // namespace
 }  // namespace dcx
 
-TORCH_LIBRARY_IMPL(dcx, CPU, m) { m.impl("spqmm", &dcx::spqmm_cpu); }
+TORCH_LIBRARY_IMPL(dcx, CPU, m) {
+  m.impl("spqmm", &dcx::spqmm_cpu);
+  m.impl("spqmm_int8", &dcx::spqmm_int8_cpu);
+}

@@ -1,0 +1,186 @@
+"""dcx.ops.spqmm_int8: a dense-mode layer in int8 arithmetic (csrc/core/spqmm_int8.h), against
+dcx.reference.spqmm_int8 (the same quantization rule, its sums in float64)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dcx
+from dcx import reference
+from tests.testing import FLOAT_DTYPES, cpu_isas, devices, requires_kernels, unit_roundoff
+
+pytestmark = requires_kernels
+
+
+def make_layer(n, k, bits, dtype, device, entries=None):
+    """A random dense-mode layer: labels over `entries` codebook entries (2^bits by default)."""
+    entries = entries or 1 << bits
+    labels = torch.randint(0, entries, (n, k), device=device)
+    codebook = torch.randn(entries, device=device).to(dtype)
+    p = dcx.pack(torch.ones(n, k, dtype=torch.bool, device=device), labels, codebook, bits,
+                 dense=True)
+    return labels, codebook, p
+
+
+def run(x, p, bias=None):
+    return dcx.ops.spqmm_int8(x, p.codes, p.codebook, p.out_features, p.in_features, p.bits, bias)
+
+
+def check(y, x, p, bias=None):
+    """Against the reference: the int32 block dots are exact on both sides, so they differ only
+    by float32 rounding. The kernels add B = ceil(K / 32) scaled block dots per output (a product
+    and a sum each, in 8 lanes, then 3 sums across lanes), scale and add the bias: at most
+    2 B + 8 roundings of magnitude S = sw * sum_b sx_b * sum |xq cq| + |bias|, then one rounding
+    to x's dtype."""
+    expected = reference.spqmm_int8_float64(x, p.codes, p.codebook, p.out_features,
+                                            p.in_features, p.bits, bias)
+    empty = torch.empty(0, dtype=torch.int32, device=x.device)
+    _, ids = reference.spqmm_ids(p.codes, empty, empty, p.out_features, p.in_features, p.bits)
+    cq, cs = reference.q8_quantize(p.codebook)
+    xq, xs = reference.q8_quantize(x, reference.Q8_BLOCK)
+    blocks = xq.shape[-2]
+    w = F.pad(cq[0].double()[ids].abs(), (0, blocks * reference.Q8_BLOCK - p.in_features))
+    mag = torch.einsum("...bt,nbt->...nb", xq.double().abs(), w.reshape(p.out_features, blocks, -1))
+    magnitude = (mag * xs.double().unsqueeze(-2)).sum(-1) * cs.double()
+    if bias is not None:
+        magnitude = magnitude + bias.double().abs()
+    bound = (2 * blocks + 8) * unit_roundoff(torch.float32) * magnitude
+    bound = bound + unit_roundoff(x.dtype) * expected.abs()
+    assert y.dtype == x.dtype and y.shape == expected.shape
+    err = (y.double() - expected).abs()
+    assert (err <= bound * 1.01 + 1e-30).all(), f"max excess {(err - bound).max().item()}"
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 97), (97, 31), (40, 4097)])
+@pytest.mark.parametrize("batch", [1, 2, 3, 9, 64])
+def test_matches_reference(device, dtype, shape, batch):
+    n, k = shape
+    _, _, p = make_layer(n, k, 6, dtype, device)
+    x = torch.randn(batch, k, device=device).to(dtype)
+    bias = torch.randn(n, device=device).to(dtype)
+    check(run(x, p, bias), x, p, bias)
+
+
+@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("k", [1, 31, 32, 33, 127, 128, 129, 300])
+@pytest.mark.parametrize("batch", [1, 4, 11])
+def test_cpu_kernels_of_each_isa(monkeypatch, isa, bits, k, batch):
+    """Every layout (nibbles, bit-packed, bytes), codebook size and tail of K, on each ISA path."""
+    monkeypatch.setenv("DCX_CPU_ISA", isa)
+    _, _, p = make_layer(19, k, bits, torch.float32, "cpu")
+    x = torch.randn(batch, k)
+    bias = torch.randn(19)
+    check(run(x, p, bias), x, p, bias)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_fidelity_against_float32(device):
+    """Quantizing the codebook and the activations costs about 1% relative error on random data
+    (7-bit-plus-sign values in blocks of 32: a step of max / 127)."""
+    labels, codebook, p = make_layer(256, 1024, 6, torch.float32, device)
+    x = torch.randn(16, 1024, device=device)
+    exact = F.linear(x, codebook[labels])
+    rel = (run(x, p) - exact).norm() / exact.norm()
+    assert 1e-4 < rel < 2e-2
+
+
+@pytest.mark.parametrize("device", devices())
+def test_zero_and_constant_rows(device):
+    """A block of zeros has scale 0 (no division by zero); a constant block is exact in int8."""
+    labels, codebook, p = make_layer(8, 70, 4, torch.float32, device)
+    x = torch.zeros(3, 70, device=device)
+    x[1] = 2.5
+    x[2, 40:] = -1.0
+    y = run(x, p)
+    assert torch.isfinite(y).all() and (y[0] == 0).all()
+    check(y, x, p)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_empty(device):
+    for n, k, batch in [(0, 5, 3), (5, 0, 3), (5, 7, 0)]:
+        _, _, p = make_layer(n, k, 3, torch.float32, device)
+        bias = torch.randn(n, device=device)
+        y = run(torch.randn(batch, k, device=device), p, bias)
+        assert y.shape == (batch, n)
+        torch.testing.assert_close(y, bias.expand(batch, n).clone())
+
+
+@pytest.mark.parametrize("device", devices())
+def test_leading_dims(device):
+    _, _, p = make_layer(33, 97, 5, torch.float32, device)
+    x = torch.randn(2, 3, 97, device=device)
+    y = run(x, p)
+    assert y.shape == (2, 3, 33)
+    torch.testing.assert_close(y, run(x.reshape(6, 97), p).reshape(2, 3, 33))
+
+
+@pytest.mark.parametrize("device", devices())
+def test_opcheck(device):
+    _, _, p = make_layer(33, 97, 5, torch.float32, device)
+    args = (torch.randn(3, 97, device=device), p.codes, p.codebook, 33, 97, p.bits,
+            torch.randn(33, device=device), True)
+    torch.library.opcheck(torch.ops.dcx.spqmm_int8.default, args)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_compile_fullgraph(device):
+    _, _, p = make_layer(33, 97, 5, torch.float32, device)
+    x = torch.randn(4, 97, device=device)
+    compiled = torch.compile(lambda x: run(x, p).relu() * 2, fullgraph=True)
+    torch.testing.assert_close(compiled(x), run(x, p).relu() * 2)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+def test_ids_outside_the_codebook(monkeypatch, device, isa):
+    """Codes that name an id past the codebook are reported (they read 0, never out of bounds)."""
+    monkeypatch.setenv("DCX_CPU_ISA", isa)
+    _, _, p = make_layer(20, 100, 5, torch.float32, device, entries=32)
+    short = p._replace(codebook=p.codebook[:20])
+    with pytest.raises(RuntimeError, match="outside the codebook"):
+        run(torch.randn(2, 100, device=device), short)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda x, p, b: (x, p._replace(codes=p.codes.short()), b), "codes must be uint8"),
+        (lambda x, p, b: (torch.randn(2, 99, device=x.device), p, b), "x must have in_features = 100"),
+        (lambda x, p, b: (x.double(), p, b), "x must be float32, float16 or bfloat16"),
+        (lambda x, p, b: (x.half(), p, b), "codebook must have the dtype of x"),
+        (lambda x, p, b: (x, p._replace(bits=9), b), r"bits must lie in \[1, 8\]"),
+        (lambda x, p, b: (x, p._replace(codes=p.codes[:, :-1]), b), r"codes \(dense mode, uint8\) must have shape"),
+        (lambda x, p, b: (x, p._replace(codebook=torch.zeros(33, device=x.device)), b), "codebook must be 1-D"),
+        (lambda x, p, b: (x, p, b[:3]), r"bias must have shape \[out_features\]"),
+    ],
+)
+def test_bad_input(device, change, match):
+    _, _, p = make_layer(8, 100, 5, torch.float32, device)
+    x, p, b = change(torch.randn(2, 100, device=device), p, torch.zeros(8, device=device))
+    with pytest.raises(RuntimeError, match=match):
+        run(x, p, b)
+
+
+def test_layer_compute_int8():
+    """compute="int8" runs a dense-mode layer through spqmm_int8 and a sparse-mode one in
+    float32; it survives save and load (the layer's extra state)."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(200, 48)
+    dense = dcx.SparseQuantLinear.from_linear(linear, sparsity=0.0, bits=6, compute="int8")
+    sparse = dcx.SparseQuantLinear.from_linear(linear, sparsity=0.9, bits=5, compute="int8")
+    assert dense.packed.dense and not sparse.packed.dense
+    x = torch.randn(5, 200)
+    p = dense.packed
+    torch.testing.assert_close(dense(x), run(x, p, dense.bias.detach()))
+    sparse_fp32 = sparse(x)
+    sparse.compute = "float32"
+    torch.testing.assert_close(sparse_fp32, sparse(x))
+    restored = dcx.SparseQuantLinear(200, 48)
+    restored.load_state_dict(dense.state_dict())
+    assert restored.compute == "int8"
+    torch.testing.assert_close(restored(x), dense(x))
