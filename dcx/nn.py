@@ -34,8 +34,8 @@ CHUNK_STEPS = 1024
 # "float32" and "bfloat16" run the op on activations cast to that dtype (fp32 accumulation
 # either way; past the crossover bfloat16 runs a bf16 GEMM on the decoded weight, the fastest
 # path on CPUs with AVX512-BF16 or AMX) and cast the result back. "int8" (opt-in) runs a
-# dense-mode layer through dcx.ops.spqmm_int8 (int8 codebook, activations quantized per row in
-# blocks of 32, int32 dot products: faster at small batch, about 1e-2 relative error per output);
+# dense-mode layer through dcx.ops.spqmm_int8 (activations quantized to int8 per row in blocks of
+# 32, an int16 codebook, int32 dot products; about 1e-2 relative error per output);
 # a sparse-mode layer computes in float32 there (its kernel already reads about 0.3 byte per
 # weight, and int8 would only add error).
 COMPUTE_MODES = ("auto", "float32", "bfloat16", "int8")

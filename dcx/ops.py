@@ -96,13 +96,13 @@ def spqmm_int8(
     bias: Optional[Tensor] = None,
     check: bool = True,
 ) -> Tensor:
-    """spqmm for a dense-mode layer (uint8 codes) in int8 arithmetic: the codebook held as int8
-    values with one scale (max|c| / 127), each row of x quantized on the fly in blocks of 32
-    columns (scale max|x| / 127, round half to even), int32 dot products per block, their scaled
-    sum in float32 (the rule is written out at the top of csrc/core/spqmm_int8.h and, in torch,
-    in dcx.reference.spqmm_int8). Arguments and errors as spqmm; returns [..., out_features] in
-    x's dtype. It trades fidelity (about 1e-2 relative error per output) for speed at small
-    batch on CPUs."""
+    """spqmm for a dense-mode layer (uint8 codes) with int8 activations and integer dot products:
+    each row of x quantized on the fly in blocks of 32 columns (scale max|x| / 127, round half to
+    even), the codebook held as int16 values with one scale (max|c| / 32767), int32 dot products
+    per block, their scaled sum in float32 (the rule is written out at the top of
+    csrc/core/spqmm_int8.h and, in torch, in dcx.reference.spqmm_int8). Arguments and errors as
+    spqmm; returns [..., out_features] in x's dtype. The activations' rounding costs about 1e-2
+    relative error per output on random data (all-MiniLM-L6-v2: benchmarks/results/transformer-cpu.md)."""
     return op("spqmm_int8")(x, codes, codebook, out_features, in_features, bits, bias, check)
 
 

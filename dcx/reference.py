@@ -273,11 +273,12 @@ def spqmm(
 Q8_BLOCK = 32  # activation columns per scale (kQ8Block in csrc/core/spqmm_int8.h)
 
 
-def q8_quantize(v: Tensor, block: Optional[int] = None) -> tuple[Tensor, Tensor]:
-    """int8 values and float32 scales of v [..., K] by the rule of csrc/core/spqmm_int8.h: per
-    block of `block` trailing values (all of them when None), scale max|v| / 127 and values
-    round(v * (127 / max|v|)) (half to even; a block of zeros has scale 0). Returns
-    (q [..., blocks, block] with zeros past K, scales [..., blocks])."""
+def q8_quantize(v: Tensor, block: Optional[int] = None, levels: int = 127) -> tuple[Tensor, Tensor]:
+    """Integer values and float32 scales of v [..., K] by the rule of csrc/core/spqmm_int8.h: per
+    block of `block` trailing values (all of them when None), scale max|v| / levels and values
+    round(v * (levels / max|v|)) (half to even; a block of zeros has scale 0); levels 127 for
+    activations (int8), 32767 for the codebook (int16). Returns (q [..., blocks, block], int32,
+    with zeros past K; scales [..., blocks])."""
     v = v.float()
     k = v.shape[-1]
     block = k if block is None else block
@@ -285,9 +286,9 @@ def q8_quantize(v: Tensor, block: Optional[int] = None) -> tuple[Tensor, Tensor]
     padded = torch.nn.functional.pad(v, (0, blocks * block - k)).reshape(*v.shape[:-1], blocks, block)
     amax = padded.abs().amax(-1)
     # a true division (127.0 / amax would be computed as 127 * (1 / amax), rounded twice)
-    inverse = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
-    q = torch.round(padded * inverse.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
-    return q, amax / 127.0
+    inverse = torch.where(amax > 0, torch.full_like(amax, float(levels)) / amax, torch.zeros_like(amax))
+    q = torch.round(padded * inverse.unsqueeze(-1)).clamp(-levels, levels).to(torch.int32)
+    return q, amax / float(levels)
 
 
 def spqmm_int8(
@@ -300,8 +301,9 @@ def spqmm_int8(
     bias: Optional[Tensor] = None,
     check: bool = True,
 ) -> Tensor:
-    """dcx.ops.spqmm_int8 in plain torch: the same int8 values and scales, the int32 block dots
-    exact, the rest in float64 (the kernels sum in float32). Returns x's dtype."""
+    """dcx.ops.spqmm_int8 in plain torch: the same integer values and scales (int8 activations,
+    int16 codebook), the block dots exact, the rest in float64 (the kernels sum in float32).
+    Returns x's dtype."""
     return spqmm_int8_float64(x, codes, codebook, out_features, in_features, bits, bias).to(x.dtype)
 
 
@@ -312,7 +314,7 @@ def spqmm_int8_float64(
     """spqmm_int8's result before the final rounding to x's dtype, in float64."""
     empty = torch.empty(0, dtype=torch.int32, device=codes.device)
     _, ids = spqmm_ids(codes, empty, empty, out_features, in_features, bits)
-    cq, cscale = q8_quantize(codebook)  # cq [1, k], cscale [1]
+    cq, cscale = q8_quantize(codebook, levels=32767)  # cq [1, k] (int16 values), cscale [1]
     table = torch.zeros(256, dtype=torch.float64, device=codes.device)
     table[: codebook.numel()] = cq[0].double()
     xq, xs = q8_quantize(x, Q8_BLOCK)  # [..., B, 32], [..., B]

@@ -28,15 +28,15 @@ def run(x, p, bias=None):
 
 def check(y, x, p, bias=None):
     """Against the reference: the int32 block dots are exact on both sides, so they differ only
-    by float32 rounding. The kernels add B = ceil(K / 32) scaled block dots per output (a product
-    and a sum each, in 8 lanes, then 3 sums across lanes), scale and add the bias: at most
-    2 B + 8 roundings of magnitude S = sw * sum_b sx_b * sum |xq cq| + |bias|, then one rounding
-    to x's dtype."""
+    by float32 rounding. The kernels add B = ceil(K / 32) scaled block dots per output (a
+    conversion to float, exact on the CPU, a product and a sum each, in 8 lanes, then 3 sums
+    across lanes), scale and add the bias: at most 3 B + 8 roundings of magnitude
+    S = sw * sum_b sx_b * sum |xq cq| + |bias|, then one rounding to x's dtype."""
     expected = reference.spqmm_int8_float64(x, p.codes, p.codebook, p.out_features,
                                             p.in_features, p.bits, bias)
     empty = torch.empty(0, dtype=torch.int32, device=x.device)
     _, ids = reference.spqmm_ids(p.codes, empty, empty, p.out_features, p.in_features, p.bits)
-    cq, cs = reference.q8_quantize(p.codebook)
+    cq, cs = reference.q8_quantize(p.codebook, levels=32767)
     xq, xs = reference.q8_quantize(x, reference.Q8_BLOCK)
     blocks = xq.shape[-2]
     w = F.pad(cq[0].double()[ids].abs(), (0, blocks * reference.Q8_BLOCK - p.in_features))
@@ -44,7 +44,7 @@ def check(y, x, p, bias=None):
     magnitude = (mag * xs.double().unsqueeze(-2)).sum(-1) * cs.double()
     if bias is not None:
         magnitude = magnitude + bias.double().abs()
-    bound = (2 * blocks + 8) * unit_roundoff(torch.float32) * magnitude
+    bound = (3 * blocks + 8) * unit_roundoff(torch.float32) * magnitude
     bound = bound + unit_roundoff(x.dtype) * expected.abs()
     assert y.dtype == x.dtype and y.shape == expected.shape
     err = (y.double() - expected).abs()
@@ -78,8 +78,8 @@ def test_cpu_kernels_of_each_isa(monkeypatch, isa, bits, k, batch):
 
 @pytest.mark.parametrize("device", devices())
 def test_fidelity_against_float32(device):
-    """Quantizing the codebook and the activations costs about 1% relative error on random data
-    (7-bit-plus-sign values in blocks of 32: a step of max / 127)."""
+    """Quantizing the activations costs about 1% relative error on random data (int8 values in
+    blocks of 32: a step of max / 127); the int16 codebook adds almost nothing."""
     labels, codebook, p = make_layer(256, 1024, 6, torch.float32, device)
     x = torch.randn(16, 1024, device=device)
     exact = F.linear(x, codebook[labels])
@@ -89,7 +89,7 @@ def test_fidelity_against_float32(device):
 
 @pytest.mark.parametrize("device", devices())
 def test_zero_and_constant_rows(device):
-    """A block of zeros has scale 0 (no division by zero); a constant block is exact in int8."""
+    """A block of zeros has scale 0 (no division by zero)."""
     labels, codebook, p = make_layer(8, 70, 4, torch.float32, device)
     x = torch.zeros(3, 70, device=device)
     x[1] = 2.5

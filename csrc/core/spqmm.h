@@ -291,12 +291,12 @@ inline void spqmm_decode_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, cons
 }
 
 // int8 compute (core/spqmm_int8.h), any machine: dense rows [r0, r1) for MB activation rows
-// (xq [MB][ldq] int8 and xs [MB][blocks] scales, zero past the valid rows); table: the int8
-// codebook (256 entries), wscale its scale.
+// (xq [MB][ldq] int16 in q8_slot order and xs [MB][blocks] scales, zero past the valid rows);
+// table: the int16 codebook (256 entries), wscale its scale.
 template <int MB>
 DCX_SPQMM_MULTIVERSION void spqmm_q8_dense_rows(const SpqmmPacked& p, int64_t r0, int64_t r1,
-                                                const int8_t* table, float wscale,
-                                                const int8_t* __restrict xq, int64_t ldq,
+                                                const int16_t* table, float wscale,
+                                                const int16_t* __restrict xq, int64_t ldq,
                                                 const float* __restrict xs, int mvalid,
                                                 const float* bias, float* y, int64_t ldy,
                                                 SpqmmSeen* seen) {
@@ -308,14 +308,14 @@ DCX_SPQMM_MULTIVERSION void spqmm_q8_dense_rows(const SpqmmPacked& p, int64_t r0
     for (int m = 0; m < MB; ++m) acc[m] = 0.f;
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t j0 = b * kQ8Block, n = std::min<int64_t>(kQ8Block, p.k - j0);
-      int32_t w[kQ8Block] = {};
-      for (int64_t t = 0; t < n; ++t) {
+      int32_t w[kQ8Block] = {};  // in q8_slot order, as x is staged
+      for (int t = 0; t < n; ++t) {
         const uint32_t id = spqmm_dense_id(code, j0 + t, p.bits);
         max_id = std::max(max_id, id);
-        w[t] = table[id];
+        w[q8_slot(t)] = table[id];
       }
       for (int m = 0; m < MB; ++m) {
-        const int8_t* xb = xq + m * ldq + j0;
+        const int16_t* xb = xq + m * ldq + j0;
         int32_t dot = 0;
         for (int t = 0; t < kQ8Block; ++t) dot += int32_t(xb[t]) * w[t];
         acc[m] += float(dot) * xs[m * blocks + b];
@@ -865,10 +865,12 @@ DCX_AVX2_FN inline void with_dense_kind(const SpqmmPacked& p, F&& f) {
 }
 
 // int8 compute with AVX2 (core/spqmm_int8.h): 32 columns at a time. Their ids as 32 bytes (one
-// load in the byte layout, else four 8-id vectors packed), the int8 weights by byte shuffles of
-// the codebook's 16-entry quarters (NT of them, a tree of blends on the id's bits 4..), then per
-// activation row: sign(x, w), maddubs(|w|, that) and madd give 8 int32 partial dots (exact:
-// |pair sum| <= 2 * 127 * 127), scaled by the block's activation scale into 8 float sums.
+// load in the byte layout, else four 8-id vectors packed), the int16 weights by byte shuffles of
+// the codebook's low and high byte planes in 16-entry quarters (NT of them, a tree of blends on
+// the id's bits 4..), interleaved into two vectors of 16 weights (columns 0-7 and 16-23, then
+// 8-15 and 24-31: x is staged in that order, q8_slot), then per activation row two pmaddwd and
+// an add give 8 int32 partial dots (exact: |partial| <= 4 * 127 * 32767 < 2^24, so the float
+// conversion is exact too), scaled by the block's activation scale into 8 float sums.
 template <SpqmmDense D>
 DCX_AVX2_FN inline __m256i ids32(const uint8_t* row, int64_t j, const BitIds8& b,
                                  const uint8_t* end, int64_t left) {
@@ -889,8 +891,9 @@ DCX_AVX2_FN inline __m256i ids32(const uint8_t* row, int64_t j, const BitIds8& b
   return _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
+// One byte plane of the weights of 32 ids: entries [16 j, 16 j + 16) of the plane in t[j].
 template <int NT>
-DCX_AVX2_FN inline __m256i lookup32_q8(const __m256i* t, __m256i id) {
+DCX_AVX2_FN inline __m256i lookup32_plane(const __m256i* t, __m256i id) {
   if constexpr (NT == 1) {
     return _mm256_shuffle_epi8(t[0], id);  // ids < 16: bit 7 is clear
   } else {
@@ -905,19 +908,26 @@ DCX_AVX2_FN inline __m256i lookup32_q8(const __m256i* t, __m256i id) {
   }
 }
 
-// Rows [r0, r1) for MB activation rows (xq [MB][ldq], xs [MB][blocks], zero past the valid ones).
+// Rows [r0, r1) for MB activation rows (xq [MB][ldq] int16 in q8_slot order, xs [MB][blocks],
+// zero past the valid ones).
 template <int NT, SpqmmDense D, int MB>
-DCX_AVX2_FN void q8_dense_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, const int8_t* table,
-                               float wscale, const int8_t* xq, int64_t ldq, const float* xs,
+DCX_AVX2_FN void q8_dense_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, const int16_t* table,
+                               float wscale, const int16_t* xq, int64_t ldq, const float* xs,
                                int mvalid, const float* bias, float* y, int64_t ldy,
                                SpqmmSeen* seen) {
-  __m256i tab[NT];
-  for (int j = 0; j < NT; ++j)
-    tab[j] = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(table + 16 * j)));
+  alignas(16) uint8_t planes[2][16 * NT];
+  for (int i = 0; i < 16 * NT; ++i) {
+    planes[0][i] = uint8_t(uint16_t(table[i]) & 0xFF);
+    planes[1][i] = uint8_t(uint16_t(table[i]) >> 8);
+  }
+  __m256i lo[NT], hi[NT];
+  for (int j = 0; j < NT; ++j) {
+    lo[j] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(planes[0] + 16 * j)));
+    hi[j] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(planes[1] + 16 * j)));
+  }
   const BitIds8 bi = bit_ids8_setup(D == SpqmmDense::kBits ? p.bits : 8);
   const int64_t K = p.k, blocks = q8_blocks(K);
   const uint8_t* end = p.dense_codes + p.n * p.dense_width;
-  const __m256i ones = _mm256_set1_epi16(1);
   __m256i max_id = _mm256_setzero_si256();
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = p.dense_codes + r * p.dense_width;
@@ -927,11 +937,13 @@ DCX_AVX2_FN void q8_dense_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, con
       const int64_t j = b * kQ8Block;
       const __m256i id = ids32<D>(row, j, bi, end, K - j);
       max_id = _mm256_max_epu8(max_id, id);
-      const __m256i w = lookup32_q8<NT>(tab, id);
-      const __m256i aw = _mm256_abs_epi8(w);
+      const __m256i wl = lookup32_plane<NT>(lo, id), wh = lookup32_plane<NT>(hi, id);
+      const __m256i wa = _mm256_unpacklo_epi8(wl, wh), wb = _mm256_unpackhi_epi8(wl, wh);
       for (int m = 0; m < MB; ++m) {
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * ldq + j));
-        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, w)), ones);
+        const int16_t* xr = xq + m * ldq + j;
+        const __m256i dot = _mm256_add_epi32(
+            _mm256_madd_epi16(wa, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr))),
+            _mm256_madd_epi16(wb, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 16))));
         acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(xs + m * blocks + b), acc[m]);
       }
     }

@@ -1,17 +1,23 @@
-// spqmm_int8, torch-free: y = x W^T + bias for a dense-mode packed W (core/spqmm_layout.h) in
-// integer arithmetic, llama.cpp's Q8_0 idea applied to a codebook:
+// spqmm_int8, torch-free: y = x W^T + bias for a dense-mode packed W (core/spqmm_layout.h) with
+// int8 activations and integer dot products, llama.cpp's Q8_0 idea applied to a codebook:
 //
-//   weights      the codebook c as int8 with one scale for the layer: sw = max|c| / 127,
-//                cq[i] = round(c[i] * (127 / max|c|)); a weight is cq[id] * sw.
+//   weights      the codebook c as int16 values with one scale for the layer: sw = max|c| / 32767,
+//                cq[i] = round(c[i] * (32767 / max|c|)); a weight is cq[id] * sw. (int8 values
+//                cost too much: a trained codebook's largest entry is often 30 to 300 times its
+//                median weight, and with 127 levels all-MiniLM-L6-v2 at 6 bits fell from cos
+//                0.994 to 0.963 against fp32; the codebook has at most 256 entries, so its width
+//                costs no memory, only a second byte shuffle per lookup.)
 //   activations  each row of x quantized on the fly in blocks of 32 columns (kQ8Block):
 //                sx[m, b] = max|x[m, block b]| / 127, xq = round(x * (127 / max|x|)) in [-127, 127]
 //                (round half to even; a block of zeros has scale 0).
 //   product      y[m, n] = sw * sum_b sx[m, b] * dot_b + bias[n], dot_b = sum over block b of
-//                xq * cq[id] in int32 (exact), the sum over blocks in float32.
+//                xq * cq[id] in int32 (exact: |dot_b| <= 32 * 127 * 32767 < 2^31), the sum over
+//                blocks in float32.
 //
 // The rule (q8_* below) is shared by the CPU kernels, the CUDA kernels and, written in torch,
-// dcx.reference.spqmm_int8. The ids -> int8 weights are register byte shuffles (pshufb: 16 entries
-// per shuffle, a tree of blends on the id's bits 4.. beyond), the dot products maddubs + madd.
+// dcx.reference.spqmm_int8. On the CPU the ids become int16 weights by byte shuffles (pshufb:
+// 16 entries per shuffle and byte plane, a tree of blends on the id's bits 4.. beyond), and the
+// dot products are pmaddwd on int16 activations.
 #pragma once
 
 #include <algorithm>
@@ -23,46 +29,55 @@
 
 namespace dcx {
 
-constexpr int kQ8Block = 32;  // activation columns per scale
-constexpr float kQ8Max = 127.f;
+constexpr int kQ8Block = 32;        // activation columns per scale
+constexpr float kQ8Max = 127.f;     // activations: int8 levels either side of 0
+constexpr float kQ8WMax = 32767.f;  // codebook: int16 levels either side of 0
 
-// 127 / amax (0 for a block of zeros) and amax / 127: the factors of one block.
-DCX_HOST_DEVICE float q8_inverse(float amax) { return amax > 0.f ? kQ8Max / amax : 0.f; }
-DCX_HOST_DEVICE float q8_scale(float amax) { return amax / kQ8Max; }
+// levels / amax (0 for a block of zeros) and amax / levels: the factors of one block.
+DCX_HOST_DEVICE float q8_inverse(float amax, float levels = kQ8Max) {
+  return amax > 0.f ? levels / amax : 0.f;
+}
+DCX_HOST_DEVICE float q8_scale(float amax, float levels = kQ8Max) { return amax / levels; }
 
-// round(v * inverse), clamped to [-127, 127] (a NaN reads as -127: defined, never UB).
-DCX_HOST_DEVICE int8_t q8_round(float v, float inverse) {
+// round(v * inverse), clamped to [-levels, levels] (a NaN reads as -levels: defined, never UB).
+DCX_HOST_DEVICE int32_t q8_round(float v, float inverse, float levels = kQ8Max) {
 #if defined(__CUDA_ARCH__)
   const float r = rintf(v * inverse);
 #else
   const float r = std::nearbyint(v * inverse);
 #endif
-  return static_cast<int8_t>(fminf(fmaxf(r, -kQ8Max), kQ8Max));
+  return static_cast<int32_t>(fminf(fmaxf(r, -levels), levels));
 }
+
+// Where column t of a block of 32 sits in the staged activations (the CPU kernels' order: the
+// AVX2 lookup yields the weights of columns 0-7 and 16-23 in one vector, 8-15 and 24-31 in the
+// other, so x is staged to match; the order within a block does not change the int32 dot).
+DCX_HOST_DEVICE int q8_slot(int t) { return t < 8 || t >= 24 ? t : t < 16 ? t + 8 : t - 8; }
 
 DCX_HOST_DEVICE int64_t q8_blocks(int64_t k) { return (k + kQ8Block - 1) / kQ8Block; }
 
-// One row of K values -> q8_blocks(K) * 32 int8 (zero past K) and q8_blocks(K) scales.
-inline void q8_quantize_row(const float* x, int64_t k, int8_t* q, float* scale) {
+// One row of K values -> q8_blocks(K) * 32 int16 activations (each block in q8_slot order, zero
+// past K) and q8_blocks(K) scales.
+inline void q8_quantize_row(const float* x, int64_t k, int16_t* q, float* scale) {
   for (int64_t b = 0; b < q8_blocks(k); ++b) {
     const int64_t j0 = b * kQ8Block, n = std::min<int64_t>(kQ8Block, k - j0);
     float amax = 0.f;
     for (int64_t t = 0; t < n; ++t) amax = std::max(amax, std::fabs(x[j0 + t]));
     const float inv = q8_inverse(amax);
     scale[b] = q8_scale(amax);
-    for (int64_t t = 0; t < n; ++t) q[j0 + t] = q8_round(x[j0 + t], inv);
-    for (int64_t t = n; t < kQ8Block; ++t) q[j0 + t] = 0;
+    for (int t = 0; t < kQ8Block; ++t)
+      q[j0 + q8_slot(t)] = int16_t(t < n ? q8_round(x[j0 + t], inv) : 0);
   }
 }
 
-// The codebook (k <= 256 entries) as int8 values and the layer's scale; table has 256 entries,
+// The codebook (k <= 256 entries) as int16 values and the layer's scale; table has 256 entries,
 // zero past k (an id outside the codebook reads 0 and is reported by the op).
-inline float q8_codebook(const float* codebook, int64_t k, int8_t* table) {
+inline float q8_codebook(const float* codebook, int64_t k, int16_t* table) {
   float amax = 0.f;
   for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(codebook[i]));
-  const float inv = q8_inverse(amax);
-  for (int64_t i = 0; i < 256; ++i) table[i] = i < k ? q8_round(codebook[i], inv) : 0;
-  return q8_scale(amax);
+  const float inv = q8_inverse(amax, kQ8WMax);
+  for (int64_t i = 0; i < 256; ++i) table[i] = int16_t(i < k ? q8_round(codebook[i], inv, kQ8WMax) : 0);
+  return q8_scale(amax, kQ8WMax);
 }
 
 }  // namespace dcx

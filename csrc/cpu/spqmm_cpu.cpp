@@ -57,6 +57,18 @@ Isa cpu_isa() {
 
 bool use_avx512() { return cpu_isa() == Isa::kAvx512; }
 
+// bf16 dot products in hardware (AVX512-BF16, which every CPU with AMX also has). Without them a
+// bf16 GEMM is emulated and several times slower than the fp32 one, which computes the same thing
+// here: bf16 x bf16 products are exact in fp32 and the GEMM accumulates in fp32 either way.
+bool native_bf16() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool ok = __builtin_cpu_supports("avx512bf16");
+  return ok;
+#else
+  return false;
+#endif
+}
+
 SpqmmPacked make_packed(const at::Tensor& codes, const at::Tensor& windows,
                         const at::Tensor& group_ptr, const at::Tensor& chunks, int64_t n, int64_t k,
                         int64_t bits) {
@@ -101,7 +113,8 @@ std::vector<float> make_table(const at::Tensor& codebook) {
 // that stays in cache (so the decoded weight never goes to memory), and multiply each block with
 // the BLAS (at::mm, single-threaded inside the parallel region) in the activations' own type:
 // float32 (MKL), or bfloat16 (oneDNN's bf16 GEMM, fp32 accumulation: the multiply's data type is
-// what wins once rows are many), the block then converted to bf16 in cache.
+// what wins once rows are many; only where the CPU has bf16 dot products, see native_bf16), the
+// block then converted to bf16 in cache.
 // Each block's product is written as rows of y^T ([N, M], contiguous row blocks, the BLAS writes
 // them in place), then y^T is transposed into y once.
 void decode_gemm(const SpqmmPacked& p, const float* table, const at::Tensor& xg,
@@ -313,7 +326,7 @@ at::Tensor spqmm_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Ten
     if (K == 0) {
       y.copy_(has_bias ? bias_f.expand({M, N}) : at::zeros({M, N}, at::kFloat));
     } else if (M >= std::max<int64_t>(cross, 1)) {
-      const bool bf16 = x.scalar_type() == at::kBFloat16;
+      const bool bf16 = x.scalar_type() == at::kBFloat16 && native_bf16();
       const at::Tensor xg = bf16 ? x.reshape({M, K}).contiguous() : x2.contiguous();
       decode_gemm(p, table.data(), xg, bias_f, bf16 && has_bias ? bias->contiguous() : at::Tensor(),
                   y, &seen);
@@ -341,17 +354,18 @@ at::Tensor spqmm_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Ten
 }
 
 // int8 compute (csrc/core/spqmm_int8.h) for a dense-mode layer. x is quantized once per call
-// into [M rounded up to the block][blocks * 32] int8 and [..][blocks] scales (zero past the valid
+// into [M rounded up to the block][blocks * 32] int8 values (held as int16 for pmaddwd, each block
+// in q8_slot order) and [..][blocks] scales (zero past the valid
 // rows and columns); each thread takes a range of W's rows and runs every block of MB activation
 // rows over it, so its share of W is read from memory once and then from its own cache.
 template <int MB>
-void q8_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, const int8_t* table, float wscale,
-             const int8_t* xq, int64_t ldq, const float* xs, int64_t M, const float* bias,
+void q8_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, const int16_t* table, float wscale,
+             const int16_t* xq, int64_t ldq, const float* xs, int64_t M, const float* bias,
              float* y, Isa isa, SpqmmSeen* seen) {
   const int64_t blocks = q8_blocks(p.k);
   for (int64_t m0 = 0; m0 < M; m0 += MB) {
     const int mvalid = static_cast<int>(std::min<int64_t>(MB, M - m0));
-    const int8_t* xb = xq + m0 * ldq;
+    const int16_t* xb = xq + m0 * ldq;
     const float* sb = xs + m0 * blocks;
     float* yb = y + m0 * p.n;
 #ifdef DCX_SPQMM_AVX512
@@ -384,14 +398,14 @@ at::Tensor spqmm_int8_cpu(const at::Tensor& x, const at::Tensor& codes, const at
   if (M > 0 && N > 0) {
     const at::Tensor x2 = x.reshape({M, K}).to(at::kFloat).contiguous();
     const at::Tensor cb = codebook.to(at::kFloat).contiguous();
-    int8_t table[256];
+    int16_t table[256];
     const float wscale = q8_codebook(cb.data_ptr<float>(), cb.numel(), table);
     const int64_t mb = M == 1 ? 1 : M <= 2 ? 2 : M <= 4 ? 4 : kMaxBlock;
     const int64_t blocks = q8_blocks(K), ldq = blocks * kQ8Block, rows = (M + mb - 1) / mb * mb;
-    at::Tensor xq = at::zeros({rows, ldq}, at::kChar);
+    at::Tensor xq = at::zeros({rows, ldq}, at::kShort);
     at::Tensor xs = at::zeros({rows, std::max<int64_t>(blocks, 1)}, at::kFloat);
     const float* xp = x2.data_ptr<float>();
-    int8_t* qp = xq.data_ptr<int8_t>();
+    int16_t* qp = xq.data_ptr<int16_t>();
     float* sp = xs.data_ptr<float>();
     at::parallel_for(0, M, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(K, 1)),
                      [&](int64_t m0, int64_t m1) {

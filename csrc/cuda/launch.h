@@ -90,5 +90,27 @@ cudaError_t launch_spqmm(const SpqmmCudaArgs& args);
 // Decode the packed weight to dense [n, k] in `dtype` at `weight`, every element written.
 cudaError_t launch_spqmm_decode(const SpqmmCudaArgs& args, void* weight);
 
+// spqmm_int8 (csrc/core/spqmm_int8.h) of a dense-mode layer: x [m, k] contiguous, y [m, n],
+// codebook (kc entries) and bias (or null) in `dtype`; xq (m x ceil(k / 32) * 32 int8) and xs
+// (m x ceil(k / 32) floats) scratch that the launch fills; bad_flag: one zeroed int, bit 1 an
+// id >= kc.
+struct SpqmmInt8CudaArgs {
+  Dtype dtype;
+  const void* x;
+  void* y;
+  int64_t m, n, k;
+  const uint8_t* codes;
+  int bits;
+  const void* codebook;
+  int kc;
+  const void* bias;
+  int8_t* xq;
+  float* xs;
+  int* bad_flag;
+  cudaStream_t stream;
+};
+
+cudaError_t launch_spqmm_int8(const SpqmmInt8CudaArgs& args);
+
 }  // namespace cuda
 }  // namespace dcx

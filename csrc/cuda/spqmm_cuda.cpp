@@ -9,6 +9,7 @@
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
 
+#include "core/spqmm_int8.h"
 #include "cuda/cuda_glue.h"
 #include "op_args.h"
 
@@ -115,7 +116,59 @@ at::Tensor spqmm_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Te
   return y.reshape(out_shape);
 }
 
+// int8 compute for a dense-mode layer: one allocation for the flag (16 bytes), the quantized x
+// and its scales (both written in full by the quantize kernel), one 16-byte memset.
+at::Tensor spqmm_int8_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebook,
+                           int64_t out_features, int64_t in_features, int64_t bits,
+                           const std::optional<at::Tensor>& bias, bool check) {
+  check_spqmm_int8_args(x, codes, codebook, out_features, in_features, bits, bias);
+  cuda::check_cuda_tensor(x, "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t N = out_features, K = in_features;
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  const bool has_bias = bias.has_value() && bias->defined();
+  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y.reshape(out_shape);
+  if (K == 0) {
+    y.copy_(has_bias ? b.expand({M, N}) : at::zeros({M, N}, x.options()));
+    return y.reshape(out_shape);
+  }
+  const int64_t blocks = q8_blocks(K), quantized = M * blocks * kQ8Block;
+  const int64_t scales_at = 16 + (quantized + 15) / 16 * 16;
+  at::Tensor scratch = at::empty({scales_at + M * blocks * 4}, x.options().dtype(at::kByte));
+  uint8_t* base = scratch.data_ptr<uint8_t>();
+  C10_CUDA_CHECK(cudaMemsetAsync(base, 0, 16, stream));
+  const at::Tensor x2 = x.reshape({M, K}).contiguous();
+  const at::Tensor cb = codebook.contiguous();
+  cuda::SpqmmInt8CudaArgs a{};
+  a.dtype = cuda::to_dtype(x.scalar_type(), "x");
+  a.x = x2.data_ptr();
+  a.y = y.data_ptr();
+  a.m = M;
+  a.n = N;
+  a.k = K;
+  a.codes = codes.data_ptr<uint8_t>();
+  a.bits = static_cast<int>(bits);
+  a.codebook = cb.data_ptr();
+  a.kc = static_cast<int>(cb.numel());
+  a.bias = has_bias ? b.data_ptr() : nullptr;
+  a.xq = reinterpret_cast<int8_t*>(base + 16);
+  a.xs = reinterpret_cast<float*>(base + scales_at);
+  a.bad_flag = reinterpret_cast<int*>(base);
+  a.stream = stream;
+  C10_CUDA_CHECK(cuda::launch_spqmm_int8(a));
+  check_flag(scratch.narrow(0, 0, 4).view(at::kInt), check);
+  return y.reshape(out_shape);
+}
+
 }  // namespace
 }  // namespace dcx
 
-TORCH_LIBRARY_IMPL(dcx, CUDA, m) { m.impl("spqmm", &dcx::spqmm_cuda); }
+TORCH_LIBRARY_IMPL(dcx, CUDA, m) {
+  m.impl("spqmm", &dcx::spqmm_cuda);
+  m.impl("spqmm_int8", &dcx::spqmm_int8_cuda);
+}
