@@ -111,10 +111,12 @@ inline void check_kmeans1d_finite(double first, double last) {
 // layout). The contents (ids, windows, pointers) are checked by the kernels themselves.
 constexpr int64_t kSpqmmGroupRows = kSpqmmRows;  // rows per group: a step holds a slot per row
 
-inline void check_spqmm_args(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& windows,
-                             const at::Tensor& group_ptr, const at::Tensor& chunks,
-                             const at::Tensor& codebook, int64_t out_features, int64_t in_features,
-                             int64_t bits, const std::optional<at::Tensor>& bias) {
+// The checks spqmm and spqmm_int8 share: x, the sizes, bits, the codebook, the codes' dtype and,
+// for dense mode (uint8), their shape, and the bias.
+inline void check_spqmm_common_args(const at::Tensor& x, const at::Tensor& codes,
+                                    const at::Tensor& codebook, int64_t out_features,
+                                    int64_t in_features, int64_t bits,
+                                    const std::optional<at::Tensor>& bias) {
   check_dtype_in(x, "x", {at::kFloat, at::kHalf, at::kBFloat16}, "float32, float16 or bfloat16");
   TORCH_CHECK(x.dim() >= 1, "x must have at least one dimension, got a scalar");
   TORCH_CHECK(bits >= 1 && bits <= 8, "bits must lie in [1, 8], got ", bits);
@@ -130,13 +132,7 @@ inline void check_spqmm_args(const at::Tensor& x, const at::Tensor& codes, const
               "codebook must be 1-D with 1 to 2^bits = ", (1 << bits), " entries, got shape ",
               codebook.sizes());
   check_same_device(codes, "codes", x, "x");
-  check_same_device(windows, "windows", x, "x");
-  check_same_device(group_ptr, "group_ptr", x, "x");
-  check_same_device(chunks, "chunks", x, "x");
   check_dtype_in(codes, "codes", {at::kShort, at::kByte}, "int16 (sparse) or uint8 (dense)");
-  check_dtype_in(windows, "windows", {at::kInt}, "int32");
-  check_dtype_in(group_ptr, "group_ptr", {at::kInt}, "int32");
-  check_dtype_in(chunks, "chunks", {at::kInt}, "int32");
   if (codes.scalar_type() == at::kByte) {
     const int64_t width = spqmm_dense_width(in_features, bits);
     TORCH_CHECK(codes.dim() == 2 && codes.size(0) == out_features && codes.size(1) == width,
@@ -145,7 +141,27 @@ inline void check_spqmm_args(const at::Tensor& x, const at::Tensor& codes, const
                           : bits < 8 ? "ceil(in_features / 64) * 8 * bits" : "in_features",
                 "] = [", out_features, ", ", width, "], got ", codes.sizes());
     TORCH_CHECK(codes.is_contiguous(), "codes must be contiguous");
-  } else {
+  }
+  if (bias.has_value() && bias->defined()) {
+    check_same_dtype(*bias, "bias", x, "x");
+    check_same_device(*bias, "bias", x, "x");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features,
+                "bias must have shape [out_features] = [", out_features, "], got ", bias->sizes());
+  }
+}
+
+inline void check_spqmm_args(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& windows,
+                             const at::Tensor& group_ptr, const at::Tensor& chunks,
+                             const at::Tensor& codebook, int64_t out_features, int64_t in_features,
+                             int64_t bits, const std::optional<at::Tensor>& bias) {
+  check_spqmm_common_args(x, codes, codebook, out_features, in_features, bits, bias);
+  check_same_device(windows, "windows", x, "x");
+  check_same_device(group_ptr, "group_ptr", x, "x");
+  check_same_device(chunks, "chunks", x, "x");
+  check_dtype_in(windows, "windows", {at::kInt}, "int32");
+  check_dtype_in(group_ptr, "group_ptr", {at::kInt}, "int32");
+  check_dtype_in(chunks, "chunks", {at::kInt}, "int32");
+  if (codes.scalar_type() == at::kShort) {
     const int64_t groups = (out_features + kSpqmmGroupRows - 1) / kSpqmmGroupRows;
     TORCH_CHECK(codes.dim() == 2 && codes.size(1) == kSpqmmGroupRows && codes.is_contiguous(),
                 "codes (sparse mode, int16) must be contiguous with shape [steps, 16], got shape ",
@@ -160,12 +176,6 @@ inline void check_spqmm_args(const at::Tensor& x, const at::Tensor& codes, const
     TORCH_CHECK(chunks.dim() == 1 && chunks.numel() >= 1 && chunks.is_contiguous(),
                 "chunks must be 1-D, contiguous and non-empty, got shape ", chunks.sizes());
   }
-  if (bias.has_value() && bias->defined()) {
-    check_same_dtype(*bias, "bias", x, "x");
-    check_same_device(*bias, "bias", x, "x");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features,
-                "bias must have shape [out_features] = [", out_features, "], got ", bias->sizes());
-  }
 }
 
 // spqmm_int8 takes a dense-mode layer only (uint8 codes, no positions); the rest as spqmm.
@@ -176,8 +186,7 @@ inline void check_spqmm_int8_args(const at::Tensor& x, const at::Tensor& codes,
   TORCH_CHECK(codes.scalar_type() == at::kByte,
               "codes must be uint8 (a dense-mode layer: spqmm_int8 serves dense mode only), got ",
               codes.scalar_type());
-  const at::Tensor none = at::empty({0}, x.options().dtype(at::kInt));
-  check_spqmm_args(x, codes, none, none, none, codebook, out_features, in_features, bits, bias);
+  check_spqmm_common_args(x, codes, codebook, out_features, in_features, bits, bias);
 }
 
 }  // namespace dcx

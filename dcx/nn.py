@@ -37,8 +37,11 @@ CHUNK_STEPS = 1024
 # dense-mode layer through dcx.ops.spqmm_int8 (activations quantized to int8 per row in blocks of
 # 32, an int16 codebook, int32 dot products; about 1e-2 relative error per output);
 # a sparse-mode layer computes in float32 there (its kernel already reads about 0.3 byte per
-# weight, and int8 would only add error).
+# weight, and int8 would only add error), and so does any layer from INT8_ROWS rows of
+# activations on, where decoding the weight once for the fp32 GEMM is faster than the int8
+# kernel (on a CPU without VNNI its dot products cost as much as fp32 FMAs).
 COMPUTE_MODES = ("auto", "float32", "bfloat16", "int8")
+INT8_ROWS = 32
 _COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -390,7 +393,7 @@ class _PackedModule(nn.Module):
         return torch.where(mask, self.codebook[labels], torch.zeros((), dtype=self.codebook.dtype))
 
     def _linear(self, x: Tensor) -> Tensor:
-        if self.compute == "int8" and self.packed.dense:
+        if self.compute == "int8" and self.packed.dense and x.numel() < INT8_ROWS * x.shape[-1]:
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return self.packed.spqmm_int8(x, bias, check=False)
         dtype = _COMPUTE_DTYPES.get(self.compute, torch.float32 if self.compute == "int8" else x.dtype)

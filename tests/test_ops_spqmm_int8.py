@@ -167,8 +167,9 @@ def test_bad_input(device, change, match):
 
 
 def test_layer_compute_int8():
-    """compute="int8" runs a dense-mode layer through spqmm_int8 and a sparse-mode one in
-    float32; it survives save and load (the layer's extra state)."""
+    """compute="int8" runs a dense-mode layer through spqmm_int8 below INT8_ROWS rows, a
+    sparse-mode one (and any from INT8_ROWS rows on) in float32; it survives save and load (the
+    layer's extra state)."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(200, 48)
     dense = dcx.SparseQuantLinear.from_linear(linear, sparsity=0.0, bits=6, compute="int8")
@@ -180,6 +181,11 @@ def test_layer_compute_int8():
     sparse_fp32 = sparse(x)
     sparse.compute = "float32"
     torch.testing.assert_close(sparse_fp32, sparse(x))
+    many = torch.randn(dcx.nn.INT8_ROWS, 200)  # from INT8_ROWS rows on: the float32 path
+    int8_many = dense(many)
+    dense.compute = "float32"
+    torch.testing.assert_close(int8_many, dense(many))
+    dense.compute = "int8"
     restored = dcx.SparseQuantLinear(200, 48)
     restored.load_state_dict(dense.state_dict())
     assert restored.compute == "int8"

@@ -877,6 +877,31 @@ DCX_AVX2_FN inline __m256i ids32(const uint8_t* row, int64_t j, const BitIds8& b
   if constexpr (D == SpqmmDense::kBytes) {
     if (left >= 32) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + j));
   }
+  if constexpr (D == SpqmmDense::kNibbles) {
+    // Columns 32 h + d and 32 h + 16 + d (d < 16) are the low and high nibbles of byte 4 d + h of
+    // their 64-byte block: pick those 16 bytes from the block's two halves by byte shuffles (within
+    // 128-bit lanes) and a dword permute, then split them into nibbles.
+    const uint8_t* blk = row + (j / kSpqmmNibbleBlock) * (kSpqmmNibbleBlock / 2);
+    const __m256i h = _mm256_set1_epi8(char((j >> 5) & 3));
+    const __m256i pick_a = _mm256_add_epi8(h, _mm256_setr_epi8(
+        0, 4, 8, 12, -128, -128, -128, -128, -128, -128, -128, -128, -128, -128, -128, -128,
+        0, 4, 8, 12, -128, -128, -128, -128, -128, -128, -128, -128, -128, -128, -128, -128));
+    const __m256i pick_b = _mm256_add_epi8(h, _mm256_setr_epi8(
+        -128, -128, -128, -128, 0, 4, 8, 12, -128, -128, -128, -128, -128, -128, -128, -128,
+        -128, -128, -128, -128, 0, 4, 8, 12, -128, -128, -128, -128, -128, -128, -128, -128));
+    const __m256i both = _mm256_or_si256(
+        _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk)), pick_a),
+        _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32)), pick_b));
+    const __m128i bytes = _mm256_castsi256_si128(
+        _mm256_permutevar8x32_epi32(both, _mm256_setr_epi32(0, 4, 1, 5, 0, 0, 0, 0)));
+    const __m128i low = _mm_set1_epi8(15);
+    const __m256i ids = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low),
+                                         _mm_and_si128(bytes, low));
+    if (left >= 32) return ids;
+    const __m256i lane = _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16,
+                                          17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31);
+    return _mm256_and_si256(ids, _mm256_cmpgt_epi8(_mm256_set1_epi8(char(left)), lane));
+  }
   __m256i v[4];
   for (int q = 0; q < 4; ++q) {
     const int64_t l = left - 8 * q;
