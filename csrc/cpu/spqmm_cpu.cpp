@@ -355,9 +355,9 @@ at::Tensor spqmm_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Ten
 
 // int8 compute (csrc/core/spqmm_int8.h) for a dense-mode layer. x is quantized once per call
 // into [M rounded up to the block][blocks * 32] int8 values (held as int16 for pmaddwd, each block
-// in q8_slot order) and [..][blocks] scales (zero past the valid
-// rows and columns); each thread takes a range of W's rows and runs every block of MB activation
-// rows over it, so its share of W is read from memory once and then from its own cache.
+// in q8_slot order) and [..][blocks] scales, zero past the valid rows and columns; each thread
+// takes a range of W's rows and runs every block of MB activation rows over it, so its share of W
+// is read from memory once and then from its own cache.
 template <int MB>
 void q8_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, const int16_t* table, float wscale,
              const int16_t* xq, int64_t ldq, const float* xs, int64_t M, const float* bias,
