@@ -140,8 +140,12 @@ void decode_gemm(const SpqmmPacked& p, const float* table, const at::Tensor& xg,
   const at::ThreadLocalState caller_state;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     const at::ThreadLocalStateGuard state(caller_state);
-    at::Tensor w = at::empty({rows, K}, at::kFloat);
-    float* wp = w.data_ptr<float>();
+    // Each thread's decode buffer is kept from call to call (at most 512 x K floats): a fresh
+    // allocation of this size is mapped anew and page-faulted in on every call.
+    static thread_local std::vector<float> buffer;
+    if (buffer.size() < size_t(rows * K)) buffer.resize(size_t(rows * K));
+    float* wp = buffer.data();
+    const at::Tensor w = at::from_blob(wp, {rows, K}, at::kFloat);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * rows, rb = std::min(rows, N - r0);
       SpqmmSeen* sb = &seen_by[b];
