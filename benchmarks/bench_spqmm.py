@@ -221,7 +221,7 @@ def run_anchors(args):
     torch.set_num_threads(args.threads[0])
     read_gbs = read_bandwidth()
     rows = []
-    methods = ["fp32", "bf16", "int8 dyn", "int8 wo", "int4 wo", "dcx fp32", "dcx bf16"]
+    methods = ["fp32", "bf16", "int8 dyn", "int8 wo", "int4 wo", "dcx fp32", "dcx bf16", "dcx int8"]
     for name, density, bits in ANCHOR_CASES:
         n, k = SHAPES[name]
         anchors = torch_anchors(n, k, gen)
@@ -232,15 +232,18 @@ def run_anchors(args):
             anchors["dcx " + ("fp32" if dtype == torch.float32 else "bf16")] = (
                 packs, lambda p, x, xb, dt=dtype: p.spqmm(x if dt == torch.float32 else xb,
                                                           check=False), packed.nbytes())
+            if dtype == torch.float32 and packed.dense:  # int8 compute serves dense mode
+                anchors["dcx int8"] = (packs, lambda p, x, xb: p.spqmm_int8(x, check=False),
+                                       packed.nbytes())
         for m in ANCHOR_BATCHES:
             x = torch.randn(m, k, generator=gen)
             xb = x.bfloat16()
             fns = {meth: rotating(lambda t, fn=anchors[meth][1]: fn(t, x, xb), anchors[meth][0])
-                   for meth in methods}
+                   for meth in methods if meth in anchors}
             times = common.bench_side_by_side(fns, "cpu", repeat=10 if m >= 128 else 20)
-            best = min(("dcx fp32", "dcx bf16"), key=times.get)
+            best = min((meth for meth in times if meth.startswith("dcx")), key=times.get)
             cells = [f"{times[meth] * 1e6:,.0f} ({anchors[meth][2] / times[meth] / 1e9:.0f})"
-                     for meth in methods]
+                     if meth in times else "n/a" for meth in methods]
             ratios = [f"{times[a] / times[best]:.2f}x" for a in ("fp32", "bf16", "int8 dyn", "int4 wo")]
             rows.append([name, f"{n}x{k}", f"{density:.0%}", bits,
                          "dense" if packed.dense else "sparse", m, *cells, best, *ratios])
@@ -255,8 +258,9 @@ def run_anchors(args):
              f"through {ROTATE_BYTES >> 20} MB of copies, past the 32 MB L3. Activations fp32 for "
              "fp32 and int8 dynamic (quantize_dynamic, fbgemm), bf16 for bf16 and the weight-only "
              "int8 / int4 (group 32) ops; dcx fp32 / bf16: dcx.ops.spqmm on fp32 / bf16 "
-             "activations (compute='float32' / 'bfloat16'). Ratios: the anchor's time over dcx's "
-             "faster mode. Median of interleaved rounds, wall clock. Command: "
+             "activations (compute='float32' / 'bfloat16'); dcx int8: dcx.ops.spqmm_int8 on fp32 "
+             "activations (dense mode only; a layer in compute='int8' takes the fp32 path from "
+             "32 rows on). Ratios: the anchor's time over dcx's fastest mode. Median of interleaved rounds, wall clock. Command: "
              "`python benchmarks/bench_spqmm.py --anchors`."]
     common.write_table("spqmm-cpu-anchors", "spqmm vs torch's quantized CPU paths (4096 x 4096)",
                        header, rows, notes)
