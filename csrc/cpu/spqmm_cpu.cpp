@@ -115,8 +115,8 @@ std::vector<float> make_table(const at::Tensor& codebook) {
 // float32 (MKL), or bfloat16 (oneDNN's bf16 GEMM, fp32 accumulation: the multiply's data type is
 // what wins once rows are many; only where the CPU has bf16 dot products, see native_bf16), the
 // block then converted to bf16 in cache.
-// Each block's product is written as rows of y^T ([N, M], contiguous row blocks, the BLAS writes
-// them in place), then y^T is transposed into y once.
+// Each block's product is written in place as columns [r0, r0 + rows) of y (the BLAS takes y's
+// row stride as its leading dimension), so y is never copied or transposed afterwards.
 void decode_gemm(const SpqmmPacked& p, const float* table, const at::Tensor& xg,
                  const at::Tensor& bias_f, const at::Tensor& bias_bf16, at::Tensor& y,
                  SpqmmSeen* seen) {
@@ -132,8 +132,6 @@ void decode_gemm(const SpqmmPacked& p, const float* table, const at::Tensor& xg,
   const int64_t rows = std::max<int64_t>(16, (N + threads * rounds - 1) / (threads * rounds) + 15) / 16 * 16;
   const int64_t blocks = (N + rows - 1) / rows;
   std::vector<SpqmmSeen> seen_by(blocks);
-  at::Tensor yt = at::empty({N, M}, at::kFloat);
-  const at::Tensor xt = xg.t();  // [K, M]: the BLAS reads it transposed, no copy
   const Isa isa = p.dense ? cpu_isa() : Isa::kGeneric;
   // Grad and inference mode are thread-local: the pool's threads take the caller's, so the BLAS's
   // out= form neither records inputs that require grad nor refuses to write an inference tensor.
@@ -167,20 +165,18 @@ void decode_gemm(const SpqmmPacked& p, const float* table, const at::Tensor& xg,
       spqmm_decode_rows(p, r0, r0 + rb, table, wp, sb);
 #endif
       const at::Tensor wb = w.narrow(0, 0, rb);
-      at::Tensor rows_t = yt.narrow(0, r0, rb);  // [rb, M]
+      at::Tensor cols = y.narrow(1, r0, rb);  // [M, rb] with row stride N: the BLAS's ldc
       if (bf16) {  // the bias inside the GEMM, so the fp32 sum is rounded to bf16 once
-        const at::Tensor wh = wb.to(at::kBFloat16);
-        rows_t.copy_(bias_bf16.defined()
-                         ? at::addmm(bias_bf16.narrow(0, r0, rb).unsqueeze(1), wh, xt)
-                         : at::mm(wh, xt));
+        const at::Tensor wh = wb.to(at::kBFloat16).t();
+        cols.copy_(bias_bf16.defined() ? at::addmm(bias_bf16.narrow(0, r0, rb), xg, wh)
+                                       : at::mm(xg, wh));
         continue;
       }
-      at::mm_out(rows_t, wb, xt);
-      if (bias_f.defined()) rows_t.add_(bias_f.narrow(0, r0, rb).unsqueeze(1));
+      at::mm_out(cols, xg, wb.t());
+      if (bias_f.defined()) cols.add_(bias_f.narrow(0, r0, rb));
     }
   });
   for (const auto& s : seen_by) seen->merge(s);
-  y.copy_(yt.t());
 }
 
 template <int MB>
