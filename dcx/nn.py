@@ -42,7 +42,8 @@ CHUNK_STEPS = 1024
 # kernel (on a CPU without VNNI its dot products cost as much as fp32 FMAs).
 COMPUTE_MODES = ("auto", "float32", "bfloat16", "int8")
 INT8_ROWS = 32
-_COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# The activations' dtype of each mode's spqmm path ("int8": the layers it leaves to spqmm).
+_COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32}
 
 
 def _check_compute(compute):
@@ -396,7 +397,7 @@ class _PackedModule(nn.Module):
         if self.compute == "int8" and self.packed.dense and x.numel() < INT8_ROWS * x.shape[-1]:
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return self.packed.spqmm_int8(x, bias, check=False)
-        dtype = _COMPUTE_DTYPES.get(self.compute, torch.float32 if self.compute == "int8" else x.dtype)
+        dtype = _COMPUTE_DTYPES.get(self.compute, x.dtype)
         xc = x.to(dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
         # The packed data was validated when set or loaded: no per-call check (no sync on CUDA).

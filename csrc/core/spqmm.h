@@ -851,23 +851,26 @@ DCX_AVX2_FN void dense_decode_rows(const SpqmmPacked& p, int64_t r0, int64_t r1,
   seen->max_id = std::max(seen->max_id, hmax8(max_id));
 }
 
+// f(nt, layout) with the layer's dense layout as a compile-time constant (nt: the caller's).
+template <int NT, typename F>
+DCX_AVX2_FN inline void with_layout(const SpqmmPacked& p, F&& f) {
+  using N = std::integral_constant<int, NT>;
+  switch (p.layout) {
+    case SpqmmDense::kNibbles: f(N(), std::integral_constant<SpqmmDense, SpqmmDense::kNibbles>()); break;
+    case SpqmmDense::kBits: f(N(), std::integral_constant<SpqmmDense, SpqmmDense::kBits>()); break;
+    default: f(N(), std::integral_constant<SpqmmDense, SpqmmDense::kBytes>()); break;
+  }
+}
+
 // The kernel for a layer's lookup size and layout: f<NT, D>() called with the caller's arguments.
 template <typename F>
 DCX_AVX2_FN inline void with_dense_kind(const SpqmmPacked& p, F&& f) {
-  auto by_layout = [&](auto nt) DCX_AVX2_FN {
-    constexpr int NT = decltype(nt)::value;
-    switch (p.layout) {
-      case SpqmmDense::kNibbles: f(std::integral_constant<int, NT>(), std::integral_constant<SpqmmDense, SpqmmDense::kNibbles>()); break;
-      case SpqmmDense::kBits: f(std::integral_constant<int, NT>(), std::integral_constant<SpqmmDense, SpqmmDense::kBits>()); break;
-      default: f(std::integral_constant<int, NT>(), std::integral_constant<SpqmmDense, SpqmmDense::kBytes>()); break;
-    }
-  };
   // Up to 32 entries by permutes; from 64 on the gather is faster (Zen, measured: 6 bits by a
   // tree of 8 permutes and 7 blends took 8.2 ms for 4096 x 4096 at batch 1, gathered 6.1 ms).
-  if (p.bits <= 3) by_layout(std::integral_constant<int, 1>());
-  else if (p.bits == 4) by_layout(std::integral_constant<int, 2>());
-  else if (p.bits == 5) by_layout(std::integral_constant<int, 4>());
-  else by_layout(std::integral_constant<int, 0>());
+  if (p.bits <= 3) with_layout<1>(p, f);
+  else if (p.bits == 4) with_layout<2>(p, f);
+  else if (p.bits == 5) with_layout<4>(p, f);
+  else with_layout<0>(p, f);
 }
 
 // int8 compute with AVX2 (core/spqmm_int8.h): 32 columns at a time. Their ids as 32 bytes (one
@@ -989,20 +992,12 @@ DCX_AVX2_FN void q8_dense_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, con
 // The int8 kernel for a layer's codebook size and layout: f<NT, D>() with NT = 16-entry quarters.
 template <typename F>
 DCX_AVX2_FN inline void with_q8_kind(const SpqmmPacked& p, F&& f) {
-  auto by_layout = [&](auto nt) DCX_AVX2_FN {
-    constexpr int NT = decltype(nt)::value;
-    switch (p.layout) {
-      case SpqmmDense::kNibbles: f(std::integral_constant<int, NT>(), std::integral_constant<SpqmmDense, SpqmmDense::kNibbles>()); break;
-      case SpqmmDense::kBits: f(std::integral_constant<int, NT>(), std::integral_constant<SpqmmDense, SpqmmDense::kBits>()); break;
-      default: f(std::integral_constant<int, NT>(), std::integral_constant<SpqmmDense, SpqmmDense::kBytes>()); break;
-    }
-  };
   switch (p.bits <= 4 ? 1 : 1 << (p.bits - 4)) {
-    case 1: by_layout(std::integral_constant<int, 1>()); break;
-    case 2: by_layout(std::integral_constant<int, 2>()); break;
-    case 4: by_layout(std::integral_constant<int, 4>()); break;
-    case 8: by_layout(std::integral_constant<int, 8>()); break;
-    default: by_layout(std::integral_constant<int, 16>()); break;
+    case 1: with_layout<1>(p, f); break;
+    case 2: with_layout<2>(p, f); break;
+    case 4: with_layout<4>(p, f); break;
+    case 8: with_layout<8>(p, f); break;
+    default: with_layout<16>(p, f); break;
   }
 }
 
