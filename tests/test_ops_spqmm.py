@@ -101,9 +101,9 @@ def test_grad_and_inference_mode(device, dense, crossover, mode):
 
 
 @pytest.mark.parametrize("isa", cpu_isas())
-@pytest.mark.parametrize("bits", [2, 5, 6, 8])
+@pytest.mark.parametrize("bits", [2, 5, 6, 7, 8])
 @pytest.mark.parametrize("density", [0.1, 1.0])
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch", [1, 3, 13])
 def test_cpu_kernels_of_each_isa(monkeypatch, isa, bits, density, batch):
     """DCX_CPU_ISA picks narrower kernels than the CPU could run (the widest it has otherwise):
     every one is right."""

@@ -672,87 +672,74 @@ DCX_AVX2_FN void sparse_chunk(const SpqmmPacked& p, int64_t c, const float* tabl
   seen->max_col = std::max(seen->max_col, max_col);
 }
 
-// Dense mode with AVX2 (CPUs without AVX-512): 8 consecutive columns at a time as one vector
-// of 8 ids: nibbles by a shift and a mask of one half of their 64-byte block (32-bit word d holds
-// columns 16 t + d in nibble t); bit-packed ids from the `bits` bytes of a group of 8, broadcast
-// to every 64-bit lane, a byte shuffle putting each id's bytes in its own 32-bit lane, a variable
-// shift and a mask; bytes by a widening load. Codebook lookups are register permutes up to 32
-// entries (a tree of blends on the id's bits 3 and 4) and a gather from the table beyond. Columns
-// past K get id 0 and read x as 0 (padding is never read as a weight, nor checked).
-struct BitIds8 {
-  __m256i shuffle, shift, mask;
+// Dense mode with AVX2 (CPUs without AVX-512), fp32 and int8 compute alike: 32 columns at a
+// time. Their ids come as 32 bytes in column order (ids32): one load in the byte layout; nibbles
+// by byte shuffles of their 64-byte block; bit-packed ids (5 to 7 bits: the 4 * bits bytes of
+// 32 columns) by a dword permute putting each half's bytes in its 128-bit lane, byte shuffles
+// giving each id the 16-bit word that holds it, a multiply by 2^(8 - shift) (AVX2 has no
+// variable 16-bit shift) whose high byte is the id, and a pack. Codebook entries are looked up
+// by pshufb on byte planes of the codebook in 16-entry quarters (a tree of blends on the id's
+// bits 4..): two planes for int16 weights, four for fp32 ones, whose bytes unpack into the
+// weights of 8 consecutive columns each. An AVX2 gather costs about 12 cycles per 8 weights on
+// Zen 3 (the whole 6-bit kernel did 16-19 cycles per 8 weights with it), the 6-bit plane lookup
+// about 40 simple ops per 32; only 8-bit codebooks (16 quarters) are still gathered.
+// Columns past K get id 0 and read x as 0 (padding is never read as a weight, nor checked).
+struct BitIds32 {
+  __m256i halves, pick[2], scale[2], mask;
   int bits = 8;
 };
 
-DCX_AVX2_FN inline BitIds8 bit_ids8_setup(int bits) {
-  BitIds8 b;
-  alignas(32) int8_t shuffle[32];
-  alignas(32) int32_t shift[8];
-  for (int i = 0; i < 8; ++i) {
-    const int bit = i * bits;
-    shift[i] = bit & 7;
-    // Bytes bit / 8 .. + 3 of the group; an id needs only the first two (bits + shift <= 14),
-    // and indices 8 and 9 read the next copy of the group in the lane (masked off).
-    for (int t = 0; t < 4; ++t) shuffle[4 * i + t] = int8_t((bit >> 3) + t);
-  }
-  b.shuffle = _mm256_load_si256(reinterpret_cast<const __m256i*>(shuffle));
-  b.shift = _mm256_load_si256(reinterpret_cast<const __m256i*>(shift));
-  b.mask = _mm256_set1_epi32((1 << bits) - 1);
+DCX_AVX2_FN inline BitIds32 bit_ids32_setup(int bits) {
+  BitIds32 b;
+  b.halves = b.pick[0] = b.pick[1] = b.scale[0] = b.scale[1] = _mm256_setzero_si256();
   b.bits = bits;
+  b.mask = _mm256_set1_epi8(char((1 << bits) - 1));
+  if (bits < 5 || bits > 7) return b;
+  // Lane 1 takes dwords base .. base + 3 of the 32 ids' bytes (ids 16..31 begin at byte 2 bits).
+  const int base = bits / 2;
+  alignas(32) int32_t halves[8];
+  alignas(32) int8_t pick[2][32];
+  alignas(32) int16_t scale[2][16];
+  for (int i = 0; i < 4; ++i) {
+    halves[i] = i;
+    halves[4 + i] = base + i;
+  }
+  for (int lane = 0; lane < 2; ++lane) {
+    for (int i = 0; i < 16; ++i) {  // id 16 lane + i: word i % 8 of lane `lane` in vector i / 8
+      const int bit = (16 * lane + i) * bits - 32 * base * lane;  // in the lane's 16 bytes
+      const int byte = bit >> 3, shift = bit & 7;
+      int8_t* at = pick[i / 8] + 16 * lane + 2 * (i % 8);
+      at[0] = int8_t(byte);
+      at[1] = shift + bits > 8 ? int8_t(byte + 1) : int8_t(-128);  // a zero byte when not needed
+      scale[i / 8][8 * lane + i % 8] = int16_t(1 << (8 - shift));  // high byte = bits shift..+8
+    }
+  }
+  b.halves = _mm256_load_si256(reinterpret_cast<const __m256i*>(halves));
+  for (int v = 0; v < 2; ++v) {
+    b.pick[v] = _mm256_load_si256(reinterpret_cast<const __m256i*>(pick[v]));
+    b.scale[v] = _mm256_load_si256(reinterpret_cast<const __m256i*>(scale[v]));
+  }
   return b;
-}
-
-// The 8 ids of columns j .. j + 7 (j a multiple of 8) of a dense row; `end`: the end of the codes
-// (an 8-byte read there would run past it); cols: columns left in the row (8 or fewer).
-template <SpqmmDense D>
-DCX_AVX2_FN inline __m256i ids8(const uint8_t* row, int64_t j, const BitIds8& b,
-                                const uint8_t* end, int64_t cols) {
-  if constexpr (D == SpqmmDense::kNibbles) {
-    const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
-        row + (j / kSpqmmNibbleBlock) * (kSpqmmNibbleBlock / 2) + 4 * (j & 8)));
-    return _mm256_and_si256(_mm256_srl_epi32(half, _mm_cvtsi32_si128(int(4 * ((j >> 4) & 7)))),
-                            _mm256_set1_epi32(15));
-  } else {
-    const uint8_t* at = D == SpqmmDense::kBits ? row + (j >> 3) * b.bits : row + j;
-    const int64_t need = D == SpqmmDense::kBits ? b.bits : std::min<int64_t>(cols, 8);
-    uint64_t v = 0;
-    // 8 bytes at once where they lie inside the codes (a group's `bits` bytes and the next
-    // group's, masked off), else only the bytes needed
-    if (at + 8 <= end && (D == SpqmmDense::kBits || cols >= 8)) {
-      std::memcpy(&v, at, 8);
-    } else {
-      std::memcpy(&v, at, size_t(need));
-    }
-    if constexpr (D == SpqmmDense::kBits) {
-      return _mm256_and_si256(
-          _mm256_srlv_epi32(_mm256_shuffle_epi8(_mm256_set1_epi64x(int64_t(v)), b.shuffle), b.shift),
-          b.mask);
-    } else {
-      return _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(int64_t(v)));
-    }
-  }
-}
-
-// Codebook entries of 8 ids: entries [8 j, 8 j + 8) in register j (NT of them, by permutes and
-// a tree of blends on bits 3.. of the id), or gathered from the table (NT = 0).
-template <int NT>
-DCX_AVX2_FN inline __m256 lookup8(const __m256* t, const float* table, __m256i id) {
-  if constexpr (NT == 0) {
-    return _mm256_i32gather_ps(table, id, 4);
-  } else {
-    __m256 v[NT];
-    for (int j = 0; j < NT; ++j) v[j] = _mm256_permutevar8x32_ps(t[j], id);
-    for (int width = NT, bit = 3; width > 1; width /= 2, ++bit) {
-      const __m256 high = _mm256_castsi256_ps(_mm256_slli_epi32(id, 31 - bit));  // to the sign
-      for (int j = 0; j < width / 2; ++j) v[j] = _mm256_blendv_ps(v[2 * j], v[2 * j + 1], high);
-    }
-    return v[0];
-  }
 }
 
 DCX_AVX2_FN inline __m256i tail_mask8(int64_t left) {
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(std::min<int64_t>(left, 8))), lane);
+}
+
+// Bytes [0, left) kept, the rest zeroed (left < 32).
+DCX_AVX2_FN inline __m256i keep_bytes(__m256i v, int64_t left) {
+  const __m256i lane = _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16,
+                                        17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31);
+  return _mm256_and_si256(v, _mm256_cmpgt_epi8(_mm256_set1_epi8(char(left)), lane));
+}
+
+// 32 bytes at `at`, or the `n` there (the rest 0) where 32 would run past `end`.
+DCX_AVX2_FN inline __m256i load32(const uint8_t* at, int64_t n, const uint8_t* end) {
+  if (at + 32 <= end) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at));
+  alignas(32) uint8_t copy[32] = {};
+  std::memcpy(copy, at, size_t(n));
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(copy));
 }
 
 DCX_AVX2_FN inline float hsum8(__m256 v) {
@@ -761,132 +748,21 @@ DCX_AVX2_FN inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 }
 
-DCX_AVX2_FN inline uint32_t hmax8(__m256i v) {
-  alignas(32) uint32_t lanes[8];
+DCX_AVX2_FN inline uint32_t hmax_u8(__m256i v) {
+  alignas(32) uint8_t lanes[32];
   _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), v);
-  return *std::max_element(lanes, lanes + 8);
+  return *std::max_element(lanes, lanes + 32);
 }
 
-// Dense rows [r0, r1) for MB batch rows of x ([MB][ldx], zero past the valid ones): each weight
-// decoded once and applied to every batch row; at MB = 1 four accumulators in turn.
-template <int NT, SpqmmDense D, int MB>
-DCX_AVX2_FN void dense_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, const float* table,
-                            const float* x, int64_t ldx, int mvalid, const float* bias, float* y,
-                            int64_t ldy, SpqmmSeen* seen) {
-  constexpr int kAcc = MB >= 4 ? 1 : 4 / MB;
-  __m256 tab[NT > 0 ? NT : 1];
-  for (int j = 0; j < NT; ++j) tab[j] = _mm256_loadu_ps(table + 8 * j);
-  const BitIds8 bi = bit_ids8_setup(D == SpqmmDense::kBits ? p.bits : 8);
-  const int64_t K = p.k;
-  const uint8_t* end = p.dense_codes + p.n * p.dense_width;
-  __m256i max_id = _mm256_setzero_si256();
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* row = p.dense_codes + r * p.dense_width;
-    __m256 acc[MB][kAcc];
-    for (int m = 0; m < MB; ++m)
-      for (int a = 0; a < kAcc; ++a) acc[m][a] = _mm256_setzero_ps();
-    int64_t j = 0;
-    for (; j + 8 * kAcc <= K; j += 8 * kAcc) {  // kAcc steps of 8 columns, one per accumulator
-#pragma GCC unroll 4
-      for (int a = 0; a < kAcc; ++a) {
-        const int64_t c = j + 8 * a;
-        const __m256i id = ids8<D>(row, c, bi, end, 8);
-        max_id = _mm256_max_epu32(max_id, id);
-        const __m256 w = lookup8<NT>(tab, table, id);
-        for (int m = 0; m < MB; ++m)
-          acc[m][a] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * ldx + c), acc[m][a]);
-      }
-    }
-    for (; j + 8 <= K; j += 8) {
-      const __m256i id = ids8<D>(row, j, bi, end, 8);
-      max_id = _mm256_max_epu32(max_id, id);
-      const __m256 w = lookup8<NT>(tab, table, id);
-      for (int m = 0; m < MB; ++m)
-        acc[m][0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * ldx + j), acc[m][0]);
-    }
-    if (j < K) {  // the last K % 8 columns
-      const __m256i valid = tail_mask8(K - j);
-      const __m256i id = _mm256_and_si256(ids8<D>(row, j, bi, end, K - j), valid);
-      max_id = _mm256_max_epu32(max_id, id);
-      const __m256 w = lookup8<NT>(tab, table, id);
-      for (int m = 0; m < MB; ++m)
-        acc[m][0] = _mm256_fmadd_ps(w, _mm256_maskload_ps(x + m * ldx + j, valid), acc[m][0]);
-    }
-    const float b = bias ? bias[r] : 0.f;
-    for (int m = 0; m < mvalid; ++m) {
-      __m256 sum = acc[m][0];
-      for (int a = 1; a < kAcc; ++a) sum = _mm256_add_ps(sum, acc[m][a]);
-      y[m * ldy + r] = hsum8(sum) + b;
-    }
-  }
-  seen->max_id = std::max(seen->max_id, hmax8(max_id));
-}
-
-// Dense decode of rows [r0, r1) into w ([r1 - r0, K] floats), 8 columns per lookup.
-template <int NT, SpqmmDense D>
-DCX_AVX2_FN void dense_decode_rows(const SpqmmPacked& p, int64_t r0, int64_t r1,
-                                   const float* table, float* w, SpqmmSeen* seen) {
-  __m256 tab[NT > 0 ? NT : 1];
-  for (int j = 0; j < NT; ++j) tab[j] = _mm256_loadu_ps(table + 8 * j);
-  const BitIds8 bi = bit_ids8_setup(D == SpqmmDense::kBits ? p.bits : 8);
-  const int64_t K = p.k;
-  const uint8_t* end = p.dense_codes + p.n * p.dense_width;
-  __m256i max_id = _mm256_setzero_si256();
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* row = p.dense_codes + r * p.dense_width;
-    float* wr = w + (r - r0) * K;
-    int64_t j = 0;
-    for (; j + 8 <= K; j += 8) {  // plain stores: a masked store costs many cycles on AMD CPUs
-      const __m256i id = ids8<D>(row, j, bi, end, 8);
-      max_id = _mm256_max_epu32(max_id, id);
-      _mm256_storeu_ps(wr + j, lookup8<NT>(tab, table, id));
-    }
-    if (j < K) {
-      const __m256i valid = tail_mask8(K - j);
-      const __m256i id = _mm256_and_si256(ids8<D>(row, j, bi, end, K - j), valid);
-      max_id = _mm256_max_epu32(max_id, id);
-      _mm256_maskstore_ps(wr + j, valid, lookup8<NT>(tab, table, id));
-    }
-  }
-  seen->max_id = std::max(seen->max_id, hmax8(max_id));
-}
-
-// f(nt, layout) with the layer's dense layout as a compile-time constant (nt: the caller's).
-template <int NT, typename F>
-DCX_AVX2_FN inline void with_layout(const SpqmmPacked& p, F&& f) {
-  using N = std::integral_constant<int, NT>;
-  switch (p.layout) {
-    case SpqmmDense::kNibbles: f(N(), std::integral_constant<SpqmmDense, SpqmmDense::kNibbles>()); break;
-    case SpqmmDense::kBits: f(N(), std::integral_constant<SpqmmDense, SpqmmDense::kBits>()); break;
-    default: f(N(), std::integral_constant<SpqmmDense, SpqmmDense::kBytes>()); break;
-  }
-}
-
-// The kernel for a layer's lookup size and layout: f<NT, D>() called with the caller's arguments.
-template <typename F>
-DCX_AVX2_FN inline void with_dense_kind(const SpqmmPacked& p, F&& f) {
-  // Up to 32 entries by permutes; from 64 on the gather is faster (Zen, measured: 6 bits by a
-  // tree of 8 permutes and 7 blends took 8.2 ms for 4096 x 4096 at batch 1, gathered 6.1 ms).
-  if (p.bits <= 3) with_layout<1>(p, f);
-  else if (p.bits == 4) with_layout<2>(p, f);
-  else if (p.bits == 5) with_layout<4>(p, f);
-  else with_layout<0>(p, f);
-}
-
-// int8 compute with AVX2 (core/spqmm_int8.h): 32 columns at a time. Their ids as 32 bytes (one
-// load in the byte layout, else four 8-id vectors packed), the int16 weights by byte shuffles of
-// the codebook's low and high byte planes in 16-entry quarters (NT of them, a tree of blends on
-// the id's bits 4..), interleaved into two vectors of 16 weights (columns 0-7 and 16-23, then
-// 8-15 and 24-31: x is staged in that order, q8_slot), then per activation row two pmaddwd and
-// an add give 8 int32 partial dots (exact: |partial| <= 4 * 127 * 32767 < 2^24, so the float
-// conversion is exact too), scaled by the block's activation scale into 8 float sums.
+// The ids of columns j .. j + 31 (j a multiple of 32) of a dense row as bytes in column order,
+// 0 past the row's `left` columns; `end`: the end of the codes.
 template <SpqmmDense D>
-DCX_AVX2_FN inline __m256i ids32(const uint8_t* row, int64_t j, const BitIds8& b,
+DCX_AVX2_FN inline __m256i ids32(const uint8_t* row, int64_t j, const BitIds32& b,
                                  const uint8_t* end, int64_t left) {
+  __m256i ids;
   if constexpr (D == SpqmmDense::kBytes) {
-    if (left >= 32) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + j));
-  }
-  if constexpr (D == SpqmmDense::kNibbles) {
+    ids = load32(row + j, std::min<int64_t>(left, 32), end);
+  } else if constexpr (D == SpqmmDense::kNibbles) {
     // Columns 32 h + d and 32 h + 16 + d (d < 16) are the low and high nibbles of byte 4 d + h of
     // their 64-byte block: pick those 16 bytes from the block's two halves by byte shuffles (within
     // 128-bit lanes) and a dword permute, then split them into nibbles.
@@ -904,43 +780,272 @@ DCX_AVX2_FN inline __m256i ids32(const uint8_t* row, int64_t j, const BitIds8& b
     const __m128i bytes = _mm256_castsi256_si128(
         _mm256_permutevar8x32_epi32(both, _mm256_setr_epi32(0, 4, 1, 5, 0, 0, 0, 0)));
     const __m128i low = _mm_set1_epi8(15);
-    const __m256i ids = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low),
-                                         _mm_and_si128(bytes, low));
-    if (left >= 32) return ids;
-    const __m256i lane = _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16,
-                                          17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31);
-    return _mm256_and_si256(ids, _mm256_cmpgt_epi8(_mm256_set1_epi8(char(left)), lane));
+    ids = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low), _mm_and_si128(bytes, low));
+  } else {
+    // The 32 ids' 4 * bits bytes lie in the row (whose blocks are of 64 columns).
+    const __m256i v = _mm256_permutevar8x32_epi32(load32(row + (j >> 3) * b.bits, 4 * b.bits, end),
+                                                  b.halves);
+    __m256i words[2];
+    for (int t = 0; t < 2; ++t)
+      words[t] = _mm256_srli_epi16(_mm256_mullo_epi16(_mm256_shuffle_epi8(v, b.pick[t]), b.scale[t]), 8);
+    ids = _mm256_and_si256(_mm256_packus_epi16(words[0], words[1]), b.mask);
   }
-  __m256i v[4];
-  for (int q = 0; q < 4; ++q) {
-    const int64_t l = left - 8 * q;
-    v[q] = l <= 0 ? _mm256_setzero_si256()
-                  : _mm256_and_si256(ids8<D>(row, j + 8 * q, b, end, std::min<int64_t>(l, 8)),
-                                     tail_mask8(l));
-  }
-  // The packs work within 128-bit lanes: dword 4 h + q holds ids [4 h, 4 h + 4) of v[q]; the
-  // permute puts them back in column order.
-  const __m256i packed = _mm256_packus_epi16(_mm256_packus_epi32(v[0], v[1]),
-                                             _mm256_packus_epi32(v[2], v[3]));
-  return _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  return left >= 32 ? ids : keep_bytes(ids, left);
 }
 
-// One byte plane of the weights of 32 ids: entries [16 j, 16 j + 16) of the plane in t[j].
-template <int NT>
-DCX_AVX2_FN inline __m256i lookup32_plane(const __m256i* t, __m256i id) {
-  if constexpr (NT == 1) {
-    return _mm256_shuffle_epi8(t[0], id);  // ids < 16: bit 7 is clear
-  } else {
-    const __m256i low = _mm256_and_si256(id, _mm256_set1_epi8(15));
-    __m256i v[NT];
-    for (int j = 0; j < NT; ++j) v[j] = _mm256_shuffle_epi8(t[j], low);
-    for (int width = NT, bit = 4; width > 1; width /= 2, ++bit) {
-      const __m256i high = _mm256_slli_epi16(id, 7 - bit);  // bit `bit` of each byte to its bit 7
-      for (int j = 0; j < width / 2; ++j) v[j] = _mm256_blendv_epi8(v[2 * j], v[2 * j + 1], high);
+// One byte plane of the entries of 32 ids (< 128, or the mask below): entries [16 q, 16 q + 16)
+// of the plane, in both 128-bit lanes, in t[q].
+template <int NQ>
+DCX_AVX2_FN inline __m256i lookup_plane(const __m256i* t, __m256i id) {
+  // pshufb reads bits 0-3 of an id and zeroes where bit 7 is set: only 8-bit ids need the mask
+  const __m256i low = NQ == 16 ? _mm256_and_si256(id, _mm256_set1_epi8(15)) : id;
+  __m256i v[NQ];
+  for (int q = 0; q < NQ; ++q) v[q] = _mm256_shuffle_epi8(t[q], low);
+  for (int width = NQ, bit = 4; width > 1; width /= 2, ++bit) {
+    const __m256i high = _mm256_slli_epi16(id, 7 - bit);  // bit `bit` of each byte to its bit 7
+    for (int q = 0; q < width / 2; ++q) v[q] = _mm256_blendv_epi8(v[2 * q], v[2 * q + 1], high);
+  }
+  return v[0];
+}
+
+// Byte `plane` of the first 16 * nq entries of a table of `Entry`s as nq quarters, each in both
+// lanes of t[q].
+template <typename Entry>
+DCX_AVX2_FN inline void load_plane(const Entry* table, int plane, int nq, __m256i* t) {
+  alignas(16) uint8_t bytes[16];
+  for (int q = 0; q < nq; ++q) {
+    for (int i = 0; i < 16; ++i) {
+      Entry e = table[16 * q + i];
+      uint8_t raw[sizeof(Entry)];
+      std::memcpy(raw, &e, sizeof(Entry));
+      bytes[i] = raw[plane];  // little-endian: plane 0 the low byte
     }
-    return v[0];
+    t[q] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(bytes)));
   }
 }
+
+// The fp32 weights of 32 ids (column order) as w[q] = columns 8 q .. 8 q + 7: four byte planes
+// (planes[k * NQ + q]: byte k of quarter q) or, for NQ = 0, gathers from the table. The ids are
+// first put in the order (dwords 0, 2, 4, 6 | 1, 3, 5, 7) in which the in-lane unpacks of the
+// planes' bytes come out as consecutive columns.
+template <int NQ>
+DCX_AVX2_FN inline void lookup32_f32(const __m256i* planes, const float* table, __m256i id,
+                                     __m256* w) {
+  if constexpr (NQ == 0) {
+    const __m128i lo = _mm256_castsi256_si128(id), hi = _mm256_extracti128_si256(id, 1);
+    w[0] = _mm256_i32gather_ps(table, _mm256_cvtepu8_epi32(lo), 4);
+    w[1] = _mm256_i32gather_ps(table, _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)), 4);
+    w[2] = _mm256_i32gather_ps(table, _mm256_cvtepu8_epi32(hi), 4);
+    w[3] = _mm256_i32gather_ps(table, _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)), 4);
+  } else {
+    const __m256i order = _mm256_permutevar8x32_epi32(id, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
+    __m256i b[4];
+    for (int k = 0; k < 4; ++k) b[k] = lookup_plane<NQ>(planes + k * NQ, order);
+    const __m256i lo01 = _mm256_unpacklo_epi8(b[0], b[1]), hi01 = _mm256_unpackhi_epi8(b[0], b[1]);
+    const __m256i lo23 = _mm256_unpacklo_epi8(b[2], b[3]), hi23 = _mm256_unpackhi_epi8(b[2], b[3]);
+    w[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(lo01, lo23));
+    w[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(lo01, lo23));
+    w[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(hi01, hi23));
+    w[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(hi01, hi23));
+  }
+}
+
+// The fp32 kernels' lookup state: the codebook's four byte planes (NQ quarters each).
+template <int NQ>
+struct Planes32 {
+  __m256i t[NQ > 0 ? 4 * NQ : 1];
+  DCX_AVX2_FN explicit Planes32(const float* table) {
+    for (int k = 0; k < 4 && NQ > 0; ++k) load_plane(table, k, NQ, t + k * NQ);
+  }
+};
+
+// Dense rows [r0, r1) for MB batch rows of x ([MB][ldx], zero past the valid ones): each weight
+// decoded once and applied to every batch row; at MB = 1 and 2, several accumulators per row.
+template <int NQ, SpqmmDense D, int MB>
+DCX_AVX2_FN void dense_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, const float* table,
+                            const float* x, int64_t ldx, int mvalid, const float* bias, float* y,
+                            int64_t ldy, SpqmmSeen* seen) {
+  constexpr int kAcc = MB >= 4 ? 1 : 4 / MB;
+  const Planes32<NQ> planes(table);
+  const BitIds32 bi = bit_ids32_setup(p.bits);
+  const int64_t K = p.k;
+  const uint8_t* end = p.dense_codes + p.n * p.dense_width;
+  __m256i max_id = _mm256_setzero_si256();
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = p.dense_codes + r * p.dense_width;
+    __m256 acc[MB][kAcc];
+    for (int m = 0; m < MB; ++m)
+      for (int a = 0; a < kAcc; ++a) acc[m][a] = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 32 <= K; j += 32) {
+      const __m256i id = ids32<D>(row, j, bi, end, 32);
+      max_id = _mm256_max_epu8(max_id, id);
+      __m256 w[4];
+      lookup32_f32<NQ>(planes.t, table, id, w);
+      for (int q = 0; q < 4; ++q)
+        for (int m = 0; m < MB; ++m)
+          acc[m][q % kAcc] = _mm256_fmadd_ps(w[q], _mm256_loadu_ps(x + m * ldx + j + 8 * q),
+                                             acc[m][q % kAcc]);
+    }
+    if (j < K) {  // the last K % 32 columns
+      const int64_t left = K - j;
+      const __m256i id = ids32<D>(row, j, bi, end, left);
+      max_id = _mm256_max_epu8(max_id, id);
+      __m256 w[4];
+      lookup32_f32<NQ>(planes.t, table, id, w);
+      for (int q = 0; 8 * q < left; ++q) {
+        const __m256i valid = tail_mask8(left - 8 * q);
+        for (int m = 0; m < MB; ++m)
+          acc[m][0] = _mm256_fmadd_ps(w[q], _mm256_maskload_ps(x + m * ldx + j + 8 * q, valid),
+                                      acc[m][0]);
+      }
+    }
+    const float b = bias ? bias[r] : 0.f;
+    for (int m = 0; m < mvalid; ++m) {
+      __m256 sum = acc[m][0];
+      for (int a = 1; a < kAcc; ++a) sum = _mm256_add_ps(sum, acc[m][a]);
+      y[m * ldy + r] = hsum8(sum) + b;
+    }
+  }
+  seen->max_id = std::max(seen->max_id, hmax_u8(max_id));
+}
+
+// Decodes dense rows to fp32, 32 columns per lookup; the lookup state is built once.
+template <int NQ, SpqmmDense D>
+struct DenseDecoder {
+  const SpqmmPacked& p;
+  const float* table;
+  const Planes32<NQ> planes;
+  const BitIds32 bi;
+  const uint8_t* end;
+  __m256i max_id = _mm256_setzero_si256();
+
+  DCX_AVX2_FN DenseDecoder(const SpqmmPacked& packed, const float* tab)
+      : p(packed), table(tab), planes(tab), bi(bit_ids32_setup(packed.bits)),
+        end(packed.dense_codes + packed.n * packed.dense_width) {}
+
+  // Row r's K weights into w.
+  DCX_AVX2_FN void row(int64_t r, float* w) {
+    const uint8_t* codes = p.dense_codes + r * p.dense_width;
+    for (int64_t j = 0; j < p.k; j += 32) {
+      const int64_t left = p.k - j;
+      const __m256i id = ids32<D>(codes, j, bi, end, left);
+      max_id = _mm256_max_epu8(max_id, id);
+      __m256 v[4];
+      lookup32_f32<NQ>(planes.t, table, id, v);
+      for (int q = 0; q < 4 && 8 * q < left; ++q) {
+        // plain stores: a masked store costs many cycles on AMD CPUs (only the row's last 8)
+        if (left - 8 * q >= 8) {
+          _mm256_storeu_ps(w + j + 8 * q, v[q]);
+        } else {
+          _mm256_maskstore_ps(w + j + 8 * q, tail_mask8(left - 8 * q), v[q]);
+        }
+      }
+    }
+  }
+
+  DCX_AVX2_FN void report(SpqmmSeen* seen) const {
+    seen->max_id = std::max(seen->max_id, hmax_u8(max_id));
+  }
+};
+
+// Dense decode of rows [r0, r1) into w ([r1 - r0, K] floats).
+template <int NQ, SpqmmDense D>
+DCX_AVX2_FN void dense_decode_rows(const SpqmmPacked& p, int64_t r0, int64_t r1,
+                                   const float* table, float* w, SpqmmSeen* seen) {
+  DenseDecoder<NQ, D> decode(p, table);
+  for (int64_t r = r0; r < r1; ++r) decode.row(r, w + (r - r0) * p.k);
+  decode.report(seen);
+}
+
+// R decoded rows (w [R][K]) applied to M batch rows (x [M rounded up to 4][ldx]) 4 at a time:
+// each x load feeds R FMAs, so x, which outgrows L1 at large K, is streamed half as often.
+template <int R>
+DCX_AVX2_FN inline void apply_rows(const float* w, int64_t K, const float* x, int64_t ldx,
+                                   int64_t M, const float* bias, int64_t r, float* y, int64_t ldy) {
+  constexpr int kRows = 4;
+  for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+    const float* xb = x + m0 * ldx;
+    __m256 acc[R][kRows];
+    for (int i = 0; i < R; ++i)
+      for (int m = 0; m < kRows; ++m) acc[i][m] = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= K; j += 8) {
+      __m256 wv[R];
+      for (int i = 0; i < R; ++i) wv[i] = _mm256_loadu_ps(w + i * K + j);
+      for (int m = 0; m < kRows; ++m) {
+        const __m256 xv = _mm256_loadu_ps(xb + m * ldx + j);
+        for (int i = 0; i < R; ++i) acc[i][m] = _mm256_fmadd_ps(wv[i], xv, acc[i][m]);
+      }
+    }
+    if (j < K) {
+      const __m256i valid = tail_mask8(K - j);
+      for (int m = 0; m < kRows; ++m) {
+        const __m256 xv = _mm256_maskload_ps(xb + m * ldx + j, valid);
+        for (int i = 0; i < R; ++i)
+          acc[i][m] = _mm256_fmadd_ps(_mm256_maskload_ps(w + i * K + j, valid), xv, acc[i][m]);
+      }
+    }
+    const int mvalid = static_cast<int>(std::min<int64_t>(kRows, M - m0));
+    for (int i = 0; i < R; ++i) {
+      const float b = bias ? bias[r + i] : 0.f;
+      for (int m = 0; m < mvalid; ++m) y[(m0 + m) * ldy + r + i] = hsum8(acc[i][m]) + b;
+    }
+  }
+}
+
+// Dense rows [r0, r1) for M > 8 batch rows (x [M rounded up to 4][ldx], zero past the valid
+// rows): each pair of rows decoded once into w (2 K floats, in L1), then applied to every batch
+// row, so the decode, which costs several times the 8 FMAs a weight gets per 8 batch rows, is
+// paid once however many rows there are.
+template <int NQ, SpqmmDense D>
+DCX_AVX2_FN void dense_rows_many(const SpqmmPacked& p, int64_t r0, int64_t r1, const float* table,
+                                 const float* x, int64_t ldx, int64_t M, const float* bias,
+                                 float* y, int64_t ldy, float* w, SpqmmSeen* seen) {
+  const int64_t K = p.k;
+  DenseDecoder<NQ, D> decode(p, table);
+  int64_t r = r0;
+  for (; r + 2 <= r1; r += 2) {
+    decode.row(r, w);
+    decode.row(r + 1, w + K);
+    apply_rows<2>(w, K, x, ldx, M, bias, r, y, ldy);
+  }
+  if (r < r1) {
+    decode.row(r, w);
+    apply_rows<1>(w, K, x, ldx, M, bias, r, y, ldy);
+  }
+  decode.report(seen);
+}
+
+// f(nq, layout) with the layer's dense layout as a compile-time constant (nq: the caller's).
+template <int NQ, typename F>
+DCX_AVX2_FN inline void with_layout(const SpqmmPacked& p, F&& f) {
+  using N = std::integral_constant<int, NQ>;
+  switch (p.layout) {
+    case SpqmmDense::kNibbles: f(N(), std::integral_constant<SpqmmDense, SpqmmDense::kNibbles>()); break;
+    case SpqmmDense::kBits: f(N(), std::integral_constant<SpqmmDense, SpqmmDense::kBits>()); break;
+    default: f(N(), std::integral_constant<SpqmmDense, SpqmmDense::kBytes>()); break;
+  }
+}
+
+// The fp32 kernel for a layer's codebook size and layout: f<NQ, D>() with NQ 16-entry quarters
+// per byte plane (0: gathered).
+template <typename F>
+DCX_AVX2_FN inline void with_dense_kind(const SpqmmPacked& p, F&& f) {
+  switch (p.bits <= 4 ? 1 : p.bits == 8 ? 0 : 1 << (p.bits - 4)) {
+    case 1: with_layout<1>(p, f); break;
+    case 2: with_layout<2>(p, f); break;
+    case 4: with_layout<4>(p, f); break;
+    case 8: with_layout<8>(p, f); break;
+    default: with_layout<0>(p, f); break;
+  }
+}
+
+// int8 compute (core/spqmm_int8.h): the int16 weights of 32 ids from the low and high byte
+// planes, interleaved into two vectors of 16 weights (columns 0-7 and 16-23, then 8-15 and 24-31:
+// x is staged in that order, q8_slot), then per activation row two pmaddwd and an add give 8
+// int32 partial dots (exact: |partial| <= 4 * 127 * 32767 < 2^24, so the float conversion is
+// exact too), scaled by the block's activation scale into 8 float sums.
 
 // Rows [r0, r1) for MB activation rows (xq [MB][ldq] int16 in q8_slot order, xs [MB][blocks],
 // zero past the valid ones).
@@ -949,17 +1054,10 @@ DCX_AVX2_FN void q8_dense_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, con
                                float wscale, const int16_t* xq, int64_t ldq, const float* xs,
                                int mvalid, const float* bias, float* y, int64_t ldy,
                                SpqmmSeen* seen) {
-  alignas(16) uint8_t planes[2][16 * NT];
-  for (int i = 0; i < 16 * NT; ++i) {
-    planes[0][i] = uint8_t(uint16_t(table[i]) & 0xFF);
-    planes[1][i] = uint8_t(uint16_t(table[i]) >> 8);
-  }
   __m256i lo[NT], hi[NT];
-  for (int j = 0; j < NT; ++j) {
-    lo[j] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(planes[0] + 16 * j)));
-    hi[j] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(planes[1] + 16 * j)));
-  }
-  const BitIds8 bi = bit_ids8_setup(D == SpqmmDense::kBits ? p.bits : 8);
+  load_plane(table, 0, NT, lo);
+  load_plane(table, 1, NT, hi);
+  const BitIds32 bi = bit_ids32_setup(p.bits);
   const int64_t K = p.k, blocks = q8_blocks(K);
   const uint8_t* end = p.dense_codes + p.n * p.dense_width;
   __m256i max_id = _mm256_setzero_si256();
@@ -971,7 +1069,7 @@ DCX_AVX2_FN void q8_dense_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, con
       const int64_t j = b * kQ8Block;
       const __m256i id = ids32<D>(row, j, bi, end, K - j);
       max_id = _mm256_max_epu8(max_id, id);
-      const __m256i wl = lookup32_plane<NT>(lo, id), wh = lookup32_plane<NT>(hi, id);
+      const __m256i wl = lookup_plane<NT>(lo, id), wh = lookup_plane<NT>(hi, id);
       const __m256i wa = _mm256_unpacklo_epi8(wl, wh), wb = _mm256_unpackhi_epi8(wl, wh);
       for (int m = 0; m < MB; ++m) {
         const int16_t* xr = xq + m * ldq + j;
@@ -984,9 +1082,7 @@ DCX_AVX2_FN void q8_dense_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, con
     const float bv = bias ? bias[r] : 0.f;
     for (int m = 0; m < mvalid; ++m) y[m * ldy + r] = hsum8(acc[m]) * wscale + bv;
   }
-  alignas(32) uint8_t lanes[32];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), max_id);
-  seen->max_id = std::max<uint32_t>(seen->max_id, *std::max_element(lanes, lanes + 32));
+  seen->max_id = std::max(seen->max_id, hmax_u8(max_id));
 }
 
 // The int8 kernel for a layer's codebook size and layout: f<NT, D>() with NT = 16-entry quarters.

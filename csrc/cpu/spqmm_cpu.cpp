@@ -259,6 +259,35 @@ void run_dense_block(const SpqmmPacked& p, const float* table, const float* x, c
   });
 }
 
+// Dense mode with AVX2 for more than kMaxBlock batch rows (below the crossover): x staged once
+// as [M rounded up to 4][K] and each thread's rows decoded once for all of them
+// (avx2::dense_rows_many), in pairs of rows of about 32K weights per work item.
+void dense_many(const SpqmmPacked& p, const float* table, const at::Tensor& x2, const float* bias,
+                at::Tensor& y, SpqmmSeen* seen) {
+#ifdef DCX_SPQMM_AVX512
+  const int64_t M = x2.size(0), K = p.k;
+  at::Tensor xs = at::zeros({(M + 3) / 4 * 4, K}, at::kFloat);
+  xs.narrow(0, 0, M).copy_(x2);
+  const float* xp = xs.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(K, 1)) * 2;
+  std::vector<SpqmmSeen> seen_by(at::get_num_threads());
+  at::parallel_for(0, p.n, grain, [&](int64_t r0, int64_t r1) {
+    static thread_local std::vector<float> w;  // two decoded rows
+    if (w.size() < size_t(2 * K)) w.resize(size_t(2 * K));
+    SpqmmSeen* s = &seen_by[at::get_thread_num()];
+    avx2::with_dense_kind(p, [&](auto nq, auto layout) DCX_AVX2_FN {
+      avx2::dense_rows_many<decltype(nq)::value, decltype(layout)::value>(
+          p, r0, r1, table, xp, K, M, bias, yp, p.n, w.data(), s);
+    });
+  });
+  for (const auto& s : seen_by) seen->merge(s);
+#else
+  (void)p, (void)table, (void)x2, (void)bias, (void)y, (void)seen;
+  TORCH_CHECK(false, "dense_many needs the AVX2 kernels");
+#endif
+}
+
 // y[m0 : m0 + MB] for one block of batch columns: stage x, run the kernel.
 template <int MB>
 void run_block(const SpqmmPacked& p, const float* table, const at::Tensor& x2, int64_t m0,
@@ -330,6 +359,9 @@ at::Tensor spqmm_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Ten
       const at::Tensor xg = bf16 ? x.reshape({M, K}).contiguous() : x2.contiguous();
       decode_gemm(p, table.data(), xg, bias_f, bf16 && has_bias ? bias->contiguous() : at::Tensor(),
                   y, &seen);
+      check_seen(seen, codebook.numel(), K);
+    } else if (dense_mode && M > kMaxBlock && cpu_isa() == Isa::kAvx2) {
+      dense_many(p, table.data(), x2, bp, y, &seen);
       check_seen(seen, codebook.numel(), K);
     } else {
       const int64_t items = dense_mode ? at::get_num_threads() : p.num_chunks;

@@ -292,6 +292,31 @@ void test_dense_batch(const DenseLayer& l, const std::vector<float>& table,
 #endif
 }
 
+// More than 8 batch rows with AVX2: each row pair decoded once for all of them; odd row counts
+// and batch rows that are not a multiple of 4 (x zero past them).
+void test_dense_many(const DenseLayer& l, const std::vector<float>& table,
+                     const std::vector<float>& bias, uint32_t max_id) {
+#ifdef DCX_SPQMM_AVX2
+  if (!dcx::avx2::supported()) return;
+  const int64_t n = l.p.n, k = l.p.k;
+  for (int64_t M : {9, 13, 16}) {
+    std::vector<float> x((M + 3) / 4 * 4 * k, 0.f), y(M * n, -1.f), w(2 * k);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < k; ++j) x[m * k + j] = std::cos(0.11f * float(j + 7 * m));
+    dcx::SpqmmSeen seen;
+    dcx::avx2::with_dense_kind(l.p, [&](auto nq, auto layout) DCX_AVX2_FN {
+      for (auto [r0, r1] : {std::pair<int64_t, int64_t>{0, n / 2}, {n / 2, n}})
+        dcx::avx2::dense_rows_many<decltype(nq)::value, decltype(layout)::value>(
+            l.p, r0, r1, table.data(), x.data(), k, M, bias.data(), y.data(), n, w.data(), &seen);
+    });
+    check_dense<1>(y, l, table, x, bias, int(M));
+    CHECK(seen.max_id == max_id);
+  }
+#else
+  (void)l, (void)table, (void)bias, (void)max_id;
+#endif
+}
+
 void test_dense(int64_t n, int64_t k, int bits) {
   std::vector<float> table(dcx::kSpqmmTable, 0.f), bias(n);
   for (int i = 0; i < (1 << bits); ++i) table[i] = 0.125f * float(i % 23) - 1.25f;
@@ -303,6 +328,7 @@ void test_dense(int64_t n, int64_t k, int bits) {
   test_dense_batch<2>(l, table, bias, max_id);
   test_dense_batch<4>(l, table, bias, max_id);
   test_dense_batch<8>(l, table, bias, max_id);
+  test_dense_many(l, table, bias, max_id);
   // The decode past the crossover: every weight as the table holds it.
   std::vector<float> w(n * k, -1.f);
   dcx::SpqmmSeen seen;
