@@ -41,7 +41,7 @@ CHUNK_STEPS = 1024
 # activations on, where decoding the weight once for the fp32 GEMM is faster than the int8
 # kernel (on a CPU without VNNI its dot products cost as much as fp32 FMAs).
 COMPUTE_MODES = ("auto", "float32", "bfloat16", "int8")
-INT8_ROWS = 32
+INT8_ROWS = 16
 # The activations' dtype of each mode's spqmm path ("int8": the layers it leaves to spqmm).
 _COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32}
 
@@ -81,17 +81,23 @@ class PackedWeight(NamedTuple):
               crossover: int = -1) -> Tensor:
         """x W^T + bias through dcx.ops.spqmm (the codebook cast to x's dtype)."""
         return ops.spqmm(x, self.codes, self.windows, self.group_ptr, self.chunks,
-                         self.codebook.to(x.dtype), self.out_features, self.in_features, self.bits,
-                         bias, crossover, check)
+                         _as_dtype(self.codebook, x.dtype), self.out_features, self.in_features,
+                         self.bits, bias, crossover, check)
 
     def spqmm_int8(self, x: Tensor, bias: Optional[Tensor] = None, check: bool = True) -> Tensor:
         """x W^T + bias through dcx.ops.spqmm_int8 (dense mode only; int8 arithmetic)."""
-        return ops.spqmm_int8(x, self.codes, self.codebook.to(x.dtype), self.out_features,
+        return ops.spqmm_int8(x, self.codes, _as_dtype(self.codebook, x.dtype), self.out_features,
                               self.in_features, self.bits, bias, check)
 
 
 # The tensors of a PackedWeight (SparseQuantLinear's buffers).
 _BUFFERS = PackedWeight._fields[:5]
+
+
+def _as_dtype(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """t in dtype; t itself (no call into torch) when it is None or already is. A forward runs
+    this a few times per layer, where a no-op .to() costs about as much as a small kernel."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def _bits_for(k: int) -> int:
@@ -343,7 +349,8 @@ class _PackedModule(nn.Module):
 
     @property
     def packed(self) -> PackedWeight:
-        return PackedWeight(*(getattr(self, name) for name in _BUFFERS), self.out_features,
+        buffers = self._buffers  # not Module.__getattr__: this runs on every forward
+        return PackedWeight(*(buffers[name] for name in _BUFFERS), self.out_features,
                             self._packed_in_features(), self.bits)
 
     def get_extra_state(self):
@@ -394,14 +401,13 @@ class _PackedModule(nn.Module):
         return torch.where(mask, self.codebook[labels], torch.zeros((), dtype=self.codebook.dtype))
 
     def _linear(self, x: Tensor) -> Tensor:
-        if self.compute == "int8" and self.packed.dense and x.numel() < INT8_ROWS * x.shape[-1]:
-            bias = None if self.bias is None else self.bias.to(x.dtype)
-            return self.packed.spqmm_int8(x, bias, check=False)
-        dtype = _COMPUTE_DTYPES.get(self.compute, x.dtype)
-        xc = x.to(dtype)
-        bias = None if self.bias is None else self.bias.to(dtype)
+        packed = self.packed
         # The packed data was validated when set or loaded: no per-call check (no sync on CUDA).
-        return self.packed.spqmm(xc, bias, check=False).to(x.dtype)
+        if self.compute == "int8" and packed.dense and x.numel() < INT8_ROWS * x.shape[-1]:
+            return packed.spqmm_int8(x, _as_dtype(self.bias, x.dtype), check=False)
+        dtype = _COMPUTE_DTYPES.get(self.compute, x.dtype)
+        y = packed.spqmm(_as_dtype(x, dtype), _as_dtype(self.bias, dtype), check=False)
+        return _as_dtype(y, x.dtype)
 
 
 class SparseQuantLinear(_PackedModule):

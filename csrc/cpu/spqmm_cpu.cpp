@@ -29,13 +29,13 @@ constexpr int kMaxBlock = 8;  // batch columns per pass
 
 // Batch size from which decode + BLAS beats the kernel on CPU. Sparse mode (density: that of the
 // slots, padding included): the kernel costs about steps * M vector steps and at 10% density
-// beats the dense GEMM even at batch 64 (2.5x, Zen 4 with AVX-512). Dense mode: the kernels
-// decode each weight once per 8 batch rows; with AVX2 (4096 x 4096, 4 and 6 bits, an AMD EPYC
-// without AVX-512, benchmarks/bench_spqmm.py) the kernel wins up to about batch 24 and the
-// blocked decode + GEMM from there; the AVX-512 kernel is taken to cross at the same batch (not
-// measured yet); the portable kernel loses from batch 2.
+// beats the dense GEMM even at batch 64 (2.5x, Zen 4 with AVX-512). Dense mode: the AVX2
+// kernel decodes each weight once for all batch rows; on an AMD EPYC (Zen 3) without AVX-512, at
+// 4 and 6 bits, it ties with the blocked decode + GEMM at about batch 24-32 on 1536 x 384 and
+// 384 x 1536 and wins up to about 44 on 4096 x 4096; the AVX-512 kernel is taken to cross at the
+// same batch (not measured yet); the portable kernel loses from batch 2.
 int64_t auto_crossover_cpu(bool dense_mode, double density, bool vector_kernels) {
-  if (dense_mode) return vector_kernels ? 24 : 2;
+  if (dense_mode) return vector_kernels ? 32 : 2;
   return density <= 0.3 ? std::numeric_limits<int64_t>::max() : 64;
 }
 
