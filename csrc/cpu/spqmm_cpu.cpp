@@ -2,12 +2,13 @@
 // the safety argument and the inner loops).
 //
 // x [..., K] is staged once per call as float for blocks of MB batch columns: [MB][K + 32 zeros]
-// in sparse mode (a step reads a 32-column window of each), transposed to [K][MB] in dense mode
-// (each decoded weight multiplies MB contiguous x values). Work items are the packed chunks
-// (about equal numbers of steps) for sparse mode and row ranges for dense mode, run with
-// at::parallel_for. Past the crossover batch
-// the weight is decoded once, in cache-sized blocks of rows each multiplied with at::mm (MKL /
-// oneDNN), so dcx is not slower than dense at large batch.
+// in sparse mode (a step reads a 32-column window of each); in dense mode [MB][K] for the
+// AVX-512 and AVX2 kernels (each decoded weight vector multiplies MB rows of x; with AVX2 and
+// more than 8 rows all of them at once, each row of W decoded once, dense_many) and transposed to
+// [K][MB] for the portable one. Work items are the packed chunks (about equal numbers of steps)
+// for sparse mode and row ranges for dense mode, run with at::parallel_for. Past the crossover
+// batch the weight is decoded once, in cache-sized blocks of rows each multiplied with at::mm
+// (MKL / oneDNN), so dcx is not slower than dense at large batch.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
