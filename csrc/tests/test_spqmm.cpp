@@ -2,9 +2,9 @@
 // written out sequentially), run the portable and (where the CPU has them) AVX-512 and AVX2
 // kernels chunk by chunk, add the shared groups' partial sums as the op does, and compare with a
 // plain dot product; check the pointer validation and the seen-maximum report. Dense mode: every
-// layout packed here too, each kernel (1 to 8 batch rows) and the decode against plain dot
-// products, with garbage in the padding (never read). Built once more with DCX_AVX512_EMULATE,
-// the AVX-512 kernels run on emulated intrinsics on any CPU.
+// layout packed here too, each kernel (1 to 8 batch rows, more with AVX2), the decode and the
+// int8 kernels against plain dot products, with garbage in the padding (never read). Built once
+// more with DCX_AVX512_EMULATE, the AVX-512 kernels run on emulated intrinsics on any CPU.
 #include <cmath>
 #include <algorithm>
 #include <cstdint>
@@ -317,6 +317,63 @@ void test_dense_many(const DenseLayer& l, const std::vector<float>& table,
 #endif
 }
 
+// int8 compute (core/spqmm_int8.h): the portable and AVX2 kernels against the rule written out
+// in double (exact int32 block dots, so only the float sums over blocks may differ by rounding).
+template <int MB>
+void test_q8_batch(const DenseLayer& l, const std::vector<float>& table, int bits,
+                   const std::vector<float>& bias, uint32_t max_id) {
+  const int64_t n = l.p.n, k = l.p.k, blocks = dcx::q8_blocks(k), ldq = blocks * dcx::kQ8Block;
+  int16_t cq[256];
+  const float wscale = dcx::q8_codebook(table.data(), 1 << bits, cq);
+  const int mvalid = MB > 1 ? MB - 1 : 1;  // a partial block: the last row is zeros
+  std::vector<float> x(MB * k, 0.f), xs(MB * std::max<int64_t>(blocks, 1), 0.f);
+  std::vector<int16_t> xq(MB * ldq, 0);
+  for (int m = 0; m < mvalid; ++m) {
+    for (int64_t j = 0; j < k; ++j) x[m * k + j] = std::sin(0.37f * float(j + 5 * m)) * float(1 + j % 7);
+    dcx::q8_quantize_row(x.data() + m * k, k, xq.data() + m * ldq, xs.data() + m * blocks);
+  }
+  auto check = [&](const std::vector<float>& y) {
+    for (int m = 0; m < mvalid; ++m)
+      for (int64_t r = 0; r < n; ++r) {
+        double ref = 0.0, mag = 0.0;
+        for (int64_t b = 0; b < blocks; ++b) {
+          int64_t dot = 0, abs_dot = 0;
+          for (int t = 0; t < dcx::kQ8Block && b * dcx::kQ8Block + t < k; ++t) {
+            const int64_t j = b * dcx::kQ8Block + t;
+            const int64_t v = int64_t(xq[m * ldq + b * dcx::kQ8Block + dcx::q8_slot(t)]) * cq[l.ids[r * k + j]];
+            dot += v;
+            abs_dot += v < 0 ? -v : v;
+          }
+          ref += double(dot) * xs[m * blocks + b];
+          mag += double(abs_dot) * xs[m * blocks + b];
+        }
+        ref = ref * wscale + bias[r];
+        mag = mag * wscale + std::fabs(bias[r]);
+        CHECK(std::fabs(y[m * n + r] - ref) <= double(8 * blocks + 10) * 6e-8 * mag + 1e-30);
+      }
+  };
+  std::vector<float> y(MB * n, -1.f);
+  dcx::SpqmmSeen seen;
+  dcx::spqmm_q8_dense_rows<MB>(l.p, 0, n, cq, wscale, xq.data(), ldq, xs.data(), mvalid,
+                               bias.data(), y.data(), n, &seen);
+  check(y);
+  CHECK(seen.max_id == max_id);
+#ifdef DCX_SPQMM_AVX2
+  if (dcx::avx2::supported()) {
+    std::vector<float> ya(MB * n, -1.f);
+    dcx::SpqmmSeen aseen;
+    dcx::avx2::with_q8_kind(l.p, [&](auto nt, auto layout) DCX_AVX2_FN {
+      for (auto [r0, r1] : {std::pair<int64_t, int64_t>{0, n / 2}, {n / 2, n}})
+        dcx::avx2::q8_dense_rows<decltype(nt)::value, decltype(layout)::value, MB>(
+            l.p, r0, r1, cq, wscale, xq.data(), ldq, xs.data(), mvalid, bias.data(), ya.data(),
+            n, &aseen);
+    });
+    check(ya);
+    CHECK(aseen.max_id == max_id);
+  }
+#endif
+}
+
 void test_dense(int64_t n, int64_t k, int bits) {
   std::vector<float> table(dcx::kSpqmmTable, 0.f), bias(n);
   for (int i = 0; i < (1 << bits); ++i) table[i] = 0.125f * float(i % 23) - 1.25f;
@@ -329,6 +386,9 @@ void test_dense(int64_t n, int64_t k, int bits) {
   test_dense_batch<4>(l, table, bias, max_id);
   test_dense_batch<8>(l, table, bias, max_id);
   test_dense_many(l, table, bias, max_id);
+  test_q8_batch<1>(l, table, bits, bias, max_id);
+  test_q8_batch<4>(l, table, bits, bias, max_id);
+  test_q8_batch<8>(l, table, bits, bias, max_id);
   // The decode past the crossover: every weight as the table holds it.
   std::vector<float> w(n * k, -1.f);
   dcx::SpqmmSeen seen;
