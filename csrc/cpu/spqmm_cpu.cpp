@@ -110,30 +110,64 @@ std::vector<float> make_table(const at::Tensor& codebook) {
   return table;
 }
 
-// Past the crossover: decode W once, block of rows by block of rows into a per-thread buffer
-// that stays in cache (so the decoded weight never goes to memory), and multiply each block with
-// the BLAS (at::mm, single-threaded inside the parallel region) in the activations' own type:
-// float32 (MKL), or bfloat16 (oneDNN's bf16 GEMM, fp32 accumulation: the multiply's data type is
-// what wins once rows are many; only where the CPU has bf16 dot products, see native_bf16), the
-// block then converted to bf16 in cache.
-// Each block's product is written in place as columns [r0, r0 + rows) of y (the BLAS takes y's
-// row stride as its leading dimension), so y is never copied or transposed afterwards.
+// Rows [r0, r0 + rows) of W decoded into w ([rows, K] floats) by the widest kernel there is.
+void decode_rows(const SpqmmPacked& p, Isa isa, const float* table, int64_t r0, int64_t rows,
+                 float* w, SpqmmSeen* seen) {
+#ifdef DCX_SPQMM_AVX512
+  if (isa == Isa::kAvx512) {
+    avx512::with_dense_kind(p, [&](auto lut, auto layout) DCX_AVX512_FN {
+      avx512::dense_decode_rows<decltype(lut)::value, decltype(layout)::value>(
+          p, r0, r0 + rows, table, w, seen);
+    });
+    return;
+  }
+  if (isa == Isa::kAvx2) {
+    avx2::with_dense_kind(p, [&](auto nq, auto layout) DCX_AVX2_FN {
+      avx2::dense_decode_rows<decltype(nq)::value, decltype(layout)::value>(
+          p, r0, r0 + rows, table, w, seen);
+    });
+    return;
+  }
+#endif
+  (void)isa;
+  spqmm_decode_rows(p, r0, r0 + rows, table, w, seen);
+}
+
+// y = x w^T + bias for a decoded block of rows, written as columns [r0, r0 + rb) of y (the
+// BLAS takes y's row stride as its leading dimension, so y is never copied or transposed):
+// float32 (MKL), or bfloat16 (oneDNN's bf16 GEMM, fp32 accumulation, the bias inside so the sum
+// is rounded to bf16 once; only where the CPU has bf16 dot products, see native_bf16).
+void gemm_block(const at::Tensor& xg, const at::Tensor& w, const at::Tensor& bias_f,
+                const at::Tensor& bias_bf16, int64_t r0, at::Tensor& y) {
+  const int64_t rb = w.size(0);
+  at::Tensor cols = y.narrow(1, r0, rb);  // [M, rb] with row stride N
+  if (xg.scalar_type() == at::kBFloat16) {
+    const at::Tensor wh = w.to(at::kBFloat16).t();
+    cols.copy_(bias_bf16.defined() ? at::addmm(bias_bf16.narrow(0, r0, rb), xg, wh) : at::mm(xg, wh));
+    return;
+  }
+  at::mm_out(cols, xg, w.t());
+  if (bias_f.defined()) cols.add_(bias_f.narrow(0, r0, rb));
+}
+
+// Past the crossover: decode W once, block of rows by block of rows, each into a per-thread
+// buffer that stays in cache (so the decoded weight never goes to memory), and multiply each
+// block there with the BLAS in the activations' own type (at::mm, single-threaded inside the
+// parallel region).
 void decode_gemm(const SpqmmPacked& p, const float* table, const at::Tensor& xg,
                  const at::Tensor& bias_f, const at::Tensor& bias_bf16, at::Tensor& y,
                  SpqmmSeen* seen) {
-  const int64_t M = xg.size(0), N = p.n, K = p.k;
-  const bool bf16 = xg.scalar_type() == at::kBFloat16;
-  // Blocks of about 8 MB decoded (L3-resident), at least 64 rows so each GEMM is not too thin
-  // (but no more than a thread's share, so a small layer keeps every thread busy), and whole
-  // groups of 16 rows (sparse mode decodes a group at a time).
-  // The number of blocks is a multiple of the threads, so they share the rows evenly.
+  const int64_t N = p.n, K = p.k;
+  const Isa isa = p.dense ? cpu_isa() : Isa::kGeneric;
   const int64_t threads = at::get_num_threads();
+  // Blocks of about 8 MB decoded, at least 64 rows so each GEMM is not too thin (but no more
+  // than a thread's share, so a small layer keeps every thread busy), and whole groups of 16
+  // rows. The number of blocks is a multiple of the threads, so they share the rows evenly.
   const int64_t most = std::max<int64_t>(64, std::min<int64_t>(512, (int64_t(1) << 21) / std::max<int64_t>(K, 1)));
   const int64_t rounds = std::max<int64_t>(1, (N + threads * most - 1) / (threads * most));
   const int64_t rows = std::max<int64_t>(16, (N + threads * rounds - 1) / (threads * rounds) + 15) / 16 * 16;
   const int64_t blocks = (N + rows - 1) / rows;
   std::vector<SpqmmSeen> seen_by(blocks);
-  const Isa isa = p.dense ? cpu_isa() : Isa::kGeneric;
   // Grad and inference mode are thread-local: the pool's threads take the caller's, so the BLAS's
   // out= form neither records inputs that require grad nor refuses to write an inference tensor.
   const at::ThreadLocalState caller_state;
@@ -144,37 +178,10 @@ void decode_gemm(const SpqmmPacked& p, const float* table, const at::Tensor& xg,
     static thread_local std::vector<float> buffer;
     if (buffer.size() < size_t(rows * K)) buffer.resize(size_t(rows * K));
     float* wp = buffer.data();
-    const at::Tensor w = at::from_blob(wp, {rows, K}, at::kFloat);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * rows, rb = std::min(rows, N - r0);
-      SpqmmSeen* sb = &seen_by[b];
-#ifdef DCX_SPQMM_AVX512
-      if (isa == Isa::kAvx512) {
-        avx512::with_dense_kind(p, [&](auto lut, auto layout) DCX_AVX512_FN {
-          avx512::dense_decode_rows<decltype(lut)::value, decltype(layout)::value>(
-              p, r0, r0 + rb, table, wp, sb);
-        });
-      } else if (isa == Isa::kAvx2) {
-        avx2::with_dense_kind(p, [&](auto nt, auto layout) DCX_AVX2_FN {
-          avx2::dense_decode_rows<decltype(nt)::value, decltype(layout)::value>(
-              p, r0, r0 + rb, table, wp, sb);
-        });
-      } else {
-        spqmm_decode_rows(p, r0, r0 + rb, table, wp, sb);
-      }
-#else
-      spqmm_decode_rows(p, r0, r0 + rb, table, wp, sb);
-#endif
-      const at::Tensor wb = w.narrow(0, 0, rb);
-      at::Tensor cols = y.narrow(1, r0, rb);  // [M, rb] with row stride N: the BLAS's ldc
-      if (bf16) {  // the bias inside the GEMM, so the fp32 sum is rounded to bf16 once
-        const at::Tensor wh = wb.to(at::kBFloat16).t();
-        cols.copy_(bias_bf16.defined() ? at::addmm(bias_bf16.narrow(0, r0, rb), xg, wh)
-                                       : at::mm(xg, wh));
-        continue;
-      }
-      at::mm_out(cols, xg, wb.t());
-      if (bias_f.defined()) cols.add_(bias_f.narrow(0, r0, rb));
+      decode_rows(p, isa, table, r0, rb, wp, &seen_by[b]);
+      gemm_block(xg, at::from_blob(wp, {rb, K}, at::kFloat), bias_f, bias_bf16, r0, y);
     }
   });
   for (const auto& s : seen_by) seen->merge(s);
