@@ -754,6 +754,27 @@ DCX_AVX2_FN inline uint32_t hmax_u8(__m256i v) {
   return *std::max_element(lanes, lanes + 32);
 }
 
+// ids32's byte shuffles of a nibble block's two 32-byte halves for the 32 columns at 32 h of it
+// (h < 4): bytes h, 4 + h, 8 + h, 12 + h of each 128-bit lane, to lane bytes 0-3 from the low
+// half and 4-7 from the high half (-128: a zero byte).
+struct NibblePicks {
+  alignas(32) int8_t from_low[4][32];
+  alignas(32) int8_t from_high[4][32];
+};
+
+constexpr NibblePicks make_nibble_picks() {
+  NibblePicks t{};
+  for (int h = 0; h < 4; ++h)
+    for (int i = 0; i < 32; ++i) {
+      const int b = i % 16;
+      t.from_low[h][i] = b < 4 ? int8_t(4 * b + h) : int8_t(-128);
+      t.from_high[h][i] = b >= 4 && b < 8 ? int8_t(4 * (b - 4) + h) : int8_t(-128);
+    }
+  return t;
+}
+
+inline constexpr NibblePicks kNibblePicks = make_nibble_picks();
+
 // The ids of columns j .. j + 31 (j a multiple of 32) of a dense row as bytes in column order,
 // 0 past the row's `left` columns; `end`: the end of the codes.
 template <SpqmmDense D>
@@ -767,13 +788,9 @@ DCX_AVX2_FN inline __m256i ids32(const uint8_t* row, int64_t j, const BitIds32& 
     // their 64-byte block: pick those 16 bytes from the block's two halves by byte shuffles (within
     // 128-bit lanes) and a dword permute, then split them into nibbles.
     const uint8_t* blk = row + (j / kSpqmmNibbleBlock) * (kSpqmmNibbleBlock / 2);
-    const __m256i h = _mm256_set1_epi8(char((j >> 5) & 3));
-    const __m256i pick_a = _mm256_add_epi8(h, _mm256_setr_epi8(
-        0, 4, 8, 12, -128, -128, -128, -128, -128, -128, -128, -128, -128, -128, -128, -128,
-        0, 4, 8, 12, -128, -128, -128, -128, -128, -128, -128, -128, -128, -128, -128, -128));
-    const __m256i pick_b = _mm256_add_epi8(h, _mm256_setr_epi8(
-        -128, -128, -128, -128, 0, 4, 8, 12, -128, -128, -128, -128, -128, -128, -128, -128,
-        -128, -128, -128, -128, 0, 4, 8, 12, -128, -128, -128, -128, -128, -128, -128, -128));
+    const int h = int(j >> 5) & 3;  // the picks come from memory as the shuffles' operands
+    const __m256i pick_a = _mm256_load_si256(reinterpret_cast<const __m256i*>(kNibblePicks.from_low[h]));
+    const __m256i pick_b = _mm256_load_si256(reinterpret_cast<const __m256i*>(kNibblePicks.from_high[h]));
     const __m256i both = _mm256_or_si256(
         _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk)), pick_a),
         _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32)), pick_b));
