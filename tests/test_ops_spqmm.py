@@ -100,6 +100,18 @@ def test_grad_and_inference_mode(device, dense, crossover, mode):
     check(y.detach(), x.detach(), mask, labels, codebook, bias.detach())
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("dense", [False, True])
+def test_many_rows_decode_the_whole_weight(dtype, dense):
+    """From 1024 rows a small layer is decoded whole for one GEMM (csrc/cpu/spqmm_cpu.cpp), in
+    either mode (a sparse layer this dense crosses over at 64 rows)."""
+    mask, labels, codebook, p = make_layer(37, 97, 0.5, 5, dtype, "cpu", dense=dense)
+    assert p.dense == dense
+    x = torch.randn(3, 350, 97).to(dtype)
+    bias = torch.randn(37).to(dtype)
+    check(run(x, p, bias), x, mask, labels, codebook, bias)
+
+
 @pytest.mark.parametrize("isa", cpu_isas())
 @pytest.mark.parametrize("bits", [2, 5, 6, 7, 8])
 @pytest.mark.parametrize("density", [0.1, 1.0])

@@ -150,16 +150,41 @@ void gemm_block(const at::Tensor& xg, const at::Tensor& w, const at::Tensor& bia
   if (bias_f.defined()) cols.add_(bias_f.narrow(0, r0, rb));
 }
 
-// Past the crossover: decode W once, block of rows by block of rows, each into a per-thread
-// buffer that stays in cache (so the decoded weight never goes to memory), and multiply each
-// block there with the BLAS in the activations' own type (at::mm, single-threaded inside the
-// parallel region).
+// A layer of at most kWholeWeights weights (8 MB of fp32, L3-resident) multiplied with at least
+// kWholeRows rows is decoded whole for one GEMM that the BLAS threads itself, as F.linear's:
+// measured on 384 x 384, 1536 x 384 and 384 x 1536 (Zen 3, 2 threads), that GEMM took 1.03-1.09x
+// F.linear's time at 4096 rows (three runs) against 1.07-1.17x for the per-thread blocks (two),
+// which are faster at 128 rows (0.95-1.26x against 1.20-1.26x).
+constexpr int64_t kWholeWeights = int64_t(1) << 21;
+constexpr int64_t kWholeRows = 1024;
+
+// Past the crossover: decode W once and multiply it with the BLAS in the activations' own type.
+// Decoded whole (above) into the calling thread's buffer, or block of rows by block of rows, each
+// into a per-thread buffer that stays in cache (so the decoded weight never goes to memory) and
+// multiplied there (at::mm, single-threaded inside the parallel region).
 void decode_gemm(const SpqmmPacked& p, const float* table, const at::Tensor& xg,
                  const at::Tensor& bias_f, const at::Tensor& bias_bf16, at::Tensor& y,
                  SpqmmSeen* seen) {
   const int64_t N = p.n, K = p.k;
   const Isa isa = p.dense ? cpu_isa() : Isa::kGeneric;
   const int64_t threads = at::get_num_threads();
+  if (N * K <= kWholeWeights && xg.size(0) >= kWholeRows) {
+    // Kept from call to call: a fresh allocation of this size is mapped anew and page-faulted in
+    // on every call.
+    static thread_local std::vector<float> whole;
+    if (whole.size() < size_t(N * K)) whole.resize(size_t(N * K));
+    float* wp = whole.data();
+    // Whole groups of 16 rows per work item (sparse mode decodes a group at a time).
+    const int64_t groups = (N + 15) / 16;
+    std::vector<SpqmmSeen> seen_by(groups);  // by each work item's first group
+    at::parallel_for(0, groups, std::max<int64_t>(1, groups / threads), [&](int64_t g0, int64_t g1) {
+      const int64_t r0 = g0 * 16, r1 = std::min(N, g1 * 16);
+      decode_rows(p, isa, table, r0, r1 - r0, wp + r0 * K, &seen_by[g0]);
+    });
+    for (const auto& s : seen_by) seen->merge(s);
+    gemm_block(xg, at::from_blob(wp, {N, K}, at::kFloat), bias_f, bias_bf16, 0, y);
+    return;
+  }
   // Blocks of about 8 MB decoded, at least 64 rows so each GEMM is not too thin (but no more
   // than a thread's share, so a small layer keeps every thread busy), and whole groups of 16
   // rows. The number of blocks is a multiple of the threads, so they share the rows evenly.
