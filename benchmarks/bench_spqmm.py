@@ -260,7 +260,8 @@ def run_anchors(args):
              "int8 / int4 (group 32) ops; dcx fp32 / bf16: dcx.ops.spqmm on fp32 / bf16 "
              "activations (compute='float32' / 'bfloat16'); dcx int8: dcx.ops.spqmm_int8 on fp32 "
              "activations (dense mode only; a layer in compute='int8' takes the fp32 path from "
-             "32 rows on). Ratios: the anchor's time over dcx's fastest mode. Median of interleaved rounds, wall clock. Command: "
+             f"{dcx.nn.INT8_ROWS} rows on). Ratios: the anchor's time over dcx's fastest mode. "
+             "Median of interleaved rounds, wall clock. Command: "
              "`python benchmarks/bench_spqmm.py --anchors`."]
     common.write_table("spqmm-cpu-anchors", "spqmm vs torch's quantized CPU paths (4096 x 4096)",
                        header, rows, notes)

@@ -876,58 +876,8 @@ struct Planes32 {
   }
 };
 
-// Dense rows [r0, r1) for MB batch rows of x ([MB][ldx], zero past the valid ones): each weight
-// decoded once and applied to every batch row; at MB = 1 and 2, several accumulators per row.
-template <int NQ, SpqmmDense D, int MB>
-DCX_AVX2_FN void dense_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, const float* table,
-                            const float* x, int64_t ldx, int mvalid, const float* bias, float* y,
-                            int64_t ldy, SpqmmSeen* seen) {
-  constexpr int kAcc = MB >= 4 ? 1 : 4 / MB;
-  const Planes32<NQ> planes(table);
-  const BitIds32 bi = bit_ids32_setup(p.bits);
-  const int64_t K = p.k;
-  const uint8_t* end = p.dense_codes + p.n * p.dense_width;
-  __m256i max_id = _mm256_setzero_si256();
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* row = p.dense_codes + r * p.dense_width;
-    __m256 acc[MB][kAcc];
-    for (int m = 0; m < MB; ++m)
-      for (int a = 0; a < kAcc; ++a) acc[m][a] = _mm256_setzero_ps();
-    int64_t j = 0;
-    for (; j + 32 <= K; j += 32) {
-      const __m256i id = ids32<D>(row, j, bi, end, 32);
-      max_id = _mm256_max_epu8(max_id, id);
-      __m256 w[4];
-      lookup32_f32<NQ>(planes.t, table, id, w);
-      for (int q = 0; q < 4; ++q)
-        for (int m = 0; m < MB; ++m)
-          acc[m][q % kAcc] = _mm256_fmadd_ps(w[q], _mm256_loadu_ps(x + m * ldx + j + 8 * q),
-                                             acc[m][q % kAcc]);
-    }
-    if (j < K) {  // the last K % 32 columns
-      const int64_t left = K - j;
-      const __m256i id = ids32<D>(row, j, bi, end, left);
-      max_id = _mm256_max_epu8(max_id, id);
-      __m256 w[4];
-      lookup32_f32<NQ>(planes.t, table, id, w);
-      for (int q = 0; 8 * q < left; ++q) {
-        const __m256i valid = tail_mask8(left - 8 * q);
-        for (int m = 0; m < MB; ++m)
-          acc[m][0] = _mm256_fmadd_ps(w[q], _mm256_maskload_ps(x + m * ldx + j + 8 * q, valid),
-                                      acc[m][0]);
-      }
-    }
-    const float b = bias ? bias[r] : 0.f;
-    for (int m = 0; m < mvalid; ++m) {
-      __m256 sum = acc[m][0];
-      for (int a = 1; a < kAcc; ++a) sum = _mm256_add_ps(sum, acc[m][a]);
-      y[m * ldy + r] = hsum8(sum) + b;
-    }
-  }
-  seen->max_id = std::max(seen->max_id, hmax_u8(max_id));
-}
-
-// Decodes dense rows to fp32, 32 columns per lookup; the lookup state is built once.
+// The fp32 weights of dense rows, 32 columns per lookup: the lookup state built once, and the
+// largest id seen kept for the op's check.
 template <int NQ, SpqmmDense D>
 struct DenseDecoder {
   const SpqmmPacked& p;
@@ -941,15 +891,23 @@ struct DenseDecoder {
       : p(packed), table(tab), planes(tab), bi(bit_ids32_setup(packed.bits)),
         end(packed.dense_codes + packed.n * packed.dense_width) {}
 
+  DCX_AVX2_FN const uint8_t* codes(int64_t r) const { return p.dense_codes + r * p.dense_width; }
+
+  // Columns j .. j + 31 (j a multiple of 32) of a row: w[q] = columns j + 8 q .. j + 8 q + 7,
+  // 0 past the row's `left` columns.
+  DCX_AVX2_FN void weights32(const uint8_t* row, int64_t j, int64_t left, __m256* w) {
+    const __m256i id = ids32<D>(row, j, bi, end, left);
+    max_id = _mm256_max_epu8(max_id, id);
+    lookup32_f32<NQ>(planes.t, table, id, w);
+  }
+
   // Row r's K weights into w.
   DCX_AVX2_FN void row(int64_t r, float* w) {
-    const uint8_t* codes = p.dense_codes + r * p.dense_width;
+    const uint8_t* row_codes = codes(r);
     for (int64_t j = 0; j < p.k; j += 32) {
       const int64_t left = p.k - j;
-      const __m256i id = ids32<D>(codes, j, bi, end, left);
-      max_id = _mm256_max_epu8(max_id, id);
       __m256 v[4];
-      lookup32_f32<NQ>(planes.t, table, id, v);
+      weights32(row_codes, j, left, v);
       for (int q = 0; q < 4 && 8 * q < left; ++q) {
         // plain stores: a masked store costs many cycles on AMD CPUs (only the row's last 8)
         if (left - 8 * q >= 8) {
@@ -965,6 +923,50 @@ struct DenseDecoder {
     seen->max_id = std::max(seen->max_id, hmax_u8(max_id));
   }
 };
+
+// Dense rows [r0, r1) for MB batch rows of x ([MB][ldx], zero past the valid ones): each weight
+// decoded once and applied to every batch row; at MB = 1 and 2, several accumulators per row.
+template <int NQ, SpqmmDense D, int MB>
+DCX_AVX2_FN void dense_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, const float* table,
+                            const float* x, int64_t ldx, int mvalid, const float* bias, float* y,
+                            int64_t ldy, SpqmmSeen* seen) {
+  constexpr int kAcc = MB >= 4 ? 1 : 4 / MB;
+  DenseDecoder<NQ, D> decode(p, table);
+  const int64_t K = p.k;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = decode.codes(r);
+    __m256 acc[MB][kAcc];
+    for (int m = 0; m < MB; ++m)
+      for (int a = 0; a < kAcc; ++a) acc[m][a] = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 32 <= K; j += 32) {
+      __m256 w[4];
+      decode.weights32(row, j, 32, w);
+      for (int q = 0; q < 4; ++q)
+        for (int m = 0; m < MB; ++m)
+          acc[m][q % kAcc] = _mm256_fmadd_ps(w[q], _mm256_loadu_ps(x + m * ldx + j + 8 * q),
+                                             acc[m][q % kAcc]);
+    }
+    if (j < K) {  // the last K % 32 columns
+      const int64_t left = K - j;
+      __m256 w[4];
+      decode.weights32(row, j, left, w);
+      for (int q = 0; 8 * q < left; ++q) {
+        const __m256i valid = tail_mask8(left - 8 * q);
+        for (int m = 0; m < MB; ++m)
+          acc[m][0] = _mm256_fmadd_ps(w[q], _mm256_maskload_ps(x + m * ldx + j + 8 * q, valid),
+                                      acc[m][0]);
+      }
+    }
+    const float b = bias ? bias[r] : 0.f;
+    for (int m = 0; m < mvalid; ++m) {
+      __m256 sum = acc[m][0];
+      for (int a = 1; a < kAcc; ++a) sum = _mm256_add_ps(sum, acc[m][a]);
+      y[m * ldy + r] = hsum8(sum) + b;
+    }
+  }
+  decode.report(seen);
+}
 
 // Dense decode of rows [r0, r1) into w ([r1 - r0, K] floats).
 template <int NQ, SpqmmDense D>
