@@ -172,6 +172,11 @@ def test_signed_zeros_are_one_value(device):
         c, labels = dcx.ops.kmeans1d(torch.tensor(values, device=device), 3)
         assert c.tolist() == [0.0, 1.0, 2.0] and not torch.signbit(c).any()
         assert labels.tolist() == [0, 0, 1, 2]
+    # A single value, or only zeros: +0.0 too (the CPU once returned -0.0 for one value).
+    for values, k in (([-0.0], 1), ([-0.0], 3), ([-0.0, -0.0], 1), ([-0.0, -0.0], 2)):
+        c, labels = dcx.ops.kmeans1d(torch.tensor(values, device=device), k)
+        assert c.tolist() == [0.0] * k and not torch.signbit(c).any(), (values, k, c)
+        assert labels.tolist() == [0] * len(values)
 
 
 @pytest.mark.parametrize("kind", ["uniform", "gaussian", "bimodal", "heavy"])

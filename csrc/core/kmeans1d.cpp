@@ -34,7 +34,10 @@ void radix_sort(T* data, int64_t n) {
   constexpr int kBuckets = 1 << kDigit;
   constexpr int kBits = sizeof(U) * 8;
   static_assert(sizeof(U) == sizeof(T), "key and value sizes differ");
-  if (n <= 1) return;
+  if (n <= 1) {  // nothing to order, but -0.0 still becomes +0.0, as for any n (and on CUDA)
+    if (n == 1 && data[0] == T(0)) data[0] = T(0);
+    return;
+  }
   // The keys live in the value buffers themselves (same size), copied in and out with memcpy.
   std::vector<U> a(n), b(n);
   std::memcpy(a.data(), data, sizeof(T) * n);

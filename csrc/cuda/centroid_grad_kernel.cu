@@ -47,7 +47,7 @@ __global__ void centroid_grad_shared_kernel(const T* __restrict__ grad, const L*
     }
     atomicAdd(&mine[static_cast<int64_t>(label)], load_acc<Acc>(grad[i]));
   }
-  if (bad) *bad_flag = 1;
+  if (bad) atomicOr(bad_flag, 1);  // many threads may set it: a plain store would race
   __syncthreads();
   for (int c = threadIdx.x; c < k; c += blockDim.x) {
     Acc s = 0;
@@ -71,7 +71,7 @@ __global__ void centroid_grad_global_kernel(const T* __restrict__ grad, const L*
     }
     atomicAdd(&out[static_cast<int64_t>(label)], load_acc<Acc>(grad[i]));
   }
-  if (bad) *bad_flag = 1;
+  if (bad) atomicOr(bad_flag, 1);
 }
 
 template <typename T, typename L, typename Acc>

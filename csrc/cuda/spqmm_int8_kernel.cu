@@ -4,6 +4,8 @@
 // lane decodes the id of its column, looks its int16 weight up in a shared table, and the warp
 // sums the 32 exact int32 products by shuffles before one scaled float add per row of x. x is
 // held in natural column order here (the CPU's q8_slot order serves its AVX2 lookups only).
+// The float steps are written as fmaf: nvcc would contract them anyway, and spelt out they
+// round the same in every build (the emulator's harness checks them bit for bit).
 #include <cstdint>
 
 #include "core/spqmm_int8.h"
@@ -77,14 +79,14 @@ q8_dense_kernel(const int8_t* __restrict__ xq, const float* __restrict__ xs, int
         int dot = int(xq[(m0 + r) * ldq + j]) * w;
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(kFull, dot, o);
-        acc[r] += float(dot) * xs[(m0 + r) * blocks + b];
+        acc[r] = fmaf(float(dot), xs[(m0 + r) * blocks + b], acc[r]);
       }
     }
   }
   if (__any_sync(kFull, max_id >= uint32_t(kc)) && lane == 0) atomicOr(bad_flag, 1);
   if (lane == 0) {
     const float bv = bias ? to_float(bias[row]) : 0.f;
-    for (int r = 0; r < mvalid; ++r) y[(m0 + r) * n + row] = from_float<T>(acc[r] * wscale + bv);
+    for (int r = 0; r < mvalid; ++r) y[(m0 + r) * n + row] = from_float<T>(fmaf(acc[r], wscale, bv));
   }
 }
 

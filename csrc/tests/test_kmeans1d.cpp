@@ -64,6 +64,11 @@ static void test_radix_sort() {
     for (int64_t i = 0; i < n; ++i) same = same && v[i] == expected[i];
     CHECK(same);
   }
+  for (int64_t n : {1, 2, 3}) {  // -0.0 becomes +0.0 at every n, a single value too (as on CUDA)
+    std::vector<T> zeros(n, T(-0.0));
+    km::radix_sort(zeros.data(), n);
+    for (T z : zeros) CHECK(z == T(0) && !std::signbit(z));
+  }
   std::vector<T> nan = {1, std::numeric_limits<T>::quiet_NaN(), -1};
   km::radix_sort(nan.data(), 3);
   CHECK(nan[0] == -1 && nan[1] == 1 && std::isnan(nan[2]));  // positive NaN sorts last

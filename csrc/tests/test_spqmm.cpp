@@ -13,64 +13,33 @@
 
 #include "core/spqmm.h"
 #include "tests/check.h"
+#include "tests/spqmm_test_layers.h"
 
 namespace {
 
-constexpr int R = dcx::kSpqmmRows, W = dcx::kSpqmmWindow;
+constexpr int R = dcx::kSpqmmRows;
 
 struct Layer {
-  std::vector<uint16_t> codes;
-  std::vector<int32_t> windows, group_ptr, chunks;
+  dcx_test::SparseLayer s;   // the packed arrays
   std::vector<float> dense;  // decoded weight [n, k]
-  dcx::SpqmmPacked p;
+  dcx::SpqmmPacked p;        // points into s
 };
 
-// Row r keeps column j when (r * 7 + j * 3) % 5 < keep; id = (r + j) % 2^bits. Every
-// `chunk_steps` steps start a chunk, so groups are split between chunks.
+// pack_sparse's layer (spqmm_test_layers.h) with ids of `bits` bits and its weights from table.
 Layer make_layer(int64_t n, int64_t k, int bits, int keep, int64_t chunk_steps,
                  const std::vector<float>& table) {
   Layer l;
-  const int k_ids = 1 << bits;
+  l.s = dcx_test::pack_sparse(n, k, 1 << bits, keep, chunk_steps);
   l.dense.assign(n * k, 0.f);
-  std::vector<std::vector<int64_t>> cols(n);
-  for (int64_t r = 0; r < n; ++r)
-    for (int64_t j = 0; j < k; ++j)
-      if ((r * 7 + j * 3) % 5 < keep) {
-        cols[r].push_back(j);
-        l.dense[r * k + j] = table[(r + j) % k_ids];
-      }
-  const int64_t groups = dcx::spqmm_groups(n);
-  l.group_ptr.push_back(0);
-  for (int64_t g = 0; g < groups; ++g) {
-    std::vector<size_t> next(R, 0);
-    auto has = [&](int i) { return g * R + i < n && next[i] < cols[g * R + i].size(); };
-    while (true) {
-      int64_t window = -1;
-      for (int i = 0; i < R; ++i)
-        if (has(i) && (window < 0 || cols[g * R + i][next[i]] < window)) window = cols[g * R + i][next[i]];
-      if (window < 0) break;
-      l.windows.push_back(int32_t(window));
-      for (int i = 0; i < R; ++i) {
-        uint16_t slot = 0;
-        if (has(i) && cols[g * R + i][next[i]] < window + W) {
-          const int64_t r = g * R + i, j = cols[r][next[i]++];
-          slot = uint16_t(dcx::kSpqmmLive | (j - window) << 8 | (r + j) % k_ids);
-        }
-        l.codes.push_back(slot);
-      }
-    }
-    l.group_ptr.push_back(int32_t(l.windows.size()));
-  }
-  const int64_t steps = int64_t(l.windows.size());
-  for (int64_t s = 0; s < steps; s += chunk_steps) l.chunks.push_back(int32_t(s));
-  l.chunks.push_back(int32_t(steps));
-  l.p.codes = l.codes.data();
-  l.p.windows = l.windows.data();
-  l.p.group_ptr = l.group_ptr.data();
-  l.p.chunks = l.chunks.data();
-  l.p.num_chunks = int64_t(l.chunks.size()) - 1;
-  l.p.steps = steps;
-  l.p.groups = groups;
+  for (int64_t i = 0; i < n * k; ++i)
+    if (l.s.ids[i] >= 0) l.dense[i] = table[l.s.ids[i]];
+  l.p.codes = l.s.codes.data();
+  l.p.windows = l.s.windows.data();
+  l.p.group_ptr = l.s.group_ptr.data();
+  l.p.chunks = l.s.chunks.data();
+  l.p.num_chunks = l.s.num_chunks;
+  l.p.steps = l.s.steps;
+  l.p.groups = l.s.groups;
   l.p.n = n;
   l.p.k = k;
   l.p.bits = bits;
@@ -155,13 +124,13 @@ void test_structure_errors() {
   std::vector<float> table(dcx::kSpqmmTable, 0.f);
   std::fill(table.begin(), table.begin() + 256, 1.f);
   Layer l = make_layer(40, 100, 5, 3, 1, table);
-  l.group_ptr[2] = l.group_ptr[1] - 1;
+  l.s.group_ptr[2] = l.s.group_ptr[1] - 1;
   CHECK(dcx::spqmm_check_structure(l.p) != nullptr);
   l = make_layer(40, 100, 5, 3, 1, table);
-  l.group_ptr.back() += 1;
+  l.s.group_ptr.back() += 1;
   CHECK(dcx::spqmm_check_structure(l.p) != nullptr);
   l = make_layer(40, 100, 5, 3, 1, table);
-  l.chunks.back() = 3;
+  l.s.chunks.back() = 3;
   CHECK(dcx::spqmm_check_structure(l.p) != nullptr);
 }
 
@@ -171,7 +140,7 @@ void test_bad_window_is_reported() {
   std::fill(table.begin(), table.begin() + 256, 1.f);
   for (int32_t bad : {100, 1 << 30, -7}) {
     Layer l = make_layer(40, 100, 5, 3, 4, table);
-    l.windows[l.windows.size() / 2] = bad;
+    l.s.windows[l.s.windows.size() / 2] = bad;
     std::vector<float> x(dcx::spqmm_x_stride(100), 1.f);
     dcx::SpqmmSeen seen;
     run(l, bias, [&](int64_t c, float* y, float* sums, dcx::SpqmmEdge* e) {
@@ -181,53 +150,21 @@ void test_bad_window_is_reported() {
   }
 }
 
-// A dense layer in the layout of `bits` (core/spqmm_layout.h), packed here from the ids; the
-// padding past K filled with ones (never read, never checked).
+// pack_dense's layer (spqmm_test_layers.h): every id of `bits` bits, padding past K all ones.
 struct DenseLayer {
-  std::vector<uint8_t> codes;
+  dcx_test::DenseLayer d;
   std::vector<uint32_t> ids;  // [n, k]
-  dcx::SpqmmPacked p;
+  dcx::SpqmmPacked p;         // points into d
 };
 
 DenseLayer make_dense(int64_t n, int64_t k, int bits) {
   DenseLayer l;
-  const int64_t width = dcx::spqmm_dense_width(k, bits);
-  l.codes.assign(n * width, 0xFF);
-  l.ids.resize(n * k);
-  for (int64_t r = 0; r < n; ++r) {
-    uint8_t* row = l.codes.data() + r * width;
-    if (dcx::spqmm_dense_layout(bits) != dcx::SpqmmDense::kBytes) {  // clear the real columns
-      for (int64_t j = 0; j < k; ++j) {
-        if (dcx::spqmm_dense_layout(bits) == dcx::SpqmmDense::kNibbles) {
-          const int64_t t = (j >> 4) & 7, d = j & 15, byte = (j >> 7) * 64 + 4 * d + (t >> 1);
-          row[byte] &= uint8_t(~(15u << (4 * (t & 1))));
-        } else {
-          for (int b = 0; b < bits; ++b) row[(j * bits + b) >> 3] &= uint8_t(~(1u << ((j * bits + b) & 7)));
-        }
-      }
-    }
-    for (int64_t j = 0; j < k; ++j) {
-      const uint32_t id = uint32_t((r * 5 + j * 3 + (j >> 3)) % (1 << bits));
-      l.ids[r * k + j] = id;
-      switch (dcx::spqmm_dense_layout(bits)) {
-        case dcx::SpqmmDense::kNibbles: {
-          const int64_t t = (j >> 4) & 7, d = j & 15;
-          row[(j >> 7) * 64 + 4 * d + (t >> 1)] |= uint8_t(id << (4 * (t & 1)));
-          break;
-        }
-        case dcx::SpqmmDense::kBits:
-          for (int b = 0; b < bits; ++b)
-            if (id >> b & 1) row[(j * bits + b) >> 3] |= uint8_t(1u << ((j * bits + b) & 7));
-          break;
-        default: row[j] = uint8_t(id);
-      }
-      CHECK(dcx::spqmm_dense_id(row, j, bits) == id);
-    }
-  }
+  l.d = dcx_test::pack_dense(n, k, bits, 1 << bits);
+  l.ids.assign(l.d.ids.begin(), l.d.ids.end());
   l.p.dense = true;
-  l.p.dense_codes = l.codes.data();
+  l.p.dense_codes = l.d.codes.data();
   l.p.layout = dcx::spqmm_dense_layout(bits);
-  l.p.dense_width = width;
+  l.p.dense_width = l.d.width;
   l.p.n = n;
   l.p.k = k;
   l.p.bits = bits;
