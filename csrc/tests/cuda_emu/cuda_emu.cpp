@@ -115,7 +115,12 @@ struct Warp {
   uint64_t value[32] = {};
   int arg[32] = {};
   uint64_t result[32] = {};
-  char sync_token = 0;  // TSan: the collective's happens-before edge
+  // TSan: the collective's happens-before edge, one token per instance in a ring: a lane that
+  // runs ahead into a later collective must not publish what it wrote since to lanes still
+  // waking from this one. With full masks every lane wakes from instance g before g + 1 can
+  // complete, so two would do; lanes of disjoint masks may run a few collectives ahead.
+  char sync_token[8] = {};
+  unsigned generation = 0;
 };
 
 struct Fiber {
@@ -134,7 +139,10 @@ struct Block {
   unsigned exited = 0;
   unsigned bar_arrived = 0;
   Where bar_where;
-  char bar_token = 0;    // TSan: __syncthreads' happens-before edge
+  // TSan: __syncthreads' happens-before edge per instance, alternating (every thread wakes from
+  // barrier g before any can pass g + 1, so a thread running ahead never publishes to them).
+  char bar_token[2] = {};
+  unsigned bar_generation = 0;
   char start_token = 0;  // TSan: the launch happens before the block's threads
   std::vector<Warp> warps;
   char* arena = nullptr;  // TSan builds: shared memory carved from one mapping per block
@@ -306,9 +314,11 @@ void syncthreads(const std::source_location& loc) {
     fail("__syncthreads at different call sites in one block: %s:%u and %s:%u (divergent barrier)",
          b.bar_where.file, b.bar_where.line, loc.file_name(), loc.line());
   }
-  tsan_release(&b.bar_token);
+  char* token = &b.bar_token[b.bar_generation & 1];
+  tsan_release(token);
   if (++b.bar_arrived == b.nthreads) {
     b.bar_arrived = 0;
+    ++b.bar_generation;
     unsigned waiters[1024], n = 0, me = s.current->ts.linear;
     for (unsigned t = 0; t < b.nthreads; ++t)
       if (t != me) waiters[n++] = t;
@@ -319,7 +329,7 @@ void syncthreads(const std::source_location& loc) {
   } else {
     wait_here("__syncthreads", loc);
   }
-  tsan_acquire(&b.bar_token);
+  tsan_acquire(token);
 }
 
 namespace {
@@ -398,11 +408,13 @@ uint64_t warp_collective(Op op, unsigned mask, uint64_t value, int arg, int widt
   w.value[t.lane] = value;
   w.arg[t.lane] = arg;
   w.arrived |= me;
-  tsan_release(&w.sync_token);
+  char* token = &w.sync_token[w.generation % 8];
+  tsan_release(token);
   if (w.arrived == w.mask) {
     for (unsigned l = 0; l < 32; ++l)
       if ((w.mask >> l) & 1u) w.result[l] = collective_result(w, l);
     w.arrived = 0;
+    ++w.generation;
     unsigned lanes[32], n = 0;
     for (unsigned l = 0; l < 32; ++l)
       if ((w.mask >> l) & 1u) lanes[n++] = t.warp * 32 + l;
@@ -411,7 +423,7 @@ uint64_t warp_collective(Op op, unsigned mask, uint64_t value, int arg, int widt
   } else {
     wait_here(op_name(op), loc);
   }
-  tsan_acquire(&w.sync_token);
+  tsan_acquire(token);
   return w.result[t.lane];
 }
 
