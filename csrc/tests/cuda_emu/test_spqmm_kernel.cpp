@@ -56,6 +56,23 @@ cuda::SpqmmCudaArgs base_args(Dtype dt, int device) {
   return a;
 }
 
+// The arguments of a sparse-mode layer; x, y, m, the codebook and the rest are the caller's.
+cuda::SpqmmCudaArgs sparse_args(Dtype dt, int device, const dcx_test::SparseLayer& l) {
+  auto a = base_args(dt, device);
+  a.n = l.n;
+  a.k = l.k;
+  a.dense = false;
+  a.codes = l.codes.data();
+  a.windows = l.windows.data();
+  a.group_ptr = l.group_ptr.data();
+  a.chunks = l.chunks.data();
+  a.num_chunks = l.num_chunks;
+  a.steps = l.steps;
+  a.groups = l.groups;
+  a.bits = 8;
+  return a;
+}
+
 template <typename T>
 void test_sparse(int64_t n, int64_t k, int kc, int keep, int64_t m, bool with_bias, int device,
                  uint32_t seed) {
@@ -67,21 +84,10 @@ void test_sparse(int64_t n, int64_t k, int kc, int keep, int64_t m, bool with_bi
   std::vector<T> y(m * n, h::from_f<T>(12345.f));
   std::vector<float> ws(m * n, 0.f);
   int flag = 0;
-  auto a = base_args(h::dtype_of<T>(), device);
+  auto a = sparse_args(h::dtype_of<T>(), device, l);
   a.x = x.data();
   a.y = y.data();
   a.m = m;
-  a.n = n;
-  a.k = k;
-  a.dense = false;
-  a.codes = l.codes.data();
-  a.windows = l.windows.data();
-  a.group_ptr = l.group_ptr.data();
-  a.chunks = l.chunks.data();
-  a.num_chunks = l.num_chunks;
-  a.steps = l.steps;
-  a.groups = l.groups;
-  a.bits = 8;
   a.codebook = cb.data();
   a.kc = kc;
   a.bias = with_bias ? bias.data() : nullptr;
@@ -125,20 +131,10 @@ void test_sparse_flags(int device) {
     const auto cb = h::codebook<float>(64);
     std::vector<float> y(3 * 40), ws(3 * 40, 0.f);
     int flag = 0;
-    auto a = base_args(Dtype::kFloat32, device);
+    auto a = sparse_args(Dtype::kFloat32, device, l);
     a.x = x.data();
     a.y = y.data();
     a.m = 3;
-    a.n = 40;
-    a.k = 100;
-    a.codes = l.codes.data();
-    a.windows = l.windows.data();
-    a.group_ptr = l.group_ptr.data();
-    a.chunks = l.chunks.data();
-    a.num_chunks = l.num_chunks;
-    a.steps = l.steps;
-    a.groups = l.groups;
-    a.bits = 8;
     a.codebook = cb.data();
     a.kc = kc;
     a.ws = ws.data();
