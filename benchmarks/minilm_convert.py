@@ -51,7 +51,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for name, bits, overrides in SETTINGS:
             started = time.perf_counter()
-            compressed = dcx.convert(copy.deepcopy(model), bits=bits, overrides=overrides)
+            compressed, _ = dcx.convert_(copy.deepcopy(model), dcx.ConvertConfig(bits=bits, overrides=overrides))
             path = Path(tmp) / "minilm.dcx"
             dcx.save(compressed, path, extra=dcx.hf.manifest_extra(compressed))
             seconds = time.perf_counter() - started

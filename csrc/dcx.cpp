@@ -35,15 +35,21 @@ TORCH_LIBRARY(dcx, m) {
       "kmeans1d(Tensor values, int num_clusters, str init=\"linear\", int max_iter=300, "
       "float tol=1e-4, int seed=0, str method=\"lloyd\") -> (Tensor, Tensor)");
   // y = x W^T + bias with W [out_features, in_features] held packed (codebook ids decoded on the
-  // fly; layout at the top of csrc/core/spqmm.h, built by dcx.nn.pack). x: [..., K];
+  // fly; layout at the top of csrc/core/spqmm.h, built by dcx.packing.pack). x: [..., K];
   // y: [..., N]. crossover: the batch from which W is decoded once and the BLAS runs (-1: auto).
   // check=False: on CUDA, do not read back the corruption flag (no host sync; reads stay in bounds).
   m.def(
       "spqmm(Tensor x, Tensor codes, Tensor windows, Tensor group_ptr, Tensor chunks, Tensor codebook, "
       "int out_features, int in_features, int bits, Tensor? bias=None, int crossover=-1, "
       "bool check=True) -> Tensor");
+  // W [out_features, in_features] of a packed weight, decoded in the codebook's dtype (0 where
+  // pruned): the backward of spqmm and spqmm_int8 (grad_x = grad_y W), and unpacking.
+  m.def(
+      "spqmm_decode(Tensor codes, Tensor windows, Tensor group_ptr, Tensor chunks, "
+      "Tensor codebook, int out_features, int in_features, int bits) -> Tensor");
   // The same product for a dense-mode layer in int8 arithmetic (csrc/core/spqmm_int8.h): the
-  // codebook as int8 with one scale, x quantized per row in blocks of 32, int32 dot products.
+  // codebook as int16 with one scale, x quantized to int8 per row in blocks of 32, int32 dot
+  // products.
   m.def(
       "spqmm_int8(Tensor x, Tensor codes, Tensor codebook, int out_features, int in_features, "
       "int bits, Tensor? bias=None, bool check=True) -> Tensor");
@@ -51,7 +57,7 @@ TORCH_LIBRARY(dcx, m) {
 
 // `import dcx._C` loads this library, which runs the registrations above; the ops are reached
 // through torch.ops.dcx. The module holds one thing: SPQMM_LAYOUT, the packed layout's constants
-// (csrc/core/spqmm.h), so that the Python packer (dcx.nn.pack) reads them from where the kernels
+// (csrc/core/spqmm_layout.h), so that the Python packer (dcx.packing.pack) reads them from where the kernels
 // do instead of keeping copies.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};

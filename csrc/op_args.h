@@ -111,27 +111,25 @@ inline void check_kmeans1d_finite(double first, double last) {
 // layout). The contents (ids, windows, pointers) are checked by the kernels themselves.
 constexpr int64_t kSpqmmGroupRows = kSpqmmRows;  // rows per group: a step holds a slot per row
 
-// The checks spqmm and spqmm_int8 share: x, the sizes, bits, the codebook, the codes' dtype and,
-// for dense mode (uint8), their shape, and the bias.
-inline void check_spqmm_common_args(const at::Tensor& x, const at::Tensor& codes,
-                                    const at::Tensor& codebook, int64_t out_features,
-                                    int64_t in_features, int64_t bits,
-                                    const std::optional<at::Tensor>& bias) {
-  check_dtype_in(x, "x", {at::kFloat, at::kHalf, at::kBFloat16}, "float32, float16 or bfloat16");
-  TORCH_CHECK(x.dim() >= 1, "x must have at least one dimension, got a scalar");
+// The packed weight alone (spqmm_decode has no x): bits, the sizes, the codebook, the codes'
+// dtype and, for dense mode (uint8), their shape; codes on the codebook's device.
+inline void check_spqmm_sizes(int64_t out_features, int64_t in_features, int64_t bits) {
   TORCH_CHECK(bits >= 1 && bits <= 8, "bits must lie in [1, 8], got ", bits);
   TORCH_CHECK(out_features >= 0 && in_features >= 0,
               "out_features and in_features must be >= 0, got ", out_features, " and ", in_features);
   TORCH_CHECK(in_features < (int64_t(1) << 31) - 64, "in_features must be below 2^31 - 64, got ",
               in_features);
-  TORCH_CHECK(x.size(-1) == in_features, "x must have in_features = ", in_features,
-              " elements in its last dimension, got shape ", x.sizes());
-  check_same_dtype(codebook, "codebook", x, "x");
-  check_same_device(codebook, "codebook", x, "x");
+}
+
+inline void check_spqmm_weight_args(const at::Tensor& codes, const at::Tensor& codebook,
+                                    int64_t out_features, int64_t in_features, int64_t bits) {
+  check_spqmm_sizes(out_features, in_features, bits);
+  check_dtype_in(codebook, "codebook", {at::kFloat, at::kHalf, at::kBFloat16},
+                 "float32, float16 or bfloat16");
   TORCH_CHECK(codebook.dim() == 1 && codebook.numel() >= 1 && codebook.numel() <= (1 << bits),
               "codebook must be 1-D with 1 to 2^bits = ", (1 << bits), " entries, got shape ",
               codebook.sizes());
-  check_same_device(codes, "codes", x, "x");
+  check_same_device(codes, "codes", codebook, "codebook");
   check_dtype_in(codes, "codes", {at::kShort, at::kByte}, "int16 (sparse) or uint8 (dense)");
   if (codes.scalar_type() == at::kByte) {
     const int64_t width = spqmm_dense_width(in_features, bits);
@@ -142,6 +140,23 @@ inline void check_spqmm_common_args(const at::Tensor& x, const at::Tensor& codes
                 "] = [", out_features, ", ", width, "], got ", codes.sizes());
     TORCH_CHECK(codes.is_contiguous(), "codes must be contiguous");
   }
+}
+
+// The checks spqmm and spqmm_int8 share: x, then the packed weight (x's dtype and device), the
+// bias.
+inline void check_spqmm_common_args(const at::Tensor& x, const at::Tensor& codes,
+                                    const at::Tensor& codebook, int64_t out_features,
+                                    int64_t in_features, int64_t bits,
+                                    const std::optional<at::Tensor>& bias) {
+  check_dtype_in(x, "x", {at::kFloat, at::kHalf, at::kBFloat16}, "float32, float16 or bfloat16");
+  TORCH_CHECK(x.dim() >= 1, "x must have at least one dimension, got a scalar");
+  check_spqmm_sizes(out_features, in_features, bits);
+  TORCH_CHECK(x.size(-1) == in_features, "x must have in_features = ", in_features,
+              " elements in its last dimension, got shape ", x.sizes());
+  check_same_dtype(codebook, "codebook", x, "x");
+  check_same_device(codebook, "codebook", x, "x");
+  check_same_device(codes, "codes", x, "x");
+  check_spqmm_weight_args(codes, codebook, out_features, in_features, bits);
   if (bias.has_value() && bias->defined()) {
     check_same_dtype(*bias, "bias", x, "x");
     check_same_device(*bias, "bias", x, "x");
@@ -150,14 +165,14 @@ inline void check_spqmm_common_args(const at::Tensor& x, const at::Tensor& codes
   }
 }
 
-inline void check_spqmm_args(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& windows,
-                             const at::Tensor& group_ptr, const at::Tensor& chunks,
-                             const at::Tensor& codebook, int64_t out_features, int64_t in_features,
-                             int64_t bits, const std::optional<at::Tensor>& bias) {
-  check_spqmm_common_args(x, codes, codebook, out_features, in_features, bits, bias);
-  check_same_device(windows, "windows", x, "x");
-  check_same_device(group_ptr, "group_ptr", x, "x");
-  check_same_device(chunks, "chunks", x, "x");
+// Sparse mode's positions (windows, group_ptr, chunks) on the codes' device; their contents are
+// checked by the kernels.
+inline void check_spqmm_positions(const at::Tensor& codes, const at::Tensor& windows,
+                                  const at::Tensor& group_ptr, const at::Tensor& chunks,
+                                  int64_t out_features) {
+  check_same_device(windows, "windows", codes, "codes");
+  check_same_device(group_ptr, "group_ptr", codes, "codes");
+  check_same_device(chunks, "chunks", codes, "codes");
   check_dtype_in(windows, "windows", {at::kInt}, "int32");
   check_dtype_in(group_ptr, "group_ptr", {at::kInt}, "int32");
   check_dtype_in(chunks, "chunks", {at::kInt}, "int32");
@@ -176,6 +191,22 @@ inline void check_spqmm_args(const at::Tensor& x, const at::Tensor& codes, const
     TORCH_CHECK(chunks.dim() == 1 && chunks.numel() >= 1 && chunks.is_contiguous(),
                 "chunks must be 1-D, contiguous and non-empty, got shape ", chunks.sizes());
   }
+}
+
+inline void check_spqmm_args(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& windows,
+                             const at::Tensor& group_ptr, const at::Tensor& chunks,
+                             const at::Tensor& codebook, int64_t out_features, int64_t in_features,
+                             int64_t bits, const std::optional<at::Tensor>& bias) {
+  check_spqmm_common_args(x, codes, codebook, out_features, in_features, bits, bias);
+  check_spqmm_positions(codes, windows, group_ptr, chunks, out_features);
+}
+
+inline void check_spqmm_decode_args(const at::Tensor& codes, const at::Tensor& windows,
+                                    const at::Tensor& group_ptr, const at::Tensor& chunks,
+                                    const at::Tensor& codebook, int64_t out_features,
+                                    int64_t in_features, int64_t bits) {
+  check_spqmm_weight_args(codes, codebook, out_features, in_features, bits);
+  check_spqmm_positions(codes, windows, group_ptr, chunks, out_features);
 }
 
 // spqmm_int8 takes a dense-mode layer only (uint8 codes, no positions); the rest as spqmm.

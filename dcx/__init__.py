@@ -4,7 +4,7 @@ that run the compressed model fast.
     dcx.prune_ / dcx.Pruner / dcx.MaskedSGD    stage one: pruning and masked retraining
     dcx.cluster_                               stage two: weight sharing, centroid fine-tuning
     dcx.encode_ / dcx.save / dcx.load          stage three: the Huffman-coded .dcx file
-    dcx.SparseQuantLinear / dcx.convert        fast inference on the compressed weights
+    dcx.SparseQuantLinear / dcx.convert_       fast inference on the compressed weights
     dcx.DeepCompression                        all of it in one run
 
 Every stage writes one compressed state per layer (dcx.state), which every later stage, the
@@ -18,30 +18,33 @@ from dcx._native import available, kernels  # noqa: E402
 
 from dcx import config, state  # noqa: E402
 from dcx import data, models, optim, prune, quantize, sensitivity  # noqa: E402
-from dcx.config import (ClusterConfig, CompressionConfig, EncodeConfig, PruneConfig,  # noqa: E402
-                        TrainConfig)
+from dcx.config import (ClusterConfig, CompressionConfig, ConvertConfig,  # noqa: E402
+                        EncodeConfig, PruneConfig, TrainConfig)
 from dcx.optim import MaskedSGD, mask_optimizer_  # noqa: E402
 from dcx.prune import Pruner, finalize_pruning_, prune_  # noqa: E402
 from dcx.quantize import cluster_, finalize_clustering_  # noqa: E402
 
-from dcx import nn  # noqa: E402
-from dcx.nn import (SparseQuantConv2d, SparseQuantEmbedding, SparseQuantLinear,  # noqa: E402
-                    convert, pack, pack_layers_)
+from dcx import nn, packing  # noqa: E402
+from dcx.convert import convert, convert_, pack_layers_  # noqa: E402
+from dcx.nn import SparseQuantConv2d, SparseQuantEmbedding, SparseQuantLinear  # noqa: E402
+from dcx.packing import pack  # noqa: E402
 
 from dcx import format, hf, io, report  # noqa: E402
 from dcx.encode import encode_  # noqa: E402
 from dcx.format import FormatError, verify  # noqa: E402
-from dcx.io import load, save  # noqa: E402
+from dcx.io import load, load_state_dict, save  # noqa: E402
 
 from dcx.pipeline import DeepCompression  # noqa: E402
 
 __all__ = [
     "__version__", "available", "kernels", "ops", "reference", "config", "state",
-    "data", "models", "optim", "prune", "quantize", "sensitivity", "nn", "format", "io", "report",
+    "data", "models", "optim", "prune", "quantize", "sensitivity", "nn", "packing", "format",
+    "io", "report",
     "MaskedSGD", "mask_optimizer_", "PruneConfig", "Pruner", "finalize_pruning_", "prune_",
     "ClusterConfig", "cluster_", "finalize_clustering_", "EncodeConfig", "encode_",
-    "SparseQuantLinear", "SparseQuantConv2d", "SparseQuantEmbedding", "convert", "pack",
+    "SparseQuantLinear", "SparseQuantConv2d", "SparseQuantEmbedding", "ConvertConfig", "convert_",
+    "convert", "pack",
     "pack_layers_", "hf",
-    "FormatError", "save", "load", "verify",
+    "FormatError", "save", "load", "load_state_dict", "verify",
     "CompressionConfig", "TrainConfig", "DeepCompression",
 ]

@@ -20,7 +20,7 @@ except ImportError as error:  # not built, or built against another torch
     LOAD_ERROR = error
 
 # Every op in the TORCH_LIBRARY(dcx) block of csrc/dcx.cpp.
-OP_NAMES = ("masked_sgd_step_", "centroid_grad", "kmeans1d", "spqmm", "spqmm_int8")
+OP_NAMES = ("masked_sgd_step_", "centroid_grad", "kmeans1d", "spqmm", "spqmm_int8", "spqmm_decode")
 # Ops with a CPU kernel only, on purpose: the Huffman codec is a file-format step (dcx.save and
 # dcx.load), never on the model's path. CI requires CPU and CUDA kernels of every other op.
 CPU_ONLY = ("huffman_code_lengths", "huffman_encode", "huffman_decode")
@@ -54,17 +54,10 @@ def kernels():
 
 def spqmm_layout():
     """The packed layout's constants of dcx.ops.spqmm, from the one place that defines them
-    (csrc/core/spqmm.h, exported by the compiled extension): rows (per group, = slots per step),
+    (csrc/core/spqmm_layout.h, exported by the compiled extension): rows (per group, = slots per step),
     window (columns one step reaches), live_bit, offset_shift and id_mask (the fields of a
     16-bit slot), nibble_block (columns per block of two-ids-per-byte dense codes), bit_block
     (columns per block of bit-packed dense codes, bits 5 to 7)."""
     if LOAD_ERROR is not None:
         raise RuntimeError(f"dcx kernels are not built ({LOAD_ERROR}); {BUILD_HINT}")
     return dict(_C.SPQMM_LAYOUT)
-
-
-def check_device_kernel(name, tensor):
-    """Raise a clear error when `tensor`'s device has no kernel for op `name`."""
-    key = "CUDA" if tensor.is_cuda else "CPU"
-    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"dcx::{name}", key):
-        raise RuntimeError(f"dcx::{name} has no {key} kernel in this build; {BUILD_HINT}")

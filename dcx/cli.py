@@ -29,11 +29,14 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Mapping
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CORRUPT = 0, 1, 2, 3
 MODELS = ("lenet300", "lenet5")
+# dcx.nn.COMPUTE_MODES, spelt out so that `dcx --help` imports no torch (a test keeps them equal)
+COMPUTE_MODES = ("auto", "float32", "bfloat16", "int8")
 
 
 class UsageError(Exception):
@@ -218,10 +221,22 @@ def cmd_demo(args):
 
 def cmd_compress(args):
     from dcx.config import CompressionConfig
+    from dcx.pipeline import PipelineError
 
     config = CompressionConfig.load(args.config)
-    result = run_pipeline(config, args.model, args.data, Path(args.out), plots=not args.no_plots,
-                          progress=not args.quiet)
+    try:
+        result = run_pipeline(config, args.model, args.data, Path(args.out),
+                              plots=not args.no_plots, progress=not args.quiet)
+    except PipelineError as error:  # what was done, then the error with its traceback
+        if error.result.stages:
+            print(f"\n{args.model}: the stages finished before {error.stage!r} failed\n")
+            print(error.result.table())
+        if error.result.path is not None:
+            print(f"\nfile written: {error.result.path} "
+                  f"({error.result.path.stat().st_size:,} bytes)")
+        traceback.print_exception(error.__cause__, file=sys.stderr)
+        print(f"dcx: {error}", file=sys.stderr)
+        return EXIT_FAILED
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=2))
     return EXIT_OK if result.same_predictions else EXIT_FAILED
@@ -304,23 +319,12 @@ def cmd_convert(args):
     overrides = load_overrides(args.overrides) if args.overrides else None
     model, source_bytes, source, extra = convert_source(args.src, args.weights)
     model.eval()
-    rows = []
-    try:
-        dcx.convert(model, sparsity=args.sparsity, bits=args.bits, overrides=overrides,
-                    embeddings=args.embeddings, compute=args.compute, progress=not args.quiet,
-                    report=rows)
-    except ValueError as error:  # bad bits or sparsity (ConfigError for overrides is one too)
-        from dcx.config import ConfigError
-
-        if isinstance(error, ConfigError):
-            raise
-        raise UsageError(str(error)) from None
-    extra["dcx_convert"] = {"bits": args.bits, "sparsity": args.sparsity,
-                            "embeddings": args.embeddings, "overrides": overrides,
-                            "compute": args.compute}
+    config = dcx.ConvertConfig(sparsity=args.sparsity, bits=args.bits, overrides=overrides or {},
+                               embeddings=args.embeddings, compute=args.compute)
+    model, rows = dcx.convert_(model, config, progress=not args.quiet)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    dcx.save(model, out, extra=extra)
+    dcx.save(model, out, config=config, extra=extra)  # the ConvertConfig in the manifest
     seconds = time.perf_counter() - started
     print(f"\n{args.src}: {len(rows)} layers with a weight of two or more dimensions\n")
     print(convert_table(rows))
@@ -356,7 +360,7 @@ def cmd_export(args):
     from dcx.hf import require
 
     safetensors = require("safetensors.torch")
-    tensors = {name: t.contiguous() for name, t in dcx.load(args.file).items()}
+    tensors = {name: t.contiguous() for name, t in dcx.load_state_dict(args.file).items()}
     data = safetensors.save(tensors, metadata={"producer": "dcx export",
                                                "source": os.path.basename(args.file)})
     fmt.write_atomic(args.out, data)
@@ -422,9 +426,9 @@ def parser():
                                        "sparsity: s} or null}, patterns as in dcx.config")
     s.add_argument("--embeddings", action=argparse.BooleanOptionalAction, default=True,
                    help="compress nn.Embedding tables too (default: yes)")
-    s.add_argument("--compute", default="auto", choices=("auto", "float32", "bfloat16"),
-                   help="what the packed layers compute in once loaded (recorded in the file; "
-                        "default auto: the activations' dtype)")
+    s.add_argument("--compute", default="auto", choices=COMPUTE_MODES,
+                   help="what the packed layers compute in once loaded (each layer's mode is "
+                        "recorded in the file; default auto: the activations' dtype)")
     s.add_argument("--out", required=True, help="the .dcx file to write")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_convert)

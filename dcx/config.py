@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 __all__ = [
-    "ConfigError", "PruneConfig", "ClusterConfig", "EncodeConfig", "TrainConfig",
-    "CompressionConfig", "PRESETS", "check_overrides", "resolve_overrides",
+    "ConfigError", "PruneConfig", "ClusterConfig", "EncodeConfig", "ConvertConfig", "TrainConfig",
+    "CompressionConfig", "PRESETS", "COMPUTE_MODES", "check_compute", "check_overrides",
+    "resolve_overrides", "layer_overrides",
 ]
 
 
@@ -43,7 +44,7 @@ class ConfigError(ValueError):
 # The override rule
 
 
-def _compile(pattern: str, where: str):
+def compile_pattern(pattern: str, where: str):
     """(exact name, None) or (None, compiled regex) for 're:<regex>'."""
     if not isinstance(pattern, str):
         raise ConfigError(f"{where}: override keys must be strings, got {pattern!r}")
@@ -62,7 +63,7 @@ def check_overrides(overrides, where: str, check_value=None) -> dict:
         raise ConfigError(f"{where}: overrides must be a mapping, got {type(overrides).__name__}")
     result = {}
     for pattern, value in overrides.items():
-        _compile(pattern, where)
+        compile_pattern(pattern, where)
         if value is not None:
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{where}: override {pattern!r} must be a mapping or None, "
@@ -80,7 +81,7 @@ def resolve_overrides(overrides: Mapping[str, Any], layers: Mapping[str, Sequenc
     Returns {layer key: (winning pattern, its value)} for every layer a pattern selects.
     Raises ConfigError for a pattern that selects no layer; `known` (every name in the model)
     tells apart a pattern that names something which is not a layer here."""
-    compiled = {p: _compile(p, where) for p in overrides}
+    compiled = {p: compile_pattern(p, where) for p in overrides}
     exact = {p for p, (name, _) in compiled.items() if name is not None}
     regexes = [(p, rx) for p, (_, rx) in compiled.items() if rx is not None]
     result, selects = {}, set()
@@ -105,6 +106,25 @@ def resolve_overrides(overrides: Mapping[str, Any], layers: Mapping[str, Sequenc
     return result
 
 
+def layer_overrides(model, overrides: Mapping[str, Any], keys, where: str
+                    ) -> dict[str, tuple[str, Any]]:
+    """The override rule over layers of `model`, as every verb applies it: each key is a module
+    name ("fc1") or a parameter name ("fc1.weight"), and a pattern may name a layer either way.
+    Returns {key: (winning pattern, its value)}; a pattern that selects none of the keys is a
+    ConfigError, worded alike for every verb."""
+    modules = [n for n, _ in model.named_modules()]
+    params = [n for n, _ in model.named_parameters()]
+    param_set = set(params)
+
+    def aliases(key):
+        if key in param_set:
+            return [key, key.rpartition(".")[0]]
+        return [key, f"{key}.weight" if key else "weight"]
+
+    return resolve_overrides(overrides, {key: aliases(key) for key in keys}, where,
+                             modules + params)
+
+
 # ---------------------------------------------------------------------------------------------
 # Small checks
 
@@ -122,7 +142,7 @@ def _is_number(value, low=0.0):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= low
 
 
-def _check_fraction(name, value):
+def check_fraction(name, value):
     _check(_is_number(value) and value <= 1.0, f"{name} must be a number in [0, 1], got {value!r}")
 
 
@@ -142,7 +162,7 @@ def _from_dict(cls, data, where):
 
 
 class _Config:
-    """to_dict / from_dict for the stage dataclasses."""
+    """to_dict / from_dict and the YAML / JSON round trip of every config dataclass."""
 
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(dataclasses.asdict(self))
@@ -150,6 +170,38 @@ class _Config:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]):
         return _from_dict(cls, data, cls.__name__)
+
+    def dumps(self, fmt: str = "yaml") -> str:
+        if fmt == "json":
+            return json.dumps(self.to_dict(), indent=2) + "\n"
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def loads(cls, text: str, fmt: str = "yaml"):
+        try:
+            if fmt == "json":
+                data = json.loads(text)
+            else:
+                import yaml
+
+                data = yaml.safe_load(text)
+        except Exception as error:  # json's ValueError, yaml.YAMLError
+            raise ConfigError(f"cannot parse the {fmt} config: {error}") from None
+        return cls.from_dict(data if data is not None else {})
+
+    def save(self, path) -> Path:
+        path = Path(path)
+        path.write_text(self.dumps(_format_of(path)))
+        return path
+
+    @classmethod
+    def load(cls, path):
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        return cls.loads(path.read_text(), _format_of(path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +222,7 @@ def _check_prune_layer(where, fields):
     _check(len(chosen) <= 1, f"{where}: set exactly one criterion of {list(CRITERIA)}, got {chosen}")
     for name in ("sparsity", "global_sparsity"):
         if fields.get(name) is not None:
-            _check_fraction(f"{where}: {name}", fields[name])
+            check_fraction(f"{where}: {name}", fields[name])
     for name in ("threshold", "quality"):
         value = fields.get(name)
         _check(value is None or (_is_number(value) and math.isfinite(value)),
@@ -223,13 +275,13 @@ class PruneConfig(_Config):
         for name, low in (("start", 0), ("frequency", 1), ("iterations", 1)):
             value = getattr(self, name)
             _check(_is_int(value, low), f"PruneConfig: {name} must be an int >= {low}, got {value!r}")
-        _check_fraction("PruneConfig: initial_sparsity", self.initial_sparsity)
+        check_fraction("PruneConfig: initial_sparsity", self.initial_sparsity)
         if self.targets is not None:
             _check(not isinstance(self.targets, str) and all(isinstance(t, str) for t in self.targets),
                    f"PruneConfig: targets must be a list of names, got {self.targets!r}")
             self.targets = list(self.targets)
             for pattern in self.targets:
-                _compile(pattern, "PruneConfig targets")
+                compile_pattern(pattern, "PruneConfig targets")
         self.overrides = check_overrides(self.overrides, "PruneConfig", _check_prune_layer)
 
     def layer_fields(self) -> dict[str, Any]:
@@ -334,6 +386,74 @@ class EncodeConfig(_Config):
 
 
 # ---------------------------------------------------------------------------------------------
+# Post-training conversion
+
+# What a packed layer computes in (dcx.nn describes each mode).
+COMPUTE_MODES = ("auto", "float32", "bfloat16", "int8")
+
+
+def check_compute(compute):
+    """`compute` when it is one of COMPUTE_MODES, else ConfigError (a ValueError)."""
+    _check(compute in COMPUTE_MODES, f"compute must be one of {COMPUTE_MODES}, got {compute!r}")
+    return compute
+
+
+def _check_convert_layer(where, layer):
+    _check(not set(layer) - {"sparsity", "bits"},
+           f"{where}: a layer may set sparsity and bits, got {sorted(layer)}")
+    _check("bits" not in layer or (_is_int(layer["bits"], 1) and layer["bits"] <= 8),
+           f"{where}: bits must lie in [1, 8], got {layer.get('bits')!r}")
+    value = layer.get("sparsity", 0.0)
+    _check(_is_number(value) and value <= 1.0,
+           f"{where}: sparsity must be a number in [0, 1], got {value!r}")
+
+
+def _check_patterns(name, patterns):
+    """None, or a list of override patterns (a single string becomes a list of one)."""
+    if patterns is None:
+        return None
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+    _check(isinstance(patterns, (list, tuple)), f"{name} must be a pattern or a list of them, "
+                                                f"got {patterns!r}")
+    for pattern in patterns:
+        compile_pattern(pattern, name)
+    return list(patterns)
+
+
+@dataclass
+class ConvertConfig(_Config):
+    """Post-training compression (dcx.convert_): every nn.Linear (every convolution with
+    conv=True, every nn.Embedding with embeddings=True) pruned to `sparsity` by magnitude, its
+    surviving weights shared among 2^bits k-means centroids, and packed where a packed twin runs
+    it. overrides: {pattern: {"sparsity": s, "bits": b} or None (left alone)} by the one rule
+    (exact module name, then "re:" patterns in order); include / exclude: patterns by the same
+    rule, sugar for leaving out every other layer / these layers; dense: force the packed mode
+    (None: by density); compute: the packed layers' compute mode (COMPUTE_MODES)."""
+
+    sparsity: float = 0.0
+    bits: int = 5
+    overrides: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    include: Optional[list[str]] = None
+    exclude: Optional[list[str]] = None
+    conv: bool = True
+    embeddings: bool = True
+    dense: Optional[bool] = None
+    compute: str = "auto"
+
+    def __post_init__(self):
+        _check_convert_layer("ConvertConfig", {"sparsity": self.sparsity, "bits": self.bits})
+        self.overrides = check_overrides(self.overrides, "ConvertConfig", _check_convert_layer)
+        self.include = _check_patterns("ConvertConfig include", self.include)
+        self.exclude = _check_patterns("ConvertConfig exclude", self.exclude)
+        for name in ("conv", "embeddings"):
+            _check(isinstance(getattr(self, name), bool),
+                   f"{name} must be true or false, got {getattr(self, name)!r}")
+        _check(self.dense is None or isinstance(self.dense, bool),
+               f"dense must be true, false or null, got {self.dense!r}")
+        check_compute(self.compute)
+
+
+# ---------------------------------------------------------------------------------------------
 # Training and the whole run
 
 
@@ -359,7 +479,7 @@ class TrainConfig(_Config):
 
 
 @dataclass
-class CompressionConfig:
+class CompressionConfig(_Config):
     """Everything DeepCompression runs: train -> prune + retrain -> cluster + fine-tune -> encode.
 
     train: training of the dense reference (epochs 0: start from the model's weights).
@@ -399,38 +519,6 @@ class CompressionConfig:
     def from_dict(cls, data: dict) -> CompressionConfig:
         return _from_dict(cls, data, "config")
 
-    def dumps(self, fmt: str = "yaml") -> str:
-        if fmt == "json":
-            return json.dumps(self.to_dict(), indent=2) + "\n"
-        import yaml
-
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    @classmethod
-    def loads(cls, text: str, fmt: str = "yaml") -> CompressionConfig:
-        try:
-            if fmt == "json":
-                data = json.loads(text)
-            else:
-                import yaml
-
-                data = yaml.safe_load(text)
-        except Exception as error:  # json's ValueError, yaml.YAMLError
-            raise ConfigError(f"cannot parse the {fmt} config: {error}") from None
-        return cls.from_dict(data if data is not None else {})
-
-    def save(self, path) -> Path:
-        path = Path(path)
-        path.write_text(self.dumps(_format_of(path)))
-        return path
-
-    @classmethod
-    def load(cls, path) -> CompressionConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        return cls.loads(path.read_text(), _format_of(path))
-
     @classmethod
     def preset(cls, name: str, model=None, **changes) -> CompressionConfig:
         """A preset (see PRESETS) for `model`, top-level fields replaced by `changes`."""
@@ -453,10 +541,10 @@ def _format_of(path: Path) -> str:
 def _paper_preset(model=None):
     """Han et al.: fully connected layers pruned to 8-10% and shared with 5 bits, convolutions
     pruned to 35% and shared with 8 bits; iterative pruning with retraining."""
-    import torch.nn as nn
+    from dcx.state import kind  # here, not at the top: config stays importable without torch
 
     convs = [] if model is None else [
-        name for name, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)
+        name for name, m in model.named_modules() if kind(m) == "conv"
     ]
     return {
         "prune": {"sparsity": 0.92, "schedule": "iterative", "iterations": 4, "frequency": 2,

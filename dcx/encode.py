@@ -10,7 +10,7 @@ reads them, and uses EncodeConfig's defaults for a layer that has none.
 from torch import nn
 
 from dcx import state
-from dcx.config import EncodeConfig, resolve_overrides
+from dcx.config import EncodeConfig, layer_overrides
 
 __all__ = ["EncodeConfig", "encode_"]
 
@@ -20,10 +20,7 @@ def encode_(model: nn.Module, config: EncodeConfig | None = None) -> nn.Module:
     file form is fixed at pack time) from `config`. Returns the model."""
     config = config or EncodeConfig()
     layers = {name: st for name, st in state.layers(model).items() if not st.packed}
-    known = [n for n, _ in model.named_modules()] + [n for n, _ in model.named_parameters()]
-    chosen = resolve_overrides(config.overrides,
-                               {name: [name, st.module_name] for name, st in layers.items()},
-                               "EncodeConfig", known)
+    chosen = layer_overrides(model, config.overrides, layers, "EncodeConfig")
     for name, st in layers.items():
         bits = config.conv_index_bits if st.conv else config.linear_index_bits
         override = chosen.get(name, (None, {}))[1]

@@ -6,9 +6,13 @@ Layout (all integers little-endian):
     header    32 bytes: magic b"\\x89DCX\\r\\n\\x1a\\n", major u16, minor u16, flags u32 (bit 0: the
               manifest is zlib-deflated, as dcx writes it),
               manifest length u64, manifest CRC32 u32, 4 zero bytes
-    manifest  UTF-8 JSON: format version, the compression config, one entry per tensor (name,
-              shape, dtype, bits, mode, section numbers) and the section table (offset from the
-              start of the data area, size, CRC32)
+    manifest  UTF-8 JSON: format version, the compression config ("extra"), one entry per tensor
+              (name, shape, dtype, bits, mode, section numbers), the section table (offset from
+              the start of the data area, size, CRC32) and, from 1.3, "layers": the settings of
+              the packed layers the file was saved from where they differ from dcx.load's
+              defaults, {module name: {"compute": one of dcx.config.COMPUTE_MODES (default
+              "auto"), "mode": "dense" or "sparse" (default: by density)}}, which dcx.load
+              restores
     data      the sections, back to back in table order: codebooks, Huffman code lengths,
               bitstreams, segment pointers, and raw parameters
     digest    32 bytes: SHA-256 of everything before it
@@ -78,7 +82,9 @@ __all__ = [
 ]
 
 MAGIC = b"\x89DCX\r\n\x1a\n"
-VERSION = (1, 2)  # 1.1: the manifest may be zlib-deflated (header flag bit 0); 1.2: "values"
+# 1.1: the manifest may be zlib-deflated (header flag bit 0); 1.2: "values" records (pruning
+# alone); 1.3: "layers", the packed layers' settings. A reader takes every 1.x file.
+VERSION = (1, 3)
 FLAG_MANIFEST_ZLIB = 1
 MAX_MANIFEST_EXPANSION = 1 << 26  # bytes a deflated manifest may inflate to (64 MiB)
 HEADER = struct.Struct("<8sHHIQI4x")
@@ -509,10 +515,12 @@ def decode_tensor(meta: dict, sections: dict, name: str = "tensor") -> Compresse
 # ------------------------------------------------------------------------------ the file
 
 
-def encode_file(records: dict, dense: dict, manifest_extra: dict | None = None) -> bytes:
-    """The bytes of a .dcx file: {name: CompressedTensor} compressed, {name: Tensor} raw, and
-    `manifest_extra` (JSON-serialisable: the compression config) in the manifest. The same inputs
-    give the same bytes."""
+def encode_file(records: dict, dense: dict, manifest_extra: dict | None = None,
+                layers: dict | None = None) -> bytes:
+    """The bytes of a .dcx file: {name: CompressedTensor} compressed, {name: Tensor} raw,
+    `manifest_extra` (JSON-serialisable: the compression config) and `layers` ({module name:
+    {setting: value}}, the packed layers' settings) in the manifest. The same inputs give the
+    same bytes."""
     if sys.byteorder != "little":
         raise RuntimeError("dcx files are little-endian; this host is big-endian")
     overlap = set(records) & set(dense)
@@ -550,6 +558,7 @@ def encode_file(records: dict, dense: dict, manifest_extra: dict | None = None) 
         "format": "dcx",
         "version": f"{VERSION[0]}.{VERSION[1]}",
         "extra": manifest_extra or {},
+        "layers": layers or {},
         "tensors": tensors,
         "sections": table,
     }
@@ -668,6 +677,9 @@ def parse(buf: bytes):
     for key, kind in (("tensors", list), ("sections", list), ("extra", dict)):
         if not isinstance(manifest.get(key), kind):
             raise FormatError(f"manifest: '{key}' must be a {kind.__name__}")
+    layers = manifest.setdefault("layers", {})  # absent before 1.3
+    if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
+        raise FormatError("manifest: 'layers' must map module names to settings")
 
     sections, offset, labels = {}, 0, _section_labels(manifest["tensors"])
     for i, entry in enumerate(manifest["sections"]):

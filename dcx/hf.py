@@ -2,7 +2,7 @@
 in the .dcx manifest, and the compressed model rebuilt from the file alone.
 
     model = dcx.hf.load_folder("path/to/all-MiniLM-L6-v2")     # AutoModel, offline
-    dcx.convert(model, bits=6)
+    dcx.convert_(model, dcx.ConvertConfig(bits=6))
     dcx.save(model, "minilm.dcx", extra=dcx.hf.manifest_extra(model))
     fresh = dcx.hf.model_from_file("minilm.dcx")                 # config from the manifest
 
@@ -66,8 +66,7 @@ def manifest_extra(model: nn.Module) -> dict:
 def model_from_file(path, packed: bool = True, compute: str | None = None) -> nn.Module:
     """The compressed model of a .dcx file written from a transformers model: AutoModel built
     from the config in the file's manifest, then filled by dcx.load (checked completely first).
-    compute: the packed layers' compute mode; None: what `dcx convert --compute` recorded in
-    the file, else "auto"."""
+    compute: one compute mode for every packed layer; None: each layer's as saved (dcx.load)."""
     from dcx import format as fmt
     from dcx.io import load
 
@@ -76,8 +75,6 @@ def model_from_file(path, packed: bool = True, compute: str | None = None) -> nn
     if not isinstance(config, dict) or "model_type" not in config:
         raise ValueError(f"{path}: the file carries no transformers config (save it with "
                          "extra=dcx.hf.manifest_extra(model), as dcx convert does)")
-    if compute is None:
-        compute = (manifest["extra"].get("dcx_convert") or {}).get("compute", "auto")
     transformers = require("transformers")
     config = dict(config)
     auto = transformers.AutoConfig.for_model(config.pop("model_type"), **config)

@@ -3,7 +3,7 @@ only bytes and tensors, dcx.state only modules).
 
     dcx.save(model, "model.dcx")                 # after any stage, no other argument
     model = dcx.load("model.dcx", MyModel())     # a freshly built model, compressed layers packed
-    tensors = dcx.load("model.dcx")              # no model: the decoded state_dict
+    tensors = dcx.load_state_dict("model.dcx")   # no model: the decoded tensors
 
 What `save` stores for each parameter with compressed state (dcx.state), all Huffman coded:
   pruned and shared  the codes of the kept weights at relative positions, or the codes of every
@@ -33,9 +33,11 @@ from torch import Tensor, nn
 
 from dcx import format as fmt
 from dcx import state
-from dcx.config import EncodeConfig
+from dcx.config import EncodeConfig, check_compute
+from dcx.convert import pack_layers_
+from dcx.packing import dense_by_density
 
-__all__ = ["save", "load", "encode", "records"]
+__all__ = ["save", "load", "load_state_dict", "encode", "records", "layer_settings"]
 
 
 def _index_bits(st: state.LayerState) -> int:
@@ -87,6 +89,23 @@ def records(model: nn.Module) -> tuple[dict, dict]:
     return compressed, raw
 
 
+def layer_settings(model: nn.Module) -> dict:
+    """{module name: settings} of the packed Linear / Conv2d layers of `model` that differ from
+    what dcx.load does by default: "compute" (default "auto") and "mode", "dense" or "sparse"
+    (default: by density, as dcx.pack chooses); the manifest's "layers" (dcx.format). Only the
+    choices are written, so a loaded file saves again to the same bytes."""
+    settings = {}
+    for name, m in model.named_modules():
+        if not hasattr(m, "packed"):
+            continue
+        mine = {} if m.compute == "auto" else {"compute": m.compute}
+        if m.packed.dense != dense_by_density(state.get(m).mask):
+            mine["mode"] = "dense" if m.packed.dense else "sparse"
+        if mine:
+            settings[name] = mine
+    return settings
+
+
 def encode(model: nn.Module, config=None, extra: Optional[dict] = None) -> bytes:
     """The bytes `save` writes. config: the compression config (a dict, or an object with
     to_dict()), kept in the manifest; extra: more JSON-serialisable manifest entries."""
@@ -97,7 +116,7 @@ def encode(model: nn.Module, config=None, extra: Optional[dict] = None) -> bytes
     manifest = dict(extra or {})
     if config is not None:
         manifest["config"] = config.to_dict() if hasattr(config, "to_dict") else config
-    return fmt.encode_file(compressed, raw, manifest)
+    return fmt.encode_file(compressed, raw, manifest, layer_settings(model))
 
 
 def save(model: nn.Module, path, config=None, extra: Optional[dict] = None) -> Path:
@@ -160,11 +179,15 @@ def _check_fits(model: nn.Module, compressed: dict, raw: dict):
 
 
 @torch.no_grad()
-def _restore(model: nn.Module, name: str, ct: fmt.CompressedTensor):
-    """Put one record back: a packed layer is repacked, any other layer gets the decoded weight
-    and the record's state (mask, codebook and labels, index bits)."""
+def _restore(model: nn.Module, name: str, ct: fmt.CompressedTensor, dense: Optional[bool]):
+    """Put one record back: a packed layer is repacked (in dense or sparse mode as the file says,
+    None: by density), any other layer gets the decoded weight and the record's state (mask,
+    codebook and labels, index bits)."""
     module_name, _, param = name.rpartition(".")
     module = model.get_submodule(module_name)
+    if hasattr(module, "packed"):
+        module.load_compressed(ct.mask, ct.labels, ct.codebook, ct.bits, dense)
+        return
     if hasattr(module, "layer_state"):
         module.load_compressed(ct.mask, ct.labels, ct.codebook, ct.bits)
         return
@@ -179,23 +202,42 @@ def _restore(model: nn.Module, name: str, ct: fmt.CompressedTensor):
     state.set_index_bits_(module, param, ct.index_bits)
 
 
-def load(path, model: Optional[nn.Module] = None, packed: bool = True, compute: str = "auto"):
-    """Fill `model` (freshly built, same architecture) from a .dcx file and return it; see the
-    module docstring; compute: the packed layers' compute mode (dcx.nn.COMPUTE_MODES). Without a
-    model, return the decoded state_dict ({name: tensor}, every compressed weight dense)."""
-    compressed, raw, manifest = fmt.load_records(path)
+def load(path, model: Optional[nn.Module] = None, packed: bool = True,
+         compute: Optional[str] = None):
+    """Fill `model` (freshly built, same architecture) from a .dcx file and return it (checked
+    completely first; see the module docstring). The packed layers come back as they were
+    saved: compute mode and dense or sparse mode (the manifest's "layers"); compute: one mode
+    (COMPUTE_MODES) for all of them instead ("auto" for layers the file has no setting for).
+    Without a model it returns the decoded state_dict (deprecated: load_state_dict)."""
     if model is None:
-        decoded = {**{n: ct.to_dense() for n, ct in compressed.items()}, **raw}
-        return {meta["name"]: decoded[meta["name"]] for meta in manifest["tensors"]}
+        warnings.warn("dcx.load(path) without a model is deprecated (one release): use "
+                      "dcx.load_state_dict(path) for the decoded tensors", DeprecationWarning,
+                      stacklevel=2)
+        return load_state_dict(path)
+    compressed, raw, manifest = fmt.load_records(path)
+    settings = manifest["layers"]
+    modes = {name: s.get("mode") == "dense" for name, s in settings.items() if "mode" in s}
+    computes = {name: check_compute(s.get("compute", "auto")) for name, s in settings.items()}
+    if compute is not None:
+        computes = {name: check_compute(compute) for name in computes}
     _check_fits(model, compressed, raw)
     state_dict = model.state_dict()
     with torch.no_grad():
         for name, t in raw.items():
             state_dict[name].copy_(t)
     for name, ct in compressed.items():
-        _restore(model, name, ct)
+        _restore(model, name, ct, modes.get(name.rpartition(".")[0]))
     if packed:
-        from dcx.nn import pack_layers_
-
-        pack_layers_(model, compute=compute)
+        pack_layers_(model, dense=modes, compute=computes if compute is None else compute)
+    for name, m in model.named_modules():  # packed layers the model came with
+        if hasattr(m, "packed"):
+            m.compute = computes.get(name, compute or m.compute)
     return model
+
+
+def load_state_dict(path) -> dict:
+    """The decoded state_dict of a .dcx file ({name: tensor} in the order saved, every compressed
+    weight dense), checked completely first; no model needed."""
+    compressed, raw, manifest = fmt.load_records(path)
+    decoded = {**{n: ct.to_dense() for n, ct in compressed.items()}, **raw}
+    return {meta["name"]: decoded[meta["name"]] for meta in manifest["tensors"]}

@@ -1,5 +1,6 @@
 """Typed wrappers of the dcx torch ops, each followed by its fake kernel (shapes and dtypes only,
 for torch.compile and meta tensors) and, where the op has one, its autograd formula.
+Registrations are skipped when the kernels are not built (calling an op then says how to build).
 
 The kernels are C++ (csrc/cpu/<op>_cpu.cpp) and CUDA (csrc/cuda/<op>_cuda.cpp + _kernel.cu);
 plain-torch oracles of the same ops are in dcx.reference.
@@ -13,9 +14,20 @@ from torch import Tensor
 from dcx._native import available, op
 
 __all__ = [
-    "masked_sgd_step_", "centroid_grad", "kmeans1d", "spqmm", "spqmm_int8",
+    "masked_sgd_step_", "centroid_grad", "kmeans1d", "spqmm", "spqmm_decode", "spqmm_int8",
     "huffman_code_lengths", "huffman_encode", "huffman_decode",
 ]
+
+def _fake(name):
+    """torch.library.register_fake for dcx::name (nothing when the kernels are not built)."""
+    if available():
+        return torch.library.register_fake(f"dcx::{name}")
+    return lambda fn: fn
+
+
+def _autograd(name, backward, setup_context):
+    if available():
+        torch.library.register_autograd(f"dcx::{name}", backward, setup_context=setup_context)
 
 
 def masked_sgd_step_(
@@ -44,6 +56,12 @@ def masked_sgd_step_(
     )
 
 
+@_fake("masked_sgd_step_")
+def _(param, grad, mask, momentum_buffer, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
+      nesterov=False, maximize=False, init_buffer=False):
+    return None
+
+
 def centroid_grad(
     grad: Tensor, labels: Tensor, num_clusters: int, mask: Optional[Tensor] = None,
     check: bool = True,
@@ -57,6 +75,12 @@ def centroid_grad(
     which check=False skips: a training step over labels the clustering made needs no check).
     """
     return op("centroid_grad")(grad, labels, num_clusters, mask, check)
+
+
+@_fake("centroid_grad")
+def _(grad, labels, num_clusters, mask=None, check=True):
+    torch._check(num_clusters >= 1, lambda: f"num_clusters must be >= 1, got {num_clusters}")
+    return grad.new_empty((num_clusters,))
 
 
 def kmeans1d(
@@ -86,6 +110,167 @@ def kmeans1d(
     return op("kmeans1d")(values, num_clusters, init, max_iter, tol, seed, method)
 
 
+@_fake("kmeans1d")
+def _(values, num_clusters, init="linear", max_iter=300, tol=1e-4, seed=0, method="lloyd"):
+    torch._check(num_clusters >= 1, lambda: f"num_clusters must be >= 1, got {num_clusters}")
+    torch._check(
+        values.dtype in (torch.float32, torch.float64),
+        lambda: f"values must be float32 or float64, got {values.dtype}",
+    )
+    return values.new_empty((num_clusters,)), values.new_empty(values.shape, dtype=torch.int32)
+
+
+def huffman_code_lengths(freqs: Tensor, max_length: int = 24) -> Tensor:
+    """Optimal Huffman code lengths of at most `max_length` bits (package-merge), CPU only.
+
+    freqs: int64 [n] symbol counts, n <= 65536. Returns uint8 [n]: 0 for absent symbols, 1 when a
+    single symbol is present. Deterministic (ties broken by symbol index).
+    """
+    return op("huffman_code_lengths")(freqs, max_length)
+
+
+@_fake("huffman_code_lengths")
+def _(freqs, max_length=24):
+    return freqs.new_empty(freqs.shape, dtype=torch.uint8)
+
+
+def huffman_encode(symbols: Tensor, code_lengths: Tensor) -> Tensor:
+    """Canonical Huffman bitstream of `symbols` (read flat), CPU only.
+
+    symbols: uint8, uint16, int16, int32 or int64, each in [0, n) with a non-zero code length;
+    code_lengths: uint8 [n] (from huffman_code_lengths). Returns uint8 [ceil(bits / 8)], codes
+    packed MSB first, the last byte padded with zero bits.
+    """
+    return op("huffman_encode")(symbols, code_lengths)
+
+
+@_fake("huffman_encode")
+def _(symbols, code_lengths):
+    nbytes = torch.library.get_ctx().new_dynamic_size()
+    return symbols.new_empty((nbytes,), dtype=torch.uint8)
+
+
+def huffman_decode(data: Tensor, code_lengths: Tensor, count: int) -> Tensor:
+    """Decodes exactly `count` symbols from a huffman_encode bitstream, CPU only.
+
+    data: uint8 [nbytes]; code_lengths: uint8 [n]. Returns uint8 [count] when n <= 256, else
+    uint16 [count]. A corrupt stream (unused code, too short, bytes or padding bits left over)
+    raises RuntimeError; nothing is read past `data` or written past `count`.
+    """
+    return op("huffman_decode")(data, code_lengths, count)
+
+
+@_fake("huffman_decode")
+def _(data, code_lengths, count):
+    dtype = torch.uint8 if code_lengths.shape[0] <= 256 else torch.uint16
+    return data.new_empty((count,), dtype=dtype)
+
+
+def spqmm(
+    x: Tensor,
+    codes: Tensor,
+    windows: Tensor,
+    group_ptr: Tensor,
+    chunks: Tensor,
+    codebook: Tensor,
+    out_features: int,
+    in_features: int,
+    bits: int,
+    bias: Optional[Tensor] = None,
+    crossover: int = -1,
+    check: bool = True,
+) -> Tensor:
+    """y = x W^T + bias, W [out_features, in_features] packed by dcx.pack and decoded on the fly.
+
+    x: [..., in_features], float32, float16 or bfloat16; codebook (<= 2^bits entries) and bias
+    ([out_features]) in x's dtype; float32 accumulation. codes: int16 [steps, 16] (sparse mode,
+    with windows, group_ptr and chunks int32) or uint8 [out_features, in_features] (dense mode,
+    the others empty); the layout is described at the top of csrc/core/spqmm.h. Returns [..., out_features]
+    in x's dtype. From a batch (product of x's leading dims) of `crossover` on (-1: a measured
+    default per device), W is decoded once and the BLAS runs instead. Corrupted packed data
+    (ids >= codebook size, columns >= in_features, bad pointers) raises RuntimeError; on CUDA
+    that costs one host sync, which check=False skips (reads stay in bounds either way; a CUDA
+    graph capture never syncs).
+    """
+    return op("spqmm")(
+        x, codes, windows, group_ptr, chunks, codebook, out_features, in_features, bits, bias,
+        crossover, check,
+    )
+
+
+@_fake("spqmm")
+def _(x, codes, windows, group_ptr, chunks, codebook, out_features, in_features, bits,
+      bias=None, crossover=-1, check=True):
+    torch._check(x.shape[-1] == in_features,
+                 lambda: f"x must have in_features = {in_features} elements in its last dimension")
+    torch._check(codebook.dtype == x.dtype, lambda: "codebook must have the dtype of x")
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+# The gradient of y = x W^T + bias: grad_x = grad_y W (W decoded once per backward: the same
+# bytes a product reads, against the N x K x batch multiply-adds that follow), grad_bias the sum
+# of grad_y over the batch. The packed weight is fixed: codes and positions are integers, and a
+# codebook that requires grad is refused (trained quantization fine-tunes the codebook before
+# packing).
+def _packed_weight_setup(ctx, codes, windows, group_ptr, chunks, codebook, sizes, bias_index,
+                         bias):
+    if codebook.requires_grad:
+        raise RuntimeError(
+            "codebook requires grad, but a packed layer's codebook gets no gradient: fine-tune "
+            "the codebook before packing (dcx.cluster_ and retraining), or detach it")
+    ctx.save_for_backward(codes, windows, group_ptr, chunks, codebook)
+    ctx.sizes, ctx.bias_index, ctx.has_bias = sizes, bias_index, bias is not None
+
+
+def _packed_weight_backward(ctx, grad_y):
+    """(grad_x, grad_bias); x, the codebook and grad_y share one dtype (the op checks it)."""
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.matmul(grad_y, spqmm_decode(*ctx.saved_tensors, *ctx.sizes))
+    if ctx.has_bias and ctx.needs_input_grad[ctx.bias_index]:
+        grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+    return grad_x, grad_bias
+
+
+def _spqmm_setup(ctx, inputs, output):
+    x, codes, windows, group_ptr, chunks, codebook, out_features, in_features, bits, bias = inputs[:10]
+    _packed_weight_setup(ctx, codes, windows, group_ptr, chunks, codebook,
+                         (out_features, in_features, bits), 9, bias)
+
+
+def _spqmm_backward(ctx, grad_y):
+    grad_x, grad_bias = _packed_weight_backward(ctx, grad_y)
+    return grad_x, None, None, None, None, None, None, None, None, grad_bias, None, None
+
+
+_autograd("spqmm", _spqmm_backward, _spqmm_setup)
+
+
+def spqmm_decode(
+    codes: Tensor,
+    windows: Tensor,
+    group_ptr: Tensor,
+    chunks: Tensor,
+    codebook: Tensor,
+    out_features: int,
+    in_features: int,
+    bits: int,
+) -> Tensor:
+    """The dense weight W [out_features, in_features] a packed layer stands for, in the codebook's
+    dtype: codebook[id] where a weight is kept, 0 where pruned. Arguments as spqmm (without x);
+    corrupted packed data raises RuntimeError (on CUDA after one host sync). The backward of
+    spqmm and spqmm_int8 multiplies by it."""
+    return op("spqmm_decode")(codes, windows, group_ptr, chunks, codebook, out_features,
+                              in_features, bits)
+
+
+@_fake("spqmm_decode")
+def _(codes, windows, group_ptr, chunks, codebook, out_features, in_features, bits):
+    torch._check(out_features >= 0 and in_features >= 0,
+                 lambda: "out_features and in_features must be >= 0")
+    return codebook.new_empty((out_features, in_features))
+
+
 def spqmm_int8(
     x: Tensor,
     codes: Tensor,
@@ -106,117 +291,28 @@ def spqmm_int8(
     return op("spqmm_int8")(x, codes, codebook, out_features, in_features, bits, bias, check)
 
 
-if available():
-
-    @torch.library.register_fake("dcx::masked_sgd_step_")
-    def _(param, grad, mask, momentum_buffer, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
-          nesterov=False, maximize=False, init_buffer=False):
-        return None
-
-    @torch.library.register_fake("dcx::centroid_grad")
-    def _(grad, labels, num_clusters, mask=None, check=True):
-        torch._check(num_clusters >= 1, lambda: f"num_clusters must be >= 1, got {num_clusters}")
-        return grad.new_empty((num_clusters,))
+@_fake("spqmm_int8")
+def _(x, codes, codebook, out_features, in_features, bits, bias=None, check=True):
+    torch._check(codes.dtype == torch.uint8,
+                 lambda: "codes must be uint8 (a dense-mode layer: spqmm_int8 serves dense mode only)")
+    torch._check(x.shape[-1] == in_features,
+                 lambda: f"x must have in_features = {in_features} elements in its last dimension")
+    torch._check(codebook.dtype == x.dtype, lambda: "codebook must have the dtype of x")
+    return x.new_empty((*x.shape[:-1], out_features))
 
 
-def huffman_code_lengths(freqs: Tensor, max_length: int = 24) -> Tensor:
-    """Optimal Huffman code lengths of at most `max_length` bits (package-merge), CPU only.
-
-    freqs: int64 [n] symbol counts, n <= 65536. Returns uint8 [n]: 0 for absent symbols, 1 when a
-    single symbol is present. Deterministic (ties broken by symbol index).
-    """
-    return op("huffman_code_lengths")(freqs, max_length)
-
-
-def huffman_encode(symbols: Tensor, code_lengths: Tensor) -> Tensor:
-    """Canonical Huffman bitstream of `symbols` (read flat), CPU only.
-
-    symbols: uint8, uint16, int16, int32 or int64, each in [0, n) with a non-zero code length;
-    code_lengths: uint8 [n] (from huffman_code_lengths). Returns uint8 [ceil(bits / 8)], codes
-    packed MSB first, the last byte padded with zero bits.
-    """
-    return op("huffman_encode")(symbols, code_lengths)
+# int8 compute quantizes x on the fly; its gradient passes straight through that rounding: the
+# gradient of the exact product with the layer's weight, as spqmm's.
+def _spqmm_int8_setup(ctx, inputs, output):
+    x, codes, codebook, out_features, in_features, bits, bias = inputs[:7]
+    empty = codes.new_empty(0, dtype=torch.int32)  # dense mode has no positions
+    _packed_weight_setup(ctx, codes, empty, empty, empty, codebook,
+                         (out_features, in_features, bits), 6, bias)
 
 
-def huffman_decode(data: Tensor, code_lengths: Tensor, count: int) -> Tensor:
-    """Decodes exactly `count` symbols from a huffman_encode bitstream, CPU only.
-
-    data: uint8 [nbytes]; code_lengths: uint8 [n]. Returns uint8 [count] when n <= 256, else
-    uint16 [count]. A corrupt stream (unused code, too short, bytes or padding bits left over)
-    raises RuntimeError; nothing is read past `data` or written past `count`.
-    """
-    return op("huffman_decode")(data, code_lengths, count)
+def _spqmm_int8_backward(ctx, grad_y):
+    grad_x, grad_bias = _packed_weight_backward(ctx, grad_y)
+    return grad_x, None, None, None, None, None, grad_bias, None
 
 
-def spqmm(
-    x: Tensor,
-    codes: Tensor,
-    windows: Tensor,
-    group_ptr: Tensor,
-    chunks: Tensor,
-    codebook: Tensor,
-    out_features: int,
-    in_features: int,
-    bits: int,
-    bias: Optional[Tensor] = None,
-    crossover: int = -1,
-    check: bool = True,
-) -> Tensor:
-    """y = x W^T + bias, W [out_features, in_features] packed by dcx.nn.pack and decoded on the fly.
-
-    x: [..., in_features], float32, float16 or bfloat16; codebook (<= 2^bits entries) and bias
-    ([out_features]) in x's dtype; float32 accumulation. codes: int16 [steps, 16] (sparse mode,
-    with windows, group_ptr and chunks int32) or uint8 [out_features, in_features] (dense mode,
-    the others empty); the layout is described at the top of csrc/core/spqmm.h. Returns [..., out_features]
-    in x's dtype. From a batch (product of x's leading dims) of `crossover` on (-1: a measured
-    default per device), W is decoded once and the BLAS runs instead. Corrupted packed data
-    (ids >= codebook size, columns >= in_features, bad pointers) raises RuntimeError; on CUDA
-    that costs one host sync, which check=False skips (reads stay in bounds either way; a CUDA
-    graph capture never syncs).
-    """
-    return op("spqmm")(
-        x, codes, windows, group_ptr, chunks, codebook, out_features, in_features, bits, bias,
-        crossover, check,
-    )
-
-
-if available():
-
-    @torch.library.register_fake("dcx::huffman_code_lengths")
-    def _(freqs, max_length=24):
-        return freqs.new_empty(freqs.shape, dtype=torch.uint8)
-
-    @torch.library.register_fake("dcx::huffman_encode")
-    def _(symbols, code_lengths):
-        nbytes = torch.library.get_ctx().new_dynamic_size()
-        return symbols.new_empty((nbytes,), dtype=torch.uint8)
-
-    @torch.library.register_fake("dcx::huffman_decode")
-    def _(data, code_lengths, count):
-        dtype = torch.uint8 if code_lengths.shape[0] <= 256 else torch.uint16
-        return data.new_empty((count,), dtype=dtype)
-
-    @torch.library.register_fake("dcx::kmeans1d")
-    def _(values, num_clusters, init="linear", max_iter=300, tol=1e-4, seed=0, method="lloyd"):
-        torch._check(num_clusters >= 1, lambda: f"num_clusters must be >= 1, got {num_clusters}")
-        torch._check(
-            values.dtype in (torch.float32, torch.float64),
-            lambda: f"values must be float32 or float64, got {values.dtype}",
-        )
-        return values.new_empty((num_clusters,)), values.new_empty(values.shape, dtype=torch.int32)
-    @torch.library.register_fake("dcx::spqmm")
-    def _(x, codes, windows, group_ptr, chunks, codebook, out_features, in_features, bits,
-          bias=None, crossover=-1, check=True):
-        torch._check(x.shape[-1] == in_features,
-                     lambda: f"x must have in_features = {in_features} elements in its last dimension")
-        torch._check(codebook.dtype == x.dtype, lambda: "codebook must have the dtype of x")
-        return x.new_empty((*x.shape[:-1], out_features))
-
-    @torch.library.register_fake("dcx::spqmm_int8")
-    def _(x, codes, codebook, out_features, in_features, bits, bias=None, check=True):
-        torch._check(codes.dtype == torch.uint8,
-                     lambda: "codes must be uint8 (a dense-mode layer: spqmm_int8 serves dense mode only)")
-        torch._check(x.shape[-1] == in_features,
-                     lambda: f"x must have in_features = {in_features} elements in its last dimension")
-        torch._check(codebook.dtype == x.dtype, lambda: "codebook must have the dtype of x")
-        return x.new_empty((*x.shape[:-1], out_features))
+_autograd("spqmm_int8", _spqmm_int8_backward, _spqmm_int8_setup)

@@ -38,8 +38,8 @@ from dcx.optim import MaskedSGD
 from dcx.prune import Pruner, masks
 from dcx.quantize import cluster_, codebook_parameters, finalize_clustering_
 
-__all__ = ["DeepCompression", "CompressionResult", "StageResult", "seed_everything",
-           "evaluate_accuracy", "state_dict_bytes"]
+__all__ = ["DeepCompression", "CompressionResult", "StageResult", "PipelineError",
+           "seed_everything", "evaluate_accuracy", "state_dict_bytes"]
 
 
 def seed_everything(seed: int):
@@ -107,6 +107,17 @@ class CompressionResult:
             "path": None if self.path is None else str(self.path),
             "same_predictions": self.same_predictions,
         }
+
+
+class PipelineError(RuntimeError):
+    """A stage failed while running (not a config error): `stage` names it, `result` holds the
+    stages finished before it and, when the file was written, its path; the cause is chained."""
+
+    def __init__(self, stage: str, result: CompressionResult, error: BaseException):
+        written = f"; the file {result.path} was written" if result.path is not None else ""
+        super().__init__(f"stage {stage!r} failed after {len(result.stages)} finished "
+                         f"stage(s){written}: {type(error).__name__}: {error}")
+        self.stage, self.result = stage, result
 
 
 class DeepCompression:
@@ -206,10 +217,21 @@ class DeepCompression:
 
     # ------------------------------------------------------------------------------- run
     def run(self, path) -> CompressionResult:
+        """Every stage in order; the file at `path`. A stage that fails raises PipelineError
+        with what was done before it (ConfigError stays itself: nothing ran wrong)."""
+        result = CompressionResult()
+        self._current = "train"
+        try:
+            return self._run(path, result)
+        except (ConfigError, KeyboardInterrupt):
+            raise
+        except Exception as error:
+            raise PipelineError(self._current, result, error) from error
+
+    def _run(self, path, result: CompressionResult) -> CompressionResult:
         cfg = self.config
         seed_everything(cfg.random_seed)
         model = self.model
-        result = CompressionResult()
 
         started = time.perf_counter()
         if cfg.train.epochs:
@@ -222,6 +244,7 @@ class DeepCompression:
         self._snapshot(result, "dense", model)
 
         if cfg.prune is not None:
+            self._current = "pruned"
             started = time.perf_counter()
             self._prune(model)
             pruned = list(masks(model).values())
@@ -232,6 +255,7 @@ class DeepCompression:
             self._snapshot(result, "pruned", model)
 
         if cfg.cluster is not None:
+            self._current = "quantized"
             started = time.perf_counter()
             self._cluster(model)
             self._stage(result, "quantized", model, started, self._fixed_width_bytes(model),
@@ -241,12 +265,13 @@ class DeepCompression:
                 result.centroids[self.snapshot_name] = \
                     state.layers(model)[self.snapshot_name].codebook.detach().cpu().clone()
 
+        self._current = "encoded"
         started = time.perf_counter()
         path = Path(path)
         encode_(model, cfg.encode)
         dcx_io.save(model, path, cfg)
-        loaded = dcx_io.load(path, self.model_factory())
         result.path = path
+        loaded = dcx_io.load(path, self.model_factory())
         self._stage(result, "encoded", loaded, started, path.stat().st_size,
                     "P+Q+H: the .dcx file on disk, loaded back")
         if self.test_loader is not None:

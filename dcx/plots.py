@@ -73,22 +73,3 @@ def accuracy_vs_size(path, stages: Sequence[Mapping], title: str = "accuracy vs 
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title(title, fontsize=10)
     return _save(fig, path)
-
-
-def sensitivity_curves(path, curves: Mapping[str, Sequence[tuple]], baseline=None,
-                       title: str = "pruning sensitivity"):
-    """curves: {layer: [(sparsity, accuracy), ...]}; one line per layer, the unpruned accuracy
-    as a dashed line."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for layer, points in curves.items():
-        xs, ys = zip(*sorted(points)) if points else ((), ())
-        ax.plot([100 * x for x in xs], [100 * y for y in ys], "o-", markersize=3, label=layer)
-    if baseline is not None:
-        ax.axhline(100 * baseline, color="gray", linestyle="--", linewidth=0.8, label="unpruned")
-    ax.set_xlabel("weights pruned (%)")
-    ax.set_ylabel("accuracy (%)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title(title, fontsize=10)
-    return _save(fig, path)

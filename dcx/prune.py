@@ -60,7 +60,7 @@ from torch import Tensor, nn
 
 from dcx import state
 from dcx.config import (CRITERIA, GRANULARITIES, NORMS, SCHEDULES, ConfigError, PruneConfig,
-                        _check_fraction, _compile, resolve_overrides)
+                        check_fraction, compile_pattern, layer_overrides)
 
 __all__ = [
     "PruneConfig",
@@ -165,7 +165,7 @@ def compute_mask(
         pruned = ~_units(mask.bool(), granularity).any(dim=1)  # units with nothing left
         scores = scores.masked_fill(pruned, -1.0)  # below any real score: pruned first
     if sparsity is not None:
-        _check_fraction("sparsity", sparsity)
+        check_fraction("sparsity", sparsity)
         prune = _lowest(scores, _count(sparsity, scores.numel()))
     else:
         prune = scores < threshold
@@ -213,10 +213,10 @@ class _Target:
     tied_to: str | None = None  # a bias that follows its weight's filters
 
     def weight(self) -> Tensor:
-        return state._values(self.module, self.param_name)
+        return state.values(self.module, self.param_name)
 
     def mask(self) -> Tensor:
-        return self.module._buffers[self.param_name + state.MASK]
+        return state.mask(self.module, self.param_name)
 
 
 def _owner(model, full_name):
@@ -243,7 +243,7 @@ def _select(model, config):
                             if isinstance(m, PRUNABLE)) if n is not None]
     chosen = []
     for pattern in config.targets:
-        exact, regex = _compile(pattern, "PruneConfig targets")
+        exact, regex = compile_pattern(pattern, "PruneConfig targets")
         hits = [n for n in list(modules) + list(params)
                 if (n == exact if exact is not None else regex.fullmatch(n))]
         if not hits:
@@ -262,11 +262,9 @@ def _select(model, config):
     return list(dict.fromkeys(chosen))
 
 
-def _resolve(model, config) -> list[_Target]:
+def resolve_targets(model, config) -> list[_Target]:
     names = _select(model, config)
-    known = list(dict(model.named_modules())) + list(dict(model.named_parameters()))
-    layers = {full: [full, full.rpartition(".")[0]] for full in names}
-    chosen = resolve_overrides(config.overrides, layers, "PruneConfig", known)
+    chosen = layer_overrides(model, config.overrides, names, "PruneConfig")
     base = config.layer_fields()
     targets = []
     for full in names:
@@ -279,7 +277,7 @@ def _resolve(model, config) -> list[_Target]:
             if any(override.get(c) is not None for c in CRITERIA):
                 fields.update({c: None for c in CRITERIA})
             fields.update({k: v for k, v in override.items() if v is not None})
-        _check_granularity(fields["granularity"], state._values(module, param_name).shape, full)
+        _check_granularity(fields["granularity"], state.values(module, param_name).shape, full)
         targets.append(_Target(full, module_name, module, param_name, fields))
         bias = getattr(module, "bias", None)
         bias_name = f"{module_name}.bias" if module_name else "bias"
@@ -376,10 +374,10 @@ class Pruner:
             raise TypeError(f"config must be a PruneConfig, got {type(config).__name__}")
         self.model = model
         self.config = config
-        self.targets = _resolve(model, config)
+        self.targets = resolve_targets(model, config)
         self.step_count = 0
         for t in self.targets:
-            if t.module._buffers.get(t.param_name + state.MASK) is None:
+            if state.mask(t.module, t.param_name) is None:
                 state.set_mask_(t.module, t.param_name,
                                 torch.ones_like(t.weight(), dtype=torch.bool))
 
@@ -432,7 +430,7 @@ class Pruner:
             for t in self.targets:
                 if t.tied_to is not None:  # a bias follows its filters
                     bias_mask = t.mask()
-                    bias_mask &= _units(t.module._buffers["weight" + state.MASK], "filter").any(1)
+                    bias_mask &= _units(state.mask(t.module, "weight"), "filter").any(1)
             _broadcast_masks(self.targets)
             for t in self.targets:
                 state.apply_(t.module, t.param_name)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from dcx import ops, state
-from dcx.config import ClusterConfig, ConfigError, resolve_overrides
+from dcx.config import ClusterConfig, ConfigError, layer_overrides
 
 __all__ = [
     "ClusterConfig",
@@ -62,7 +62,7 @@ def cluster_values(values: Tensor, layer: dict) -> tuple[Tensor, Tensor]:
     return codebook, labels
 
 
-def _clusterable(model: nn.Module) -> dict[str, nn.Module]:
+def clusterable(model: nn.Module) -> dict[str, nn.Module]:
     """{module name: module} of the layers cluster_ may share: a weight Parameter of two or more
     dimensions, not shared yet, not packed."""
     result = {}
@@ -85,10 +85,8 @@ def cluster_(model: nn.Module, config: Optional[ClusterConfig] = None,
     config = config or ClusterConfig()
     if not isinstance(config, ClusterConfig):
         raise TypeError(f"config must be a ClusterConfig, got {type(config).__name__}")
-    candidates = _clusterable(model)
-    known = [n for n, _ in model.named_modules()] + [n for n, _ in model.named_parameters()]
-    aliases = {name: [name, f"{name}.weight" if name else "weight"] for name in candidates}
-    chosen = resolve_overrides(config.overrides, aliases, "ClusterConfig", known)
+    candidates = clusterable(model)
+    chosen = layer_overrides(model, config.overrides, candidates, "ClusterConfig")
     owners = {}
     for name, module in model.named_modules(remove_duplicate=False):
         for param_name, p in module._parameters.items():
@@ -97,7 +95,7 @@ def cluster_(model: nn.Module, config: Optional[ClusterConfig] = None,
     todo = {n: m for n, m in candidates.items() if n not in chosen or chosen[n][1] is not None}
     for name, module in tqdm(todo.items(), desc="cluster", unit="layer", leave=False,
                              disable=None if progress else True):
-        layer = config.layer_fields(isinstance(module, nn.modules.conv._ConvNd))
+        layer = config.layer_fields(state.kind(module) == "conv")
         if name in chosen:
             layer.update(chosen[name][1])
         weight = module.weight
@@ -136,7 +134,7 @@ def reassign_(model: nn.Module) -> int:
     for name, st in state.layers(model).items():
         if not st.live:
             continue
-        dense = st.module._buffers.get(st.param + state.CLUSTERED)
+        dense = state.clustered(st.module, st.param)
         if dense is None:
             raise RuntimeError(f"{name}: reassign_ needs ClusterConfig(reassign=True) at "
                                "cluster_ time")

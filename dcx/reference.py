@@ -213,7 +213,7 @@ def spqmm_ids(
     layout = _native.spqmm_layout()
     rows_per_group, block = layout["rows"], layout["nibble_block"]
     if codes.dtype == torch.uint8 and bits <= 4:  # dense mode, two ids per byte
-        words = codes.long().view(out_features, -1, 16, 4)  # [n, block, word d, byte]
+        words = codes.long().view(out_features, codes.shape[1] // 64, 16, 4)  # [n, block, d, byte]
         nibbles = torch.stack([words & 15, words >> 4], dim=-1).flatten(-2)  # nibble t = 0..7
         ids = nibbles.transpose(2, 3).reshape(out_features, -1)  # column 128 b + 16 t + d
         assert block == 128  # the view above is that block's shape
@@ -221,7 +221,7 @@ def spqmm_ids(
         return torch.ones_like(ids, dtype=torch.bool), ids
     if codes.dtype == torch.uint8 and bits < 8:  # dense mode, bit-packed: LSB-first bit stream
         stream = (codes.long().unsqueeze(-1) >> torch.arange(8, device=codes.device)) & 1
-        stream = stream.reshape(out_features, -1)[:, : in_features * bits]
+        stream = stream.reshape(out_features, codes.shape[1] * 8)[:, : in_features * bits]
         place = 1 << torch.arange(bits, device=codes.device)
         ids = (stream.reshape(out_features, in_features, bits) * place).sum(-1)
         return torch.ones_like(ids, dtype=torch.bool), ids
@@ -268,6 +268,16 @@ def spqmm(
     w = spqmm_weight(codes, windows, group_ptr, codebook, out_features, in_features, bits)
     b = None if bias is None else bias.double()
     return torch.nn.functional.linear(x.double(), w, b).to(x.dtype)
+
+
+def spqmm_decode(
+    codes: Tensor, windows: Tensor, group_ptr: Tensor, chunks: Tensor, codebook: Tensor,
+    out_features: int, in_features: int, bits: int,
+) -> Tensor:
+    """dcx.ops.spqmm_decode in plain torch: the weight in the codebook's dtype (exact: each
+    element is a codebook entry or 0)."""
+    w = spqmm_weight(codes, windows, group_ptr, codebook, out_features, in_features, bits)
+    return w.to(codebook.dtype)
 
 
 Q8_BLOCK = 32  # activation columns per scale (kQ8Block in csrc/core/spqmm_int8.h)

@@ -10,19 +10,15 @@ pointers). A layer pruned but not shared stores its kept values raw (their dtype
 columns). Weight bits count per stored symbol (the kept weights in sparse mode, every position in
 dense mode); index bits count per kept weight, fillers included. Totals add the layers; the
 overall ratios divide the fp32 parameters (4 bytes per element of every floating tensor) and
-torch.save(model.state_dict()) by the whole file.
-
-    python -m dcx.report model.dcx [--json | --markdown]
+torch.save(model.state_dict()) by the whole file. On the command line: `dcx report FILE`.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
 import os
-import sys
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -270,25 +266,3 @@ def report(source, model: torch.nn.Module | None = None) -> Report:
         torch_save_bytes=len(buffer.getvalue()),
         torch_save_source=source,
     )
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m dcx.report", description=__doc__.splitlines()[0]
-    )
-    parser.add_argument("path")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--json", action="store_true")
-    group.add_argument("--markdown", action="store_true")
-    args = parser.parse_args(argv)
-    try:
-        result = report(args.path)
-    except fmt.FormatError as error:
-        print(f"{args.path}: {error}", file=sys.stderr)
-        return 1
-    print(result.to_json() if args.json else result.to_markdown() if args.markdown else result)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,8 +20,8 @@ from torch import nn
 from tqdm import tqdm
 
 from dcx import state
-from dcx.config import PruneConfig, _check_fraction
-from dcx.prune import _resolve, compute_mask
+from dcx.config import PruneConfig, check_fraction
+from dcx.prune import resolve_targets, compute_mask
 
 __all__ = ["SensitivityResult", "sensitivity_analysis", "pick_sparsities", "to_overrides",
            "DEFAULT_SPARSITIES"]
@@ -100,15 +100,15 @@ def sensitivity_analysis(
     is ignored; its targets, overrides (None excludes a layer), granularity and norm are used."""
     sparsities = sorted(float(s) for s in sparsities)
     for s in sparsities:
-        _check_fraction("sparsity", s)
+        check_fraction("sparsity", s)
     if config is None:
         config = PruneConfig(sparsity=0.0)
-    targets = [t for t in _resolve(model, config) if t.tied_to is None]
+    targets = [t for t in resolve_targets(model, config) if t.tied_to is None]
     result = SensitivityResult(float(evaluate(model)))
     steps = tqdm(total=len(targets) * len(sparsities), desc="sensitivity", disable=not progress)
     for t in targets:
         param = getattr(t.module, t.param_name)
-        existing = t.module._buffers.get(t.param_name + state.MASK)
+        existing = state.mask(t.module, t.param_name)
         saved = param.detach().clone()
         curve = []
         try:

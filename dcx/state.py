@@ -33,9 +33,10 @@ the same state packed for speed and hand it back through their `layer_state` met
 
 from __future__ import annotations
 
+import functools
 import weakref
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -90,14 +91,30 @@ class LayerState:
     module_name: str
     param: str  # the parameter's name on its module, "weight"
     module: nn.Module
-    mask: Optional[Tensor] = None  # bool, the weight's shape, True = kept; None: nothing pruned
+    stored_mask: Optional[Tensor] = None  # read `mask`
     codebook: Optional[Tensor] = None  # [k]; None: not weight-shared
-    labels: Optional[Tensor] = None  # int32, the weight's shape
+    stored_labels: Optional[Tensor] = None  # read `labels`
     bits: Optional[int] = None  # bits of a codebook id (k <= 2^bits)
     index_bits: Optional[int] = None  # bits of a relative index in the file (None: default)
     keys: tuple = ()  # the module's state_dict keys that hold this state (the weight's included)
     packed: bool = False  # held by a packed layer (SparseQuant*), rebuilt from its packed form
     conv: bool = False  # a convolution's weight (the encoder's default index bits differ)
+    # A packed layer's () -> (mask, labels), decoded on the first read of either, once.
+    unpack: Optional[Callable[[], tuple]] = field(default=None, repr=False, compare=False)
+
+    @functools.cached_property
+    def _unpacked(self) -> tuple:
+        return self.unpack() if self.unpack is not None else (self.stored_mask, self.stored_labels)
+
+    @property
+    def mask(self) -> Optional[Tensor]:
+        """bool, the weight's shape, True = kept; None: nothing pruned."""
+        return self._unpacked[0]
+
+    @property
+    def labels(self) -> Optional[Tensor]:
+        """int32 codebook ids, the weight's shape (None: not weight-shared)."""
+        return self._unpacked[1]
 
     @property
     def name(self) -> str:
@@ -130,8 +147,17 @@ class LayerState:
 # Reading
 
 
-def _is_conv(module) -> bool:
-    return isinstance(module, nn.modules.conv._ConvNd) or getattr(module, "is_conv", False)
+def kind(module: nn.Module) -> Optional[str]:
+    """"conv", "linear" or "embedding" for a layer of that kind (subclasses and the packed twins,
+    which say so in `layer_kind`, included), else None: the one place that decides."""
+    declared = getattr(module, "layer_kind", None)
+    if declared is not None:
+        return declared
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return "conv"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    return "embedding" if isinstance(module, nn.Embedding) else None
 
 
 def get(module: nn.Module, param: str = "weight", module_name: str = "") -> Optional[LayerState]:
@@ -150,7 +176,7 @@ def get(module: nn.Module, param: str = "weight", module_name: str = "") -> Opti
                                                   and k not in module._non_persistent_buffers_set))
     return LayerState(module_name, param, module, buffers.get(param + MASK), codebook,
                       buffers.get(param + LABELS), meta.get("bits"), meta.get("index_bits"),
-                      keys, conv=_is_conv(module))
+                      keys, conv=kind(module) == "conv")
 
 
 def layers(model: nn.Module) -> dict[str, LayerState]:
@@ -166,7 +192,7 @@ def layers(model: nn.Module) -> dict[str, LayerState]:
     return result
 
 
-def _values(module: nn.Module, param: str) -> Tensor:
+def values(module: nn.Module, param: str) -> Tensor:
     """The tensor the module computes with under `param` (a Parameter, or a rebuilt weight)."""
     value = getattr(module, param, None)
     if not isinstance(value, Tensor):
@@ -193,7 +219,7 @@ def _meta(module: nn.Module, param: str) -> dict:
 def set_mask_(module: nn.Module, param: str, mask: Tensor) -> Tensor:
     """Make `mask` (bool, True = kept) the pruning mask of module.<param> and zero the pruned
     weights. Returns the mask buffer."""
-    weight = _values(module, param)
+    weight = values(module, param)
     if tuple(mask.shape) != tuple(weight.shape):
         raise ValueError(f"the mask of {param} must have shape {tuple(weight.shape)}, got "
                          f"{tuple(mask.shape)}")
@@ -218,7 +244,7 @@ def set_shared_(module: nn.Module, param: str, codebook: Tensor, labels: Tensor,
     (fine-tuning); otherwise the weight stays a Parameter holding codebook[labels] and the
     codebook a buffer (what finalize_clustering_ leaves, and what dcx.load restores).
     clustered: the weights as clustered, kept for reassign_."""
-    weight = _values(module, param)
+    weight = values(module, param)
     if tuple(labels.shape) != tuple(weight.shape):
         raise ValueError(f"the labels of {param} must have shape {tuple(weight.shape)}, got "
                          f"{tuple(labels.shape)}")
@@ -335,6 +361,17 @@ def _link(module: nn.Module, param: str) -> None:
         link = p.__dict__.get(_LINK)
         if link is None or link.module() is not module or link.param != param:
             p.__dict__[_LINK] = _Link(module, param)
+
+
+def mask(module: nn.Module, param: str = "weight") -> Optional[Tensor]:
+    """The pruning mask of `module`'s `param` itself (the buffer the stages update in place), or
+    None when it is not pruned. Cheaper than get() for a hot loop."""
+    return module._buffers.get(param + MASK)
+
+
+def clustered(module: nn.Module, param: str = "weight") -> Optional[Tensor]:
+    """The weight as it was when shared (kept by ClusterConfig(reassign=True)), or None."""
+    return module._buffers.get(param + CLUSTERED)
 
 
 def mask_of(p: Tensor) -> Optional[Tensor]:

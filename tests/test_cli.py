@@ -141,6 +141,20 @@ def loaders():
 
 def small_mlp():
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+class BreaksWhenPacked(nn.Sequential):
+    """A model whose forward fails once its layers are packed (as one that reads a layer's
+    internals would): the pipeline's last stage, which loads its file, fails."""
+
+    def forward(self, x):
+        if any(type(m).__name__ == "SparseQuantLinear" for m in self.modules()):
+            raise RuntimeError("this model cannot run once packed")
+        return super().forward(x)
+
+
+def breaks_when_packed():
+    return BreaksWhenPacked(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
 '''
 
 
@@ -170,7 +184,7 @@ def test_convert_a_factory_model_with_weights(user_folder):
     loaded = dcx_pkg.load(user_folder / "m.dcx", usermodels.make())
     assert isinstance(loaded[0], dcx_pkg.SparseQuantEmbedding) and loaded[0].padding_idx == 0
     ids = torch.randint(0, 50, (3, 6))
-    reference = dcx_pkg.convert(usermodels.make(), bits=5, sparsity=0.3)
+    reference, _ = dcx_pkg.convert_(usermodels.make(), dcx_pkg.ConvertConfig(bits=5, sparsity=0.3))
     torch.testing.assert_close(loaded(ids), reference(ids), rtol=1e-5, atol=1e-5)
     # safetensors weights, and convs: a subclass with its own forward and a grouped conv keep
     # their decoded weight (shared), "same" padding is packed; every one listed with its reason.
@@ -189,7 +203,7 @@ def test_convert_a_factory_model_with_weights(user_folder):
     from safetensors.torch import load_file
 
     exported = load_file(str(user_folder / "c-decoded.safetensors"))
-    decoded = dcx_pkg.load(user_folder / "c.dcx")
+    decoded = dcx_pkg.load_state_dict(user_folder / "c.dcx")
     assert exported.keys() == decoded.keys()
     assert all(torch.equal(exported[k], decoded[k]) for k in decoded)
     plain = usermodels.make_conv()
@@ -209,7 +223,7 @@ def test_convert_a_transformers_folder(tmp_path):
     transformers.BertModel(config).save_pretrained(tmp_path / "bert")
     (tmp_path / "over.yaml").write_text("re:embeddings\\..*: {bits: 4}\npooler.dense: null\n")
     run = dcx("convert", tmp_path / "bert", "--bits", "6", "--overrides", tmp_path / "over.yaml",
-              "--out", tmp_path / "bert.dcx", "--quiet")
+              "--compute", "int8", "--out", tmp_path / "bert.dcx", "--quiet")
     assert run.returncode == 0, run.stderr
     assert "smaller than model.safetensors" in run.stdout
     assert "| pooler.dense | Linear | 32x32 | dense |  | 0% | excluded" in run.stdout
@@ -220,6 +234,8 @@ def test_convert_a_transformers_folder(tmp_path):
         transformers.AutoConfig.from_pretrained(tmp_path / "bert")).eval()
     loaded = dcx_pkg.load(tmp_path / "bert.dcx", fresh)
     assert isinstance(loaded.embeddings.word_embeddings, dcx_pkg.SparseQuantEmbedding)
+    for model in (rebuilt, loaded):  # the compute mode comes back from the file, on either path
+        assert model.encoder.layer[0].attention.self.query.compute == "int8"
     assert loaded.embeddings.word_embeddings.bits <= 5  # 4 bits, and a zero id if needed
     ids = torch.randint(1, 100, (2, 10))
     with torch.no_grad():
@@ -239,6 +255,22 @@ def test_compress_a_factory_model_on_its_own_loaders(user_folder, tmp_path):
     run = dcx("eval", "mlp.dcx", "--model", "usermodels:small_mlp", "--data", "usermodels:loaders",
               cwd=user_folder)
     assert run.returncode == 0 and "accuracy" in run.stdout
+
+
+def test_a_failing_late_stage_reports_what_was_done(user_folder):
+    """A stage that fails while running: the stages it finished, the file it wrote, then the
+    error and its traceback, exit 1 (a failure while running, not a usage error)."""
+    (user_folder / "c.yaml").write_text(SMALL)
+    run = dcx("compress", "--config", "c.yaml", "--model", "usermodels:breaks_when_packed",
+              "--data", "usermodels:loaders", "--out", "mlp.dcx", "--quiet", "--no-plots",
+              cwd=user_folder)
+    assert run.returncode == 1, run.stderr + run.stdout
+    assert "| reference |" in run.stdout and "| quantized |" in run.stdout
+    size = (user_folder / "mlp.dcx").stat().st_size
+    assert f"file written: mlp.dcx ({size:,} bytes)" in run.stdout
+    assert "Traceback" in run.stderr and "this model cannot run once packed" in run.stderr
+    assert "dcx: stage 'encoded' failed after 3 finished stage(s); the file mlp.dcx was written" \
+        in run.stderr
 
 
 @pytest.mark.parametrize(
@@ -284,3 +316,12 @@ def test_the_demo_data_needs_no_scikit_learn():
                          env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "1438"
+
+
+def test_the_compute_choices_are_the_layers_modes():
+    from dcx import cli, nn
+
+    assert cli.COMPUTE_MODES == nn.COMPUTE_MODES
+    choices = [a.choices for a in cli.parser()._subparsers._group_actions[0].choices["convert"]._actions
+               if a.dest == "compute"]
+    assert choices == [nn.COMPUTE_MODES]

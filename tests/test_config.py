@@ -90,3 +90,42 @@ def test_example_configs_load(name):
     config = CompressionConfig.load(path)
     assert config.prune is not None and config.cluster is not None
     assert "dcx compress --config" in path.read_text()  # the header records the command
+
+
+def test_the_same_bad_override_gets_the_same_error_from_every_verb():
+    """One override rule (dcx.config.layer_overrides) behind convert_, cluster_, prune_ and
+    encode_: a pattern naming something that is not a layer they work on gets one message."""
+    import dcx
+    from torch import nn
+
+    verbs = {
+        "ConvertConfig": lambda m: dcx.convert_(m, dcx.ConvertConfig(overrides={"0.bias": {"bits": 3}})),
+        "ClusterConfig": lambda m: dcx.cluster_(m, dcx.ClusterConfig(overrides={"0.bias": {"bits": 3}})),
+        "PruneConfig": lambda m: dcx.prune_(m, dcx.PruneConfig(sparsity=0.5,
+                                                               overrides={"0.bias": {"sparsity": 0.1}})),
+        "EncodeConfig": lambda m: dcx.encode_(dcx.cluster_(m), dcx.EncodeConfig(
+            overrides={"0.bias": {"index_bits": 3}})),
+    }
+    for where, verb in verbs.items():
+        with pytest.raises(ConfigError) as error:
+            verb(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))
+        message = str(error.value)
+        assert message.startswith(f"{where}: override '0.bias' matches no layer it applies to"), message
+
+
+def test_convert_config_round_trips_and_checks(tmp_path):
+    from dcx.config import ConvertConfig
+
+    config = ConvertConfig(sparsity=0.5, bits=4, overrides={"re:fc.*": {"bits": 6}, "fc3": None},
+                           include="re:fc.*", dense=True, compute="int8")
+    assert config.include == ["re:fc.*"]
+    for suffix in (".yaml", ".json"):
+        assert ConvertConfig.load(config.save(tmp_path / f"c{suffix}")) == config
+    for bad, match in [({"bits": 9}, r"bits must lie in \[1, 8\]"),
+                       ({"sparsity": 1.5}, r"sparsity must be a number in \[0, 1\]"),
+                       ({"compute": "fp8"}, "compute must be one of"),
+                       ({"overrides": {"fc1": {"index_bits": 3}}}, "may set sparsity and bits"),
+                       ({"exclude": ["re:("]}, "bad regex"),
+                       ({"dense": "yes"}, "dense must be true, false or null")]:
+        with pytest.raises(ConfigError, match=match):
+            ConvertConfig(**bad)

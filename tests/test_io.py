@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import dcx
@@ -127,7 +126,7 @@ def test_sizes_of_the_stages(tmp_path):
           f"({fp32 / size_q:.1f}x)")
 
 
-def test_the_readme_example_of_issue_twelve(tmp_path):
+def test_prune_cluster_save_with_no_other_argument(tmp_path):
     """prune_ then cluster_ then save with no other argument: smaller than the fp32 weights and
     loading into a fresh model (both failed before the state was one)."""
     m = LeNet300100()
@@ -141,7 +140,7 @@ def test_the_readme_example_of_issue_twelve(tmp_path):
 
 
 def test_convert_saves_and_loads(tmp_path):
-    model = dcx.convert(trained_net(), sparsity=0.5, bits=4, conv=True)
+    model, _ = dcx.convert_(trained_net(), dcx.ConvertConfig(sparsity=0.5, bits=4, conv=True))
     assert isinstance(model.same, dcx.SparseQuantConv2d) and type(model.grouped) is nn.Conv2d
     loaded = check_round_trip(model, tmp_path / "c.dcx", Net())
     assert isinstance(loaded.fc2, dcx.SparseQuantLinear)
@@ -149,10 +148,13 @@ def test_convert_saves_and_loads(tmp_path):
     torch.testing.assert_close(again(X), model(X), rtol=1e-5, atol=1e-5)
 
 
-def test_load_without_a_model_gives_the_decoded_state_dict(tmp_path):
+def test_load_state_dict_gives_the_decoded_tensors(tmp_path):
     model = stage("prune+cluster", False, False)
     dcx.save(model, tmp_path / "m.dcx")
-    decoded = dcx.load(tmp_path / "m.dcx")
+    decoded = dcx.load_state_dict(tmp_path / "m.dcx")
+    with pytest.warns(DeprecationWarning, match="load_state_dict"):  # the old spelling, one release
+        legacy = dcx.load(tmp_path / "m.dcx")
+    assert legacy.keys() == decoded.keys() and all(torch.equal(legacy[k], decoded[k]) for k in decoded)
     plain = Net()
     assert set(decoded) == set(plain.state_dict())
     plain.load_state_dict(decoded)
@@ -238,7 +240,7 @@ def test_sparse_quant_conv2d_padding_modes(padding, mode, stride, dilation, kern
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 5, kernel, stride=stride, padding=padding, dilation=dilation,
                      padding_mode=mode)
-    layer = dcx.SparseQuantConv2d.from_conv(conv, sparsity=0.3, bits=6)
+    layer = dcx.SparseQuantConv2d.from_float(conv, sparsity=0.3, bits=6)
     with torch.no_grad():
         conv.weight.copy_(layer.weight)
     x = torch.randn(2, 3, 11, 9)
@@ -255,7 +257,7 @@ def test_encode_sets_index_bits_and_overrides(tmp_path):
     with pytest.raises(ValueError, match="override 'fc9' matches no layer"):
         dcx.encode_(model, dcx.EncodeConfig(overrides={"fc9": {"index_bits": 3}}))
     with pytest.raises(ValueError, match="override 're:conv.*' matches no layer"):
-        dcx.convert(LeNet300100(), overrides={"re:conv.*": {"bits": 3}})
+        dcx.convert_(LeNet300100(), dcx.ConvertConfig(overrides={"re:conv.*": {"bits": 3}}))
 
 
 def test_transformers_bert_round_trip(tmp_path):
@@ -278,3 +280,35 @@ def test_transformers_bert_round_trip(tmp_path):
                                    rtol=1e-4, atol=1e-4)
     fp32 = 4 * sum(p.numel() for p in transformers.BertModel(config).parameters())
     assert os.path.getsize(tmp_path / "bert.dcx") < fp32 / 4
+
+
+def test_packed_layer_settings_survive_the_file(tmp_path):
+    """Each packed layer's compute mode and packed mode (dense even where its density would pick
+    sparse) come back from the file: into a plain model, into an already packed one, and as
+    one mode for all when load is given one."""
+    torch.manual_seed(0)
+
+    def build():
+        return nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 16), nn.ReLU(),
+                             nn.Linear(16, 8))
+
+    model = build()
+    dcx.convert_(model, dcx.ConvertConfig(sparsity=0.0, bits=6))
+    model[0].compute = "int8"
+    model[2] = dcx.SparseQuantLinear.from_float(build()[2], sparsity=0.8, bits=4, dense=True,
+                                                 compute="bfloat16")
+    path = dcx.save(model, tmp_path / "m.dcx")
+    assert fmt.load_records(path)[2]["layers"] == {  # the choices, not the defaults
+        "0": {"compute": "int8"}, "2": {"compute": "bfloat16", "mode": "dense"}}
+    x = torch.randn(3, 64)
+    expected = model(x)
+    into_packed = build()
+    dcx.convert_(into_packed, dcx.ConvertConfig(sparsity=0.5, bits=3))  # other settings, to be replaced
+    for fresh in (build(), into_packed):
+        loaded = dcx.load(path, fresh)
+        assert [loaded[i].compute for i in (0, 2, 4)] == ["int8", "bfloat16", "auto"]
+        assert all(loaded[i].packed.dense for i in (0, 2, 4))
+        torch.testing.assert_close(loaded(x), expected)
+    forced = dcx.load(path, build(), compute="float32")
+    assert [forced[i].compute for i in (0, 2, 4)] == ["float32"] * 3
+    assert dcx.save(loaded, tmp_path / "again.dcx").read_bytes() == path.read_bytes()

@@ -382,3 +382,60 @@ def test_pack_label_dtypes(label_dtype):
         p = dcx.pack(mask, labels, codebook, dense=dense)
         x = torch.randn(2, 300)
         check(run(x, p), x, mask, labels.long(), codebook)
+
+
+def linear_grads(x, w, bias, grad_y):
+    """(grad_x, grad_bias) of F.linear with the weight given dense: the oracle of the gradients."""
+    xr = x.detach().clone().requires_grad_()
+    br = bias.detach().clone().requires_grad_()
+    F.linear(xr, w, br).backward(grad_y)
+    return xr.grad, br.grad
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("crossover", [-1, 0])
+def test_gradients(device, dtype, dense, crossover):
+    """grad_x = grad_y W and grad_bias = the sum of grad_y over the batch, whichever path ran
+    forward, against F.linear's gradients with the decoded weight (the same arithmetic in
+    another GEMM: assert_close's tolerances for the dtype)."""
+    mask, labels, codebook, p = make_layer(33, 97, 0.3, 5, dtype, device, dense=dense)
+    x = torch.randn(2, 3, 97, device=device, dtype=dtype, requires_grad=True)
+    bias = torch.randn(33, device=device, dtype=dtype, requires_grad=True)
+    grad_y = torch.randn(2, 3, 33, device=device, dtype=dtype)
+    run(x, p, bias, crossover).backward(grad_y)
+    w = torch.where(mask, codebook[labels], torch.zeros((), dtype=dtype, device=device))
+    grad_x, grad_bias = linear_grads(x, w, bias, grad_y)
+    torch.testing.assert_close(x.grad, grad_x)
+    torch.testing.assert_close(bias.grad, grad_bias)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dense", [False, True])
+def test_gradcheck(device, dense):
+    """Finite differences of the op itself. The op is float32 at most; it is linear in x and the
+    bias, so a wide step (0.25) leaves only the float32 rounding of outputs of size about 10:
+    about 1e-6 / 0.25, far inside atol 1e-3."""
+    _, _, _, p = make_layer(9, 40, 0.5, 4, torch.float32, device, dense=dense)
+    x = torch.randn(3, 40, device=device, requires_grad=True)
+    bias = torch.randn(9, device=device, requires_grad=True)
+    with pytest.warns(UserWarning, match="double precision"):
+        assert torch.autograd.gradcheck(lambda x, b: run(x, p, b), (x, bias), eps=0.25,
+                                        atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_opcheck_autograd(device):
+    _, _, _, p = make_layer(33, 97, 0.2, 5, torch.float32, device, dense=False)
+    args = (torch.randn(3, 97, device=device, requires_grad=True), p.codes, p.windows,
+            p.group_ptr, p.chunks, p.codebook, 33, 97, p.bits,
+            torch.randn(33, device=device, requires_grad=True), -1, True)
+    torch.library.opcheck(torch.ops.dcx.spqmm.default, args)
+
+
+def test_codebook_gets_no_gradient():
+    _, _, _, p = make_layer(8, 40, 0.5, 4, torch.float32, "cpu")
+    x = torch.randn(2, 40)
+    with pytest.raises(RuntimeError, match="codebook requires grad.*fine-tune the codebook before packing"):
+        run(x, p._replace(codebook=p.codebook.clone().requires_grad_()))

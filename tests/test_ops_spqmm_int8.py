@@ -166,14 +166,14 @@ def test_bad_input(device, change, match):
         run(x, p, b)
 
 
-def test_layer_compute_int8():
+def test_layer_compute_int8(tmp_path):
     """compute="int8" runs a dense-mode layer through spqmm_int8 below INT8_ROWS rows, a
-    sparse-mode one (and any from INT8_ROWS rows on) in float32; it survives save and load (the
-    layer's extra state)."""
+    sparse-mode one (and any from INT8_ROWS rows on) in float32; it survives dcx.save and
+    dcx.load (the file's layer settings) and a state_dict (the layer's extra state)."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(200, 48)
-    dense = dcx.SparseQuantLinear.from_linear(linear, sparsity=0.0, bits=6, compute="int8")
-    sparse = dcx.SparseQuantLinear.from_linear(linear, sparsity=0.9, bits=5, compute="int8")
+    dense = dcx.SparseQuantLinear.from_float(linear, sparsity=0.0, bits=6, compute="int8")
+    sparse = dcx.SparseQuantLinear.from_float(linear, sparsity=0.9, bits=5, compute="int8")
     assert dense.packed.dense and not sparse.packed.dense
     x = torch.randn(5, 200)
     p = dense.packed
@@ -190,3 +190,32 @@ def test_layer_compute_int8():
     restored.load_state_dict(dense.state_dict())
     assert restored.compute == "int8"
     torch.testing.assert_close(restored(x), dense(x))
+    path = dcx.save(torch.nn.Sequential(dense), tmp_path / "int8.dcx")
+    loaded = dcx.load(path, torch.nn.Sequential(torch.nn.Linear(200, 48)))
+    assert isinstance(loaded[0], dcx.SparseQuantLinear) and loaded[0].compute == "int8"
+    torch.testing.assert_close(loaded(x), dense(x))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_gradients(device, dtype):
+    """The activations' rounding passes the gradient straight through: grad_x = grad_y W with
+    the layer's decoded weight, grad_bias the sum of grad_y, as for spqmm (F.linear's gradients
+    are the oracle)."""
+    labels, codebook, p = make_layer(33, 97, 5, dtype, device)
+    x = torch.randn(4, 97, device=device, dtype=dtype, requires_grad=True)
+    bias = torch.randn(33, device=device, dtype=dtype, requires_grad=True)
+    grad_y = torch.randn(4, 33, device=device, dtype=dtype)
+    run(x, p, bias).backward(grad_y)
+    xr, br = x.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+    F.linear(xr, codebook[labels], br).backward(grad_y)
+    torch.testing.assert_close(x.grad, xr.grad)
+    torch.testing.assert_close(bias.grad, br.grad)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_opcheck_autograd(device):
+    _, _, p = make_layer(33, 97, 5, torch.float32, device)
+    args = (torch.randn(3, 97, device=device, requires_grad=True), p.codes, p.codebook, 33, 97,
+            p.bits, torch.randn(33, device=device, requires_grad=True), True)
+    torch.library.opcheck(torch.ops.dcx.spqmm_int8.default, args)

@@ -50,7 +50,11 @@ def test_stages_run_sizes_shrink_and_the_file_predicts_the_same(tmp_path, digits
     sizes = [s.size_bytes for s in result.stages]
     assert sizes[0] > sizes[1] > sizes[2], sizes
     assert result.path.stat().st_size == sizes[3] < sizes[1]
-    assert all(0.5 < s.accuracy <= 1.0 for s in result.stages), result.table()
+    # Seeded: 94.7% for the reference, 96.4% after each stage on this machine. A stage that
+    # breaks retraining or sharing costs far more than three points.
+    reference = result.stages[0].accuracy
+    assert 0.90 <= reference <= 1.0, result.table()
+    assert all(s.accuracy >= reference - 0.03 for s in result.stages[1:]), result.table()
     assert result.same_predictions is True
     # The file loads into a fresh model as SparseQuantLinear layers with the same predictions.
     _, test = digits

@@ -157,9 +157,11 @@ def test_masks_are_read_and_reassign():
     assert books["conv"][2] is None and books["fc1"][2] is model.fc1.weight_mask
     assert (model.fc1.weight[~model.fc1.weight_mask] == 0).all()
     assert quantize.reassign_(model) == 0  # nothing moved yet: labels are already nearest
+    on_first = int(((model.fc1.weight_labels == 0) & model.fc1.weight_mask).sum())
+    assert on_first > 0
     with torch.no_grad():
         books["fc1"][0][0] += 10.0  # one centroid far away: its weights move to neighbours
-    assert quantize.reassign_(model) > 0
+    assert quantize.reassign_(model) == on_first  # exactly those, and nothing in fc2
     assert (model.fc1.weight_labels[model.fc1.weight_mask] != 0).all()
 
 

@@ -1,5 +1,5 @@
 // spqmm on the CPU, torch-free: y = x W^T + bias with W kept packed and its codebook ids decoded
-// on the fly. The packed layout (built by dcx.nn.pack, read by the CPU and CUDA kernels):
+// on the fly. The packed layout (built by dcx.packing.pack, read by the CPU and CUDA kernels):
 //
 //   Rows are taken 16 at a time: group g holds rows [16 g, 16 g + 16) (the last one may be
 //   partial; its missing rows are padding). A group is a sequence of steps; a step holds one slot

@@ -1,6 +1,6 @@
 // The constants of the packed spqmm layout (described at the top of core/spqmm.h): the one
 // definition, included by the CPU and CUDA kernels and exported by dcx._C (SPQMM_LAYOUT) to the
-// Python packer, dcx.nn.pack. Torch-free and intrinsic-free, so nvcc and the native tests take it.
+// Python packer, dcx.packing.pack. Torch-free and intrinsic-free, so nvcc and the native tests take it.
 #pragma once
 
 #include <cstdint>

@@ -56,7 +56,6 @@ Isa cpu_isa() {
   return best;
 }
 
-bool use_avx512() { return cpu_isa() == Isa::kAvx512; }
 
 // bf16 dot products in hardware (AVX512-BF16, which every CPU with AMX also has). Without them a
 // bf16 GEMM is emulated and several times slower than the fp32 one, which computes the same thing
@@ -133,6 +132,19 @@ void decode_rows(const SpqmmPacked& p, Isa isa, const float* table, int64_t r0, 
   spqmm_decode_rows(p, r0, r0 + rows, table, w, seen);
 }
 
+// All of W decoded into w ([N, K] floats), whole groups of 16 rows per work item (sparse mode
+// decodes a group at a time): past the crossover for one GEMM, and the spqmm_decode op.
+void decode_whole(const SpqmmPacked& p, Isa isa, const float* table, float* w, SpqmmSeen* seen) {
+  const int64_t groups = (p.n + 15) / 16;
+  const int64_t grain = std::max<int64_t>(1, groups / at::get_num_threads());
+  std::vector<SpqmmSeen> seen_by(groups);  // by each work item's first group
+  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+    const int64_t r0 = g0 * 16, r1 = std::min(p.n, g1 * 16);
+    decode_rows(p, isa, table, r0, r1 - r0, w + r0 * p.k, &seen_by[g0]);
+  });
+  for (const auto& s : seen_by) seen->merge(s);
+}
+
 // y = x w^T + bias for a decoded block of rows, written as columns [r0, r0 + rb) of y (the
 // BLAS takes y's row stride as its leading dimension, so y is never copied or transposed):
 // float32 (MKL), or bfloat16 (oneDNN's bf16 GEMM, fp32 accumulation, the bias inside so the sum
@@ -174,14 +186,7 @@ void decode_gemm(const SpqmmPacked& p, const float* table, const at::Tensor& xg,
     static thread_local std::vector<float> whole;
     if (whole.size() < size_t(N * K)) whole.resize(size_t(N * K));
     float* wp = whole.data();
-    // Whole groups of 16 rows per work item (sparse mode decodes a group at a time).
-    const int64_t groups = (N + 15) / 16;
-    std::vector<SpqmmSeen> seen_by(groups);  // by each work item's first group
-    at::parallel_for(0, groups, std::max<int64_t>(1, groups / threads), [&](int64_t g0, int64_t g1) {
-      const int64_t r0 = g0 * 16, r1 = std::min(N, g1 * 16);
-      decode_rows(p, isa, table, r0, r1 - r0, wp + r0 * K, &seen_by[g0]);
-    });
-    for (const auto& s : seen_by) seen->merge(s);
+    decode_whole(p, isa, table, wp, seen);
     gemm_block(xg, at::from_blob(wp, {N, K}, at::kFloat), bias_f, bias_bf16, 0, y);
     return;
   }
@@ -418,6 +423,30 @@ at::Tensor spqmm_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   return y.to(x.scalar_type()).reshape(out_shape);
 }
 
+// W [out_features, in_features] in the codebook's dtype, every element written (0 where pruned):
+// the backward of spqmm (grad_x = grad_y W) and dcx's unpacking read it.
+at::Tensor spqmm_decode_cpu(const at::Tensor& codes, const at::Tensor& windows,
+                            const at::Tensor& group_ptr, const at::Tensor& chunks,
+                            const at::Tensor& codebook, int64_t out_features, int64_t in_features,
+                            int64_t bits) {
+  check_spqmm_decode_args(codes, windows, group_ptr, chunks, codebook, out_features, in_features,
+                          bits);
+  const at::NoGradGuard no_grad;
+  const SpqmmPacked p = make_packed(codes, windows, group_ptr, chunks, out_features, in_features, bits);
+  if (!p.dense) {
+    const char* bad = spqmm_check_structure(p);
+    TORCH_CHECK(bad == nullptr, bad, " (corrupted packed weight)");
+  }
+  at::Tensor w = at::empty({out_features, in_features}, at::kFloat);
+  if (w.numel() > 0) {
+    const std::vector<float> table = make_table(codebook);
+    SpqmmSeen seen;
+    decode_whole(p, p.dense ? cpu_isa() : Isa::kGeneric, table.data(), w.data_ptr<float>(), &seen);
+    check_seen(seen, codebook.numel(), in_features);
+  }
+  return w.to(codebook.scalar_type());
+}
+
 // int8 compute (csrc/core/spqmm_int8.h) for a dense-mode layer. x is quantized once per call
 // into [M rounded up to the block][blocks * 32] int8 values (held as int16 for pmaddwd, each block
 // in q8_slot order) and [..][blocks] scales, zero past the valid rows and columns; each thread
@@ -505,4 +534,5 @@ at::Tensor spqmm_int8_cpu(const at::Tensor& x, const at::Tensor& codes, const at
 TORCH_LIBRARY_IMPL(dcx, CPU, m) {
   m.impl("spqmm", &dcx::spqmm_cpu);
   m.impl("spqmm_int8", &dcx::spqmm_int8_cpu);
+  m.impl("spqmm_decode", &dcx::spqmm_decode_cpu);
 }

@@ -38,6 +38,37 @@ void check_flag(const at::Tensor& bad, bool check) {
               "windows and codes point at a column outside in_features (corrupted packed weight)");
 }
 
+// The packed weight's part of the launch arguments, for spqmm and spqmm_decode. Two ids per byte
+// (bits <= 4): the kernels read rows of 16-byte blocks with 16-byte loads, so a view that does
+// not start on 16 bytes is copied to a fresh (aligned) allocation, kept alive in *realigned.
+cuda::SpqmmCudaArgs weight_args(const at::Tensor& codes, const at::Tensor& windows,
+                                const at::Tensor& group_ptr, const at::Tensor& chunks,
+                                const at::Tensor& cb, int64_t N, int64_t K, int64_t bits,
+                                at::Tensor* realigned) {
+  cuda::SpqmmCudaArgs a{};
+  a.device = cb.get_device();
+  a.n = N;
+  a.k = K;
+  a.bits = static_cast<int>(bits);
+  a.codebook = cb.data_ptr();
+  a.kc = static_cast<int>(cb.numel());
+  a.dense = codes.scalar_type() == at::kByte;
+  if (a.dense) {
+    const bool misaligned = reinterpret_cast<uintptr_t>(codes.data_ptr()) % 16 != 0;
+    *realigned = bits <= 4 && misaligned ? codes.clone() : codes;
+    a.dense_codes = realigned->data_ptr<uint8_t>();
+  } else {
+    a.codes = reinterpret_cast<const uint16_t*>(codes.data_ptr<int16_t>());
+    a.steps = codes.size(0);
+    a.windows = windows.data_ptr<int32_t>();
+    a.groups = (N + kSpqmmGroupRows - 1) / kSpqmmGroupRows;
+    a.group_ptr = group_ptr.data_ptr<int32_t>();
+    a.chunks = chunks.data_ptr<int32_t>();
+    a.num_chunks = chunks.numel() - 1;
+  }
+  return a;
+}
+
 at::Tensor spqmm_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& windows,
                       const at::Tensor& group_ptr, const at::Tensor& chunks,
                       const at::Tensor& codebook, int64_t out_features, int64_t in_features,
@@ -71,36 +102,15 @@ at::Tensor spqmm_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Te
   C10_CUDA_CHECK(cudaMemsetAsync(scratch.data_ptr(), 0, scratch.nbytes(), stream));
   const at::Tensor bad = scratch.narrow(0, 0, 1).view(at::kInt);
 
-  cuda::SpqmmCudaArgs a{};
+  at::Tensor realigned;
+  cuda::SpqmmCudaArgs a = weight_args(codes, windows, group_ptr, chunks, cb, N, K, bits, &realigned);
   a.dtype = cuda::to_dtype(x.scalar_type(), "x");
-  a.device = x.get_device();
   a.x = x2.data_ptr();
   a.m = M;
-  a.n = N;
-  a.k = K;
-  a.bits = static_cast<int>(bits);
-  a.codebook = cb.data_ptr();
-  a.kc = static_cast<int>(cb.numel());
   a.bias = has_bias ? b.data_ptr() : nullptr;
   a.bad_flag = bad.data_ptr<int>();
   a.ws = ws_floats > 0 ? scratch.data_ptr<float>() + 4 : nullptr;
   a.stream = stream;
-  a.dense = dense_mode;
-  // Two ids per byte (bits <= 4): the kernel reads rows of 16-byte blocks with 16-byte loads, so
-  // a view that does not start on 16 bytes is copied to a fresh (aligned) allocation.
-  const bool misaligned = reinterpret_cast<uintptr_t>(codes.data_ptr()) % 16 != 0;
-  const at::Tensor dense_codes = dense_mode && bits <= 4 && misaligned ? codes.clone() : codes;
-  if (dense_mode) {
-    a.dense_codes = dense_codes.data_ptr<uint8_t>();
-  } else {
-    a.codes = reinterpret_cast<const uint16_t*>(codes.data_ptr<int16_t>());
-    a.steps = codes.size(0);
-    a.windows = windows.data_ptr<int32_t>();
-    a.groups = (N + kSpqmmGroupRows - 1) / kSpqmmGroupRows;
-    a.group_ptr = group_ptr.data_ptr<int32_t>();
-    a.chunks = chunks.data_ptr<int32_t>();
-    a.num_chunks = chunks.numel() - 1;
-  }
 
   if (decode) {  // past the crossover: W decoded once (every element written), then the BLAS
     at::Tensor w = at::empty({N, K}, x.options());
@@ -114,6 +124,36 @@ at::Tensor spqmm_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Te
   if (empty && M > 0 && N > 0) y.copy_(has_bias ? b.expand({M, N}) : at::zeros({M, N}, x.options()));
   check_flag(bad, check);
   return y.reshape(out_shape);
+}
+
+// W [N, K] in the codebook's dtype (every element written by the decode kernel), then the
+// corruption check (skipped while a CUDA graph is captured).
+at::Tensor spqmm_decode_cuda(const at::Tensor& codes, const at::Tensor& windows,
+                             const at::Tensor& group_ptr, const at::Tensor& chunks,
+                             const at::Tensor& codebook, int64_t out_features, int64_t in_features,
+                             int64_t bits) {
+  check_spqmm_decode_args(codes, windows, group_ptr, chunks, codebook, out_features, in_features,
+                          bits);
+  cuda::check_cuda_tensor(codebook, "codebook");
+  const c10::cuda::CUDAGuard guard(codebook.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor bad = at::empty({4}, codebook.options().dtype(at::kInt));
+  C10_CUDA_CHECK(cudaMemsetAsync(bad.data_ptr(), 0, bad.nbytes(), stream));
+  const at::Tensor cb = codebook.contiguous();
+  at::Tensor realigned;
+  cuda::SpqmmCudaArgs a =
+      weight_args(codes, windows, group_ptr, chunks, cb, out_features, in_features, bits, &realigned);
+  a.dtype = cuda::to_dtype(codebook.scalar_type(), "codebook");
+  a.bad_flag = bad.data_ptr<int>();
+  a.stream = stream;
+  at::Tensor w = at::empty({out_features, in_features}, codebook.options());
+  if (w.numel() > 0) {
+    C10_CUDA_CHECK(cuda::launch_spqmm_decode(a, w.data_ptr()));
+  } else {
+    C10_CUDA_CHECK(cuda::launch_spqmm(a));  // nothing to decode: only the pointer checks (m = 0)
+  }
+  check_flag(bad.narrow(0, 0, 1), true);
+  return w;
 }
 
 // int8 compute for a dense-mode layer: one allocation for the flag (16 bytes), the quantized x
@@ -171,4 +211,5 @@ at::Tensor spqmm_int8_cuda(const at::Tensor& x, const at::Tensor& codes, const a
 TORCH_LIBRARY_IMPL(dcx, CUDA, m) {
   m.impl("spqmm", &dcx::spqmm_cuda);
   m.impl("spqmm_int8", &dcx::spqmm_int8_cuda);
+  m.impl("spqmm_decode", &dcx::spqmm_decode_cuda);
 }

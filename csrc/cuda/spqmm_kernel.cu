@@ -1,9 +1,10 @@
 // spqmm on CUDA: y = x W^T + bias with W packed as codebook ids (layout at the top of
 // csrc/core/spqmm.h). Sparse mode: rows in groups of 16; a step is 16 slots (slot i for row
 // 16g + i, uint16 live << 15 | offset << 8 | id) and one window (the first of the 32 columns the
-// step's slots read); group g is steps [group_ptr[g], group_ptr[g+1]). Dense mode: uint8 codes,
-// one id per byte [N, K], or with ids of up to 4 bits two per byte in blocks of 128 columns
-// [N, ceil(K / 128) * 64].
+// step's slots read); group g is steps [group_ptr[g], group_ptr[g+1]). Dense mode: uint8 codes in
+// the layouts of csrc/core/spqmm_layout.h: one id per byte [N, K] (8 bits), bit-packed in blocks
+// of 64 columns (5 to 7 bits), or two per byte in blocks of 128 columns [N, ceil(K / 128) * 64]
+// (up to 4 bits).
 //
 // Sparse mode. A step costs the same whatever its rows hold, so the kernel splits the steps
 // itself into equal pieces, one per warp (the packer's chunks are the CPU's work items; here they

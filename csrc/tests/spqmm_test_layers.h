@@ -1,5 +1,5 @@
 // Packed spqmm layers for the tests, native (test_spqmm.cpp) and emulated CUDA
-// (cuda_emu/test_spqmm*_kernel.cpp): the greedy steps of dcx.nn.pack written out sequentially for
+// (cuda_emu/test_spqmm*_kernel.cpp): the greedy steps of dcx.packing.pack written out sequentially for
 // sparse mode, and each dense layout of core/spqmm_layout.h written bit by bit. The ids follow
 // fixed formulas, so every test knows the weight at (r, j) without unpacking.
 #pragma once

@@ -1,4 +1,4 @@
-// Native tests of the spqmm core: pack a small layer here (the greedy steps of dcx.nn.pack,
+// Native tests of the spqmm core: pack a small layer here (the greedy steps of dcx.packing.pack,
 // written out sequentially), run the portable and (where the CPU has them) AVX-512 and AVX2
 // kernels chunk by chunk, add the shared groups' partial sums as the op does, and compare with a
 // plain dot product; check the pointer validation and the seen-maximum report. Dense mode: every

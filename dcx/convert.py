@@ -1,0 +1,174 @@
+"""Model transforms onto packed layers: `pack_layers_` (every weight-shared layer a packed twin
+can run, swapped for it: what dcx.load does) and `convert_` (post-training compression of any
+model's Linear / Conv2d / Embedding layers through the stage verbs, then pack_layers_, as a
+ConvertConfig says).
+"""
+
+import warnings
+from typing import NamedTuple, Optional
+
+from torch import nn
+
+from dcx import state
+from dcx.config import ClusterConfig, ConvertConfig, PruneConfig, check_compute, layer_overrides
+from dcx.nn import (PackedModule, SparseQuantConv2d, SparseQuantEmbedding, SparseQuantLinear,
+                    packable)
+from dcx.prune import prune_
+from dcx.quantize import clusterable, cluster_
+
+__all__ = ["pack_layers_", "convert_", "convert", "ConvertRow"]
+
+
+def _twin(module: nn.Module):
+    if isinstance(module, nn.Embedding):
+        return SparseQuantEmbedding
+    return SparseQuantConv2d if isinstance(module, nn.Conv2d) else SparseQuantLinear
+
+
+def _replace_modules(model: nn.Module, new: dict) -> None:
+    """Swap every occurrence of the modules {id(old): new} inside `model`."""
+    if id(model) in new:
+        raise ValueError("the model itself is a layer to replace: wrap it in a container")
+    for _, parent in list(model.named_modules(remove_duplicate=False)):
+        for child_name, child in list(parent._modules.items()):
+            if child is not None and id(child) in new:
+                parent._modules[child_name] = new[id(child)]
+
+
+def pack_layers_(model: nn.Module, names=None, dense=None, compute="auto") -> nn.Module:
+    """Swap every weight-shared layer of `model` (dcx.state) that a packed twin can run
+    (`packable`) for that twin: nn.Linear -> SparseQuantLinear, nn.Conv2d -> SparseQuantConv2d,
+    nn.Embedding -> SparseQuantEmbedding, built from the layer's mask, labels and codebook.
+    names: only these modules. dense: force the packed mode (default None: dense from
+    DENSE_DENSITY on). compute: the new Linear / Conv2d layers' compute mode (COMPUTE_MODES).
+    Each of dense and compute may also be a {module name: value} dict (dcx.load passes the
+    file's settings so), its default for layers it does not name. Other layers stay as they
+    are. Returns the model."""
+    def per_layer(value, name, default):
+        return value.get(name, default) if isinstance(value, dict) else value
+
+    for mode in compute.values() if isinstance(compute, dict) else [compute]:
+        check_compute(mode)
+    new = {}
+    for st in state.layers(model).values():
+        if (not st.shared or st.packed or st.param != "weight"
+                or (names is not None and st.module_name not in names)
+                or packable(st.module) is not None):
+            continue
+        twin = _twin(st.module)
+        if issubclass(twin, PackedModule):
+            layer = twin.from_state(st, per_layer(dense, st.module_name, None))
+            layer.compute = per_layer(compute, st.module_name, "auto")
+        else:  # an embedding table: ids only, no packed mode or compute mode
+            layer = twin.from_state(st)
+        new[id(st.module)] = layer
+    _replace_modules(model, new)
+    return model
+
+
+class ConvertRow(NamedTuple):
+    """What convert did with one layer that has a weight of two or more dimensions."""
+
+    name: str
+    kind: str  # the module's class name
+    shape: tuple
+    action: str  # "packed" (a SparseQuant* layer), "shared" (its decoded weight kept), "dense"
+    bits: Optional[int]
+    sparsity: float
+    reason: str  # why it is not packed, or not compressed at all ("" when packed)
+
+
+def convert_(model: nn.Module, config: Optional[ConvertConfig] = None,
+             progress: bool = False) -> tuple[nn.Module, list[ConvertRow]]:
+    """Post-training compression, in place, as `config` says (ConvertConfig: its fields and the
+    override rule): every nn.Linear of `model` (and every convolution, every nn.Embedding,
+    subclasses included) is pruned by magnitude (dcx.prune_), its surviving weights shared among
+    2^bits k-means centroids (dcx.cluster_), and, where a packed twin computes what it computes
+    (dcx.nn.packable), swapped for SparseQuantLinear / SparseQuantConv2d / SparseQuantEmbedding
+    (pack_layers_). A layer without one (a grouped convolution, a subclass with its own forward)
+    keeps its decoded weight and its shared state, so dcx.save still stores it as codes.
+    A pattern that selects no layer is an error. progress: a bar over the layers.
+
+    Returns (model, report): report has one ConvertRow per layer with a weight of two or more
+    dimensions, the ones left dense included, each with its reason.
+    """
+    config = config or ConvertConfig()
+    sparsity, bits, overrides, conv, embeddings = (config.sparsity, config.bits, config.overrides,
+                                                   config.conv, config.embeddings)
+    owners = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        for param_name, p in m._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), set()).add(f"{name}.{param_name}" if name else param_name)
+    rows, layers = {}, {}  # layers: the ones convert may compress, with their names for patterns
+    for name, m in model.named_modules():
+        weight = m._parameters.get("weight")
+        if not name or weight is None or weight.dim() < 2 or hasattr(m, "layer_state"):
+            continue
+        st = state.get(m)
+        row = ConvertRow(name, type(m).__name__, tuple(weight.shape), "dense", None, 0.0, "")
+        layer_kind = state.kind(m)
+        if layer_kind is None:
+            rows[name] = row._replace(reason="not a Linear, convolution or embedding")
+        elif layer_kind == "conv" and not conv:
+            rows[name] = row._replace(reason="convolutions left out (conv=False)")
+        elif layer_kind == "embedding" and not embeddings:
+            rows[name] = row._replace(reason="embeddings left out (embeddings=False)")
+        elif st is not None and st.shared:
+            rows[name] = row._replace(action="shared", reason="already shared")
+        elif len(owners.get(id(weight), ())) > 1:
+            rows[name] = row._replace(reason=f"weight tied to {sorted(owners[id(weight)])}")
+        else:
+            rows[name] = row
+            layers[name] = m
+    def selected(patterns, where):
+        return set(layer_overrides(model, {p: True for p in patterns}, layers, where))
+
+    chosen = set(layers)
+    if config.include is not None:
+        chosen &= selected(config.include, "ConvertConfig include")
+    if config.exclude is not None:
+        chosen -= selected(config.exclude, "ConvertConfig exclude")
+    settings = layer_overrides(model, overrides, layers, "ConvertConfig")
+    per_layer = {}
+    for name in layers:
+        override = settings.get(name, (None, {}))[1]
+        if name not in chosen or override is None:
+            rows[name] = rows[name]._replace(reason="excluded (include / exclude / overrides)")
+            continue
+        per_layer[name] = {"sparsity": sparsity, "bits": bits, **override}
+    if per_layer:
+        pruned = {n: {"sparsity": v["sparsity"]} for n, v in per_layer.items() if v["sparsity"] > 0}
+        if pruned:
+            prune_(model, PruneConfig(sparsity=0.0, targets=list(pruned), overrides=pruned))
+        others = {n: None for n in clusterable(model) if n not in per_layer}
+        cluster_(model, ClusterConfig(overrides={n: {"bits": v["bits"]}
+                                                 for n, v in per_layer.items()} | others),
+                 progress=progress)
+        for name, v in per_layer.items():
+            reason = packable(model.get_submodule(name))
+            rows[name] = rows[name]._replace(action="shared" if reason else "packed",
+                                             bits=v["bits"], sparsity=v["sparsity"],
+                                             reason=reason or "")
+        pack_layers_(model, names={n for n in per_layer if rows[n].action == "packed"},
+                     dense=config.dense, compute=config.compute)
+    return model, list(rows.values())
+
+
+def convert(model: nn.Module, sparsity: float = 0.0, bits: int = 5, overrides=None,
+            include=None, exclude=None, conv: bool = True, embeddings: bool = True,
+            dense: Optional[bool] = None, compute: str = "auto", progress: bool = False,
+            report: Optional[list] = None) -> nn.Module:
+    """Deprecated spelling of convert_ (keyword arguments instead of a ConvertConfig, the report
+    through a list argument); kept for one release."""
+    warnings.warn("dcx.convert(model, sparsity=..., bits=..., report=rows) is deprecated: use "
+                  "model, rows = dcx.convert_(model, dcx.ConvertConfig(sparsity=..., bits=...))",
+                  DeprecationWarning, stacklevel=2)
+    config = ConvertConfig(sparsity=sparsity, bits=bits, overrides=overrides or {},
+                           include=include, exclude=exclude, conv=conv, embeddings=embeddings,
+                           dense=dense, compute=compute)
+    model, rows = convert_(model, config, progress)
+    if report is not None:
+        report.extend(rows)
+    return model
+
