@@ -71,10 +71,11 @@ def _record(st: state.LayerState) -> fmt.CompressedTensor:
     return fmt.CompressedTensor(mask.cpu(), values=weight.cpu(), index_bits=_index_bits(st))
 
 
-def records(model: nn.Module) -> tuple[dict, dict]:
-    """(compressed {name: CompressedTensor}, raw {name: Tensor}) of `model`: what `save` writes."""
+def records(model: nn.Module, states: Optional[dict] = None) -> tuple[dict, dict]:
+    """(compressed {name: CompressedTensor}, raw {name: Tensor}) of `model`: what `save` writes.
+    states: dcx.state.layers(model), when the caller has it already."""
     compressed, owned = {}, set()
-    for name, st in state.layers(model).items():
+    for name, st in (state.layers(model) if states is None else states).items():
         compressed[name] = _record(st)
         prefix = f"{st.module_name}." if st.module_name else ""
         owned |= {prefix + key for key in st.keys}
@@ -89,17 +90,19 @@ def records(model: nn.Module) -> tuple[dict, dict]:
     return compressed, raw
 
 
-def layer_settings(model: nn.Module) -> dict:
+def layer_settings(model: nn.Module, states: Optional[dict] = None) -> dict:
     """{module name: settings} of the packed Linear / Conv2d layers of `model` that differ from
     what dcx.load does by default: "compute" (default "auto") and "mode", "dense" or "sparse"
     (default: by density, as dcx.pack chooses); the manifest's "layers" (dcx.format). Only the
-    choices are written, so a loaded file saves again to the same bytes."""
+    choices are written, so a loaded file saves again to the same bytes. states: as records'."""
+    states = state.layers(model) if states is None else states
     settings = {}
-    for name, m in model.named_modules():
+    for st in states.values():
+        m, name = st.module, st.module_name
         if not hasattr(m, "packed"):
             continue
         mine = {} if m.compute == "auto" else {"compute": m.compute}
-        if m.packed.dense != dense_by_density(state.get(m).mask):
+        if m.packed.dense != dense_by_density(st.mask):
             mine["mode"] = "dense" if m.packed.dense else "sparse"
         if mine:
             settings[name] = mine
@@ -109,14 +112,15 @@ def layer_settings(model: nn.Module) -> dict:
 def encode(model: nn.Module, config=None, extra: Optional[dict] = None) -> bytes:
     """The bytes `save` writes. config: the compression config (a dict, or an object with
     to_dict()), kept in the manifest; extra: more JSON-serialisable manifest entries."""
-    compressed, raw = records(model)
+    states = state.layers(model)  # one state per layer: a packed one decodes once
+    compressed, raw = records(model, states)
     if not compressed:
         warnings.warn("no layer of the model holds compressed state (prune_, cluster_ or convert "
                       "first): the file stores every tensor raw", stacklevel=3)
     manifest = dict(extra or {})
     if config is not None:
         manifest["config"] = config.to_dict() if hasattr(config, "to_dict") else config
-    return fmt.encode_file(compressed, raw, manifest, layer_settings(model))
+    return fmt.encode_file(compressed, raw, manifest, layer_settings(model, states))
 
 
 def save(model: nn.Module, path, config=None, extra: Optional[dict] = None) -> Path:
@@ -219,7 +223,7 @@ def load(path, model: Optional[nn.Module] = None, packed: bool = True,
     modes = {name: s.get("mode") == "dense" for name, s in settings.items() if "mode" in s}
     computes = {name: check_compute(s.get("compute", "auto")) for name, s in settings.items()}
     if compute is not None:
-        computes = {name: check_compute(compute) for name in computes}
+        check_compute(compute)
     _check_fits(model, compressed, raw)
     state_dict = model.state_dict()
     with torch.no_grad():
@@ -228,10 +232,10 @@ def load(path, model: Optional[nn.Module] = None, packed: bool = True,
     for name, ct in compressed.items():
         _restore(model, name, ct, modes.get(name.rpartition(".")[0]))
     if packed:
-        pack_layers_(model, dense=modes, compute=computes if compute is None else compute)
-    for name, m in model.named_modules():  # packed layers the model came with
+        pack_layers_(model, dense=modes)
+    for name, m in model.named_modules():  # every packed layer's weight came from the file
         if hasattr(m, "packed"):
-            m.compute = computes.get(name, compute or m.compute)
+            m.compute = compute or computes.get(name, "auto")
     return model
 
 

@@ -360,3 +360,6 @@ def test_do_nothing_verbs_decode_no_packed_layer(monkeypatch):
     values = st.shared_values()
     assert len(decodes) == 1  # the state decoded once, then read from its cache
     assert torch.equal(values, model[0].weight)
+    decodes.clear()
+    dcx.io.encode(model)  # the records and the layer settings read one state per layer
+    assert len(decodes) == 2
