@@ -113,16 +113,16 @@ def layer_overrides(model, overrides: Mapping[str, Any], keys, where: str
     Returns {key: (winning pattern, its value)}; a pattern that selects none of the keys is a
     ConfigError, worded alike for every verb."""
     modules = [n for n, _ in model.named_modules()]
-    params = [n for n, _ in model.named_parameters()]
-    param_set = set(params)
+    module_set = set(modules)
 
-    def aliases(key):
-        if key in param_set:
-            return [key, key.rpartition(".")[0]]
-        return [key, f"{key}.weight" if key else "weight"]
+    def aliases(key):  # a live-shared weight is no Parameter, so decide by the module names
+        if key in module_set:
+            return [key, f"{key}.weight" if key else "weight"]
+        return [key, key.rpartition(".")[0]]
 
-    return resolve_overrides(overrides, {key: aliases(key) for key in keys}, where,
-                             modules + params)
+    keys = list(keys)
+    known = modules + [n for n, _ in model.named_parameters()] + keys
+    return resolve_overrides(overrides, {key: aliases(key) for key in keys}, where, known)
 
 
 # ---------------------------------------------------------------------------------------------

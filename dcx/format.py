@@ -63,6 +63,7 @@ import torch
 from torch import Tensor
 
 from dcx import ops
+from dcx.config import COMPUTE_MODES
 
 __all__ = [
     "FormatError",
@@ -515,6 +516,22 @@ def decode_tensor(meta: dict, sections: dict, name: str = "tensor") -> Compresse
 # ------------------------------------------------------------------------------ the file
 
 
+def _check_layer_settings(layers):
+    """FormatError unless `layers` maps module names to {"compute": a compute mode, "mode":
+    "dense" or "sparse"} (either key may be absent)."""
+    if not isinstance(layers, dict):
+        raise FormatError("manifest: 'layers' must map module names to settings")
+    for name, settings in layers.items():
+        where = f"manifest: layers[{name!r}]"
+        if not isinstance(settings, dict) or set(settings) - {"compute", "mode"}:
+            raise FormatError(f"{where} must be a mapping with 'compute' and 'mode' only")
+        if settings.get("compute", "auto") not in COMPUTE_MODES:
+            raise FormatError(f"{where}: compute {settings['compute']!r} is not one of "
+                              f"{COMPUTE_MODES}")
+        if settings.get("mode", "dense") not in ("dense", "sparse"):
+            raise FormatError(f"{where}: mode {settings['mode']!r} is not 'dense' or 'sparse'")
+
+
 def encode_file(records: dict, dense: dict, manifest_extra: dict | None = None,
                 layers: dict | None = None) -> bytes:
     """The bytes of a .dcx file: {name: CompressedTensor} compressed, {name: Tensor} raw,
@@ -577,9 +594,10 @@ def seal(manifest: dict, data: bytes, version=VERSION) -> bytes:
     return body + hashlib.sha256(body).digest()
 
 
-def save_records(path, records: dict, dense: dict, manifest_extra: dict | None = None):
+def save_records(path, records: dict, dense: dict, manifest_extra: dict | None = None,
+                 layers: dict | None = None):
     """Write a .dcx file atomically (see encode_file)."""
-    write_atomic(path, encode_file(records, dense, manifest_extra))
+    write_atomic(path, encode_file(records, dense, manifest_extra, layers))
 
 
 def write_atomic(path, data: bytes):
@@ -677,9 +695,7 @@ def parse(buf: bytes):
     for key, kind in (("tensors", list), ("sections", list), ("extra", dict)):
         if not isinstance(manifest.get(key), kind):
             raise FormatError(f"manifest: '{key}' must be a {kind.__name__}")
-    layers = manifest.setdefault("layers", {})  # absent before 1.3
-    if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
-        raise FormatError("manifest: 'layers' must map module names to settings")
+    _check_layer_settings(manifest.setdefault("layers", {}))  # absent before 1.3
 
     sections, offset, labels = {}, 0, _section_labels(manifest["tensors"])
     for i, entry in enumerate(manifest["sections"]):

@@ -17,9 +17,9 @@ shared weight that no longer equals codebook[labels].
 
 `load` checks the file completely, and the model's names and shapes against it, before anything
 is written to the model; then it restores each layer's state and, with packed=True, swaps the
-shared nn.Linear / nn.Conv2d layers for SparseQuantLinear / SparseQuantConv2d (dcx.nn.
-pack_layers_, as dcx.convert does). A layer no packed twin can run keeps its decoded weight and
-its state, so `load(..., packed=False)` gives a model the stages can carry on with.
+shared nn.Linear / nn.Conv2d layers for SparseQuantLinear / SparseQuantConv2d
+(dcx.convert.pack_layers_, as convert_ does). A layer no packed twin can run keeps its decoded
+weight and its state, so `load(..., packed=False)` gives a model the stages can carry on with.
 """
 
 from __future__ import annotations
@@ -219,11 +219,15 @@ def load(path, model: Optional[nn.Module] = None, packed: bool = True,
                       stacklevel=2)
         return load_state_dict(path)
     compressed, raw, manifest = fmt.load_records(path)
-    settings = manifest["layers"]
-    modes = {name: s.get("mode") == "dense" for name, s in settings.items() if "mode" in s}
-    computes = {name: check_compute(s.get("compute", "auto")) for name, s in settings.items()}
+    settings = manifest["layers"]  # checked by dcx.format
+    modes = {name: s["mode"] == "dense" for name, s in settings.items() if "mode" in s}
+    computes = {name: s.get("compute", "auto") for name, s in settings.items()}
     if compute is not None:
         check_compute(compute)
+    elif _version(manifest) < (1, 3):  # written before "layers": `dcx convert --compute` then
+        legacy = manifest["extra"].get("dcx_convert")  # kept it here
+        compute = check_compute(legacy["compute"]) if isinstance(legacy, dict) and \
+            "compute" in legacy else None
     _check_fits(model, compressed, raw)
     state_dict = model.state_dict()
     with torch.no_grad():
@@ -237,6 +241,14 @@ def load(path, model: Optional[nn.Module] = None, packed: bool = True,
         if hasattr(m, "packed"):
             m.compute = compute or computes.get(name, "auto")
     return model
+
+
+def _version(manifest) -> tuple:
+    """(major, minor) the manifest says it was written as; (1, 0) when it does not say."""
+    try:
+        return tuple(int(part) for part in str(manifest["version"]).split(".")[:2])
+    except (KeyError, ValueError):
+        return (1, 0)
 
 
 def load_state_dict(path) -> dict:

@@ -4,6 +4,7 @@ twin computes what a layer computes). The model transforms that swap layers for 
 dcx.convert.
 """
 
+import importlib
 import warnings
 from typing import Optional
 
@@ -133,10 +134,10 @@ class PackedModule(nn.Module):
         """The compressed state this layer holds packed (dcx.state reads it here): mask, labels
         and codebook in the shape of the weight it stands for, the first two decoded only when a
         caller reads them (a verb with nothing to do on a packed layer decodes nothing)."""
-        shape = self.weight_shape
+        shape, packed = self.weight_shape, self.packed  # the codebook below belongs to this
 
         def unpacked():
-            mask, labels = unpack(self.packed)
+            mask, labels = unpack(packed)
             return mask.reshape(shape), labels.reshape(shape).to(torch.int32)
 
         keys = tuple(k for k in self.state_dict(keep_vars=True) if k != "bias")
@@ -506,3 +507,16 @@ def packable(module: nn.Module) -> Optional[str]:
             return "max_norm renormalises the table in place"
         return None
     return f"{kind} has no packed twin"
+
+
+_MOVED_TO_CONVERT = ("convert", "pack_layers_", "ConvertRow")
+
+
+def __getattr__(name):
+    """dcx.nn.convert, pack_layers_ and ConvertRow moved to dcx.convert: the old names still
+    work for one release, with a DeprecationWarning."""
+    if name in _MOVED_TO_CONVERT:
+        _deprecated(f"dcx.nn.{name}", f"dcx.convert.{name}")
+        # Imported here, not at the top: dcx.convert imports this module.
+        return getattr(importlib.import_module("dcx.convert"), name)
+    raise AttributeError(f"module 'dcx.nn' has no attribute {name!r}")

@@ -129,3 +129,16 @@ def test_convert_config_round_trips_and_checks(tmp_path):
                        ({"dense": "yes"}, "dense must be true, false or null")]:
         with pytest.raises(ConfigError, match=match):
             ConvertConfig(**bad)
+
+
+def test_module_name_overrides_reach_layers_that_are_shared_live():
+    """After cluster_ the shared weight is rebuilt from its codebook (no Parameter): encode_ and
+    prune_ overrides by module name still select it."""
+    import dcx
+    from torch import nn
+
+    model = dcx.cluster_(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)))
+    dcx.encode_(model, dcx.EncodeConfig(overrides={"0": {"index_bits": 3}, "1.weight": None}))
+    assert dcx.state.get(model[0]).index_bits == 3 and dcx.state.get(model[1]).index_bits is None
+    dcx.prune_(model, dcx.PruneConfig(sparsity=0.5, overrides={"1": None}))
+    assert dcx.state.get(model[0]).mask is not None and dcx.state.get(model[1]).mask is None

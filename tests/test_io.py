@@ -312,3 +312,25 @@ def test_packed_layer_settings_survive_the_file(tmp_path):
     forced = dcx.load(path, build(), compute="float32")
     assert [forced[i].compute for i in (0, 2, 4)] == ["float32"] * 3
     assert dcx.save(loaded, tmp_path / "again.dcx").read_bytes() == path.read_bytes()
+
+
+def test_bad_layer_settings_are_a_format_error(tmp_path):
+    for bad in ({"0": {"compute": "fp8"}}, {"0": {"mode": "Dense"}}, {"0": {"speed": 1}}, {"0": 3},
+                ["0"]):
+        path = tmp_path / "bad.dcx"
+        fmt.save_records(path, {}, {"w": torch.zeros(2)}, layers=bad)
+        with pytest.raises(fmt.FormatError, match="layers"):
+            fmt.load_records(path)
+
+
+def test_a_file_from_before_layer_settings_keeps_its_convert_compute_mode(tmp_path):
+    """Format 1.2 files of `dcx convert --compute` kept the mode in the manifest's extra; they
+    load with it (for one release, then the "layers" section alone says)."""
+    model, _ = dcx.convert_(nn.Sequential(nn.Linear(16, 8)), dcx.ConvertConfig(bits=4))
+    manifest, sections = fmt.parse(dcx.io.encode(model, extra={"dcx_convert": {"compute": "bfloat16"}}))
+    manifest = {k: v for k, v in manifest.items() if k != "layers"} | {"version": "1.2"}
+    data = b"".join(sections[i] for i in range(len(manifest["sections"])))
+    (tmp_path / "old.dcx").write_bytes(fmt.seal(manifest, data, version=(1, 2)))
+    assert dcx.load(tmp_path / "old.dcx", nn.Sequential(nn.Linear(16, 8)))[0].compute == "bfloat16"
+    new = dcx.save(model, tmp_path / "new.dcx", extra={"dcx_convert": {"compute": "bfloat16"}})
+    assert dcx.load(new, nn.Sequential(nn.Linear(16, 8)))[0].compute == "auto"  # 1.3: layers only

@@ -79,6 +79,8 @@ def test_one_constructor_scheme_and_the_old_spellings():
     with pytest.warns(DeprecationWarning, match="from_compressed_like"):
         SparseQuantConv2d.from_compressed_like(conv, torch.ones(4, 27, dtype=torch.bool),
                                                torch.zeros(4, 27, dtype=torch.long), torch.ones(2))
+    with pytest.warns(DeprecationWarning, match="dcx.nn.pack_layers_ is deprecated"):
+        assert dcx.nn.pack_layers_ is dcx.pack_layers_
     with pytest.warns(DeprecationWarning, match="dcx.convert_"):
         rows = []
         model = dcx.convert(nn.Sequential(nn.Linear(8, 4)), bits=3, report=rows)

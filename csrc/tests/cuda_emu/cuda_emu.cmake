@@ -70,6 +70,9 @@ foreach(kernel_source ${dcx_emu_kernels})
   # force-included header.
   target_compile_options(emu_${kernel_file} PRIVATE ${dcx_emu_fp} -include ${dcx_emu_dir}/cuda_emu.h)
   target_compile_options(test_${kernel_file} PRIVATE -ffp-contract=off)
+  if(dcx_sanitize STREQUAL "thread")
+    target_compile_definitions(test_${kernel_file} PRIVATE EMU_TSAN)  # a harness may need to know
+  endif()
   set_source_files_properties(${generated} PROPERTIES OBJECT_DEPENDS ${dcx_emu_dir}/cuda_emu.h)
   target_link_libraries(test_${kernel_file} PRIVATE dcx_core dcx_cuda_emu)
 

@@ -142,7 +142,7 @@ void test_sparse_flags(int device) {
     const cudaError_t err = cuda::launch_spqmm(a);
     HCHECK(err == cudaSuccess && (flag & want) == want, "sparse flags case %d: err %d flag %d want bit %d",
            which, int(err), flag, want);
-#if defined(__SANITIZE_THREAD__)
+#if defined(EMU_TSAN)
     // Decreasing group pointers hand one group another's steps, so two half-warps may store the
     // same weight: a race on values the op then discards (it raises on flag 4). Not run under
     // ThreadSanitizer, which would report it; the other corruptions write each weight once.
