@@ -50,7 +50,7 @@ def _index_bits(st: state.LayerState) -> int:
 def _record(st: state.LayerState) -> fmt.CompressedTensor:
     """The file record of one layer's state; ValueError when the weight does not match it."""
     if st.shared:
-        mask = st.mask if st.mask is not None else torch.ones_like(st.labels, dtype=torch.bool)
+        mask = st.kept
         if not (st.live or st.packed):
             weight, expected = getattr(st.module, st.param).detach(), st.shared_values()
             if not torch.equal(weight, expected):

@@ -171,7 +171,7 @@ class PackedModule(nn.Module):
     @classmethod
     def from_state(cls, st: state.LayerState, dense: Optional[bool] = None):
         """The packed twin of the layer whose weight the stages shared (dcx.state)."""
-        mask = st.mask if st.mask is not None else torch.ones_like(st.labels, dtype=torch.bool)
+        mask = st.kept
         return cls.from_shared(st.module, mask, st.labels, st.codebook.detach(), st.bits, dense)
 
     @property
@@ -437,7 +437,7 @@ class SparseQuantEmbedding(nn.Module):
     @classmethod
     def from_state(cls, st: state.LayerState):
         """The packed twin of an nn.Embedding whose table the stages shared (dcx.state)."""
-        mask = st.mask if st.mask is not None else torch.ones_like(st.labels, dtype=torch.bool)
+        mask = st.kept
         return cls.from_shared(st.module, mask, st.labels, st.codebook.detach(), st.bits)
 
     @classmethod

@@ -112,6 +112,13 @@ class LayerState:
         return self._unpacked[0]
 
     @property
+    def kept(self) -> Tensor:
+        """The mask, or all True when nothing is pruned (bool, the weight's shape; needs labels
+        or a mask)."""
+        mask = self.mask
+        return mask if mask is not None else torch.ones_like(self.labels, dtype=torch.bool)
+
+    @property
     def labels(self) -> Optional[Tensor]:
         """int32 codebook ids, the weight's shape (None: not weight-shared)."""
         return self._unpacked[1]
