@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "core/spqmm_layout.h"
+#include "core/spqmm_plan.h"
 
 TORCH_LIBRARY(dcx, m) {
   // One fused SGD step; pruned positions (mask == 0) of param and momentum_buffer become exactly
@@ -38,10 +39,11 @@ TORCH_LIBRARY(dcx, m) {
   // fly; layout at the top of csrc/core/spqmm.h, built by dcx.packing.pack). x: [..., K];
   // y: [..., N]. crossover: the batch from which W is decoded once and the BLAS runs (-1: auto).
   // check=False: on CUDA, do not read back the corruption flag (no host sync; reads stay in bounds).
+  // compute: auto | float32 | bfloat16 | int8 (op_args.h); the kernel from csrc/core/spqmm_plan.h.
   m.def(
       "spqmm(Tensor x, Tensor codes, Tensor windows, Tensor group_ptr, Tensor chunks, Tensor codebook, "
       "int out_features, int in_features, int bits, Tensor? bias=None, int crossover=-1, "
-      "bool check=True) -> Tensor");
+      "bool check=True, str compute=\"auto\") -> Tensor");
   // W [out_features, in_features] of a packed weight, decoded in the codebook's dtype (0 where
   // pruned): the backward of spqmm and spqmm_int8 (grad_x = grad_y W), and unpacking.
   m.def(
@@ -56,11 +58,59 @@ TORCH_LIBRARY(dcx, m) {
 }
 
 // `import dcx._C` loads this library, which runs the registrations above; the ops are reached
-// through torch.ops.dcx. The module holds one thing: SPQMM_LAYOUT, the packed layout's constants
-// (csrc/core/spqmm_layout.h), so that the Python packer (dcx.packing.pack) reads them from where the kernels
-// do instead of keeping copies.
+// through torch.ops.dcx. The module holds two things read from where the kernels read them, so that
+// Python keeps no copies: SPQMM_LAYOUT, the packed layout's constants (csrc/core/spqmm_layout.h,
+// for the packer dcx.packing.pack), and SPQMM_PLAN, the kernel table (csrc/core/spqmm_plan.h,
+// for the tests that run every entry and for the benchmarks' labels).
+namespace {
+
+PyObject* plan_table() {
+  static const char* const isas[] = {"portable", "avx2", "avx512", "cuda"};
+  static const char* const modes[] = {"sparse", "dense", "int8"};
+  static const char* const kernels[] = {"sparse_steps", "sparse_lists", "dense_rows",
+                                        "dense_many", "int8_rows", "decode_gemm"};
+  PyObject* list = PyList_New(dcx::kSpqmmPlanSize);
+  if (list == nullptr) return nullptr;
+  for (int i = 0; i < dcx::kSpqmmPlanSize; ++i) {
+    const dcx::SpqmmRule& r = dcx::kSpqmmPlan[i];
+    const long long below = r.rows_below == dcx::kSpqmmNoBound ? -1 : r.rows_below;
+    PyObject* entry = Py_BuildValue(
+        "{s:s,s:s,s:L,s:d,s:s,s:i}", "isa", isas[int(r.isa)], "mode", modes[int(r.mode)],
+        "rows_below", below, "max_density", r.max_density, "kernel", kernels[int(r.kernel)],
+        "block", r.block);
+    if (entry == nullptr) {
+      Py_DECREF(list);
+      return nullptr;
+    }
+    PyList_SET_ITEM(list, i, entry);
+  }
+  return list;
+}
+
+// plan_rule(isa, mode, density, n, k, rows): the index in SPQMM_PLAN of the rule spqmm takes (-1:
+// none), as the op decides it (isa and mode as indices into the names above).
+PyObject* plan_rule(PyObject*, PyObject* args) {
+  int isa = 0, mode = 0;
+  double density = 1.0;
+  long long n = 0, k = 0, rows = 0;
+  if (!PyArg_ParseTuple(args, "iidLLL", &isa, &mode, &density, &n, &k, &rows)) return nullptr;
+  if (isa < 0 || isa > 3 || mode < 0 || mode > 2) {
+    PyErr_SetString(PyExc_ValueError, "isa must lie in [0, 3] and mode in [0, 2]");
+    return nullptr;
+  }
+  const dcx::SpqmmPlan plan = dcx::spqmm_plan(dcx::SpqmmIsa(isa), dcx::SpqmmMode(mode), density, n, k,
+                                              rows, 1);
+  return PyLong_FromLong(plan.rule);
+}
+
+PyMethodDef methods[] = {
+    {"spqmm_plan_rule", plan_rule, METH_VARARGS, "the SPQMM_PLAN rule for a call"},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
   PyObject* layout = Py_BuildValue(
@@ -70,6 +120,12 @@ extern "C" PyObject* PyInit__C(void) {
       dcx::kSpqmmBitBlock);
   if (layout == nullptr || PyModule_AddObject(module, "SPQMM_LAYOUT", layout) < 0) {
     Py_XDECREF(layout);
+    Py_DECREF(module);
+    return nullptr;
+  }
+  PyObject* plan = plan_table();
+  if (plan == nullptr || PyModule_AddObject(module, "SPQMM_PLAN", plan) < 0) {
+    Py_XDECREF(plan);
     Py_DECREF(module);
     return nullptr;
   }

@@ -142,8 +142,8 @@ inline void check_spqmm_weight_args(const at::Tensor& codes, const at::Tensor& c
   }
 }
 
-// The checks spqmm and spqmm_int8 share: x, then the packed weight (x's dtype and device), the
-// bias.
+// The checks spqmm and spqmm_int8 share: x, then the packed weight (x's device; the codebook in
+// any float dtype, read in the compute dtype), the bias (likewise).
 inline void check_spqmm_common_args(const at::Tensor& x, const at::Tensor& codes,
                                     const at::Tensor& codebook, int64_t out_features,
                                     int64_t in_features, int64_t bits,
@@ -153,12 +153,12 @@ inline void check_spqmm_common_args(const at::Tensor& x, const at::Tensor& codes
   check_spqmm_sizes(out_features, in_features, bits);
   TORCH_CHECK(x.size(-1) == in_features, "x must have in_features = ", in_features,
               " elements in its last dimension, got shape ", x.sizes());
-  check_same_dtype(codebook, "codebook", x, "x");
   check_same_device(codebook, "codebook", x, "x");
   check_same_device(codes, "codes", x, "x");
   check_spqmm_weight_args(codes, codebook, out_features, in_features, bits);
   if (bias.has_value() && bias->defined()) {
-    check_same_dtype(*bias, "bias", x, "x");
+    check_dtype_in(*bias, "bias", {at::kFloat, at::kHalf, at::kBFloat16},
+                   "float32, float16 or bfloat16");
     check_same_device(*bias, "bias", x, "x");
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features,
                 "bias must have shape [out_features] = [", out_features, "], got ", bias->sizes());
@@ -218,6 +218,31 @@ inline void check_spqmm_int8_args(const at::Tensor& x, const at::Tensor& codes,
               "codes must be uint8 (a dense-mode layer: spqmm_int8 serves dense mode only), got ",
               codes.scalar_type());
   check_spqmm_common_args(x, codes, codebook, out_features, in_features, bits, bias);
+}
+
+// What spqmm computes in (its `compute` argument, dcx.COMPUTE_MODES): auto follows x's dtype;
+// float32 and bfloat16 round x to that dtype first (fp32 accumulation either way); int8 runs a
+// dense-mode layer through the int8 kernels where the plan (core/spqmm_plan.h) finds them faster,
+// in float32 otherwise. The result is in x's dtype.
+enum class SpqmmCompute { kAuto, kFloat32, kBFloat16, kInt8 };
+
+inline SpqmmCompute parse_spqmm_compute(c10::string_view compute) {
+  if (compute == "auto") return SpqmmCompute::kAuto;
+  if (compute == "float32") return SpqmmCompute::kFloat32;
+  if (compute == "bfloat16") return SpqmmCompute::kBFloat16;
+  if (compute == "int8") return SpqmmCompute::kInt8;
+  TORCH_CHECK(false, "compute must be one of 'auto', 'float32', 'bfloat16', 'int8', got '",
+              std::string(compute), "'");
+}
+
+// The dtype x is rounded to before the kernels read it.
+inline at::ScalarType spqmm_compute_dtype(SpqmmCompute c, at::ScalarType x) {
+  switch (c) {
+    case SpqmmCompute::kFloat32:
+    case SpqmmCompute::kInt8: return at::kFloat;
+    case SpqmmCompute::kBFloat16: return at::kBFloat16;
+    default: return x;
+  }
 }
 
 }  // namespace dcx

@@ -61,3 +61,24 @@ def spqmm_layout():
     if LOAD_ERROR is not None:
         raise RuntimeError(f"dcx kernels are not built ({LOAD_ERROR}); {BUILD_HINT}")
     return dict(_C.SPQMM_LAYOUT)
+
+
+def spqmm_plan():
+    """The rules dcx.ops.spqmm picks its kernel by (csrc/core/spqmm_plan.h, exported by the
+    compiled extension), in the order they are tried: dicts of isa (portable, avx2, avx512, cuda),
+    mode (sparse, dense, int8), rows_below (-1: no bound), max_density (of sparse mode's slots),
+    kernel and block (batch rows per pass; 0: the smallest of 1, 2, 4, 8 that holds the batch)."""
+    if LOAD_ERROR is not None:
+        raise RuntimeError(f"dcx kernels are not built ({LOAD_ERROR}); {BUILD_HINT}")
+    return [dict(rule) for rule in _C.SPQMM_PLAN]
+
+
+def spqmm_plan_rule(isa: str, mode: str, density: float, out_features: int, in_features: int,
+                    rows: int) -> int:
+    """The index in spqmm_plan() of the rule dcx.ops.spqmm takes for a call (-1: none): isa and
+    mode by name as there, density that of sparse mode's slots (padding included)."""
+    if LOAD_ERROR is not None:
+        raise RuntimeError(f"dcx kernels are not built ({LOAD_ERROR}); {BUILD_HINT}")
+    isas, modes = ("portable", "avx2", "avx512", "cuda"), ("sparse", "dense", "int8")
+    return _C.spqmm_plan_rule(isas.index(isa), modes.index(mode), density, out_features,
+                              in_features, rows)

@@ -12,29 +12,37 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dcx import state
+from dcx import ops, state
 from dcx.config import COMPUTE_MODES, ClusterConfig, check_compute
-from dcx.packing import (PACKED_BUFFERS, PackedWeight, as_dtype, bits_for, dense_ids, pack,
+from dcx.packing import (PACKED_BUFFERS, PackedWeight, bits_for, dense_ids, pack,
                          unpack)
 from dcx.prune import compute_mask
 from dcx.quantize import cluster_values
 
-__all__ = ["COMPUTE_MODES", "INT8_ROWS", "check_compute", "packable", "PackedModule",
+__all__ = ["COMPUTE_MODES", "check_compute", "packable", "PackedModule",
            "SparseQuantLinear", "SparseQuantConv2d", "SparseQuantEmbedding"]
 
-# What a packed layer computes in (its `compute`, one of COMPUTE_MODES): "auto" follows the
-# activations' dtype; "float32" and "bfloat16" run the op on activations cast to that dtype (fp32 accumulation
-# either way; past the crossover bfloat16 runs a bf16 GEMM on the decoded weight, the fastest
-# path on CPUs with AVX512-BF16 or AMX) and cast the result back. "int8" (opt-in) runs a
-# dense-mode layer through dcx.ops.spqmm_int8 (activations quantized to int8 per row in blocks of
-# 32, an int16 codebook, int32 dot products; about 1e-2 relative error per output);
-# a sparse-mode layer computes in float32 there (its kernel already reads about 0.3 byte per
-# weight, and int8 would only add error), and so does any layer from INT8_ROWS rows of
-# activations on, where decoding the weight once for the fp32 GEMM is faster than the int8
-# kernel (on a CPU without VNNI its dot products cost as much as fp32 FMAs).
-INT8_ROWS = 16
-# The activations' dtype of each mode's spqmm path ("int8": the layers it leaves to spqmm).
-_COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32}
+# What a packed layer computes in (its `compute`, one of COMPUTE_MODES) is an argument of the op:
+# "auto" follows the activations' dtype; "float32" and "bfloat16" round the activations to that
+# dtype first (fp32 accumulation either way; past the crossover bfloat16 runs a bf16 GEMM on the
+# decoded weight, the fastest path on CPUs with AVX512-BF16 or AMX); "int8" (opt-in) runs a
+# dense-mode layer through the int8 kernels (activations quantized to int8 per row in blocks of
+# 32, an int16 codebook, int32 dot products; about 1e-2 relative error per output) at the batch
+# sizes where they are faster, float32 elsewhere and for a sparse-mode layer (its kernel already
+# reads about 0.3 byte per weight, and int8 would only add error). Which kernel runs for a batch
+# is decided by the table in csrc/core/spqmm_plan.h.
+
+
+def _spqmm_op():
+    """dcx::spqmm's default overload (the op packet's dispatch costs a few microseconds a call),
+    or the error that says how to build the kernels."""
+    global _SPQMM
+    if _SPQMM is None:
+        _SPQMM = ops.op("spqmm").default
+    return _SPQMM
+
+
+_SPQMM = None
 
 
 def _compress_layer(weight: Tensor, sparsity: float, bits: int):
@@ -187,13 +195,13 @@ class PackedModule(nn.Module):
         return torch.where(mask, self.codebook[labels], torch.zeros((), dtype=self.codebook.dtype))
 
     def _linear(self, x: Tensor) -> Tensor:
-        packed = self.packed
-        # The packed data was validated when set or loaded: no per-call check (no sync on CUDA).
-        if self.compute == "int8" and packed.dense and x.numel() < INT8_ROWS * x.shape[-1]:
-            return packed.spqmm_int8(x, as_dtype(self.bias, x.dtype), check=False)
-        dtype = _COMPUTE_DTYPES.get(self.compute, x.dtype)
-        y = packed.spqmm(as_dtype(x, dtype), as_dtype(self.bias, dtype), check=False)
-        return as_dtype(y, x.dtype)
+        # One call into the op with the buffers as held: the op reads the codebook and bias in its
+        # compute dtype and picks the kernel per call. The packed data was validated when set or
+        # loaded, so no per-call check (on CUDA it costs a host sync).
+        b = self._buffers  # not Module.__getattr__: this runs on every forward
+        return _spqmm_op()(x, b["codes"], b["windows"], b["group_ptr"], b["chunks"], b["codebook"],
+                           self.out_features, self._packed_in_features(), self.bits, self.bias,
+                           -1, False, self._compute)
 
 
 class SparseQuantLinear(PackedModule):

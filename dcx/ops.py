@@ -179,31 +179,35 @@ def spqmm(
     bias: Optional[Tensor] = None,
     crossover: int = -1,
     check: bool = True,
+    compute: str = "auto",
 ) -> Tensor:
     """y = x W^T + bias, W [out_features, in_features] packed by dcx.pack and decoded on the fly.
 
     x: [..., in_features], float32, float16 or bfloat16; codebook (<= 2^bits entries) and bias
-    ([out_features]) in x's dtype; float32 accumulation. codes: int16 [steps, 16] (sparse mode,
+    ([out_features]) float32, float16 or bfloat16, read in the compute dtype; float32
+    accumulation. compute (dcx.COMPUTE_MODES): "auto" computes in x's dtype, "float32" and
+    "bfloat16" round x to that dtype first, "int8" runs a dense-mode layer through the int8
+    kernels (as spqmm_int8) at the batch sizes where they are faster; the result is in x's dtype
+    either way. Which kernel runs for a batch is decided by the table in csrc/core/spqmm_plan.h. codes: int16 [steps, 16] (sparse mode,
     with windows, group_ptr and chunks int32) or uint8 [out_features, in_features] (dense mode,
     the others empty); the layout is described at the top of csrc/core/spqmm.h. Returns [..., out_features]
-    in x's dtype. From a batch (product of x's leading dims) of `crossover` on (-1: a measured
-    default per device), W is decoded once and the BLAS runs instead. Corrupted packed data
+    in x's dtype. From a batch (product of x's leading dims) of `crossover` on (-1: the plan's
+    measured default), W is decoded once and the BLAS runs instead. Corrupted packed data
     (ids >= codebook size, columns >= in_features, bad pointers) raises RuntimeError; on CUDA
     that costs one host sync, which check=False skips (reads stay in bounds either way; a CUDA
     graph capture never syncs).
     """
     return op("spqmm")(
         x, codes, windows, group_ptr, chunks, codebook, out_features, in_features, bits, bias,
-        crossover, check,
+        crossover, check, compute,
     )
 
 
 @_fake("spqmm")
 def _(x, codes, windows, group_ptr, chunks, codebook, out_features, in_features, bits,
-      bias=None, crossover=-1, check=True):
+      bias=None, crossover=-1, check=True, compute="auto"):
     torch._check(x.shape[-1] == in_features,
                  lambda: f"x must have in_features = {in_features} elements in its last dimension")
-    torch._check(codebook.dtype == x.dtype, lambda: "codebook must have the dtype of x")
     return x.new_empty((*x.shape[:-1], out_features))
 
 
@@ -220,15 +224,17 @@ def _packed_weight_setup(ctx, codes, windows, group_ptr, chunks, codebook, sizes
             "the codebook before packing (dcx.cluster_ and retraining), or detach it")
     ctx.save_for_backward(codes, windows, group_ptr, chunks, codebook)
     ctx.sizes, ctx.bias_index, ctx.has_bias = sizes, bias_index, bias is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
 def _packed_weight_backward(ctx, grad_y):
     """(grad_x, grad_bias); x, the codebook and grad_y share one dtype (the op checks it)."""
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        grad_x = torch.matmul(grad_y, spqmm_decode(*ctx.saved_tensors, *ctx.sizes))
+        w = spqmm_decode(*ctx.saved_tensors, *ctx.sizes)
+        grad_x = torch.matmul(grad_y, w if w.dtype == grad_y.dtype else w.to(grad_y.dtype))
     if ctx.has_bias and ctx.needs_input_grad[ctx.bias_index]:
-        grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+        grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0).to(ctx.bias_dtype)
     return grad_x, grad_bias
 
 
@@ -240,7 +246,7 @@ def _spqmm_setup(ctx, inputs, output):
 
 def _spqmm_backward(ctx, grad_y):
     grad_x, grad_bias = _packed_weight_backward(ctx, grad_y)
-    return grad_x, None, None, None, None, None, None, None, None, grad_bias, None, None
+    return grad_x, None, None, None, None, None, None, None, None, grad_bias, None, None, None
 
 
 _autograd("spqmm", _spqmm_backward, _spqmm_setup)
@@ -297,7 +303,6 @@ def _(x, codes, codebook, out_features, in_features, bits, bias=None, check=True
                  lambda: "codes must be uint8 (a dense-mode layer: spqmm_int8 serves dense mode only)")
     torch._check(x.shape[-1] == in_features,
                  lambda: f"x must have in_features = {in_features} elements in its last dimension")
-    torch._check(codebook.dtype == x.dtype, lambda: "codebook must have the dtype of x")
     return x.new_empty((*x.shape[:-1], out_features))
 
 

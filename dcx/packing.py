@@ -52,16 +52,16 @@ class PackedWeight(NamedTuple):
         return self._replace(**{name: getattr(self, name).to(device) for name in PACKED_BUFFERS})
 
     def spqmm(self, x: Tensor, bias: Optional[Tensor] = None, check: bool = True,
-              crossover: int = -1) -> Tensor:
-        """x W^T + bias through dcx.ops.spqmm (the codebook cast to x's dtype)."""
-        return ops.spqmm(x, self.codes, self.windows, self.group_ptr, self.chunks,
-                         as_dtype(self.codebook, x.dtype), self.out_features, self.in_features,
-                         self.bits, bias, crossover, check)
+              crossover: int = -1, compute: str = "auto") -> Tensor:
+        """x W^T + bias through dcx.ops.spqmm."""
+        return ops.spqmm(x, self.codes, self.windows, self.group_ptr, self.chunks, self.codebook,
+                         self.out_features, self.in_features, self.bits, bias, crossover, check,
+                         compute)
 
     def spqmm_int8(self, x: Tensor, bias: Optional[Tensor] = None, check: bool = True) -> Tensor:
         """x W^T + bias through dcx.ops.spqmm_int8 (dense mode only; int8 arithmetic)."""
-        return ops.spqmm_int8(x, self.codes, as_dtype(self.codebook, x.dtype), self.out_features,
-                              self.in_features, self.bits, bias, check)
+        return ops.spqmm_int8(x, self.codes, self.codebook, self.out_features, self.in_features,
+                              self.bits, bias, check)
 
 
 # The tensors of a PackedWeight (SparseQuantLinear's buffers).

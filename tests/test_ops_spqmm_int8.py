@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import dcx
+from dcx import _native
 from dcx import reference
 from tests.testing import FLOAT_DTYPES, cpu_isas, devices, requires_kernels, unit_roundoff
 
@@ -152,7 +153,7 @@ def test_ids_outside_the_codebook(monkeypatch, device, isa):
         (lambda x, p, b: (x, p._replace(codes=p.codes.short()), b), "codes must be uint8"),
         (lambda x, p, b: (torch.randn(2, 99, device=x.device), p, b), "x must have in_features = 100"),
         (lambda x, p, b: (x.double(), p, b), "x must be float32, float16 or bfloat16"),
-        (lambda x, p, b: (x.half(), p, b), "codebook must have the dtype of x"),
+        (lambda x, p, b: (x.half(), p._replace(codebook=p.codebook.int()), b), "codebook must be float32"),
         (lambda x, p, b: (x, p._replace(bits=9), b), r"bits must lie in \[1, 8\]"),
         (lambda x, p, b: (x, p._replace(codes=p.codes[:, :-1]), b), r"codes \(dense mode, uint8\) must have shape"),
         (lambda x, p, b: (x, p._replace(codebook=torch.zeros(33, device=x.device)), b), "codebook must be 1-D"),
@@ -167,9 +168,10 @@ def test_bad_input(device, change, match):
 
 
 def test_layer_compute_int8(tmp_path):
-    """compute="int8" runs a dense-mode layer through spqmm_int8 below INT8_ROWS rows, a
-    sparse-mode one (and any from INT8_ROWS rows on) in float32; it survives dcx.save and
-    dcx.load (the file's layer settings) and a state_dict (the layer's extra state)."""
+    """compute="int8" runs a dense-mode layer through the int8 kernels at the batch sizes where
+    the kernel table (csrc/core/spqmm_plan.h) takes them, float32 elsewhere, and a sparse-mode one
+    in float32; it survives dcx.save and dcx.load (the file's layer settings) and a state_dict (the
+    layer's extra state)."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(200, 48)
     dense = dcx.SparseQuantLinear.from_float(linear, sparsity=0.0, bits=6, compute="int8")
@@ -181,10 +183,18 @@ def test_layer_compute_int8(tmp_path):
     sparse_fp32 = sparse(x)
     sparse.compute = "float32"
     torch.testing.assert_close(sparse_fp32, sparse(x))
-    many = torch.randn(dcx.nn.INT8_ROWS, 200)  # from INT8_ROWS rows on: the float32 path
-    int8_many = dense(many)
-    dense.compute = "float32"
-    torch.testing.assert_close(int8_many, dense(many))
+    table = _native.spqmm_plan()
+    capability = torch.backends.cpu.get_cpu_capability()
+    isa = ("avx512" if capability.startswith("AVX512") else
+           "avx2" if capability.startswith("AVX2") else "portable")
+    for rows in (1, 8, 16, 40, 200):
+        rule = table[_native.spqmm_plan_rule(isa, "int8", 1.0, 48, 200, rows)]
+        many = torch.randn(rows, 200)
+        dense.compute = "int8"
+        y = dense(many)
+        exact_int8 = run(many, p, dense.bias.detach())
+        dense.compute = "float32"
+        assert torch.equal(y, exact_int8 if rule["kernel"] == "int8_rows" else dense(many)), rule
     dense.compute = "int8"
     restored = dcx.SparseQuantLinear(200, 48)
     restored.load_state_dict(dense.state_dict())

@@ -1,5 +1,6 @@
 // spqmm on CUDA: argument checks, workspace from the caching allocator (one allocation and one
-// memset per call), launches on the current stream, the crossover to cuBLAS, and the corruption
+// memset per call), launches on the current stream, the crossover to cuBLAS (core/spqmm_plan.h,
+// as on the CPU), the compute mode (op_args.h), and the corruption
 // check (one 4-byte read back, skipped with check=False, as SparseQuantLinear calls it after
 // validating its packed weight once, and while a CUDA graph is being captured; the kernels never
 // read out of bounds either way). Device limits and occupancy are cached in spqmm_kernel.cu, so a
@@ -10,22 +11,12 @@
 #include <torch/library.h>
 
 #include "core/spqmm_int8.h"
+#include "core/spqmm_plan.h"
 #include "cuda/cuda_glue.h"
 #include "op_args.h"
 
 namespace dcx {
 namespace {
-
-// Batch from which decoding once + cuBLAS beats the kernel. Not yet measured on a GPU: the
-// kernel reads the compressed bytes once per 8 batch columns, cuBLAS the dense bytes once, so the
-// crossover grows as density falls; benchmarks/bench_spqmm.py sweeps it (crossover argument).
-// Sparse mode's density is that of the slots (steps * 16 / (N * K)), padding included: the kernel
-// pays for every slot, live or not.
-int64_t auto_crossover_cuda(double density) {
-  if (density <= 0.15) return 48;
-  if (density <= 0.3) return 24;
-  return 8;
-}
 
 void check_flag(const at::Tensor& bad, bool check) {
   if (!check || cuda::stream_capturing()) return;
@@ -69,61 +60,44 @@ cuda::SpqmmCudaArgs weight_args(const at::Tensor& codes, const at::Tensor& windo
   return a;
 }
 
-at::Tensor spqmm_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& windows,
-                      const at::Tensor& group_ptr, const at::Tensor& chunks,
-                      const at::Tensor& codebook, int64_t out_features, int64_t in_features,
-                      int64_t bits, const std::optional<at::Tensor>& bias, int64_t crossover,
-                      bool check) {
-  check_spqmm_args(x, codes, windows, group_ptr, chunks, codebook, out_features, in_features, bits,
-                   bias);
-  cuda::check_cuda_tensor(x, "x");
-  const c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int64_t N = out_features, K = in_features;
+// The float product for x2 [M, K] (the compute dtype; codebook and bias cast to it): the kernels,
+// or past the plan's crossover W decoded once and cuBLAS.
+at::Tensor float_product(const at::Tensor& x2, const at::Tensor& codes, const at::Tensor& windows,
+                         const at::Tensor& group_ptr, const at::Tensor& chunks,
+                         const at::Tensor& cb, int64_t N, int64_t K, int64_t bits,
+                         const at::Tensor& b, bool decode_gemm, bool check, cudaStream_t stream) {
   const bool dense_mode = codes.scalar_type() == at::kByte;
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = N;
-  const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
-  const at::Tensor x2 = x.reshape({M, K}).contiguous();
-  const bool has_bias = bias.has_value() && bias->defined();
-  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
-  const at::Tensor cb = codebook.contiguous();
-
-  const double density =
-      dense_mode ? 1.0
-                 : double(codes.numel()) / std::max<double>(1.0, double(N) * double(K));
-  const int64_t cross = crossover >= 0 ? crossover : auto_crossover_cuda(density);
+  const int64_t M = x2.size(0);
+  const bool has_bias = b.defined();
   const bool empty = M == 0 || N == 0 || K == 0;
-  const bool decode = !empty && M >= std::max<int64_t>(cross, 1);
+  const bool decode = !empty && decode_gemm;
   // One allocation and one memset for the corruption flag (16 bytes, keeping the workspace
   // aligned) and, in sparse mode below the crossover, the float32 workspace [M, N].
   const int64_t ws_floats = dense_mode || decode || empty ? 0 : M * N;
-  at::Tensor scratch = at::empty({4 + ws_floats}, x.options().dtype(at::kFloat));
+  at::Tensor scratch = at::empty({4 + ws_floats}, x2.options().dtype(at::kFloat));
   C10_CUDA_CHECK(cudaMemsetAsync(scratch.data_ptr(), 0, scratch.nbytes(), stream));
   const at::Tensor bad = scratch.narrow(0, 0, 1).view(at::kInt);
-
   at::Tensor realigned;
   cuda::SpqmmCudaArgs a = weight_args(codes, windows, group_ptr, chunks, cb, N, K, bits, &realigned);
-  a.dtype = cuda::to_dtype(x.scalar_type(), "x");
+  a.dtype = cuda::to_dtype(x2.scalar_type(), "x");
   a.x = x2.data_ptr();
   a.m = M;
   a.bias = has_bias ? b.data_ptr() : nullptr;
   a.bad_flag = bad.data_ptr<int>();
   a.ws = ws_floats > 0 ? scratch.data_ptr<float>() + 4 : nullptr;
   a.stream = stream;
-
   if (decode) {  // past the crossover: W decoded once (every element written), then the BLAS
-    at::Tensor w = at::empty({N, K}, x.options());
+    at::Tensor w = at::empty({N, K}, x2.options());
     C10_CUDA_CHECK(cuda::launch_spqmm_decode(a, w.data_ptr()));
     check_flag(bad, check);
-    return at::linear(x2, w, bias).reshape(out_shape);
+    return has_bias ? at::linear(x2, w, b) : at::linear(x2, w);
   }
-  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor y = at::empty({M, N}, x2.options());
   a.y = y.data_ptr();
   C10_CUDA_CHECK(cuda::launch_spqmm(a));  // with nothing to compute, only the pointer checks
-  if (empty && M > 0 && N > 0) y.copy_(has_bias ? b.expand({M, N}) : at::zeros({M, N}, x.options()));
+  if (empty && M > 0 && N > 0) y.copy_(has_bias ? b.expand({M, N}) : at::zeros({M, N}, x2.options()));
   check_flag(bad, check);
-  return y.reshape(out_shape);
+  return y;
 }
 
 // W [N, K] in the codebook's dtype (every element written by the decode kernel), then the
@@ -158,34 +132,26 @@ at::Tensor spqmm_decode_cuda(const at::Tensor& codes, const at::Tensor& windows,
 
 // int8 compute for a dense-mode layer: one allocation for the flag (16 bytes), the quantized x
 // and its scales (both written in full by the quantize kernel), one 16-byte memset.
-at::Tensor spqmm_int8_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebook,
-                           int64_t out_features, int64_t in_features, int64_t bits,
-                           const std::optional<at::Tensor>& bias, bool check) {
-  check_spqmm_int8_args(x, codes, codebook, out_features, in_features, bits, bias);
-  cuda::check_cuda_tensor(x, "x");
-  const c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int64_t N = out_features, K = in_features;
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = N;
-  const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
-  const bool has_bias = bias.has_value() && bias->defined();
-  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
-  at::Tensor y = at::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return y.reshape(out_shape);
+// int8 compute for x2 [M, K] (codebook and bias in x2's dtype): the product in x2's dtype.
+at::Tensor int8_product(const at::Tensor& x2, const at::Tensor& codes, const at::Tensor& cb,
+                        int64_t N, int64_t K, int64_t bits, const at::Tensor& b, bool check,
+                        cudaStream_t stream) {
+  const int64_t M = x2.size(0);
+  const bool has_bias = b.defined();
+  const at::TensorOptions xo = x2.options();
+  at::Tensor y = at::empty({M, N}, xo);
+  if (M == 0 || N == 0) return y;
   if (K == 0) {
-    y.copy_(has_bias ? b.expand({M, N}) : at::zeros({M, N}, x.options()));
-    return y.reshape(out_shape);
+    y.copy_(has_bias ? b.expand({M, N}) : at::zeros({M, N}, xo));
+    return y;
   }
   const int64_t blocks = q8_blocks(K), quantized = M * blocks * kQ8Block;
   const int64_t scales_at = 16 + (quantized + 15) / 16 * 16;
-  at::Tensor scratch = at::empty({scales_at + M * blocks * 4}, x.options().dtype(at::kByte));
+  at::Tensor scratch = at::empty({scales_at + M * blocks * 4}, xo.dtype(at::kByte));
   uint8_t* base = scratch.data_ptr<uint8_t>();
   C10_CUDA_CHECK(cudaMemsetAsync(base, 0, 16, stream));
-  const at::Tensor x2 = x.reshape({M, K}).contiguous();
-  const at::Tensor cb = codebook.contiguous();
   cuda::SpqmmInt8CudaArgs a{};
-  a.dtype = cuda::to_dtype(x.scalar_type(), "x");
+  a.dtype = cuda::to_dtype(x2.scalar_type(), "x");
   a.x = x2.data_ptr();
   a.y = y.data_ptr();
   a.m = M;
@@ -202,7 +168,61 @@ at::Tensor spqmm_int8_cuda(const at::Tensor& x, const at::Tensor& codes, const a
   a.stream = stream;
   C10_CUDA_CHECK(cuda::launch_spqmm_int8(a));
   check_flag(scratch.narrow(0, 0, 4).view(at::kInt), check);
-  return y.reshape(out_shape);
+  return y;
+}
+
+// x [..., K] as [M, K] in `dtype`, with the codebook and bias cast to it (all contiguous).
+struct Operands {
+  at::Tensor x2, cb, b;
+  std::vector<int64_t> out_shape;
+  Operands(const at::Tensor& x, const at::Tensor& codebook, const std::optional<at::Tensor>& bias,
+           int64_t N, at::ScalarType dtype)
+      : out_shape(x.sizes().begin(), x.sizes().end()) {
+    out_shape.back() = N;
+    const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+    x2 = x.reshape({M, x.size(-1)}).to(dtype).contiguous();
+    cb = codebook.to(dtype).contiguous();
+    if (bias.has_value() && bias->defined()) b = bias->to(dtype).contiguous();
+  }
+};
+
+at::Tensor spqmm_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& windows,
+                      const at::Tensor& group_ptr, const at::Tensor& chunks,
+                      const at::Tensor& codebook, int64_t out_features, int64_t in_features,
+                      int64_t bits, const std::optional<at::Tensor>& bias, int64_t crossover,
+                      bool check, c10::string_view compute) {
+  check_spqmm_args(x, codes, windows, group_ptr, chunks, codebook, out_features, in_features, bits,
+                   bias);
+  const SpqmmCompute c = parse_spqmm_compute(compute);
+  cuda::check_cuda_tensor(x, "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t N = out_features, K = in_features;
+  const Operands o(x, codebook, bias, N, spqmm_compute_dtype(c, x.scalar_type()));
+  const bool dense_mode = codes.scalar_type() == at::kByte;
+  const SpqmmMode mode = !dense_mode ? SpqmmMode::kSparse
+                         : c == SpqmmCompute::kInt8 ? SpqmmMode::kInt8 : SpqmmMode::kDense;
+  // Sparse mode's density is that of the slots, padding included: the kernel pays for every slot.
+  const double density = dense_mode ? 1.0 : double(codes.numel()) / std::max(1.0, double(N) * double(K));
+  const SpqmmPlan plan = spqmm_plan(SpqmmIsa::kCuda, mode, density, N, K, o.x2.size(0), 1, crossover);
+  const at::Tensor y =
+      plan.kernel == SpqmmKernel::kInt8Rows
+          ? int8_product(o.x2, codes, o.cb, N, K, bits, o.b, check, stream)
+          : float_product(o.x2, codes, windows, group_ptr, chunks, o.cb, N, K, bits, o.b,
+                          plan.kernel == SpqmmKernel::kDecodeGemm, check, stream);
+  return y.to(x.scalar_type()).reshape(o.out_shape);
+}
+
+at::Tensor spqmm_int8_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebook,
+                           int64_t out_features, int64_t in_features, int64_t bits,
+                           const std::optional<at::Tensor>& bias, bool check) {
+  check_spqmm_int8_args(x, codes, codebook, out_features, in_features, bits, bias);
+  cuda::check_cuda_tensor(x, "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Operands o(x, codebook, bias, out_features, x.scalar_type());
+  return int8_product(o.x2, codes, o.cb, out_features, in_features, bits, o.b, check,
+                      at::cuda::getCurrentCUDAStream())
+      .reshape(o.out_shape);
 }
 
 }  // namespace

@@ -11,7 +11,9 @@
 #include <utility>
 #include <vector>
 
-#include "core/spqmm.h"
+#include "core/spqmm_avx2.h"
+#include "core/spqmm_avx512.h"
+#include "core/spqmm_portable.h"
 #include "tests/check.h"
 #include "tests/spqmm_test_layers.h"
 

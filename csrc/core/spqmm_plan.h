@@ -1,0 +1,156 @@
+// Which spqmm kernel runs, on how many threads, in what tiles: the one place that decides, for the
+// CPU kernels (csrc/cpu/spqmm_cpu.cpp) and the CUDA ones (csrc/cuda/spqmm_cuda.cpp) alike.
+// Torch-free; dcx._C exports the table (SPQMM_PLAN) so that the tests run every entry.
+//
+// A decision is a walk down kSpqmmPlan: the first rule of the machine's kind (isa) and the layer's
+// mode (sparse, dense, or dense with int8 compute) whose batch bound (rows_below) lies above the
+// call's rows and whose density bound holds. Each rule says what was measured to put it there
+// (benchmarks/bench_spqmm.py, 4096 x 4096 unless said, two threads, weights rotated past L3).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+namespace dcx {
+
+enum class SpqmmIsa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kCuda = 3 };
+
+// sparse: codes with positions; dense: ids only (fp32 or bf16 arithmetic); int8: a dense layer
+// computed by the int8 kernels (core/spqmm_int8.h; a sparse layer asked for int8 computes as sparse).
+enum class SpqmmMode : int { kSparse = 0, kDense = 1, kInt8 = 2 };
+
+enum class SpqmmKernel : int {
+  kSparseSteps = 0,  // sparse: the step kernel, `block` batch rows per pass (1, 2, 4 or 8)
+  kSparseLists = 1,  // sparse: each kept weight decoded once into row lists, applied to `block`
+                     //   batch rows at a time (8, 16 or 32) of the transposed activations
+  kDenseRows = 2,    // dense: each weight decoded once per pass of `block` batch rows (1, 2, 4, 8)
+  kDenseMany = 3,    // dense, AVX2: rows decoded once into L1, then applied to every batch row
+  kInt8Rows = 4,     // dense, int8 compute: `block` batch rows per pass (1, 2, 4 or 8)
+  kDecodeGemm = 5,   // W decoded once, in cache-sized blocks of rows, multiplied by the BLAS
+};
+
+constexpr int64_t kSpqmmNoBound = std::numeric_limits<int64_t>::max();
+
+struct SpqmmRule {
+  SpqmmIsa isa;
+  SpqmmMode mode;
+  int64_t rows_below;  // the rule serves calls with fewer batch rows than this
+  double max_density;  // ... and a slot density (padding included) at most this (sparse mode)
+  SpqmmKernel kernel;
+  int block;           // batch rows per pass; 0: the smallest of 1, 2, 4, 8 that holds the rows
+};
+
+// The table. Density is the slots' (steps * 16 / (N K)): about 1.4x the kept fraction at 10%.
+constexpr SpqmmRule kSpqmmPlan[] = {
+    // Portable kernels (no AVX2): the step kernel at one row; past that decode + GEMM, whose
+    // multiply-adds run at BLAS speed while the portable decode costs several per weight.
+    {SpqmmIsa::kPortable, SpqmmMode::kSparse, 2, 1.0, SpqmmKernel::kSparseSteps, 1},
+    {SpqmmIsa::kPortable, SpqmmMode::kSparse, 64, 0.3, SpqmmKernel::kSparseLists, 16},
+    {SpqmmIsa::kPortable, SpqmmMode::kSparse, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0},
+    {SpqmmIsa::kPortable, SpqmmMode::kDense, 2, 1.0, SpqmmKernel::kDenseRows, 1},
+    {SpqmmIsa::kPortable, SpqmmMode::kDense, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0},
+    {SpqmmIsa::kPortable, SpqmmMode::kInt8, 16, 1.0, SpqmmKernel::kInt8Rows, 0},
+    {SpqmmIsa::kPortable, SpqmmMode::kInt8, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0},
+
+    // AVX2 (Zen 3). Sparse, one row: the step kernel. From two rows: row lists.
+    {SpqmmIsa::kAvx2, SpqmmMode::kSparse, 2, 1.0, SpqmmKernel::kSparseSteps, 1},
+    {SpqmmIsa::kAvx2, SpqmmMode::kSparse, 9, 1.0, SpqmmKernel::kSparseLists, 8},
+    {SpqmmIsa::kAvx2, SpqmmMode::kSparse, kSpqmmNoBound, 0.3, SpqmmKernel::kSparseLists, 16},
+    {SpqmmIsa::kAvx2, SpqmmMode::kSparse, 64, 1.0, SpqmmKernel::kSparseLists, 16},
+    {SpqmmIsa::kAvx2, SpqmmMode::kSparse, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0},
+    // Dense fp32: each weight decoded for up to 8 rows; from 9 rows each row of W decoded once for
+    // all of them; from 32 rows (1536 x 384, 384 x 1536: tie at 24-32; 4096 x 4096 at 44)
+    // decode + GEMM.
+    {SpqmmIsa::kAvx2, SpqmmMode::kDense, 9, 1.0, SpqmmKernel::kDenseRows, 0},
+    {SpqmmIsa::kAvx2, SpqmmMode::kDense, 32, 1.0, SpqmmKernel::kDenseMany, 0},
+    {SpqmmIsa::kAvx2, SpqmmMode::kDense, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0},
+    // Dense int8.
+    {SpqmmIsa::kAvx2, SpqmmMode::kInt8, 16, 1.0, SpqmmKernel::kInt8Rows, 0},
+    {SpqmmIsa::kAvx2, SpqmmMode::kInt8, 32, 1.0, SpqmmKernel::kDenseMany, 0},
+    {SpqmmIsa::kAvx2, SpqmmMode::kInt8, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0},
+
+    // AVX-512 (measured on Zen 4 before this table: the step kernel beat the dense GEMM at 10%
+    // density up to batch 64, 2.5x). Row lists run the same code compiled for AVX-512 (not yet
+    // measured on such a CPU: the AVX2 bounds are taken). Dense: the AVX-512 kernel per 8 rows up
+    // to the AVX2 crossover (not measured on AVX-512).
+    {SpqmmIsa::kAvx512, SpqmmMode::kSparse, 2, 1.0, SpqmmKernel::kSparseSteps, 1},
+    {SpqmmIsa::kAvx512, SpqmmMode::kSparse, 9, 1.0, SpqmmKernel::kSparseLists, 8},
+    {SpqmmIsa::kAvx512, SpqmmMode::kSparse, kSpqmmNoBound, 0.3, SpqmmKernel::kSparseLists, 16},
+    {SpqmmIsa::kAvx512, SpqmmMode::kSparse, 64, 1.0, SpqmmKernel::kSparseLists, 16},
+    {SpqmmIsa::kAvx512, SpqmmMode::kSparse, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0},
+    {SpqmmIsa::kAvx512, SpqmmMode::kDense, 32, 1.0, SpqmmKernel::kDenseRows, 0},
+    {SpqmmIsa::kAvx512, SpqmmMode::kDense, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0},
+    {SpqmmIsa::kAvx512, SpqmmMode::kInt8, 16, 1.0, SpqmmKernel::kInt8Rows, 0},
+    {SpqmmIsa::kAvx512, SpqmmMode::kInt8, 32, 1.0, SpqmmKernel::kDenseRows, 0},
+    {SpqmmIsa::kAvx512, SpqmmMode::kInt8, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0},
+
+    // CUDA (not yet measured on a GPU): the kernels read the compressed bytes once per 8 batch
+    // rows, cuBLAS the dense bytes once, so the crossover grows as density falls.
+    {SpqmmIsa::kCuda, SpqmmMode::kSparse, 24, 0.15, SpqmmKernel::kSparseSteps, 8},
+    {SpqmmIsa::kCuda, SpqmmMode::kSparse, 16, 0.3, SpqmmKernel::kSparseSteps, 8},
+    {SpqmmIsa::kCuda, SpqmmMode::kSparse, 8, 1.0, SpqmmKernel::kSparseSteps, 8},
+    {SpqmmIsa::kCuda, SpqmmMode::kSparse, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0},
+    {SpqmmIsa::kCuda, SpqmmMode::kDense, 8, 1.0, SpqmmKernel::kDenseRows, 8},
+    {SpqmmIsa::kCuda, SpqmmMode::kDense, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0},
+    {SpqmmIsa::kCuda, SpqmmMode::kInt8, 16, 1.0, SpqmmKernel::kInt8Rows, 8},
+    {SpqmmIsa::kCuda, SpqmmMode::kInt8, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0},
+};
+
+constexpr int kSpqmmPlanSize = int(sizeof(kSpqmmPlan) / sizeof(kSpqmmPlan[0]));
+
+struct SpqmmPlan {
+  SpqmmKernel kernel = SpqmmKernel::kDecodeGemm;
+  int block = 1;     // batch rows per pass
+  int threads = 1;   // at most this many threads
+  int64_t tile = 1;  // work items: output rows (dense, int8), groups of 16 rows (row lists) or
+                     // chunks (steps); handed out one at a time to whichever thread is free
+  int rule = -1;     // index in kSpqmmPlan
+};
+
+// Smallest block of 1, 2, 4, 8 batch rows that holds `rows` (8 past that).
+inline int spqmm_rows_block(int64_t rows) { return rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8; }
+
+// A layer of n x k weights (sparse: `density` of slots) for `rows` batch rows on up to `threads`
+// threads. crossover >= 0 forces decode + GEMM from that many rows on (the op's argument).
+inline SpqmmPlan spqmm_plan(SpqmmIsa isa, SpqmmMode mode, double density, int64_t n, int64_t k,
+                            int64_t rows, int threads, int64_t crossover = -1) {
+  SpqmmPlan plan;
+  if (crossover >= 0 && rows >= std::max<int64_t>(crossover, 1)) {
+    plan.kernel = SpqmmKernel::kDecodeGemm;
+  } else {
+    for (int i = 0; i < kSpqmmPlanSize; ++i) {
+      const SpqmmRule& r = kSpqmmPlan[i];
+      if (r.isa != isa || r.mode != mode || rows >= r.rows_below || density > r.max_density) continue;
+      // Below a forced crossover the kernels run, whatever the table says past it.
+      if (crossover >= 0 && r.kernel == SpqmmKernel::kDecodeGemm) continue;
+      plan.kernel = r.kernel;
+      plan.block = r.block > 0 ? r.block : spqmm_rows_block(rows);
+      plan.rule = i;
+      break;
+    }
+    if (plan.rule < 0 && crossover >= 0) {  // a forced crossover past every kernel's bound
+      plan.kernel = mode == SpqmmMode::kSparse ? SpqmmKernel::kSparseSteps
+                    : mode == SpqmmMode::kInt8  ? SpqmmKernel::kInt8Rows
+                                                : SpqmmKernel::kDenseRows;
+      plan.block = isa == SpqmmIsa::kCuda ? 8 : spqmm_rows_block(rows);
+    }
+  }
+  // Tiles: about 32K weights of W (a few microseconds of work) each, so a thread that loses its
+  // core costs the others one tile, not its share; and no more threads than tiles of work, with a
+  // layer of under 64K multiply-adds on one thread (a parallel region costs more than it saves).
+  const double macs = double(n) * double(k) * double(std::max<int64_t>(rows, 1)) *
+                      (mode == SpqmmMode::kSparse ? density : 1.0);
+  const int64_t weights_per_row = std::max<int64_t>(k, 1);
+  switch (plan.kernel) {
+    case SpqmmKernel::kSparseLists:
+      plan.tile = std::max<int64_t>(1, int64_t(2048.0 / std::max(density * weights_per_row, 1.0)));
+      break;
+    case SpqmmKernel::kSparseSteps: plan.tile = 1; break;
+    default: plan.tile = std::max<int64_t>(1, (int64_t(1) << 15) / weights_per_row);
+  }
+  plan.threads = macs < double(1 << 16) ? 1 : std::max(1, threads);
+  return plan;
+}
+
+}  // namespace dcx

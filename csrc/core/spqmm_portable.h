@@ -1,0 +1,258 @@
+// spqmm kernels in plain C++ (any machine; the batched loops compiled for AVX-512, AVX2 and the
+// baseline by target_clones): the layout and the helpers they share are in core/spqmm.h.
+#pragma once
+
+#include <vector>
+
+#include "core/spqmm.h"
+
+namespace dcx {
+
+// Generic kernel (any machine): sparse chunk with MB batch columns; xs is [MB][ldx] floats, y
+// [MB][ldy] holds the bias already.
+template <int MB>
+DCX_SPQMM_MULTIVERSION void spqmm_sparse_chunk(const SpqmmPacked& p, int64_t c,
+                                               const float* __restrict table,
+                                               const float* __restrict xs, int64_t ldx, float* y,
+                                               int64_t ldy, int mvalid, float* edge_sums,
+                                               SpqmmEdge* edge, SpqmmSeen* seen) {
+  uint32_t max_id = 0;
+  int64_t max_col = -1;
+  float acc[MB][kSpqmmRows] = {};
+  auto step = [&](int64_t s) {
+    const uint16_t* slot = p.codes + s * kSpqmmRows;
+    const int64_t j0 = spqmm_window(p, s, &max_col);
+    float w[kSpqmmRows];
+    int32_t col[kSpqmmRows];
+    for (int i = 0; i < kSpqmmRows; ++i) {
+      const uint32_t v = slot[i];
+      max_id = std::max(max_id, v & kSpqmmIdMask);
+      w[i] = table[(v & kSpqmmIdMask) | ((~v >> (kSpqmmLiveBit - 8)) & 0x100u)];
+      col[i] = static_cast<int32_t>((v >> kSpqmmOffsetShift) & (kSpqmmWindow - 1));
+    }
+    if (j0 + kSpqmmWindow > p.k) {  // only here can a live slot point past K
+      for (int i = 0; i < kSpqmmRows; ++i)
+        if (slot[i] & kSpqmmLive) max_col = std::max<int64_t>(max_col, j0 + col[i]);
+    }
+    for (int m = 0; m < MB; ++m) {
+      const float* xw = xs + m * ldx + j0;
+      for (int i = 0; i < kSpqmmRows; ++i) acc[m][i] += w[i] * xw[col[i]];
+    }
+  };
+  auto flush = [&](int64_t g, int slot) {
+    spqmm_flush<MB>(p, g, slot, acc, y, ldy, mvalid, edge_sums, edge);
+    for (int m = 0; m < MB; ++m)
+      for (int i = 0; i < kSpqmmRows; ++i) acc[m][i] = 0.f;
+  };
+  spqmm_walk_chunk(p, c, step, flush);
+  seen->max_id = std::max(seen->max_id, max_id);
+  seen->max_col = std::max(seen->max_col, max_col);
+}
+
+// Generic dense-mode rows [r0, r1) with MB batch columns; xt is [K][MB] floats.
+template <int MB>
+DCX_SPQMM_MULTIVERSION void spqmm_dense_rows(const SpqmmPacked& p, int64_t r0, int64_t r1,
+                                             const float* __restrict table,
+                                             const float* __restrict xt, const float* bias,
+                                             float* y, int64_t ldy, int mvalid, SpqmmSeen* seen) {
+  uint32_t max_id = 0;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* code = p.dense_codes + r * p.dense_width;
+    float a[MB];
+    for (int m = 0; m < MB; ++m) a[m] = 0.f;
+    uint32_t row_max = 0;
+    for (int64_t j = 0; j < p.k; ++j) {
+      const uint32_t id = spqmm_dense_id(code, j, p.bits);
+      row_max = std::max(row_max, id);
+      const float w = table[id];
+      for (int m = 0; m < MB; ++m) a[m] += w * xt[j * MB + m];
+    }
+    max_id = std::max<uint32_t>(max_id, row_max);
+    const float b = bias ? bias[r] : 0.f;
+    for (int m = 0; m < mvalid; ++m) y[m * ldy + r] = a[m] + b;
+  }
+  seen->max_id = std::max(seen->max_id, max_id);
+}
+
+// Decode rows [r0, r1) of W into w ([r1 - r0, k] floats), for the BLAS past the crossover; the
+// block is zeroed here. Columns are clamped to K - 1 (a corrupted entry is reported, never
+// written out of bounds).
+inline void spqmm_decode_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, const float* table,
+                              float* w, SpqmmSeen* seen) {
+  if (p.dense) {
+    uint32_t max_id = 0;
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* code = p.dense_codes + r * p.dense_width;
+      for (int64_t j = 0; j < p.k; ++j) {
+        const uint32_t id = spqmm_dense_id(code, j, p.bits);
+        max_id = std::max(max_id, id);
+        w[(r - r0) * p.k + j] = table[id];
+      }
+    }
+    seen->max_id = std::max(seen->max_id, max_id);
+    return;
+  }
+  std::fill(w, w + (r1 - r0) * p.k, 0.f);
+  int64_t max_col = -1;
+  for (int64_t g = r0 / kSpqmmRows; g < spqmm_groups(r1); ++g) {
+    for (int64_t s = p.group_ptr[g]; s < p.group_ptr[g + 1]; ++s) {
+      const int64_t j0 = spqmm_window(p, s, &max_col);
+      for (int i = 0; i < kSpqmmRows; ++i) {
+        const uint32_t v = p.codes[s * kSpqmmRows + i];
+        const int64_t row = g * kSpqmmRows + i, col = j0 + ((v >> kSpqmmOffsetShift) & (kSpqmmWindow - 1));
+        seen->max_id = std::max(seen->max_id, v & kSpqmmIdMask);
+        if (!(v & kSpqmmLive)) continue;
+        max_col = std::max(max_col, col);
+        if (row >= r0 && row < r1 && col < p.k) w[(row - r0) * p.k + col] = table[v & kSpqmmIdMask];
+      }
+    }
+  }
+  seen->max_col = std::max(seen->max_col, max_col);
+}
+
+// Sparse mode for many batch rows: each kept weight decoded once for all of them. A block of
+// groups is first turned into one list per row of its kept weights (value, and where the weight's
+// column begins in the transposed activations); each list is then applied to the activations
+// [K + 32][MT] (batch rows in the inner dimension, MT at a time, zero past K and past the valid
+// rows), so a kept weight costs one broadcast and MT / 8 FMAs per 8 batch rows instead of a
+// decode per batch row. Work is proportional to the kept weights alone, so a 10%-dense layer does
+// a tenth of the dense GEMM's multiply-adds at every batch size.
+struct SpqmmRowLists {
+  std::vector<int32_t> at;     // per entry: column * MT, the offset of its activations
+  std::vector<float> value;    // per entry: the weight
+  std::vector<int64_t> begin;  // per row of the block: where its list begins in at / value
+  std::vector<int32_t> count;  // per row of the block: its number of entries
+};
+
+// The lists of rows [16 g0, 16 g1) (rows past n are padding and get empty lists). Each row has
+// at most one entry per step of its group, so lane i of group g owns the range of length
+// (steps of g) that begins at 16 * (its first step - the block's first step) + i * (steps of g).
+// Padding slots are written and not counted (no branch). Columns come from windows clamped to K
+// (the activations have 32 zero columns past K); the largest id and unclamped column are kept for
+// the op's check.
+inline void spqmm_sparse_lists(const SpqmmPacked& p, int64_t g0, int64_t g1, const float* table,
+                               int64_t mt, SpqmmRowLists* l, SpqmmSeen* seen) {
+  const int64_t s_first = p.group_ptr[g0], slots = (p.group_ptr[g1] - s_first) * kSpqmmRows;
+  if (int64_t(l->at.size()) < slots) {
+    l->at.resize(size_t(slots));
+    l->value.resize(size_t(slots));
+  }
+  const int64_t rows = (g1 - g0) * kSpqmmRows;
+  l->begin.resize(size_t(rows));
+  l->count.assign(size_t(rows), 0);
+  uint32_t max_id = 0;
+  int64_t max_col = -1;
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t s0 = p.group_ptr[g], steps = p.group_ptr[g + 1] - s0;
+    const int64_t base = (s0 - s_first) * kSpqmmRows;
+    int32_t* count = l->count.data() + (g - g0) * kSpqmmRows;
+    for (int i = 0; i < kSpqmmRows; ++i) l->begin[size_t((g - g0) * kSpqmmRows + i)] = base + i * steps;
+    for (int64_t s = s0; s < s0 + steps; ++s) {
+      const int64_t j0 = spqmm_window(p, s, &max_col);
+      const bool edge = j0 + kSpqmmWindow > p.k;  // only here can a live slot point past K
+      const uint16_t* slot = p.codes + s * kSpqmmRows;
+      for (int i = 0; i < kSpqmmRows; ++i) {
+        const uint32_t v = slot[i], live = v >> kSpqmmLiveBit;
+        const int64_t col = j0 + ((v >> kSpqmmOffsetShift) & (kSpqmmWindow - 1));
+        max_id = std::max(max_id, v & kSpqmmIdMask);
+        if (edge && live) max_col = std::max(max_col, col);
+        const int64_t e = base + i * steps + count[i];
+        l->at[size_t(e)] = int32_t(col * mt);
+        l->value[size_t(e)] = table[v & kSpqmmIdMask];
+        count[i] += int32_t(live);
+      }
+    }
+  }
+  seen->max_id = std::max(seen->max_id, max_id);
+  seen->max_col = std::max(seen->max_col, max_col);
+}
+
+// One row's list applied to MT batch rows of the transposed activations xt ([K + 32][MT]):
+// out[m] = sum over entries of value * xt[at + m]. U independent accumulators per batch row
+// (8 / (MT / 8) vectors of 8 in flight) hide the FMA latency.
+template <int MT>
+DCX_SPQMM_MULTIVERSION void spqmm_sparse_apply(const int32_t* __restrict at,
+                                               const float* __restrict value, int64_t count,
+                                               const float* __restrict xt, float* out) {
+  constexpr int U = MT >= 32 ? 2 : MT >= 16 ? 4 : 8;
+  float acc[U][MT] = {};
+  int64_t e = 0;
+  for (; e + U <= count; e += U) {
+    for (int u = 0; u < U; ++u) {
+      const float w = value[e + u];
+      const float* xr = xt + at[e + u];
+      for (int m = 0; m < MT; ++m) acc[u][m] += w * xr[m];
+    }
+  }
+  for (; e < count; ++e) {
+    const float w = value[e];
+    const float* xr = xt + at[e];
+    for (int m = 0; m < MT; ++m) acc[0][m] += w * xr[m];
+  }
+  for (int m = 0; m < MT; ++m) {
+    float s = acc[0][m];
+    for (int u = 1; u < U; ++u) s += acc[u][m];
+    out[m] = s;
+  }
+}
+
+// Rows [16 g0, 16 g1) for M batch rows: xt holds ceil(M / MT) tiles of [K + 32][MT]; y [M][ldy]
+// gets bias + the products (every valid element written).
+template <int MT>
+void spqmm_sparse_many(const SpqmmPacked& p, int64_t g0, int64_t g1, const float* table,
+                       const float* xt, int64_t M, const float* bias, float* y, int64_t ldy,
+                       SpqmmRowLists* l, SpqmmSeen* seen) {
+  spqmm_sparse_lists(p, g0, g1, table, MT, l, seen);
+  const int64_t tile = (p.k + kSpqmmWindow) * MT;
+  const int64_t r0 = g0 * kSpqmmRows, r1 = std::min(p.n, g1 * kSpqmmRows);
+  alignas(64) float out[MT];
+  for (int64_t m0 = 0; m0 < M; m0 += MT) {
+    const float* xtile = xt + (m0 / MT) * tile;
+    const int mvalid = int(std::min<int64_t>(MT, M - m0));
+    for (int64_t r = r0; r < r1; ++r) {
+      const size_t i = size_t(r - r0);
+      spqmm_sparse_apply<MT>(l->at.data() + l->begin[i], l->value.data() + l->begin[i], l->count[i],
+                             xtile, out);
+      const float b = bias ? bias[r] : 0.f;
+      for (int m = 0; m < mvalid; ++m) y[(m0 + m) * ldy + r] = out[m] + b;
+    }
+  }
+}
+
+// int8 compute (core/spqmm_int8.h), any machine: dense rows [r0, r1) for MB activation rows
+// (xq [MB][ldq] int16 in q8_slot order and xs [MB][blocks] scales, zero past the valid rows);
+// table: the int16 codebook (256 entries), wscale its scale.
+template <int MB>
+DCX_SPQMM_MULTIVERSION void spqmm_q8_dense_rows(const SpqmmPacked& p, int64_t r0, int64_t r1,
+                                                const int16_t* table, float wscale,
+                                                const int16_t* __restrict xq, int64_t ldq,
+                                                const float* __restrict xs, int mvalid,
+                                                const float* bias, float* y, int64_t ldy,
+                                                SpqmmSeen* seen) {
+  const int64_t blocks = q8_blocks(p.k);
+  uint32_t max_id = 0;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* code = p.dense_codes + r * p.dense_width;
+    float acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = 0.f;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t j0 = b * kQ8Block, n = std::min<int64_t>(kQ8Block, p.k - j0);
+      int32_t w[kQ8Block] = {};  // in q8_slot order, as x is staged
+      for (int t = 0; t < n; ++t) {
+        const uint32_t id = spqmm_dense_id(code, j0 + t, p.bits);
+        max_id = std::max(max_id, id);
+        w[q8_slot(t)] = table[id];
+      }
+      for (int m = 0; m < MB; ++m) {
+        const int16_t* xb = xq + m * ldq + j0;
+        int32_t dot = 0;
+        for (int t = 0; t < kQ8Block; ++t) dot += int32_t(xb[t]) * w[t];
+        acc[m] += float(dot) * xs[m * blocks + b];
+      }
+    }
+    const float bv = bias ? bias[r] : 0.f;
+    for (int m = 0; m < mvalid; ++m) y[m * ldy + r] = acc[m] * wscale + bv;
+  }
+  seen->max_id = std::max(seen->max_id, max_id);
+}
+}  // namespace dcx
