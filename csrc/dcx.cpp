@@ -67,7 +67,7 @@ namespace {
 PyObject* plan_table() {
   static const char* const isas[] = {"portable", "avx2", "avx512", "cuda"};
   static const char* const modes[] = {"sparse", "dense", "int8"};
-  static const char* const kernels[] = {"sparse_steps", "sparse_lists", "dense_rows",
+  static const char* const kernels[] = {"sparse_steps", "sparse_batch", "dense_rows",
                                         "dense_many", "int8_rows", "decode_gemm"};
   PyObject* list = PyList_New(dcx::kSpqmmPlanSize);
   if (list == nullptr) return nullptr;

@@ -75,6 +75,69 @@ DCX_AVX2_FN void sparse_chunk(const SpqmmPacked& p, int64_t c, const float* tabl
   seen->max_col = std::max(seen->max_col, max_col);
 }
 
+// Sparse mode for 2 to 8 batch rows (a tile of xt [K + 32][8], the batch rows in the lanes,
+// zero past K and past the valid rows), groups [g0, g1): each half step's 8 weights and columns
+// decoded as vectors (as sparse_chunk does), then per slot one broadcast of its weight and one FMA
+// with the 8 activations of its column, into the accumulator of its row (8 rows per pass, two
+// passes per group). y [8][ldy] gets bias + products for the mvalid rows.
+template <bool kSmallCodebook>
+DCX_AVX2_FN void sparse_batch(const SpqmmPacked& p, int64_t g0, int64_t g1, const float* table,
+                              const float* xt, int mvalid, const float* bias, float* y,
+                              int64_t ldy, SpqmmSeen* seen) {
+  __m256 tab[4];
+  for (int i = 0; i < 4; ++i) tab[i] = _mm256_loadu_ps(table + 8 * i);
+  const __m256i id_mask = _mm256_set1_epi32(kSpqmmIdMask), off_mask = _mm256_set1_epi32(kSpqmmWindow - 1);
+  __m256i max_id = _mm256_setzero_si256();
+  int64_t max_col = -1;
+  alignas(32) float wb[8];
+  alignas(32) int32_t cb[8];
+  for (int64_t g = g0; g < g1; ++g) {
+    for (int h = 0; h < 2; ++h) {
+      __m256 acc[8];
+      for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+      for (int64_t s = p.group_ptr[g]; s < p.group_ptr[g + 1]; ++s) {
+        const int64_t j0 = spqmm_window(p, s, &max_col);
+        const __m256i v = _mm256_cvtepu16_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.codes + s * kSpqmmRows + 8 * h)));
+        const __m256i id = _mm256_and_si256(v, id_mask);
+        max_id = _mm256_max_epu32(max_id, id);
+        __m256 w;
+        if (kSmallCodebook) {  // padding slots: the live bit (15) moved to the sign bit selects 0
+          const __m256 live = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+          w = _mm256_blendv_ps(_mm256_setzero_ps(), lookup32(tab, v), live);
+        } else {  // ids of padding slots read the zero half of the table
+          const __m256i dead = _mm256_andnot_si256(_mm256_srli_epi32(v, 7), _mm256_set1_epi32(0x100));
+          w = _mm256_i32gather_ps(table, _mm256_or_si256(id, dead), 4);
+        }
+        const __m256i col = _mm256_add_epi32(_mm256_set1_epi32(int32_t(j0)),
+                                             _mm256_and_si256(_mm256_srli_epi32(v, 8), off_mask));
+        _mm256_store_ps(wb, w);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(cb), _mm256_slli_epi32(col, 3));
+        if (j0 + kSpqmmWindow > p.k) {  // only here can a live slot point past K
+          alignas(32) uint32_t sv[8];
+          _mm256_store_si256(reinterpret_cast<__m256i*>(sv), v);
+          for (int i = 0; i < 8; ++i)
+            if (sv[i] & kSpqmmLive) max_col = std::max<int64_t>(max_col, cb[i] >> 3);
+        }
+        for (int i = 0; i < 8; ++i)
+          acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(wb + i), _mm256_loadu_ps(xt + cb[i]), acc[i]);
+      }
+      const int64_t r0 = g * kSpqmmRows + 8 * h;
+      const int lanes = static_cast<int>(std::min<int64_t>(8, p.n - r0));
+      alignas(32) float sums[8];
+      for (int i = 0; i < lanes; ++i) {
+        _mm256_store_ps(sums, acc[i]);
+        const float b = bias ? bias[r0 + i] : 0.f;
+        for (int m = 0; m < mvalid; ++m) y[m * ldy + r0 + i] = sums[m] + b;
+      }
+    }
+  }
+  alignas(32) uint32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), max_id);
+  seen->max_id = std::max(seen->max_id, *std::max_element(lanes, lanes + 8));
+  seen->max_col = std::max(seen->max_col, max_col);
+}
+
 // Dense mode with AVX2 (CPUs without AVX-512), fp32 and int8 compute alike: 32 columns at a
 // time. Their ids come as 32 bytes in column order (ids32): one load in the byte layout; nibbles
 // by byte shuffles of their 64-byte block; bit-packed ids (5 to 7 bits: the 4 * bits bytes of

@@ -22,8 +22,8 @@ enum class SpqmmMode : int { kSparse = 0, kDense = 1, kInt8 = 2 };
 
 enum class SpqmmKernel : int {
   kSparseSteps = 0,  // sparse: the step kernel, `block` batch rows per pass (1, 2, 4 or 8)
-  kSparseLists = 1,  // sparse: each kept weight decoded once into row lists, applied to `block`
-                     //   batch rows at a time (8, 16 or 32) of the transposed activations
+  kSparseBatch = 1,  // sparse: batch rows in the vector lanes (x transposed), 8 per pass, each
+                     //   slot decoded once per pass
   kDenseRows = 2,    // dense: each weight decoded once per pass of `block` batch rows (1, 2, 4, 8)
   kDenseMany = 3,    // dense, AVX2: rows decoded once into L1, then applied to every batch row
   kInt8Rows = 4,     // dense, int8 compute: `block` batch rows per pass (1, 2, 4 or 8)
@@ -42,53 +42,64 @@ struct SpqmmRule {
 };
 
 // The table. Density is the slots' (steps * 16 / (N K)): about 1.4x the kept fraction at 10%.
+// Times: 4096 x 4096, two threads, every weight rotated past L3, median microseconds per call, on
+// an AMD EPYC (Zen 4, AVX-512; the AVX2 rows with DCX_CPU_ISA=avx2 on the same CPU) unless a rule
+// says otherwise. "kernel / decode + GEMM" compares the rule's kernel with the BLAS path.
 constexpr SpqmmRule kSpqmmPlan[] = {
-    // Portable kernels (no AVX2): the step kernel at one row; past that decode + GEMM, whose
-    // multiply-adds run at BLAS speed while the portable decode costs several per weight.
+    // Portable kernels (no AVX2): one row with the step kernel; sparse mode with the batch in the
+    // inner loop (target_clones vectorises it) while its slots are few, past that, and any dense
+    // layer from two rows, decode + GEMM, whose multiply-adds run at BLAS speed while the
+    // portable decode costs several instructions per weight (not measured since the AVX2 kernels
+    // came; CPUs without AVX2 are rare).
     {SpqmmIsa::kPortable, SpqmmMode::kSparse, 2, 1.0, SpqmmKernel::kSparseSteps, 1},
-    {SpqmmIsa::kPortable, SpqmmMode::kSparse, 64, 0.3, SpqmmKernel::kSparseLists, 16},
+    {SpqmmIsa::kPortable, SpqmmMode::kSparse, 64, 0.3, SpqmmKernel::kSparseBatch, 8},
     {SpqmmIsa::kPortable, SpqmmMode::kSparse, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0},
     {SpqmmIsa::kPortable, SpqmmMode::kDense, 2, 1.0, SpqmmKernel::kDenseRows, 1},
     {SpqmmIsa::kPortable, SpqmmMode::kDense, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0},
     {SpqmmIsa::kPortable, SpqmmMode::kInt8, 16, 1.0, SpqmmKernel::kInt8Rows, 0},
     {SpqmmIsa::kPortable, SpqmmMode::kInt8, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0},
 
-    // AVX2 (Zen 3). Sparse, one row: the step kernel. From two rows: row lists.
+    // AVX2. Sparse, one row: the step kernel (10%, 5 bits: 883). From two rows the batch kernel,
+    // 8 rows per pass (10%: 2 rows 1,488 / 8,731; 16 rows 3,127 / 12,599; 128 rows 21,965 /
+    // 34,874; fp32 F.linear 37,497); its cost follows the slots, decode + GEMM's the dense
+    // product, so at 25% kept (slots 0.29) they tie at 64-128 rows (64: 18,169 / 25,406; 128:
+    // 40,568 / 38,677).
     {SpqmmIsa::kAvx2, SpqmmMode::kSparse, 2, 1.0, SpqmmKernel::kSparseSteps, 1},
-    {SpqmmIsa::kAvx2, SpqmmMode::kSparse, 9, 1.0, SpqmmKernel::kSparseLists, 8},
-    {SpqmmIsa::kAvx2, SpqmmMode::kSparse, kSpqmmNoBound, 0.3, SpqmmKernel::kSparseLists, 16},
-    {SpqmmIsa::kAvx2, SpqmmMode::kSparse, 64, 1.0, SpqmmKernel::kSparseLists, 16},
+    {SpqmmIsa::kAvx2, SpqmmMode::kSparse, kSpqmmNoBound, 0.2, SpqmmKernel::kSparseBatch, 8},
+    {SpqmmIsa::kAvx2, SpqmmMode::kSparse, 96, 1.0, SpqmmKernel::kSparseBatch, 8},
     {SpqmmIsa::kAvx2, SpqmmMode::kSparse, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0},
-    // Dense fp32: each weight decoded for up to 8 rows; from 9 rows each row of W decoded once for
-    // all of them; from 32 rows (1536 x 384, 384 x 1536: tie at 24-32; 4096 x 4096 at 44)
-    // decode + GEMM.
+    // Dense fp32: each weight decoded for up to 8 rows; from 9 each row of W decoded once into
+    // L1 for all of them; decode + GEMM from 24 rows (5 bits: 16 rows 7,158 / 8,295, 32 rows
+    // 18,677 / 12,876; on a Zen 3 CPU, 1536 x 384 and 384 x 1536 tied at 24-32).
     {SpqmmIsa::kAvx2, SpqmmMode::kDense, 9, 1.0, SpqmmKernel::kDenseRows, 0},
-    {SpqmmIsa::kAvx2, SpqmmMode::kDense, 32, 1.0, SpqmmKernel::kDenseMany, 0},
+    {SpqmmIsa::kAvx2, SpqmmMode::kDense, 24, 1.0, SpqmmKernel::kDenseMany, 0},
     {SpqmmIsa::kAvx2, SpqmmMode::kDense, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0},
-    // Dense int8.
-    {SpqmmIsa::kAvx2, SpqmmMode::kInt8, 16, 1.0, SpqmmKernel::kInt8Rows, 0},
-    {SpqmmIsa::kAvx2, SpqmmMode::kInt8, 32, 1.0, SpqmmKernel::kDenseMany, 0},
+    // Dense int8 (4 bits, int8 / fp32 kernel / decode + GEMM): 1 row 880 / 1,154; 8 rows 2,730 /
+    // 3,124; 12 rows 5,453 / 4,733 / 5,441; 32 rows 10,027 / 12,332 / 9,707.
+    {SpqmmIsa::kAvx2, SpqmmMode::kInt8, 9, 1.0, SpqmmKernel::kInt8Rows, 0},
+    {SpqmmIsa::kAvx2, SpqmmMode::kInt8, 24, 1.0, SpqmmKernel::kDenseMany, 0},
     {SpqmmIsa::kAvx2, SpqmmMode::kInt8, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0},
 
-    // AVX-512 (measured on Zen 4 before this table: the step kernel beat the dense GEMM at 10%
-    // density up to batch 64, 2.5x). Row lists run the same code compiled for AVX-512 (not yet
-    // measured on such a CPU: the AVX2 bounds are taken). Dense: the AVX-512 kernel per 8 rows up
-    // to the AVX2 crossover (not measured on AVX-512).
-    {SpqmmIsa::kAvx512, SpqmmMode::kSparse, 2, 1.0, SpqmmKernel::kSparseSteps, 1},
-    {SpqmmIsa::kAvx512, SpqmmMode::kSparse, 9, 1.0, SpqmmKernel::kSparseLists, 8},
-    {SpqmmIsa::kAvx512, SpqmmMode::kSparse, kSpqmmNoBound, 0.3, SpqmmKernel::kSparseLists, 16},
-    {SpqmmIsa::kAvx512, SpqmmMode::kSparse, 64, 1.0, SpqmmKernel::kSparseLists, 16},
+    // AVX-512. Sparse: the step kernel, 8 rows per pass, at every batch (10%: 1 row 291, 16
+    // rows 1,825 / 11,182; 128 rows 13,312 / 30,652; 25% kept: 128 rows 28,317 / 35,200).
+    {SpqmmIsa::kAvx512, SpqmmMode::kSparse, kSpqmmNoBound, 0.3, SpqmmKernel::kSparseSteps, 0},
+    {SpqmmIsa::kAvx512, SpqmmMode::kSparse, 96, 1.0, SpqmmKernel::kSparseSteps, 0},
     {SpqmmIsa::kAvx512, SpqmmMode::kSparse, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0},
-    {SpqmmIsa::kAvx512, SpqmmMode::kDense, 32, 1.0, SpqmmKernel::kDenseRows, 0},
+    // Dense fp32, 8 rows per pass, up to 10 rows (5 bits: 8 rows 3,625 / 4,645; 12 rows 6,909 /
+    // 5,204).
+    {SpqmmIsa::kAvx512, SpqmmMode::kDense, 10, 1.0, SpqmmKernel::kDenseRows, 0},
     {SpqmmIsa::kAvx512, SpqmmMode::kDense, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0},
-    {SpqmmIsa::kAvx512, SpqmmMode::kInt8, 16, 1.0, SpqmmKernel::kInt8Rows, 0},
-    {SpqmmIsa::kAvx512, SpqmmMode::kInt8, 32, 1.0, SpqmmKernel::kDenseRows, 0},
+    // Dense int8 (the AVX2 int8 kernel; 4 bits, int8 / fp32 kernel / decode + GEMM): 1 row 863 /
+    // 741; 4 rows 1,528 / 1,821; 8 rows 2,467 / 3,223; 16 rows 4,618 / 6,239 / 5,371; 24 rows
+    // 6,755 / 9,058 / 6,817; 32 rows 8,958 / 12,262 / 8,403.
+    {SpqmmIsa::kAvx512, SpqmmMode::kInt8, 2, 1.0, SpqmmKernel::kDenseRows, 1},
+    {SpqmmIsa::kAvx512, SpqmmMode::kInt8, 24, 1.0, SpqmmKernel::kInt8Rows, 0},
     {SpqmmIsa::kAvx512, SpqmmMode::kInt8, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0},
 
     // CUDA (not yet measured on a GPU): the kernels read the compressed bytes once per 8 batch
     // rows, cuBLAS the dense bytes once, so the crossover grows as density falls.
-    {SpqmmIsa::kCuda, SpqmmMode::kSparse, 24, 0.15, SpqmmKernel::kSparseSteps, 8},
-    {SpqmmIsa::kCuda, SpqmmMode::kSparse, 16, 0.3, SpqmmKernel::kSparseSteps, 8},
+    {SpqmmIsa::kCuda, SpqmmMode::kSparse, 48, 0.15, SpqmmKernel::kSparseSteps, 8},
+    {SpqmmIsa::kCuda, SpqmmMode::kSparse, 24, 0.3, SpqmmKernel::kSparseSteps, 8},
     {SpqmmIsa::kCuda, SpqmmMode::kSparse, 8, 1.0, SpqmmKernel::kSparseSteps, 8},
     {SpqmmIsa::kCuda, SpqmmMode::kSparse, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0},
     {SpqmmIsa::kCuda, SpqmmMode::kDense, 8, 1.0, SpqmmKernel::kDenseRows, 8},
@@ -143,7 +154,7 @@ inline SpqmmPlan spqmm_plan(SpqmmIsa isa, SpqmmMode mode, double density, int64_
                       (mode == SpqmmMode::kSparse ? density : 1.0);
   const int64_t weights_per_row = std::max<int64_t>(k, 1);
   switch (plan.kernel) {
-    case SpqmmKernel::kSparseLists:
+    case SpqmmKernel::kSparseBatch:  // groups of 16 rows
       plan.tile = std::max<int64_t>(1, int64_t(2048.0 / std::max(density * weights_per_row, 1.0)));
       break;
     case SpqmmKernel::kSparseSteps: plan.tile = 1; break;

@@ -2,8 +2,6 @@
 // baseline by target_clones): the layout and the helpers they share are in core/spqmm.h.
 #pragma once
 
-#include <vector>
-
 #include "core/spqmm.h"
 
 namespace dcx {
@@ -110,113 +108,44 @@ inline void spqmm_decode_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, cons
   seen->max_col = std::max(seen->max_col, max_col);
 }
 
-// Sparse mode for many batch rows: each kept weight decoded once for all of them. A block of
-// groups is first turned into one list per row of its kept weights (value, and where the weight's
-// column begins in the transposed activations); each list is then applied to the activations
-// [K + 32][MT] (batch rows in the inner dimension, MT at a time, zero past K and past the valid
-// rows), so a kept weight costs one broadcast and MT / 8 FMAs per 8 batch rows instead of a
-// decode per batch row. Work is proportional to the kept weights alone, so a 10%-dense layer does
-// a tenth of the dense GEMM's multiply-adds at every batch size.
-struct SpqmmRowLists {
-  std::vector<int32_t> at;     // per entry: column * MT, the offset of its activations
-  std::vector<float> value;    // per entry: the weight
-  std::vector<int64_t> begin;  // per row of the block: where its list begins in at / value
-  std::vector<int32_t> count;  // per row of the block: its number of entries
-};
-
-// The lists of rows [16 g0, 16 g1) (rows past n are padding and get empty lists). Each row has
-// at most one entry per step of its group, so lane i of group g owns the range of length
-// (steps of g) that begins at 16 * (its first step - the block's first step) + i * (steps of g).
-// Padding slots are written and not counted (no branch). Columns come from windows clamped to K
-// (the activations have 32 zero columns past K); the largest id and unclamped column are kept for
-// the op's check.
-inline void spqmm_sparse_lists(const SpqmmPacked& p, int64_t g0, int64_t g1, const float* table,
-                               int64_t mt, SpqmmRowLists* l, SpqmmSeen* seen) {
-  const int64_t s_first = p.group_ptr[g0], slots = (p.group_ptr[g1] - s_first) * kSpqmmRows;
-  if (int64_t(l->at.size()) < slots) {
-    l->at.resize(size_t(slots));
-    l->value.resize(size_t(slots));
-  }
-  const int64_t rows = (g1 - g0) * kSpqmmRows;
-  l->begin.resize(size_t(rows));
-  l->count.assign(size_t(rows), 0);
+// Sparse mode for many batch rows, which sit in the vector lanes: x transposed as xt [K + 32][MT]
+// (zero past K and past the valid rows), so a slot's weight multiplies one contiguous row of MT
+// activations (a broadcast and MT / 8 FMAs with AVX2) instead of being decoded again for each
+// batch row. Groups [g0, g1); y [MT][ldy] gets bias + products for the mvalid rows (every element
+// of those rows in the groups written). Padding slots read the table's zero half.
+template <int MT>
+DCX_SPQMM_MULTIVERSION void spqmm_sparse_batch(const SpqmmPacked& p, int64_t g0, int64_t g1,
+                                               const float* __restrict table,
+                                               const float* __restrict xt, int mvalid,
+                                               const float* bias, float* y, int64_t ldy,
+                                               SpqmmSeen* seen) {
   uint32_t max_id = 0;
   int64_t max_col = -1;
   for (int64_t g = g0; g < g1; ++g) {
-    const int64_t s0 = p.group_ptr[g], steps = p.group_ptr[g + 1] - s0;
-    const int64_t base = (s0 - s_first) * kSpqmmRows;
-    int32_t* count = l->count.data() + (g - g0) * kSpqmmRows;
-    for (int i = 0; i < kSpqmmRows; ++i) l->begin[size_t((g - g0) * kSpqmmRows + i)] = base + i * steps;
-    for (int64_t s = s0; s < s0 + steps; ++s) {
+    float acc[kSpqmmRows][MT] = {};
+    for (int64_t s = p.group_ptr[g]; s < p.group_ptr[g + 1]; ++s) {
       const int64_t j0 = spqmm_window(p, s, &max_col);
       const bool edge = j0 + kSpqmmWindow > p.k;  // only here can a live slot point past K
       const uint16_t* slot = p.codes + s * kSpqmmRows;
       for (int i = 0; i < kSpqmmRows; ++i) {
-        const uint32_t v = slot[i], live = v >> kSpqmmLiveBit;
-        const int64_t col = j0 + ((v >> kSpqmmOffsetShift) & (kSpqmmWindow - 1));
+        const uint32_t v = slot[i];
         max_id = std::max(max_id, v & kSpqmmIdMask);
-        if (edge && live) max_col = std::max(max_col, col);
-        const int64_t e = base + i * steps + count[i];
-        l->at[size_t(e)] = int32_t(col * mt);
-        l->value[size_t(e)] = table[v & kSpqmmIdMask];
-        count[i] += int32_t(live);
+        const float w = table[(v & kSpqmmIdMask) | ((~v >> (kSpqmmLiveBit - 8)) & 0x100u)];
+        const int64_t col = j0 + ((v >> kSpqmmOffsetShift) & (kSpqmmWindow - 1));
+        if (edge && (v & kSpqmmLive)) max_col = std::max(max_col, col);
+        const float* xr = xt + col * MT;
+        for (int m = 0; m < MT; ++m) acc[i][m] += w * xr[m];
       }
+    }
+    const int64_t r0 = g * kSpqmmRows;
+    const int lanes = static_cast<int>(std::min<int64_t>(kSpqmmRows, p.n - r0));
+    for (int i = 0; i < lanes; ++i) {
+      const float b = bias ? bias[r0 + i] : 0.f;
+      for (int m = 0; m < mvalid; ++m) y[m * ldy + r0 + i] = acc[i][m] + b;
     }
   }
   seen->max_id = std::max(seen->max_id, max_id);
   seen->max_col = std::max(seen->max_col, max_col);
-}
-
-// One row's list applied to MT batch rows of the transposed activations xt ([K + 32][MT]):
-// out[m] = sum over entries of value * xt[at + m]. U independent accumulators per batch row
-// (8 / (MT / 8) vectors of 8 in flight) hide the FMA latency.
-template <int MT>
-DCX_SPQMM_MULTIVERSION void spqmm_sparse_apply(const int32_t* __restrict at,
-                                               const float* __restrict value, int64_t count,
-                                               const float* __restrict xt, float* out) {
-  constexpr int U = MT >= 32 ? 2 : MT >= 16 ? 4 : 8;
-  float acc[U][MT] = {};
-  int64_t e = 0;
-  for (; e + U <= count; e += U) {
-    for (int u = 0; u < U; ++u) {
-      const float w = value[e + u];
-      const float* xr = xt + at[e + u];
-      for (int m = 0; m < MT; ++m) acc[u][m] += w * xr[m];
-    }
-  }
-  for (; e < count; ++e) {
-    const float w = value[e];
-    const float* xr = xt + at[e];
-    for (int m = 0; m < MT; ++m) acc[0][m] += w * xr[m];
-  }
-  for (int m = 0; m < MT; ++m) {
-    float s = acc[0][m];
-    for (int u = 1; u < U; ++u) s += acc[u][m];
-    out[m] = s;
-  }
-}
-
-// Rows [16 g0, 16 g1) for M batch rows: xt holds ceil(M / MT) tiles of [K + 32][MT]; y [M][ldy]
-// gets bias + the products (every valid element written).
-template <int MT>
-void spqmm_sparse_many(const SpqmmPacked& p, int64_t g0, int64_t g1, const float* table,
-                       const float* xt, int64_t M, const float* bias, float* y, int64_t ldy,
-                       SpqmmRowLists* l, SpqmmSeen* seen) {
-  spqmm_sparse_lists(p, g0, g1, table, MT, l, seen);
-  const int64_t tile = (p.k + kSpqmmWindow) * MT;
-  const int64_t r0 = g0 * kSpqmmRows, r1 = std::min(p.n, g1 * kSpqmmRows);
-  alignas(64) float out[MT];
-  for (int64_t m0 = 0; m0 < M; m0 += MT) {
-    const float* xtile = xt + (m0 / MT) * tile;
-    const int mvalid = int(std::min<int64_t>(MT, M - m0));
-    for (int64_t r = r0; r < r1; ++r) {
-      const size_t i = size_t(r - r0);
-      spqmm_sparse_apply<MT>(l->at.data() + l->begin[i], l->value.data() + l->begin[i], l->count[i],
-                             xtile, out);
-      const float b = bias ? bias[r] : 0.f;
-      for (int m = 0; m < mvalid; ++m) y[(m0 + m) * ldy + r] = out[m] + b;
-    }
-  }
 }
 
 // int8 compute (core/spqmm_int8.h), any machine: dense rows [r0, r1) for MB activation rows

@@ -294,12 +294,12 @@ void sparse_steps(const SpqmmPacked& p, SpqmmIsa isa, int threads, const float* 
   seen->merge(seen_by.merged());
 }
 
-// Sparse mode, row lists (core/spqmm_portable.h) for MT batch rows at a time: x staged once,
-// transposed, as ceil(M / MT) tiles of [K + 32][MT] (zero past K and past the valid rows); work
-// items of `tile` groups of 16 rows.
-template <int MT>
-void sparse_lists(const SpqmmPacked& p, const SpqmmPlan& plan, const float* table,
+// Sparse mode with the batch rows in the vector lanes: x staged once, transposed, as
+// ceil(M / 8) tiles of [K + 32][8] (zero past K and past the valid rows); work items of
+// plan.tile groups of 16 rows, each run over every tile (its codes stay in cache meanwhile).
+void sparse_batch(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan, const float* table,
                   const at::Tensor& x2, const float* bias, float* y, SpqmmSeen* seen) {
+  constexpr int64_t MT = 8;
   const int64_t M = x2.size(0), K = p.k, tiles = (M + MT - 1) / MT;
   at::Tensor xt = at::zeros({tiles, K + kSpqmmWindow, MT}, at::kFloat);
   for (int64_t t = 0; t < tiles; ++t) {
@@ -310,9 +310,23 @@ void sparse_lists(const SpqmmPacked& p, const SpqmmPlan& plan, const float* tabl
   const int64_t items = (p.groups + plan.tile - 1) / plan.tile;
   SeenBy seen_by(plan.threads);
   for_each_tile(items, plan.threads, [&](int64_t w, int64_t i) {
-    static thread_local SpqmmRowLists lists;  // kept from call to call
     const int64_t g0 = i * plan.tile, g1 = std::min(p.groups, g0 + plan.tile);
-    spqmm_sparse_many<MT>(p, g0, g1, table, xp, M, bias, y, p.n, &lists, seen_by[w]);
+    for (int64_t t = 0; t < tiles; ++t) {
+      const float* xtile = xp + t * (K + kSpqmmWindow) * MT;
+      const int mvalid = static_cast<int>(std::min<int64_t>(MT, M - t * MT));
+      float* yt = y + t * MT * p.n;
+#ifdef DCX_SPQMM_AVX2
+      if (isa != SpqmmIsa::kPortable) {
+        if (p.bits <= 5) {
+          avx2::sparse_batch<true>(p, g0, g1, table, xtile, mvalid, bias, yt, p.n, seen_by[w]);
+        } else {
+          avx2::sparse_batch<false>(p, g0, g1, table, xtile, mvalid, bias, yt, p.n, seen_by[w]);
+        }
+        continue;
+      }
+#endif
+      spqmm_sparse_batch<MT>(p, g0, g1, table, xtile, mvalid, bias, yt, p.n, seen_by[w]);
+    }
   });
   seen->merge(seen_by.merged());
 }
@@ -466,12 +480,9 @@ void run_plan(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan, const a
       decode_gemm(p, p.dense ? isa : SpqmmIsa::kPortable, plan.threads, tp, xg, bias_f, bias_bf16, y, seen);
       return;
     }
-    case SpqmmKernel::kSparseLists:
-      switch (plan.block) {
-        case 8: sparse_lists<8>(p, plan, tp, x2, bp, yp, seen); return;
-        case 32: sparse_lists<32>(p, plan, tp, x2, bp, yp, seen); return;
-        default: sparse_lists<16>(p, plan, tp, x2, bp, yp, seen); return;
-      }
+    case SpqmmKernel::kSparseBatch:
+      sparse_batch(p, isa, plan, tp, x2, bp, yp, seen);
+      return;
     case SpqmmKernel::kSparseSteps:
       switch (plan.block) {
         case 1: sparse_steps<1>(p, isa, plan.threads, tp, x2, bp, yp, seen); return;

@@ -74,6 +74,48 @@ void check_close(const std::vector<float>& y, const Layer& l, const std::vector<
   }
 }
 
+// The batch kernels (the batch rows in the vector lanes) on three rows of x, the first the
+// given one: xt [K + 32][8], zero past K and past the three rows; each row of y checked against
+// the float64 product, and what the kernel saw against the step kernel's.
+void test_batch_kernels(const Layer& l, const std::vector<float>& table, const std::vector<float>& x,
+                        const std::vector<float>& bias, const dcx::SpqmmSeen& seen) {
+  constexpr int MT = 8, rows = 3;
+  const int64_t n = l.p.n, k = l.p.k;
+  std::vector<std::vector<float>> xs(rows, std::vector<float>(x.begin(), x.end()));
+  for (int m = 1; m < rows; ++m)
+    for (int64_t j = 0; j < k; ++j) xs[m][j] = std::cos(0.11f * float(j * (m + 1)));
+  std::vector<float> xt((k + dcx::kSpqmmWindow) * MT, 0.f);
+  for (int m = 0; m < rows; ++m)
+    for (int64_t j = 0; j < k; ++j) xt[j * MT + m] = xs[m][j];
+  auto check_rows = [&](const std::vector<float>& y) {
+    for (int m = 0; m < rows; ++m)
+      check_close(std::vector<float>(y.begin() + m * n, y.begin() + (m + 1) * n), l, xs[m], bias);
+  };
+  std::vector<float> y(rows * n, -1.f);
+  dcx::SpqmmSeen bseen;
+  dcx::spqmm_sparse_batch<MT>(l.p, 0, l.p.groups, table.data(), xt.data(), rows, bias.data(),
+                              y.data(), n, &bseen);
+  check_rows(y);
+  if (l.p.steps) CHECK(bseen.max_id == seen.max_id && bseen.max_col == seen.max_col);
+#ifdef DCX_SPQMM_AVX2
+  if (dcx::avx2::supported()) {
+    std::fill(y.begin(), y.end(), -1.f);
+    dcx::SpqmmSeen aseen;
+    // Two work items, as the op splits the groups between threads.
+    const int64_t half = l.p.groups / 2;
+    for (auto [g0, g1] : {std::pair<int64_t, int64_t>{0, half}, {half, l.p.groups}}) {
+      if (l.p.bits <= 5) {
+        dcx::avx2::sparse_batch<true>(l.p, g0, g1, table.data(), xt.data(), rows, bias.data(), y.data(), n, &aseen);
+      } else {
+        dcx::avx2::sparse_batch<false>(l.p, g0, g1, table.data(), xt.data(), rows, bias.data(), y.data(), n, &aseen);
+      }
+    }
+    check_rows(y);
+    if (l.p.steps) CHECK(aseen.max_id == seen.max_id && aseen.max_col == seen.max_col);
+  }
+#endif
+}
+
 void test_kernels(int64_t n, int64_t k, int bits, int keep, int64_t chunk_steps) {
   std::vector<float> table(dcx::kSpqmmTable, 0.f), bias(n);
   for (int i = 0; i < (1 << bits); ++i) table[i] = 0.25f * float(i) - 1.5f;
@@ -120,6 +162,7 @@ void test_kernels(int64_t n, int64_t k, int bits, int keep, int64_t chunk_steps)
     CHECK(aseen.max_id == seen.max_id && aseen.max_col == seen.max_col);
   }
 #endif
+  test_batch_kernels(l, table, x, bias, seen);
 }
 
 void test_structure_errors() {
