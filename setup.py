@@ -12,7 +12,7 @@ Flag tree:
   MAX_JOBS                      parallel compile jobs (ninja), as torch reads it
 
 Sources are found by glob, so a new op only adds files:
-  csrc/dcx.cpp, csrc/core/*.cpp, csrc/cpu/*.cpp   always
+  csrc/*.cpp (the op schemas, the gradients), csrc/core/*.cpp, csrc/cpu/*.cpp   always
   csrc/cuda/*.cpp (torch glue), csrc/cuda/*.cu     with CUDA
 """
 
@@ -81,7 +81,7 @@ def extensions():
     # flag changes a rounded value (no reassociation, no fast-math).
     cxx = opt + ["-fno-math-errno", "-fno-trapping-math"]
     cxx += ["-fopenmp"] if sys.platform != "darwin" else []
-    sources = _sources("csrc/dcx.cpp") + _sources("csrc/core/*.cpp") + _sources("csrc/cpu/*.cpp")
+    sources = _sources("csrc/*.cpp") + _sources("csrc/core/*.cpp") + _sources("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc")]
     kwargs = dict(name="dcx._C", include_dirs=include_dirs, py_limited_api=False)
 

@@ -11,6 +11,7 @@ a compressed layer is not read from the GPU's L2 or the CPU's L3 cache.
     python benchmarks/bench_spqmm.py                       # full grid (long)
     python benchmarks/bench_spqmm.py --preset cpu-table    # the committed CPU table
     python benchmarks/bench_spqmm.py --anchors             # against torch's quantized CPU paths
+    python benchmarks/bench_spqmm.py --anchors --busy      # the same with one core loaded
     python benchmarks/bench_spqmm.py --shapes fc7 --densities 0.1 --bits 5 --batches 1 --threads 2
 Environment: DCX_BENCH_SHAPES, DCX_BENCH_DENSITIES, DCX_BENCH_BITS, DCX_BENCH_BATCHES and
 DCX_BENCH_THREADS give the same lists (comma-separated). Writes
@@ -160,10 +161,16 @@ def run_case(rows, device, name, n, k, density, bits, batches, act_dtype, copy_g
 
 
 # Against the fastest CPU paths torch itself has (--anchors): bf16 F.linear (oneDNN), dynamic
-# int8 (quantize_dynamic: fbgemm), int8 and int4 (group 32) weight-only with bf16 activations;
-# the 4096 x 4096 layer of the targets, dense 4 and 6 bits and 10% at 5 bits, batch 1, 16, 128.
+# int8 (quantize_dynamic: fbgemm), int8 and int4 (group 32) weight-only with bf16 activations, and
+# torchao's quantize_ configs where they run on the CPU build; the 4096 x 4096 layer of the
+# targets, dense 4 and 6 bits and 10% at 5 bits, batch 1 to 128.
 ANCHOR_CASES = [("fc7", 1.0, 4), ("fc7", 1.0, 6), ("fc7", 0.1, 5)]
-ANCHOR_BATCHES = [1, 16, 128]
+ANCHOR_BATCHES = [1, 2, 4, 8, 16, 32, 64, 128]
+# torchao's codebook weight-only config dequantizes the whole weight on every call (about 0.3 s
+# here): timed up to this batch only.
+CODEBOOK_BATCHES = 16
+# --busy: the batches measured quiet and with one core loaded.
+BUSY_BATCHES = [1, 16, 128]
 
 
 def read_bandwidth(nbytes=1 << 28):
@@ -174,14 +181,52 @@ def read_bandwidth(nbytes=1 << 28):
     return nbytes / seconds / 1e9
 
 
+def torchao_anchors(w):
+    """torchao's quantize_ on an nn.Linear holding w ({method: (module, bytes read)}), for each
+    config that runs on this build: int8 dynamic activations with int8 weights, int8 weight-only
+    (bf16 activations), and the prototype codebook weight-only config (4-bit ids, one codebook
+    for the layer; it needs coremltools). Missing ones are left out with a line on stderr."""
+    try:
+        import torchao.quantization as tq
+    except ImportError as e:
+        print(f"torchao anchors left out: {e} (pip install -e '.[bench]')", file=sys.stderr)
+        return {}
+    n, k = w.shape
+    configs = {"ao int8 dyn": (lambda: tq.Int8DynamicActivationInt8WeightConfig(), torch.float32, n * k),
+               "ao int8 wo": (lambda: tq.Int8WeightOnlyConfig(), torch.bfloat16, n * k)}
+    try:
+        from torchao.prototype.quantization.codebook_coreml import CodebookWeightOnlyConfig
+        configs["ao codebook"] = (lambda: CodebookWeightOnlyConfig(dtype=torch.uint4, block_size=[-1, -1]),
+                                  torch.float32, n * k // 2)
+    except ImportError as e:
+        print(f"torchao codebook anchor left out: {e}", file=sys.stderr)
+    out = {}
+    for name, (config, dtype, nbytes) in configs.items():
+        linear = torch.nn.Linear(k, n, bias=False).to(dtype)
+        with torch.no_grad():
+            linear.weight.copy_(w)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                tq.quantize_(linear, config())
+                linear(torch.zeros(1, k, dtype=dtype))
+        except Exception as e:  # a config without a CPU path on this build
+            print(f"{name} left out: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
+            continue
+        out[name] = (linear, dtype, nbytes)
+    return out
+
+
 def torch_anchors(n, k, gen):
     """{method: (list of rotated weight objects, fn(weight, x32, xb) -> y, bytes read per call)}."""
     w = torch.randn(n, k, generator=gen) / k ** 0.5
     anchors = {}
     anchors["fp32"] = ([w], lambda t, x, xb: F.linear(x, t), 4 * n * k)
     anchors["bf16"] = ([w.bfloat16()], lambda t, x, xb: F.linear(xb, t), 2 * n * k)
-    dyn = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(k, n, bias=False)),
-                                                 {torch.nn.Linear}, dtype=torch.qint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecated in favour of torchao's quantize_ (below)
+        dyn = torch.ao.quantization.quantize_dynamic(
+            torch.nn.Sequential(torch.nn.Linear(k, n, bias=False)), {torch.nn.Linear}, dtype=torch.qint8)
     anchors["int8 dyn"] = ([dyn], lambda t, x, xb: t(x), n * k)
     scale = w.abs().amax(1) / 127
     w8 = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
@@ -197,6 +242,9 @@ def torch_anchors(n, k, gen):
     anchors["int4 wo"] = ([(packed4, sz)],
                           lambda t, x, xb: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, t[0], g, t[1]),
                           n * k // 2 + sz.numel() * 2)
+    for name, (module, dtype, nbytes) in torchao_anchors(w).items():
+        anchors[name] = ([module], (lambda t, x, xb: t(x)) if dtype == torch.float32 else
+                         (lambda t, x, xb: t(xb)), nbytes)
     for name, (items, fn, nbytes) in anchors.items():
         first = items[0]
         for _ in range(copies_for(nbytes, "cpu") - 1):
@@ -214,55 +262,128 @@ def _clone(obj):
     return copy.deepcopy(obj)
 
 
-def run_anchors(args):
-    """The --anchors table: every method's ms and GB/s (bytes it reads per call over the measured
-    read bandwidth), and dcx's best mode against each of torch's."""
-    gen = torch.Generator().manual_seed(0)
-    torch.set_num_threads(args.threads[0])
-    read_gbs = read_bandwidth()
-    rows = []
-    methods = ["fp32", "bf16", "int8 dyn", "int8 wo", "int4 wo", "dcx fp32", "dcx bf16", "dcx int8"]
+ANCHOR_METHODS = ["fp32", "bf16", "int8 dyn", "int8 wo", "int4 wo", "ao int8 dyn", "ao int8 wo",
+                  "ao codebook", "dcx fp32", "dcx bf16", "dcx int8"]
+
+
+def anchor_cases(gen):
+    """For each case: (name, n, k, density, bits, packed, {method: (items, fn, bytes)})."""
     for name, density, bits in ANCHOR_CASES:
         n, k = SHAPES[name]
         anchors = torch_anchors(n, k, gen)
-        for dtype in (torch.float32, torch.bfloat16):
-            mask, packed = make_packed(n, k, density, bits, "cpu", dtype, gen)
-            packs = [packed] + [packed._replace(codes=packed.codes.clone())
-                                for _ in range(copies_for(packed.nbytes(), "cpu") - 1)]
-            anchors["dcx " + ("fp32" if dtype == torch.float32 else "bf16")] = (
-                packs, lambda p, x, xb, dt=dtype: p.spqmm(x if dt == torch.float32 else xb,
-                                                          check=False), packed.nbytes())
-            if dtype == torch.float32 and packed.dense:  # int8 compute serves dense mode
-                anchors["dcx int8"] = (packs, lambda p, x, xb: p.spqmm_int8(x, check=False),
-                                       packed.nbytes())
+        mask, packed = make_packed(n, k, density, bits, "cpu", torch.float32, gen)
+        packs = [packed] + [packed._replace(codes=packed.codes.clone())
+                            for _ in range(copies_for(packed.nbytes(), "cpu") - 1)]
+        for mode in ("float32", "bfloat16", "int8"):
+            if mode == "int8" and not packed.dense:  # int8 compute serves dense mode
+                continue
+            anchors["dcx " + {"float32": "fp32", "bfloat16": "bf16"}.get(mode, mode)] = (
+                packs, lambda p, x, xb, mode=mode: p.spqmm(x, check=False, compute=mode),
+                packed.nbytes())
+        yield name, n, k, density, bits, packed, anchors
+
+
+def time_anchors(anchors, k, batches, gen, label=""):
+    """{batch: {method: seconds}} for every method at each batch, interleaved per batch."""
+    out = {}
+    for m in batches:
+        x = torch.randn(m, k, generator=gen)
+        xb = x.bfloat16()
+        fns = {meth: rotating(lambda t, fn=anchors[meth][1]: fn(t, x, xb), anchors[meth][0])
+               for meth in ANCHOR_METHODS if meth in anchors
+               and (meth != "ao codebook" or m <= CODEBOOK_BATCHES)}
+        with torch.inference_mode():
+            out[m] = common.bench_side_by_side(fns, "cpu", repeat=10 if m >= 32 else 20)
+        print(label, m, " ".join(f"{meth}={t * 1e6:,.0f}" for meth, t in out[m].items()), flush=True)
+    return out
+
+
+class BusyCore:
+    """One process spinning at normal priority (a user's browser or build), for `with`."""
+
+    def __enter__(self):
+        import multiprocessing
+
+        self.proc = multiprocessing.get_context("spawn").Process(target=_spin, daemon=True)
+        self.proc.start()
+        time.sleep(0.5)
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        self.proc.join()
+
+
+def _spin():
+    while True:
+        pass
+
+
+def run_anchors(args):
+    """The --anchors table: every method's us and GB/s (bytes it reads per call over the measured
+    read bandwidth), and dcx's best mode against each of torch's. With --busy, the same methods
+    at BUSY_BATCHES quiet and with one core loaded, and each one's slowdown."""
+    gen = torch.Generator().manual_seed(0)
+    torch.set_num_threads(args.threads[0])
+    read_gbs = read_bandwidth()
+    rows, busy_rows = [], []
+    for name, n, k, density, bits, packed, anchors in anchor_cases(gen):
+        case = [name, f"{n}x{k}", f"{density:.0%}", bits, "dense" if packed.dense else "sparse"]
+        if args.busy:
+            quiet = time_anchors(anchors, k, BUSY_BATCHES, gen, "quiet")
+            with BusyCore():
+                busy = time_anchors(anchors, k, BUSY_BATCHES, gen, "busy")
+            for m in BUSY_BATCHES:
+                cells = [f"{quiet[m][meth] * 1e6:,.0f} / {busy[m][meth] * 1e6:,.0f} "
+                         f"({busy[m][meth] / quiet[m][meth]:.2f}x)" if meth in quiet[m] else "n/a"
+                         for meth in ANCHOR_METHODS]
+                busy_rows.append([*case, m, *cells])
+                print(" | ".join(str(c) for c in busy_rows[-1]), flush=True)
+            continue
+        times = time_anchors(anchors, k, ANCHOR_BATCHES, gen)
         for m in ANCHOR_BATCHES:
-            x = torch.randn(m, k, generator=gen)
-            xb = x.bfloat16()
-            fns = {meth: rotating(lambda t, fn=anchors[meth][1]: fn(t, x, xb), anchors[meth][0])
-                   for meth in methods if meth in anchors}
-            times = common.bench_side_by_side(fns, "cpu", repeat=10 if m >= 128 else 20)
-            best = min((meth for meth in times if meth.startswith("dcx")), key=times.get)
-            cells = [f"{times[meth] * 1e6:,.0f} ({anchors[meth][2] / times[meth] / 1e9:.0f})"
-                     if meth in times else "n/a" for meth in methods]
-            ratios = [f"{times[a] / times[best]:.2f}x" for a in ("fp32", "bf16", "int8 dyn", "int4 wo")]
-            rows.append([name, f"{n}x{k}", f"{density:.0%}", bits,
-                         "dense" if packed.dense else "sparse", m, *cells, best, *ratios])
+            t = times[m]
+            best = min((meth for meth in t if meth.startswith("dcx")), key=t.get)
+            cells = [f"{t[meth] * 1e6:,.0f} ({anchors[meth][2] / t[meth] / 1e9:.0f})"
+                     if meth in t else "n/a" for meth in ANCHOR_METHODS]
+            ratios = [f"{t[a] / t[best]:.2f}x" if a in t else "n/a"
+                      for a in ("fp32", "bf16", "int8 dyn", "int4 wo", "ao int8 dyn")]
+            rows.append([*case, m, *cells, best, *ratios])
             print(" | ".join(str(c) for c in rows[-1]), flush=True)
+    paths = ("Paths: fp32 / bf16 F.linear (MKL / oneDNN); int8 dyn: "
+             "torch.ao.quantization.quantize_dynamic (fbgemm, u8 x s8 with VNNI where the CPU has "
+             "it; deprecated in torch 2.13 in favour of torchao); int8 wo / int4 wo: "
+             "aten._weight_int8pack_mm / _weight_int4pack_mm_for_cpu (group 32) on bf16 "
+             "activations; ao int8 dyn: torchao 0.18 Int8DynamicActivationInt8WeightConfig "
+             "(torchao.kernel.int_scaled_matmul, torch._int_mm on CPU, eager); ao int8 wo: "
+             "Int8WeightOnlyConfig on bf16 activations; ao codebook: the prototype "
+             "CodebookWeightOnlyConfig (4-bit ids, one codebook; it dequantizes the weight on "
+             f"every call, timed up to batch {CODEBOOK_BATCHES}). torchao's int4 configs have no "
+             "CPU path in this build (int4_packing_format plain needs mslk, plain_int32 and the "
+             "groupwise LUT config no CPU kernel). dcx fp32 / bf16 / int8: dcx.ops.spqmm with "
+             "compute='float32' / 'bfloat16' / 'int8' (int8: dense mode only; the kernel table, "
+             "csrc/core/spqmm_plan.h, picks the kernel per batch).")
+    if args.busy:
+        notes = [common.stamp("cpu"), "",
+                 "Each method's microseconds per call quiet / with one core loaded by a process "
+                 "spinning at normal priority, and the slowdown. " + paths +
+                 " Every weight rotated past the 32 MB L3. Median of interleaved rounds, wall "
+                 "clock. Command: `python benchmarks/bench_spqmm.py --anchors --busy`."]
+        header = ["layer", "N x K", "density", "bits", "mode", "batch",
+                  *[f"{meth} us quiet / busy" for meth in ANCHOR_METHODS]]
+        common.write_table("spqmm-cpu-busy", "spqmm vs torch's CPU paths with one core loaded "
+                           "(4096 x 4096)", header, busy_rows, notes)
+        return
     header = ["layer", "N x K", "density", "bits", "mode", "batch",
-              *[f"{meth} us (GB/s)" for meth in methods], "dcx best",
-              "vs fp32", "vs bf16", "vs int8 dyn", "vs int4 wo"]
+              *[f"{meth} us (GB/s)" for meth in ANCHOR_METHODS], "dcx best",
+              "vs fp32", "vs bf16", "vs int8 dyn", "vs int4 wo", "vs ao int8 dyn"]
     notes = [common.stamp("cpu"), "",
              f"Each method's microseconds per call and, in parentheses, the GB/s of the weight bytes "
              f"it reads per call (fp32 4, bf16 2, int8 1, int4 0.5 + scales, dcx its packed bytes) "
              f"against a measured read bandwidth of {read_gbs:.1f} GB/s. Every weight rotated "
-             f"through {ROTATE_BYTES >> 20} MB of copies, past the 32 MB L3. Activations fp32 for "
-             "fp32 and int8 dynamic (quantize_dynamic, fbgemm), bf16 for bf16 and the weight-only "
-             "int8 / int4 (group 32) ops; dcx fp32 / bf16: dcx.ops.spqmm on fp32 / bf16 "
-             "activations (compute='float32' / 'bfloat16'); dcx int8: dcx.ops.spqmm_int8 on fp32 "
-             "activations (dense mode only; a layer in compute='int8' takes the fp32 path from "
-             f"{dcx.nn.INT8_ROWS} rows on). Ratios: the anchor's time over dcx's fastest mode. "
-             "Median of interleaved rounds, wall clock. Command: "
-             "`python benchmarks/bench_spqmm.py --anchors`."]
+             f"through {ROTATE_BYTES >> 20} MB of copies, past the 32 MB L3. " + paths +
+             " Ratios: the anchor's time over dcx's fastest mode. Median of interleaved rounds, "
+             "wall clock. Command: `python benchmarks/bench_spqmm.py --anchors`."]
     common.write_table("spqmm-cpu-anchors", "spqmm vs torch's quantized CPU paths (4096 x 4096)",
                        header, rows, notes)
 
@@ -302,6 +423,9 @@ def main():
     parser.add_argument("--note", action="append", default=[], help="a line added to the table's notes")
     parser.add_argument("--anchors", action="store_true",
                         help="the table against torch's quantized CPU paths (spqmm-cpu-anchors.md)")
+    parser.add_argument("--busy", action="store_true",
+                        help="with --anchors: each method quiet and with one core loaded by a "
+                             "spinning process (spqmm-cpu-busy.md)")
     args = parser.parse_args()
     if args.anchors:
         return run_anchors(args)

@@ -25,11 +25,6 @@ def _fake(name):
     return lambda fn: fn
 
 
-def _autograd(name, backward, setup_context):
-    if available():
-        torch.library.register_autograd(f"dcx::{name}", backward, setup_context=setup_context)
-
-
 def masked_sgd_step_(
     param: Tensor,
     grad: Tensor,
@@ -211,45 +206,9 @@ def _(x, codes, windows, group_ptr, chunks, codebook, out_features, in_features,
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-# The gradient of y = x W^T + bias: grad_x = grad_y W (W decoded once per backward: the same
-# bytes a product reads, against the N x K x batch multiply-adds that follow), grad_bias the sum
-# of grad_y over the batch. The packed weight is fixed: codes and positions are integers, and a
-# codebook that requires grad is refused (trained quantization fine-tunes the codebook before
-# packing).
-def _packed_weight_setup(ctx, codes, windows, group_ptr, chunks, codebook, sizes, bias_index,
-                         bias):
-    if codebook.requires_grad:
-        raise RuntimeError(
-            "codebook requires grad, but a packed layer's codebook gets no gradient: fine-tune "
-            "the codebook before packing (dcx.cluster_ and retraining), or detach it")
-    ctx.save_for_backward(codes, windows, group_ptr, chunks, codebook)
-    ctx.sizes, ctx.bias_index, ctx.has_bias = sizes, bias_index, bias is not None
-    ctx.bias_dtype = bias.dtype if bias is not None else None
-
-
-def _packed_weight_backward(ctx, grad_y):
-    """(grad_x, grad_bias); x, the codebook and grad_y share one dtype (the op checks it)."""
-    grad_x = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        w = spqmm_decode(*ctx.saved_tensors, *ctx.sizes)
-        grad_x = torch.matmul(grad_y, w if w.dtype == grad_y.dtype else w.to(grad_y.dtype))
-    if ctx.has_bias and ctx.needs_input_grad[ctx.bias_index]:
-        grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0).to(ctx.bias_dtype)
-    return grad_x, grad_bias
-
-
-def _spqmm_setup(ctx, inputs, output):
-    x, codes, windows, group_ptr, chunks, codebook, out_features, in_features, bits, bias = inputs[:10]
-    _packed_weight_setup(ctx, codes, windows, group_ptr, chunks, codebook,
-                         (out_features, in_features, bits), 9, bias)
-
-
-def _spqmm_backward(ctx, grad_y):
-    grad_x, grad_bias = _packed_weight_backward(ctx, grad_y)
-    return grad_x, None, None, None, None, None, None, None, None, grad_bias, None, None, None
-
-
-_autograd("spqmm", _spqmm_backward, _spqmm_setup)
+# The gradients of spqmm and spqmm_int8 (grad_x = grad_y W with W from spqmm_decode, grad_bias
+# the sum of grad_y over the batch) are registered in C++ (csrc/autograd.cpp): a Python autograd
+# kernel runs on every call and cost more than a small layer's product.
 
 
 def spqmm_decode(
@@ -304,20 +263,3 @@ def _(x, codes, codebook, out_features, in_features, bits, bias=None, check=True
     torch._check(x.shape[-1] == in_features,
                  lambda: f"x must have in_features = {in_features} elements in its last dimension")
     return x.new_empty((*x.shape[:-1], out_features))
-
-
-# int8 compute quantizes x on the fly; its gradient passes straight through that rounding: the
-# gradient of the exact product with the layer's weight, as spqmm's.
-def _spqmm_int8_setup(ctx, inputs, output):
-    x, codes, codebook, out_features, in_features, bits, bias = inputs[:7]
-    empty = codes.new_empty(0, dtype=torch.int32)  # dense mode has no positions
-    _packed_weight_setup(ctx, codes, empty, empty, empty, codebook,
-                         (out_features, in_features, bits), 6, bias)
-
-
-def _spqmm_int8_backward(ctx, grad_y):
-    grad_x, grad_bias = _packed_weight_backward(ctx, grad_y)
-    return grad_x, None, None, None, None, None, grad_bias, None
-
-
-_autograd("spqmm_int8", _spqmm_int8_backward, _spqmm_int8_setup)
