@@ -68,7 +68,8 @@ PyObject* plan_table() {
   static const char* const isas[] = {"portable", "avx2", "avx512", "cuda"};
   static const char* const modes[] = {"sparse", "dense", "int8"};
   static const char* const kernels[] = {"sparse_steps", "sparse_batch", "dense_rows",
-                                        "dense_many", "int8_rows", "decode_gemm"};
+                                        "dense_many", "int8_rows", "decode_gemm",
+                                        "int8_many"};
   PyObject* list = PyList_New(dcx::kSpqmmPlanSize);
   if (list == nullptr) return nullptr;
   for (int i = 0; i < dcx::kSpqmmPlanSize; ++i) {

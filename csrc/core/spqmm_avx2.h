@@ -570,6 +570,92 @@ DCX_AVX2_FN void q8_dense_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, con
   seen->max_id = std::max(seen->max_id, hmax_u8(max_id));
 }
 
+// int8 compute for many activation rows: each row of W decoded once into int16 weights (per
+// block of 32 columns: those of columns 0-7 and 16-23, then of 8-15 and 24-31, the order x is
+// staged in, q8_slot), kept in L1, then applied to every activation row, two rows of W by four
+// of x at a time: each x vector loaded feeds both rows, each weight vector four rows of x, and the
+// decode, which costs about as much as the dot products of 2 to 4 activation rows, is paid once.
+
+// Rows [r0, r1) of W as int16 weights into w ([r1 - r0][ldw], ldw >= blocks * 32).
+template <int NT, SpqmmDense D>
+DCX_AVX2_FN void q8_decode_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, const int16_t* table,
+                                int16_t* w, int64_t ldw, SpqmmSeen* seen) {
+  __m256i lo[NT], hi[NT];
+  load_plane(table, 0, NT, lo);
+  load_plane(table, 1, NT, hi);
+  const BitIds32 bi = bit_ids32_setup(p.bits);
+  const int64_t K = p.k, blocks = q8_blocks(K);
+  const uint8_t* end = p.dense_codes + p.n * p.dense_width;
+  __m256i max_id = _mm256_setzero_si256();
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = p.dense_codes + r * p.dense_width;
+    int16_t* out = w + (r - r0) * ldw;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t j = b * kQ8Block;
+      const __m256i id = ids32<D>(row, j, bi, end, K - j);
+      max_id = _mm256_max_epu8(max_id, id);
+      const __m256i wl = lookup_plane<NT>(lo, id), wh = lookup_plane<NT>(hi, id);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), _mm256_unpacklo_epi8(wl, wh));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j + 16), _mm256_unpackhi_epi8(wl, wh));
+    }
+  }
+  seen->max_id = std::max(seen->max_id, hmax_u8(max_id));
+}
+
+// R (1 or 2) decoded rows of W (w [R][ldw]) times M activation rows (xq [M rounded up to 4][ldq]
+// int16 in q8_slot order, xs [..][blocks] scales, zero past the valid rows): y[m][r + i].
+template <int R>
+DCX_AVX2_FN void q8_apply_rows(const int16_t* w, int64_t ldw, int64_t blocks, const int16_t* xq,
+                               int64_t ldq, const float* xs, int64_t M, float wscale,
+                               const float* bias, int64_t r, float* y, int64_t ldy) {
+  constexpr int kRows = 4;
+  for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+    __m256 acc[R][kRows];
+    for (int i = 0; i < R; ++i)
+      for (int m = 0; m < kRows; ++m) acc[i][m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      __m256i wa[R], wb[R];
+      for (int i = 0; i < R; ++i) {
+        wa[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i * ldw + b * kQ8Block));
+        wb[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i * ldw + b * kQ8Block + 16));
+      }
+      for (int m = 0; m < kRows; ++m) {
+        const int16_t* xr = xq + (m0 + m) * ldq + b * kQ8Block;
+        const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr));
+        const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 16));
+        const __m256 scale = _mm256_broadcast_ss(xs + (m0 + m) * blocks + b);
+        for (int i = 0; i < R; ++i) {
+          const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(wa[i], xa), _mm256_madd_epi16(wb[i], xb));
+          acc[i][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[i][m]);
+        }
+      }
+    }
+    const int mvalid = static_cast<int>(std::min<int64_t>(kRows, M - m0));
+    for (int i = 0; i < R; ++i) {
+      const float bv = bias ? bias[r + i] : 0.f;
+      for (int m = 0; m < mvalid; ++m) y[(m0 + m) * ldy + r + i] = hsum8(acc[i][m]) * wscale + bv;
+    }
+  }
+}
+
+// Rows [r0, r1) for M activation rows, decoded a pair at a time into w (2 * ldw int16).
+template <int NT, SpqmmDense D>
+DCX_AVX2_FN void q8_dense_many(const SpqmmPacked& p, int64_t r0, int64_t r1, const int16_t* table,
+                               float wscale, const int16_t* xq, int64_t ldq, const float* xs,
+                               int64_t M, const float* bias, float* y, int64_t ldy, int16_t* w,
+                               int64_t ldw, SpqmmSeen* seen) {
+  const int64_t blocks = q8_blocks(p.k);
+  for (int64_t r = r0; r < r1; r += 2) {
+    const int64_t rows = std::min<int64_t>(2, r1 - r);
+    q8_decode_rows<NT, D>(p, r, r + rows, table, w, ldw, seen);
+    if (rows == 2) {
+      q8_apply_rows<2>(w, ldw, blocks, xq, ldq, xs, M, wscale, bias, r, y, ldy);
+    } else {
+      q8_apply_rows<1>(w, ldw, blocks, xq, ldq, xs, M, wscale, bias, r, y, ldy);
+    }
+  }
+}
+
 // The int8 kernel for a layer's codebook size and layout: f<NT, D>() with NT = 16-entry quarters.
 template <typename F>
 DCX_AVX2_FN inline void with_q8_kind(const SpqmmPacked& p, F&& f) {

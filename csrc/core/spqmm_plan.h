@@ -28,6 +28,8 @@ enum class SpqmmKernel : int {
   kDenseMany = 3,    // dense, AVX2: rows decoded once into L1, then applied to every batch row
   kInt8Rows = 4,     // dense, int8 compute: `block` batch rows per pass (1, 2, 4 or 8)
   kDecodeGemm = 5,   // W decoded once, in cache-sized blocks of rows, multiplied by the BLAS
+  kInt8Many = 6,     // dense, int8 compute, AVX2: rows of W decoded once into int16 in L1, then
+                     //   applied to every activation row (2 rows of W by 4 of x at a time)
 };
 
 constexpr int64_t kSpqmmNoBound = std::numeric_limits<int64_t>::max();
@@ -74,10 +76,13 @@ constexpr SpqmmRule kSpqmmPlan[] = {
     {SpqmmIsa::kAvx2, SpqmmMode::kDense, 9, 1.0, SpqmmKernel::kDenseRows, 0},
     {SpqmmIsa::kAvx2, SpqmmMode::kDense, 24, 1.0, SpqmmKernel::kDenseMany, 0},
     {SpqmmIsa::kAvx2, SpqmmMode::kDense, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0},
-    // Dense int8 (4 bits, int8 / fp32 kernel / decode + GEMM): 1 row 880 / 1,154; 8 rows 2,730 /
-    // 3,124; 12 rows 5,453 / 4,733 / 5,441; 32 rows 10,027 / 12,332 / 9,707.
-    {SpqmmIsa::kAvx2, SpqmmMode::kInt8, 9, 1.0, SpqmmKernel::kInt8Rows, 0},
-    {SpqmmIsa::kAvx2, SpqmmMode::kInt8, 24, 1.0, SpqmmKernel::kDenseMany, 0},
+    // Dense int8. Up to 4 rows each weight decoded per pass (4 bits, int8 rows / fp32 kernel: 1
+    // row 880 / 1,154); from 5 the rows of W decoded once into L1 (int8 rows / int8 many / decode
+    // + GEMM: 4 rows 1,531 / 1,626 / 3,763; 8 rows 2,479 / 2,285 / 4,477; 16 rows 4,669 / 3,805 /
+    // 6,096); decode + GEMM past 160 rows (measured on AVX-512 below: 128 rows 26,948 / 29,237,
+    // the gap closing by about 1% a row).
+    {SpqmmIsa::kAvx2, SpqmmMode::kInt8, 5, 1.0, SpqmmKernel::kInt8Rows, 0},
+    {SpqmmIsa::kAvx2, SpqmmMode::kInt8, 160, 1.0, SpqmmKernel::kInt8Many, 0},
     {SpqmmIsa::kAvx2, SpqmmMode::kInt8, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0},
 
     // AVX-512. Sparse: the step kernel, 8 rows per pass, at every batch (10%: 1 row 291, 16
@@ -89,11 +94,14 @@ constexpr SpqmmRule kSpqmmPlan[] = {
     // 5,204).
     {SpqmmIsa::kAvx512, SpqmmMode::kDense, 10, 1.0, SpqmmKernel::kDenseRows, 0},
     {SpqmmIsa::kAvx512, SpqmmMode::kDense, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0},
-    // Dense int8 (the AVX2 int8 kernel; 4 bits, int8 / fp32 kernel / decode + GEMM): 1 row 863 /
-    // 741; 4 rows 1,528 / 1,821; 8 rows 2,467 / 3,223; 16 rows 4,618 / 6,239 / 5,371; 24 rows
-    // 6,755 / 9,058 / 6,817; 32 rows 8,958 / 12,262 / 8,403.
+    // Dense int8 (the AVX2 int8 kernels). One row: fp32 (4 bits, fp32 / int8 rows: 741 / 863);
+    // 2 to 4 rows each weight decoded per pass; from 5 rows of W decoded once (4 bits, int8 rows /
+    // int8 many / decode + GEMM: 8 rows 2,490 / 2,196 / 4,444; 16 rows 4,619 / 3,762 / 6,210; 32
+    // rows 9,073 / 6,556 / 9,040; 128 rows 41,623 / 26,948 / 29,237; 6 bits, 16 rows 6,577 /
+    // 4,835 / 7,531).
     {SpqmmIsa::kAvx512, SpqmmMode::kInt8, 2, 1.0, SpqmmKernel::kDenseRows, 1},
-    {SpqmmIsa::kAvx512, SpqmmMode::kInt8, 24, 1.0, SpqmmKernel::kInt8Rows, 0},
+    {SpqmmIsa::kAvx512, SpqmmMode::kInt8, 5, 1.0, SpqmmKernel::kInt8Rows, 0},
+    {SpqmmIsa::kAvx512, SpqmmMode::kInt8, 160, 1.0, SpqmmKernel::kInt8Many, 0},
     {SpqmmIsa::kAvx512, SpqmmMode::kInt8, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0},
 
     // CUDA (not yet measured on a GPU): the kernels read the compressed bytes once per 8 batch

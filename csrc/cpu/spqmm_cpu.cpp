@@ -432,7 +432,8 @@ void q8_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, const int16_t* table,
 void int8_product(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan,
                   const at::Tensor& codebook, const at::Tensor& x2, const float* bias, float* y,
                   SpqmmSeen* seen) {
-  const int64_t M = x2.size(0), K = p.k, mb = plan.block;
+  const bool many = plan.kernel == SpqmmKernel::kInt8Many && isa != SpqmmIsa::kPortable;
+  const int64_t M = x2.size(0), K = p.k, mb = many ? 4 : plan.block;
   const at::Tensor cb = codebook.to(at::kFloat).contiguous();
   int16_t table[256];
   const float wscale = q8_codebook(cb.data_ptr<float>(), cb.numel(), table);
@@ -443,10 +444,22 @@ void int8_product(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan,
   int16_t* qp = xq.data_ptr<int16_t>();
   float* sp = xs.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) q8_quantize_row(xp + m * K, K, qp + m * ldq, sp + m * blocks);
-  const int64_t tiles = (p.n + plan.tile - 1) / plan.tile;
+  const int64_t tile = many ? (plan.tile + 1) / 2 * 2 : plan.tile;
+  const int64_t tiles = (p.n + tile - 1) / tile;
   SeenBy seen_by(plan.threads);
   for_each_tile(tiles, plan.threads, [&](int64_t w, int64_t t) {
-    const int64_t r0 = t * plan.tile, r1 = std::min(p.n, r0 + plan.tile);
+    const int64_t r0 = t * tile, r1 = std::min(p.n, r0 + tile);
+#ifdef DCX_SPQMM_AVX2
+    if (many) {
+      static thread_local std::vector<int16_t> decoded;  // two rows of W as int16, kept
+      if (decoded.size() < size_t(2 * ldq)) decoded.resize(size_t(2 * ldq));
+      avx2::with_q8_kind(p, [&](auto nt, auto layout) DCX_AVX2_FN {
+        avx2::q8_dense_many<decltype(nt)::value, decltype(layout)::value>(
+            p, r0, r1, table, wscale, qp, ldq, sp, M, bias, y, p.n, decoded.data(), ldq, seen_by[w]);
+      });
+      return;
+    }
+#endif
     switch (mb) {
       case 1: q8_rows<1>(p, r0, r1, table, wscale, qp, ldq, sp, M, bias, y, isa, seen_by[w]); break;
       case 2: q8_rows<2>(p, r0, r1, table, wscale, qp, ldq, sp, M, bias, y, isa, seen_by[w]); break;
@@ -465,7 +478,7 @@ void run_plan(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan, const a
   const at::Tensor bias_f = bias_c.defined() ? bias_c.to(at::kFloat).contiguous() : at::Tensor();
   const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  if (plan.kernel == SpqmmKernel::kInt8Rows) {
+  if (plan.kernel == SpqmmKernel::kInt8Rows || plan.kernel == SpqmmKernel::kInt8Many) {
     int8_product(p, isa, plan, codebook, x2, bp, yp, seen);
     return;
   }
@@ -589,7 +602,7 @@ at::Tensor spqmm_decode_cpu(const at::Tensor& codes, const at::Tensor& windows,
 }
 
 // spqmm_int8: the int8 kernels for every batch size (the plan's int8 entries cross to float32
-// kernels past the batch where those are faster; this op never does, for tests and benchmarks).
+// kernels where those are faster; this op never does, for tests and benchmarks).
 at::Tensor spqmm_int8_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebook,
                           int64_t out_features, int64_t in_features, int64_t bits,
                           const std::optional<at::Tensor>& bias, bool /*check: free on the CPU*/) {
@@ -608,8 +621,10 @@ at::Tensor spqmm_int8_cpu(const at::Tensor& x, const at::Tensor& codes, const at
     const at::Tensor x2 = x.reshape({M, K}).to(at::kFloat).contiguous();
     const SpqmmIsa isa = cpu_isa();
     SpqmmPlan plan = spqmm_plan(isa, SpqmmMode::kInt8, 1.0, N, K, M, at::get_num_threads());
-    plan.kernel = SpqmmKernel::kInt8Rows;
-    plan.block = spqmm_rows_block(M);
+    if (plan.kernel != SpqmmKernel::kInt8Rows && plan.kernel != SpqmmKernel::kInt8Many) {
+      plan.kernel = isa != SpqmmIsa::kPortable && M > 8 ? SpqmmKernel::kInt8Many : SpqmmKernel::kInt8Rows;
+      plan.block = spqmm_rows_block(M);
+    }
     SpqmmSeen seen;
     int8_product(p, isa, plan, codebook, x2, has_bias ? bias_f.data_ptr<float>() : nullptr,
                  y.data_ptr<float>(), &seen);
@@ -626,3 +641,4 @@ TORCH_LIBRARY_IMPL(dcx, CPU, m) {
   m.impl("spqmm_int8", &dcx::spqmm_int8_cpu);
   m.impl("spqmm_decode", &dcx::spqmm_decode_cpu);
 }
+

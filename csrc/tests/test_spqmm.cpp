@@ -352,6 +352,19 @@ void test_q8_batch(const DenseLayer& l, const std::vector<float>& table, int bit
     });
     check(ya);
     CHECK(aseen.max_id == max_id);
+    if (MB >= 4) {  // rows of W decoded once for every activation row (x padded to 4 rows)
+      std::vector<float> ym(MB * n, -1.f);
+      std::vector<int16_t> w(2 * ldq);
+      dcx::SpqmmSeen mseen;
+      dcx::avx2::with_q8_kind(l.p, [&](auto nt, auto layout) DCX_AVX2_FN {
+        for (auto [r0, r1] : {std::pair<int64_t, int64_t>{0, n / 2}, {n / 2, n}})
+          dcx::avx2::q8_dense_many<decltype(nt)::value, decltype(layout)::value>(
+              l.p, r0, r1, cq, wscale, xq.data(), ldq, xs.data(), mvalid, bias.data(), ym.data(),
+              n, w.data(), ldq, &mseen);
+      });
+      check(ym);
+      CHECK(mseen.max_id == max_id);
+    }
   }
 #endif
 }
