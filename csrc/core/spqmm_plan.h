@@ -22,8 +22,8 @@ enum class SpqmmMode : int { kSparse = 0, kDense = 1, kInt8 = 2 };
 
 enum class SpqmmKernel : int {
   kSparseSteps = 0,  // sparse: the step kernel, `block` batch rows per pass (1, 2, 4 or 8)
-  kSparseBatch = 1,  // sparse: batch rows in the vector lanes (x transposed), 8 per pass, each
-                     //   slot decoded once per pass
+  kSparseBatch = 1,  // sparse: batch rows in the vector lanes (x transposed), `block` per pass
+                     //   (16 with AVX-512, else 8), each slot decoded once per pass
   kDenseRows = 2,    // dense: each weight decoded once per pass of `block` batch rows (1, 2, 4, 8)
   kDenseMany = 3,    // dense, AVX2: rows decoded once into L1, then applied to every batch row
   kInt8Rows = 4,     // dense, int8 compute: `block` batch rows per pass (1, 2, 4 or 8)
@@ -85,10 +85,15 @@ constexpr SpqmmRule kSpqmmPlan[] = {
     {SpqmmIsa::kAvx2, SpqmmMode::kInt8, 160, 1.0, SpqmmKernel::kInt8Many, 0},
     {SpqmmIsa::kAvx2, SpqmmMode::kInt8, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0},
 
-    // AVX-512. Sparse: the step kernel, 8 rows per pass, at every batch (10%: 1 row 291, 16
-    // rows 1,825 / 11,182; 128 rows 13,312 / 30,652; 25% kept: 128 rows 28,317 / 35,200).
-    {SpqmmIsa::kAvx512, SpqmmMode::kSparse, kSpqmmNoBound, 0.3, SpqmmKernel::kSparseSteps, 0},
-    {SpqmmIsa::kAvx512, SpqmmMode::kSparse, 96, 1.0, SpqmmKernel::kSparseSteps, 0},
+    // AVX-512. Sparse: the step kernel, 8 rows per pass, up to 11 rows (10%, 5 bits: 1 row 291,
+    // 8 rows 898 / decode + GEMM 8,725); from 12 the batch kernel with 16 rows per pass (10%, step
+    // / batch kernel: 8 rows 1,098 / 1,454; 12 rows 2,127 / 1,523; 16 rows 1,789 / 1,290; 64 rows
+    // 8,652 / 6,005; 128 rows 13,849 / 10,317, decode + GEMM 30,652; 25% kept, 128 rows 30,348 /
+    // 20,340, decode + GEMM 35,200).
+    {SpqmmIsa::kAvx512, SpqmmMode::kSparse, 2, 1.0, SpqmmKernel::kSparseSteps, 1},
+    {SpqmmIsa::kAvx512, SpqmmMode::kSparse, 12, 1.0, SpqmmKernel::kSparseSteps, 0},
+    {SpqmmIsa::kAvx512, SpqmmMode::kSparse, kSpqmmNoBound, 0.3, SpqmmKernel::kSparseBatch, 16},
+    {SpqmmIsa::kAvx512, SpqmmMode::kSparse, 96, 1.0, SpqmmKernel::kSparseBatch, 16},
     {SpqmmIsa::kAvx512, SpqmmMode::kSparse, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0},
     // Dense fp32, 8 rows per pass, up to 10 rows (5 bits: 8 rows 3,625 / 4,645; 12 rows 6,909 /
     // 5,204).

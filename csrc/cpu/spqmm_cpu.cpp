@@ -295,11 +295,12 @@ void sparse_steps(const SpqmmPacked& p, SpqmmIsa isa, int threads, const float* 
 }
 
 // Sparse mode with the batch rows in the vector lanes: x staged once, transposed, as
-// ceil(M / 8) tiles of [K + 32][8] (zero past K and past the valid rows); work items of
-// plan.tile groups of 16 rows, each run over every tile (its codes stay in cache meanwhile).
+// ceil(M / MT) tiles of [K + 32][MT] (MT = 16 for AVX-512, 8 otherwise; zero past K and past the
+// valid rows); work items of plan.tile groups of 16 rows, each run over every tile (its codes stay
+// in cache meanwhile).
+template <int MT>
 void sparse_batch(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan, const float* table,
                   const at::Tensor& x2, const float* bias, float* y, SpqmmSeen* seen) {
-  constexpr int64_t MT = 8;
   const int64_t M = x2.size(0), K = p.k, tiles = (M + MT - 1) / MT;
   at::Tensor xt = at::zeros({tiles, K + kSpqmmWindow, MT}, at::kFloat);
   for (int64_t t = 0; t < tiles; ++t) {
@@ -315,6 +316,15 @@ void sparse_batch(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan, con
       const float* xtile = xp + t * (K + kSpqmmWindow) * MT;
       const int mvalid = static_cast<int>(std::min<int64_t>(MT, M - t * MT));
       float* yt = y + t * MT * p.n;
+#ifdef DCX_SPQMM_AVX512
+      if constexpr (MT == 16) {
+        avx512::with_lut_kind(p, [&](auto lut) DCX_AVX512_FN {
+          avx512::sparse_batch<decltype(lut)::value>(p, g0, g1, table, xtile, mvalid, bias, yt,
+                                                     p.n, seen_by[w]);
+        });
+        continue;
+      }
+#endif
 #ifdef DCX_SPQMM_AVX2
       if (isa != SpqmmIsa::kPortable) {
         if (p.bits <= 5) {
@@ -494,7 +504,11 @@ void run_plan(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan, const a
       return;
     }
     case SpqmmKernel::kSparseBatch:
-      sparse_batch(p, isa, plan, tp, x2, bp, yp, seen);
+      if (isa == SpqmmIsa::kAvx512) {
+        sparse_batch<16>(p, isa, plan, tp, x2, bp, yp, seen);
+      } else {
+        sparse_batch<8>(p, isa, plan, tp, x2, bp, yp, seen);
+      }
       return;
     case SpqmmKernel::kSparseSteps:
       switch (plan.block) {

@@ -55,6 +55,8 @@ inline __m512i _mm512_loadu_si512(const void* p) { __m512i r; std::memcpy(&r, p,
 inline __m512i _mm512_load_si512(const void* p) { return _mm512_loadu_si512(p); }
 inline __m256i _mm256_loadu_si256(const __m256i* p) { __m256i r; std::memcpy(&r, p, 32); return r; }
 inline void _mm512_store_ps(float* p, __m512 v) { std::memcpy(p, v.f, 64); }
+inline void _mm512_storeu_si512(void* p, __m512i v) { std::memcpy(p, &v, 64); }
+inline __m512 _mm512_set1_ps(float v) { __m512 r; for (float& f : r.f) f = v; return r; }
 inline __m512 _mm512_maskz_loadu_ps(__mmask16 k, const float* p) {
   __m512 r = _mm512_setzero_ps();
   for (int i = 0; i < 16; ++i) if (k >> i & 1) r.f[i] = p[i];

@@ -97,6 +97,21 @@ void test_batch_kernels(const Layer& l, const std::vector<float>& table, const s
                               y.data(), n, &bseen);
   check_rows(y);
   if (l.p.steps) CHECK(bseen.max_id == seen.max_id && bseen.max_col == seen.max_col);
+#ifdef DCX_SPQMM_AVX512
+  if (dcx::avx512::supported()) {  // 16 rows per tile
+    std::vector<float> xt16((k + dcx::kSpqmmWindow) * 16, 0.f);
+    for (int m = 0; m < rows; ++m)
+      for (int64_t j = 0; j < k; ++j) xt16[j * 16 + m] = xs[m][j];
+    std::fill(y.begin(), y.end(), -1.f);
+    dcx::SpqmmSeen vseen;
+    dcx::avx512::with_lut_kind(l.p, [&](auto lut) DCX_AVX512_FN {
+      dcx::avx512::sparse_batch<decltype(lut)::value>(l.p, 0, l.p.groups, table.data(), xt16.data(),
+                                                      rows, bias.data(), y.data(), n, &vseen);
+    });
+    check_rows(y);
+    if (l.p.steps) CHECK(vseen.max_id == seen.max_id && vseen.max_col == seen.max_col);
+  }
+#endif
 #ifdef DCX_SPQMM_AVX2
   if (dcx::avx2::supported()) {
     std::fill(y.begin(), y.end(), -1.f);
