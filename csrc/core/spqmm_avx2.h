@@ -23,13 +23,31 @@ DCX_AVX2_FN inline __m256 lookup32(const __m256* t, __m256i idx) {
   return _mm256_blendv_ps(lo, hi, bit4);
 }
 
+// Half h (lanes 8 h .. 8 h + 7) of step s: its slots widened to 32 bits (*v) and their weights, 0
+// for padding slots; the largest id seen goes to *max_id. A codebook of <= 32 entries (tab) is
+// read by register permutes, a larger one gathered from the table.
+template <bool kSmallCodebook>
+DCX_AVX2_FN inline __m256 half_step_weights(const SpqmmPacked& p, int64_t s, int h, const __m256* tab,
+                                            const float* table, __m256i* v, __m256i* max_id) {
+  *v = _mm256_cvtepu16_epi32(
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.codes + s * kSpqmmRows + 8 * h)));
+  const __m256i id = _mm256_and_si256(*v, _mm256_set1_epi32(kSpqmmIdMask));
+  *max_id = _mm256_max_epu32(*max_id, id);
+  if (kSmallCodebook) {  // padding slots: the live bit (15) moved to the sign bit selects 0
+    const __m256 live = _mm256_castsi256_ps(_mm256_slli_epi32(*v, 16));
+    return _mm256_blendv_ps(_mm256_setzero_ps(), lookup32(tab, *v), live);
+  }
+  // ids of padding slots read the zero half of the table
+  const __m256i dead = _mm256_andnot_si256(_mm256_srli_epi32(*v, 7), _mm256_set1_epi32(0x100));
+  return _mm256_i32gather_ps(table, _mm256_or_si256(id, dead), 4);
+}
+
 template <bool kSmallCodebook>
 DCX_AVX2_FN void sparse_chunk(const SpqmmPacked& p, int64_t c, const float* table,
                               const float* xs, float* y, float* edge_sums, SpqmmEdge* edge,
                               SpqmmSeen* seen) {
   __m256 tab[4];
   for (int i = 0; i < 4; ++i) tab[i] = _mm256_loadu_ps(table + 8 * i);
-  const __m256i id_mask = _mm256_set1_epi32(kSpqmmIdMask);
   __m256i max_id = _mm256_setzero_si256();
   int64_t max_col = -1;
   __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
@@ -38,18 +56,8 @@ DCX_AVX2_FN void sparse_chunk(const SpqmmPacked& p, int64_t c, const float* tabl
     __m256 xw[4];
     for (int i = 0; i < 4; ++i) xw[i] = _mm256_loadu_ps(xs + j0 + 8 * i);
     for (int h = 0; h < 2; ++h) {
-      const __m256i v = _mm256_cvtepu16_epi32(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.codes + s * kSpqmmRows + 8 * h)));
-      const __m256i id = _mm256_and_si256(v, id_mask);
-      max_id = _mm256_max_epu32(max_id, id);
-      __m256 w;
-      if (kSmallCodebook) {  // padding slots: the live bit (15) moved to the sign bit selects 0
-        const __m256 live = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-        w = _mm256_blendv_ps(_mm256_setzero_ps(), lookup32(tab, v), live);
-      } else {  // ids of padding slots read the zero half of the table
-        const __m256i dead = _mm256_andnot_si256(_mm256_srli_epi32(v, 7), _mm256_set1_epi32(0x100));
-        w = _mm256_i32gather_ps(table, _mm256_or_si256(id, dead), 4);
-      }
+      __m256i v;
+      const __m256 w = half_step_weights<kSmallCodebook>(p, s, h, tab, table, &v, &max_id);
       const __m256i off = _mm256_srli_epi32(v, 8);  // lookup32 reads bits 0-4
       acc[h] = _mm256_fmadd_ps(w, lookup32(xw, off), acc[h]);
       if (j0 + kSpqmmWindow > p.k) {  // only here can a live slot point past K
@@ -86,7 +94,7 @@ DCX_AVX2_FN void sparse_batch(const SpqmmPacked& p, int64_t g0, int64_t g1, cons
                               int64_t ldy, SpqmmSeen* seen) {
   __m256 tab[4];
   for (int i = 0; i < 4; ++i) tab[i] = _mm256_loadu_ps(table + 8 * i);
-  const __m256i id_mask = _mm256_set1_epi32(kSpqmmIdMask), off_mask = _mm256_set1_epi32(kSpqmmWindow - 1);
+  const __m256i off_mask = _mm256_set1_epi32(kSpqmmWindow - 1);
   __m256i max_id = _mm256_setzero_si256();
   int64_t max_col = -1;
   alignas(32) float wb[8];
@@ -97,18 +105,8 @@ DCX_AVX2_FN void sparse_batch(const SpqmmPacked& p, int64_t g0, int64_t g1, cons
       for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
       for (int64_t s = p.group_ptr[g]; s < p.group_ptr[g + 1]; ++s) {
         const int64_t j0 = spqmm_window(p, s, &max_col);
-        const __m256i v = _mm256_cvtepu16_epi32(
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.codes + s * kSpqmmRows + 8 * h)));
-        const __m256i id = _mm256_and_si256(v, id_mask);
-        max_id = _mm256_max_epu32(max_id, id);
-        __m256 w;
-        if (kSmallCodebook) {  // padding slots: the live bit (15) moved to the sign bit selects 0
-          const __m256 live = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-          w = _mm256_blendv_ps(_mm256_setzero_ps(), lookup32(tab, v), live);
-        } else {  // ids of padding slots read the zero half of the table
-          const __m256i dead = _mm256_andnot_si256(_mm256_srli_epi32(v, 7), _mm256_set1_epi32(0x100));
-          w = _mm256_i32gather_ps(table, _mm256_or_si256(id, dead), 4);
-        }
+        __m256i v;
+        const __m256 w = half_step_weights<kSmallCodebook>(p, s, h, tab, table, &v, &max_id);
         const __m256i col = _mm256_add_epi32(_mm256_set1_epi32(int32_t(j0)),
                                              _mm256_and_si256(_mm256_srli_epi32(v, 8), off_mask));
         _mm256_store_ps(wb, w);

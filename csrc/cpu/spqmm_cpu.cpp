@@ -483,7 +483,6 @@ void int8_product(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan,
 // The product for a plan: y [M, N] float32 (every element written).
 void run_plan(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan, const at::Tensor& codebook,
               const at::Tensor& xc, const at::Tensor& bias_c, at::Tensor& y, SpqmmSeen* seen) {
-  const int64_t M = xc.size(0);
   const at::Tensor x2 = xc.to(at::kFloat).contiguous();
   const at::Tensor bias_f = bias_c.defined() ? bias_c.to(at::kFloat).contiguous() : at::Tensor();
   const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
