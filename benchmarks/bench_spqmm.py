@@ -192,12 +192,13 @@ def torchao_anchors(w):
         print(f"torchao anchors left out: {e} (pip install -e '.[bench]')", file=sys.stderr)
         return {}
     n, k = w.shape
-    configs = {"ao int8 dyn": (lambda: tq.Int8DynamicActivationInt8WeightConfig(), torch.float32, n * k),
-               "ao int8 wo": (lambda: tq.Int8WeightOnlyConfig(), torch.bfloat16, n * k)}
+    configs = {"ao int8 dyn": (tq.Int8DynamicActivationInt8WeightConfig, torch.float32, n * k),
+               "ao int8 wo": (tq.Int8WeightOnlyConfig, torch.bfloat16, n * k)}
     try:
         from torchao.prototype.quantization.codebook_coreml import CodebookWeightOnlyConfig
-        configs["ao codebook"] = (lambda: CodebookWeightOnlyConfig(dtype=torch.uint4, block_size=[-1, -1]),
-                                  torch.float32, n * k // 2)
+        configs["ao codebook"] = (
+            lambda: CodebookWeightOnlyConfig(dtype=torch.uint4, block_size=[-1, -1]),
+            torch.float32, n * k // 2)
     except ImportError as e:
         print(f"torchao codebook anchor left out: {e}", file=sys.stderr)
     out = {}
@@ -226,7 +227,8 @@ def torch_anchors(n, k, gen):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecated in favour of torchao's quantize_ (below)
         dyn = torch.ao.quantization.quantize_dynamic(
-            torch.nn.Sequential(torch.nn.Linear(k, n, bias=False)), {torch.nn.Linear}, dtype=torch.qint8)
+            torch.nn.Sequential(torch.nn.Linear(k, n, bias=False)), {torch.nn.Linear},
+            dtype=torch.qint8)
     anchors["int8 dyn"] = ([dyn], lambda t, x, xb: t(x), n * k)
     scale = w.abs().amax(1) / 127
     w8 = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
@@ -294,7 +296,8 @@ def time_anchors(anchors, k, batches, gen, label=""):
                and (meth != "ao codebook" or m <= CODEBOOK_BATCHES)}
         with torch.inference_mode():
             out[m] = common.bench_side_by_side(fns, "cpu", repeat=10 if m >= 32 else 20)
-        print(label, m, " ".join(f"{meth}={t * 1e6:,.0f}" for meth, t in out[m].items()), flush=True)
+        print(label, m, " ".join(f"{meth}={t * 1e6:,.0f}" for meth, t in out[m].items()),
+              flush=True)
     return out
 
 

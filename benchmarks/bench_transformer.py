@@ -72,8 +72,9 @@ def torchao_methods(base):
         print(f"torchao methods left out: {e}", file=sys.stderr)
         return {}
     out = {}
-    for name, config, dtype in (("torchao int8 dynamic", tq.Int8DynamicActivationInt8WeightConfig, torch.float32),
-                                ("torchao int8 weight-only", tq.Int8WeightOnlyConfig, torch.bfloat16)):
+    for name, config, dtype in (
+            ("torchao int8 dynamic", tq.Int8DynamicActivationInt8WeightConfig, torch.float32),
+            ("torchao int8 weight-only", tq.Int8WeightOnlyConfig, torch.bfloat16)):
         model = copy.deepcopy(base).to(dtype)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

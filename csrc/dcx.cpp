@@ -76,9 +76,9 @@ PyObject* plan_table() {
     const dcx::SpqmmRule& r = dcx::kSpqmmPlan[i];
     const long long below = r.rows_below == dcx::kSpqmmNoBound ? -1 : r.rows_below;
     PyObject* entry = Py_BuildValue(
-        "{s:s,s:s,s:L,s:d,s:s,s:i}", "isa", isas[int(r.isa)], "mode", modes[int(r.mode)],
+        "{s:s,s:s,s:L,s:d,s:s,s:i,s:L}", "isa", isas[int(r.isa)], "mode", modes[int(r.mode)],
         "rows_below", below, "max_density", r.max_density, "kernel", kernels[int(r.kernel)],
-        "block", r.block);
+        "block", r.block, "min_weights", static_cast<long long>(r.min_weights));
     if (entry == nullptr) {
       Py_DECREF(list);
       return nullptr;

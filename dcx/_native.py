@@ -67,7 +67,8 @@ def spqmm_plan():
     """The rules dcx.ops.spqmm picks its kernel by (csrc/core/spqmm_plan.h, exported by the
     compiled extension), in the order they are tried: dicts of isa (portable, avx2, avx512, cuda),
     mode (sparse, dense, int8), rows_below (-1: no bound), max_density (of sparse mode's slots),
-    kernel and block (batch rows per pass; 0: the smallest of 1, 2, 4, 8 that holds the batch)."""
+    min_weights (of the layer, N x K), kernel and block (batch rows per pass; 0: the smallest of
+    1, 2, 4, 8 that holds the batch)."""
     if LOAD_ERROR is not None:
         raise RuntimeError(f"dcx kernels are not built ({LOAD_ERROR}); {BUILD_HINT}")
     return [dict(rule) for rule in _C.SPQMM_PLAN]

@@ -180,17 +180,17 @@ def spqmm(
 
     x: [..., in_features], float32, float16 or bfloat16; codebook (<= 2^bits entries) and bias
     ([out_features]) float32, float16 or bfloat16, read in the compute dtype; float32
-    accumulation. compute (dcx.COMPUTE_MODES): "auto" computes in x's dtype, "float32" and
-    "bfloat16" round x to that dtype first, "int8" runs a dense-mode layer through the int8
-    kernels (as spqmm_int8) at the batch sizes where they are faster; the result is in x's dtype
-    either way. Which kernel runs for a batch is decided by the table in csrc/core/spqmm_plan.h. codes: int16 [steps, 16] (sparse mode,
-    with windows, group_ptr and chunks int32) or uint8 [out_features, in_features] (dense mode,
-    the others empty); the layout is described at the top of csrc/core/spqmm.h. Returns [..., out_features]
-    in x's dtype. From a batch (product of x's leading dims) of `crossover` on (-1: the plan's
-    measured default), W is decoded once and the BLAS runs instead. Corrupted packed data
-    (ids >= codebook size, columns >= in_features, bad pointers) raises RuntimeError; on CUDA
-    that costs one host sync, which check=False skips (reads stay in bounds either way; a CUDA
-    graph capture never syncs).
+    accumulation. codes: int16 [steps, 16] (sparse mode, with windows, group_ptr and chunks
+    int32) or uint8 [out_features, in_features] (dense mode, the others empty); the layout is
+    described at the top of csrc/core/spqmm.h. compute (dcx.COMPUTE_MODES): "auto" computes in
+    x's dtype, "float32" and "bfloat16" round x to that dtype first, "int8" runs a dense-mode
+    layer through the int8 kernels (as spqmm_int8) at the batch and layer sizes where they are
+    faster. Which kernel runs is decided by the table in csrc/core/spqmm_plan.h. Returns
+    [..., out_features] in x's dtype. From a batch (product of x's leading dims) of `crossover`
+    on (-1: the plan's measured default), W is decoded once and the BLAS runs instead.
+    Corrupted packed data (ids >= codebook size, columns >= in_features, bad pointers) raises
+    RuntimeError; on CUDA that costs one host sync, which check=False skips (reads stay in
+    bounds either way; a CUDA graph capture never syncs).
     """
     return op("spqmm")(
         x, codes, windows, group_ptr, chunks, codebook, out_features, in_features, bits, bias,

@@ -132,20 +132,23 @@ PLAN_ROWS = [1, 2, 3, 4, 5, 8, 9, 15, 16, 17, 23, 24, 31, 32, 33, 63, 64, 65, 95
 @pytest.mark.parametrize("isa", cpu_isas())
 def test_every_plan_rule_runs(monkeypatch, isa):
     """Every rule of the kernel table (csrc/core/spqmm_plan.h) for this kind of CPU is reached by
-    one of three layers (sparse at low and high slot density, dense in float32 and int8) at some
-    batch, and what it runs is right: float kernels against the float64 product, int8 ones equal
-    to spqmm_int8 (tested against its reference in test_ops_spqmm_int8.py). A rule that no batch
-    reaches is a defect of the table."""
+    one of four layers (sparse at low and high slot density; dense, in float32 and int8, small and
+    past every size bound) at some batch, and what it runs is right: float kernels against the
+    float64 product, int8 ones equal to spqmm_int8 (tested against its reference in
+    test_ops_spqmm_int8.py). A rule that no batch reaches is a defect of the table."""
     monkeypatch.setenv("DCX_CPU_ISA", isa)
     kind = "portable" if isa == "generic" else isa
-    n, k = 40, 300
     torch.manual_seed(0)
-    layers = [make_layer(n, k, 0.1, 5, torch.float32, "cpu", dense=False),
-              make_layer(n, k, 0.6, 6, torch.float32, "cpu", dense=False),
-              make_layer(n, k, 1.0, 4, torch.float32, "cpu", dense=True)]
     table = _native.spqmm_plan()
+    # A dense layer past every rule's size bound, and one below them.
+    big = max(r["min_weights"] for r in table)
+    layers = [make_layer(40, 300, 0.1, 5, torch.float32, "cpu", dense=False),
+              make_layer(40, 300, 0.6, 6, torch.float32, "cpu", dense=False),
+              make_layer(40, 300, 1.0, 4, torch.float32, "cpu", dense=True),
+              make_layer(64, max(300, -(-big // 64)), 1.0, 4, torch.float32, "cpu", dense=True)]
     reached = set()
     for mask, labels, codebook, p in layers:
+        n, k = p.out_features, p.in_features
         density = 1.0 if p.dense else p.codes.shape[0] * 16 / (n * k)
         for mode in (("dense", "int8") if p.dense else ("sparse",)):
             for rows in PLAN_ROWS:

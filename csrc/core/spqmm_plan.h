@@ -4,7 +4,7 @@
 //
 // A decision is a walk down kSpqmmPlan: the first rule of the machine's kind (isa) and the layer's
 // mode (sparse, dense, or dense with int8 compute) whose batch bound (rows_below) lies above the
-// call's rows and whose density bound holds. Each rule says what was measured to put it there
+// call's rows and whose density and layer-size bounds hold. Each rule says what was measured to put it there
 // (benchmarks/bench_spqmm.py, 4096 x 4096 unless said, two threads, weights rotated past L3).
 #pragma once
 
@@ -33,6 +33,8 @@ enum class SpqmmKernel : int {
 };
 
 constexpr int64_t kSpqmmNoBound = std::numeric_limits<int64_t>::max();
+// Layers from which the int8 kernels beat the fp32 ones on the CPU (the int8 rules say why).
+constexpr int64_t kSpqmmInt8Weights = int64_t(1) << 22;
 
 struct SpqmmRule {
   SpqmmIsa isa;
@@ -41,6 +43,7 @@ struct SpqmmRule {
   double max_density;  // ... and a slot density (padding included) at most this (sparse mode)
   SpqmmKernel kernel;
   int block;           // batch rows per pass; 0: the smallest of 1, 2, 4, 8 that holds the rows
+  int64_t min_weights = 0;  // ... and a layer of at least this many weights (N K)
 };
 
 // The table. Density is the slots' (steps * 16 / (N K)): about 1.4x the kept fraction at 10%.
@@ -80,9 +83,12 @@ constexpr SpqmmRule kSpqmmPlan[] = {
     // row 880 / 1,154); from 5 the rows of W decoded once into L1 (int8 rows / int8 many / decode
     // + GEMM: 4 rows 1,531 / 1,626 / 3,763; 8 rows 2,479 / 2,285 / 4,477; 16 rows 4,669 / 3,805 /
     // 6,096); decode + GEMM past 160 rows (measured on AVX-512 below: 128 rows 26,948 / 29,237,
-    // the gap closing by about 1% a row).
-    {SpqmmIsa::kAvx2, SpqmmMode::kInt8, 5, 1.0, SpqmmKernel::kInt8Rows, 0},
-    {SpqmmIsa::kAvx2, SpqmmMode::kInt8, 160, 1.0, SpqmmKernel::kInt8Many, 0},
+    // the gap closing by about 1% a row). Layers under 4M weights compute as dense fp32: the
+    // AVX-512 measurements below, not repeated with AVX2.
+    {SpqmmIsa::kAvx2, SpqmmMode::kInt8, 5, 1.0, SpqmmKernel::kInt8Rows, 0, kSpqmmInt8Weights},
+    {SpqmmIsa::kAvx2, SpqmmMode::kInt8, 160, 1.0, SpqmmKernel::kInt8Many, 0, kSpqmmInt8Weights},
+    {SpqmmIsa::kAvx2, SpqmmMode::kInt8, 9, 1.0, SpqmmKernel::kDenseRows, 0},
+    {SpqmmIsa::kAvx2, SpqmmMode::kInt8, 24, 1.0, SpqmmKernel::kDenseMany, 0},
     {SpqmmIsa::kAvx2, SpqmmMode::kInt8, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0},
 
     // AVX-512. Sparse: the step kernel, 8 rows per pass, up to 11 rows (10%, 5 bits: 1 row 291,
@@ -103,10 +109,14 @@ constexpr SpqmmRule kSpqmmPlan[] = {
     // 2 to 4 rows each weight decoded per pass; from 5 rows of W decoded once (4 bits, int8 rows /
     // int8 many / decode + GEMM: 8 rows 2,490 / 2,196 / 4,444; 16 rows 4,619 / 3,762 / 6,210; 32
     // rows 9,073 / 6,556 / 9,040; 128 rows 41,623 / 26,948 / 29,237; 6 bits, 16 rows 6,577 /
-    // 4,835 / 7,531).
+    // 4,835 / 7,531). Only on layers of 4M weights and more: 6 bits, int8 / the fp32 path, 8, 16
+    // and 128 rows: 384 x 384 1.99 / 1.44 / 2.17 times slower, 1536 x 384 1.84 / 1.39 / 1.41,
+    // 384 x 1536 1.64 / 1.29 / 1.99, 1024 x 1024 1.48 / 1.02 / 1.39; 2048 x 2048 0.98 / 0.85 /
+    // 1.17; so smaller layers compute as dense fp32.
     {SpqmmIsa::kAvx512, SpqmmMode::kInt8, 2, 1.0, SpqmmKernel::kDenseRows, 1},
-    {SpqmmIsa::kAvx512, SpqmmMode::kInt8, 5, 1.0, SpqmmKernel::kInt8Rows, 0},
-    {SpqmmIsa::kAvx512, SpqmmMode::kInt8, 160, 1.0, SpqmmKernel::kInt8Many, 0},
+    {SpqmmIsa::kAvx512, SpqmmMode::kInt8, 5, 1.0, SpqmmKernel::kInt8Rows, 0, kSpqmmInt8Weights},
+    {SpqmmIsa::kAvx512, SpqmmMode::kInt8, 160, 1.0, SpqmmKernel::kInt8Many, 0, kSpqmmInt8Weights},
+    {SpqmmIsa::kAvx512, SpqmmMode::kInt8, 10, 1.0, SpqmmKernel::kDenseRows, 0},
     {SpqmmIsa::kAvx512, SpqmmMode::kInt8, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0},
 
     // CUDA (not yet measured on a GPU): the kernels read the compressed bytes once per 8 batch
@@ -145,7 +155,9 @@ inline SpqmmPlan spqmm_plan(SpqmmIsa isa, SpqmmMode mode, double density, int64_
   } else {
     for (int i = 0; i < kSpqmmPlanSize; ++i) {
       const SpqmmRule& r = kSpqmmPlan[i];
-      if (r.isa != isa || r.mode != mode || rows >= r.rows_below || density > r.max_density) continue;
+      if (r.isa != isa || r.mode != mode || rows >= r.rows_below || density > r.max_density ||
+          double(n) * double(k) < double(r.min_weights))
+        continue;
       // Below a forced crossover the kernels run, whatever the table says past it.
       if (crossover >= 0 && r.kernel == SpqmmKernel::kDecodeGemm) continue;
       plan.kernel = r.kernel;
