@@ -49,7 +49,13 @@ std::pair<at::Tensor, at::Tensor> weight_backward(AutogradContext* ctx, const at
   const int64_t n = ctx->saved_data["n"].toInt();
   at::Tensor grad_x, grad_bias;
   if (ctx->needs_input_grad(0)) {
-    const at::Tensor w = decode.call(saved[0], saved[1], saved[2], saved[3], saved[4], n,
+    // Dense mode saved no positions (spqmm_int8 has none): empty ones, made only here.
+    const at::Tensor none = saved[1].defined() ? at::Tensor()
+                                               : at::empty({0}, saved[0].options().dtype(at::kInt));
+    const at::Tensor& windows = saved[1].defined() ? saved[1] : none;
+    const at::Tensor& group_ptr = saved[2].defined() ? saved[2] : none;
+    const at::Tensor& chunks = saved[3].defined() ? saved[3] : none;
+    const at::Tensor w = decode.call(saved[0], windows, group_ptr, chunks, saved[4], n,
                                      ctx->saved_data["k"].toInt(), ctx->saved_data["bits"].toInt());
     grad_x = at::matmul(grad_y, w.to(grad_y.scalar_type()));
   }
@@ -98,7 +104,7 @@ class SpqmmInt8Function : public torch::autograd::Function<SpqmmInt8Function> {
             .findSchemaOrThrow("dcx::spqmm_int8", "")
             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
                               int64_t, int64_t, const std::optional<at::Tensor>&, bool)>();
-    const at::Tensor none = at::empty({0}, codes.options().dtype(at::kInt));  // no positions
+    const at::Tensor none;  // no positions; the backward makes empty ones if it runs
     save_weight(ctx, codes, none, none, none, codebook, n, k, bits, bias);
     const at::AutoDispatchBelowADInplaceOrView below;
     return op.call(x, codes, codebook, n, k, bits, bias, check);
