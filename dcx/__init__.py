@@ -5,6 +5,7 @@ that run the compressed model fast.
     dcx.cluster_                               stage two: weight sharing, centroid fine-tuning
     dcx.encode_ / dcx.save / dcx.load          stage three: the Huffman-coded .dcx file
     dcx.SparseQuantLinear / dcx.convert_       fast inference on the compressed weights
+    dcx.calibrate / convert_(calibration=...)  post-training compression from unlabeled inputs
     dcx.DeepCompression                        all of it in one run
 
 Every stage writes one compressed state per layer (dcx.state), which every later stage, the
@@ -25,6 +26,7 @@ from dcx.prune import Pruner, finalize_pruning_, prune_  # noqa: E402
 from dcx.quantize import cluster_, finalize_clustering_  # noqa: E402
 
 from dcx import nn, packing  # noqa: E402
+from dcx.calibrate import calibrate  # noqa: E402
 from dcx.convert import convert, convert_, pack_layers_  # noqa: E402
 from dcx.nn import SparseQuantConv2d, SparseQuantEmbedding, SparseQuantLinear  # noqa: E402
 from dcx.packing import pack  # noqa: E402
@@ -43,7 +45,7 @@ __all__ = [
     "MaskedSGD", "mask_optimizer_", "PruneConfig", "Pruner", "finalize_pruning_", "prune_",
     "ClusterConfig", "cluster_", "finalize_clustering_", "EncodeConfig", "encode_",
     "SparseQuantLinear", "SparseQuantConv2d", "SparseQuantEmbedding", "ConvertConfig", "convert_",
-    "convert", "pack",
+    "convert", "pack", "calibrate",
     "pack_layers_", "hf",
     "FormatError", "save", "load", "load_state_dict", "verify",
     "CompressionConfig", "TrainConfig", "DeepCompression",

@@ -30,8 +30,8 @@ from typing import Any, Optional
 
 __all__ = [
     "ConfigError", "PruneConfig", "ClusterConfig", "EncodeConfig", "ConvertConfig", "TrainConfig",
-    "CompressionConfig", "PRESETS", "COMPUTE_MODES", "check_compute", "check_overrides",
-    "resolve_overrides", "layer_overrides",
+    "CompressionConfig", "PRESETS", "COMPUTE_MODES", "CONVERT_METHODS", "check_compute",
+    "check_overrides", "resolve_overrides", "layer_overrides",
 ]
 
 
@@ -390,6 +390,10 @@ class EncodeConfig(_Config):
 
 # What a packed layer computes in (dcx.nn describes each mode).
 COMPUTE_MODES = ("auto", "float32", "bfloat16", "int8")
+# How convert_ chooses masks, codebooks and labels (dcx.calibrate): "plain" is magnitude pruning
+# and k-means with nearest assignment; "gptq" needs calibration inputs (second-order pruning and
+# codebook assignment with error feedback); "auto" is "gptq" when calibration inputs are given.
+CONVERT_METHODS = ("auto", "plain", "gptq")
 
 
 def check_compute(compute):
@@ -428,7 +432,8 @@ class ConvertConfig(_Config):
     it. overrides: {pattern: {"sparsity": s, "bits": b} or None (left alone)} by the one rule
     (exact module name, then "re:" patterns in order); include / exclude: patterns by the same
     rule, sugar for leaving out every other layer / these layers; dense: force the packed mode
-    (None: by density); compute: the packed layers' compute mode (COMPUTE_MODES)."""
+    (None: by density); compute: the packed layers' compute mode (COMPUTE_MODES); method:
+    CONVERT_METHODS ("gptq" needs calibration inputs, given to convert_)."""
 
     sparsity: float = 0.0
     bits: int = 5
@@ -439,8 +444,11 @@ class ConvertConfig(_Config):
     embeddings: bool = True
     dense: Optional[bool] = None
     compute: str = "auto"
+    method: str = "auto"
 
     def __post_init__(self):
+        _check(self.method in CONVERT_METHODS,
+               f"method must be one of {CONVERT_METHODS}, got {self.method!r}")
         _check_convert_layer("ConvertConfig", {"sparsity": self.sparsity, "bits": self.bits})
         self.overrides = check_overrides(self.overrides, "ConvertConfig", _check_convert_layer)
         self.include = _check_patterns("ConvertConfig include", self.include)

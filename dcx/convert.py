@@ -5,12 +5,14 @@ ConvertConfig says).
 """
 
 import warnings
-from typing import NamedTuple, Optional
+from typing import Iterable, NamedTuple, Optional
 
 from torch import nn
 
 from dcx import state
-from dcx.config import ClusterConfig, ConvertConfig, PruneConfig, check_compute, layer_overrides
+from dcx.calibrate import calibratable, compress_calibrated_
+from dcx.config import (ClusterConfig, ConfigError, ConvertConfig, PruneConfig, check_compute,
+                        layer_overrides)
 from dcx.nn import (PackedModule, SparseQuantConv2d, SparseQuantEmbedding, SparseQuantLinear,
                     packable)
 from dcx.prune import prune_
@@ -79,7 +81,8 @@ class ConvertRow(NamedTuple):
 
 
 def convert_(model: nn.Module, config: Optional[ConvertConfig] = None,
-             progress: bool = False) -> tuple[nn.Module, list[ConvertRow]]:
+             progress: bool = False, calibration: Optional[Iterable] = None
+             ) -> tuple[nn.Module, list[ConvertRow]]:
     """Post-training compression, in place, as `config` says (ConvertConfig: its fields and the
     override rule): every nn.Linear of `model` (and every convolution, every nn.Embedding,
     subclasses included) is pruned by magnitude (dcx.prune_), its surviving weights shared among
@@ -88,6 +91,12 @@ def convert_(model: nn.Module, config: Optional[ConvertConfig] = None,
     (pack_layers_). A layer without one (a grouped convolution, a subclass with its own forward)
     keeps its decoded weight and its shared state, so dcx.save still stores it as codes.
     A pattern that selects no layer is an error. progress: a bar over the layers.
+
+    calibration: unlabeled inputs (an iterable of batches, each a dict of keyword arguments, a
+    tuple of arguments or one tensor; read several times). With them (config.method "auto" or
+    "gptq"), every Linear and zero-padded Conv2d is pruned and shared by dcx.calibrate's
+    second-order method instead, layer group by layer group in the order the model calls them;
+    embeddings keep the plain path.
 
     Returns (model, report): report has one ConvertRow per layer with a weight of two or more
     dimensions, the ones left dense included, each with its reason.
@@ -138,13 +147,26 @@ def convert_(model: nn.Module, config: Optional[ConvertConfig] = None,
             continue
         per_layer[name] = {"sparsity": sparsity, "bits": bits, **override}
     if per_layer:
-        pruned = {n: {"sparsity": v["sparsity"]} for n, v in per_layer.items() if v["sparsity"] > 0}
+        method = config.method
+        if method == "auto":
+            method = "plain" if calibration is None else "gptq"
+        if method == "gptq" and calibration is None:
+            raise ConfigError("method 'gptq' needs calibration inputs: "
+                              "convert_(model, config, calibration=batches)")
+        plain = per_layer
+        if method == "gptq":
+            calibrated = {n: v for n, v in per_layer.items()
+                          if calibratable(model.get_submodule(n)) is None}
+            compress_calibrated_(model, calibrated, calibration, progress=progress)
+            plain = {n: v for n, v in per_layer.items() if n not in calibrated}
+        pruned = {n: {"sparsity": v["sparsity"]} for n, v in plain.items() if v["sparsity"] > 0}
         if pruned:
             prune_(model, PruneConfig(sparsity=0.0, targets=list(pruned), overrides=pruned))
-        others = {n: None for n in clusterable(model) if n not in per_layer}
-        cluster_(model, ClusterConfig(overrides={n: {"bits": v["bits"]}
-                                                 for n, v in per_layer.items()} | others),
-                 progress=progress)
+        others = {n: None for n in clusterable(model) if n not in plain}
+        if plain:
+            cluster_(model, ClusterConfig(overrides={n: {"bits": v["bits"]}
+                                                     for n, v in plain.items()} | others),
+                     progress=progress)
         for name, v in per_layer.items():
             reason = packable(model.get_submodule(name))
             rows[name] = rows[name]._replace(action="shared" if reason else "packed",

@@ -1,0 +1,420 @@
+"""Post-training compression from unlabeled inputs: layer input statistics, then second-order
+pruning and codebook assignment with error feedback.
+
+A user with a pretrained model and no training set still has inputs (sentences, photos). Run
+through the model, they give each layer's input statistics H = E[x x^T]: how much each input
+column matters and how columns move together. With H, the error of pruning or rounding one
+weight can be paid back by the other weights of its row (optimal brain surgeon, as SparseGPT and
+GPTQ do), so a layer's outputs, not its weights, stay close to the original:
+
+    stats = dcx.calibrate(model, batches)          # {layer name: LayerStats}
+    model, rows = dcx.convert_(model, dcx.ConvertConfig(bits=4), calibration=batches)
+
+`compress_layer` is the per-layer step ("gptq", ConvertConfig.method): for each block of columns
+in order, SparseGPT's adaptive mask (the weights whose removal costs least, w^2 / [H^-1]_jj^2),
+then each kept weight rounded to its nearest codebook entry and the rounding error spread over
+the columns still to come through the inverse Hessian's Cholesky factor (GPTQ, with a k-means
+codebook in place of a uniform grid); finally the codebook itself refit by least squares on the
+layer's outputs, tr((W - Q) H (W - Q)^T), labels and mask held. convert_ runs it layer group by
+layer group in the order the model calls them, each group's statistics taken with the layers
+before it already compressed, so later layers compensate the earlier ones' error too.
+
+Statistics: nn.Linear (any leading dims) and 2-D convolutions with zero padding (inputs unfolded
+into columns, one H per group of a grouped convolution, so a depthwise layer has a 9x9 H per
+channel). Embeddings have no input to weigh and keep the plain k-means path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from dcx import ops
+
+__all__ = ["LayerStats", "calibrate", "calibratable", "compress_layer", "run_batch",
+           "CalibrationError"]
+
+
+class CalibrationError(ValueError):
+    """Calibration inputs that cannot be used (none at all, or none that reach a layer)."""
+
+
+@dataclass
+class LayerStats:
+    """Input statistics of one layer: hessian [groups, k, k] float64, the sum of x x^T over
+    `count` input rows x of k columns (per group of a grouped convolution; one group otherwise)."""
+
+    hessian: Tensor
+    count: int
+
+    def mean(self) -> Tensor:
+        """E[x x^T] [groups, k, k]."""
+        return self.hessian / max(self.count, 1)
+
+
+def calibratable(module: nn.Module) -> Optional[str]:
+    """None when calibrate can take `module`'s input statistics, else why not."""
+    if isinstance(module, nn.Linear):
+        return None
+    if isinstance(module, nn.Conv2d):
+        if module.padding_mode != "zeros":
+            return f"padding_mode {module.padding_mode!r} (only zero padding is unfolded)"
+        if isinstance(module.padding, str):
+            return f"padding {module.padding!r} (give the padding as numbers)"
+        return None
+    return f"{type(module).__name__} has no input columns to weigh"
+
+
+def _columns(module: nn.Module, x: Tensor) -> Tensor:
+    """The layer's input as rows of columns its weight multiplies: [groups, rows, k]."""
+    if isinstance(module, nn.Linear):
+        return x.detach().reshape(1, -1, x.shape[-1])
+    # Conv2d: unfold gives [N, C * kh * kw, L], channel-major like the weight's flattening.
+    x = x.detach()
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+    groups = module.groups
+    k = cols.shape[1] // groups
+    return cols.reshape(cols.shape[0], groups, k, -1).permute(1, 0, 3, 2).reshape(groups, -1, k)
+
+
+def run_batch(model: nn.Module, batch: Any) -> Any:
+    """Call `model` on one calibration batch: a dict is keyword arguments, a tuple or list the
+    positional arguments, anything else the one argument."""
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the layers being measured have run."""
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable, names: Optional[Iterable[str]] = None,
+              stop_after: Optional[int] = None, progress: bool = False) -> dict[str, LayerStats]:
+    """Input statistics of `model`'s layers over `batches` (an iterable of inputs, each a dict of
+    keyword arguments, a tuple of arguments or one tensor; no labels): {module name:
+    LayerStats} for every nn.Linear and zero-padded nn.Conv2d, or for `names`. The model runs as
+    it is (call model.eval() first for inference statistics). stop_after: end each forward
+    after that many layer calls (the layers after the measured ones need not run). progress: a
+    bar over the batches."""
+    modules = dict(model.named_modules())
+    if names is None:
+        names = [n for n, m in modules.items() if n and calibratable(m) is None]
+    stats: dict[str, LayerStats] = {}
+    calls = [0]
+
+    def hook(name):
+        def record(module, args, output):
+            cols = _columns(module, args[0]).double()
+            h = torch.matmul(cols.transpose(1, 2), cols)
+            st = stats.get(name)
+            if st is None:
+                stats[name] = LayerStats(h, cols.shape[1])
+            else:
+                st.hessian += h
+                st.count += cols.shape[1]
+        return record
+
+    def counter(module, args, output):
+        calls[0] += 1
+        if stop_after is not None and calls[0] >= stop_after:
+            raise _Stop
+
+    handles = []
+    try:
+        for name in names:
+            module = modules.get(name)
+            if module is None:
+                raise KeyError(f"calibrate: the model has no module {name!r}")
+            why = calibratable(module)
+            if why is not None:
+                raise ValueError(f"calibrate: {name}: {why}")
+            handles.append(module.register_forward_hook(hook(name)))
+        for n, m in modules.items():
+            if _counted(n, m):
+                handles.append(m.register_forward_hook(counter))
+        seen = 0
+        for batch in tqdm(batches, desc="calibrate", unit="batch", leave=False,
+                          disable=None if progress else True):
+            calls[0] = 0
+            try:
+                run_batch(model, batch)
+            except _Stop:
+                pass
+            seen += 1
+    finally:
+        for h in handles:
+            h.remove()
+    if seen == 0:
+        raise CalibrationError("calibrate: no calibration batches (the iterable was empty)")
+    return stats
+
+
+def _counted(name: str, module: nn.Module) -> bool:
+    """The layers whose calls call_order lists and calibrate's stop_after counts."""
+    return bool(name) and (calibratable(module) is None or isinstance(module, nn.Embedding))
+
+
+def call_order(model: nn.Module, batch: Any) -> list[tuple[str, int]]:
+    """[(module name, id of its input)] of the calibratable layers and embeddings, in the order
+    one forward calls them (a layer called twice appears twice)."""
+    order = []
+    handles = []
+
+    def hook(name):
+        def record(module, args, output):
+            order.append((name, id(args[0]) if args else 0))
+        return record
+
+    try:
+        for name, m in model.named_modules():
+            if _counted(name, m):
+                handles.append(m.register_forward_hook(hook(name)))
+        with torch.no_grad():
+            run_batch(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+# ---------------------------------------------------------------------------------------------
+# One layer: SparseGPT mask + GPTQ assignment to a codebook + least-squares codebook
+
+
+def _nearest(codebook_sorted: Tensor, mid: Tensor, w: Tensor) -> Tensor:
+    """Index into the sorted codebook of each value's nearest entry (ties to the lower one)."""
+    return torch.searchsorted(mid, w.contiguous(), right=False)
+
+
+def _damped(h: Tensor, damp: float) -> tuple[Tensor, Tensor]:
+    """(H + lam I, U) per group ([G, k, k] each), lam = damp * mean(diag H), raised tenfold until
+    the Cholesky factor exists, and U the upper Cholesky factor of (H + lam I)^-1. GPTQ's trick:
+    row j of U, divided by U[j, j], updates the columns after j when column j is fixed, in the
+    order 0..k-1, without re-inverting. The damping also makes the codebook refit well posed:
+    inputs after a LayerNorm sum to zero, so H alone cannot tell a codebook from its shift."""
+    k = h.shape[-1]
+    eye = torch.eye(k, dtype=h.dtype, device=h.device)
+    mean = h.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
+    for attempt in range(6):
+        damped = h + (damp * 10 ** attempt * mean)[:, None, None] * eye
+        chol, info = torch.linalg.cholesky_ex(damped)
+        if not bool(info.any()):
+            break
+    else:
+        raise RuntimeError("calibration statistics are not positive definite even with damping")
+    return damped, torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
+
+
+def _refit_codebook(w0: Tensor, labels: Tensor, mask: Tensor, h: Tensor, codebook: Tensor,
+                    iterations: int) -> Tensor:
+    """The codebook that minimises sum_g tr((W0_g - Q_g) H_g (W0_g - Q_g)^T), Q = codebook[labels]
+    where kept (0 elsewhere), by conjugate gradients from `codebook` (the problem is quadratic
+    in the codebook; each step is one product with H). w0, labels, mask: [G, rows, k]."""
+    num = codebook.numel()
+    flat = labels.reshape(-1).long()
+    keep = mask.reshape(-1).to(h.dtype)
+
+    def gather(c):
+        return (c[labels.long()] * mask).to(h.dtype)
+
+    def scatter(t):  # per-entry sum over the kept positions of each label
+        return torch.bincount(flat, weights=t.reshape(-1) * keep, minlength=num)
+
+    c = codebook.to(h.dtype).clone()
+    b = scatter(torch.matmul(w0.to(h.dtype), h))
+    r = b - scatter(torch.matmul(gather(c), h))
+    p = r.clone()
+    rr = float(r @ r)
+    start = rr
+    for _ in range(iterations):
+        if rr <= 1e-20 * max(start, 1e-300):
+            break
+        ap = scatter(torch.matmul(gather(p), h))
+        pap = float(p @ ap)
+        if pap <= 0:
+            break
+        alpha = rr / pap
+        c += alpha * p
+        r -= alpha * ap
+        rr_new = float(r @ r)
+        p = r + (rr_new / rr) * p
+        rr = rr_new
+    return c.to(codebook.dtype)
+
+
+def output_error(w0: Tensor, q: Tensor, h: Tensor) -> float:
+    """sum_g tr((W0_g - Q_g) H_g (W0_g - Q_g)^T): the squared output error over the calibration
+    rows that H sums. w0, q: [G, rows, k]."""
+    e = (w0 - q).to(h.dtype)
+    return float((torch.matmul(e, h) * e).sum())
+
+
+@torch.no_grad()
+def compress_layer(weight: Tensor, stats: LayerStats, sparsity: float, bits: int,
+                   layer: dict, block: int = 128, damp: float = 0.01,
+                   rounds: int = 2) -> tuple[Tensor, Tensor, Tensor]:
+    """(mask or None, codebook [<= 2^bits], int32 labels) of one weight, chosen to keep the
+    layer's outputs on the calibration inputs (see the module docstring). weight: [out, ...]
+    (a Linear's or Conv2d's); stats: its LayerStats; sparsity: the fraction of weights to prune
+    (exactly, rounded down per block of columns); layer: the k-means settings of
+    ClusterConfig.layer_fields (init, method, max_iter, tol, seed) for the initial codebook;
+    rounds: assignment + refit passes (the second assigns with the refit codebook)."""
+    groups = stats.hessian.shape[0]
+    out = weight.shape[0]
+    if out % groups:
+        raise ValueError(f"weight of {out} rows does not split into {groups} groups")
+    w0 = weight.detach().reshape(groups, out // groups, -1).double()
+    k = w0.shape[-1]
+    if stats.hessian.shape[-1] != k:
+        raise ValueError(f"statistics of {stats.hessian.shape[-1]} columns for a weight of {k}")
+    h = stats.mean().to(w0)
+    # GPTQ's activation order: the columns with the largest inputs first, while the most
+    # columns remain to absorb their error.
+    perm = torch.argsort(h.diagonal(dim1=-2, dim2=-1).sum(0), descending=True)
+    w0, h = w0[:, :, perm], h[:, perm][:, :, perm]
+    h, u = _damped(h, damp)
+    num = 1 << bits
+    # Initial codebook: k-means on the weights as they are, the largest-magnitude share kept
+    # (the weights pruning will remove would pull centroids toward zero).
+    flat = w0.reshape(-1)
+    if sparsity > 0:
+        keep = max(1, flat.numel() - int(sparsity * flat.numel()))
+        survivors = flat[flat.abs().topk(keep).indices]
+    else:
+        survivors = flat
+    codebook, _ = ops.kmeans1d(survivors.float(), num, layer.get("init", "linear"),
+                               layer.get("max_iter", 300), layer.get("tol", 1e-4),
+                               layer.get("seed", 0), layer.get("method", "lloyd"))
+    codebook = codebook.double()
+    mask = None
+    for _ in range(rounds):
+        labels, mask = _assign(w0, u, codebook, sparsity, block, mask)
+        codebook = _refit_codebook(w0, labels, mask, h, codebook, iterations=4 * num)
+    # The refit may leave entries that no kept weight uses: they stay, harmless in the file.
+    inverse = torch.argsort(perm)
+    labels = labels[:, :, inverse].reshape(weight.shape).to(torch.int32)
+    mask = mask[:, :, inverse].reshape(weight.shape)
+    return (mask if sparsity > 0 else None), codebook.to(weight.dtype), labels
+
+
+def _assign(w0: Tensor, u: Tensor, codebook: Tensor, sparsity: float, block: int,
+            fixed_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """One GPTQ pass: (labels [G, rows, k] into `codebook`, mask) with the rounding and pruning
+    error of each column fed back into the columns after it. fixed_mask: reuse this mask
+    instead of choosing one (the second round keeps the first round's)."""
+    order = torch.argsort(codebook)
+    c_sorted = codebook[order]
+    mid = (c_sorted[1:] + c_sorted[:-1]) / 2
+    w = w0.clone()
+    g, rows, k = w.shape
+    labels = torch.zeros(g, rows, k, dtype=torch.long, device=w.device)
+    mask = torch.ones(g, rows, k, dtype=torch.bool, device=w.device)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1 = w[:, :, i1:i2].clone()
+        u1 = u[:, i1:i2, i1:i2]
+        err1 = torch.zeros_like(w1)
+        d = u1.diagonal(dim1=-2, dim2=-1)  # [G, width]
+        if fixed_mask is not None:
+            m1 = fixed_mask[:, :, i1:i2]
+        elif sparsity > 0:
+            # SparseGPT's adaptive mask: the lowest w^2 / d^2 of this block, over all its rows.
+            score = (w1 * w1) / (d * d)[:, None, :]
+            drop = int(score[0].numel() * sparsity)
+            m1 = torch.ones_like(w1, dtype=torch.bool)
+            if drop > 0:
+                flat = score.reshape(g, -1)
+                idx = flat.topk(drop, dim=1, largest=False).indices
+                m1.view(g, -1).scatter_(1, idx, False)
+        else:
+            m1 = torch.ones_like(w1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            col = w1[:, :, i]
+            ids = _nearest(c_sorted, mid, col)
+            q = torch.where(m1[:, :, i], c_sorted[ids], torch.zeros_like(col))
+            labels[:, :, i1 + i] = order[ids]
+            e = (col - q) / d[:, i][:, None]
+            w1[:, :, i:] -= e[:, :, None] * u1[:, i, i:][:, None, :]
+            err1[:, :, i] = e
+        mask[:, :, i1:i2] = m1
+        if i2 < k:
+            w[:, :, i2:] -= torch.matmul(err1, u[:, i1:i2, i2:])
+    labels = torch.where(mask, labels, torch.zeros_like(labels))
+    return labels, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# A whole model, layer group by layer group
+
+
+def _groups(order: list[tuple[str, int]], names) -> list[list[str]]:
+    """The layers of `names` in first-call order, consecutive ones that read the same input
+    tensor (attention's query, key and value) in one group."""
+    groups, last_input, seen = [], None, set()
+    for name, inp in order:
+        if name in seen or name not in names:
+            continue
+        seen.add(name)
+        if groups and inp == last_input:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last_input = inp
+    return groups
+
+
+def compress_calibrated_(model: nn.Module, settings: dict[str, dict], batches: Iterable,
+                         progress: bool = False) -> nn.Module:
+    """Prune and share each layer of `settings` ({module name: {"sparsity", "bits"}}, every one
+    calibratable) with compress_layer, in place: layer group by layer group in the order the
+    model calls them, each group's statistics taken over `batches` with the groups before it
+    already compressed (their error is what the later layers see and compensate). Writes the
+    layers' state (mask, codebook, labels) as prune_ and cluster_ do. Returns the model."""
+    from dcx import state
+    from dcx.config import ClusterConfig
+
+    if not settings:
+        return model
+    batches = list(batches)
+    if not batches:
+        raise CalibrationError("calibration: no batches (the iterable was empty)")
+    modules = dict(model.named_modules())
+    order = call_order(model, batches[0])
+    groups = _groups(order, settings)
+    missing = sorted(set(settings) - {n for g in groups for n in g})
+    if missing:
+        raise CalibrationError(f"calibration: the model's forward never calls {missing[:5]}"
+                               f"{' ...' if len(missing) > 5 else ''}; give inputs that reach "
+                               "every layer, or leave these layers out")
+    last_call = {}
+    for i, (name, _) in enumerate(order):
+        last_call[name] = i + 1
+    kmeans = ClusterConfig().layer_fields(conv=False)
+    bar = tqdm(total=len(settings), desc="calibrated compression", unit="layer", leave=False,
+               disable=None if progress else True)
+    with bar:
+        for group in groups:
+            stop = max(last_call[n] for n in group)
+            stats = calibrate(model, batches, group, stop_after=stop)
+            for name in group:
+                module = modules[name]
+                s = settings[name]
+                mask, codebook, labels = compress_layer(module.weight, stats.pop(name),
+                                                        float(s["sparsity"]), int(s["bits"]),
+                                                        kmeans)
+                if mask is not None:
+                    state.set_mask_(module, "weight", mask)
+                state.set_shared_(module, "weight", codebook, labels, int(s["bits"]), live=True)
+                bar.update(1)
+    return model

@@ -1,0 +1,209 @@
+"""dcx.calibrate: layer input statistics, the second-order per-layer step, and convert_ with
+calibration inputs on a tiny BertModel / LlamaModel from config and a small CNN."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dcx
+from dcx import state
+from dcx.calibrate import (CalibrationError, LayerStats, _refit_codebook, calibrate,
+                           compress_layer, output_error)
+from dcx.config import ConfigError
+
+KMEANS = dcx.ClusterConfig().layer_fields(conv=False)
+
+
+class SmallCNN(nn.Module):
+    """A stem convolution, a depthwise and a pointwise one, then a classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.depthwise = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.pointwise = nn.Conv2d(16, 24, 1)
+        self.head = nn.Linear(24, 10)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = F.relu(self.depthwise(x))
+        x = F.relu(self.pointwise(x))
+        return self.head(x.mean((2, 3)))
+
+
+def correlated(rows, k, seed):
+    """Inputs whose columns differ in scale and move together (what real activations do)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=g) / k ** 0.5 + torch.eye(k)
+    scale = torch.logspace(-1, 0.7, k)[torch.randperm(k, generator=g)]
+    return (torch.randn(rows, k, generator=g) @ mix) * scale
+
+
+def test_statistics_are_the_sum_of_x_xt():
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    x = torch.randn(2, 3, 8, 8)
+    stats = calibrate(model, [x, x[:1]])
+    assert set(stats) == {"stem", "depthwise", "pointwise", "head"}
+    # stem: unfolded 3x3 patches of the padded image, both batches.
+    cols = torch.cat([F.unfold(t, 3, padding=1).transpose(1, 2).reshape(-1, 27)
+                      for t in (x, x[:1])]).double()
+    torch.testing.assert_close(stats["stem"].hessian[0], cols.T @ cols)
+    assert stats["stem"].count == 3 * 64
+    # depthwise: one 9x9 H per channel, from that channel's patches alone.
+    inner = F.relu(model.stem(x))
+    patches = F.unfold(inner[:, 5:6], 3, padding=1).transpose(1, 2).reshape(-1, 9).double()
+    assert stats["depthwise"].hessian.shape == (16, 9, 9)
+    h5 = stats["depthwise"].hessian[5]
+    inner1 = F.relu(model.stem(x[:1]))
+    patches1 = F.unfold(inner1[:, 5:6], 3, padding=1).transpose(1, 2).reshape(-1, 9).double()
+    torch.testing.assert_close(h5, patches.T @ patches + patches1.T @ patches1)
+    # head: a Linear's rows are its input vectors.
+    assert stats["head"].hessian.shape == (1, 24, 24) and stats["head"].count == 3
+
+
+def test_layer_step_beats_plain_kmeans_on_the_outputs():
+    torch.manual_seed(0)
+    w = torch.randn(48, 64)
+    x = correlated(2048, 64, seed=1)
+    h = (x.T.double() @ x.double())[None]
+    stats = LayerStats(h, x.shape[0])
+    for bits, sparsity in [(3, 0.0), (4, 0.5)]:
+        mask, codebook, labels = compress_layer(w, stats, sparsity, bits, KMEANS)
+        q = codebook[labels.long()] * (mask if mask is not None else 1)
+        # plain: magnitude pruning, k-means, nearest centroid
+        keep = w.abs() > w.abs().flatten().kthvalue(int(sparsity * w.numel())).values \
+            if sparsity else torch.ones_like(w, dtype=torch.bool)
+        cb, lab = dcx.ops.kmeans1d(w[keep], 1 << bits)
+        plain = torch.zeros_like(w)
+        plain[keep] = cb[lab.long()]
+        err = ((x @ (w - q).T) ** 2).sum()
+        err_plain = ((x @ (w - plain).T) ** 2).sum()
+        assert err < 0.6 * err_plain, (bits, sparsity, float(err), float(err_plain))
+        assert codebook.numel() <= 1 << bits and labels.dtype == torch.int32
+        assert int(labels.min()) >= 0 and int(labels.max()) < codebook.numel()
+        if sparsity:
+            # exactly the share asked for, rounded down per block of columns
+            assert int((~mask).sum()) == int(sparsity * w.numel())
+            assert bool((labels[~mask] == 0).all())
+        else:
+            assert mask is None
+
+
+def test_refit_is_the_least_squares_codebook():
+    torch.manual_seed(0)
+    w = torch.randn(1, 16, 24).double()
+    x = correlated(512, 24, seed=2).double()
+    h = (x.T @ x)[None]
+    labels = torch.randint(0, 4, (1, 16, 24))
+    mask = torch.rand(1, 16, 24) > 0.3
+    start = torch.tensor([-1.0, -0.3, 0.3, 1.0], dtype=torch.float64)
+    c = _refit_codebook(w, labels, mask, h, start, iterations=16)
+    # the normal equations, solved directly
+    onehot = F.one_hot(labels, 4).double() * mask[..., None]
+    a = torch.einsum("grkc,gkl,grld->cd", onehot, h, onehot)
+    b = torch.einsum("grkc,gkl,grl->c", onehot, h, w)
+    torch.testing.assert_close(c, torch.linalg.solve(a, b))
+    assert output_error(w, c[labels] * mask, h) <= output_error(w, start[labels] * mask, h)
+
+
+def tiny_bert():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64,
+                                     max_position_embeddings=32)
+    torch.manual_seed(0)
+    return transformers.BertModel(config).eval()
+
+
+def token_batches(count, vocab, seed, length=12, size=8):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, vocab, (size, length), generator=g),
+             "attention_mask": torch.ones(size, length, dtype=torch.long)}
+            for _ in range(count)]
+
+
+def hidden_error(model, reference, batches):
+    with torch.no_grad():
+        errs = [((model(**b).last_hidden_state - reference(**b).last_hidden_state) ** 2).mean()
+                for b in batches]
+    return float(torch.stack(errs).mean())
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5])
+def test_convert_a_bert_with_calibration(tmp_path, sparsity):
+    original = tiny_bert()
+    calib, held_out = token_batches(8, 120, seed=1), token_batches(4, 120, seed=2)
+    config = dcx.ConvertConfig(bits=3, sparsity=sparsity, embeddings=False)
+    plain, _ = dcx.convert_(copy.deepcopy(original), config)
+    calibrated, rows = dcx.convert_(copy.deepcopy(original), config, calibration=calib)
+    assert all(r.action == "packed" for r in rows if r.kind == "Linear")
+    err_plain = hidden_error(plain, original, held_out)
+    err = hidden_error(calibrated, original, held_out)
+    assert err < 0.8 * err_plain, (err, err_plain)
+    # the file holds what was computed
+    path = tmp_path / "bert.dcx"
+    dcx.save(calibrated, path)
+    loaded = dcx.load(path, copy.deepcopy(original))
+    assert hidden_error(loaded, calibrated, held_out) < 1e-10
+    if sparsity:
+        for st in state.layers(calibrated).values():
+            if st.mask is not None:
+                assert abs(1 - st.mask.float().mean().item() - sparsity) < 0.02
+
+
+def test_convert_a_llama_with_calibration():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    original = transformers.LlamaModel(config).eval()
+    calib, held_out = token_batches(8, 100, seed=3), token_batches(4, 100, seed=4)
+    cfg = dcx.ConvertConfig(bits=3, embeddings=False)
+    plain, _ = dcx.convert_(copy.deepcopy(original), cfg)
+    calibrated, _ = dcx.convert_(copy.deepcopy(original), cfg, calibration=calib)
+    assert hidden_error(calibrated, original, held_out) < 0.8 * hidden_error(plain, original,
+                                                                            held_out)
+
+
+def test_convert_a_cnn_with_depthwise_layers():
+    torch.manual_seed(0)
+    original = SmallCNN().eval()
+    calib = [torch.randn(8, 3, 12, 12) for _ in range(4)]
+    held_out = torch.randn(16, 3, 12, 12)
+    cfg = dcx.ConvertConfig(bits=3)
+    plain, _ = dcx.convert_(copy.deepcopy(original), cfg)
+    calibrated, rows = dcx.convert_(copy.deepcopy(original), cfg, calibration=calib)
+    assert {r.name: r.action for r in rows}["depthwise"] == "shared"  # no packed grouped conv
+    with torch.no_grad():
+        ref = original(held_out)
+        err = float(((calibrated(held_out) - ref) ** 2).mean())
+        err_plain = float(((plain(held_out) - ref) ** 2).mean())
+    assert err < 0.8 * err_plain, (err, err_plain)
+
+
+def test_calibration_errors():
+    model = SmallCNN().eval()
+    with pytest.raises(ConfigError, match="method 'gptq' needs calibration"):
+        dcx.convert_(copy.deepcopy(model), dcx.ConvertConfig(method="gptq"))
+    with pytest.raises(CalibrationError, match="empty"):
+        dcx.convert_(copy.deepcopy(model), dcx.ConvertConfig(), calibration=[])
+    with pytest.raises(ConfigError, match="method must be one of"):
+        dcx.ConvertConfig(method="obs")
+
+    class Branches(nn.Module):  # `unused` is never called by forward
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.used(x)
+
+    with pytest.raises(CalibrationError, match="never calls \\['unused'\\]"):
+        dcx.convert_(Branches(), dcx.ConvertConfig(), calibration=[torch.randn(2, 4)])
+    with pytest.raises(ValueError, match="Embedding has no input columns"):
+        calibrate(nn.Sequential(nn.Embedding(4, 4)), [torch.zeros(1, dtype=torch.long)], ["0"])
