@@ -18,17 +18,22 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-void check_codebook(const at::Tensor& codebook) {
+void check_codebook(const at::Tensor& codebook, const std::optional<at::Tensor>& scale) {
   TORCH_CHECK(!(at::GradMode::is_enabled() && codebook.requires_grad()),
               "codebook requires grad, but a packed layer's codebook gets no gradient: fine-tune "
               "the codebook before packing (dcx.cluster_ and retraining), or detach it");
+  TORCH_CHECK(!(at::GradMode::is_enabled() && scale.has_value() && scale->defined() &&
+                scale->requires_grad()),
+              "scale requires grad, but a packed layer's row scales get no gradient: detach it");
 }
 
 // What the backward keeps: the packed weight (for spqmm_decode), its sizes and the bias's dtype.
 void save_weight(AutogradContext* ctx, const at::Tensor& codes, const at::Tensor& windows,
                  const at::Tensor& group_ptr, const at::Tensor& chunks, const at::Tensor& codebook,
-                 int64_t n, int64_t k, int64_t bits, const std::optional<at::Tensor>& bias) {
-  ctx->save_for_backward({codes, windows, group_ptr, chunks, codebook});
+                 int64_t n, int64_t k, int64_t bits, const std::optional<at::Tensor>& bias,
+                 const std::optional<at::Tensor>& scale) {
+  ctx->save_for_backward({codes, windows, group_ptr, chunks, codebook,
+                          scale.has_value() ? *scale : at::Tensor()});
   ctx->saved_data["n"] = n;
   ctx->saved_data["k"] = k;
   ctx->saved_data["bits"] = bits;
@@ -37,7 +42,8 @@ void save_weight(AutogradContext* ctx, const at::Tensor& codes, const at::Tensor
 }
 
 // (grad_x, grad_bias) for grad_y. Gradient edges exist for tensor inputs only: x is edge 0, a
-// bias (when given) edge `bias_edge`.
+// bias (when given) edge `bias_edge`. A scaled codebook's W is scale[row] * decoded: grad_x =
+// (grad_y * scale) decoded.
 std::pair<at::Tensor, at::Tensor> weight_backward(AutogradContext* ctx, const at::Tensor& grad_y,
                                                   size_t bias_edge) {
   static const auto decode = c10::Dispatcher::singleton()
@@ -57,7 +63,9 @@ std::pair<at::Tensor, at::Tensor> weight_backward(AutogradContext* ctx, const at
     const at::Tensor& chunks = saved[3].defined() ? saved[3] : none;
     const at::Tensor w = decode.call(saved[0], windows, group_ptr, chunks, saved[4], n,
                                      ctx->saved_data["k"].toInt(), ctx->saved_data["bits"].toInt());
-    grad_x = at::matmul(grad_y, w.to(grad_y.scalar_type()));
+    const at::Tensor& scale = saved[5];
+    grad_x = at::matmul(scale.defined() ? grad_y.mul(scale.to(grad_y.scalar_type())) : grad_y,
+                        w.to(grad_y.scalar_type()));
   }
   const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
   if (bias_dtype >= 0 && ctx->needs_input_grad(bias_edge))
@@ -71,23 +79,24 @@ class SpqmmFunction : public torch::autograd::Function<SpqmmFunction> {
                             const at::Tensor& windows, const at::Tensor& group_ptr,
                             const at::Tensor& chunks, const at::Tensor& codebook, int64_t n,
                             int64_t k, int64_t bits, const std::optional<at::Tensor>& bias,
-                            int64_t crossover, bool check, c10::string_view compute) {
+                            int64_t crossover, bool check, c10::string_view compute,
+                            const std::optional<at::Tensor>& scale) {
     static const auto op =
         c10::Dispatcher::singleton()
             .findSchemaOrThrow("dcx::spqmm", "")
             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                               const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
                               int64_t, int64_t, const std::optional<at::Tensor>&, int64_t, bool,
-                              c10::string_view)>();
-    save_weight(ctx, codes, windows, group_ptr, chunks, codebook, n, k, bits, bias);
+                              c10::string_view, const std::optional<at::Tensor>&)>();
+    save_weight(ctx, codes, windows, group_ptr, chunks, codebook, n, k, bits, bias, scale);
     const at::AutoDispatchBelowADInplaceOrView below;
     return op.call(x, codes, windows, group_ptr, chunks, codebook, n, k, bits, bias, crossover,
-                   check, compute);
+                   check, compute, scale);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto [grad_x, grad_bias] = weight_backward(ctx, grads[0], 6);
-    variable_list out(13);
+    variable_list out(14);
     out[0] = grad_x;
     out[9] = grad_bias;
     return out;
@@ -98,21 +107,23 @@ class SpqmmInt8Function : public torch::autograd::Function<SpqmmInt8Function> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& codes,
                             const at::Tensor& codebook, int64_t n, int64_t k, int64_t bits,
-                            const std::optional<at::Tensor>& bias, bool check) {
+                            const std::optional<at::Tensor>& bias, bool check,
+                            const std::optional<at::Tensor>& scale) {
     static const auto op =
         c10::Dispatcher::singleton()
             .findSchemaOrThrow("dcx::spqmm_int8", "")
             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-                              int64_t, int64_t, const std::optional<at::Tensor>&, bool)>();
+                              int64_t, int64_t, const std::optional<at::Tensor>&, bool,
+                              const std::optional<at::Tensor>&)>();
     const at::Tensor none;  // no positions; the backward makes empty ones if it runs
-    save_weight(ctx, codes, none, none, none, codebook, n, k, bits, bias);
+    save_weight(ctx, codes, none, none, none, codebook, n, k, bits, bias, scale);
     const at::AutoDispatchBelowADInplaceOrView below;
-    return op.call(x, codes, codebook, n, k, bits, bias, check);
+    return op.call(x, codes, codebook, n, k, bits, bias, check, scale);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto [grad_x, grad_bias] = weight_backward(ctx, grads[0], 3);
-    variable_list out(8);
+    variable_list out(9);
     out[0] = grad_x;
     out[6] = grad_bias;
     return out;
@@ -123,17 +134,18 @@ at::Tensor spqmm_autograd(const at::Tensor& x, const at::Tensor& codes, const at
                           const at::Tensor& group_ptr, const at::Tensor& chunks,
                           const at::Tensor& codebook, int64_t n, int64_t k, int64_t bits,
                           const std::optional<at::Tensor>& bias, int64_t crossover, bool check,
-                          c10::string_view compute) {
-  check_codebook(codebook);
+                          c10::string_view compute, const std::optional<at::Tensor>& scale) {
+  check_codebook(codebook, scale);
   return SpqmmFunction::apply(x, codes, windows, group_ptr, chunks, codebook, n, k, bits, bias,
-                              crossover, check, compute);
+                              crossover, check, compute, scale);
 }
 
 at::Tensor spqmm_int8_autograd(const at::Tensor& x, const at::Tensor& codes,
                                const at::Tensor& codebook, int64_t n, int64_t k, int64_t bits,
-                               const std::optional<at::Tensor>& bias, bool check) {
-  check_codebook(codebook);
-  return SpqmmInt8Function::apply(x, codes, codebook, n, k, bits, bias, check);
+                               const std::optional<at::Tensor>& bias, bool check,
+                               const std::optional<at::Tensor>& scale) {
+  check_codebook(codebook, scale);
+  return SpqmmInt8Function::apply(x, codes, codebook, n, k, bits, bias, check, scale);
 }
 
 }  // namespace

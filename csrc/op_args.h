@@ -165,6 +165,27 @@ inline void check_spqmm_common_args(const at::Tensor& x, const at::Tensor& codes
   }
 }
 
+// A scaled codebook's row scales (W = scale[row] * codebook[id]): float, [out_features], x's
+// device.
+inline void check_spqmm_scale(const std::optional<at::Tensor>& scale, const at::Tensor& x,
+                              int64_t out_features) {
+  if (!scale.has_value() || !scale->defined()) return;
+  check_dtype_in(*scale, "scale", {at::kFloat, at::kHalf, at::kBFloat16},
+                 "float32, float16 or bfloat16");
+  check_same_device(*scale, "scale", x, "x");
+  TORCH_CHECK(scale->dim() == 1 && scale->size(0) == out_features,
+              "scale must have shape [out_features] = [", out_features, "], got ", scale->sizes());
+}
+
+inline bool has_tensor(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// The epilogue of a scaled codebook, on a product y [M, N] computed without the bias: y = y *
+// scale + bias, one multiply per output, whichever kernel made y (CPU and CUDA alike).
+inline void apply_row_scale(at::Tensor& y, const at::Tensor& scale, const at::Tensor& bias) {
+  y.mul_(scale.to(y.scalar_type()));
+  if (bias.defined()) y.add_(bias.to(y.scalar_type()));
+}
+
 // Sparse mode's positions (windows, group_ptr, chunks) on the codes' device; their contents are
 // checked by the kernels.
 inline void check_spqmm_positions(const at::Tensor& codes, const at::Tensor& windows,

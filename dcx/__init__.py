@@ -26,7 +26,7 @@ from dcx.prune import Pruner, finalize_pruning_, prune_  # noqa: E402
 from dcx.quantize import cluster_, finalize_clustering_  # noqa: E402
 
 from dcx import nn, packing  # noqa: E402
-from dcx.calibrate import calibrate  # noqa: E402
+from dcx.calibration import calibrate  # noqa: E402
 from dcx.convert import convert, convert_, pack_layers_  # noqa: E402
 from dcx.nn import SparseQuantConv2d, SparseQuantEmbedding, SparseQuantLinear  # noqa: E402
 from dcx.packing import pack  # noqa: E402

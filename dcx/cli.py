@@ -37,6 +37,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CORRUPT = 0, 1, 2, 3
 MODELS = ("lenet300", "lenet5")
 # dcx.nn.COMPUTE_MODES, spelt out so that `dcx --help` imports no torch (a test keeps them equal)
 COMPUTE_MODES = ("auto", "float32", "bfloat16", "int8")
+CONVERT_METHODS = ("auto", "plain", "gptq")  # dcx.config.CONVERT_METHODS, likewise
 
 
 class UsageError(Exception):
@@ -312,6 +313,30 @@ def convert_source(src: str, weights):
                      "package.module:factory")
 
 
+def calibration_batches(sources: list[str], src: str, samples: int) -> list:
+    """convert's --calibration: text files (sentences tokenized by SRC's tokenizer, SRC a
+    transformers folder) or one package.module:inputs callable."""
+    from dcx import data, hf
+
+    if samples < 1:
+        raise UsageError(f"--samples must be >= 1, got {samples}")
+    if len(sources) == 1 and ":" in sources[0] and not Path(sources[0]).exists():
+        batches = list(resolve(sources[0], "--calibration")())
+        if not batches:
+            raise UsageError(f"--calibration {sources[0]} returned no batches")
+        return batches
+    if not Path(src).is_dir():
+        raise UsageError("--calibration text files need a transformers model folder (its "
+                         "tokenizer); give a package.module:inputs callable for other models")
+    try:
+        sentences = data.read_sentences(sources, samples, seed=0)
+    except ValueError as error:
+        raise UsageError(f"--calibration: {error}") from None
+    transformers = hf.require("transformers")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(src, local_files_only=True)
+    return data.text_batches(tokenizer, sentences, batch_size=16)
+
+
 def cmd_convert(args):
     import dcx
 
@@ -320,8 +345,13 @@ def cmd_convert(args):
     model, source_bytes, source, extra = convert_source(args.src, args.weights)
     model.eval()
     config = dcx.ConvertConfig(sparsity=args.sparsity, bits=args.bits, overrides=overrides or {},
-                               embeddings=args.embeddings, compute=args.compute)
-    model, rows = dcx.convert_(model, config, progress=not args.quiet)
+                               embeddings=args.embeddings, compute=args.compute,
+                               method=args.method,
+                               scale=None if args.scale == "none" else args.scale)
+    calibration = None
+    if args.calibration:
+        calibration = calibration_batches(args.calibration, args.src, args.samples)
+    model, rows = dcx.convert_(model, config, progress=not args.quiet, calibration=calibration)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     dcx.save(model, out, config=config, extra=extra)  # the ConvertConfig in the manifest
@@ -429,6 +459,18 @@ def parser():
     s.add_argument("--compute", default="auto", choices=COMPUTE_MODES,
                    help="what the packed layers compute in once loaded (each layer's mode is "
                         "recorded in the file; default auto: the activations' dtype)")
+    s.add_argument("--calibration", nargs="+", metavar="PATH",
+                   help="unlabeled inputs for calibrated compression: text files (split into "
+                        "sentences, tokenized by the model folder's tokenizer) or "
+                        "package.module:inputs (a callable returning an iterable of batches)")
+    s.add_argument("--samples", type=int, default=256,
+                   help="calibration sentences drawn from the text files (default 256)")
+    s.add_argument("--method", default="auto", choices=CONVERT_METHODS,
+                   help="auto: gptq with --calibration, else plain (magnitude pruning, k-means); "
+                        "gptq: second-order pruning and codebook assignment with error feedback")
+    s.add_argument("--scale", default="none", choices=("none", "row"),
+                   help="row: one scale per output row on the shared codebook (calibrated "
+                        "layers)")
     s.add_argument("--out", required=True, help="the .dcx file to write")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_convert)

@@ -295,7 +295,10 @@ class PruneConfig(_Config):
 INITS = ("linear", "density", "random", "kmeans++")
 METHODS = ("lloyd", "optimal")
 MODES = ("kmeans", "linear", "fixed-point")
-CLUSTER_LAYER_FIELDS = ("bits", "init", "method", "mode", "max_iter", "tol", "seed")
+CLUSTER_LAYER_FIELDS = ("bits", "init", "method", "mode", "max_iter", "tol", "seed", "scale")
+# A codebook's scaling: None (one codebook for the layer) or "row" (w = scale[row] * codebook[id],
+# one float16 scale per output row, the codebook shared on the normalised weights).
+SCALES = (None, "row")
 
 
 def _check_cluster_layer(where, layer):
@@ -314,6 +317,7 @@ def _check_cluster_layer(where, layer):
     check("max_iter", _is_int, "an int >= 0")
     check("tol", lambda v: _is_number(v) and math.isfinite(v), "a finite number >= 0")
     check("seed", lambda v: isinstance(v, int) and not isinstance(v, bool), "an int")
+    check("scale", lambda v: v in SCALES, f"one of {SCALES}")
 
 
 @dataclass
@@ -326,6 +330,9 @@ class ClusterConfig(_Config):
     the smallest to the largest surviving weight, nearest assignment) or "fixed-point" (the
     signed fixed-point grid with the fewest fractional bits that still covers max |w|).
     init, method, max_iter, tol, seed: passed to dcx.ops.kmeans1d.
+    scale: None, or "row": each output row divided by its scale (the RMS of its kept weights,
+    rounded to float16) before k-means, the weight then scale[row] * codebook[id] (for layers
+    whose rows differ in scale: depthwise convolutions, attention projections).
     reassign: keep the weights as clustered so that dcx.quantize.reassign_ can move each weight
     to its nearest fine-tuned centroid.
     overrides: the rule at the top of dcx.config, over the fields of CLUSTER_LAYER_FIELDS.
@@ -339,6 +346,7 @@ class ClusterConfig(_Config):
     max_iter: int = 300
     tol: float = 1e-4
     seed: int = 0
+    scale: Optional[str] = None
     reassign: bool = False
     overrides: dict[str, dict[str, Any] | None] = field(default_factory=dict)
 
@@ -403,8 +411,10 @@ def check_compute(compute):
 
 
 def _check_convert_layer(where, layer):
-    _check(not set(layer) - {"sparsity", "bits"},
-           f"{where}: a layer may set sparsity and bits, got {sorted(layer)}")
+    _check(not set(layer) - {"sparsity", "bits", "scale"},
+           f"{where}: a layer may set sparsity, bits and scale, got {sorted(layer)}")
+    _check(layer.get("scale") in SCALES, f"{where}: scale must be one of {SCALES}, got "
+                                         f"{layer.get('scale')!r}")
     _check("bits" not in layer or (_is_int(layer["bits"], 1) and layer["bits"] <= 8),
            f"{where}: bits must lie in [1, 8], got {layer.get('bits')!r}")
     value = layer.get("sparsity", 0.0)
@@ -433,7 +443,8 @@ class ConvertConfig(_Config):
     (exact module name, then "re:" patterns in order); include / exclude: patterns by the same
     rule, sugar for leaving out every other layer / these layers; dense: force the packed mode
     (None: by density); compute: the packed layers' compute mode (COMPUTE_MODES); method:
-    CONVERT_METHODS ("gptq" needs calibration inputs, given to convert_)."""
+    CONVERT_METHODS ("gptq" needs calibration inputs, given to convert_); scale: None or "row"
+    (ClusterConfig.scale), per layer too."""
 
     sparsity: float = 0.0
     bits: int = 5
@@ -445,11 +456,13 @@ class ConvertConfig(_Config):
     dense: Optional[bool] = None
     compute: str = "auto"
     method: str = "auto"
+    scale: Optional[str] = None
 
     def __post_init__(self):
         _check(self.method in CONVERT_METHODS,
                f"method must be one of {CONVERT_METHODS}, got {self.method!r}")
-        _check_convert_layer("ConvertConfig", {"sparsity": self.sparsity, "bits": self.bits})
+        _check_convert_layer("ConvertConfig", {"sparsity": self.sparsity, "bits": self.bits,
+                                               "scale": self.scale})
         self.overrides = check_overrides(self.overrides, "ConvertConfig", _check_convert_layer)
         self.include = _check_patterns("ConvertConfig include", self.include)
         self.exclude = _check_patterns("ConvertConfig exclude", self.exclude)

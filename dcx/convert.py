@@ -10,7 +10,7 @@ from typing import Iterable, NamedTuple, Optional
 from torch import nn
 
 from dcx import state
-from dcx.calibrate import calibratable, compress_calibrated_
+from dcx.calibration import calibratable, compress_calibrated_
 from dcx.config import (ClusterConfig, ConfigError, ConvertConfig, PruneConfig, check_compute,
                         layer_overrides)
 from dcx.nn import (PackedModule, SparseQuantConv2d, SparseQuantEmbedding, SparseQuantLinear,
@@ -145,7 +145,7 @@ def convert_(model: nn.Module, config: Optional[ConvertConfig] = None,
         if name not in chosen or override is None:
             rows[name] = rows[name]._replace(reason="excluded (include / exclude / overrides)")
             continue
-        per_layer[name] = {"sparsity": sparsity, "bits": bits, **override}
+        per_layer[name] = {"sparsity": sparsity, "bits": bits, "scale": config.scale, **override}
     if per_layer:
         method = config.method
         if method == "auto":
@@ -164,7 +164,7 @@ def convert_(model: nn.Module, config: Optional[ConvertConfig] = None,
             prune_(model, PruneConfig(sparsity=0.0, targets=list(pruned), overrides=pruned))
         others = {n: None for n in clusterable(model) if n not in plain}
         if plain:
-            cluster_(model, ClusterConfig(overrides={n: {"bits": v["bits"]}
+            cluster_(model, ClusterConfig(overrides={n: {"bits": v["bits"], "scale": v["scale"]}
                                                      for n, v in plain.items()} | others),
                      progress=progress)
         for name, v in per_layer.items():

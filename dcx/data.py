@@ -7,10 +7,15 @@
   no scikit-learn.
 
 Images come back as float32 [N, 1, H, W] in [0, 1], labels as int64 [N]; `loader` batches them.
+
+Unlabeled text for calibration: `read_sentences` (plain text files split into sentences) and
+`text_batches` (tokenized batches a transformers model takes).
 """
 
 import gzip
 import os
+import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +28,8 @@ from torch.utils.data import (
     TensorDataset,
 )
 
-__all__ = ["read_idx", "load_mnist", "load_digits", "loader", "MNIST_ENV"]
+__all__ = ["read_idx", "load_mnist", "load_digits", "loader", "MNIST_ENV", "read_sentences",
+           "text_batches"]
 
 MNIST_ENV = "DCX_MNIST"
 
@@ -155,3 +161,47 @@ def loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = Fa
         sampler = SequentialSampler(dataset)
     batches = BatchSampler(sampler, batch_size, drop_last)
     return DataLoader(dataset, sampler=batches, batch_size=None)
+
+
+# A sentence ends at . ! or ? (and closing quotes or brackets) followed by white space.
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+")
+
+
+def read_sentences(paths, count: int | None = None, seed: int = 0, min_words: int = 4,
+                   max_words: int = 64, skip: int = 0) -> list[str]:
+    """Sentences of the plain-text files `paths` (a path or a list; UTF-8): the text split at
+    sentence ends, line breaks joined, sentences of min_words..max_words words kept; then
+    `count` of them drawn at random (seed; None: all, in order), after leaving out the first
+    `skip` of the shuffled order (so two calls with different skips draw disjoint sets).
+    Raises ValueError when a file is missing or yields no sentence."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not paths:
+        raise ValueError("read_sentences: no text files given")
+    sentences = []
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"text file {str(path)!r} does not exist")
+        text = " ".join(path.read_text(encoding="utf-8", errors="replace").split())
+        for s in _SENTENCE_END.split(text):
+            if min_words <= len(s.split()) <= max_words:
+                sentences.append(s)
+    if not sentences:
+        raise ValueError(f"no sentence of {min_words} to {max_words} words in {[str(p) for p in paths]}")
+    if count is None:
+        return sentences[skip:]
+    order = list(range(len(sentences)))
+    random.Random(seed).shuffle(order)
+    return [sentences[i] for i in order[skip:skip + count]]
+
+
+def text_batches(tokenizer, sentences, batch_size: int = 16, max_length: int = 128) -> list:
+    """The sentences tokenized by a transformers tokenizer in batches of batch_size (padded to
+    the longest of each batch, truncated at max_length): a list of dicts of tensors, each a
+    model's keyword arguments."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    sentences = list(sentences)
+    return [dict(tokenizer(sentences[i:i + batch_size], padding=True, truncation=True,
+                           max_length=max_length, return_tensors="pt"))
+            for i in range(0, len(sentences), batch_size)]

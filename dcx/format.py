@@ -14,7 +14,7 @@ Layout (all integers little-endian):
               "auto"), "mode": "dense" or "sparse" (default: by density)}}, which dcx.load
               restores
     data      the sections, back to back in table order: codebooks, Huffman code lengths,
-              bitstreams, segment pointers, and raw parameters
+              bitstreams, segment pointers, row scales (from 1.4), and raw parameters
     digest    32 bytes: SHA-256 of everything before it
 
 A compressed tensor (a `CompressedTensor`) is a mask with, per kept weight, either a codebook
@@ -29,6 +29,12 @@ are stored in one of two modes, whichever is smaller:
 
 Values are stored in sparse mode: the Huffman-coded positions, then the kept values raw, in
 position order.
+
+A scaled codebook (from 1.4) adds a "scale" section to codes in either mode: one float16 per row
+of the weight viewed as [shape[0], -1] (2 bytes a row, 1% of a 4-bit row of 384 weights),
+tensor = scale[row] * codebook[labels]. Float16 because its rounding (2^-11 relative) is far below
+a 3-8 bit codebook's, and the stage that makes the scales rounds them to float16, so the file
+holds them exactly.
 
 Relative indices: with M = 2^index_bits - 1, an entry v in 1..M is a kept weight v positions after
 the previous one; v = 0 is a filler that skips M positions and holds no weight (the paper's filler
@@ -85,7 +91,7 @@ __all__ = [
 MAGIC = b"\x89DCX\r\n\x1a\n"
 # 1.1: the manifest may be zlib-deflated (header flag bit 0); 1.2: "values" records (pruning
 # alone); 1.3: "layers", the packed layers' settings. A reader takes every 1.x file.
-VERSION = (1, 3)
+VERSION = (1, 4)
 FLAG_MANIFEST_ZLIB = 1
 MAX_MANIFEST_EXPANSION = 1 << 26  # bytes a deflated manifest may inflate to (64 MiB)
 HEADER = struct.Struct("<8sHHIQI4x")
@@ -125,6 +131,8 @@ class CompressedTensor:
     index_bits: bits of a relative index (the paper uses 4 for fully connected layers, 5 for VGG,
     8 for conv). segment_rows: rows per segment of positions (None: enough rows for
     SEGMENT_POSITIONS). mode: codes only, "sparse", "dense" or None (whichever is smaller).
+    scale: codes only, float [shape[0]] row scales of a scaled codebook (float16 values, > 0):
+    tensor = scale[row] * codebook[labels] where mask.
     """
 
     mask: Tensor
@@ -135,6 +143,7 @@ class CompressedTensor:
     index_bits: int = 4
     segment_rows: int | None = None
     mode: str | None = None
+    scale: Tensor | None = None
 
     @property
     def shape(self):
@@ -151,6 +160,9 @@ class CompressedTensor:
             values = self.values
         else:
             values = self.codebook[self.labels.long().clamp(0, self.codebook.numel() - 1)]
+            if self.scale is not None:
+                values = values * self.scale.to(values.dtype).reshape(
+                    (-1,) + (1,) * (values.dim() - 1))
         return torch.where(self.mask, values, torch.zeros((), dtype=values.dtype))
 
 
@@ -261,8 +273,8 @@ def _check_record(name: str, ct: CompressedTensor):
     ):
         fail(f"segment_rows must be None or an int >= 1, got {ct.segment_rows!r}")
     if ct.values is not None:
-        if ct.codebook is not None or ct.labels is not None:
-            fail("give either values or codebook and labels, not both")
+        if ct.codebook is not None or ct.labels is not None or ct.scale is not None:
+            fail("give either values or codebook, labels (and scale), not both")
         if ct.values.shape != ct.mask.shape:
             fail(f"values must have the shape of mask {tuple(ct.mask.shape)}, got "
                  f"{tuple(ct.values.shape)}")
@@ -293,6 +305,14 @@ def _check_record(name: str, ct: CompressedTensor):
     kept = ct.labels[ct.mask]
     if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= ct.codebook.numel()):
         fail(f"labels must lie in [0, {ct.codebook.numel()}) where mask is set")
+    if ct.scale is not None:
+        rows = ct.mask.shape[0] if ct.mask.dim() else 1
+        s = ct.scale.detach().cpu()
+        if s.dim() != 1 or s.numel() != rows or not s.is_floating_point():
+            fail(f"scale must be float [shape[0]] = [{rows}], got {s.dtype} {tuple(s.shape)}")
+        if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()) or not torch.equal(
+                s.float().half().float(), s.float()):
+            fail("scale must hold finite, positive float16 values")
 
 
 def _geometry(shape, segment_rows: int | None):
@@ -361,6 +381,9 @@ def encode_tensor(ct: CompressedTensor, name: str = "tensor"):
     mode = min(candidates, key=lambda m: (sum(len(b) for _, b in candidates[m][1]), m))
     extra, sections = candidates[mode]
     meta.update(extra)
+    if ct.scale is not None:
+        sections = sections + [("scale", ct.scale.detach().cpu().half().numpy().astype("<f2")
+                                .tobytes())]
     return meta, sections
 
 
@@ -457,6 +480,8 @@ def decode_tensor(meta: dict, sections: dict, name: str = "tensor") -> Compresse
                           f"{mode!r}")
     wanted = ["index_lengths", "index", "pointers"] if mode == "sparse" else []
     wanted += ["values"] if payload == "values" else ["codebook", "label_lengths", "labels"]
+    if payload == "codes" and "scale" in sections:
+        wanted.append("scale")
     if sorted(sections) != sorted(wanted):
         raise FormatError(f"{where}: {payload} in {mode} mode need sections {wanted}, got "
                           f"{sorted(sections)}")
@@ -504,6 +529,16 @@ def decode_tensor(meta: dict, sections: dict, name: str = "tensor") -> Compresse
             mask[index] = True
             labels[index] = kept
         record = CompressedTensor(mask.reshape(shape), labels.reshape(shape), codebook, bits)
+        if "scale" in sections:
+            rows = shape[0] if shape else 1
+            if len(sections["scale"]) != 2 * rows:
+                raise FormatError(f"{where}: scale section of {len(sections['scale'])} bytes, "
+                                  f"{rows} rows need {2 * rows}")
+            scale = torch.from_numpy(np.frombuffer(sections["scale"], dtype="<f2").astype(
+                np.float32))
+            if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
+                raise FormatError(f"{where}: row scales must be finite and positive")
+            record.scale = scale
     nnz = meta.get("nnz")
     if nnz != int(mask.sum()):
         raise FormatError(

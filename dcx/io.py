@@ -59,7 +59,8 @@ def _record(st: state.LayerState) -> fmt.CompressedTensor:
                     "codebook[labels]: the weight changed after finalize_clustering_; share it "
                     "again (dcx.cluster_) or save it as it was")
         return fmt.CompressedTensor(mask.cpu(), st.labels.cpu(), st.codebook.detach().cpu(),
-                                    st.bits, index_bits=_index_bits(st))
+                                    st.bits, index_bits=_index_bits(st),
+                                    scale=None if st.scale is None else st.scale.detach().cpu())
     weight = st.weight()
     mask = st.mask
     moved = int((weight[~mask] != 0).sum())
@@ -190,10 +191,10 @@ def _restore(model: nn.Module, name: str, ct: fmt.CompressedTensor, dense: Optio
     module_name, _, param = name.rpartition(".")
     module = model.get_submodule(module_name)
     if hasattr(module, "packed"):
-        module.load_compressed(ct.mask, ct.labels, ct.codebook, ct.bits, dense)
+        module.load_compressed(ct.mask, ct.labels, ct.codebook, ct.bits, dense, ct.scale)
         return
     if hasattr(module, "layer_state"):
-        module.load_compressed(ct.mask, ct.labels, ct.codebook, ct.bits)
+        module.load_compressed(ct.mask, ct.labels, ct.codebook, ct.bits, ct.scale)
         return
     st = state.get(module, param, module_name)
     if st is not None and st.live:
@@ -202,7 +203,8 @@ def _restore(model: nn.Module, name: str, ct: fmt.CompressedTensor, dense: Optio
     if not bool(ct.mask.all()) or (st is not None and st.mask is not None):
         state.set_mask_(module, param, ct.mask)
     if ct.codebook is not None:
-        state.set_shared_(module, param, ct.codebook, ct.labels, ct.bits, live=False)
+        state.set_shared_(module, param, ct.codebook, ct.labels, ct.bits, live=False,
+                          scale=ct.scale)
     state.set_index_bits_(module, param, ct.index_bits)
 
 

@@ -87,6 +87,7 @@ class PackedModule(nn.Module):
         codebook = torch.zeros(1 << bits, dtype=dtype, device=device)
         self._set_packed(pack(mask, torch.zeros_like(mask, dtype=torch.int64), codebook, bits,
                               dense=False))
+        self.register_buffer("scale", None)  # [out] row scales of a scaled codebook
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
         else:
@@ -127,16 +128,19 @@ class PackedModule(nn.Module):
                 old = getattr(self, name)
                 setattr(self, name, torch.empty(state_dict[key].shape, dtype=state_dict[key].dtype,
                                                 device=old.device))
+        _take_scale(self, state_dict, prefix, self.codes.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.validate()
 
     def load_compressed(self, mask: Tensor, labels: Tensor, codebook: Tensor, bits: int,
-                        dense: Optional[bool] = None):
-        """Repack from (mask, labels, codebook) of the weight this layer stands for (a file's
-        record, as dcx.load meets a packed layer in the model it fills); dense as `pack`."""
+                        dense: Optional[bool] = None, scale: Optional[Tensor] = None):
+        """Repack from (mask, labels, codebook, row scales or None) of the weight this layer
+        stands for (a file's record, as dcx.load meets a packed layer in the model it fills);
+        dense as `pack`."""
         device, n = self.codes.device, self.out_features
         self._set_packed(pack(mask.to(device).reshape(n, -1), labels.to(device).reshape(n, -1),
                               codebook.to(device, self.codebook.dtype), bits, dense))
+        self.scale = None if scale is None else state.check_scale(scale, n, "scale").to(device)
 
     def layer_state(self, module_name: str = "") -> state.LayerState:
         """The compressed state this layer holds packed (dcx.state reads it here): mask, labels
@@ -150,8 +154,8 @@ class PackedModule(nn.Module):
 
         keys = tuple(k for k in self.state_dict(keep_vars=True) if k != "bias")
         return state.LayerState(module_name, "weight", self, None, self.codebook, None, self.bits,
-                                None, keys, packed=True, conv=self.layer_kind == "conv",
-                                unpack=unpacked)
+                                self.scale, None, keys, packed=True,
+                                conv=self.layer_kind == "conv", unpack=unpacked)
 
     @classmethod
     def from_float(cls, layer: nn.Module, sparsity: float = 0.0, bits: int = 5,
@@ -166,12 +170,16 @@ class PackedModule(nn.Module):
 
     @classmethod
     def from_shared(cls, layer: nn.Module, mask: Tensor, labels: Tensor, codebook: Tensor,
-                    bits: Optional[int] = None, dense: Optional[bool] = None):
-        """From (mask, labels, codebook) of `layer`'s weight (its shape, or [out, -1]); the
-        shape, hyperparameters and bias come from `layer`."""
+                    bits: Optional[int] = None, dense: Optional[bool] = None,
+                    scale: Optional[Tensor] = None):
+        """From (mask, labels, codebook) of `layer`'s weight (its shape, or [out, -1]) and its
+        row scales (a scaled codebook; None: unscaled); the shape, hyperparameters and bias
+        come from `layer`."""
         packed = cls._like(layer, bits or bits_for(codebook.numel()))
         n = packed.out_features
         packed._set_packed(pack(mask.reshape(n, -1), labels.reshape(n, -1), codebook, bits, dense))
+        if scale is not None:
+            packed.scale = state.check_scale(scale, n, "scale").to(packed.codes.device)
         if layer.bias is not None:
             packed.bias = nn.Parameter(layer.bias.detach().to(codebook.dtype).clone())
         return packed
@@ -180,7 +188,8 @@ class PackedModule(nn.Module):
     def from_state(cls, st: state.LayerState, dense: Optional[bool] = None):
         """The packed twin of the layer whose weight the stages shared (dcx.state)."""
         mask = st.kept
-        return cls.from_shared(st.module, mask, st.labels, st.codebook.detach(), st.bits, dense)
+        return cls.from_shared(st.module, mask, st.labels, st.codebook.detach(), st.bits, dense,
+                               st.scale)
 
     @property
     def weight(self) -> Tensor:
@@ -189,10 +198,13 @@ class PackedModule(nn.Module):
         return self.decoded_weight().reshape(self.weight_shape)
 
     def decoded_weight(self) -> Tensor:
-        """The dense weight this layer stands for, codebook[labels] x mask, [out_features,
-        in_features] in the codebook dtype."""
+        """The dense weight this layer stands for, scale[row] x codebook[labels] x mask,
+        [out_features, in_features] in the codebook dtype."""
         mask, labels = unpack(self.packed)
-        return torch.where(mask, self.codebook[labels], torch.zeros((), dtype=self.codebook.dtype))
+        values = self.codebook[labels]
+        if self.scale is not None:
+            values = values * self.scale.to(values.dtype)[:, None]
+        return torch.where(mask, values, torch.zeros((), dtype=self.codebook.dtype))
 
     def _linear(self, x: Tensor) -> Tensor:
         # One call into the op with the buffers as held: the op reads the codebook and bias in its
@@ -201,7 +213,7 @@ class PackedModule(nn.Module):
         b = self._buffers  # not Module.__getattr__: this runs on every forward
         return _spqmm_op()(x, b["codes"], b["windows"], b["group_ptr"], b["chunks"], b["codebook"],
                            self.out_features, self._packed_in_features(), self.bits, self.bias,
-                           -1, False, self._compute)
+                           -1, False, self._compute, b["scale"])
 
 
 class SparseQuantLinear(PackedModule):
@@ -403,13 +415,16 @@ class SparseQuantEmbedding(nn.Module):
                                                 device=device))
         self.register_buffer("codebook", torch.zeros(1 << bits, dtype=dtype or torch.get_default_dtype(),
                                                      device=device))
+        self.register_buffer("scale", None)  # [num_embeddings] row scales of a scaled codebook
 
     @property
     def weight_shape(self):
         return (self.num_embeddings, self.embedding_dim)
 
-    def load_compressed(self, mask: Tensor, labels: Tensor, codebook: Tensor, bits: int):
-        """Set the table from (mask, labels, codebook) of the weight it stands for."""
+    def load_compressed(self, mask: Tensor, labels: Tensor, codebook: Tensor, bits: int,
+                        scale: Optional[Tensor] = None):
+        """Set the table from (mask, labels, codebook, row scales or None) of the weight it
+        stands for."""
         device = self.ids.device
         dense = dense_ids(mask.to(device).bool(), labels.to(device), codebook.to(device), bits)
         if dense is None:
@@ -417,6 +432,8 @@ class SparseQuantEmbedding(nn.Module):
                              "pruned entries: share it with 7 bits or fewer")
         ids, codebook, bits = dense
         self.ids, self.codebook, self.bits = ids.contiguous(), codebook.to(self.codebook.dtype), bits
+        self.scale = None if scale is None else state.check_scale(
+            scale, self.num_embeddings, "scale").to(device)
 
     @classmethod
     def _like(cls, embedding: nn.Embedding, bits: int):
@@ -435,18 +452,19 @@ class SparseQuantEmbedding(nn.Module):
 
     @classmethod
     def from_shared(cls, embedding: nn.Embedding, mask: Tensor, labels: Tensor, codebook: Tensor,
-                    bits: Optional[int] = None):
-        """From (mask, labels, codebook) of `embedding`'s table."""
+                    bits: Optional[int] = None, scale: Optional[Tensor] = None):
+        """From (mask, labels, codebook, row scales or None) of `embedding`'s table."""
         bits = bits or bits_for(codebook.numel())
         layer = cls._like(embedding, bits)
-        layer.load_compressed(mask, labels, codebook, bits)
+        layer.load_compressed(mask, labels, codebook, bits, scale)
         return layer
 
     @classmethod
     def from_state(cls, st: state.LayerState):
         """The packed twin of an nn.Embedding whose table the stages shared (dcx.state)."""
         mask = st.kept
-        return cls.from_shared(st.module, mask, st.labels, st.codebook.detach(), st.bits)
+        return cls.from_shared(st.module, mask, st.labels, st.codebook.detach(), st.bits,
+                               st.scale)
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, sparsity: float = 0.0, bits: int = 5):
@@ -455,13 +473,17 @@ class SparseQuantEmbedding(nn.Module):
         return cls.from_float(embedding, sparsity, bits)
 
     def forward(self, input: Tensor) -> Tensor:
-        return self.codebook[self.ids[input].long()]
+        rows = self.codebook[self.ids[input].long()]
+        if self.scale is None:
+            return rows
+        return rows * self.scale[input].to(rows.dtype).unsqueeze(-1)
 
     @property
     def weight(self) -> Tensor:
         """The dense table this layer stands for (decoded on each access: for code that reads a
         layer's weight; forward never does)."""
-        return self.codebook[self.ids.long()]
+        table = self.codebook[self.ids.long()]
+        return table if self.scale is None else table * self.scale.to(table.dtype)[:, None]
 
     def layer_state(self, module_name: str = "") -> state.LayerState:
         """The table's state (dcx.state reads it here); mask and labels built on first read."""
@@ -471,7 +493,7 @@ class SparseQuantEmbedding(nn.Module):
 
         keys = tuple(k for k in self.state_dict(keep_vars=True))
         return state.LayerState(module_name, "weight", self, None, self.codebook, None, self.bits,
-                                None, keys, packed=True, unpack=unpacked)
+                                self.scale, None, keys, packed=True, unpack=unpacked)
 
     def get_extra_state(self):
         return {"bits": self.bits}
@@ -483,11 +505,20 @@ class SparseQuantEmbedding(nn.Module):
         key = prefix + "codebook"  # the codebook's size follows the bits
         if key in state_dict:
             self.codebook = torch.empty_like(state_dict[key], device=self.codebook.device)
+        _take_scale(self, state_dict, prefix, self.ids.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self):
         pad = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
         return f"{self.num_embeddings}, {self.embedding_dim}{pad}, bits={self.bits}"
+
+
+def _take_scale(module: nn.Module, state_dict: dict, prefix: str, device) -> None:
+    """A packed layer's row scales follow the incoming state: made when it has them, dropped
+    when it has none."""
+    key = prefix + "scale"
+    module.scale = (torch.empty(state_dict[key].shape, dtype=torch.float32, device=device)
+                    if key in state_dict else None)
 
 
 def packable(module: nn.Module) -> Optional[str]:

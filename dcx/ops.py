@@ -175,6 +175,7 @@ def spqmm(
     crossover: int = -1,
     check: bool = True,
     compute: str = "auto",
+    scale: Optional[Tensor] = None,
 ) -> Tensor:
     """y = x W^T + bias, W [out_features, in_features] packed by dcx.pack and decoded on the fly.
 
@@ -190,17 +191,19 @@ def spqmm(
     on (-1: the plan's measured default), W is decoded once and the BLAS runs instead.
     Corrupted packed data (ids >= codebook size, columns >= in_features, bad pointers) raises
     RuntimeError; on CUDA that costs one host sync, which check=False skips (reads stay in
-    bounds either way; a CUDA graph capture never syncs).
+    bounds either way; a CUDA graph capture never syncs). scale: [out_features] row scales of a
+    scaled codebook (W = scale[row] * codebook[id]; float), applied to each output before the
+    bias, whichever kernel runs.
     """
     return op("spqmm")(
         x, codes, windows, group_ptr, chunks, codebook, out_features, in_features, bits, bias,
-        crossover, check, compute,
+        crossover, check, compute, scale,
     )
 
 
 @_fake("spqmm")
 def _(x, codes, windows, group_ptr, chunks, codebook, out_features, in_features, bits,
-      bias=None, crossover=-1, check=True, compute="auto"):
+      bias=None, crossover=-1, check=True, compute="auto", scale=None):
     torch._check(x.shape[-1] == in_features,
                  lambda: f"x must have in_features = {in_features} elements in its last dimension")
     return x.new_empty((*x.shape[:-1], out_features))
@@ -245,6 +248,7 @@ def spqmm_int8(
     bits: int,
     bias: Optional[Tensor] = None,
     check: bool = True,
+    scale: Optional[Tensor] = None,
 ) -> Tensor:
     """spqmm for a dense-mode layer (uint8 codes) with int8 activations and integer dot products:
     each row of x quantized on the fly in blocks of 32 columns (scale max|x| / 127, round half to
@@ -253,11 +257,12 @@ def spqmm_int8(
     csrc/core/spqmm_int8.h and, in torch, in dcx.reference.spqmm_int8). Arguments and errors as
     spqmm; returns [..., out_features] in x's dtype. The activations' rounding costs about 1e-2
     relative error per output on random data (all-MiniLM-L6-v2: benchmarks/results/transformer-cpu.md)."""
-    return op("spqmm_int8")(x, codes, codebook, out_features, in_features, bits, bias, check)
+    return op("spqmm_int8")(x, codes, codebook, out_features, in_features, bits, bias, check,
+                            scale)
 
 
 @_fake("spqmm_int8")
-def _(x, codes, codebook, out_features, in_features, bits, bias=None, check=True):
+def _(x, codes, codebook, out_features, in_features, bits, bias=None, check=True, scale=None):
     torch._check(codes.dtype == torch.uint8,
                  lambda: "codes must be uint8 (a dense-mode layer: spqmm_int8 serves dense mode only)")
     torch._check(x.shape[-1] == in_features,

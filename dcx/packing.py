@@ -52,16 +52,17 @@ class PackedWeight(NamedTuple):
         return self._replace(**{name: getattr(self, name).to(device) for name in PACKED_BUFFERS})
 
     def spqmm(self, x: Tensor, bias: Optional[Tensor] = None, check: bool = True,
-              crossover: int = -1, compute: str = "auto") -> Tensor:
-        """x W^T + bias through dcx.ops.spqmm."""
+              crossover: int = -1, compute: str = "auto", scale: Optional[Tensor] = None) -> Tensor:
+        """x W^T + bias through dcx.ops.spqmm (scale: row scales of a scaled codebook)."""
         return ops.spqmm(x, self.codes, self.windows, self.group_ptr, self.chunks, self.codebook,
                          self.out_features, self.in_features, self.bits, bias, crossover, check,
-                         compute)
+                         compute, scale)
 
-    def spqmm_int8(self, x: Tensor, bias: Optional[Tensor] = None, check: bool = True) -> Tensor:
+    def spqmm_int8(self, x: Tensor, bias: Optional[Tensor] = None, check: bool = True,
+                   scale: Optional[Tensor] = None) -> Tensor:
         """x W^T + bias through dcx.ops.spqmm_int8 (dense mode only; int8 arithmetic)."""
         return ops.spqmm_int8(x, self.codes, self.codebook, self.out_features, self.in_features,
-                              self.bits, bias, check)
+                              self.bits, bias, check, scale)
 
 
 # The tensors of a PackedWeight (SparseQuantLinear's buffers).

@@ -38,6 +38,7 @@ __all__ = [
     "finalize_clustering_",
     "reassign_",
     "codebook_parameters",
+    "row_scales",
 ]
 
 
@@ -60,6 +61,17 @@ def cluster_values(values: Tensor, layer: dict) -> tuple[Tensor, Tensor]:
     codebook = torch.arange(-(k // 2), k - k // 2, dtype=x.dtype, device=x.device) * step
     labels = (torch.round(x / step) + k // 2).clamp_(0, k - 1).to(torch.int32)
     return codebook, labels
+
+
+def row_scales(weight: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """[out] float32 scales of a scaled codebook, one per output row: the RMS of the row's kept
+    weights, rounded to float16 (what the file stores), 1 for a row with none. RMS rather than
+    max |w|: one outlier would squeeze the rest of its row into a few codebook entries."""
+    w = weight.detach().float().reshape(weight.shape[0], -1)
+    keep = torch.ones_like(w) if mask is None else mask.reshape(w.shape).float()
+    rms = ((w * w * keep).sum(1) / keep.sum(1).clamp_min(1)).sqrt()
+    rms = rms.clamp(2.0 ** -14, 65504.0).half().float()  # float16's normal range
+    return torch.where((w * keep).abs().amax(1) > 0, rms, torch.ones_like(rms))
 
 
 def clusterable(model: nn.Module) -> dict[str, nn.Module]:
@@ -107,6 +119,10 @@ def cluster_(model: nn.Module, config: Optional[ClusterConfig] = None,
         st = state.get(module)
         mask = None if st is None else st.mask
         w = weight.detach()
+        scale = None
+        if layer.get("scale") == "row":
+            scale = row_scales(w, mask)
+            w = w / state.row_view(scale.to(w.device, w.dtype), w.dim())
         survivors = w[mask] if mask is not None else w.reshape(-1)
         codebook, kept = cluster_values(survivors, layer)
         if mask is not None:
@@ -115,7 +131,7 @@ def cluster_(model: nn.Module, config: Optional[ClusterConfig] = None,
         else:
             labels = kept.reshape(w.shape)
         state.set_shared_(module, "weight", codebook, labels, layer["bits"], live=True,
-                          clustered=w if config.reassign else None)
+                          clustered=w if config.reassign else None, scale=scale)
     return model
 
 
@@ -134,7 +150,7 @@ def reassign_(model: nn.Module) -> int:
     for name, st in state.layers(model).items():
         if not st.live:
             continue
-        dense = state.clustered(st.module, st.param)
+        dense = state.clustered(st.module, st.param)  # divided by the row scales, if any
         if dense is None:
             raise RuntimeError(f"{name}: reassign_ needs ClusterConfig(reassign=True) at "
                                "cluster_ time")

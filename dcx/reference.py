@@ -263,9 +263,14 @@ def spqmm(
     bias: Optional[Tensor] = None,
     crossover: int = -1,
     check: bool = True,
+    compute: str = "auto",
+    scale: Optional[Tensor] = None,
 ) -> Tensor:
-    """F.linear with the decoded weight, in float64, returned in x's dtype."""
+    """F.linear with the decoded weight (times the row scales), in float64, returned in x's
+    dtype."""
     w = spqmm_weight(codes, windows, group_ptr, codebook, out_features, in_features, bits)
+    if scale is not None:
+        w = w * scale.double()[:, None]
     b = None if bias is None else bias.double()
     return torch.nn.functional.linear(x.double(), w, b).to(x.dtype)
 
@@ -310,18 +315,21 @@ def spqmm_int8(
     bits: int,
     bias: Optional[Tensor] = None,
     check: bool = True,
+    scale: Optional[Tensor] = None,
 ) -> Tensor:
     """dcx.ops.spqmm_int8 in plain torch: the same integer values and scales (int8 activations,
     int16 codebook), the block dots exact, the rest in float64 (the kernels sum in float32).
     Returns x's dtype."""
-    return spqmm_int8_float64(x, codes, codebook, out_features, in_features, bits, bias).to(x.dtype)
+    return spqmm_int8_float64(x, codes, codebook, out_features, in_features, bits, bias,
+                              scale).to(x.dtype)
 
 
 def spqmm_int8_float64(
     x: Tensor, codes: Tensor, codebook: Tensor, out_features: int, in_features: int, bits: int,
-    bias: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None, scale: Optional[Tensor] = None,
 ) -> Tensor:
-    """spqmm_int8's result before the final rounding to x's dtype, in float64."""
+    """spqmm_int8's result before the final rounding to x's dtype, in float64 (row scales, when
+    given, multiply each output before the bias)."""
     empty = torch.empty(0, dtype=torch.int32, device=codes.device)
     _, ids = spqmm_ids(codes, empty, empty, out_features, in_features, bits)
     cq, cscale = q8_quantize(codebook, levels=32767)  # cq [1, k] (int16 values), cscale [1]
@@ -333,6 +341,8 @@ def spqmm_int8_float64(
     w = w.reshape(out_features, blocks, Q8_BLOCK)
     dots = torch.einsum("...bt,nbt->...nb", xq.double(), w)  # exact: integers below 2^53
     y = (dots * xs.double().unsqueeze(-2)).sum(-1) * cscale.double()
+    if scale is not None:
+        y = y * scale.double()
     if bias is not None:
         y = y + bias.double()
     return y

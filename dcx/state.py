@@ -11,6 +11,8 @@ named after it, so they travel with state_dict, deepcopy, .to() and DDP like any
                       once finalize_clustering_ baked the weight back into a Parameter
     weight_labels     int32, the weight's shape: each weight's codebook id            sharing
     weight_clustered  the weights as they were clustered (for quantize.reassign_)     sharing
+    weight_scale      [out] per output row, float32 holding float16 values: a scaled    sharing
+                      codebook, the weight being scale[row] * codebook[labels]
 
 and its integers in the module attribute `_dcx_meta` ({"weight": {"bits": 5, "index_bits": 4}}):
 the bits of a codebook id (weight sharing) and of a relative index (encoding, None: the
@@ -48,39 +50,52 @@ __all__ = [
     "set_index_bits_", "apply_", "mask_of", "shared_weight", "SUFFIXES",
 ]
 
-MASK, CODEBOOK, LABELS, CLUSTERED = "_mask", "_codebook", "_labels", "_clustered"
-SUFFIXES = (MASK, CODEBOOK, LABELS, CLUSTERED)
+MASK, CODEBOOK, LABELS, CLUSTERED, SCALE = "_mask", "_codebook", "_labels", "_clustered", "_scale"
+SUFFIXES = (MASK, CODEBOOK, LABELS, CLUSTERED, SCALE)
 _META = "_dcx_meta"
 _LINK = "_dcx_link"
 
 
+def row_view(scale: Tensor, dims: int) -> Tensor:
+    """A [out] row scale shaped to multiply a weight of `dims` dimensions."""
+    return scale.reshape((-1,) + (1,) * (dims - 1))
+
+
 class SharedWeight(torch.autograd.Function):
-    """weight = codebook[labels] where mask (exact zeros elsewhere); the codebook's gradient is the
-    per-cluster sum of the weight's gradient over the kept positions (dcx.ops.centroid_grad)."""
+    """weight = scale[row] * codebook[labels] where mask (exact zeros elsewhere; scale None: 1);
+    the codebook's gradient is the per-cluster sum of the weight's gradient (times the row's
+    scale) over the kept positions (dcx.ops.centroid_grad)."""
 
     @staticmethod
-    def forward(codebook: Tensor, labels: Tensor, mask: Optional[Tensor]) -> Tensor:
+    def forward(codebook: Tensor, labels: Tensor, mask: Optional[Tensor],
+                scale: Optional[Tensor]) -> Tensor:
         weight = codebook[labels]
+        if scale is not None:
+            weight = weight * row_view(scale.to(weight.dtype), weight.dim())
         return weight if mask is None else torch.where(mask, weight, torch.zeros_like(weight))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        codebook, labels, mask = inputs
-        ctx.save_for_backward(labels, mask)
+        codebook, labels, mask, scale = inputs
+        ctx.save_for_backward(labels, mask, scale)
         ctx.num_clusters = codebook.numel()
 
     @staticmethod
     def backward(ctx, grad_weight):
-        labels, mask = ctx.saved_tensors
+        labels, mask, scale = ctx.saved_tensors
+        if scale is not None:
+            grad_weight = grad_weight * row_view(scale.to(grad_weight.dtype), grad_weight.dim())
         # The labels came from the clustering: no check (on CUDA a host sync per step).
         grad = ops.centroid_grad(grad_weight.contiguous(), labels, ctx.num_clusters, mask,
                                  check=False)
-        return grad, None, None
+        return grad, None, None, None
 
 
-def shared_weight(codebook: Tensor, labels: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-    """codebook[labels] (zero where mask is False), differentiable in the codebook."""
-    return SharedWeight.apply(codebook, labels, mask)
+def shared_weight(codebook: Tensor, labels: Tensor, mask: Optional[Tensor] = None,
+                  scale: Optional[Tensor] = None) -> Tensor:
+    """scale[row] * codebook[labels] (zero where mask is False; scale None: 1), differentiable
+    in the codebook."""
+    return SharedWeight.apply(codebook, labels, mask, scale)
 
 
 @dataclass(frozen=True)
@@ -95,6 +110,7 @@ class LayerState:
     codebook: Optional[Tensor] = None  # [k]; None: not weight-shared
     stored_labels: Optional[Tensor] = None  # read `labels`
     bits: Optional[int] = None  # bits of a codebook id (k <= 2^bits)
+    scale: Optional[Tensor] = None  # [out] row scales of a scaled codebook (None: unscaled)
     index_bits: Optional[int] = None  # bits of a relative index in the file (None: default)
     keys: tuple = ()  # the module's state_dict keys that hold this state (the weight's included)
     packed: bool = False  # held by a packed layer (SparseQuant*), rebuilt from its packed form
@@ -141,13 +157,13 @@ class LayerState:
         """The weight the layer computes with (detached)."""
         if self.shared and (self.live or self.packed):
             with torch.no_grad():
-                return shared_weight(self.codebook.detach(), self.labels, self.mask)
+                return shared_weight(self.codebook.detach(), self.labels, self.mask, self.scale)
         return getattr(self.module, self.param).detach()
 
     def shared_values(self) -> Tensor:
-        """codebook[labels], zero where pruned: what a shared weight must equal."""
+        """scale[row] * codebook[labels], zero where pruned: what a shared weight must equal."""
         with torch.no_grad():
-            return shared_weight(self.codebook.detach(), self.labels, self.mask)
+            return shared_weight(self.codebook.detach(), self.labels, self.mask, self.scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,8 +198,8 @@ def get(module: nn.Module, param: str = "weight", module_name: str = "") -> Opti
                  if params.get(k) is not None or (buffers.get(k) is not None
                                                   and k not in module._non_persistent_buffers_set))
     return LayerState(module_name, param, module, buffers.get(param + MASK), codebook,
-                      buffers.get(param + LABELS), meta.get("bits"), meta.get("index_bits"),
-                      keys, conv=kind(module) == "conv")
+                      buffers.get(param + LABELS), meta.get("bits"), buffers.get(param + SCALE),
+                      meta.get("index_bits"), keys, conv=kind(module) == "conv")
 
 
 def layers(model: nn.Module) -> dict[str, LayerState]:
@@ -245,8 +261,10 @@ def set_mask_(module: nn.Module, param: str, mask: Tensor) -> Tensor:
 
 
 def set_shared_(module: nn.Module, param: str, codebook: Tensor, labels: Tensor, bits: int,
-                live: bool = True, clustered: Optional[Tensor] = None) -> None:
-    """Make module.<param> weight-shared: codebook [k] (k <= 2^bits), labels int of its shape.
+                live: bool = True, clustered: Optional[Tensor] = None,
+                scale: Optional[Tensor] = None) -> None:
+    """Make module.<param> weight-shared: codebook [k] (k <= 2^bits), labels int of its shape;
+    scale: [out] row scales (weight = scale[row] * codebook[labels]; float16 values, checked).
     live: the codebook becomes a Parameter and the weight is rebuilt from it before each forward
     (fine-tuning); otherwise the weight stays a Parameter holding codebook[labels] and the
     codebook a buffer (what finalize_clustering_ leaves, and what dcx.load restores).
@@ -258,14 +276,18 @@ def set_shared_(module: nn.Module, param: str, codebook: Tensor, labels: Tensor,
     if codebook.dim() != 1 or not 1 <= codebook.numel() <= 1 << bits:
         raise ValueError(f"the codebook of {param} must be 1-D with 1 to 2^{bits} entries, got "
                          f"shape {tuple(codebook.shape)}")
+    if scale is not None:
+        scale = check_scale(scale, weight.shape[0], f"the scale of {param}")
     _meta(module, param)["bits"] = int(bits)
     device, dtype = weight.device, weight.dtype
     requires_grad = weight.requires_grad
-    for suffix in (CODEBOOK, LABELS, CLUSTERED):
+    for suffix in (CODEBOOK, LABELS, CLUSTERED, SCALE):
         module._parameters.pop(param + suffix, None)
         module._buffers.pop(param + suffix, None)
     codebook = codebook.detach().to(device=device, dtype=dtype).clone()
     module.register_buffer(param + LABELS, labels.to(device=device, dtype=torch.int32).clone())
+    if scale is not None:
+        module.register_buffer(param + SCALE, scale.to(device=device, dtype=torch.float32))
     if clustered is not None:
         module.register_buffer(param + CLUSTERED, clustered.detach().to(device).clone())
     if live:
@@ -276,6 +298,24 @@ def set_shared_(module: nn.Module, param: str, codebook: Tensor, labels: Tensor,
     apply_(module, param)
 
 
+def check_scale(scale: Tensor, rows: int, what: str) -> Tensor:
+    """`scale` as float32 [rows] when it is finite, positive and float16-exact (the file stores
+    it in float16: its rounding, 2^-11 relative, is far below a 3-8 bit codebook's), else
+    ValueError naming `what`."""
+    scale = scale.detach()
+    if scale.dim() != 1 or scale.numel() != rows:
+        raise ValueError(f"{what} must be 1-D with one entry per output row ({rows}), got shape "
+                         f"{tuple(scale.shape)}")
+    if not scale.is_floating_point():
+        raise ValueError(f"{what} must be floating point, got {scale.dtype}")
+    scale = scale.float()
+    if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
+        raise ValueError(f"{what} must be finite and positive")
+    if not torch.equal(scale.half().float(), scale):
+        raise ValueError(f"{what} must hold float16 values (round it with .half().float())")
+    return scale
+
+
 def finalize_shared_(module: nn.Module, param: str) -> None:
     """Bake a live shared weight back into a plain Parameter (codebook[labels], zero where
     pruned); the codebook stays as a buffer and the labels stay, so the state is still known."""
@@ -283,7 +323,8 @@ def finalize_shared_(module: nn.Module, param: str) -> None:
     if codebook is None:
         return
     weight = shared_weight(codebook.detach(), module._buffers[param + LABELS],
-                           module._buffers.get(param + MASK)).clone()
+                           module._buffers.get(param + MASK),
+                           module._buffers.get(param + SCALE)).clone()
     del module._parameters[param + CODEBOOK]
     module.register_buffer(param + CODEBOOK, codebook.detach().clone())
     module._buffers.pop(param + CLUSTERED, None)
@@ -304,7 +345,8 @@ def apply_(module: nn.Module, param: str) -> None:
     codebook = module._parameters.get(param + CODEBOOK)
     mask = module._buffers.get(param + MASK)
     if codebook is not None:
-        setattr(module, param, shared_weight(codebook, module._buffers[param + LABELS], mask))
+        setattr(module, param, shared_weight(codebook, module._buffers[param + LABELS], mask,
+                                             module._buffers.get(param + SCALE)))
     elif mask is not None and module._parameters.get(param) is not None:
         module._parameters[param].masked_fill_(~mask, 0.0)
 
@@ -319,7 +361,8 @@ class _StateHook:
             mask = module._buffers.get(param + MASK)
             if codebook is not None:
                 setattr(module, param,
-                        shared_weight(codebook, module._buffers[param + LABELS], mask))
+                        shared_weight(codebook, module._buffers[param + LABELS], mask,
+                                      module._buffers.get(param + SCALE)))
             elif mask is not None and module._parameters.get(param) is not None:
                 if not torch.compiler.is_compiling():
                     _link(module, param)  # after a deepcopy, whose Parameters carry no link

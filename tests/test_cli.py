@@ -318,9 +318,49 @@ def test_the_demo_data_needs_no_scikit_learn():
     assert run.stdout.strip() == "1438"
 
 
-def test_the_compute_choices_are_the_layers_modes():
-    from dcx import cli, nn
+def test_convert_with_calibration_text(tmp_path):
+    """--calibration text files: sentences tokenized by the folder's tokenizer; --scale row; a
+    corpus with no sentence, or text files for a model without a tokenizer folder, is a usage
+    error that writes no file."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    import torch
 
+    import dcx as dcx_pkg
+
+    words = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far", "away", "and", "home"]
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+                                                  + words + [".", ","]) + "\n")
+    config = transformers.BertConfig(vocab_size=5 + len(words) + 2, hidden_size=32,
+                                     num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    folder = tmp_path / "bert"
+    transformers.BertModel(config).save_pretrained(folder)
+    transformers.BertTokenizer(str(tmp_path / "vocab.txt")).save_pretrained(folder)
+    g = torch.Generator().manual_seed(0)
+    text = " ".join(" ".join(words[i] for i in torch.randint(0, len(words), (6,), generator=g))
+                    + "." for _ in range(60))
+    (tmp_path / "corpus.txt").write_text(text)
+    run = dcx("convert", folder, "--bits", "3", "--calibration", tmp_path / "corpus.txt",
+              "--samples", "40", "--scale", "row", "--no-embeddings", "--out",
+              tmp_path / "bert.dcx", "--quiet")
+    assert run.returncode == 0, run.stderr
+    loaded = dcx_pkg.hf.model_from_file(tmp_path / "bert.dcx")
+    assert loaded.encoder.layer[0].attention.self.query.scale is not None
+    (tmp_path / "empty.txt").write_text("no.\n")
+    run = dcx("convert", folder, "--bits", "3", "--calibration", tmp_path / "empty.txt",
+              "--out", tmp_path / "none.dcx", "--quiet")
+    assert run.returncode == 2 and "no sentence of 4 to 64 words" in run.stderr
+    assert not (tmp_path / "none.dcx").exists()
+    run = dcx("convert", folder, "--bits", "3", "--calibration", tmp_path / "missing.txt",
+              "--out", tmp_path / "none.dcx", "--quiet")
+    assert run.returncode == 2 and "missing.txt' does not exist" in run.stderr
+
+
+def test_the_compute_choices_are_the_layers_modes():
+    from dcx import cli, config, nn
+
+    assert cli.CONVERT_METHODS == config.CONVERT_METHODS
     assert cli.COMPUTE_MODES == nn.COMPUTE_MODES
     choices = [a.choices for a in cli.parser()._subparsers._group_actions[0].choices["convert"]._actions
                if a.dest == "compute"]

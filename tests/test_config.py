@@ -116,15 +116,20 @@ def test_the_same_bad_override_gets_the_same_error_from_every_verb():
 def test_convert_config_round_trips_and_checks(tmp_path):
     from dcx.config import ConvertConfig
 
-    config = ConvertConfig(sparsity=0.5, bits=4, overrides={"re:fc.*": {"bits": 6}, "fc3": None},
-                           include="re:fc.*", dense=True, compute="int8")
+    config = ConvertConfig(sparsity=0.5, bits=4, overrides={"re:fc.*": {"bits": 6}, "fc3": None,
+                                                            "fc2": {"scale": "row"}},
+                           include="re:fc.*", dense=True, compute="int8", method="gptq",
+                           scale="row")
     assert config.include == ["re:fc.*"]
     for suffix in (".yaml", ".json"):
         assert ConvertConfig.load(config.save(tmp_path / f"c{suffix}")) == config
     for bad, match in [({"bits": 9}, r"bits must lie in \[1, 8\]"),
                        ({"sparsity": 1.5}, r"sparsity must be a number in \[0, 1\]"),
                        ({"compute": "fp8"}, "compute must be one of"),
-                       ({"overrides": {"fc1": {"index_bits": 3}}}, "may set sparsity and bits"),
+                       ({"overrides": {"fc1": {"index_bits": 3}}},
+                        "may set sparsity, bits and scale"),
+                       ({"scale": "group"}, r"scale must be one of \(None, 'row'\)"),
+                       ({"method": "obs"}, "method must be one of"),
                        ({"exclude": ["re:("]}, "bad regex"),
                        ({"dense": "yes"}, "dense must be true, false or null")]:
         with pytest.raises(ConfigError, match=match):

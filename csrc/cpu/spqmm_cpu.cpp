@@ -553,9 +553,11 @@ at::Tensor spqmm_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Ten
                      const at::Tensor& group_ptr, const at::Tensor& chunks,
                      const at::Tensor& codebook, int64_t out_features, int64_t in_features,
                      int64_t bits, const std::optional<at::Tensor>& bias, int64_t crossover,
-                     bool /*check: the CPU checks cost nothing extra*/, c10::string_view compute) {
+                     bool /*check: the CPU checks cost nothing extra*/, c10::string_view compute,
+                     const std::optional<at::Tensor>& scale) {
   check_spqmm_args(x, codes, windows, group_ptr, chunks, codebook, out_features, in_features, bits,
                    bias);
+  check_spqmm_scale(scale, x, out_features);
   const SpqmmCompute mode = parse_spqmm_compute(compute);
   // The ATen calls inside (casts, the BLAS) are the kernel's own arithmetic, not a graph to record.
   const at::NoGradGuard no_grad;
@@ -580,8 +582,10 @@ at::Tensor spqmm_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Ten
       const SpqmmIsa isa = cpu_isa();
       const SpqmmPlan plan = cpu_plan(p, isa, mode, M, crossover);
       SpqmmSeen seen;
-      run_plan(p, isa, plan, codebook, xc, bias_c, y, &seen);
+      // A scaled codebook: the kernels sum codebook values, the row scale and bias come after.
+      run_plan(p, isa, plan, codebook, xc, has_tensor(scale) ? at::Tensor() : bias_c, y, &seen);
       check_seen(seen, codebook.numel(), K);
+      if (has_tensor(scale)) apply_row_scale(y, *scale, bias_c);
     }
     // bfloat16 compute: the result as the bf16 product rounds it, whatever x's dtype.
     if (dtype == at::kBFloat16 && x.scalar_type() != at::kBFloat16) y = y.to(at::kBFloat16);
@@ -618,8 +622,10 @@ at::Tensor spqmm_decode_cpu(const at::Tensor& codes, const at::Tensor& windows,
 // kernels where those are faster; this op never does, for tests and benchmarks).
 at::Tensor spqmm_int8_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebook,
                           int64_t out_features, int64_t in_features, int64_t bits,
-                          const std::optional<at::Tensor>& bias, bool /*check: free on the CPU*/) {
+                          const std::optional<at::Tensor>& bias, bool /*check: free on the CPU*/,
+                          const std::optional<at::Tensor>& scale) {
   check_spqmm_int8_args(x, codes, codebook, out_features, in_features, bits, bias);
+  check_spqmm_scale(scale, x, out_features);
   const at::NoGradGuard no_grad;
   const int64_t N = out_features, K = in_features;
   const at::Tensor none;
@@ -639,9 +645,11 @@ at::Tensor spqmm_int8_cpu(const at::Tensor& x, const at::Tensor& codes, const at
       plan.block = spqmm_rows_block(M);
     }
     SpqmmSeen seen;
-    int8_product(p, isa, plan, codebook, x2, has_bias ? bias_f.data_ptr<float>() : nullptr,
+    const bool scaled = has_tensor(scale);
+    int8_product(p, isa, plan, codebook, x2, has_bias && !scaled ? bias_f.data_ptr<float>() : nullptr,
                  y.data_ptr<float>(), &seen);
     check_seen(seen, codebook.numel(), K);
+    if (scaled) apply_row_scale(y, *scale, bias_f);
   }
   return y.to(x.scalar_type()).reshape(out_shape);
 }

@@ -190,9 +190,10 @@ at::Tensor spqmm_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Te
                       const at::Tensor& group_ptr, const at::Tensor& chunks,
                       const at::Tensor& codebook, int64_t out_features, int64_t in_features,
                       int64_t bits, const std::optional<at::Tensor>& bias, int64_t crossover,
-                      bool check, c10::string_view compute) {
+                      bool check, c10::string_view compute, const std::optional<at::Tensor>& scale) {
   check_spqmm_args(x, codes, windows, group_ptr, chunks, codebook, out_features, in_features, bits,
                    bias);
+  check_spqmm_scale(scale, x, out_features);
   const SpqmmCompute c = parse_spqmm_compute(compute);
   cuda::check_cuda_tensor(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
@@ -205,24 +206,31 @@ at::Tensor spqmm_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Te
   // Sparse mode's density is that of the slots, padding included: the kernel pays for every slot.
   const double density = dense_mode ? 1.0 : double(codes.numel()) / std::max(1.0, double(N) * double(K));
   const SpqmmPlan plan = spqmm_plan(SpqmmIsa::kCuda, mode, density, N, K, o.x2.size(0), 1, crossover);
-  const at::Tensor y =
+  // A scaled codebook: the kernels sum codebook values, the row scale and bias come after.
+  const at::Tensor b = has_tensor(scale) ? at::Tensor() : o.b;
+  at::Tensor y =
       plan.kernel == SpqmmKernel::kInt8Rows
-          ? int8_product(o.x2, codes, o.cb, N, K, bits, o.b, check, stream)
-          : float_product(o.x2, codes, windows, group_ptr, chunks, o.cb, N, K, bits, o.b,
+          ? int8_product(o.x2, codes, o.cb, N, K, bits, b, check, stream)
+          : float_product(o.x2, codes, windows, group_ptr, chunks, o.cb, N, K, bits, b,
                           plan.kernel == SpqmmKernel::kDecodeGemm, check, stream);
+  if (has_tensor(scale)) apply_row_scale(y, *scale, o.b);
   return y.to(x.scalar_type()).reshape(o.out_shape);
 }
 
 at::Tensor spqmm_int8_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebook,
                            int64_t out_features, int64_t in_features, int64_t bits,
-                           const std::optional<at::Tensor>& bias, bool check) {
+                           const std::optional<at::Tensor>& bias, bool check,
+                           const std::optional<at::Tensor>& scale) {
   check_spqmm_int8_args(x, codes, codebook, out_features, in_features, bits, bias);
+  check_spqmm_scale(scale, x, out_features);
   cuda::check_cuda_tensor(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   const Operands o(x, codebook, bias, out_features, x.scalar_type());
-  return int8_product(o.x2, codes, o.cb, out_features, in_features, bits, o.b, check,
-                      at::cuda::getCurrentCUDAStream())
-      .reshape(o.out_shape);
+  const bool scaled = has_tensor(scale);
+  at::Tensor y = int8_product(o.x2, codes, o.cb, out_features, in_features, bits,
+                              scaled ? at::Tensor() : o.b, check, at::cuda::getCurrentCUDAStream());
+  if (scaled) apply_row_scale(y, *scale, o.b);
+  return y.reshape(o.out_shape);
 }
 
 }  // namespace

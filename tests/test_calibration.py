@@ -10,7 +10,7 @@ from torch import nn
 
 import dcx
 from dcx import state
-from dcx.calibrate import (CalibrationError, LayerStats, _refit_codebook, calibrate,
+from dcx.calibration import (CalibrationError, LayerStats, _refit_codebook, calibrate,
                            compress_layer, output_error)
 from dcx.config import ConfigError
 
@@ -72,7 +72,8 @@ def test_layer_step_beats_plain_kmeans_on_the_outputs():
     h = (x.T.double() @ x.double())[None]
     stats = LayerStats(h, x.shape[0])
     for bits, sparsity in [(3, 0.0), (4, 0.5)]:
-        mask, codebook, labels = compress_layer(w, stats, sparsity, bits, KMEANS)
+        # damping 0.01: these inputs are the calibration inputs, nothing to generalise to
+        mask, codebook, labels = compress_layer(w, stats, sparsity, bits, KMEANS, damp=0.01)
         q = codebook[labels.long()] * (mask if mask is not None else 1)
         # plain: magnitude pruning, k-means, nearest centroid
         keep = w.abs() > w.abs().flatten().kthvalue(int(sparsity * w.numel())).values \
@@ -207,3 +208,33 @@ def test_calibration_errors():
         dcx.convert_(Branches(), dcx.ConvertConfig(), calibration=[torch.randn(2, 4)])
     with pytest.raises(ValueError, match="Embedding has no input columns"):
         calibrate(nn.Sequential(nn.Embedding(4, 4)), [torch.zeros(1, dtype=torch.long)], ["0"])
+
+
+def test_row_scales_follow_depthwise_channels(tmp_path):
+    """A depthwise layer whose channels differ in scale, the next layer undoing it (as a
+    folded BatchNorm leaves them): one codebook per layer cannot follow the small channels, row
+    scales can; convert_ packs the scaled Conv2d / Linear layers and the file keeps them."""
+    torch.manual_seed(0)
+    original = SmallCNN().eval()
+    spread = torch.logspace(-1.5, 0.5, 16)
+    with torch.no_grad():
+        original.depthwise.weight.mul_(spread[:, None, None, None])
+        original.depthwise.bias.mul_(spread)
+        original.pointwise.weight.div_(spread[None, :, None, None])
+    calib = [torch.randn(8, 3, 12, 12) for _ in range(4)]
+    held_out = torch.randn(16, 3, 12, 12)
+    with torch.no_grad():
+        ref = original(held_out)
+    errors = {}
+    for scale in (None, "row"):
+        cfg = dcx.ConvertConfig(bits=3, scale=scale)
+        model, rows = dcx.convert_(copy.deepcopy(original), cfg, calibration=calib)
+        with torch.no_grad():
+            errors[scale] = float(((model(held_out) - ref) ** 2).mean())
+    assert errors["row"] < 0.8 * errors[None], errors
+    assert isinstance(model.stem, dcx.SparseQuantConv2d) and model.stem.scale is not None
+    path = tmp_path / "cnn.dcx"
+    dcx.save(model, path)
+    loaded = dcx.load(path, copy.deepcopy(original))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(held_out), model(held_out))
