@@ -238,3 +238,18 @@ def test_row_scales_follow_depthwise_channels(tmp_path):
     loaded = dcx.load(path, copy.deepcopy(original))
     with torch.no_grad():
         torch.testing.assert_close(loaded(held_out), model(held_out))
+
+
+def test_padded_tokens_are_left_out():
+    """A batch's attention mask leaves the padded positions out of a Linear's statistics: the
+    same sentences padded more give the same H."""
+    model = tiny_bert()
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(5, 120, (3, 6), generator=g)
+    short = {"input_ids": ids, "attention_mask": torch.ones(3, 6, dtype=torch.long)}
+    padded = {"input_ids": torch.cat([ids, torch.zeros(3, 4, dtype=torch.long)], 1),
+              "attention_mask": torch.cat([torch.ones(3, 6), torch.zeros(3, 4)], 1).long()}
+    name = "encoder.layer.0.attention.self.query"
+    a, b = calibrate(model, [short], [name])[name], calibrate(model, [padded], [name])[name]
+    assert a.count == b.count == 18
+    torch.testing.assert_close(a.hessian, b.hessian, rtol=1e-6, atol=1e-8)
