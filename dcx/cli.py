@@ -464,13 +464,14 @@ def parser():
                         "sentences, tokenized by the model folder's tokenizer) or "
                         "package.module:inputs (a callable returning an iterable of batches)")
     s.add_argument("--samples", type=int, default=256,
-                   help="calibration sentences drawn from the text files (default 256)")
+                   help="calibration sentences drawn from the text files (default 256; a "
+                        "package.module:inputs source gives its own batches)")
     s.add_argument("--method", default="auto", choices=CONVERT_METHODS,
                    help="auto: gptq with --calibration, else plain (magnitude pruning, k-means); "
                         "gptq: second-order pruning and codebook assignment with error feedback")
     s.add_argument("--scale", default="none", choices=("none", "row"),
-                   help="row: one scale per output row on the shared codebook (calibrated "
-                        "layers)")
+                   help="row: one float16 scale per output row on the shared codebook (every "
+                        "compressed layer)")
     s.add_argument("--out", required=True, help="the .dcx file to write")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_convert)
@@ -499,6 +500,7 @@ def parser():
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    from dcx.calibration import CalibrationError
     from dcx.config import ConfigError
     from dcx.format import FormatError
     from dcx.hf import MissingDependency
@@ -514,7 +516,7 @@ def main(argv=None) -> int:
     except FileNotFoundError as error:
         print(f"dcx: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except (UsageError, ConfigError) as error:
+    except (UsageError, ConfigError, CalibrationError) as error:
         print(f"dcx: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -153,12 +153,13 @@ def convert_(model: nn.Module, config: Optional[ConvertConfig] = None,
         if method == "gptq" and calibration is None:
             raise ConfigError("method 'gptq' needs calibration inputs: "
                               "convert_(model, config, calibration=batches)")
-        plain = per_layer
+        calibrated = {}
         if method == "gptq":
             calibrated = {n: v for n, v in per_layer.items()
                           if calibratable(model.get_submodule(n)) is None}
-            compress_calibrated_(model, calibrated, calibration, progress=progress)
-            plain = {n: v for n, v in per_layer.items() if n not in calibrated}
+        # The plain layers (all of them without calibration; embeddings with it) first, so the
+        # calibrated layers' statistics see their error too.
+        plain = {n: v for n, v in per_layer.items() if n not in calibrated}
         pruned = {n: {"sparsity": v["sparsity"]} for n, v in plain.items() if v["sparsity"] > 0}
         if pruned:
             prune_(model, PruneConfig(sparsity=0.0, targets=list(pruned), overrides=pruned))
@@ -167,6 +168,8 @@ def convert_(model: nn.Module, config: Optional[ConvertConfig] = None,
             cluster_(model, ClusterConfig(overrides={n: {"bits": v["bits"], "scale": v["scale"]}
                                                      for n, v in plain.items()} | others),
                      progress=progress)
+        if calibrated:
+            compress_calibrated_(model, calibrated, calibration, progress=progress)
         for name, v in per_layer.items():
             reason = packable(model.get_submodule(name))
             rows[name] = rows[name]._replace(action="shared" if reason else "packed",

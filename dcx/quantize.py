@@ -65,7 +65,8 @@ def cluster_values(values: Tensor, layer: dict) -> tuple[Tensor, Tensor]:
 
 def row_scales(weight: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     """[out] float32 scales of a scaled codebook, one per output row: the RMS of the row's kept
-    weights, rounded to float16 (what the file stores), 1 for a row with none. RMS rather than
+    weights (all of them with no mask: the calibrated path scales before it prunes), rounded to
+    float16 (what the file stores), 1 for a row with none. RMS rather than
     max |w|: one outlier would squeeze the rest of its row into a few codebook entries."""
     w = weight.detach().float().reshape(weight.shape[0], -1)
     keep = torch.ones_like(w) if mask is None else mask.reshape(w.shape).float()

@@ -185,7 +185,8 @@ def _layer_row(meta, sizes):
         symbols, entries, pointers = numel, 0, 0
         fixed_bits = bits if nnz == numel else max(1, math.ceil(math.log2(k + 1)))
         index_pq = index_pqh = 0.0
-    bytes_pq = math.ceil((symbols * fixed_bits + entries * index_bits) / 8) + codebook + pointers
+    bytes_pq = (math.ceil((symbols * fixed_bits + entries * index_bits) / 8) + codebook + pointers
+                + sizes.get("scale", 0))
     stream = sizes["values"] if values else sizes["labels"]
     return LayerRow(
         name=meta["name"],

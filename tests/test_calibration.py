@@ -240,16 +240,48 @@ def test_row_scales_follow_depthwise_channels(tmp_path):
         torch.testing.assert_close(loaded(held_out), model(held_out))
 
 
-def test_padded_tokens_are_left_out():
-    """A batch's attention mask leaves the padded positions out of a Linear's statistics: the
-    same sentences padded more give the same H."""
+
+def test_groups_follow_the_inputs_each_layer_reads():
+    """q / k / v read one tensor and form one group; layers of a Sequential MLP read tensors
+    that are freed as it runs (their ids could be reused) and stay apart; a layer called
+    twice is listed twice."""
+    from dcx.calibration import _groups, call_order
+
     model = tiny_bert()
-    g = torch.Generator().manual_seed(5)
-    ids = torch.randint(5, 120, (3, 6), generator=g)
-    short = {"input_ids": ids, "attention_mask": torch.ones(3, 6, dtype=torch.long)}
-    padded = {"input_ids": torch.cat([ids, torch.zeros(3, 4, dtype=torch.long)], 1),
-              "attention_mask": torch.cat([torch.ones(3, 6), torch.zeros(3, 4)], 1).long()}
-    name = "encoder.layer.0.attention.self.query"
-    a, b = calibrate(model, [short], [name])[name], calibrate(model, [padded], [name])[name]
-    assert a.count == b.count == 18
-    torch.testing.assert_close(a.hessian, b.hessian, rtol=1e-6, atol=1e-8)
+    order = call_order(model, token_batches(1, 120, seed=0)[0])
+    groups = _groups(order, {n for n, _ in order if "embeddings" not in n})
+    assert groups[0] == [f"encoder.layer.0.attention.self.{p}" for p in ("query", "key", "value")]
+    assert all(len(g) == 1 for g in groups[1:4])
+    mlp = nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(16, 16), nn.ReLU())])
+    order = call_order(mlp, torch.randn(4, 16))
+    assert [g for g in _groups(order, {n for n, _ in order})] == [[str(2 * i)] for i in range(6)]
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.layer(torch.relu(self.layer(x)))
+
+    assert [n for n, _ in call_order(Twice(), torch.randn(2, 8))] == ["layer", "layer"]
+    calibrated, _ = dcx.convert_(Twice(), dcx.ConvertConfig(bits=3),
+                                 calibration=[torch.randn(4, 8) for _ in range(2)])
+    assert isinstance(calibrated.layer, dcx.SparseQuantLinear)
+
+
+def test_a_model_that_catches_exceptions_still_stops_early():
+    class Careful(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            try:
+                return self.b(torch.relu(self.a(x)))
+            except Exception:  # a model's own error handling must not swallow the stop
+                raise AssertionError("the early stop was caught")
+
+    model, _ = dcx.convert_(Careful(), dcx.ConvertConfig(bits=3),
+                            calibration=[torch.randn(4, 8) for _ in range(2)])
+    assert isinstance(model.a, dcx.SparseQuantLinear)

@@ -171,6 +171,13 @@ at::Tensor int8_product(const at::Tensor& x2, const at::Tensor& codes, const at:
   return y;
 }
 
+// The dtype a product runs in on the GPU: a scaled codebook's product comes out of the kernels
+// unscaled (about 1 / scale, often 20-50x, larger than the layer's output), which float16 may
+// not hold; it runs in float32 then (the CPU kernels always write float32).
+at::ScalarType scaled_dtype(at::ScalarType dtype, const std::optional<at::Tensor>& scale) {
+  return has_tensor(scale) && dtype == at::kHalf ? at::kFloat : dtype;
+}
+
 // x [..., K] as [M, K] in `dtype`, with the codebook and bias cast to it (all contiguous).
 struct Operands {
   at::Tensor x2, cb, b;
@@ -199,7 +206,7 @@ at::Tensor spqmm_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Te
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t N = out_features, K = in_features;
-  const Operands o(x, codebook, bias, N, spqmm_compute_dtype(c, x.scalar_type()));
+  const Operands o(x, codebook, bias, N, scaled_dtype(spqmm_compute_dtype(c, x.scalar_type()), scale));
   const bool dense_mode = codes.scalar_type() == at::kByte;
   const SpqmmMode mode = !dense_mode ? SpqmmMode::kSparse
                          : c == SpqmmCompute::kInt8 ? SpqmmMode::kInt8 : SpqmmMode::kDense;
@@ -225,12 +232,12 @@ at::Tensor spqmm_int8_cuda(const at::Tensor& x, const at::Tensor& codes, const a
   check_spqmm_scale(scale, x, out_features);
   cuda::check_cuda_tensor(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
-  const Operands o(x, codebook, bias, out_features, x.scalar_type());
+  const Operands o(x, codebook, bias, out_features, scaled_dtype(x.scalar_type(), scale));
   const bool scaled = has_tensor(scale);
   at::Tensor y = int8_product(o.x2, codes, o.cb, out_features, in_features, bits,
                               scaled ? at::Tensor() : o.b, check, at::cuda::getCurrentCUDAStream());
   if (scaled) apply_row_scale(y, *scale, o.b);
-  return y.reshape(o.out_shape);
+  return y.to(x.scalar_type()).reshape(o.out_shape);
 }
 
 }  // namespace
