@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from dcx import ops
+from dcx import ops, state
+from dcx.config import ClusterConfig
 from dcx.quantize import row_scales
 
 __all__ = ["LayerStats", "calibrate", "calibratable", "compress_layer", "run_batch",
@@ -315,9 +316,8 @@ def compress_layer(weight: Tensor, stats: LayerStats, sparsity: float, bits: int
         survivors = flat[(w0.reshape(-1)).abs().topk(keep).indices]
     else:
         survivors = flat
-    codebook, _ = ops.kmeans1d(survivors.float(), num, layer.get("init", "linear"),
-                               layer.get("max_iter", 300), layer.get("tol", 1e-4),
-                               layer.get("seed", 0), layer.get("method", "lloyd"))
+    codebook, _ = ops.kmeans1d(survivors.float(), num, layer["init"], layer["max_iter"],
+                               layer["tol"], layer["seed"], layer["method"])
     codebook = codebook.double()
     mask = None
     for _ in range(rounds):
@@ -407,9 +407,6 @@ def compress_calibrated_(model: nn.Module, settings: dict[str, dict], batches: I
     model calls them, each group's statistics taken over `batches` with the groups before it
     already compressed (their error is what the later layers see and compensate). Writes the
     layers' state (mask, codebook, labels) as prune_ and cluster_ do. Returns the model."""
-    from dcx import state
-    from dcx.config import ClusterConfig
-
     if not settings:
         return model
     batches = list(batches)

@@ -74,6 +74,7 @@ from dcx.config import COMPUTE_MODES
 __all__ = [
     "FormatError",
     "CompressedTensor",
+    "check_scale",
     "encode_tensor",
     "decode_tensor",
     "save_records",
@@ -306,13 +307,28 @@ def _check_record(name: str, ct: CompressedTensor):
     if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= ct.codebook.numel()):
         fail(f"labels must lie in [0, {ct.codebook.numel()}) where mask is set")
     if ct.scale is not None:
-        rows = ct.mask.shape[0] if ct.mask.dim() else 1
-        s = ct.scale.detach().cpu()
-        if s.dim() != 1 or s.numel() != rows or not s.is_floating_point():
-            fail(f"scale must be float [shape[0]] = [{rows}], got {s.dtype} {tuple(s.shape)}")
-        if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()) or not torch.equal(
-                s.float().half().float(), s.float()):
-            fail("scale must hold finite, positive float16 values")
+        try:
+            check_scale(ct.scale.cpu(), ct.mask.shape[0] if ct.mask.dim() else 1, "scale")
+        except ValueError as error:
+            fail(str(error))
+
+
+def check_scale(scale: Tensor, rows: int, what: str) -> Tensor:
+    """`scale` as float32 [rows] when it is finite, positive and float16-exact (the file stores
+    it in float16: its rounding, 2^-11 relative, is far below a 3-8 bit codebook's), else
+    ValueError naming `what`."""
+    scale = scale.detach()
+    if scale.dim() != 1 or scale.numel() != rows:
+        raise ValueError(f"{what} must be 1-D with one entry per output row ({rows}), got shape "
+                         f"{tuple(scale.shape)}")
+    if not scale.is_floating_point():
+        raise ValueError(f"{what} must be floating point, got {scale.dtype}")
+    scale = scale.float()
+    if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
+        raise ValueError(f"{what} must be finite and positive")
+    if not torch.equal(scale.half().float(), scale):
+        raise ValueError(f"{what} must hold float16 values (round it with .half().float())")
+    return scale
 
 
 def _geometry(shape, segment_rows: int | None):

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dcx import format as fmt
 from dcx import ops, state
 from dcx.config import COMPUTE_MODES, ClusterConfig, check_compute
 from dcx.packing import (PACKED_BUFFERS, PackedWeight, bits_for, dense_ids, pack,
@@ -140,7 +141,7 @@ class PackedModule(nn.Module):
         device, n = self.codes.device, self.out_features
         self._set_packed(pack(mask.to(device).reshape(n, -1), labels.to(device).reshape(n, -1),
                               codebook.to(device, self.codebook.dtype), bits, dense))
-        self.scale = None if scale is None else state.check_scale(scale, n, "scale").to(device)
+        self.scale = None if scale is None else fmt.check_scale(scale, n, "scale").to(device)
 
     def layer_state(self, module_name: str = "") -> state.LayerState:
         """The compressed state this layer holds packed (dcx.state reads it here): mask, labels
@@ -179,7 +180,7 @@ class PackedModule(nn.Module):
         n = packed.out_features
         packed._set_packed(pack(mask.reshape(n, -1), labels.reshape(n, -1), codebook, bits, dense))
         if scale is not None:
-            packed.scale = state.check_scale(scale, n, "scale").to(packed.codes.device)
+            packed.scale = fmt.check_scale(scale, n, "scale").to(packed.codes.device)
         if layer.bias is not None:
             packed.bias = nn.Parameter(layer.bias.detach().to(codebook.dtype).clone())
         return packed
@@ -432,7 +433,7 @@ class SparseQuantEmbedding(nn.Module):
                              "pruned entries: share it with 7 bits or fewer")
         ids, codebook, bits = dense
         self.ids, self.codebook, self.bits = ids.contiguous(), codebook.to(self.codebook.dtype), bits
-        self.scale = None if scale is None else state.check_scale(
+        self.scale = None if scale is None else fmt.check_scale(
             scale, self.num_embeddings, "scale").to(device)
 
     @classmethod

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from dcx import ops
+from dcx.format import check_scale
 
 __all__ = [
     "LayerState", "get", "layers", "set_mask_", "set_shared_", "finalize_shared_",
@@ -296,24 +297,6 @@ def set_shared_(module: nn.Module, param: str, codebook: Tensor, labels: Tensor,
     else:
         module.register_buffer(param + CODEBOOK, codebook)
     apply_(module, param)
-
-
-def check_scale(scale: Tensor, rows: int, what: str) -> Tensor:
-    """`scale` as float32 [rows] when it is finite, positive and float16-exact (the file stores
-    it in float16: its rounding, 2^-11 relative, is far below a 3-8 bit codebook's), else
-    ValueError naming `what`."""
-    scale = scale.detach()
-    if scale.dim() != 1 or scale.numel() != rows:
-        raise ValueError(f"{what} must be 1-D with one entry per output row ({rows}), got shape "
-                         f"{tuple(scale.shape)}")
-    if not scale.is_floating_point():
-        raise ValueError(f"{what} must be floating point, got {scale.dtype}")
-    scale = scale.float()
-    if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
-        raise ValueError(f"{what} must be finite and positive")
-    if not torch.equal(scale.half().float(), scale):
-        raise ValueError(f"{what} must hold float16 values (round it with .half().float())")
-    return scale
 
 
 def finalize_shared_(module: nn.Module, param: str) -> None:

@@ -188,9 +188,10 @@ def test_codebook_gradient_with_row_scales():
 
 
 @pytest.mark.parametrize("bad, match", [
-    (torch.ones(3), "scale must be float"),
-    (torch.full((4,), -1.0), "finite, positive float16"),
-    (torch.full((4,), 0.1), "finite, positive float16"),  # 0.1 is not a float16 value
+    (torch.ones(3), r"scale must be 1-D with one entry per output row \(4\)"),
+    (torch.ones(4, dtype=torch.int32), "scale must be floating point"),
+    (torch.full((4,), -1.0), "scale must be finite and positive"),
+    (torch.full((4,), 0.1), "scale must hold float16 values"),  # 0.1 is not a float16 value
 ])
 def test_file_rejects_bad_scales(tmp_path, bad, match):
     ct = fmt.CompressedTensor(torch.ones(4, 3, dtype=torch.bool), torch.zeros(4, 3, dtype=torch.long),
