@@ -9,11 +9,12 @@ from typing import Iterable, NamedTuple, Optional
 
 from torch import nn
 
+from dcx import format as fmt
 from dcx import state
 from dcx.calibration import calibratable, compress_calibrated_
 from dcx.config import (ClusterConfig, ConfigError, ConvertConfig, PruneConfig, check_compute,
                         layer_overrides)
-from dcx.nn import (PackedModule, SparseQuantConv2d, SparseQuantEmbedding, SparseQuantLinear,
+from dcx.nn import (SparseQuantConv2d, SparseQuantEmbedding, SparseQuantLinear, _compress_layer,
                     packable)
 from dcx.prune import prune_
 from dcx.quantize import clusterable, cluster_
@@ -37,10 +38,24 @@ def _replace_modules(model: nn.Module, new: dict) -> None:
                 parent._modules[child_name] = new[id(child)]
 
 
+def weight_owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
+    """{id(weight Parameter): [(module name, module), ...]} in module order: a list of two or
+    more is a tied weight (an input embedding that is also the output projection)."""
+    owners = {}
+    for name, m in model.named_modules():
+        weight = m._parameters.get("weight")
+        if weight is not None:
+            owners.setdefault(id(weight), []).append((name, m))
+    return owners
+
+
 def pack_layers_(model: nn.Module, names=None, dense=None, compute="auto") -> nn.Module:
     """Swap every weight-shared layer of `model` (dcx.state) that a packed twin can run
     (`packable`) for that twin: nn.Linear -> SparseQuantLinear, nn.Conv2d -> SparseQuantConv2d,
     nn.Embedding -> SparseQuantEmbedding, built from the layer's mask, labels and codebook.
+    A weight tied to other modules (the same Parameter; the state on its first owner) is packed
+    once, in dense mode, and every owner's twin reads that one packed weight (tie_to); the
+    group stays as it is unless every owner is packable.
     names: only these modules. dense: force the packed mode (default None: dense from
     DENSE_DENSITY on). compute: the new Linear / Conv2d layers' compute mode (COMPUTE_MODES).
     Each of dense and compute may also be a {module name: value} dict (dcx.load passes the
@@ -51,19 +66,34 @@ def pack_layers_(model: nn.Module, names=None, dense=None, compute="auto") -> nn
 
     for mode in compute.values() if isinstance(compute, dict) else [compute]:
         check_compute(mode)
+    owners = weight_owners(model)
     new = {}
     for st in state.layers(model).values():
         if (not st.shared or st.packed or st.param != "weight"
-                or (names is not None and st.module_name not in names)
-                or packable(st.module) is not None):
+                or (names is not None and st.module_name not in names)):
             continue
-        twin = _twin(st.module)
-        if issubclass(twin, PackedModule):
-            layer = twin.from_state(st, per_layer(dense, st.module_name, None))
-            layer.compute = per_layer(compute, st.module_name, "auto")
-        else:  # an embedding table: ids only, no packed mode or compute mode
-            layer = twin.from_state(st)
-        new[id(st.module)] = layer
+        group = owners.get(id(st.module._parameters.get("weight")), [(st.module_name, st.module)])
+        if any(packable(m) is not None for _, m in group):
+            continue
+        # The packed weight is built for the group's first Linear (an embedding-only group: its
+        # first table); the others read it.
+        first = next((i for i, (_, m) in enumerate(group) if _twin(m) is SparseQuantLinear), 0)
+        group.insert(0, group.pop(first))
+        leader = None
+        for name, m in group:
+            twin = _twin(m)
+            if leader is None:
+                mode = True if len(group) > 1 else per_layer(dense, st.module_name, None)
+                layer = twin.from_shared(m, st.kept, st.labels, st.codebook.detach(), st.bits,
+                                         mode, st.scale)
+                leader = layer
+            else:
+                layer = twin._like(m, st.bits).tie_to(leader)
+                if getattr(m, "bias", None) is not None:
+                    layer.bias = nn.Parameter(m.bias.detach().clone())
+            if twin is not SparseQuantEmbedding:
+                layer.compute = per_layer(compute, name, "auto")
+            new[id(m)] = layer
     _replace_modules(model, new)
     return model
 
@@ -109,7 +139,9 @@ def convert_(model: nn.Module, config: Optional[ConvertConfig] = None,
         for param_name, p in m._parameters.items():
             if p is not None:
                 owners.setdefault(id(p), set()).add(f"{name}.{param_name}" if name else param_name)
+    tied_groups = weight_owners(model)
     rows, layers = {}, {}  # layers: the ones convert may compress, with their names for patterns
+    followers = {}  # {module name: the first owner of the weight it is tied to}
     for name, m in model.named_modules():
         weight = m._parameters.get("weight")
         if not name or weight is None or weight.dim() < 2 or hasattr(m, "layer_state"):
@@ -126,7 +158,16 @@ def convert_(model: nn.Module, config: Optional[ConvertConfig] = None,
         elif st is not None and st.shared:
             rows[name] = row._replace(action="shared", reason="already shared")
         elif len(owners.get(id(weight), ())) > 1:
-            rows[name] = row._replace(reason=f"weight tied to {sorted(owners[id(weight)])}")
+            group = tied_groups[id(weight)]
+            if (len(owners[id(weight)]) != len(group)
+                    or any(state.kind(o) not in ("linear", "embedding") for _, o in group)):
+                rows[name] = row._replace(reason=f"weight tied to {sorted(owners[id(weight)])}")
+            elif group[0][0] == name:  # compressed once, for every owner
+                rows[name] = row
+                layers[name] = m
+            else:
+                rows[name] = row._replace(reason=f"tied to {group[0][0]}")
+                followers[name] = group[0][0]
         else:
             rows[name] = row
             layers[name] = m
@@ -153,13 +194,22 @@ def convert_(model: nn.Module, config: Optional[ConvertConfig] = None,
         if method == "gptq" and calibration is None:
             raise ConfigError("method 'gptq' needs calibration inputs: "
                               "convert_(model, config, calibration=batches)")
+        leaders = set(followers.values())
+        tied = {n: v for n, v in per_layer.items() if n in leaders}
+        for name, v in tied.items():  # one weight, written in place: it stays tied
+            module = model.get_submodule(name)
+            mask, labels, codebook, scale = _compress_layer(module.weight, v["sparsity"],
+                                                            v["bits"], v["scale"])
+            decoded = fmt.CompressedTensor(mask, labels, codebook, v["bits"], scale=scale)
+            state.set_compressed_(module, "weight", decoded.to_dense(), mask, codebook, labels,
+                                  v["bits"], scale)
         calibrated = {}
         if method == "gptq":
             calibrated = {n: v for n, v in per_layer.items()
-                          if calibratable(model.get_submodule(n)) is None}
-        # The plain layers (all of them without calibration; embeddings with it) first, so the
-        # calibrated layers' statistics see their error too.
-        plain = {n: v for n, v in per_layer.items() if n not in calibrated}
+                          if n not in tied and calibratable(model.get_submodule(n)) is None}
+        # The plain layers (all of them without calibration; embeddings and tied weights with
+        # it) first, so the calibrated layers' statistics see their error too.
+        plain = {n: v for n, v in per_layer.items() if n not in calibrated and n not in tied}
         pruned = {n: {"sparsity": v["sparsity"]} for n, v in plain.items() if v["sparsity"] > 0}
         if pruned:
             prune_(model, PruneConfig(sparsity=0.0, targets=list(pruned), overrides=pruned))
@@ -171,10 +221,15 @@ def convert_(model: nn.Module, config: Optional[ConvertConfig] = None,
         if calibrated:
             compress_calibrated_(model, calibrated, calibration, progress=progress)
         for name, v in per_layer.items():
-            reason = packable(model.get_submodule(name))
+            group = [name] + [f for f, leader in followers.items() if leader == name]
+            reason = next(filter(None, (packable(model.get_submodule(n)) for n in group)), None)
             rows[name] = rows[name]._replace(action="shared" if reason else "packed",
                                              bits=v["bits"], sparsity=v["sparsity"],
                                              reason=reason or "")
+        for name, leader in followers.items():
+            if leader in per_layer:
+                rows[name] = rows[leader]._replace(name=rows[name].name, kind=rows[name].kind,
+                                                   reason=f"tied to {leader}")
         pack_layers_(model, names={n for n in per_layer if rows[n].action == "packed"},
                      dense=config.dense, compute=config.compute)
     return model, list(rows.values())

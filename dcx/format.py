@@ -12,7 +12,9 @@ Layout (all integers little-endian):
               the packed layers the file was saved from where they differ from dcx.load's
               defaults, {module name: {"compute": one of dcx.config.COMPUTE_MODES (default
               "auto"), "mode": "dense" or "sparse" (default: by density)}}, which dcx.load
-              restores
+              restores; from 1.5, "tied": {name: source}, a tensor stored once under `source`
+              that the model also holds as `name` (a tied input embedding and output
+              projection), which dcx.load ties again
     data      the sections, back to back in table order: codebooks, Huffman code lengths,
               bitstreams, segment pointers, row scales (from 1.4), and raw parameters
     digest    32 bytes: SHA-256 of everything before it
@@ -91,8 +93,9 @@ __all__ = [
 
 MAGIC = b"\x89DCX\r\n\x1a\n"
 # 1.1: the manifest may be zlib-deflated (header flag bit 0); 1.2: "values" records (pruning
-# alone); 1.3: "layers", the packed layers' settings. A reader takes every 1.x file.
-VERSION = (1, 4)
+# alone); 1.3: "layers", the packed layers' settings; 1.4: row scales; 1.5: "tied". A reader
+# takes every 1.x file.
+VERSION = (1, 5)
 FLAG_MANIFEST_ZLIB = 1
 MAX_MANIFEST_EXPANSION = 1 << 26  # bytes a deflated manifest may inflate to (64 MiB)
 HEADER = struct.Struct("<8sHHIQI4x")
@@ -584,11 +587,11 @@ def _check_layer_settings(layers):
 
 
 def encode_file(records: dict, dense: dict, manifest_extra: dict | None = None,
-                layers: dict | None = None) -> bytes:
+                layers: dict | None = None, tied: dict | None = None) -> bytes:
     """The bytes of a .dcx file: {name: CompressedTensor} compressed, {name: Tensor} raw,
-    `manifest_extra` (JSON-serialisable: the compression config) and `layers` ({module name:
-    {setting: value}}, the packed layers' settings) in the manifest. The same inputs give the
-    same bytes."""
+    `manifest_extra` (JSON-serialisable: the compression config), `layers` ({module name:
+    {setting: value}}, the packed layers' settings) and `tied` ({name: the name of a tensor of
+    the file it is the same tensor as}) in the manifest. The same inputs give the same bytes."""
     if sys.byteorder != "little":
         raise RuntimeError("dcx files are little-endian; this host is big-endian")
     overlap = set(records) & set(dense)
@@ -627,6 +630,7 @@ def encode_file(records: dict, dense: dict, manifest_extra: dict | None = None,
         "version": f"{VERSION[0]}.{VERSION[1]}",
         "extra": manifest_extra or {},
         "layers": layers or {},
+        "tied": tied or {},
         "tensors": tensors,
         "sections": table,
     }
@@ -836,7 +840,21 @@ def decode_file(buf: bytes):
             )
     if used != set(sections):
         raise FormatError(f"sections {sorted(set(sections) - used)} belong to no tensor")
+    _check_tied(manifest.setdefault("tied", {}), records, dense)  # absent before 1.5
     return records, dense, manifest
+
+
+def _check_tied(tied, records: dict, dense: dict):
+    """FormatError unless `tied` maps names that are not tensors of the file to names that
+    are."""
+    if not isinstance(tied, dict):
+        raise FormatError("manifest: 'tied' must map names to names of the file's tensors")
+    for name, source in tied.items():
+        if name in records or name in dense:
+            raise FormatError(f"manifest: tied[{name!r}] names a tensor the file stores")
+        if not isinstance(source, str) or (source not in records and source not in dense):
+            raise FormatError(f"manifest: tied[{name!r}] = {source!r} is not a tensor of the "
+                              "file")
 
 
 def load_records(path):

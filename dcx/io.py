@@ -72,23 +72,34 @@ def _record(st: state.LayerState) -> fmt.CompressedTensor:
     return fmt.CompressedTensor(mask.cpu(), values=weight.cpu(), index_bits=_index_bits(st))
 
 
-def records(model: nn.Module, states: Optional[dict] = None) -> tuple[dict, dict]:
-    """(compressed {name: CompressedTensor}, raw {name: Tensor}) of `model`: what `save` writes.
-    states: dcx.state.layers(model), when the caller has it already."""
-    compressed, owned = {}, set()
+def records(model: nn.Module, states: Optional[dict] = None) -> tuple[dict, dict, dict]:
+    """(compressed {name: CompressedTensor}, raw {name: Tensor}, tied {name: name}) of `model`:
+    what `save` writes. A weight tied to a compressed one (the same Parameter, or a packed layer
+    reading the same packed weight) is stored once, under its first name, and `tied` maps each
+    other name to that one. states: dcx.state.layers(model), when the caller has it already."""
+    compressed, owned, tied, holders = {}, set(), {}, {}
     for name, st in (state.layers(model) if states is None else states).items():
-        compressed[name] = _record(st)
         prefix = f"{st.module_name}." if st.module_name else ""
         owned |= {prefix + key for key in st.keys}
+        holder = st.module._buffers["codes"] if st.packed else st.module._parameters.get(st.param)
+        if holder is not None and id(holder) in holders:
+            tied[name] = holders[id(holder)]
+            continue
+        if holder is not None:
+            holders[id(holder)] = name
+        compressed[name] = _record(st)
     raw = {}
-    for key, value in model.state_dict().items():
+    for key, value in model.state_dict(keep_vars=True).items():
         if key in owned:
+            continue
+        if id(value) in holders:  # a plain layer's Parameter tied to a compressed weight
+            tied[key] = holders[id(value)]
             continue
         if not isinstance(value, Tensor):
             raise ValueError(f"{key}: {type(value).__name__} (a module's extra state) cannot be "
                              "stored: a .dcx file holds tensors only")
-        raw[key] = value
-    return compressed, raw
+        raw[key] = value.detach()
+    return compressed, raw, tied
 
 
 def layer_settings(model: nn.Module, states: Optional[dict] = None) -> dict:
@@ -114,14 +125,14 @@ def encode(model: nn.Module, config=None, extra: Optional[dict] = None) -> bytes
     """The bytes `save` writes. config: the compression config (a dict, or an object with
     to_dict()), kept in the manifest; extra: more JSON-serialisable manifest entries."""
     states = state.layers(model)  # one state per layer: a packed one decodes once
-    compressed, raw = records(model, states)
+    compressed, raw, tied = records(model, states)
     if not compressed:
         warnings.warn("no layer of the model holds compressed state (prune_, cluster_ or convert "
                       "first): the file stores every tensor raw", stacklevel=3)
     manifest = dict(extra or {})
     if config is not None:
         manifest["config"] = config.to_dict() if hasattr(config, "to_dict") else config
-    return fmt.encode_file(compressed, raw, manifest, layer_settings(model, states))
+    return fmt.encode_file(compressed, raw, manifest, layer_settings(model, states), tied)
 
 
 def save(model: nn.Module, path, config=None, extra: Optional[dict] = None) -> Path:
@@ -139,9 +150,11 @@ def _record_dtype(ct: fmt.CompressedTensor) -> torch.dtype:
     return (ct.values if ct.values is not None else ct.codebook).dtype
 
 
-def _check_fits(model: nn.Module, compressed: dict, raw: dict):
+def _check_fits(model: nn.Module, compressed: dict, raw: dict, tied: dict):
     """ValueError, before anything is written, unless every name, shape and dtype of the file
-    matches the model."""
+    matches the model (a tied name as the tensor it is tied to)."""
+    compressed = {**compressed, **{n: compressed[s] for n, s in tied.items() if s in compressed}}
+    raw = {**raw, **{n: raw[s] for n, s in tied.items() if s in raw}}
     state_dict = model.state_dict()
     owned, problems = set(), []
     for name, ct in compressed.items():
@@ -196,16 +209,28 @@ def _restore(model: nn.Module, name: str, ct: fmt.CompressedTensor, dense: Optio
     if hasattr(module, "layer_state"):
         module.load_compressed(ct.mask, ct.labels, ct.codebook, ct.bits, ct.scale)
         return
-    st = state.get(module, param, module_name)
-    if st is not None and st.live:
-        state.finalize_shared_(module, param)
-    module._parameters[param].copy_(ct.to_dense())
-    if not bool(ct.mask.all()) or (st is not None and st.mask is not None):
-        state.set_mask_(module, param, ct.mask)
-    if ct.codebook is not None:
-        state.set_shared_(module, param, ct.codebook, ct.labels, ct.bits, live=False,
-                          scale=ct.scale)
+    state.set_compressed_(module, param, ct.to_dense(), ct.mask, ct.codebook, ct.labels, ct.bits,
+                          ct.scale)
     state.set_index_bits_(module, param, ct.index_bits)
+
+
+def _tie(model: nn.Module, name: str, source: str, ct: Optional[fmt.CompressedTensor],
+         dense: Optional[bool]):
+    """Make the model's `name` the tensor `source` (restored already) again: the same Parameter
+    for plain layers, the same packed weight for packed ones. A plain and a packed layer cannot
+    share; the one named gets its own copy of the record."""
+    (module_name, _, param), (source_module_name, _, source_param) = (name.rpartition("."),
+                                                                    source.rpartition("."))
+    module, source_module = model.get_submodule(module_name), model.get_submodule(
+        source_module_name)
+    if ct is None:  # a tie to a raw tensor
+        model.state_dict()[name].copy_(model.state_dict()[source])
+    elif hasattr(module, "packed") and hasattr(source_module, "packed"):
+        module.tie_to(source_module)
+    elif not hasattr(module, "packed") and not hasattr(source_module, "packed"):
+        module._parameters[param] = source_module._parameters[source_param]
+    else:
+        _restore(model, name, ct, dense)
 
 
 def load(path, model: Optional[nn.Module] = None, packed: bool = True,
@@ -230,13 +255,16 @@ def load(path, model: Optional[nn.Module] = None, packed: bool = True,
         legacy = manifest["extra"].get("dcx_convert")  # kept it here
         compute = check_compute(legacy["compute"]) if isinstance(legacy, dict) and \
             "compute" in legacy else None
-    _check_fits(model, compressed, raw)
+    tied = manifest["tied"]  # checked by dcx.format
+    _check_fits(model, compressed, raw, tied)
     state_dict = model.state_dict()
     with torch.no_grad():
         for name, t in raw.items():
             state_dict[name].copy_(t)
     for name, ct in compressed.items():
         _restore(model, name, ct, modes.get(name.rpartition(".")[0]))
+    for name, source in tied.items():
+        _tie(model, name, source, compressed.get(source), modes.get(name.rpartition(".")[0]))
     if packed:
         pack_layers_(model, dense=modes)
     for name, m in model.named_modules():  # every packed layer's weight came from the file
@@ -255,7 +283,9 @@ def _version(manifest) -> tuple:
 
 def load_state_dict(path) -> dict:
     """The decoded state_dict of a .dcx file ({name: tensor} in the order saved, every compressed
-    weight dense), checked completely first; no model needed."""
+    weight dense, then each tied name holding its source's tensor), checked completely first;
+    no model needed."""
     compressed, raw, manifest = fmt.load_records(path)
     decoded = {**{n: ct.to_dense() for n, ct in compressed.items()}, **raw}
-    return {meta["name"]: decoded[meta["name"]] for meta in manifest["tensors"]}
+    result = {meta["name"]: decoded[meta["name"]] for meta in manifest["tensors"]}
+    return result | {name: decoded[source] for name, source in manifest["tied"].items()}

@@ -18,7 +18,7 @@ from dcx.config import COMPUTE_MODES, ClusterConfig, check_compute
 from dcx.packing import (PACKED_BUFFERS, PackedWeight, bits_for, dense_ids, pack,
                          unpack)
 from dcx.prune import compute_mask
-from dcx.quantize import cluster_values
+from dcx.quantize import share_weight
 
 __all__ = ["COMPUTE_MODES", "check_compute", "packable", "PackedModule",
            "SparseQuantLinear", "SparseQuantConv2d", "SparseQuantEmbedding"]
@@ -46,18 +46,17 @@ def _spqmm_op():
 _SPQMM = None
 
 
-def _compress_layer(weight: Tensor, sparsity: float, bits: int):
+def _compress_layer(weight: Tensor, sparsity: float, bits: int, scale=None):
     """Post-training compression of one weight as the stages do it (dcx.prune.compute_mask, then
-    dcx.quantize.cluster_values with linear init): (mask, labels, codebook) of the weight viewed as
-    [out, -1]."""
+    dcx.quantize.share_weight with linear init; scale: None or "row"): (mask, labels, codebook,
+    row scales or None) of the weight viewed as [out, -1]."""
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must lie in [1, 8], got {bits}")
     w = weight.detach().reshape(weight.shape[0], -1)
     mask = compute_mask(w, "element", sparsity=sparsity)
-    codebook, kept = cluster_values(w[mask], ClusterConfig(linear_bits=bits).layer_fields(False))
-    labels = torch.zeros(w.shape, dtype=torch.int64, device=w.device)
-    labels[mask] = kept.long().to(w.device)
-    return mask, labels, codebook.to(weight.dtype)
+    fields = {**ClusterConfig(linear_bits=bits).layer_fields(False), "scale": scale}
+    codebook, labels, row_scale, _ = share_weight(w, mask, fields)
+    return mask, labels.long(), codebook.to(weight.dtype), row_scale
 
 
 def _deprecated(old: str, new: str):
@@ -70,6 +69,7 @@ class PackedModule(nn.Module):
 
     layer_kind = "linear"  # dcx.state.kind
     _compute = "auto"
+    tied = False  # reads another packed layer's buffers (tie_to)
 
     @property
     def compute(self) -> str:
@@ -80,14 +80,16 @@ class PackedModule(nn.Module):
     def compute(self, value: str):
         self._compute = check_compute(value)
 
-    def _init_empty(self, out_features: int, bits: int, bias: bool, dtype, device):
-        """An all-pruned packed weight [out_features, _packed_in_features()] and a zero bias:
-        the state a constructor leaves before load_state_dict or from_* fills it."""
+    def _init_empty(self, out_features: int, bits: int, bias: bool, dtype, device,
+                    dense: bool = False):
+        """An all-pruned packed weight [out_features, _packed_in_features()] (in sparse mode
+        unless `dense`) and a zero bias: the state a constructor leaves before load_state_dict
+        or from_* fills it."""
         dtype = dtype or torch.get_default_dtype()
         mask = torch.zeros(out_features, self._packed_in_features(), dtype=torch.bool, device=device)
         codebook = torch.zeros(1 << bits, dtype=dtype, device=device)
         self._set_packed(pack(mask, torch.zeros_like(mask, dtype=torch.int64), codebook, bits,
-                              dense=False))
+                              dense=dense))
         self.register_buffer("scale", None)  # [out] row scales of a scaled codebook
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
@@ -143,6 +145,20 @@ class PackedModule(nn.Module):
                               codebook.to(device, self.codebook.dtype), bits, dense))
         self.scale = None if scale is None else fmt.check_scale(scale, n, "scale").to(device)
 
+    def tie_to(self, other: "PackedModule") -> "PackedModule":
+        """Read `other`'s packed weight and row scales (the same tensors, not copies): a table
+        tied to an output projection, packed once for both uses. Returns self."""
+        if self.weight_shape[0] != other.out_features or (
+                self._packed_in_features() != other._packed_in_features()):
+            raise ValueError(f"cannot tie a {tuple(self.weight_shape)} weight to a "
+                             f"{(other.out_features, other._packed_in_features())} one")
+        if not other.packed.dense and self.layer_kind == "embedding":
+            raise ValueError("a table reads a packed weight in dense mode only")
+        for name in (*PACKED_BUFFERS, "scale"):
+            self._buffers[name] = other._buffers[name]
+        self.bits, self.tied = other.bits, True
+        return self
+
     def layer_state(self, module_name: str = "") -> state.LayerState:
         """The compressed state this layer holds packed (dcx.state reads it here): mask, labels
         and codebook in the shape of the weight it stands for, the first two decoded only when a
@@ -165,7 +181,8 @@ class PackedModule(nn.Module):
         the `sparsity` fraction of smallest weights by magnitude, share the rest among 2^bits
         k-means centroids, pack (dense as `pack`); `compute` one of COMPUTE_MODES."""
         check_compute(compute)
-        packed = cls.from_shared(layer, *_compress_layer(layer.weight, sparsity, bits), bits, dense)
+        mask, labels, codebook, _ = _compress_layer(layer.weight, sparsity, bits)
+        packed = cls.from_shared(layer, mask, labels, codebook, bits, dense)
         packed.compute = compute
         return packed
 
@@ -390,12 +407,14 @@ class SparseQuantConv2d(PackedModule):
                 f"stride={self.stride}, padding={self.padding}{mode}, bits={self.bits}")
 
 
-class SparseQuantEmbedding(nn.Module):
-    """nn.Embedding whose table is weight-shared (and maybe pruned): one uint8 codebook id per
-    entry (4x fewer bytes than fp32) and the codebook. Same forward as nn.Embedding: an index
-    tensor of any shape -> [..., embedding_dim]; a lookup decodes only the rows it returns
-    (codebook[ids[input]]). padding_idx is kept (it only shapes gradients, and this layer has
-    none to train); max_norm is refused, since it rewrites the table in place.
+class SparseQuantEmbedding(PackedModule):
+    """nn.Embedding whose table is weight-shared (and maybe pruned), held as a dense-mode packed
+    weight (dcx.packing: about bits / 8 bytes an entry) and its codebook. Same forward as
+    nn.Embedding: an index tensor of any shape -> [..., embedding_dim]; a lookup decodes only
+    the rows it returns (dcx.ops.spqmm_decode of those rows' codes). padding_idx is kept (it only
+    shapes gradients, and this layer has none to train); max_norm is refused, since it rewrites
+    the table in place. A table tied to an output projection (`tie_to`) reads that
+    SparseQuantLinear's packed buffers: one copy serves the lookup and the product.
     Build with `from_float` (post-training), `from_state` (a layer the stages shared),
     `from_shared`, or a plain constructor filled by load_state_dict."""
 
@@ -411,30 +430,24 @@ class SparseQuantEmbedding(nn.Module):
             padding_idx %= num_embeddings
         self.num_embeddings, self.embedding_dim, self.padding_idx = (num_embeddings,
                                                                     embedding_dim, padding_idx)
-        self.bits = bits
-        self.register_buffer("ids", torch.zeros(num_embeddings, embedding_dim, dtype=torch.uint8,
-                                                device=device))
-        self.register_buffer("codebook", torch.zeros(1 << bits, dtype=dtype or torch.get_default_dtype(),
-                                                     device=device))
-        self.register_buffer("scale", None)  # [num_embeddings] row scales of a scaled codebook
+        self.out_features = num_embeddings
+        self._init_empty(num_embeddings, bits, False, dtype, device, dense=True)
+
+    def _packed_in_features(self):
+        return self.embedding_dim
 
     @property
     def weight_shape(self):
         return (self.num_embeddings, self.embedding_dim)
 
     def load_compressed(self, mask: Tensor, labels: Tensor, codebook: Tensor, bits: int,
-                        scale: Optional[Tensor] = None):
+                        dense: Optional[bool] = None, scale: Optional[Tensor] = None):
         """Set the table from (mask, labels, codebook, row scales or None) of the weight it
-        stands for."""
-        device = self.ids.device
-        dense = dense_ids(mask.to(device).bool(), labels.to(device), codebook.to(device), bits)
-        if dense is None:
+        stands for (always dense mode: a lookup decodes rows independently)."""
+        if dense_ids(mask.bool(), labels, codebook, bits) is None:
             raise ValueError("a pruned table with a full 256-entry codebook leaves no id for the "
                              "pruned entries: share it with 7 bits or fewer")
-        ids, codebook, bits = dense
-        self.ids, self.codebook, self.bits = ids.contiguous(), codebook.to(self.codebook.dtype), bits
-        self.scale = None if scale is None else fmt.check_scale(
-            scale, self.num_embeddings, "scale").to(device)
+        super().load_compressed(mask, labels, codebook, bits, True, scale)
 
     @classmethod
     def _like(cls, embedding: nn.Embedding, bits: int):
@@ -449,23 +462,18 @@ class SparseQuantEmbedding(nn.Module):
     def from_float(cls, embedding: nn.Embedding, sparsity: float = 0.0, bits: int = 5):
         """Post-training compression: prune the `sparsity` fraction of smallest entries, share
         the rest among 2^bits k-means centroids."""
-        return cls.from_shared(embedding, *_compress_layer(embedding.weight, sparsity, bits), bits)
+        mask, labels, codebook, _ = _compress_layer(embedding.weight, sparsity, bits)
+        return cls.from_shared(embedding, mask, labels, codebook, bits)
 
     @classmethod
     def from_shared(cls, embedding: nn.Embedding, mask: Tensor, labels: Tensor, codebook: Tensor,
-                    bits: Optional[int] = None, scale: Optional[Tensor] = None):
-        """From (mask, labels, codebook, row scales or None) of `embedding`'s table."""
-        bits = bits or bits_for(codebook.numel())
-        layer = cls._like(embedding, bits)
-        layer.load_compressed(mask, labels, codebook, bits, scale)
+                    bits: Optional[int] = None, dense: Optional[bool] = None,
+                    scale: Optional[Tensor] = None):
+        """From (mask, labels, codebook, row scales or None) of `embedding`'s table (dense:
+        ignored, a table is always packed in dense mode)."""
+        layer = cls._like(embedding, bits or bits_for(codebook.numel()))
+        layer.load_compressed(mask, labels, codebook, layer.bits, True, scale)
         return layer
-
-    @classmethod
-    def from_state(cls, st: state.LayerState):
-        """The packed twin of an nn.Embedding whose table the stages shared (dcx.state)."""
-        mask = st.kept
-        return cls.from_shared(st.module, mask, st.labels, st.codebook.detach(), st.bits,
-                               st.scale)
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, sparsity: float = 0.0, bits: int = 5):
@@ -474,44 +482,32 @@ class SparseQuantEmbedding(nn.Module):
         return cls.from_float(embedding, sparsity, bits)
 
     def forward(self, input: Tensor) -> Tensor:
-        rows = self.codebook[self.ids[input].long()]
-        if self.scale is None:
-            return rows
-        return rows * self.scale[input].to(rows.dtype).unsqueeze(-1)
-
-    @property
-    def weight(self) -> Tensor:
-        """The dense table this layer stands for (decoded on each access: for code that reads a
-        layer's weight; forward never does)."""
-        table = self.codebook[self.ids.long()]
-        return table if self.scale is None else table * self.scale.to(table.dtype)[:, None]
-
-    def layer_state(self, module_name: str = "") -> state.LayerState:
-        """The table's state (dcx.state reads it here); mask and labels built on first read."""
-        def unpacked():
-            ids = self.ids.long()
-            return self.codebook[ids] != 0, ids.to(torch.int32)
-
-        keys = tuple(k for k in self.state_dict(keep_vars=True))
-        return state.LayerState(module_name, "weight", self, None, self.codebook, None, self.bits,
-                                self.scale, None, keys, packed=True, unpack=unpacked)
+        b = self._buffers  # not Module.__getattr__: this runs on every forward
+        codes = b["codes"][input.reshape(-1)]
+        rows = ops.spqmm_decode(codes, b["windows"], b["group_ptr"], b["chunks"], b["codebook"],
+                                codes.shape[0], self.embedding_dim, self.bits)
+        if b["scale"] is not None:
+            rows = rows * b["scale"][input.reshape(-1)].to(rows.dtype).unsqueeze(-1)
+        return rows.reshape(*input.shape, self.embedding_dim)
 
     def get_extra_state(self):
         return {"bits": self.bits}
 
-    def set_extra_state(self, extra):
-        self.bits = int(extra["bits"])
-
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        key = prefix + "codebook"  # the codebook's size follows the bits
-        if key in state_dict:
-            self.codebook = torch.empty_like(state_dict[key], device=self.codebook.device)
-        _take_scale(self, state_dict, prefix, self.ids.device)
+        ids = state_dict.get(prefix + "ids")
+        if ids is not None:  # a table saved before it was packed: one uint8 id per entry
+            codebook = state_dict[prefix + "codebook"]
+            bits = state_dict.get(prefix + "_extra_state", {}).get("bits", self.bits)
+            packed = pack(torch.ones(ids.shape, dtype=torch.bool), ids.long(), codebook, bits,
+                          dense=True)
+            state_dict = {**{k: v for k, v in state_dict.items() if k != prefix + "ids"},
+                          **{prefix + name: getattr(packed, name) for name in PACKED_BUFFERS}}
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self):
         pad = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
-        return f"{self.num_embeddings}, {self.embedding_dim}{pad}, bits={self.bits}"
+        tied = ", tied" if self.tied else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}{pad}, bits={self.bits}{tied}"
 
 
 def _take_scale(module: nn.Module, state_dict: dict, prefix: str, device) -> None:

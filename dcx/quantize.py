@@ -39,6 +39,7 @@ __all__ = [
     "reassign_",
     "codebook_parameters",
     "row_scales",
+    "share_weight",
 ]
 
 
@@ -73,6 +74,25 @@ def row_scales(weight: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     rms = ((w * w * keep).sum(1) / keep.sum(1).clamp_min(1)).sqrt()
     rms = rms.clamp(2.0 ** -14, 65504.0).half().float()  # float16's normal range
     return torch.where((w * keep).abs().amax(1) > 0, rms, torch.ones_like(rms))
+
+
+def share_weight(weight: Tensor, mask: Optional[Tensor], layer: dict):
+    """One layer's weight sharing as cluster_ does it: (codebook, int32 labels of the weight's
+    shape, 0 where pruned; row scales or None; the weight as clustered, divided by its scales).
+    mask: bool of the weight's shape or None; layer: ClusterConfig.layer_fields (+ overrides)."""
+    w = weight.detach()
+    scale = None
+    if layer.get("scale") == "row":
+        scale = row_scales(w, mask)
+        w = w / state.row_view(scale.to(w.device, w.dtype), w.dim())
+    survivors = w[mask] if mask is not None else w.reshape(-1)
+    codebook, kept = cluster_values(survivors, layer)
+    if mask is not None:
+        labels = torch.zeros(w.shape, dtype=torch.int32, device=w.device)
+        labels[mask] = kept.to(w.device)
+    else:
+        labels = kept.reshape(w.shape)
+    return codebook, labels, scale, w
 
 
 def clusterable(model: nn.Module) -> dict[str, nn.Module]:
@@ -118,19 +138,7 @@ def cluster_(model: nn.Module, config: Optional[ClusterConfig] = None,
                               f"be shared under two names; exclude it with overrides "
                               f"{{{name!r}: None}}")
         st = state.get(module)
-        mask = None if st is None else st.mask
-        w = weight.detach()
-        scale = None
-        if layer.get("scale") == "row":
-            scale = row_scales(w, mask)
-            w = w / state.row_view(scale.to(w.device, w.dtype), w.dim())
-        survivors = w[mask] if mask is not None else w.reshape(-1)
-        codebook, kept = cluster_values(survivors, layer)
-        if mask is not None:
-            labels = torch.zeros(w.shape, dtype=torch.int32, device=w.device)
-            labels[mask] = kept.to(w.device)
-        else:
-            labels = kept.reshape(w.shape)
+        codebook, labels, scale, w = share_weight(weight, None if st is None else st.mask, layer)
         state.set_shared_(module, "weight", codebook, labels, layer["bits"], live=True,
                           clustered=w if config.reassign else None, scale=scale)
     return model

@@ -299,6 +299,24 @@ def set_shared_(module: nn.Module, param: str, codebook: Tensor, labels: Tensor,
     apply_(module, param)
 
 
+@torch.no_grad()
+def set_compressed_(module: nn.Module, param: str, weight: Tensor, mask: Tensor,
+                    codebook: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+                    bits: Optional[int] = None, scale: Optional[Tensor] = None) -> None:
+    """Make module.<param> a plain Parameter holding `weight` (the decoded values of the state
+    given: scale[row] * codebook[labels] where mask is set, 0 elsewhere), with that state (not
+    live): what dcx.load restores from a file's record. The Parameter is written in place, so a
+    weight tied to other modules stays tied."""
+    st = get(module, param)
+    if st is not None and st.live:
+        finalize_shared_(module, param)
+    module._parameters[param].copy_(weight)
+    if not bool(mask.all()) or (st is not None and st.mask is not None):
+        set_mask_(module, param, mask)
+    if codebook is not None:
+        set_shared_(module, param, codebook, labels, bits, live=False, scale=scale)
+
+
 def finalize_shared_(module: nn.Module, param: str) -> None:
     """Bake a live shared weight back into a plain Parameter (codebook[labels], zero where
     pruned); the codebook stays as a buffer and the labels stay, so the state is still known."""

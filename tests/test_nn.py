@@ -190,7 +190,7 @@ def test_sparse_quant_embedding(sparsity, bits):
     any index shape; padding_idx kept; the table round-trips through state_dict."""
     embedding = nn.Embedding(97, 24, padding_idx=-1)
     layer = dcx.SparseQuantEmbedding.from_float(embedding, sparsity=sparsity, bits=bits)
-    assert layer.padding_idx == 96 and layer.ids.dtype == torch.uint8
+    assert layer.padding_idx == 96 and layer.codes.dtype == torch.uint8
     table = layer.weight
     assert table.shape == (97, 24)
     assert (table == 0).float().mean().item() == pytest.approx(sparsity, abs=0.01)
@@ -364,4 +364,4 @@ def test_do_nothing_verbs_decode_no_packed_layer(monkeypatch):
     assert torch.equal(values, model[0].weight)
     decodes.clear()
     dcx.io.encode(model)  # the records and the layer settings read one state per layer
-    assert len(decodes) == 2
+    assert len(decodes) == 3  # the embedding is a packed layer too
