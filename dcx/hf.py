@@ -20,7 +20,7 @@ from pathlib import Path
 from torch import nn
 
 __all__ = ["MissingDependency", "require", "is_model_folder", "load_folder", "manifest_extra",
-           "model_from_file", "MANIFEST_KEY"]
+           "model_class", "model_from_file", "MANIFEST_KEY"]
 
 MANIFEST_KEY = "transformers"  # the manifest entry holding the model's config (config.to_dict)
 
@@ -44,14 +44,26 @@ def is_model_folder(path) -> bool:
 
 
 def load_folder(path) -> nn.Module:
-    """The model of a transformers folder (config.json + weights) through AutoModel, offline
-    (nothing is fetched from a hub), in eval mode."""
+    """The model of a transformers folder (config.json + weights), offline (nothing is fetched
+    from a hub), in eval mode: the class its config names (`model_class`), else AutoModel."""
     if not is_model_folder(path):
         raise FileNotFoundError(f"{str(path)!r} is not a transformers model folder (no "
                                 "config.json in it)")
     transformers = require("transformers")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return transformers.AutoModel.from_pretrained(str(path), local_files_only=True).eval()
+    config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    return model_class(transformers, config).from_pretrained(str(path),
+                                                             local_files_only=True).eval()
+
+
+def model_class(transformers, config):
+    """The class the config names first in "architectures" (LlamaForCausalLM: the language
+    model head, tied to the embedding, included), when transformers has it; else AutoModel."""
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names and isinstance(names[0], str) else None
+    if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+        return cls
+    return transformers.AutoModel
 
 
 def manifest_extra(model: nn.Module) -> dict:
@@ -64,8 +76,8 @@ def manifest_extra(model: nn.Module) -> dict:
 
 
 def model_from_file(path, packed: bool = True, compute: str | None = None) -> nn.Module:
-    """The compressed model of a .dcx file written from a transformers model: AutoModel built
-    from the config in the file's manifest, then filled by dcx.load (checked completely first).
+    """The compressed model of a .dcx file written from a transformers model: the class of its
+    config (`model_class`) built from the config in the file's manifest, then filled by dcx.load (checked completely first).
     compute: one compute mode for every packed layer; None: each layer's as saved (dcx.load)."""
     from dcx import format as fmt
     from dcx.io import load
@@ -78,4 +90,6 @@ def model_from_file(path, packed: bool = True, compute: str | None = None) -> nn
     transformers = require("transformers")
     config = dict(config)
     auto = transformers.AutoConfig.for_model(config.pop("model_type"), **config)
-    return load(path, transformers.AutoModel.from_config(auto).eval(), packed, compute)
+    cls = model_class(transformers, auto)
+    model = transformers.AutoModel.from_config(auto) if cls is transformers.AutoModel else cls(auto)
+    return load(path, model.eval(), packed, compute)

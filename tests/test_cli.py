@@ -318,6 +318,38 @@ def test_the_demo_data_needs_no_scikit_learn():
     assert run.stdout.strip() == "1438"
 
 
+def test_convert_a_language_model_with_tied_embeddings(tmp_path):
+    """A causal LM folder: its own class (the head included), the tied table stored once, and
+    the file alone rebuilds the model with the head tied again."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    import torch
+
+    import dcx as dcx_pkg
+    from dcx import format as fmt
+
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=32,
+                                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "lm")
+    run = dcx("convert", tmp_path / "lm", "--bits", "5", "--out", tmp_path / "lm.dcx", "--quiet")
+    assert run.returncode == 0, run.stderr
+    assert "| lm_head | Linear | 100x32 | packed | 5 | 0% | tied to model.embed_tokens |" in \
+        run.stdout
+    assert fmt.load_records(tmp_path / "lm.dcx")[2]["tied"] == {
+        "lm_head.weight": "model.embed_tokens.weight"}
+    rebuilt = dcx_pkg.hf.model_from_file(tmp_path / "lm.dcx")
+    assert isinstance(rebuilt, transformers.LlamaForCausalLM)
+    assert rebuilt.lm_head.codes is rebuilt.model.embed_tokens.codes
+    original = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "lm").eval()
+    ids = torch.randint(0, 100, (2, 10))
+    with torch.no_grad():
+        cos = torch.nn.functional.cosine_similarity(rebuilt(ids).logits.flatten(),
+                                                    original(ids).logits.flatten(), 0)
+    assert cos > 0.95
+
+
 def test_convert_with_calibration_text(tmp_path):
     """--calibration text files: sentences tokenized by the folder's tokenizer; --scale row; a
     corpus with no sentence, or text files for a model without a tokenizer folder, is a usage
