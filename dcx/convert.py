@@ -7,15 +7,15 @@ ConvertConfig says).
 import warnings
 from typing import Iterable, NamedTuple, Optional
 
-from torch import nn
+from torch import Tensor, nn
 
-from dcx import format as fmt
 from dcx import state
 from dcx.calibration import calibratable, compress_calibrated_
 from dcx.config import (ClusterConfig, ConfigError, ConvertConfig, PruneConfig, check_compute,
                         layer_overrides)
 from dcx.nn import (SparseQuantConv2d, SparseQuantEmbedding, SparseQuantLinear, _compress_layer,
                     packable)
+from dcx.packing import can_pack_dense
 from dcx.prune import prune_
 from dcx.quantize import clusterable, cluster_
 
@@ -49,6 +49,15 @@ def weight_owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
     return owners
 
 
+def tie_reason(group: list, mask: Tensor, codebook: Tensor, bits: int) -> Optional[str]:
+    """Why the owners [(name, module)] of one shared weight cannot be packed (None: they can);
+    a tied weight is packed once, in dense mode, for every owner."""
+    reason = next(filter(None, (packable(m) for _, m in group)), None)
+    if reason is None and len(group) > 1 and not can_pack_dense(mask, codebook, bits):
+        reason = "a tied table is packed in dense mode, which 8 bits and pruning leave no id for"
+    return reason
+
+
 def pack_layers_(model: nn.Module, names=None, dense=None, compute="auto") -> nn.Module:
     """Swap every weight-shared layer of `model` (dcx.state) that a packed twin can run
     (`packable`) for that twin: nn.Linear -> SparseQuantLinear, nn.Conv2d -> SparseQuantConv2d,
@@ -57,8 +66,8 @@ def pack_layers_(model: nn.Module, names=None, dense=None, compute="auto") -> nn
     once, in dense mode, and every owner's twin reads that one packed weight (tie_to); the
     group stays as it is unless every owner is packable.
     names: only these modules. dense: force the packed mode (default None: dense from
-    DENSE_DENSITY on). compute: the new Linear / Conv2d layers' compute mode (COMPUTE_MODES).
-    Each of dense and compute may also be a {module name: value} dict (dcx.load passes the
+    DENSE_DENSITY on; a tied weight is always dense). compute: the new Linear / Conv2d layers'
+    compute mode (COMPUTE_MODES). Each of dense and compute may also be a {module name: value} dict (dcx.load passes the
     file's settings so), its default for layers it does not name. Other layers stay as they
     are. Returns the model."""
     def per_layer(value, name, default):
@@ -73,19 +82,19 @@ def pack_layers_(model: nn.Module, names=None, dense=None, compute="auto") -> nn
                 or (names is not None and st.module_name not in names)):
             continue
         group = owners.get(id(st.module._parameters.get("weight")), [(st.module_name, st.module)])
-        if any(packable(m) is not None for _, m in group):
+        if tie_reason(group, st.kept, st.codebook, st.bits) is not None:
             continue
         # The packed weight is built for the group's first Linear (an embedding-only group: its
         # first table); the others read it.
         first = next((i for i, (_, m) in enumerate(group) if _twin(m) is SparseQuantLinear), 0)
-        group.insert(0, group.pop(first))
+        group = [group[first]] + group[:first] + group[first + 1:]
         leader = None
         for name, m in group:
             twin = _twin(m)
             if leader is None:
                 mode = True if len(group) > 1 else per_layer(dense, st.module_name, None)
                 layer = twin.from_shared(m, st.kept, st.labels, st.codebook.detach(), st.bits,
-                                         mode, st.scale)
+                                         dense=mode, scale=st.scale)
                 leader = layer
             else:
                 layer = twin._like(m, st.bits).tie_to(leader)
@@ -140,37 +149,40 @@ def convert_(model: nn.Module, config: Optional[ConvertConfig] = None,
             if p is not None:
                 owners.setdefault(id(p), set()).add(f"{name}.{param_name}" if name else param_name)
     tied_groups = weight_owners(model)
+
+    def left_out(m) -> Optional[str]:
+        """Why convert leaves this layer as it is (None: it compresses it)."""
+        layer_kind, st = state.kind(m), state.get(m)
+        if layer_kind is None:
+            return "not a Linear, convolution or embedding"
+        if layer_kind == "conv" and not conv:
+            return "convolutions left out (conv=False)"
+        if layer_kind == "embedding" and not embeddings:
+            return "embeddings left out (embeddings=False)"
+        return "already shared" if st is not None and st.shared else None
+
     rows, layers = {}, {}  # layers: the ones convert may compress, with their names for patterns
     followers = {}  # {module name: the first owner of the weight it is tied to}
     for name, m in model.named_modules():
         weight = m._parameters.get("weight")
         if not name or weight is None or weight.dim() < 2 or hasattr(m, "layer_state"):
             continue
-        st = state.get(m)
         row = ConvertRow(name, type(m).__name__, tuple(weight.shape), "dense", None, 0.0, "")
-        layer_kind = state.kind(m)
-        if layer_kind is None:
-            rows[name] = row._replace(reason="not a Linear, convolution or embedding")
-        elif layer_kind == "conv" and not conv:
-            rows[name] = row._replace(reason="convolutions left out (conv=False)")
-        elif layer_kind == "embedding" and not embeddings:
-            rows[name] = row._replace(reason="embeddings left out (embeddings=False)")
-        elif st is not None and st.shared:
-            rows[name] = row._replace(action="shared", reason="already shared")
-        elif len(owners.get(id(weight), ())) > 1:
+        reason = left_out(m)
+        if len(owners.get(id(weight), ())) > 1:  # a tied weight: compressed once, or not at all
             group = tied_groups[id(weight)]
-            if (len(owners[id(weight)]) != len(group)
-                    or any(state.kind(o) not in ("linear", "embedding") for _, o in group)):
-                rows[name] = row._replace(reason=f"weight tied to {sorted(owners[id(weight)])}")
-            elif group[0][0] == name:  # compressed once, for every owner
-                rows[name] = row
-                layers[name] = m
-            else:
-                rows[name] = row._replace(reason=f"tied to {group[0][0]}")
+            if reason is None and (len(owners[id(weight)]) != len(group) or any(
+                    left_out(o) or state.kind(o) == "conv" for _, o in group)):
+                reason = f"weight tied to {sorted(owners[id(weight)])}"
+            if reason is None and group[0][0] != name:
+                reason = f"tied to {group[0][0]}"
                 followers[name] = group[0][0]
-        else:
+        if reason is None:
             rows[name] = row
             layers[name] = m
+        else:
+            shared = reason == "already shared"
+            rows[name] = row._replace(action="shared" if shared else "dense", reason=reason)
     def selected(patterns, where):
         return set(layer_overrides(model, {p: True for p in patterns}, layers, where))
 
@@ -200,9 +212,9 @@ def convert_(model: nn.Module, config: Optional[ConvertConfig] = None,
             module = model.get_submodule(name)
             mask, labels, codebook, scale = _compress_layer(module.weight, v["sparsity"],
                                                             v["bits"], v["scale"])
-            decoded = fmt.CompressedTensor(mask, labels, codebook, v["bits"], scale=scale)
-            state.set_compressed_(module, "weight", decoded.to_dense(), mask, codebook, labels,
-                                  v["bits"], scale)
+            state.set_compressed_(module, "weight", state.shared_weight(codebook, labels, mask,
+                                                                        scale),
+                                  mask, codebook, labels, v["bits"], scale)
         calibrated = {}
         if method == "gptq":
             calibrated = {n: v for n, v in per_layer.items()
@@ -221,14 +233,17 @@ def convert_(model: nn.Module, config: Optional[ConvertConfig] = None,
         if calibrated:
             compress_calibrated_(model, calibrated, calibration, progress=progress)
         for name, v in per_layer.items():
-            group = [name] + [f for f, leader in followers.items() if leader == name]
-            reason = next(filter(None, (packable(model.get_submodule(n)) for n in group)), None)
+            group = [(n, model.get_submodule(n)) for n in
+                     [name] + [f for f, leader in followers.items() if leader == name]]
+            st = state.get(group[0][1])
+            reason = tie_reason(group, st.kept, st.codebook, st.bits)
             rows[name] = rows[name]._replace(action="shared" if reason else "packed",
                                              bits=v["bits"], sparsity=v["sparsity"],
                                              reason=reason or "")
         for name, leader in followers.items():
             if leader in per_layer:
-                rows[name] = rows[leader]._replace(name=rows[name].name, kind=rows[name].kind,
+                rows[name] = rows[leader]._replace(name=name, kind=rows[name].kind,
+                                                   shape=rows[name].shape,
                                                    reason=f"tied to {leader}")
         pack_layers_(model, names={n for n in per_layer if rows[n].action == "packed"},
                      dense=config.dense, compute=config.compute)

@@ -12,7 +12,8 @@ Layout (all integers little-endian):
               the packed layers the file was saved from where they differ from dcx.load's
               defaults, {module name: {"compute": one of dcx.config.COMPUTE_MODES (default
               "auto"), "mode": "dense" or "sparse" (default: by density)}}, which dcx.load
-              restores; from 1.5, "tied": {name: source}, a tensor stored once under `source`
+              restores; from 1.5, "tied": {name: source}, a compressed tensor stored once under
+              `source`
               that the model also holds as `name` (a tied input embedding and output
               projection), which dcx.load ties again
     data      the sections, back to back in table order: codebooks, Huffman code lengths,
@@ -625,6 +626,7 @@ def encode_file(records: dict, dense: dict, manifest_extra: dict | None = None,
                 "sections": {"data": add_section(_raw_bytes(t.cpu()))},
             }
         )
+    _check_tied(tied or {}, records, dense)
     manifest = {
         "format": "dcx",
         "version": f"{VERSION[0]}.{VERSION[1]}",
@@ -650,9 +652,9 @@ def seal(manifest: dict, data: bytes, version=VERSION) -> bytes:
 
 
 def save_records(path, records: dict, dense: dict, manifest_extra: dict | None = None,
-                 layers: dict | None = None):
+                 layers: dict | None = None, tied: dict | None = None):
     """Write a .dcx file atomically (see encode_file)."""
-    write_atomic(path, encode_file(records, dense, manifest_extra, layers))
+    write_atomic(path, encode_file(records, dense, manifest_extra, layers, tied))
 
 
 def write_atomic(path, data: bytes):
@@ -845,16 +847,17 @@ def decode_file(buf: bytes):
 
 
 def _check_tied(tied, records: dict, dense: dict):
-    """FormatError unless `tied` maps names that are not tensors of the file to names that
-    are."""
+    """FormatError unless `tied` maps names that are not tensors of the file to names of its
+    compressed tensors."""
     if not isinstance(tied, dict):
-        raise FormatError("manifest: 'tied' must map names to names of the file's tensors")
+        raise FormatError("manifest: 'tied' must map names to names of the file's compressed "
+                          "tensors")
     for name, source in tied.items():
         if name in records or name in dense:
             raise FormatError(f"manifest: tied[{name!r}] names a tensor the file stores")
-        if not isinstance(source, str) or (source not in records and source not in dense):
-            raise FormatError(f"manifest: tied[{name!r}] = {source!r} is not a tensor of the "
-                              "file")
+        if not isinstance(source, str) or source not in records:
+            raise FormatError(f"manifest: tied[{name!r}] = {source!r} is not a compressed "
+                              "tensor of the file")
 
 
 def load_records(path):

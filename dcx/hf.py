@@ -1,7 +1,7 @@
 """Hugging Face transformers models with dcx: a model folder loaded offline, its config carried
 in the .dcx manifest, and the compressed model rebuilt from the file alone.
 
-    model = dcx.hf.load_folder("path/to/all-MiniLM-L6-v2")     # AutoModel, offline
+    model = dcx.hf.load_folder("path/to/all-MiniLM-L6-v2")     # its config's class, offline
     dcx.convert_(model, dcx.ConvertConfig(bits=6))
     dcx.save(model, "minilm.dcx", extra=dcx.hf.manifest_extra(model))
     fresh = dcx.hf.model_from_file("minilm.dcx")                 # config from the manifest
@@ -20,9 +20,10 @@ from pathlib import Path
 from torch import nn
 
 __all__ = ["MissingDependency", "require", "is_model_folder", "load_folder", "manifest_extra",
-           "model_class", "model_from_file", "MANIFEST_KEY"]
+           "model_class", "model_from_file", "MANIFEST_KEY", "CLASS_KEY"]
 
 MANIFEST_KEY = "transformers"  # the manifest entry holding the model's config (config.to_dict)
+CLASS_KEY = "transformers_class"  # the class the file was saved from (files before 1.5: none)
 
 
 class MissingDependency(ImportError):
@@ -45,22 +46,22 @@ def is_model_folder(path) -> bool:
 
 def load_folder(path) -> nn.Module:
     """The model of a transformers folder (config.json + weights), offline (nothing is fetched
-    from a hub), in eval mode: the class its config names (`model_class`), else AutoModel."""
+    from a hub), in eval mode: the class its config names first in "architectures", else
+    AutoModel."""
     if not is_model_folder(path):
         raise FileNotFoundError(f"{str(path)!r} is not a transformers model folder (no "
                                 "config.json in it)")
     transformers = require("transformers")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
-    return model_class(transformers, config).from_pretrained(str(path),
-                                                             local_files_only=True).eval()
+    cls = model_class(transformers, (getattr(config, "architectures", None) or [None])[0])
+    return cls.from_pretrained(str(path), local_files_only=True).eval()
 
 
-def model_class(transformers, config):
-    """The class the config names first in "architectures" (LlamaForCausalLM: the language
-    model head, tied to the embedding, included), when transformers has it; else AutoModel."""
-    names = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, names[0], None) if names and isinstance(names[0], str) else None
+def model_class(transformers, name):
+    """The transformers model class called `name` (LlamaForCausalLM: the language model head,
+    tied to the embedding, included), when transformers has it; else AutoModel."""
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
     if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
         return cls
     return transformers.AutoModel
@@ -72,12 +73,14 @@ def manifest_extra(model: nn.Module) -> dict:
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_json_string"):
         return {}
-    return {MANIFEST_KEY: json.loads(config.to_json_string(use_diff=False))}
+    return {MANIFEST_KEY: json.loads(config.to_json_string(use_diff=False)),
+            CLASS_KEY: type(model).__name__}
 
 
 def model_from_file(path, packed: bool = True, compute: str | None = None) -> nn.Module:
-    """The compressed model of a .dcx file written from a transformers model: the class of its
-    config (`model_class`) built from the config in the file's manifest, then filled by dcx.load (checked completely first).
+    """The compressed model of a .dcx file written from a transformers model: the class it was
+    saved from (the manifest's CLASS_KEY; AutoModel for files without it) built from the config
+    in the file's manifest, then filled by dcx.load (checked completely first).
     compute: one compute mode for every packed layer; None: each layer's as saved (dcx.load)."""
     from dcx import format as fmt
     from dcx.io import load
@@ -90,6 +93,6 @@ def model_from_file(path, packed: bool = True, compute: str | None = None) -> nn
     transformers = require("transformers")
     config = dict(config)
     auto = transformers.AutoConfig.for_model(config.pop("model_type"), **config)
-    cls = model_class(transformers, auto)
+    cls = model_class(transformers, manifest["extra"].get(CLASS_KEY))
     model = transformers.AutoModel.from_config(auto) if cls is transformers.AutoModel else cls(auto)
     return load(path, model.eval(), packed, compute)

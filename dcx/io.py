@@ -153,10 +153,18 @@ def _record_dtype(ct: fmt.CompressedTensor) -> torch.dtype:
 def _check_fits(model: nn.Module, compressed: dict, raw: dict, tied: dict):
     """ValueError, before anything is written, unless every name, shape and dtype of the file
     matches the model (a tied name as the tensor it is tied to)."""
-    compressed = {**compressed, **{n: compressed[s] for n, s in tied.items() if s in compressed}}
-    raw = {**raw, **{n: raw[s] for n, s in tied.items() if s in raw}}
     state_dict = model.state_dict()
     owned, problems = set(), []
+    for name in tied:  # a tie makes one weight Parameter (or packed weight) of two modules
+        module_name, _, param = name.rpartition(".")
+        if not _has_module(model, module_name):
+            continue  # said below, with the records
+        module = model.get_submodule(module_name)
+        if param != "weight" or not (hasattr(module, "packed")
+                                     or isinstance(module._parameters.get(param), nn.Parameter)):
+            problems.append(f"{name}: the file ties it to {tied[name]}, but it is not a "
+                            "module's weight Parameter")
+    compressed = {**compressed, **{n: compressed[s] for n, s in tied.items()}}
     for name, ct in compressed.items():
         module_name, _, param = name.rpartition(".")
         try:
@@ -204,28 +212,47 @@ def _restore(model: nn.Module, name: str, ct: fmt.CompressedTensor, dense: Optio
     module_name, _, param = name.rpartition(".")
     module = model.get_submodule(module_name)
     if hasattr(module, "packed"):
-        module.load_compressed(ct.mask, ct.labels, ct.codebook, ct.bits, dense, ct.scale)
-        return
-    if hasattr(module, "layer_state"):
-        module.load_compressed(ct.mask, ct.labels, ct.codebook, ct.bits, ct.scale)
+        module.load_compressed(ct.mask, ct.labels, ct.codebook, ct.bits, dense=dense,
+                               scale=ct.scale)
         return
     state.set_compressed_(module, param, ct.to_dense(), ct.mask, ct.codebook, ct.labels, ct.bits,
                           ct.scale)
     state.set_index_bits_(module, param, ct.index_bits)
 
 
-def _tie(model: nn.Module, name: str, source: str, ct: Optional[fmt.CompressedTensor],
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def _untie_stored(model: nn.Module, names) -> None:
+    """Give each of `names` (module.param, all stored in the file) a Parameter of its own where
+    the model ties two of them and the file does not: each gets its own record."""
+    seen = set()
+    for name in names:
+        module_name, _, param = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        p = module._parameters.get(param)
+        if p is None:
+            continue
+        if id(p) in seen:
+            module._parameters[param] = nn.Parameter(p.detach().clone(), p.requires_grad)
+        seen.add(id(p))
+
+
+def _tie(model: nn.Module, name: str, source: str, ct: fmt.CompressedTensor,
          dense: Optional[bool]):
-    """Make the model's `name` the tensor `source` (restored already) again: the same Parameter
+    """Make the model's `name` the weight `source` (restored already) again: the same Parameter
     for plain layers, the same packed weight for packed ones. A plain and a packed layer cannot
     share; the one named gets its own copy of the record."""
     (module_name, _, param), (source_module_name, _, source_param) = (name.rpartition("."),
                                                                     source.rpartition("."))
     module, source_module = model.get_submodule(module_name), model.get_submodule(
         source_module_name)
-    if ct is None:  # a tie to a raw tensor
-        model.state_dict()[name].copy_(model.state_dict()[source])
-    elif hasattr(module, "packed") and hasattr(source_module, "packed"):
+    if hasattr(module, "packed") and hasattr(source_module, "packed"):
         module.tie_to(source_module)
     elif not hasattr(module, "packed") and not hasattr(source_module, "packed"):
         module._parameters[param] = source_module._parameters[source_param]
@@ -257,6 +284,7 @@ def load(path, model: Optional[nn.Module] = None, packed: bool = True,
             "compute" in legacy else None
     tied = manifest["tied"]  # checked by dcx.format
     _check_fits(model, compressed, raw, tied)
+    _untie_stored(model, list(compressed) + list(raw))
     state_dict = model.state_dict()
     with torch.no_grad():
         for name, t in raw.items():
@@ -264,7 +292,7 @@ def load(path, model: Optional[nn.Module] = None, packed: bool = True,
     for name, ct in compressed.items():
         _restore(model, name, ct, modes.get(name.rpartition(".")[0]))
     for name, source in tied.items():
-        _tie(model, name, source, compressed.get(source), modes.get(name.rpartition(".")[0]))
+        _tie(model, name, source, compressed[source], modes.get(name.rpartition(".")[0]))
     if packed:
         pack_layers_(model, dense=modes)
     for name, m in model.named_modules():  # every packed layer's weight came from the file

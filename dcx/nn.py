@@ -15,8 +15,7 @@ from torch import Tensor, nn
 from dcx import format as fmt
 from dcx import ops, state
 from dcx.config import COMPUTE_MODES, ClusterConfig, check_compute
-from dcx.packing import (PACKED_BUFFERS, PackedWeight, bits_for, dense_ids, pack,
-                         unpack)
+from dcx.packing import PACKED_BUFFERS, PackedWeight, bits_for, can_pack_dense, pack, unpack
 from dcx.prune import compute_mask
 from dcx.quantize import share_weight
 
@@ -146,16 +145,17 @@ class PackedModule(nn.Module):
         self.scale = None if scale is None else fmt.check_scale(scale, n, "scale").to(device)
 
     def tie_to(self, other: "PackedModule") -> "PackedModule":
-        """Read `other`'s packed weight and row scales (the same tensors, not copies): a table
-        tied to an output projection, packed once for both uses. Returns self."""
+        """Read `other`'s packed weight and row scales: a table tied to an output projection,
+        packed once for both uses. The two layers hold one buffer dict, so whatever replaces a
+        buffer of either (.to(), load_state_dict, load_compressed) replaces it for both.
+        Returns self."""
         if self.weight_shape[0] != other.out_features or (
                 self._packed_in_features() != other._packed_in_features()):
             raise ValueError(f"cannot tie a {tuple(self.weight_shape)} weight to a "
                              f"{(other.out_features, other._packed_in_features())} one")
         if not other.packed.dense and self.layer_kind == "embedding":
             raise ValueError("a table reads a packed weight in dense mode only")
-        for name in (*PACKED_BUFFERS, "scale"):
-            self._buffers[name] = other._buffers[name]
+        self._buffers = other._buffers  # every buffer of a packed layer is its weight's
         self.bits, self.tied = other.bits, True
         return self
 
@@ -182,7 +182,7 @@ class PackedModule(nn.Module):
         k-means centroids, pack (dense as `pack`); `compute` one of COMPUTE_MODES."""
         check_compute(compute)
         mask, labels, codebook, _ = _compress_layer(layer.weight, sparsity, bits)
-        packed = cls.from_shared(layer, mask, labels, codebook, bits, dense)
+        packed = cls.from_shared(layer, mask, labels, codebook, bits, dense=dense)
         packed.compute = compute
         return packed
 
@@ -206,8 +206,8 @@ class PackedModule(nn.Module):
     def from_state(cls, st: state.LayerState, dense: Optional[bool] = None):
         """The packed twin of the layer whose weight the stages shared (dcx.state)."""
         mask = st.kept
-        return cls.from_shared(st.module, mask, st.labels, st.codebook.detach(), st.bits, dense,
-                               st.scale)
+        return cls.from_shared(st.module, mask, st.labels, st.codebook.detach(), st.bits,
+                               dense=dense, scale=st.scale)
 
     @property
     def weight(self) -> Tensor:
@@ -441,13 +441,14 @@ class SparseQuantEmbedding(PackedModule):
         return (self.num_embeddings, self.embedding_dim)
 
     def load_compressed(self, mask: Tensor, labels: Tensor, codebook: Tensor, bits: int,
-                        dense: Optional[bool] = None, scale: Optional[Tensor] = None):
+                        scale: Optional[Tensor] = None, dense: Optional[bool] = None):
         """Set the table from (mask, labels, codebook, row scales or None) of the weight it
-        stands for (always dense mode: a lookup decodes rows independently)."""
-        if dense_ids(mask.bool(), labels, codebook, bits) is None:
+        stands for (dense: ignored, a table is always in dense mode: a lookup decodes rows on
+        their own)."""
+        if not can_pack_dense(mask, codebook, bits):
             raise ValueError("a pruned table with a full 256-entry codebook leaves no id for the "
                              "pruned entries: share it with 7 bits or fewer")
-        super().load_compressed(mask, labels, codebook, bits, True, scale)
+        super().load_compressed(mask, labels, codebook, bits, dense=True, scale=scale)
 
     @classmethod
     def _like(cls, embedding: nn.Embedding, bits: int):
@@ -467,12 +468,12 @@ class SparseQuantEmbedding(PackedModule):
 
     @classmethod
     def from_shared(cls, embedding: nn.Embedding, mask: Tensor, labels: Tensor, codebook: Tensor,
-                    bits: Optional[int] = None, dense: Optional[bool] = None,
-                    scale: Optional[Tensor] = None):
+                    bits: Optional[int] = None, scale: Optional[Tensor] = None,
+                    dense: Optional[bool] = None):
         """From (mask, labels, codebook, row scales or None) of `embedding`'s table (dense:
         ignored, a table is always packed in dense mode)."""
         layer = cls._like(embedding, bits or bits_for(codebook.numel()))
-        layer.load_compressed(mask, labels, codebook, layer.bits, True, scale)
+        layer.load_compressed(mask, labels, codebook, layer.bits, scale=scale)
         return layer
 
     @classmethod

@@ -148,6 +148,12 @@ def dense_by_density(mask: Tensor) -> bool:
     return mask.numel() > 0 and int(mask.sum()) >= DENSE_DENSITY * mask.numel()
 
 
+def can_pack_dense(mask: Tensor, codebook: Tensor, bits: int) -> bool:
+    """Whether dense mode has an id for every position of this weight (dense_ids is not None):
+    False only for a pruned weight whose full 256-entry codebook holds no zero."""
+    return bool(mask.all()) or bits < 8 or codebook.numel() < 256 or bool((codebook == 0).any())
+
+
 def dense_ids(mask: Tensor, labels: Tensor, codebook: Tensor, bits: int):
     """(uint8 ids, codebook, bits) of a weight-shared layer with an id at every position: pruned
     positions take an id that decodes to exactly 0 (a zero entry of the codebook, or one added,
@@ -155,15 +161,15 @@ def dense_ids(mask: Tensor, labels: Tensor, codebook: Tensor, bits: int):
     ids = labels.to(torch.uint8)  # ids < 256 where mask is set; pruned ones are set below
     if bool(mask.all()):
         return ids, codebook, bits
+    if not can_pack_dense(mask, codebook, bits):
+        return None
     k = codebook.numel()
     zero = (codebook == 0).nonzero()
     if zero.numel():
         zero_id = int(zero[0, 0])
-    elif k < (1 << bits) or bits < 8:
+    else:
         zero_id, bits = k, max(bits, bits_for(k + 1))
         codebook = torch.cat([codebook, codebook.new_zeros(1)])
-    else:
-        return None
     ids[~mask] = zero_id
     return ids, codebook, bits
 

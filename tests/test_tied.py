@@ -86,12 +86,16 @@ def test_ties_in_a_file_are_checked(tmp_path):
     torch.manual_seed(0)
     model, _ = dcx.convert_(TinyLM(), dcx.ConvertConfig(bits=4))
     compressed, raw, _ = fmt.load_records(dcx.save(model, tmp_path / "lm.dcx"))
-    for tied, match in (({"head.weight": "nowhere.weight"}, "is not a tensor of the file"),
+    manifest, sections = fmt.parse(fmt.encode_file(compressed, raw))
+    data = b"".join(sections[i] for i in sorted(sections))
+    for tied, match in (({"head.weight": "nowhere.weight"}, "is not a compressed tensor"),
+                        ({"head.weight": "hidden.bias"}, "is not a compressed tensor"),
                         ({"hidden.weight": "embed.weight"}, "names a tensor the file stores"),
                         ([1], "must map names")):
-        data = fmt.encode_file(compressed, raw, tied=tied)
+        with pytest.raises(fmt.FormatError, match=match):  # the writer checks, and the reader
+            fmt.encode_file(compressed, raw, tied=tied)
         with pytest.raises(fmt.FormatError, match=match):
-            fmt.decode_file(data)
+            fmt.decode_file(fmt.seal({**manifest, "tied": tied}, data))
     # A tie the model cannot take: the tensor it names has another shape.
     data = fmt.encode_file(compressed, raw, tied={"head.weight": "hidden.weight"})
     (tmp_path / "bad.dcx").write_bytes(data)
@@ -155,3 +159,78 @@ def test_a_table_saved_before_it_was_packed_loads():
     fresh = dcx.SparseQuantEmbedding(30, 8)
     fresh.load_state_dict(old)
     assert torch.equal(fresh.weight, table) and fresh.bits == layer.bits
+
+
+class HeadFirst(TinyLM):
+    """The projection registered before the embedding (module order decides the first owner)."""
+
+    def __init__(self):
+        nn.Module.__init__(self)
+        self.head = nn.Linear(24, 60, bias=False)
+        self.hidden = nn.Linear(24, 24)
+        self.embed = nn.Embedding(60, 24)
+        self.embed.weight = self.head.weight
+
+
+def test_a_tie_with_an_owner_left_out_is_left_dense():
+    model = HeadFirst()
+    _, rows = dcx.convert_(model, dcx.ConvertConfig(bits=4, embeddings=False))
+    by_name = {r.name: r for r in rows}
+    assert by_name["head"].action == "dense" and "weight tied to" in by_name["head"].reason
+    assert by_name["embed"].action == "dense" and "embeddings left out" in by_name["embed"].reason
+    assert by_name["hidden"].action == "packed"
+    model, rows = dcx.convert_(HeadFirst(), dcx.ConvertConfig(bits=4))  # the Linear first
+    assert {r.name: r.reason for r in rows}["embed"] == "tied to head"
+    assert model.embed.codes is model.head.codes
+
+
+def test_a_tied_table_at_8_bits_with_pruning_stays_shared(tmp_path):
+    """Dense mode has no id left for pruned weights of a full 256-entry codebook: the group
+    keeps its decoded, shared weight (still tied), and the file still stores it once."""
+    torch.manual_seed(0)
+    model = TinyLM(vocab=600, dim=24)
+    _, rows = dcx.convert_(model, dcx.ConvertConfig(bits=8, sparsity=0.5))
+    by_name = {r.name: r for r in rows}
+    assert by_name["embed"].action == "shared" and "dense mode" in by_name["embed"].reason
+    assert type(model.embed) is nn.Embedding and model.head.weight is model.embed.weight
+    expected = model(IDS)
+    path = dcx.save(model, tmp_path / "lm.dcx")
+    assert fmt.load_records(path)[2]["tied"] == {"head.weight": "embed.weight"}
+    loaded = dcx.load(path, TinyLM(vocab=600, dim=24))
+    assert loaded.head.weight is loaded.embed.weight and torch.equal(loaded(IDS), expected)
+
+
+def test_the_tie_survives_to_and_load_state_dict():
+    torch.manual_seed(0)
+    model, _ = dcx.convert_(TinyLM(), dcx.ConvertConfig(bits=5, scale="row"))
+    expected = model(IDS)
+    model.to(torch.bfloat16)  # every buffer replaced: one dict, so both layers see the new ones
+    assert model.embed.codebook is model.head.codebook
+    assert model.head.codebook.dtype == torch.bfloat16
+    torch.testing.assert_close(model(IDS).float(), expected, rtol=0.05, atol=0.05)
+    other, _ = dcx.convert_(TinyLM(), dcx.ConvertConfig(bits=3))
+    other.to(torch.bfloat16).load_state_dict(model.state_dict())
+    assert other.embed.codes is other.head.codes and other.embed.bits == 5
+    assert torch.equal(other(IDS), model(IDS))
+
+
+def test_an_untied_file_loads_into_a_tied_model(tmp_path):
+    """The file is the truth: two records of one Parameter of the model give it two."""
+    torch.manual_seed(0)
+    untied, _ = dcx.convert_(TinyLM(tie=False), dcx.ConvertConfig(bits=4))
+    expected = untied(IDS)
+    path = dcx.save(untied, tmp_path / "untied.dcx")
+    loaded = dcx.load(path, TinyLM())
+    assert loaded.embed.codes is not loaded.head.codes and torch.equal(loaded(IDS), expected)
+
+
+def test_a_tie_must_name_a_weight(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    dcx.convert_(model, dcx.ConvertConfig(bits=3))
+    compressed, raw, _ = fmt.load_records(dcx.save(model, tmp_path / "m.dcx"))
+    raw.pop("1.running_mean")
+    (tmp_path / "bad.dcx").write_bytes(fmt.encode_file(compressed, raw,
+                                                       tied={"1.running_mean": "0.weight"}))
+    with pytest.raises(ValueError, match="1.running_mean: the file ties it to 0.weight, but it "
+                                         "is not a module's weight Parameter"):
+        dcx.load(tmp_path / "bad.dcx", nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)))
