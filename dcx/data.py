@@ -198,9 +198,12 @@ def read_sentences(paths, count: int | None = None, seed: int = 0, min_words: in
 def text_batches(tokenizer, sentences, batch_size: int = 16, max_length: int = 128) -> list:
     """The sentences tokenized by a transformers tokenizer in batches of batch_size (padded to
     the longest of each batch, truncated at max_length): a list of dicts of tensors, each a
-    model's keyword arguments."""
+    model's keyword arguments. A tokenizer without a padding token (a decoder language
+    model's) pads with its end-of-sequence token, which the attention mask leaves out."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None):
+        tokenizer.pad_token = tokenizer.eos_token
     sentences = list(sentences)
     return [dict(tokenizer(sentences[i:i + batch_size], padding=True, truncation=True,
                            max_length=max_length, return_tensors="pt"))

@@ -319,8 +319,9 @@ def test_the_demo_data_needs_no_scikit_learn():
 
 
 def test_convert_a_language_model_with_tied_embeddings(tmp_path):
-    """A causal LM folder: its own class (the head included), the tied table stored once, and
-    the file alone rebuilds the model with the head tied again."""
+    """A causal LM folder with a tokenizer that has no padding token, calibrated on text: its
+    own class (the head included), the tied table stored once, and the file alone rebuilds the
+    model with the head tied again."""
     transformers = pytest.importorskip("transformers", reason="transformers is not installed")
     import torch
 
@@ -333,7 +334,16 @@ def test_convert_a_language_model_with_tied_embeddings(tmp_path):
                                       tie_word_embeddings=True)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "lm")
-    run = dcx("convert", tmp_path / "lm", "--bits", "5", "--out", tmp_path / "lm.dcx", "--quiet")
+    words = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far", "away", "and", "home"]
+    (tmp_path / "vocab.txt").write_text("\n".join(["[UNK]", "[SEP]"] + words + ["."]) + "\n")
+    transformers.BertTokenizer(str(tmp_path / "vocab.txt"), pad_token=None, cls_token=None,
+                               mask_token=None, eos_token="[SEP]").save_pretrained(tmp_path / "lm")
+    g = torch.Generator().manual_seed(0)
+    (tmp_path / "corpus.txt").write_text(" ".join(
+        " ".join(words[i] for i in torch.randint(0, len(words), (6,), generator=g)) + "."
+        for _ in range(40)))
+    run = dcx("convert", tmp_path / "lm", "--bits", "5", "--calibration", tmp_path / "corpus.txt",
+              "--samples", "24", "--out", tmp_path / "lm.dcx", "--quiet")
     assert run.returncode == 0, run.stderr
     assert "| lm_head | Linear | 100x32 | packed | 5 | 0% | tied to model.embed_tokens |" in \
         run.stdout

@@ -131,3 +131,18 @@ def test_digits_and_loader():
     assert torch.equal(first, next(iter(data.loader(x, y, 10, shuffle=True, seed=1)))[1])
     with pytest.raises(ValueError, match="batch_size must be"):
         data.loader(x, y, 0)
+
+
+def test_text_batches_pad_a_decoder_tokenizer_with_its_end_token(tmp_path):
+    """A decoder LM's tokenizer has no padding token: the batches pad with its end token,
+    masked out."""
+    transformers = pytest.importorskip("transformers")
+    words = ["the", "cat", "sat", "on", "a", "mat", "."]
+    (tmp_path / "vocab.txt").write_text("\n".join(["[UNK]", "[SEP]"] + words) + "\n")
+    tokenizer = transformers.BertTokenizer(str(tmp_path / "vocab.txt"), pad_token=None,
+                                           cls_token=None, mask_token=None, eos_token="[SEP]")
+    assert tokenizer.pad_token is None
+    batches = data.text_batches(tokenizer, ["the cat sat on a mat .", "a cat ."], batch_size=2)
+    ids, mask = batches[0]["input_ids"], batches[0]["attention_mask"]
+    assert ids.shape[0] == 2 and mask[1].sum() < mask[0].sum()
+    assert (ids[1][mask[1] == 0] == tokenizer.convert_tokens_to_ids("[SEP]")).all()
