@@ -7,7 +7,7 @@ ConvertConfig says).
 import warnings
 from typing import Iterable, NamedTuple, Optional
 
-from torch import Tensor, nn
+from torch import nn
 
 from dcx import state
 from dcx.calibration import calibratable, compress_calibrated_
@@ -49,11 +49,11 @@ def weight_owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
     return owners
 
 
-def tie_reason(group: list, mask: Tensor, codebook: Tensor, bits: int) -> Optional[str]:
-    """Why the owners [(name, module)] of one shared weight cannot be packed (None: they can);
-    a tied weight is packed once, in dense mode, for every owner."""
+def tie_reason(group: list, st: state.LayerState) -> Optional[str]:
+    """Why the owners [(name, module)] of one shared weight (its state `st`) cannot be packed
+    (None: they can); a tied weight is packed once, in dense mode, for every owner."""
     reason = next(filter(None, (packable(m) for _, m in group)), None)
-    if reason is None and len(group) > 1 and not can_pack_dense(mask, codebook, bits):
+    if reason is None and len(group) > 1 and not can_pack_dense(st.kept, st.codebook, st.bits):
         reason = "a tied table is packed in dense mode, which 8 bits and pruning leave no id for"
     return reason
 
@@ -82,7 +82,7 @@ def pack_layers_(model: nn.Module, names=None, dense=None, compute="auto") -> nn
                 or (names is not None and st.module_name not in names)):
             continue
         group = owners.get(id(st.module._parameters.get("weight")), [(st.module_name, st.module)])
-        if tie_reason(group, st.kept, st.codebook, st.bits) is not None:
+        if tie_reason(group, st) is not None:
             continue
         # The packed weight is built for the group's first Linear (an embedding-only group: its
         # first table); the others read it.
@@ -236,7 +236,7 @@ def convert_(model: nn.Module, config: Optional[ConvertConfig] = None,
             group = [(n, model.get_submodule(n)) for n in
                      [name] + [f for f, leader in followers.items() if leader == name]]
             st = state.get(group[0][1])
-            reason = tie_reason(group, st.kept, st.codebook, st.bits)
+            reason = tie_reason(group, st)
             rows[name] = rows[name]._replace(action="shared" if reason else "packed",
                                              bits=v["bits"], sparsity=v["sparsity"],
                                              reason=reason or "")

@@ -157,9 +157,9 @@ def _check_fits(model: nn.Module, compressed: dict, raw: dict, tied: dict):
     owned, problems = set(), []
     for name in tied:  # a tie makes one weight Parameter (or packed weight) of two modules
         module_name, _, param = name.rpartition(".")
-        if not _has_module(model, module_name):
+        module = _submodule(model, module_name)
+        if module is None:
             continue  # said below, with the records
-        module = model.get_submodule(module_name)
         if param != "weight" or not (hasattr(module, "packed")
                                      or isinstance(module._parameters.get(param), nn.Parameter)):
             problems.append(f"{name}: the file ties it to {tied[name]}, but it is not a "
@@ -220,12 +220,11 @@ def _restore(model: nn.Module, name: str, ct: fmt.CompressedTensor, dense: Optio
     state.set_index_bits_(module, param, ct.index_bits)
 
 
-def _has_module(model: nn.Module, name: str) -> bool:
+def _submodule(model: nn.Module, name: str) -> Optional[nn.Module]:
     try:
-        model.get_submodule(name)
-        return True
+        return model.get_submodule(name)
     except AttributeError:
-        return False
+        return None
 
 
 def _untie_stored(model: nn.Module, names) -> None:

@@ -484,11 +484,12 @@ class SparseQuantEmbedding(PackedModule):
 
     def forward(self, input: Tensor) -> Tensor:
         b = self._buffers  # not Module.__getattr__: this runs on every forward
-        codes = b["codes"][input.reshape(-1)]
+        flat = input.reshape(-1)
+        codes = b["codes"][flat]
         rows = ops.spqmm_decode(codes, b["windows"], b["group_ptr"], b["chunks"], b["codebook"],
                                 codes.shape[0], self.embedding_dim, self.bits)
         if b["scale"] is not None:
-            rows = rows * b["scale"][input.reshape(-1)].to(rows.dtype).unsqueeze(-1)
+            rows = rows * b["scale"][flat].to(rows.dtype).unsqueeze(-1)
         return rows.reshape(*input.shape, self.embedding_dim)
 
     def get_extra_state(self):
