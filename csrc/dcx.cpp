@@ -32,9 +32,10 @@ TORCH_LIBRARY(dcx, m) {
   m.def("huffman_decode(Tensor data, Tensor code_lengths, int count) -> Tensor");
   // 1-D k-means of all values: centroids [num_clusters] ascending (values' dtype), labels int32 of
   // values' shape. init: linear | density | random | kmeans++; method: lloyd | optimal.
+  // weights: one per value (values' shape and dtype, > 0): minimise sum weights (values - c)^2.
   m.def(
       "kmeans1d(Tensor values, int num_clusters, str init=\"linear\", int max_iter=300, "
-      "float tol=1e-4, int seed=0, str method=\"lloyd\") -> (Tensor, Tensor)");
+      "float tol=1e-4, int seed=0, str method=\"lloyd\", Tensor? weights=None) -> (Tensor, Tensor)");
   // y = x W^T + bias with W [out_features, in_features] held packed (codebook ids decoded on the
   // fly; layout at the top of csrc/core/spqmm.h, built by dcx.packing.pack). x: [..., K];
   // y: [..., N]. crossover: the batch from which W is decoded once and the BLAS runs (-1: auto).

@@ -101,6 +101,18 @@ inline kmeans1d::Init check_kmeans1d_args(const at::Tensor& values, int64_t num_
   TORCH_CHECK(false, "init must be 'linear', 'density', 'random' or 'kmeans++', got '", init, "'");
 }
 
+// Weighted k-means: one weight per value, finite and > 0 (a zero-weight value would leave a
+// cluster without a mean; give such values a tiny weight instead).
+inline void check_kmeans1d_weights(const std::optional<at::Tensor>& weights,
+                                   const at::Tensor& values) {
+  if (!weights.has_value()) return;
+  check_same_dtype(*weights, "weights", values, "values");
+  check_same_shape(*weights, "weights", values, "values");
+  check_same_device(*weights, "weights", values, "values");
+  TORCH_CHECK(at::logical_and(at::isfinite(*weights), at::gt(*weights, 0)).all().item<bool>(),
+              "weights must be finite and > 0");
+}
+
 // After sorting, NaN (either sign) and infinities sit at the ends.
 inline void check_kmeans1d_finite(double first, double last) {
   TORCH_CHECK(std::isfinite(first) && std::isfinite(last),

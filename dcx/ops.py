@@ -86,6 +86,7 @@ def kmeans1d(
     tol: float = 1e-4,
     seed: int = 0,
     method: str = "lloyd",
+    weights: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """1-D k-means of all elements of `values` (float32 or float64, any shape, finite).
 
@@ -101,17 +102,28 @@ def kmeans1d(
     spare ones repeating the largest); empty clusters are re-seeded with the value farthest from
     its centroid; no values gives zero centroids. The same seed gives the same labels on CPU
     and CUDA.
+
+    weights: one per value (values' shape, dtype and device; finite and > 0), for weighted
+    k-means: the objective is sum weights * (values - centroid)^2, each centroid the weighted
+    mean of its cluster (sklearn's sample_weight), e.g. a weight's importance to a layer's
+    outputs. density then takes quantiles of the weight, kmeans++ draws in proportion to it,
+    the tolerance scales by the weighted variance; linear and random ignore it.
     """
-    return op("kmeans1d")(values, num_clusters, init, max_iter, tol, seed, method)
+    return op("kmeans1d")(values, num_clusters, init, max_iter, tol, seed, method, weights)
 
 
 @_fake("kmeans1d")
-def _(values, num_clusters, init="linear", max_iter=300, tol=1e-4, seed=0, method="lloyd"):
+def _(values, num_clusters, init="linear", max_iter=300, tol=1e-4, seed=0, method="lloyd",
+      weights=None):
     torch._check(num_clusters >= 1, lambda: f"num_clusters must be >= 1, got {num_clusters}")
     torch._check(
         values.dtype in (torch.float32, torch.float64),
         lambda: f"values must be float32 or float64, got {values.dtype}",
     )
+    if weights is not None:
+        torch._check(weights.shape == values.shape,
+                     lambda: f"weights must have the shape of values {tuple(values.shape)}, "
+                             f"got {tuple(weights.shape)}")
     return values.new_empty((num_clusters,)), values.new_empty(values.shape, dtype=torch.int32)
 
 

@@ -133,19 +133,25 @@ def kmeans1d(
     tol: float = 1e-4,
     seed: int = 0,
     method: str = "lloyd",
+    weights: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Lloyd's algorithm with an n x k distance matrix in float64 (linear and density inits), or
     for method="optimal" the O(k n^2) dynamic program; the same conventions as dcx.ops.kmeans1d
-    (ties to the lower centroid, empty clusters take the value farthest from its centroid)."""
+    (ties to the lower centroid, empty clusters take the value farthest from its centroid;
+    weights: weighted means, costs, density quantiles and tolerance)."""
     if init not in ("linear", "density"):
         raise ValueError(f"the reference has only the deterministic inits, got {init!r}")
     k = num_clusters
-    x = torch.sort(values.reshape(-1).double()).values
+    flat = values.reshape(-1).double()
+    w = torch.ones_like(flat) if weights is None else weights.reshape(-1).double()
+    # Equal values sort in input order, so their weights do too (as the op's stable sort).
+    x, order = torch.sort(flat, stable=True)
+    w = w[order]
     n = x.numel()
 
     def finish(c):
         c = c.to(values.dtype).double()
-        labels = torch.argmin((values.reshape(-1).double()[:, None] - c[None, :]).abs(), dim=1)
+        labels = torch.argmin((flat[:, None] - c[None, :]).abs(), dim=1)
         return c.to(values.dtype), labels.to(torch.int32).reshape(values.shape)
 
     distinct = torch.unique(x)
@@ -153,13 +159,19 @@ def kmeans1d(
         return finish(torch.zeros(k, dtype=torch.float64))
     if distinct.numel() <= k:
         return finish(torch.cat([distinct, distinct[-1].repeat(k - distinct.numel())]))
+
+    def mean(part, part_w):
+        return (part * part_w).sum() / part_w.sum()
+
     if method == "optimal":
-        cs = torch.cat([x.new_zeros(1), torch.cumsum(x - x[n // 2], 0)])
-        cs2 = torch.cat([x.new_zeros(1), torch.cumsum((x - x[n // 2]) ** 2, 0)])
+        d = x - x[n // 2]
+        cw = torch.cat([x.new_zeros(1), torch.cumsum(w, 0)])
+        cs = torch.cat([x.new_zeros(1), torch.cumsum(w * d, 0)])
+        cs2 = torch.cat([x.new_zeros(1), torch.cumsum(w * d * d, 0)])
         j = torch.arange(n)[:, None]
         i = torch.arange(n)[None, :]
-        cnt = (i - j + 1).clamp(min=1).double()
-        cost = (cs2[i + 1] - cs2[j]) - (cs[i + 1] - cs[j]) ** 2 / cnt  # cost[j, i] of x[j..i]
+        weight = (cw[i + 1] - cw[j]).clamp(min=1e-300)
+        cost = (cs2[i + 1] - cs2[j]) - (cs[i + 1] - cs[j]) ** 2 / weight  # cost[j, i] of x[j..i]
         cost = torch.where(j <= i, cost.clamp(min=0), torch.full_like(cost, float("inf")))
         D, back = cost[0], []
         for _ in range(1, k):
@@ -172,14 +184,20 @@ def kmeans1d(
             bounds.append(int(arg[i_end]))
             i_end = bounds[-1] - 1
         bounds = [0] + bounds[::-1]
-        c = torch.stack([x[bounds[m]:bounds[m + 1]].mean() for m in range(k)])
+        c = torch.stack([mean(x[bounds[m]:bounds[m + 1]], w[bounds[m]:bounds[m + 1]])
+                         for m in range(k)])
         return finish(c)
     if init == "linear":
         c = torch.linspace(0, 1, k, dtype=torch.float64) * (x[-1] - x[0]) + x[0]
         c[-1] = x[-1]
-    else:
+    elif weights is None:
         c = x[((torch.arange(k, dtype=torch.float64) + 0.5) * n / k).long().clamp(max=n - 1)]
-    tol_abs = tol * x.var(unbiased=False)
+    else:  # weighted quantiles: the value whose weight interval holds (j + 1/2) / k of the total
+        cw = torch.cumsum(w, 0)
+        targets = (torch.arange(k, dtype=torch.float64) + 0.5) / k * cw[-1]
+        c = x[torch.searchsorted(cw, targets, right=True).clamp(max=n - 1)]
+    mu = mean(x, w)
+    tol_abs = tol * ((w * (x - mu) ** 2).sum() / w.sum())
     previous = None
     for _ in range(max_iter):
         labels = torch.argmin((x[:, None] - c[None, :]).abs(), dim=1)
@@ -195,14 +213,16 @@ def kmeans1d(
         if previous is not None and torch.equal(labels, previous):
             break
         previous = labels
-        counts = torch.bincount(labels, minlength=k)
-        sums = torch.zeros(k, dtype=torch.float64).index_add_(0, labels, x)
-        new = torch.where(counts > 0, sums / counts.clamp(min=1), c)
+        weight = torch.zeros(k, dtype=torch.float64).index_add_(0, labels, w)
+        sums = torch.zeros(k, dtype=torch.float64).index_add_(0, labels, x * w)
+        new = torch.where(weight > 0, sums / weight.clamp(min=1e-300), c)
         moved = ((new - c) ** 2).sum()
         c = torch.sort(new).values
         if moved <= tol_abs:
             break
     return finish(c)
+
+
 def spqmm_ids(
     codes: Tensor, windows: Tensor, group_ptr: Tensor, out_features: int, in_features: int,
     bits: int

@@ -251,3 +251,159 @@ def test_optimal_one_million():
     values = data("heavy", 1_000_000)
     opt = inertia(values, *dcx.ops.kmeans1d(values, 16, method="optimal"))
     assert opt <= inertia(values, *dcx.ops.kmeans1d(values, 16, tol=0.0)) * (1 + 1e-9)
+
+
+# ---- weighted k-means ----
+
+
+def weighted_inertia(values, weights, centroids, labels):
+    v, w = values.reshape(-1).double().cpu(), weights.reshape(-1).double().cpu()
+    c = centroids.double().cpu()[labels.reshape(-1).long().cpu()]
+    return float((w * (v - c) ** 2).sum())
+
+
+def positive_weights(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, generator=g) ** 4 * 10 + 1e-3  # skewed: a few values matter most
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("method", ["lloyd", "optimal"])
+@pytest.mark.parametrize("init", ["linear", "density"])
+@pytest.mark.parametrize("kind", ["gaussian", "heavy"])
+def test_weighted_matches_reference(device, method, init, kind):
+    values, weights = data(kind, 1500), positive_weights(1500)
+    c, l = dcx.ops.kmeans1d(values.to(device), 8, init=init, method=method, tol=0.0,
+                            weights=weights.to(device))
+    rc, rl = reference.kmeans1d(values, 8, init=init, method=method, tol=0.0, weights=weights)
+    torch.testing.assert_close(c.cpu(), rc, rtol=4 * torch.finfo(torch.float32).eps, atol=1e-7)
+    assert torch.equal(l.cpu(), rl)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("method, init", [("lloyd", "linear"), ("lloyd", "random"),
+                                          ("optimal", "linear")])
+def test_unit_weights_are_unweighted(device, method, init):
+    """Weights of exactly 1 do the unweighted arithmetic (w d = d, the weight sums are counts):
+    the same result bit for bit."""
+    values = data("heavy", 5001).double().to(device)
+    plain = dcx.ops.kmeans1d(values, 16, init=init, method=method, seed=2)
+    ones = dcx.ops.kmeans1d(values, 16, init=init, method=method, seed=2,
+                            weights=torch.ones_like(values))
+    assert torch.equal(plain[0], ones[0]) and torch.equal(plain[1], ones[1])
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("method, init", [("lloyd", "linear"), ("lloyd", "density"),
+                                          ("optimal", "linear")])
+def test_integer_weights_are_repetitions(device, method, init):
+    values = data("bimodal", 3000, seed=4).double()
+    weights = torch.randint(1, 4, (3000,), generator=torch.Generator().manual_seed(5)).double()
+    c, _ = dcx.ops.kmeans1d(values.to(device), 8, init=init, method=method, tol=0.0,
+                            weights=weights.to(device))
+    rc, _ = dcx.ops.kmeans1d(values.repeat_interleave(weights.long()).to(device), 8, init=init,
+                             method=method, tol=0.0)
+    torch.testing.assert_close(c, rc, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("seed", range(8))
+def test_weighted_optimal_brute_force(device, seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(4, 10))
+    x = np.sort(np.round(rng.standard_normal(n) * 4) / 2)
+    w = rng.random(n) * 5 + 0.1
+    for k in range(1, min(n, 4) + 1):
+        values = torch.tensor(x, dtype=torch.float64, device=device)
+        weights = torch.tensor(w, dtype=torch.float64, device=device)
+        got = weighted_inertia(values, weights, *dcx.ops.kmeans1d(values, k, method="optimal",
+                                                                  weights=weights))
+        best = np.inf
+        for cuts in itertools.combinations(range(1, n), k - 1):
+            bounds = (0,) + cuts + (n,)
+            total = 0.0
+            for a, b in zip(bounds, bounds[1:], strict=False):
+                m = (w[a:b] * x[a:b]).sum() / w[a:b].sum()
+                total += (w[a:b] * (x[a:b] - m) ** 2).sum()
+            best = min(best, total)
+        assert got <= best * (1 + 1e-12) + 1e-12
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "heavy"])
+@pytest.mark.parametrize("k", [4, 16])
+def test_weighted_against_sklearn_same_init(kind, k):
+    """sklearn's Lloyd with sample_weight from dcx's initial centroids: no worse, to 1e-6."""
+    sklearn = pytest.importorskip("sklearn.cluster")
+    values, weights = data(kind, 20000, seed=k).double(), positive_weights(20000).double()
+    init_c, _ = dcx.ops.kmeans1d(values, k, init="density", max_iter=0, weights=weights)
+    assert init_c.unique().numel() == k
+    ours = weighted_inertia(values, weights, *dcx.ops.kmeans1d(values, k, init="density",
+                                                               weights=weights))
+    km = sklearn.KMeans(k, init=init_c.numpy()[:, None], n_init=1, max_iter=300, tol=1e-4,
+                        algorithm="lloyd").fit(values.numpy()[:, None], sample_weight=weights.numpy())
+    assert ours <= km.inertia_ * (1 + 1e-6)
+
+
+def test_weights_pull_centroids():
+    """A heavy value draws a centroid onto itself; the plus-plus and density inits follow it."""
+    values = torch.cat([torch.linspace(-1, 1, 1000), torch.tensor([0.4321])]).double()
+    weights = torch.ones_like(values)
+    weights[-1] = 1e6
+    for init in INITS:
+        c, labels = dcx.ops.kmeans1d(values, 4, init=init, weights=weights, seed=1)
+        assert (c - 0.4321).abs().min() < 1e-3, (init, c)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize(
+    "weights, match",
+    [
+        (torch.ones(8, dtype=torch.float64), "weights must have the dtype of values"),
+        (torch.ones(9), r"weights must have the shape of values"),
+        (torch.ones(2, 4), r"weights must have the shape of values"),
+        (torch.tensor([1.0] * 7 + [0.0]), "weights must be finite and > 0"),
+        (torch.tensor([1.0] * 7 + [-1.0]), "weights must be finite and > 0"),
+        (torch.tensor([1.0] * 7 + [float("nan")]), "weights must be finite and > 0"),
+        (torch.tensor([1.0] * 7 + [float("inf")]), "weights must be finite and > 0"),
+    ],
+)
+def test_weights_bad_input(device, weights, match):
+    with pytest.raises(RuntimeError, match=match):
+        dcx.ops.kmeans1d(torch.randn(8, device=device), 4, weights=weights.to(device))
+
+
+def test_weights_on_another_device():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU on this machine")
+    with pytest.raises(RuntimeError, match="weights must be on the device of values"):
+        dcx.ops.kmeans1d(torch.randn(8), 4, weights=torch.ones(8, device="cuda"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+@pytest.mark.parametrize("init", INITS)
+@pytest.mark.parametrize("method", ["lloyd", "optimal"])
+def test_weighted_cpu_cuda_agree(init, method):
+    values = data("heavy", 50001)
+    values[::97] = -0.0
+    values[1::97] = 0.0
+    weights = positive_weights(50001)
+    c_cpu, l_cpu = dcx.ops.kmeans1d(values, 16, init=init, seed=3, method=method, weights=weights)
+    c_gpu, l_gpu = dcx.ops.kmeans1d(values.cuda(), 16, init=init, seed=3, method=method,
+                                    weights=weights.cuda())
+    assert torch.equal(l_cpu, l_gpu.cpu())
+    assert c_gpu.cpu().view(torch.uint8).tolist() == c_cpu.view(torch.uint8).tolist()
+
+
+@pytest.mark.parametrize("device", devices())
+def test_weighted_opcheck_and_compile(device):
+    values, weights = torch.randn(1000, device=device), positive_weights(1000).to(device)
+    for kwargs in ({"weights": weights}, {"init": "kmeans++", "weights": weights},
+                   {"method": "optimal", "weights": weights}):
+        torch.library.opcheck(torch.ops.dcx.kmeans1d.default, (values, 8), kwargs)
+
+    def quantize(v, w):
+        c, l = dcx.ops.kmeans1d(v, 8, weights=w)
+        return c[l.long()]
+
+    compiled = torch.compile(quantize, fullgraph=True)
+    torch.testing.assert_close(compiled(values, weights), quantize(values, weights))

@@ -28,18 +28,19 @@ inline U from_key(U u) {
 }  // namespace
 
 template <typename T>
-void radix_sort(T* data, int64_t n) {
+void radix_sort(T* data, WeightOf<T>* payload, int64_t n) {
   using U = typename Bits<T>::U;
   constexpr int kDigit = Bits<T>::kDigit;
   constexpr int kBuckets = 1 << kDigit;
   constexpr int kBits = sizeof(U) * 8;
   static_assert(sizeof(U) == sizeof(T), "key and value sizes differ");
-  if (n <= 1) {  // nothing to order, but -0.0 still becomes +0.0, as for any n (and on CUDA)
-    if (n == 1 && data[0] == T(0)) data[0] = T(0);
-    return;
-  }
+  // -0.0 becomes +0.0 first: one key for both zeros, so their weights keep their input order.
+  for (int64_t i = 0; i < n; ++i) data[i] = data[i] == T(0) ? T(0) : data[i];
+  if (n <= 1) return;
   // The keys live in the value buffers themselves (same size), copied in and out with memcpy.
   std::vector<U> a(n), b(n);
+  std::vector<T> pa, pb;
+  if (payload != nullptr) pa.assign(payload, payload + n), pb.resize(n);
   std::memcpy(a.data(), data, sizeof(T) * n);
   for (int64_t i = 0; i < n; ++i) a[i] = to_key(a[i]);
   // All digit histograms in one read of the keys, then one scatter pass per digit.
@@ -57,12 +58,21 @@ void radix_sort(T* data, int64_t n) {
       cnt[d] = sum;
       sum += c;
     }
-    for (int64_t i = 0; i < n; ++i) b[cnt[(a[i] >> shift) & (kBuckets - 1)]++] = a[i];
+    if (payload != nullptr) {
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t to = cnt[(a[i] >> shift) & (kBuckets - 1)]++;
+        b[to] = a[i];
+        pb[to] = pa[i];
+      }
+      pa.swap(pb);
+    } else {
+      for (int64_t i = 0; i < n; ++i) b[cnt[(a[i] >> shift) & (kBuckets - 1)]++] = a[i];
+    }
     a.swap(b);
   }
   for (int64_t i = 0; i < n; ++i) a[i] = from_key(a[i]);
   std::memcpy(data, a.data(), sizeof(T) * n);
-  for (int64_t i = 0; i < n; ++i) data[i] = data[i] == T(0) ? T(0) : data[i];  // -0.0 -> +0.0
+  if (payload != nullptr) std::memcpy(payload, pa.data(), sizeof(T) * n);
 }
 
 // The tiled order of kmeans1d.h, each product and sum rounded on its own: the compiler must not
@@ -71,28 +81,36 @@ template <typename T>
 #if defined(__GNUC__) && !defined(__clang__)
 __attribute__((optimize("fp-contract=off")))
 #endif
-double prefix_sums(const T* x, int64_t n, double shift, double* S, double* S2) {
+double prefix_sums(const T* x, const WeightOf<T>* w, int64_t n, double shift, double* S,
+                   double* S2, double* W) {
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #endif
   S[0] = 0.0;
   if (S2 != nullptr) S2[0] = 0.0;
-  double offset = 0.0, offset2 = 0.0, last2 = 0.0;
+  if (W != nullptr) W[0] = 0.0;
+  double offset = 0.0, offset2 = 0.0, offsetw = 0.0, last2 = 0.0;
   for (int64_t t0 = 0; t0 < n; t0 += kScanTile) {
     const int64_t t1 = std::min(n, t0 + kScanTile);
-    double total = 0.0, total2 = 0.0, run = offset, run2 = offset2;
+    double total = 0.0, total2 = 0.0, totalw = 0.0, run = offset, run2 = offset2, runw = offsetw;
     for (int64_t i = t0; i < t1; ++i) {
       const double d = static_cast<double>(x[i]) - shift;
-      const double d2 = d * d;
-      total += d;
+      const double wi = w != nullptr ? static_cast<double>(w[i]) : 1.0;
+      const double wd = w != nullptr ? wi * d : d;
+      const double d2 = wd * d;
+      total += wd;
       total2 += d2;
-      run += d;
+      totalw += wi;
+      run += wd;
       run2 += d2;
+      runw += wi;
       S[i + 1] = run;
       if (S2 != nullptr) S2[i + 1] = run2;
+      if (W != nullptr) W[i + 1] = runw;
     }
     offset += total;
     offset2 += total2;
+    offsetw += totalw;
     last2 = run2;
   }
   return last2;
@@ -110,9 +128,15 @@ int64_t distinct_values(const T* x, int64_t n, int64_t limit, std::vector<double
   return count;
 }
 
-std::vector<int64_t> init_indices(Init init, int64_t n, int64_t k, uint64_t seed) {
+std::vector<int64_t> init_indices(Init init, int64_t n, int64_t k, uint64_t seed,
+                                  const double* W) {
   std::vector<int64_t> idx;
   idx.reserve(k);
+  if (init == Init::kDensity && W != nullptr) {
+    for (int64_t j = 0; j < k; ++j)
+      idx.push_back(weight_position(W, n, (static_cast<double>(j) + 0.5) / k * W[n]));
+    return idx;
+  }
   if (init == Init::kDensity) {
     for (int64_t j = 0; j < k; ++j) {
       const int64_t i = static_cast<int64_t>((static_cast<double>(j) + 0.5) * n / k);
@@ -147,13 +171,16 @@ std::vector<double> init_linear(double lo, double hi, int64_t k) {
 
 template <typename T>
 std::vector<double> init_plusplus(const T* x, int64_t n, const double* S, const double* S2,
-                                  double shift, int64_t k, uint64_t seed) {
+                                  const double* W, double shift, int64_t k, uint64_t seed) {
   SplitMix64 rng(seed);
-  std::vector<double> c{static_cast<double>(x[rng.below(static_cast<uint64_t>(n))])};
+  const int64_t first = W != nullptr ? weight_position(W, n, rng.uniform() * W[n])
+                                     : static_cast<int64_t>(rng.below(static_cast<uint64_t>(n)));
+  std::vector<double> c{static_cast<double>(x[first])};
   std::vector<double> mid, mass;
-  // Squared distances of x[b..i] to centroid v (shifted sums; clamped against cancellation).
+  // Weighted squared distances of x[b..i] to centroid v (shifted sums; clamped against
+  // cancellation).
   auto range_mass = [&](int64_t b, int64_t e, double v) {
-    const double d = v - shift, cnt = static_cast<double>(e - b);
+    const double d = v - shift, cnt = range_weight(W, b, e);
     const double m = (S2[e] - S2[b]) - 2.0 * d * (S[e] - S[b]) + d * d * cnt;
     return m > 0.0 ? m : 0.0;
   };
@@ -187,11 +214,13 @@ std::vector<double> init_plusplus(const T* x, int64_t n, const double* S, const 
 }
 
 #define DCX_KMEANS1D_INSTANTIATE(T)                                                          \
-  template void radix_sort<T>(T*, int64_t);                                                   \
-  template double prefix_sums<T>(const T*, int64_t, double, double*, double*);               \
+  template void radix_sort<T>(T*, T*, int64_t);                                               \
+  template double prefix_sums<T>(const T*, const T*, int64_t, double, double*, double*,      \
+                                 double*);                                                   \
   template int64_t distinct_values<T>(const T*, int64_t, int64_t, std::vector<double>*);     \
   template std::vector<double> init_plusplus<T>(const T*, int64_t, const double*,            \
-                                                const double*, double, int64_t, uint64_t);
+                                                const double*, const double*, double, int64_t, \
+                                                uint64_t);
 DCX_KMEANS1D_INSTANTIATE(float)
 DCX_KMEANS1D_INSTANTIATE(double)
 #undef DCX_KMEANS1D_INSTANTIATE

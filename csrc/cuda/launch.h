@@ -28,16 +28,20 @@ cudaError_t launch_centroid_grad(Dtype dtype, const void* grad, IndexDtype index
                                  void* out, int* bad_flag, int sm_count, cudaStream_t stream);
 
 // kmeans1d (values: float32 or float64, n < 2^31). Scratch for the sort and the scans comes from
-// the caller (the caching allocator), sized by the *_temp_bytes queries.
-size_t kmeans1d_sort_temp_bytes(Dtype dtype, int64_t n);
-cudaError_t launch_kmeans1d_sort(Dtype dtype, const void* in, void* out, int64_t n, void* temp,
-                                 size_t temp_bytes, cudaStream_t stream);
-// Doubles of scratch the prefix sums need (two per tile of kmeans1d::kScanTile values).
+// the caller (the caching allocator), sized by the *_temp_bytes queries. Weighted k-means passes
+// the weights (values' dtype) beside the values; null everywhere when unweighted.
+size_t kmeans1d_sort_temp_bytes(Dtype dtype, int64_t n, bool weighted);
+// Sorts `in` into `out` (and w_in into w_out with them: a stable sort, -0.0 as +0.0).
+cudaError_t launch_kmeans1d_sort(Dtype dtype, const void* in, void* out, const void* w_in,
+                                 void* w_out, int64_t n, void* temp, size_t temp_bytes,
+                                 cudaStream_t stream);
+// Doubles of scratch the prefix sums need (three per tile of kmeans1d::kScanTile values).
 int64_t kmeans1d_prefix_scratch(int64_t n);
-// S, S2: n + 1 doubles, the prefix sums of sorted - shift and of its square in the fixed order of
-// kmeans1d::prefix_sums (bit for bit the CPU's); scratch: kmeans1d_prefix_scratch(n) doubles.
-cudaError_t launch_kmeans1d_prefix(Dtype dtype, const void* sorted, int64_t n, double shift,
-                                   double* S, double* S2, double* scratch, cudaStream_t stream);
+// S, S2 (and W when w is given): n + 1 doubles, the prefix sums of kmeans1d::prefix_sums in its
+// fixed order (bit for bit the CPU's); scratch: kmeans1d_prefix_scratch(n) doubles.
+cudaError_t launch_kmeans1d_prefix(Dtype dtype, const void* sorted, const void* w, int64_t n,
+                                   double shift, double* S, double* S2, double* W,
+                                   double* scratch, cudaStream_t stream);
 // write == false: adds the number of distinct sorted values to *counter (zeroed by the caller);
 // write == true: writes up to `limit` of them to out, in any order (counter: slots, zeroed).
 cudaError_t launch_kmeans1d_distinct(Dtype dtype, const void* sorted, int64_t n, int64_t limit,
@@ -46,17 +50,20 @@ cudaError_t launch_kmeans1d_distinct(Dtype dtype, const void* sorted, int64_t n,
 // out[j] = x[idx[j]] as double, j < m.
 cudaError_t launch_kmeans1d_gather(Dtype dtype, const void* x, const int64_t* idx, int64_t m,
                                    double* out, cudaStream_t stream);
+// out[j] = kmeans1d::weight_position(W, n, targets[j]), j < m: weighted quantiles.
+cudaError_t launch_kmeans1d_weight_positions(const double* W, int64_t n, const double* targets,
+                                             int64_t m, int64_t* out, cudaStream_t stream);
 // The k clusters bounded by the midpoints mid[0..k-2] (kmeans1d::cluster_stats_one).
 cudaError_t launch_kmeans1d_stats(Dtype dtype, const void* sorted, int64_t n, const double* S,
-                                  const double* S2, const double* mid, int64_t k,
+                                  const double* S2, const double* W, const double* mid, int64_t k,
                                   kmeans1d::ClusterStats* out, cudaStream_t stream);
 // labels[i] = the number of midpoints below values[i].
 cudaError_t launch_kmeans1d_labels(Dtype dtype, const void* values, int64_t n, const double* mid,
                                    int64_t k, int32_t* labels, cudaStream_t stream);
 // The exact program: D0, D1: n doubles each; J: (k - 1) x n int32; bounds: k + 1 int64 written.
-cudaError_t launch_kmeans1d_optimal(const double* S, const double* S2, int64_t n, int64_t k,
-                                    double* D0, double* D1, int32_t* J, int64_t* bounds,
-                                    cudaStream_t stream);
+cudaError_t launch_kmeans1d_optimal(const double* S, const double* S2, const double* W, int64_t n,
+                                    int64_t k, double* D0, double* D1, int32_t* J,
+                                    int64_t* bounds, cudaStream_t stream);
 // spqmm (layout at the top of csrc/core/spqmm.h). x: [m, k] contiguous, y: [m, n], codebook
 // (kc entries) and bias (or null) in `dtype`. Sparse mode: codes [steps, 16], windows [steps],
 // group_ptr [ceil(n / 16) + 1], chunks [num_chunks + 1] set, and ws a zeroed float [m, n]

@@ -53,10 +53,14 @@ MUTANTS = [
     # A shared-memory write one past the codebook table.
     Mutant("spqmm.table-overrun", "spqmm", r"i < 256; i \+= blockDim\.x\) table\[i\]",
            "i <= 256; i += blockDim.x) table[i]", ("asan",), part="dense"),
-    # The prefix sums without their explicit roundings: nvcc (and the FMA build) fuses d * d into
-    # the addition, and the sums no longer match the CPU's bit for bit.
+    # The prefix sums without their explicit roundings: nvcc (and the FMA build) fuses w d * d
+    # into the addition, and the sums no longer match the CPU's bit for bit.
     Mutant("kmeans1d.contracted-prefix", "kmeans1d",
-           r"s2 = __dadd_rn\(s2, __dmul_rn\(d, d\)\);", "s2 = s2 + d * d;", ("fma",)),
+           r"s2 = __dadd_rn\(s2, p\.d2\);",
+           "s2 = s2 + p.wd * __dsub_rn(static_cast<double>(x[i]), shift);", ("fma",)),
+    # The weights' running sum restarted in every tile (the tile offsets of W forgotten).
+    Mutant("kmeans1d.weight-offsets", "kmeans1d",
+           r"runw = offset\[2 \* tiles \+ t\]", "runw = 0.0", ("plain", "fma", "asan")),
     # The bad-label flag as a plain store from many threads (the race this harness once found).
     Mutant("centroid_grad.flag-store", "centroid_grad",
            r"if \(bad\) atomicOr\(bad_flag, 1\);  //", "if (bad) *bad_flag = 1;  //",
