@@ -1,11 +1,12 @@
 """Post-training compression of all-MiniLM-L6-v2 with and without calibration: file size against
-fidelity for plain k-means, row-scaled codebooks and the calibrated (second-order) method.
+fidelity for plain k-means, row-scaled codebooks and the calibrated methods (second-order,
+and activation-weighted).
 
     python benchmarks/minilm_compress.py [--samples 256] [--quick]
     # writes benchmarks/results/minilm-compress.md
 
 Each setting runs what `dcx convert MODEL_FOLDER --bits B --sparsity S [--scale row]
-[--calibration TEXT...]` runs, saves the .dcx file and rebuilds the model from the file alone
+[--calibration TEXT... --method gptq|weighted]` runs, saves the .dcx file and rebuilds the model from the file alone
 (dcx.hf.model_from_file). Calibration: `--samples` sentences drawn from four of the five novels in
 ../shared/data/text (not persuasion.txt). Fidelity: cosine of each sentence embedding to the fp32
 model's, on the 64 fixed sentences of benchmarks/minilm.py and on 256 held-out sentences of
@@ -40,8 +41,11 @@ SETTINGS = [
     ("gptq", 3, 0.0, None), ("gptq", 4, 0.0, "row"), ("gptq", 3, 0.0, "row"),
     ("gptq", 6, 0.3, None), ("gptq", 5, 0.5, None), ("gptq", 6, 0.5, None),
     ("gptq", 6, 0.7, None),
+    ("weighted", 6, 0.0, None), ("weighted", 4, 0.0, None), ("weighted", 4, 0.0, "row"),
+    ("weighted", 5, 0.5, None),
 ]
-QUICK = [("plain", 4, 0.0, None), ("gptq", 4, 0.0, None), ("gptq", 5, 0.5, None)]
+QUICK = [("plain", 4, 0.0, None), ("gptq", 4, 0.0, None), ("gptq", 5, 0.5, None),
+         ("weighted", 4, 0.0, None)]
 
 
 def main():
@@ -69,7 +73,7 @@ def main():
             config = dcx.ConvertConfig(bits=bits, sparsity=sparsity, scale=scale, method=method,
                                        overrides=EMBEDDINGS)
             compressed, _ = dcx.convert_(copy.deepcopy(model), config,
-                                         calibration=calibration if method == "gptq" else None)
+                                         calibration=None if method == "plain" else calibration)
             path = Path(tmp) / "minilm.dcx"
             dcx.save(compressed, path, config=config, extra=dcx.hf.manifest_extra(compressed))
             seconds = time.perf_counter() - started
@@ -90,7 +94,10 @@ def main():
              "(fp32). Encoder Linear layers at the setting's bits and sparsity; embeddings 4 bits, "
              "unpruned. plain: magnitude pruning + k-means, nearest assignment; gptq: "
              f"dcx.calibrate's second-order method on {args.samples} sentences of four Austen "
-             "novels (16 per batch); row: one float16 scale per output row. Held-out: 256 "
+             "novels (16 per batch), its initial codebook by activation-weighted k-means; "
+             "weighted: the cheap calibrated path on the same sentences (pruning by |w| times "
+             "the input column's norm within each row, activation-weighted k-means, nearest "
+             "assignment); row: one float16 scale per output row. Held-out: 256 "
              "sentences of persuasion.txt. The model rebuilt from the file alone. Command: "
              f"`python benchmarks/minilm_compress.py --samples {args.samples}`."]
     common.write_table("minilm-compress", "all-MiniLM-L6-v2: post-training compression with "

@@ -37,7 +37,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CORRUPT = 0, 1, 2, 3
 MODELS = ("lenet300", "lenet5")
 # dcx.nn.COMPUTE_MODES, spelt out so that `dcx --help` imports no torch (a test keeps them equal)
 COMPUTE_MODES = ("auto", "float32", "bfloat16", "int8")
-CONVERT_METHODS = ("auto", "plain", "gptq")  # dcx.config.CONVERT_METHODS, likewise
+CONVERT_METHODS = ("auto", "plain", "gptq", "weighted")  # dcx.config.CONVERT_METHODS, likewise
 
 
 class UsageError(Exception):
@@ -468,7 +468,9 @@ def parser():
                         "package.module:inputs source gives its own batches)")
     s.add_argument("--method", default="auto", choices=CONVERT_METHODS,
                    help="auto: gptq with --calibration, else plain (magnitude pruning, k-means); "
-                        "gptq: second-order pruning and codebook assignment with error feedback")
+                        "gptq: second-order pruning and codebook assignment with error feedback; "
+                        "weighted: input-norm pruning and activation-weighted k-means (faster, "
+                        "no error feedback)")
     s.add_argument("--scale", default="none", choices=("none", "row"),
                    help="row: one float16 scale per output row on the shared codebook (every "
                         "compressed layer)")

@@ -399,9 +399,11 @@ class EncodeConfig(_Config):
 # What a packed layer computes in (dcx.nn describes each mode).
 COMPUTE_MODES = ("auto", "float32", "bfloat16", "int8")
 # How convert_ chooses masks, codebooks and labels (dcx.calibrate): "plain" is magnitude pruning
-# and k-means with nearest assignment; "gptq" needs calibration inputs (second-order pruning and
-# codebook assignment with error feedback); "auto" is "gptq" when calibration inputs are given.
-CONVERT_METHODS = ("auto", "plain", "gptq")
+# and k-means with nearest assignment; "gptq" and "weighted" need calibration inputs: "gptq"
+# second-order pruning and codebook assignment with error feedback, "weighted" the cheap path
+# (input-norm pruning and activation-weighted k-means, nearest assignment); "auto" is "gptq"
+# when calibration inputs are given.
+CONVERT_METHODS = ("auto", "plain", "gptq", "weighted")
 
 
 def check_compute(compute):
@@ -443,8 +445,8 @@ class ConvertConfig(_Config):
     (exact module name, then "re:" patterns in order); include / exclude: patterns by the same
     rule, sugar for leaving out every other layer / these layers; dense: force the packed mode
     (None: by density); compute: the packed layers' compute mode (COMPUTE_MODES); method:
-    CONVERT_METHODS ("gptq" needs calibration inputs, given to convert_); scale: None or "row"
-    (ClusterConfig.scale), per layer too."""
+    CONVERT_METHODS ("gptq" and "weighted" need calibration inputs, given to convert_); scale:
+    None or "row" (ClusterConfig.scale), per layer too."""
 
     sparsity: float = 0.0
     bits: int = 5

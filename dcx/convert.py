@@ -134,8 +134,8 @@ def convert_(model: nn.Module, config: Optional[ConvertConfig] = None,
     calibration: unlabeled inputs (an iterable of batches, each a dict of keyword arguments, a
     tuple of arguments or one tensor; read several times). With them (config.method "auto" or
     "gptq"), every Linear and zero-padded Conv2d is pruned and shared by dcx.calibrate's
-    second-order method instead, layer group by layer group in the order the model calls them;
-    embeddings keep the plain path.
+    second-order method instead ("weighted": its cheap activation-weighted path), layer group by
+    layer group in the order the model calls them; embeddings keep the plain path.
 
     Returns (model, report): report has one ConvertRow per layer with a weight of two or more
     dimensions, the ones left dense included, each with its reason.
@@ -203,8 +203,8 @@ def convert_(model: nn.Module, config: Optional[ConvertConfig] = None,
         method = config.method
         if method == "auto":
             method = "plain" if calibration is None else "gptq"
-        if method == "gptq" and calibration is None:
-            raise ConfigError("method 'gptq' needs calibration inputs: "
+        if method in ("gptq", "weighted") and calibration is None:
+            raise ConfigError(f"method {method!r} needs calibration inputs: "
                               "convert_(model, config, calibration=batches)")
         leaders = set(followers.values())
         tied = {n: v for n, v in per_layer.items() if n in leaders}
@@ -216,7 +216,7 @@ def convert_(model: nn.Module, config: Optional[ConvertConfig] = None,
                                                                         scale),
                                   mask, codebook, labels, v["bits"], scale)
         calibrated = {}
-        if method == "gptq":
+        if method in ("gptq", "weighted"):
             calibrated = {n: v for n, v in per_layer.items()
                           if n not in tied and calibratable(model.get_submodule(n)) is None}
         # The plain layers (all of them without calibration; embeddings and tied weights with
@@ -231,7 +231,7 @@ def convert_(model: nn.Module, config: Optional[ConvertConfig] = None,
                                                      for n, v in plain.items()} | others),
                      progress=progress)
         if calibrated:
-            compress_calibrated_(model, calibrated, calibration, progress=progress)
+            compress_calibrated_(model, calibrated, calibration, progress=progress, method=method)
         for name, v in per_layer.items():
             group = [(n, model.get_submodule(n)) for n in
                      [name] + [f for f, leader in followers.items() if leader == name]]
