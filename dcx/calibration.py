@@ -86,9 +86,19 @@ def _columns(module: nn.Module, x: Tensor) -> Tensor:
     return cols.reshape(cols.shape[0], groups, k, -1).permute(1, 0, 3, 2).reshape(groups, -1, k)
 
 
+class _Call:
+    """One recorded call of a model's block (its positional and keyword arguments), replayed by
+    run_batch."""
+
+    def __init__(self, args: tuple, kwargs: dict):
+        self.args, self.kwargs = args, kwargs
+
+
 def run_batch(model: nn.Module, batch: Any) -> Any:
     """Call `model` on one calibration batch: a dict is keyword arguments, a tuple or list the
     positional arguments, anything else the one argument."""
+    if isinstance(batch, _Call):
+        return model(*batch.args, **batch.kwargs)
     if isinstance(batch, dict):
         return model(**batch)
     if isinstance(batch, (tuple, list)):
@@ -454,6 +464,94 @@ def _groups(order: list[tuple[str, int]], names) -> list[list[str]]:
 LAYER_METHODS = {"gptq": compress_layer, "weighted": weighted_layer}
 
 
+# A block's key/value cache arguments: replayed without them (a cache would grow with every
+# replay; a forward without one computes the same outputs).
+_CACHE_KWARGS = ("cache", "past_key_value", "past_key_values", "layer_past")
+
+
+def _first_output(output: Any) -> Any:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def block_chain(model: nn.Module, batch: Any, names) -> list[str]:
+    """The blocks (module names, in order) of the nn.ModuleList of `model` holding the most of
+    the layers `names`, when one forward on `batch` calls each block once, in order, the first
+    argument of each the first output of the one before (a transformer's layers); [] when no
+    list of two or more blocks does."""
+    best, best_count = None, 0
+    for list_name, blocks in model.named_modules():
+        if not isinstance(blocks, nn.ModuleList) or len(blocks) < 2:
+            continue
+        prefixes = [f"{list_name}.{i}." if list_name else f"{i}." for i in range(len(blocks))]
+        count = sum(1 for n in names if any(n.startswith(p) for p in prefixes))
+        if count > best_count:
+            best, best_count = (list_name, blocks), count
+    if best is None:
+        return []
+    list_name, blocks = best
+    calls, handles = [], []  # calls: (block index, its first argument, its first output)
+
+    def hook(index):
+        def record(module, args, kwargs, output):
+            first = args[0] if args else kwargs.get("hidden_states")
+            calls.append((index, first, _first_output(output)))
+        return record
+
+    try:
+        for i, block in enumerate(blocks):
+            handles.append(block.register_forward_hook(hook(i), with_kwargs=True))
+        with torch.no_grad():
+            run_batch(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    chained = [c[0] for c in calls] == list(range(len(blocks))) and all(
+        calls[i + 1][1] is calls[i][2] for i in range(len(calls) - 1))
+    if not chained:
+        return []
+    return [f"{list_name}.{i}" if list_name else str(i) for i in range(len(blocks))]
+
+
+def _block_inputs(model: nn.Module, block: nn.Module, batches: list) -> list[_Call]:
+    """The calls of `block` in one forward per batch (each forward stopped there), its cache
+    arguments left out."""
+    calls = []
+
+    def record(module, args, kwargs):
+        kwargs = {k: (None if k in _CACHE_KWARGS else v) for k, v in kwargs.items()}
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        calls.append(_Call(args, kwargs))
+        raise _Stop
+
+    handle = block.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                try:
+                    run_batch(model, batch)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    if len(calls) != len(batches):
+        raise CalibrationError("calibration: a batch's forward never reached the first block")
+    return calls
+
+
+@torch.no_grad()
+def _next_inputs(block: nn.Module, calls: list[_Call]) -> list[_Call]:
+    """The next block's calls: each call's first argument replaced by the block's first output."""
+    out = []
+    for call in calls:
+        y = _first_output(run_batch(block, call))
+        if call.args:
+            out.append(_Call((y,) + tuple(call.args[1:]), call.kwargs))
+        else:
+            out.append(_Call((), {**call.kwargs, "hidden_states": y}))
+    return out
+
+
 def compress_calibrated_(model: nn.Module, settings: dict[str, dict], batches: Iterable,
                          progress: bool = False, method: str = "gptq") -> nn.Module:
     """Prune and share each layer of `settings` ({module name: {"sparsity", "bits"}}, every one
@@ -461,7 +559,13 @@ def compress_calibrated_(model: nn.Module, settings: dict[str, dict], batches: I
     group by layer group in the order the model calls them, each group's statistics taken over
     `batches` with the groups before it already compressed (their error is what the later
     layers see and compensate). Writes the layers' state (mask, codebook, labels) as prune_ and
-    cluster_ do. Returns the model."""
+    cluster_ do. Returns the model.
+
+    A model whose layers sit in a chain of blocks (block_chain: a transformer's layers) runs
+    once up to its first block; each block then runs alone on the inputs it received, once per
+    layer group in it and once more for the next block's inputs, as GPTQ does: one pass over
+    the model instead of one per group. Layers before and after the chain (a pooler, a head)
+    take a forward of the model per group."""
     compress = LAYER_METHODS[method]
     if not settings:
         return model
@@ -480,28 +584,62 @@ def compress_calibrated_(model: nn.Module, settings: dict[str, dict], batches: I
     for i, (name, _) in enumerate(order):
         last_call[name] = i + 1
     kmeans = ClusterConfig().layer_fields(conv=False)
+
+    def compress_group(group, stats):
+        for name in group:
+            module = modules[name]
+            s = settings[name]
+            if name not in stats:
+                raise CalibrationError(f"calibration: {name} was not reached (the model "
+                                       "calls its layers in another order for other batches)")
+            scale = row_scales(module.weight, None) if s.get("scale") == "row" else None
+            try:
+                mask, codebook, labels = compress(module.weight, stats.pop(name),
+                                                  float(s["sparsity"]), int(s["bits"]),
+                                                  kmeans, scale)
+            except (RuntimeError, ValueError) as error:
+                raise CalibrationError(f"calibration: {name}: {error}") from error
+            if mask is not None:
+                state.set_mask_(module, "weight", mask)
+            state.set_shared_(module, "weight", codebook, labels, int(s["bits"]), live=True,
+                              scale=scale)
+            bar.update(1)
+
+    def whole_model(group):
+        compress_group(group, calibrate(model, batches, group,
+                                        stop_after=max(last_call[n] for n in group)))
+
+    blocks = block_chain(model, batches[0], settings)
+    # Each group's block (None: outside the chain); the chain path needs the blocks' groups
+    # consecutive and in block order, between the groups before and after the chain.
+    where = [next((i for i, b in enumerate(blocks) if g[0].startswith(b + ".")), None)
+             for g in groups]
+    inside = [i for i, w in enumerate(where) if w is not None]
+    if inside and (any(w is None for w in where[inside[0]:inside[-1] + 1])
+                   or where[inside[0]:inside[-1] + 1] != sorted(where[inside[0]:inside[-1] + 1])
+                   or any(not all(n.startswith(blocks[where[i]] + ".") for n in groups[i])
+                          for i in inside)):
+        inside = []
     bar = tqdm(total=len(settings), desc="calibrated compression", unit="layer", leave=False,
                disable=None if progress else True)
     with bar:
-        for group in groups:
-            stop = max(last_call[n] for n in group)
-            stats = calibrate(model, batches, group, stop_after=stop)
-            for name in group:
-                module = modules[name]
-                s = settings[name]
-                if name not in stats:
-                    raise CalibrationError(f"calibration: {name} was not reached (the model "
-                                           "calls its layers in another order for other batches)")
-                scale = row_scales(module.weight, None) if s.get("scale") == "row" else None
-                try:
-                    mask, codebook, labels = compress(module.weight, stats.pop(name),
-                                                      float(s["sparsity"]), int(s["bits"]),
-                                                      kmeans, scale)
-                except (RuntimeError, ValueError) as error:
-                    raise CalibrationError(f"calibration: {name}: {error}") from error
-                if mask is not None:
-                    state.set_mask_(module, "weight", mask)
-                state.set_shared_(module, "weight", codebook, labels, int(s["bits"]), live=True,
-                                  scale=scale)
-                bar.update(1)
+        if not inside:
+            for group in groups:
+                whole_model(group)
+            return model
+        for group in groups[:inside[0]]:
+            whole_model(group)
+        calls = _block_inputs(model, modules[blocks[where[inside[0]]]], batches)
+        for b in range(where[inside[0]], where[inside[-1]] + 1):
+            prefix = blocks[b] + "."
+            block = modules[blocks[b]]
+            for i in inside:
+                if where[i] == b:
+                    rel = [n[len(prefix):] for n in groups[i]]
+                    stats = calibrate(block, calls, rel)
+                    compress_group(groups[i], {prefix + n: st for n, st in stats.items()})
+            if b < where[inside[-1]]:
+                calls = _next_inputs(block, calls)
+        for group in groups[inside[-1] + 1:]:
+            whole_model(group)
     return model

@@ -313,8 +313,10 @@ def convert_source(src: str, weights):
                      "package.module:factory")
 
 
-def calibration_batches(sources: list[str], src: str, samples: int) -> list:
-    """convert's --calibration: text files (sentences tokenized by SRC's tokenizer, SRC a
+def calibration_batches(sources: list[str], src: str, samples: int, image_size: int) -> list:
+    """convert's --calibration: a folder of images (SRC's own image processor when SRC is a
+    transformers folder with one, else resized to image_size, centre-cropped and normalised as
+    ImageNet models expect), text files (sentences tokenized by SRC's tokenizer, SRC a
     transformers folder) or one package.module:inputs callable."""
     from dcx import data, hf
 
@@ -325,6 +327,17 @@ def calibration_batches(sources: list[str], src: str, samples: int) -> list:
         if not batches:
             raise UsageError(f"--calibration {sources[0]} returned no batches")
         return batches
+    if any(Path(p).is_dir() for p in sources):
+        if len(sources) > 1:
+            raise UsageError("--calibration takes one folder of images (or text files)")
+        processor = None
+        if (Path(src) / "preprocessor_config.json").is_file():
+            transformers = hf.require("transformers")
+            processor = transformers.AutoImageProcessor.from_pretrained(src, local_files_only=True)
+        try:
+            return data.image_batches(sources[0], samples, size=image_size, processor=processor)
+        except ValueError as error:
+            raise UsageError(f"--calibration: {error}") from None
     if not Path(src).is_dir():
         raise UsageError("--calibration text files need a transformers model folder (its "
                          "tokenizer); give a package.module:inputs callable for other models")
@@ -350,7 +363,8 @@ def cmd_convert(args):
                                scale=None if args.scale == "none" else args.scale)
     calibration = None
     if args.calibration:
-        calibration = calibration_batches(args.calibration, args.src, args.samples)
+        calibration = calibration_batches(args.calibration, args.src, args.samples,
+                                          args.image_size)
     model, rows = dcx.convert_(model, config, progress=not args.quiet, calibration=calibration)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -461,11 +475,16 @@ def parser():
                         "recorded in the file; default auto: the activations' dtype)")
     s.add_argument("--calibration", nargs="+", metavar="PATH",
                    help="unlabeled inputs for calibrated compression: text files (split into "
-                        "sentences, tokenized by the model folder's tokenizer) or "
-                        "package.module:inputs (a callable returning an iterable of batches)")
+                        "sentences, tokenized by the model folder's tokenizer), a folder of "
+                        "images, or package.module:inputs (a callable returning an iterable of "
+                        "batches)")
     s.add_argument("--samples", type=int, default=256,
-                   help="calibration sentences drawn from the text files (default 256; a "
-                        "package.module:inputs source gives its own batches)")
+                   help="calibration sentences or images drawn from --calibration (default "
+                        "256; a package.module:inputs source gives its own batches)")
+    s.add_argument("--image-size", type=int, default=224,
+                   help="calibration images: shorter side resized to this, centre-cropped to a "
+                        "square, normalised with ImageNet's mean and std (default 224; a model "
+                        "folder with its own image processor uses that instead)")
     s.add_argument("--method", default="auto", choices=CONVERT_METHODS,
                    help="auto: gptq with --calibration, else plain (magnitude pruning, k-means); "
                         "gptq: second-order pruning and codebook assignment with error feedback; "

@@ -9,7 +9,8 @@
 Images come back as float32 [N, 1, H, W] in [0, 1], labels as int64 [N]; `loader` batches them.
 
 Unlabeled text for calibration: `read_sentences` (plain text files split into sentences) and
-`text_batches` (tokenized batches a transformers model takes).
+`text_batches` (tokenized batches a transformers model takes); unlabeled images: `image_batches`
+(a folder of photos, resized, cropped and normalised, or through a model's own image processor).
 """
 
 import gzip
@@ -208,3 +209,79 @@ def text_batches(tokenizer, sentences, batch_size: int = 16, max_length: int = 1
     return [dict(tokenizer(sentences[i:i + batch_size], padding=True, truncation=True,
                            max_length=max_length, return_tensors="pt"))
             for i in range(0, len(sentences), batch_size)]
+
+
+# --- images: calibration inputs for vision models -----------------------------------------------
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# torchvision's ImageNet normalisation, what most pretrained vision models were trained with.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def image_files(folder, count: int | None = None, seed: int = 0) -> list[Path]:
+    """The image files (IMAGE_SUFFIXES, any case) under `folder`, subfolders included, sorted;
+    then `count` of them drawn at random (seed; None: all). Raises ValueError when the folder is
+    missing or holds no image."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"image folder {str(folder)!r} does not exist")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"no image ({', '.join(IMAGE_SUFFIXES)}) in {str(folder)!r}")
+    if count is None or count >= len(files):
+        return files
+    return sorted(random.Random(seed).sample(files, count))
+
+
+def _open_rgb(path):
+    """The image file as an RGB PIL image (Pillow: a dependency of matplotlib); ValueError naming
+    a file Pillow cannot read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as error:  # UnidentifiedImageError is an OSError
+        raise ValueError(f"cannot read image {str(path)!r}: {error}") from None
+
+
+def read_image(path, size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """One image as a model input [3, size, size] float32: RGB, its shorter side resized to
+    `size` (bilinear), centre-cropped, scaled to [0, 1] and normalised by mean / std per channel
+    (ImageNet's by default; mean 0, std 1 leaves [0, 1]). Raises ValueError naming a file that
+    cannot be read."""
+    from PIL import Image
+
+    if size < 1:
+        raise ValueError(f"image size must be >= 1, got {size}")
+    image = _open_rgb(path)
+    w, h = image.size
+    scale = size / min(w, h)
+    image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))),
+                         Image.Resampling.BILINEAR)
+    left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
+    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+def image_batches(folder, count: int | None = None, size: int = 224, batch_size: int = 16,
+                  mean=IMAGENET_MEAN, std=IMAGENET_STD, seed: int = 0,
+                  processor=None) -> list:
+    """Calibration batches from a folder of images (image_files: `count` drawn with `seed`):
+    tensors [batch, 3, size, size] made by read_image, or, with a transformers image
+    `processor` (a model folder's own preprocessing), dicts {"pixel_values": ...} the model
+    takes as keyword arguments."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    files = image_files(folder, count, seed)
+    batches = []
+    for i in range(0, len(files), batch_size):
+        chunk = files[i:i + batch_size]
+        if processor is None:
+            batches.append(torch.stack([read_image(f, size, mean, std) for f in chunk]))
+        else:
+            pixels = processor(images=[_open_rgb(f) for f in chunk], return_tensors="pt")
+            batches.append({"pixel_values": pixels["pixel_values"]})
+    return batches

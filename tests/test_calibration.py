@@ -338,3 +338,53 @@ def test_a_model_that_catches_exceptions_still_stops_early():
     model, _ = dcx.convert_(Careful(), dcx.ConvertConfig(bits=3),
                             calibration=[torch.randn(4, 8) for _ in range(2)])
     assert isinstance(model.a, dcx.SparseQuantLinear)
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_the_block_chain_gives_what_whole_forwards_give(kind, monkeypatch):
+    """A transformer's layers are calibrated block by block on the inputs each block received
+    (one pass over the model; a decoder's key/value cache left out of the replays): the same
+    masks, codebooks and labels as one forward of the whole model per layer group."""
+    transformers = pytest.importorskip("transformers")
+    if kind == "bert":
+        model, calib = tiny_bert(), token_batches(6, 120, seed=1)
+        blocks = ["encoder.layer.0", "encoder.layer.1"]
+    else:
+        config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=3, num_attention_heads=4,
+                                          num_key_value_heads=2, max_position_embeddings=32)
+        torch.manual_seed(0)
+        model, calib = transformers.LlamaForCausalLM(config).eval(), token_batches(6, 100, seed=3)
+        blocks = ["model.layers.0", "model.layers.1", "model.layers.2"]
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    assert dcx.calibration.block_chain(model, calib[0], names) == blocks
+    cfg = dcx.ConvertConfig(bits=3, sparsity=0.3, embeddings=False)
+    chained, _ = dcx.convert_(copy.deepcopy(model), cfg, calibration=calib)
+    monkeypatch.setattr(dcx.calibration, "block_chain", lambda *args: [])
+    whole, _ = dcx.convert_(copy.deepcopy(model), cfg, calibration=calib)
+    a, b = state.layers(chained), state.layers(whole)
+    assert a.keys() == b.keys() and len(a) == len(names)
+    for name in a:
+        assert torch.equal(a[name].labels, b[name].labels), name
+        assert torch.equal(a[name].codebook, b[name].codebook), name
+        assert torch.equal(a[name].mask, b[name].mask), name
+
+
+def test_blocks_that_do_not_chain_are_run_whole():
+    """Blocks called side by side on one input (not each on the one before) are no chain."""
+
+    class Branches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.heads = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(3)])
+
+        def forward(self, x):
+            return sum(h(x) for h in self.heads)
+
+    torch.manual_seed(0)
+    model = Branches().eval()
+    calib = [torch.randn(16, 8) for _ in range(3)]
+    assert dcx.calibration.block_chain(model, calib[0], ["heads.0.0", "heads.1.0"]) == []
+    converted, rows = dcx.convert_(copy.deepcopy(model), dcx.ConvertConfig(bits=3),
+                                   calibration=calib)
+    assert {r.action for r in rows} == {"packed"}

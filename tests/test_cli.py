@@ -399,6 +399,29 @@ def test_convert_with_calibration_text(tmp_path):
     assert run.returncode == 2 and "missing.txt' does not exist" in run.stderr
 
 
+def test_convert_with_calibration_images(user_folder):
+    """--calibration FOLDER: the photos in it, resized to --image-size and normalised, calibrate
+    a package.module:factory CNN (gptq and weighted); an empty folder is a usage error that
+    writes no file."""
+    from tests.test_data import write_images
+
+    write_images(user_folder / "photos", 6, size=(16, 10))
+    for method in ("gptq", "weighted"):
+        run = dcx("convert", "usermodels:make_conv", "--bits", "4", "--calibration", "photos",
+                  "--image-size", "8", "--method", method, "--out", f"{method}.dcx", "--quiet",
+                  cwd=user_folder)
+        assert run.returncode == 0, run.stderr
+        assert (user_folder / f"{method}.dcx").exists()
+    (user_folder / "empty").mkdir()
+    run = dcx("convert", "usermodels:make_conv", "--bits", "4", "--calibration", "empty",
+              "--image-size", "8", "--out", "none.dcx", "--quiet", cwd=user_folder)
+    assert run.returncode == 2 and "no image" in run.stderr
+    assert not (user_folder / "none.dcx").exists()
+    run = dcx("convert", "usermodels:make_conv", "--bits", "4", "--calibration", "photos",
+              "--image-size", "0", "--out", "none.dcx", "--quiet", cwd=user_folder)
+    assert run.returncode == 2 and "image size must be >= 1" in run.stderr
+
+
 def test_the_compute_choices_are_the_layers_modes():
     from dcx import cli, config, nn
 

@@ -146,3 +146,64 @@ def test_text_batches_pad_a_decoder_tokenizer_with_its_end_token(tmp_path):
     ids, mask = batches[0]["input_ids"], batches[0]["attention_mask"]
     assert ids.shape[0] == 2 and mask[1].sum() < mask[0].sum()
     assert (ids[1][mask[1] == 0] == tokenizer.convert_tokens_to_ids("[SEP]")).all()
+
+
+def write_images(folder, count, size=(12, 8), seed=0):
+    """`count` random RGB PNGs (and one JPEG) of `size` (width, height) under folder/sub."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    (folder / "sub").mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        path = folder / ("sub" if i % 2 else "") / f"img{i}.{'JPG' if i == 0 else 'png'}"
+        Image.fromarray(pixels).save(path, format="JPEG" if i == 0 else "PNG")
+        paths.append(path)
+    return paths
+
+
+def test_read_image_resizes_crops_and_normalises(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (40, 20), (255, 0, 128)).save(tmp_path / "solid.png")
+    x = data.read_image(tmp_path / "solid.png", size=10)
+    assert x.shape == (3, 10, 10) and x.dtype == torch.float32
+    expected = (torch.tensor([1.0, 0.0, 128 / 255]) - torch.tensor(data.IMAGENET_MEAN)) / \
+        torch.tensor(data.IMAGENET_STD)
+    torch.testing.assert_close(x.mean((1, 2)), expected)
+    raw = data.read_image(tmp_path / "solid.png", size=10, mean=(0, 0, 0), std=(1, 1, 1))
+    torch.testing.assert_close(raw[:, 0, 0], torch.tensor([1.0, 0.0, 128 / 255]))
+    # the centre is kept: a left half black, right half white, cropped to the middle square
+    half = Image.new("L", (40, 20), 0)
+    half.paste(255, (20, 0, 40, 20))
+    half.save(tmp_path / "half.png")
+    y = data.read_image(tmp_path / "half.png", size=10, mean=(0, 0, 0), std=(1, 1, 1))
+    assert float(y[0, 5, 0]) < 0.1 and float(y[0, 5, 9]) > 0.9
+
+
+def test_image_batches(tmp_path):
+    write_images(tmp_path / "photos", 7)
+    (tmp_path / "photos" / "notes.txt").write_text("not an image")
+    batches = data.image_batches(tmp_path / "photos", size=6, batch_size=3)
+    assert [b.shape for b in batches] == [(3, 3, 6, 6), (3, 3, 6, 6), (1, 3, 6, 6)]
+    drawn = data.image_files(tmp_path / "photos", count=4, seed=1)
+    assert len(drawn) == 4 and drawn == data.image_files(tmp_path / "photos", count=4, seed=1)
+    assert len(data.image_files(tmp_path / "photos", count=100)) == 7
+
+
+def test_image_errors(tmp_path):
+    with pytest.raises(ValueError, match="image folder .* does not exist"):
+        data.image_batches(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no image"):
+        data.image_batches(tmp_path / "empty")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(ValueError, match="cannot read image .*broken.png"):
+        data.image_batches(tmp_path / "bad")
+    write_images(tmp_path / "ok", 2)
+    with pytest.raises(ValueError, match="image size must be >= 1"):
+        data.image_batches(tmp_path / "ok", size=0)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        data.image_batches(tmp_path / "ok", batch_size=0)
