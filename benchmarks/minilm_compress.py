@@ -6,8 +6,8 @@ and activation-weighted).
     # writes benchmarks/results/minilm-compress.md
 
 Each setting runs what `dcx convert MODEL_FOLDER --bits B --sparsity S [--scale row]
-[--calibration TEXT... --method gptq|weighted]` runs, saves the .dcx file and rebuilds the model from the file alone
-(dcx.hf.model_from_file). Calibration: `--samples` sentences drawn from four of the five novels in
+[--calibration TEXT... --method gptq|weighted]` runs, saves the .dcx file and rebuilds the model
+from the file alone (dcx.hf.model_from_file). Calibration: `--samples` sentences drawn from four of the five novels in
 ../shared/data/text (not persuasion.txt). Fidelity: cosine of each sentence embedding to the fp32
 model's, on the 64 fixed sentences of benchmarks/minilm.py and on 256 held-out sentences of
 persuasion.txt. Embeddings are shared at 4 bits, unpruned, in every setting (their error is small:
@@ -94,10 +94,9 @@ def main():
              "(fp32). Encoder Linear layers at the setting's bits and sparsity; embeddings 4 bits, "
              "unpruned. plain: magnitude pruning + k-means, nearest assignment; gptq: "
              f"dcx.calibrate's second-order method on {args.samples} sentences of four Austen "
-             "novels (16 per batch), its initial codebook by activation-weighted k-means; "
-             "weighted: the cheap calibrated path on the same sentences (pruning by |w| times "
-             "the input column's norm within each row, activation-weighted k-means, nearest "
-             "assignment); row: one float16 scale per output row. Held-out: 256 "
+             "novels (16 per batch); weighted: the cheap calibrated path on the same sentences "
+             "(pruning by |w| times the input column's norm within each row, activation-weighted "
+             "k-means, nearest assignment); row: one float16 scale per output row. Held-out: 256 "
              "sentences of persuasion.txt. The model rebuilt from the file alone. Command: "
              f"`python benchmarks/minilm_compress.py --samples {args.samples}`."]
     common.write_table("minilm-compress", "all-MiniLM-L6-v2: post-training compression with "

@@ -50,7 +50,8 @@ std::pair<at::Tensor, at::Tensor> weight_backward(AutogradContext* ctx, const at
                                  .findSchemaOrThrow("dcx::spqmm_decode", "")
                                  .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
                                                    const at::Tensor&, const at::Tensor&,
-                                                   const at::Tensor&, int64_t, int64_t, int64_t)>();
+                                                   const at::Tensor&, int64_t, int64_t, int64_t,
+                                                   bool)>();
   const variable_list saved = ctx->get_saved_variables();
   const int64_t n = ctx->saved_data["n"].toInt();
   at::Tensor grad_x, grad_bias;
@@ -62,7 +63,8 @@ std::pair<at::Tensor, at::Tensor> weight_backward(AutogradContext* ctx, const at
     const at::Tensor& group_ptr = saved[2].defined() ? saved[2] : none;
     const at::Tensor& chunks = saved[3].defined() ? saved[3] : none;
     const at::Tensor w = decode.call(saved[0], windows, group_ptr, chunks, saved[4], n,
-                                     ctx->saved_data["k"].toInt(), ctx->saved_data["bits"].toInt());
+                                     ctx->saved_data["k"].toInt(), ctx->saved_data["bits"].toInt(),
+                                     /*check=*/true);
     const at::Tensor& scale = saved[5];
     grad_x = at::matmul(scale.defined() ? grad_y.mul(scale.to(grad_y.scalar_type())) : grad_y,
                         w.to(grad_y.scalar_type()));

@@ -47,10 +47,11 @@ TORCH_LIBRARY(dcx, m) {
       "int out_features, int in_features, int bits, Tensor? bias=None, int crossover=-1, "
       "bool check=True, str compute=\"auto\", Tensor? scale=None) -> Tensor");
   // W [out_features, in_features] of a packed weight, decoded in the codebook's dtype (0 where
-  // pruned): the backward of spqmm and spqmm_int8 (grad_x = grad_y W), and unpacking.
+  // pruned): the backward of spqmm and spqmm_int8 (grad_x = grad_y W), unpacking, and a packed
+  // embedding's lookup. check=False: as spqmm's (no host sync on CUDA; reads stay in bounds).
   m.def(
       "spqmm_decode(Tensor codes, Tensor windows, Tensor group_ptr, Tensor chunks, "
-      "Tensor codebook, int out_features, int in_features, int bits) -> Tensor");
+      "Tensor codebook, int out_features, int in_features, int bits, bool check=True) -> Tensor");
   // The same product for a dense-mode layer in int8 arithmetic (csrc/core/spqmm_int8.h): the
   // codebook as int16 with one scale, x quantized to int8 per row in blocks of 32, int32 dot
   // products.

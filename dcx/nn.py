@@ -486,8 +486,10 @@ class SparseQuantEmbedding(PackedModule):
         b = self._buffers  # not Module.__getattr__: this runs on every forward
         flat = input.reshape(-1)
         codes = b["codes"][flat]
+        # No per-call check: the table was validated when set or loaded (on CUDA a check costs a
+        # host sync per lookup).
         rows = ops.spqmm_decode(codes, b["windows"], b["group_ptr"], b["chunks"], b["codebook"],
-                                codes.shape[0], self.embedding_dim, self.bits)
+                                codes.shape[0], self.embedding_dim, self.bits, check=False)
         if b["scale"] is not None:
             rows = rows * b["scale"][flat].to(rows.dtype).unsqueeze(-1)
         return rows.reshape(*input.shape, self.embedding_dim)

@@ -235,17 +235,18 @@ def spqmm_decode(
     out_features: int,
     in_features: int,
     bits: int,
+    check: bool = True,
 ) -> Tensor:
     """The dense weight W [out_features, in_features] a packed layer stands for, in the codebook's
     dtype: codebook[id] where a weight is kept, 0 where pruned. Arguments as spqmm (without x);
-    corrupted packed data raises RuntimeError (on CUDA after one host sync). The backward of
-    spqmm and spqmm_int8 multiplies by it."""
+    corrupted packed data raises RuntimeError (on CUDA after one host sync; check=False skips
+    that sync, reads staying in bounds). The backward of spqmm and spqmm_int8 multiplies by it."""
     return op("spqmm_decode")(codes, windows, group_ptr, chunks, codebook, out_features,
-                              in_features, bits)
+                              in_features, bits, check)
 
 
 @_fake("spqmm_decode")
-def _(codes, windows, group_ptr, chunks, codebook, out_features, in_features, bits):
+def _(codes, windows, group_ptr, chunks, codebook, out_features, in_features, bits, check=True):
     torch._check(out_features >= 0 and in_features >= 0,
                  lambda: "out_features and in_features must be >= 0")
     return codebook.new_empty((out_features, in_features))

@@ -78,3 +78,21 @@ def test_bad_input(change, match):
     _, _, _, p = make_layer(8, 100, 0.5, 5, torch.float32, "cpu", dense=False)
     with pytest.raises(RuntimeError, match=match):
         decode(change(p))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dense", [False, True])
+def test_unchecked_decode_is_the_same(device, dense):
+    """check=False (a packed embedding's lookup: no host sync on CUDA) decodes the same; on the
+    CPU, where the checks cost nothing, corrupted data still raises."""
+    _, _, _, p = make_layer(33, 97, 0.2, 5, torch.float32, device, dense=dense)
+    unchecked = dcx.ops.spqmm_decode(p.codes, p.windows, p.group_ptr, p.chunks, p.codebook,
+                                     33, 97, p.bits, check=False)
+    assert torch.equal(unchecked, decode(p))
+    args = (p.codes, p.windows, p.group_ptr, p.chunks, p.codebook, 33, 97, p.bits, False)
+    torch.library.opcheck(torch.ops.dcx.spqmm_decode.default, args)
+    if device == "cpu":
+        bad, match = _corruptions(device)[0]
+        with pytest.raises(RuntimeError, match=match):
+            dcx.ops.spqmm_decode(bad.codes, bad.windows, bad.group_ptr, bad.chunks, bad.codebook,
+                                 bad.out_features, bad.in_features, bad.bits, check=False)

@@ -598,7 +598,7 @@ at::Tensor spqmm_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Ten
 at::Tensor spqmm_decode_cpu(const at::Tensor& codes, const at::Tensor& windows,
                             const at::Tensor& group_ptr, const at::Tensor& chunks,
                             const at::Tensor& codebook, int64_t out_features, int64_t in_features,
-                            int64_t bits) {
+                            int64_t bits, bool /*check: free on the CPU*/) {
   check_spqmm_decode_args(codes, windows, group_ptr, chunks, codebook, out_features, in_features,
                           bits);
   const at::NoGradGuard no_grad;

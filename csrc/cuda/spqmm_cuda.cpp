@@ -101,11 +101,11 @@ at::Tensor float_product(const at::Tensor& x2, const at::Tensor& codes, const at
 }
 
 // W [N, K] in the codebook's dtype (every element written by the decode kernel), then the
-// corruption check (skipped while a CUDA graph is captured).
+// corruption check (skipped while a CUDA graph is captured, or with check=False: no host sync).
 at::Tensor spqmm_decode_cuda(const at::Tensor& codes, const at::Tensor& windows,
                              const at::Tensor& group_ptr, const at::Tensor& chunks,
                              const at::Tensor& codebook, int64_t out_features, int64_t in_features,
-                             int64_t bits) {
+                             int64_t bits, bool check) {
   check_spqmm_decode_args(codes, windows, group_ptr, chunks, codebook, out_features, in_features,
                           bits);
   cuda::check_cuda_tensor(codebook, "codebook");
@@ -126,7 +126,7 @@ at::Tensor spqmm_decode_cuda(const at::Tensor& codes, const at::Tensor& windows,
   } else {
     C10_CUDA_CHECK(cuda::launch_spqmm(a));  // nothing to decode: only the pointer checks (m = 0)
   }
-  check_flag(bad.narrow(0, 0, 1), true);
+  check_flag(bad.narrow(0, 0, 1), check);
   return w;
 }
 
