@@ -18,11 +18,11 @@ codebook in place of a uniform grid); finally the codebook itself refit by least
 layer's outputs, tr((W - Q) H (W - Q)^T), labels and mask held. `weighted_layer`
 ("weighted") is the cheap path from H's diagonal alone: pruning by |w| times the input column's
 norm within each row (Wanda), activation-weighted k-means (each weight counted by its input
-column's energy H_jj, SqueezeLLM's sensitivity), nearest assignment. convert_ runs either layer group by layer group in the
-order the model calls them, each group's statistics taken with the layers before it already
-compressed, so later layers compensate the earlier ones' error too; a transformer block by block
-(`block_chain`), each block alone on the inputs it received, so the model runs about once, not
-once per group.
+column's energy H_jj, SqueezeLLM's sensitivity), nearest assignment. convert_ runs either layer
+group by layer group in the order the model calls them, each group's statistics taken with the
+layers before it already compressed, so later layers compensate the earlier ones' error too; a
+transformer block by block (`block_chain`), each block alone on the inputs it received, so the
+model runs about once, not once per group.
 
 Statistics: nn.Linear (any leading dims) and 2-D convolutions with zero padding (inputs unfolded
 into columns, one H per group of a grouped convolution, so a depthwise layer has a 9x9 H per
@@ -309,6 +309,22 @@ def output_error(w0: Tensor, q: Tensor, h: Tensor) -> float:
     return float((torch.matmul(e, h) * e).sum())
 
 
+def _rows(weight: Tensor, stats: LayerStats,
+          scale: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    """(w0 [G, rows, k] float64, row scales [G, rows, 1] or None): a Linear's or Conv2d's weight
+    as the rows of each group its statistics describe."""
+    groups = stats.hessian.shape[0]
+    out = weight.shape[0]
+    if out % groups:
+        raise ValueError(f"weight of {out} rows does not split into {groups} groups")
+    w0 = weight.detach().reshape(groups, out // groups, -1).double()
+    if stats.hessian.shape[-1] != w0.shape[-1]:
+        raise ValueError(f"statistics of {stats.hessian.shape[-1]} columns for a weight of "
+                         f"{w0.shape[-1]}")
+    s = None if scale is None else scale.detach().reshape(groups, out // groups, 1).to(w0)
+    return w0, s
+
+
 @torch.no_grad()
 def compress_layer(weight: Tensor, stats: LayerStats, sparsity: float, bits: int,
                    layer: dict, scale: Optional[Tensor] = None, block: int = 128,
@@ -324,15 +340,8 @@ def compress_layer(weight: Tensor, stats: LayerStats, sparsity: float, bits: int
     fits them too closely, 0.965 / 0.81, against 0.973 / 0.954 at 0.1; 256 sentences, 0.974 /
     0.954 at 0.03 against 0.967 / 0.914 at 0.1); rounds: assignment + refit passes (the second
     assigns with the refit codebook)."""
-    groups = stats.hessian.shape[0]
-    out = weight.shape[0]
-    if out % groups:
-        raise ValueError(f"weight of {out} rows does not split into {groups} groups")
-    w0 = weight.detach().reshape(groups, out // groups, -1).double()
+    w0, s = _rows(weight, stats, scale)
     k = w0.shape[-1]
-    if stats.hessian.shape[-1] != k:
-        raise ValueError(f"statistics of {stats.hessian.shape[-1]} columns for a weight of {k}")
-    s = None if scale is None else scale.detach().reshape(groups, out // groups, 1).to(w0)
     h = stats.mean().to(w0)
     # GPTQ's activation order: the columns with the largest inputs first, while the most
     # columns remain to absorb their error.
@@ -374,21 +383,14 @@ def weighted_layer(weight: Tensor, stats: LayerStats, sparsity: float, bits: int
     input column's norm, compared within its output row), the kept weights shared by
     activation-weighted k-means (_weighted_codebook) and each given its nearest entry; no error
     feedback. Arguments and result as compress_layer's."""
-    groups = stats.hessian.shape[0]
-    out = weight.shape[0]
-    if out % groups:
-        raise ValueError(f"weight of {out} rows does not split into {groups} groups")
-    w0 = weight.detach().reshape(groups, out // groups, -1).double()
-    if stats.hessian.shape[-1] != w0.shape[-1]:
-        raise ValueError(f"statistics of {stats.hessian.shape[-1]} columns for a weight of "
-                         f"{w0.shape[-1]}")
-    s = None if scale is None else scale.detach().reshape(groups, out // groups, 1).to(w0)
+    w0, s = _rows(weight, stats, scale)
     wn = w0 if s is None else w0 / s
-    importance = _importance(stats.mean().to(w0), wn.shape, s)
+    h = stats.mean().to(w0)
+    importance = _importance(h, wn.shape, s)
     mask = torch.ones_like(w0, dtype=torch.bool)
     drop = int(sparsity * w0.shape[-1])
     if drop > 0:
-        score = w0 * w0 * importance if s is None else w0 * w0 * importance / (s * s)
+        score = w0 * w0 * _importance(h, w0.shape, None)  # w^2 H_jj: the weight as it is
         mask.scatter_(2, score.topk(drop, dim=2, largest=False).indices, False)
     codebook = _weighted_codebook(wn[mask], importance[mask], 1 << bits, layer)
     order = torch.argsort(codebook)

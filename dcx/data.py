@@ -226,7 +226,8 @@ def image_files(folder, count: int | None = None, seed: int = 0) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"image folder {str(folder)!r} does not exist")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.rglob("*")
+                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"no image ({', '.join(IMAGE_SUFFIXES)}) in {str(folder)!r}")
     if count is None or count >= len(files):

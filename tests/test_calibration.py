@@ -65,6 +65,17 @@ def test_statistics_are_the_sum_of_x_xt():
     assert stats["head"].hessian.shape == (1, 24, 24) and stats["head"].count == 3
 
 
+def plain_output_error(w, x, bits, sparsity):
+    """The output error on inputs x of plain compression: magnitude pruning, k-means, nearest
+    centroid."""
+    keep = w.abs() > w.abs().flatten().kthvalue(int(sparsity * w.numel())).values \
+        if sparsity else torch.ones_like(w, dtype=torch.bool)
+    cb, lab = dcx.ops.kmeans1d(w[keep], 1 << bits)
+    plain = torch.zeros_like(w)
+    plain[keep] = cb[lab.long()]
+    return ((x @ (w - plain).T) ** 2).sum()
+
+
 def test_layer_step_beats_plain_kmeans_on_the_outputs():
     torch.manual_seed(0)
     w = torch.randn(48, 64)
@@ -75,14 +86,7 @@ def test_layer_step_beats_plain_kmeans_on_the_outputs():
         # damping 0.01: these inputs are the calibration inputs, nothing to generalise to
         mask, codebook, labels = compress_layer(w, stats, sparsity, bits, KMEANS, damp=0.01)
         q = codebook[labels.long()] * (mask if mask is not None else 1)
-        # plain: magnitude pruning, k-means, nearest centroid
-        keep = w.abs() > w.abs().flatten().kthvalue(int(sparsity * w.numel())).values \
-            if sparsity else torch.ones_like(w, dtype=torch.bool)
-        cb, lab = dcx.ops.kmeans1d(w[keep], 1 << bits)
-        plain = torch.zeros_like(w)
-        plain[keep] = cb[lab.long()]
-        err = ((x @ (w - q).T) ** 2).sum()
-        err_plain = ((x @ (w - plain).T) ** 2).sum()
+        err, err_plain = ((x @ (w - q).T) ** 2).sum(), plain_output_error(w, x, bits, sparsity)
         assert err < 0.6 * err_plain, (bits, sparsity, float(err), float(err_plain))
         assert codebook.numel() <= 1 << bits and labels.dtype == torch.int32
         assert int(labels.min()) >= 0 and int(labels.max()) < codebook.numel()
@@ -111,13 +115,7 @@ def test_weighted_step_beats_plain_kmeans_on_the_outputs(scaled):
         q = codebook[labels.long()] * (mask if mask is not None else 1)
         if scaled:
             q = q * scale[:, None]
-        keep = w.abs() > w.abs().flatten().kthvalue(int(sparsity * w.numel())).values \
-            if sparsity else torch.ones_like(w, dtype=torch.bool)
-        cb, lab = dcx.ops.kmeans1d(w[keep], 1 << bits)
-        plain = torch.zeros_like(w)
-        plain[keep] = cb[lab.long()]
-        err = ((x @ (w - q).T) ** 2).sum()
-        err_plain = ((x @ (w - plain).T) ** 2).sum()
+        err, err_plain = ((x @ (w - q).T) ** 2).sum(), plain_output_error(w, x, bits, sparsity)
         assert err < 0.5 * err_plain, (bits, sparsity, float(err), float(err_plain))
         assert codebook.numel() <= 1 << bits and labels.dtype == torch.int32
         if sparsity:
@@ -376,7 +374,8 @@ def test_blocks_that_do_not_chain_are_run_whole():
     class Branches(nn.Module):
         def __init__(self):
             super().__init__()
-            self.heads = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(3)])
+            self.heads = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+                                        for _ in range(3)])
 
         def forward(self, x):
             return sum(h(x) for h in self.heads)
