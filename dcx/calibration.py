@@ -236,11 +236,13 @@ def _importance(h: Tensor, shape: torch.Size, scale: Optional[Tensor]) -> Tensor
 def _weighted_codebook(values: Tensor, importance: Tensor, num: int, layer: dict) -> Tensor:
     """Activation-weighted k-means (SqueezeLLM's sensitivity-weighted codebook with the diagonal
     of H as the sensitivity): the codebook [num] float64 that minimises sum importance x (value -
-    entry)^2, from density quantiles of the importance. The weights are scaled to at most 1,
-    floored at 1e-9 (the op takes only positive weights; an input column never active costs
-    nothing)."""
+    entry)^2, from layer["init"] (linear by default: on MiniLM more fidelity per byte than
+    density quantiles of the importance, whose even label use Huffman codes in more bytes; 4 bits
+    0.9472 at 10.25 MB against 0.9613 at 10.58 MB, 6 bits 0.9874 at 11.89 MB against 0.9915 at
+    13.56 MB). The weights are scaled to at most 1, floored at 1e-9 (the op takes only positive
+    weights; an input column never active costs nothing)."""
     weights = (importance / importance.max().clamp_min(1e-300)).clamp_min(1e-9)
-    codebook, _ = ops.kmeans1d(values.double(), num, "density", layer["max_iter"], layer["tol"],
+    codebook, _ = ops.kmeans1d(values.double(), num, layer["init"], layer["max_iter"], layer["tol"],
                                layer["seed"], layer["method"], weights.double())
     return codebook
 
