@@ -109,7 +109,8 @@ inline void check_kmeans1d_weights(const std::optional<at::Tensor>& weights,
   check_same_dtype(*weights, "weights", values, "values");
   check_same_shape(*weights, "weights", values, "values");
   check_same_device(*weights, "weights", values, "values");
-  TORCH_CHECK(at::logical_and(at::isfinite(*weights), at::gt(*weights, 0)).all().item<bool>(),
+  // Tensor methods, not at:: functions: some includers see only <ATen/core/Tensor.h>.
+  TORCH_CHECK(weights->isfinite().logical_and(weights->gt(0)).all().item<bool>(),
               "weights must be finite and > 0");
 }
 
