@@ -24,26 +24,27 @@ void check_codebook(const at::Tensor& codebook, const std::optional<at::Tensor>&
               "the codebook before packing (dcx.cluster_ and retraining), or detach it");
   TORCH_CHECK(!(at::GradMode::is_enabled() && scale.has_value() && scale->defined() &&
                 scale->requires_grad()),
-              "scale requires grad, but a packed layer's row scales get no gradient: detach it");
+              "scale requires grad, but a packed layer's scales get no gradient: detach it");
 }
 
 // What the backward keeps: the packed weight (for spqmm_decode), its sizes and the bias's dtype.
 void save_weight(AutogradContext* ctx, const at::Tensor& codes, const at::Tensor& windows,
                  const at::Tensor& group_ptr, const at::Tensor& chunks, const at::Tensor& codebook,
                  int64_t n, int64_t k, int64_t bits, const std::optional<at::Tensor>& bias,
-                 const std::optional<at::Tensor>& scale) {
+                 const std::optional<at::Tensor>& scale, int64_t group_size) {
   ctx->save_for_backward({codes, windows, group_ptr, chunks, codebook,
                           scale.has_value() ? *scale : at::Tensor()});
   ctx->saved_data["n"] = n;
   ctx->saved_data["k"] = k;
   ctx->saved_data["bits"] = bits;
+  ctx->saved_data["group_size"] = group_size;
   const bool has_bias = bias.has_value() && bias->defined();
   ctx->saved_data["bias_dtype"] = has_bias ? int64_t(bias->scalar_type()) : int64_t(-1);
 }
 
 // (grad_x, grad_bias) for grad_y. Gradient edges exist for tensor inputs only: x is edge 0, a
 // bias (when given) edge `bias_edge`. A scaled codebook's W is scale[row] * decoded: grad_x =
-// (grad_y * scale) decoded.
+// (grad_y * scale) decoded; with group scales, each group's columns of the decoded W scaled.
 std::pair<at::Tensor, at::Tensor> weight_backward(AutogradContext* ctx, const at::Tensor& grad_y,
                                                   size_t bias_edge) {
   static const auto decode = c10::Dispatcher::singleton()
@@ -66,8 +67,14 @@ std::pair<at::Tensor, at::Tensor> weight_backward(AutogradContext* ctx, const at
                                      ctx->saved_data["k"].toInt(), ctx->saved_data["bits"].toInt(),
                                      /*check=*/true);
     const at::Tensor& scale = saved[5];
-    grad_x = at::matmul(scale.defined() ? grad_y.mul(scale.to(grad_y.scalar_type())) : grad_y,
-                        w.to(grad_y.scalar_type()));
+    const int64_t group_size = ctx->saved_data["group_size"].toInt();
+    at::Tensor wt = w.to(grad_y.scalar_type());
+    if (scale.defined() && group_size > 0) {
+      const int64_t k = wt.size(1);
+      wt = wt.mul(scale.to(wt.scalar_type()).repeat_interleave(group_size, 1).narrow(1, 0, k));
+    }
+    const bool row_scaled = scale.defined() && group_size == 0;
+    grad_x = at::matmul(row_scaled ? grad_y.mul(scale.to(grad_y.scalar_type())) : grad_y, wt);
   }
   const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
   if (bias_dtype >= 0 && ctx->needs_input_grad(bias_edge))
@@ -82,23 +89,23 @@ class SpqmmFunction : public torch::autograd::Function<SpqmmFunction> {
                             const at::Tensor& chunks, const at::Tensor& codebook, int64_t n,
                             int64_t k, int64_t bits, const std::optional<at::Tensor>& bias,
                             int64_t crossover, bool check, c10::string_view compute,
-                            const std::optional<at::Tensor>& scale) {
+                            const std::optional<at::Tensor>& scale, int64_t group_size) {
     static const auto op =
         c10::Dispatcher::singleton()
             .findSchemaOrThrow("dcx::spqmm", "")
             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                               const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
                               int64_t, int64_t, const std::optional<at::Tensor>&, int64_t, bool,
-                              c10::string_view, const std::optional<at::Tensor>&)>();
-    save_weight(ctx, codes, windows, group_ptr, chunks, codebook, n, k, bits, bias, scale);
+                              c10::string_view, const std::optional<at::Tensor>&, int64_t)>();
+    save_weight(ctx, codes, windows, group_ptr, chunks, codebook, n, k, bits, bias, scale, group_size);
     const at::AutoDispatchBelowADInplaceOrView below;
     return op.call(x, codes, windows, group_ptr, chunks, codebook, n, k, bits, bias, crossover,
-                   check, compute, scale);
+                   check, compute, scale, group_size);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto [grad_x, grad_bias] = weight_backward(ctx, grads[0], 6);
-    variable_list out(14);
+    variable_list out(15);
     out[0] = grad_x;
     out[9] = grad_bias;
     return out;
@@ -110,22 +117,22 @@ class SpqmmInt8Function : public torch::autograd::Function<SpqmmInt8Function> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& codes,
                             const at::Tensor& codebook, int64_t n, int64_t k, int64_t bits,
                             const std::optional<at::Tensor>& bias, bool check,
-                            const std::optional<at::Tensor>& scale) {
+                            const std::optional<at::Tensor>& scale, int64_t group_size) {
     static const auto op =
         c10::Dispatcher::singleton()
             .findSchemaOrThrow("dcx::spqmm_int8", "")
             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
                               int64_t, int64_t, const std::optional<at::Tensor>&, bool,
-                              const std::optional<at::Tensor>&)>();
+                              const std::optional<at::Tensor>&, int64_t)>();
     const at::Tensor none;  // no positions; the backward makes empty ones if it runs
-    save_weight(ctx, codes, none, none, none, codebook, n, k, bits, bias, scale);
+    save_weight(ctx, codes, none, none, none, codebook, n, k, bits, bias, scale, group_size);
     const at::AutoDispatchBelowADInplaceOrView below;
-    return op.call(x, codes, codebook, n, k, bits, bias, check, scale);
+    return op.call(x, codes, codebook, n, k, bits, bias, check, scale, group_size);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto [grad_x, grad_bias] = weight_backward(ctx, grads[0], 3);
-    variable_list out(9);
+    variable_list out(10);
     out[0] = grad_x;
     out[6] = grad_bias;
     return out;
@@ -136,18 +143,19 @@ at::Tensor spqmm_autograd(const at::Tensor& x, const at::Tensor& codes, const at
                           const at::Tensor& group_ptr, const at::Tensor& chunks,
                           const at::Tensor& codebook, int64_t n, int64_t k, int64_t bits,
                           const std::optional<at::Tensor>& bias, int64_t crossover, bool check,
-                          c10::string_view compute, const std::optional<at::Tensor>& scale) {
+                          c10::string_view compute, const std::optional<at::Tensor>& scale,
+                          int64_t group_size) {
   check_codebook(codebook, scale);
   return SpqmmFunction::apply(x, codes, windows, group_ptr, chunks, codebook, n, k, bits, bias,
-                              crossover, check, compute, scale);
+                              crossover, check, compute, scale, group_size);
 }
 
 at::Tensor spqmm_int8_autograd(const at::Tensor& x, const at::Tensor& codes,
                                const at::Tensor& codebook, int64_t n, int64_t k, int64_t bits,
                                const std::optional<at::Tensor>& bias, bool check,
-                               const std::optional<at::Tensor>& scale) {
+                               const std::optional<at::Tensor>& scale, int64_t group_size) {
   check_codebook(codebook, scale);
-  return SpqmmInt8Function::apply(x, codes, codebook, n, k, bits, bias, check, scale);
+  return SpqmmInt8Function::apply(x, codes, codebook, n, k, bits, bias, check, scale, group_size);
 }
 
 }  // namespace

@@ -41,11 +41,13 @@ TORCH_LIBRARY(dcx, m) {
   // y: [..., N]. crossover: the batch from which W is decoded once and the BLAS runs (-1: auto).
   // check=False: on CUDA, do not read back the corruption flag (no host sync; reads stay in bounds).
   // compute: auto | float32 | bfloat16 | int8 (op_args.h); the kernel from csrc/core/spqmm_plan.h.
-  // scale: [out_features] row scales of a scaled codebook (W = scale[row] * codebook[id]).
+  // scale: a scaled codebook's [out_features] row scales (W = scale[row] * codebook[id]), or with
+  // group_size > 0 (a multiple of 32) its [out_features, ceil(in_features / group_size)] group
+  // scales (W[r][j] = scale[r][j / group_size] * codebook[id]).
   m.def(
       "spqmm(Tensor x, Tensor codes, Tensor windows, Tensor group_ptr, Tensor chunks, Tensor codebook, "
       "int out_features, int in_features, int bits, Tensor? bias=None, int crossover=-1, "
-      "bool check=True, str compute=\"auto\", Tensor? scale=None) -> Tensor");
+      "bool check=True, str compute=\"auto\", Tensor? scale=None, int group_size=0) -> Tensor");
   // W [out_features, in_features] of a packed weight, decoded in the codebook's dtype (0 where
   // pruned): the backward of spqmm and spqmm_int8 (grad_x = grad_y W), unpacking, and a packed
   // embedding's lookup. check=False: as spqmm's (no host sync on CUDA; reads stay in bounds).
@@ -57,7 +59,7 @@ TORCH_LIBRARY(dcx, m) {
   // products.
   m.def(
       "spqmm_int8(Tensor x, Tensor codes, Tensor codebook, int out_features, int in_features, "
-      "int bits, Tensor? bias=None, bool check=True, Tensor? scale=None) -> Tensor");
+      "int bits, Tensor? bias=None, bool check=True, Tensor? scale=None, int group_size=0) -> Tensor");
 }
 
 // `import dcx._C` loads this library, which runs the registrations above; the ops are reached

@@ -178,16 +178,31 @@ inline void check_spqmm_common_args(const at::Tensor& x, const at::Tensor& codes
   }
 }
 
-// A scaled codebook's row scales (W = scale[row] * codebook[id]): float, [out_features], x's
-// device.
-inline void check_spqmm_scale(const std::optional<at::Tensor>& scale, const at::Tensor& x,
-                              int64_t out_features) {
-  if (!scale.has_value() || !scale->defined()) return;
+// A scaled codebook's scales, x's device, float: row scales [out_features] (W = scale[row] *
+// codebook[id], group_size 0), or group scales [out_features, ceil(in_features / group_size)]
+// (W[r][j] = scale[r][j / group_size] * codebook[id]), group_size a positive multiple of 32.
+inline void check_spqmm_scale(const std::optional<at::Tensor>& scale, int64_t group_size,
+                              const at::Tensor& x, int64_t out_features, int64_t in_features) {
+  if (!scale.has_value() || !scale->defined()) {
+    TORCH_CHECK(group_size == 0, "group_size is ", group_size, " but no scale was given");
+    return;
+  }
   check_dtype_in(*scale, "scale", {at::kFloat, at::kHalf, at::kBFloat16},
                  "float32, float16 or bfloat16");
   check_same_device(*scale, "scale", x, "x");
-  TORCH_CHECK(scale->dim() == 1 && scale->size(0) == out_features,
-              "scale must have shape [out_features] = [", out_features, "], got ", scale->sizes());
+  if (group_size == 0) {
+    TORCH_CHECK(scale->dim() == 1 && scale->size(0) == out_features,
+                "scale must have shape [out_features] = [", out_features,
+                "] (row scales; group scales need group_size), got ", scale->sizes());
+    return;
+  }
+  TORCH_CHECK(group_size > 0 && group_size % 32 == 0,
+              "group_size must be a positive multiple of 32, got ", group_size);
+  const int64_t groups = (in_features + group_size - 1) / group_size;
+  TORCH_CHECK(scale->dim() == 2 && scale->size(0) == out_features && scale->size(1) == groups,
+              "scale must have shape [out_features, ceil(in_features / group_size)] = [",
+              out_features, ", ", groups, "] (group scales, group_size ", group_size, "), got ",
+              scale->sizes());
 }
 
 inline bool has_tensor(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }

@@ -350,6 +350,17 @@ def calibration_batches(sources: list[str], src: str, samples: int, image_size: 
     return data.text_batches(tokenizer, sentences, batch_size=16)
 
 
+def _scale_arg(text: str):
+    """--scale: none, row or a group size, a power of two from 32 (dcx.config.is_scale's rule,
+    spelt out so that parsing imports no torch)."""
+    if text in ("none", "row"):
+        return None if text == "none" else text
+    size = int(text) if text.isdigit() else 0
+    if size < 32 or size & (size - 1):
+        raise argparse.ArgumentTypeError(f"expected none, row or a power of two from 32, got {text!r}")
+    return size
+
+
 def cmd_convert(args):
     import dcx
 
@@ -360,7 +371,7 @@ def cmd_convert(args):
     config = dcx.ConvertConfig(sparsity=args.sparsity, bits=args.bits, overrides=overrides or {},
                                embeddings=args.embeddings, compute=args.compute,
                                method=args.method,
-                               scale=None if args.scale == "none" else args.scale)
+                               scale=args.scale)
     calibration = None
     if args.calibration:
         calibration = calibration_batches(args.calibration, args.src, args.samples,
@@ -490,9 +501,10 @@ def parser():
                         "gptq: second-order pruning and codebook assignment with error feedback; "
                         "weighted: input-norm pruning and activation-weighted k-means (faster, "
                         "no error feedback)")
-    s.add_argument("--scale", default="none", choices=("none", "row"),
-                   help="row: one float16 scale per output row on the shared codebook (every "
-                        "compressed layer)")
+    s.add_argument("--scale", default=None, type=_scale_arg, metavar="{none,row,SIZE}",
+                   help="row: one float16 scale per output row on the shared codebook; SIZE (a "
+                        "power of two from 32, e.g. 128): one per row and group of SIZE input "
+                        "columns (every compressed layer; default none)")
     s.add_argument("--out", required=True, help="the .dcx file to write")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_convert)

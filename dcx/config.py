@@ -296,9 +296,17 @@ INITS = ("linear", "density", "random", "kmeans++")
 METHODS = ("lloyd", "optimal")
 MODES = ("kmeans", "linear", "fixed-point")
 CLUSTER_LAYER_FIELDS = ("bits", "init", "method", "mode", "max_iter", "tol", "seed", "scale")
-# A codebook's scaling: None (one codebook for the layer) or "row" (w = scale[row] * codebook[id],
-# one float16 scale per output row, the codebook shared on the normalised weights).
-SCALES = (None, "row")
+# A codebook's scaling: None (one codebook for the layer), "row" (w = scale[row] * codebook[id],
+# one float16 scale per output row, the codebook shared on the normalised weights) or a group
+# size, a power of two from 32 (w = scale[row, column // size] * codebook[id]).
+SCALES = (None, "row", "a power of two from 32")
+
+
+def is_scale(v) -> bool:
+    """A valid ClusterConfig.scale: None, "row" or a group size (a power of two from 32)."""
+    if v is None or v == "row":
+        return True
+    return _is_int(v, 32) and v & (v - 1) == 0
 
 
 def _check_cluster_layer(where, layer):
@@ -317,7 +325,7 @@ def _check_cluster_layer(where, layer):
     check("max_iter", _is_int, "an int >= 0")
     check("tol", lambda v: _is_number(v) and math.isfinite(v), "a finite number >= 0")
     check("seed", lambda v: isinstance(v, int) and not isinstance(v, bool), "an int")
-    check("scale", lambda v: v in SCALES, f"one of {SCALES}")
+    check("scale", is_scale, f"one of {SCALES}")
 
 
 @dataclass
@@ -330,9 +338,12 @@ class ClusterConfig(_Config):
     the smallest to the largest surviving weight, nearest assignment) or "fixed-point" (the
     signed fixed-point grid with the fewest fractional bits that still covers max |w|).
     init, method, max_iter, tol, seed: passed to dcx.ops.kmeans1d.
-    scale: None, or "row": each output row divided by its scale (the RMS of its kept weights,
+    scale: None; "row": each output row divided by its scale (the RMS of its kept weights,
     rounded to float16) before k-means, the weight then scale[row] * codebook[id] (for layers
-    whose rows differ in scale: depthwise convolutions, attention projections).
+    whose rows differ in scale: depthwise convolutions, attention projections); or a group size
+    (a power of two from 32): each row's groups of that many columns (of the weight viewed [out,
+    -1]) divided by their own RMS, the weight scale[row, column // size] * codebook[id] (for
+    rows whose inputs differ in scale, as language models' do; 16 bits per group in the file).
     reassign: keep the weights as clustered so that dcx.quantize.reassign_ can move each weight
     to its nearest fine-tuned centroid.
     overrides: the rule at the top of dcx.config, over the fields of CLUSTER_LAYER_FIELDS.
@@ -346,7 +357,7 @@ class ClusterConfig(_Config):
     max_iter: int = 300
     tol: float = 1e-4
     seed: int = 0
-    scale: Optional[str] = None
+    scale: Optional[str | int] = None
     reassign: bool = False
     overrides: dict[str, dict[str, Any] | None] = field(default_factory=dict)
 
@@ -415,7 +426,7 @@ def check_compute(compute):
 def _check_convert_layer(where, layer):
     _check(not set(layer) - {"sparsity", "bits", "scale"},
            f"{where}: a layer may set sparsity, bits and scale, got {sorted(layer)}")
-    _check(layer.get("scale") in SCALES, f"{where}: scale must be one of {SCALES}, got "
+    _check(is_scale(layer.get("scale")), f"{where}: scale must be one of {SCALES}, got "
                                          f"{layer.get('scale')!r}")
     _check("bits" not in layer or (_is_int(layer["bits"], 1) and layer["bits"] <= 8),
            f"{where}: bits must lie in [1, 8], got {layer.get('bits')!r}")
@@ -446,7 +457,7 @@ class ConvertConfig(_Config):
     rule, sugar for leaving out every other layer / these layers; dense: force the packed mode
     (None: by density); compute: the packed layers' compute mode (COMPUTE_MODES); method:
     CONVERT_METHODS ("gptq" and "weighted" need calibration inputs, given to convert_); scale:
-    None or "row" (ClusterConfig.scale), per layer too."""
+    None, "row" or a group size (ClusterConfig.scale), per layer too."""
 
     sparsity: float = 0.0
     bits: int = 5
@@ -458,7 +469,7 @@ class ConvertConfig(_Config):
     dense: Optional[bool] = None
     compute: str = "auto"
     method: str = "auto"
-    scale: Optional[str] = None
+    scale: Optional[str | int] = None
 
     def __post_init__(self):
         _check(self.method in CONVERT_METHODS,

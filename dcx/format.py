@@ -35,9 +35,12 @@ position order.
 
 A scaled codebook (from 1.4) adds a "scale" section to codes in either mode: one float16 per row
 of the weight viewed as [shape[0], -1] (2 bytes a row, 1% of a 4-bit row of 384 weights),
-tensor = scale[row] * codebook[labels]. Float16 because its rounding (2^-11 relative) is far below
-a 3-8 bit codebook's, and the stage that makes the scales rounds them to float16, so the file
-holds them exactly.
+tensor = scale[row] * codebook[labels]; or (from 1.6) G float16 per row, row by row, for group
+scales: tensor[row, j] = scale[row, j // size] * codebook[labels], the columns cut into G groups
+of `size`, the smallest power of two from 32 with ceil(columns / size) = G (group_size_of; every
+power of two that gives G cuts the columns alike). Float16 because its rounding (2^-11 relative)
+is far below a 3-8 bit codebook's, and the stage that makes the scales rounds them to float16, so
+the file holds them exactly.
 
 Relative indices: with M = 2^index_bits - 1, an entry v in 1..M is a kept weight v positions after
 the previous one; v = 0 is a filler that skips M positions and holds no weight (the paper's filler
@@ -78,6 +81,9 @@ __all__ = [
     "FormatError",
     "CompressedTensor",
     "check_scale",
+    "group_size_of",
+    "scale_like",
+    "scale_columns",
     "encode_tensor",
     "decode_tensor",
     "save_records",
@@ -94,9 +100,9 @@ __all__ = [
 
 MAGIC = b"\x89DCX\r\n\x1a\n"
 # 1.1: the manifest may be zlib-deflated (header flag bit 0); 1.2: "values" records (pruning
-# alone); 1.3: "layers", the packed layers' settings; 1.4: row scales; 1.5: "tied". A reader
-# takes every 1.x file.
-VERSION = (1, 5)
+# alone); 1.3: "layers", the packed layers' settings; 1.4: row scales; 1.5: "tied"; 1.6: group
+# scales. A reader takes every 1.x file.
+VERSION = (1, 6)
 FLAG_MANIFEST_ZLIB = 1
 MAX_MANIFEST_EXPANSION = 1 << 26  # bytes a deflated manifest may inflate to (64 MiB)
 HEADER = struct.Struct("<8sHHIQI4x")
@@ -137,7 +143,8 @@ class CompressedTensor:
     8 for conv). segment_rows: rows per segment of positions (None: enough rows for
     SEGMENT_POSITIONS). mode: codes only, "sparse", "dense" or None (whichever is smaller).
     scale: codes only, float [shape[0]] row scales of a scaled codebook (float16 values, > 0):
-    tensor = scale[row] * codebook[labels] where mask.
+    tensor = scale[row] * codebook[labels] where mask; or [shape[0], G] group scales (the
+    tensor viewed [shape[0], columns], column j in group j // group_size_of(scale, columns)).
     """
 
     mask: Tensor
@@ -166,8 +173,7 @@ class CompressedTensor:
         else:
             values = self.codebook[self.labels.long().clamp(0, self.codebook.numel() - 1)]
             if self.scale is not None:
-                values = values * self.scale.to(values.dtype).reshape(
-                    (-1,) + (1,) * (values.dim() - 1))
+                values = values * scale_like(self.scale.to(values.dtype), values.shape)
         return torch.where(self.mask, values, torch.zeros((), dtype=values.dtype))
 
 
@@ -312,19 +318,58 @@ def _check_record(name: str, ct: CompressedTensor):
         fail(f"labels must lie in [0, {ct.codebook.numel()}) where mask is set")
     if ct.scale is not None:
         try:
-            check_scale(ct.scale.cpu(), ct.mask.shape[0] if ct.mask.dim() else 1, "scale")
+            rows = ct.mask.shape[0] if ct.mask.dim() else 1
+            check_scale(ct.scale.cpu(), rows, "scale", ct.mask.numel() // max(rows, 1))
         except ValueError as error:
             fail(str(error))
 
 
-def check_scale(scale: Tensor, rows: int, what: str) -> Tensor:
-    """`scale` as float32 [rows] when it is finite, positive and float16-exact (the file stores
-    it in float16: its rounding, 2^-11 relative, is far below a 3-8 bit codebook's), else
-    ValueError naming `what`."""
+def scale_columns(scale: Tensor, group_size: int, columns: int) -> Tensor:
+    """A scaled codebook's scales shaped to multiply its weight viewed [rows, columns]: row scales
+    [rows] (group_size 0) as [rows, 1]; group scales [rows, ceil(columns / group_size)] repeated
+    over each group's columns, [rows, columns]."""
+    if not group_size:
+        return scale.reshape(-1, 1)
+    return scale.repeat_interleave(group_size, 1)[:, :columns]
+
+
+def group_size_of(scale: Tensor, columns: int) -> int:
+    """The columns per group of a scaled codebook's scales for a weight of `columns` columns: 0
+    for row scales [rows]; for group scales [rows, G], the smallest power of two from 32 with
+    ceil(columns / size) = G (ValueError when none gives G)."""
+    if scale.dim() == 1:
+        return 0
+    groups, size = scale.shape[1], 32
+    while -(-columns // size) > groups:
+        size *= 2
+    if groups < 2 or -(-columns // size) != groups:
+        raise ValueError(f"group scales of {groups} groups do not cut {columns} columns into "
+                         "groups of a power of two from 32 (one group: give row scales [rows])")
+    return size
+
+
+def scale_like(scale: Tensor, shape) -> Tensor:
+    """A scaled codebook's scales (row [rows] or group [rows, G]) shaped to multiply a weight of
+    `shape` (viewed as [rows, columns])."""
+    columns = math.prod(shape[1:])
+    if scale.dim() == 1:
+        return scale.reshape((-1,) + (1,) * (len(shape) - 1))
+    return scale_columns(scale, group_size_of(scale, columns), columns).reshape(shape)
+
+
+def check_scale(scale: Tensor, rows: int, what: str, columns: int | None = None) -> Tensor:
+    """`scale` as float32 [rows] (row scales) or [rows, G] (group scales of a weight of `columns`
+    columns, group_size_of) when it is finite, positive and float16-exact (the file stores it in
+    float16: its rounding, 2^-11 relative, is far below a 3-8 bit codebook's), else ValueError
+    naming `what`."""
     scale = scale.detach()
-    if scale.dim() != 1 or scale.numel() != rows:
-        raise ValueError(f"{what} must be 1-D with one entry per output row ({rows}), got shape "
-                         f"{tuple(scale.shape)}")
+    if scale.dim() not in (1, 2) or scale.shape[0] != rows:
+        raise ValueError(f"{what} must be [rows] (row scales) or [rows, groups] (group scales) "
+                         f"with {rows} rows, got shape {tuple(scale.shape)}")
+    if scale.dim() == 2:
+        if columns is None:
+            raise ValueError(f"{what}: group scales need the weight's columns")
+        group_size_of(scale, columns)
     if not scale.is_floating_point():
         raise ValueError(f"{what} must be floating point, got {scale.dtype}")
     scale = scale.float()
@@ -551,13 +596,20 @@ def decode_tensor(meta: dict, sections: dict, name: str = "tensor") -> Compresse
         record = CompressedTensor(mask.reshape(shape), labels.reshape(shape), codebook, bits)
         if "scale" in sections:
             rows = shape[0] if shape else 1
-            if len(sections["scale"]) != 2 * rows:
-                raise FormatError(f"{where}: scale section of {len(sections['scale'])} bytes, "
-                                  f"{rows} rows need {2 * rows}")
+            size = len(sections["scale"])
+            if size == 0 or size % (2 * rows):
+                raise FormatError(f"{where}: scale section of {size} bytes, {rows} rows need a "
+                                  f"multiple of {2 * rows}")
             scale = torch.from_numpy(np.frombuffer(sections["scale"], dtype="<f2").astype(
                 np.float32))
+            if size > 2 * rows:
+                scale = scale.reshape(rows, -1)
+                try:
+                    group_size_of(scale, numel // max(rows, 1))
+                except ValueError as error:
+                    raise FormatError(f"{where}: {error}") from None
             if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
-                raise FormatError(f"{where}: row scales must be finite and positive")
+                raise FormatError(f"{where}: scales must be finite and positive")
             record.scale = scale
     nnz = meta.get("nnz")
     if nnz != int(mask.sum()):

@@ -47,15 +47,15 @@ _SPQMM = None
 
 def _compress_layer(weight: Tensor, sparsity: float, bits: int, scale=None):
     """Post-training compression of one weight as the stages do it (dcx.prune.compute_mask, then
-    dcx.quantize.share_weight with linear init; scale: None or "row"): (mask, labels, codebook,
-    row scales or None) of the weight viewed as [out, -1]."""
+    dcx.quantize.share_weight with linear init; scale: ClusterConfig.scale): (mask, labels,
+    codebook, row or group scales or None) of the weight viewed as [out, -1]."""
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must lie in [1, 8], got {bits}")
     w = weight.detach().reshape(weight.shape[0], -1)
     mask = compute_mask(w, "element", sparsity=sparsity)
     fields = {**ClusterConfig(linear_bits=bits).layer_fields(False), "scale": scale}
-    codebook, labels, row_scale, _ = share_weight(w, mask, fields)
-    return mask, labels.long(), codebook.to(weight.dtype), row_scale
+    codebook, labels, scale, _ = share_weight(w, mask, fields)
+    return mask, labels.long(), codebook.to(weight.dtype), scale
 
 
 def _deprecated(old: str, new: str):
@@ -89,7 +89,7 @@ class PackedModule(nn.Module):
         codebook = torch.zeros(1 << bits, dtype=dtype, device=device)
         self._set_packed(pack(mask, torch.zeros_like(mask, dtype=torch.int64), codebook, bits,
                               dense=dense))
-        self.register_buffer("scale", None)  # [out] row scales of a scaled codebook
+        self.register_buffer("scale", None)  # row [out] or group [out, G] scales of a scaled codebook
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
         else:
@@ -104,16 +104,29 @@ class PackedModule(nn.Module):
     def validate(self):
         """Run the kernel once with its checks on (RuntimeError on corrupted packed data), so that
         forward can skip them: on CUDA they cost a host sync per call."""
-        if self.codes.is_meta:
+        scale = self._buffers.get("scale")  # None too before _init_empty registers it
+        if self.codes.is_meta or (scale is not None and scale.is_meta):
             return
         x = torch.zeros(1, self._packed_in_features(), device=self.codes.device)
-        self.packed.spqmm(x, check=True)
+        self.packed.spqmm(x, check=True, scale=scale)
+
+    def _group_size(self) -> int:
+        """Columns per scale group (0: row scales or none; dcx.format.group_size_of)."""
+        scale = self._buffers.get("scale")
+        if scale is None or scale.dim() == 1:
+            return 0
+        return fmt.group_size_of(scale, self._packed_in_features())
+
+    def _set_scale(self, scale: Optional[Tensor]):
+        n = self.out_features
+        self.scale = (None if scale is None else
+                      fmt.check_scale(scale, n, "scale", self._packed_in_features()).to(self.codes.device))
 
     @property
     def packed(self) -> PackedWeight:
         buffers = self._buffers  # not Module.__getattr__: this runs on every forward
         return PackedWeight(*(buffers[name] for name in PACKED_BUFFERS), self.out_features,
-                            self._packed_in_features(), self.bits)
+                            self._packed_in_features(), self.bits, self._group_size())
 
     def get_extra_state(self):
         return {"bits": self.bits, "compute": self.compute}
@@ -136,16 +149,19 @@ class PackedModule(nn.Module):
 
     def load_compressed(self, mask: Tensor, labels: Tensor, codebook: Tensor, bits: int,
                         dense: Optional[bool] = None, scale: Optional[Tensor] = None):
-        """Repack from (mask, labels, codebook, row scales or None) of the weight this layer
-        stands for (a file's record, as dcx.load meets a packed layer in the model it fills);
-        dense as `pack`."""
+        """Repack from (mask, labels, codebook, row or group scales or None) of the weight this
+        layer stands for (a file's record, as dcx.load meets a packed layer in the model it
+        fills); dense as `pack`."""
         device, n = self.codes.device, self.out_features
+        self._set_scale(None)  # the old scales do not describe the new weight
+        group_size = 0 if scale is None else fmt.group_size_of(scale, self._packed_in_features())
         self._set_packed(pack(mask.to(device).reshape(n, -1), labels.to(device).reshape(n, -1),
-                              codebook.to(device, self.codebook.dtype), bits, dense))
-        self.scale = None if scale is None else fmt.check_scale(scale, n, "scale").to(device)
+                              codebook.to(device, self.codebook.dtype), bits, dense, group_size))
+        self._set_scale(scale)
+        self.validate()
 
     def tie_to(self, other: "PackedModule") -> "PackedModule":
-        """Read `other`'s packed weight and row scales: a table tied to an output projection,
+        """Read `other`'s packed weight and scales: a table tied to an output projection,
         packed once for both uses. The two layers hold one buffer dict, so whatever replaces a
         buffer of either (.to(), load_state_dict, load_compressed) replaces it for both.
         Returns self."""
@@ -191,13 +207,10 @@ class PackedModule(nn.Module):
                     bits: Optional[int] = None, dense: Optional[bool] = None,
                     scale: Optional[Tensor] = None):
         """From (mask, labels, codebook) of `layer`'s weight (its shape, or [out, -1]) and its
-        row scales (a scaled codebook; None: unscaled); the shape, hyperparameters and bias
-        come from `layer`."""
+        row or group scales (a scaled codebook; None: unscaled); the shape, hyperparameters and
+        bias come from `layer`."""
         packed = cls._like(layer, bits or bits_for(codebook.numel()))
-        n = packed.out_features
-        packed._set_packed(pack(mask.reshape(n, -1), labels.reshape(n, -1), codebook, bits, dense))
-        if scale is not None:
-            packed.scale = fmt.check_scale(scale, n, "scale").to(packed.codes.device)
+        packed.load_compressed(mask, labels, codebook, packed.bits, dense=dense, scale=scale)
         if layer.bias is not None:
             packed.bias = nn.Parameter(layer.bias.detach().to(codebook.dtype).clone())
         return packed
@@ -216,12 +229,12 @@ class PackedModule(nn.Module):
         return self.decoded_weight().reshape(self.weight_shape)
 
     def decoded_weight(self) -> Tensor:
-        """The dense weight this layer stands for, scale[row] x codebook[labels] x mask,
+        """The dense weight this layer stands for, scale x codebook[labels] x mask,
         [out_features, in_features] in the codebook dtype."""
         mask, labels = unpack(self.packed)
         values = self.codebook[labels]
         if self.scale is not None:
-            values = values * self.scale.to(values.dtype)[:, None]
+            values = values * fmt.scale_like(self.scale.to(values.dtype), values.shape)
         return torch.where(mask, values, torch.zeros((), dtype=self.codebook.dtype))
 
     def _linear(self, x: Tensor) -> Tensor:
@@ -229,9 +242,11 @@ class PackedModule(nn.Module):
         # compute dtype and picks the kernel per call. The packed data was validated when set or
         # loaded, so no per-call check (on CUDA it costs a host sync).
         b = self._buffers  # not Module.__getattr__: this runs on every forward
+        scale = b["scale"]
         return _spqmm_op()(x, b["codes"], b["windows"], b["group_ptr"], b["chunks"], b["codebook"],
                            self.out_features, self._packed_in_features(), self.bits, self.bias,
-                           -1, False, self._compute, b["scale"])
+                           -1, False, self._compute, scale,
+                           0 if scale is None or scale.dim() == 1 else self._group_size())
 
 
 class SparseQuantLinear(PackedModule):
@@ -442,7 +457,7 @@ class SparseQuantEmbedding(PackedModule):
 
     def load_compressed(self, mask: Tensor, labels: Tensor, codebook: Tensor, bits: int,
                         scale: Optional[Tensor] = None, dense: Optional[bool] = None):
-        """Set the table from (mask, labels, codebook, row scales or None) of the weight it
+        """Set the table from (mask, labels, codebook, row or group scales or None) of the weight it
         stands for (dense: ignored, a table is always in dense mode: a lookup decodes rows on
         their own)."""
         if not can_pack_dense(mask, codebook, bits):
@@ -470,7 +485,7 @@ class SparseQuantEmbedding(PackedModule):
     def from_shared(cls, embedding: nn.Embedding, mask: Tensor, labels: Tensor, codebook: Tensor,
                     bits: Optional[int] = None, scale: Optional[Tensor] = None,
                     dense: Optional[bool] = None):
-        """From (mask, labels, codebook, row scales or None) of `embedding`'s table (dense:
+        """From (mask, labels, codebook, row or group scales or None) of `embedding`'s table (dense:
         ignored, a table is always packed in dense mode)."""
         layer = cls._like(embedding, bits or bits_for(codebook.numel()))
         layer.load_compressed(mask, labels, codebook, layer.bits, scale=scale)
@@ -490,8 +505,10 @@ class SparseQuantEmbedding(PackedModule):
         # host sync per lookup).
         rows = ops.spqmm_decode(codes, b["windows"], b["group_ptr"], b["chunks"], b["codebook"],
                                 codes.shape[0], self.embedding_dim, self.bits, check=False)
-        if b["scale"] is not None:
-            rows = rows * b["scale"][flat].to(rows.dtype).unsqueeze(-1)
+        scale = b["scale"]
+        if scale is not None:
+            rows = rows * fmt.scale_columns(scale[flat].to(rows.dtype), self._group_size(),
+                                            self.embedding_dim)
         return rows.reshape(*input.shape, self.embedding_dim)
 
     def get_extra_state(self):
@@ -515,8 +532,8 @@ class SparseQuantEmbedding(PackedModule):
 
 
 def _take_scale(module: nn.Module, state_dict: dict, prefix: str, device) -> None:
-    """A packed layer's row scales follow the incoming state: made when it has them, dropped
-    when it has none."""
+    """A packed layer's scales follow the incoming state: made (in its shape) when it has them,
+    dropped when it has none."""
     key = prefix + "scale"
     module.scale = (torch.empty(state_dict[key].shape, dtype=torch.float32, device=device)
                     if key in state_dict else None)

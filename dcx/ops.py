@@ -188,6 +188,7 @@ def spqmm(
     check: bool = True,
     compute: str = "auto",
     scale: Optional[Tensor] = None,
+    group_size: int = 0,
 ) -> Tensor:
     """y = x W^T + bias, W [out_features, in_features] packed by dcx.pack and decoded on the fly.
 
@@ -203,19 +204,22 @@ def spqmm(
     on (-1: the plan's measured default), W is decoded once and the BLAS runs instead.
     Corrupted packed data (ids >= codebook size, columns >= in_features, bad pointers) raises
     RuntimeError; on CUDA that costs one host sync, which check=False skips (reads stay in
-    bounds either way; a CUDA graph capture never syncs). scale: [out_features] row scales of a
-    scaled codebook (W = scale[row] * codebook[id]; float), applied to each output before the
-    bias, whichever kernel runs.
+    bounds either way; a CUDA graph capture never syncs). scale: a scaled codebook's
+    [out_features] row scales (W = scale[row] * codebook[id]; float), applied to each output
+    before the bias, whichever kernel runs; or, with group_size > 0 (a multiple of 32), its
+    [out_features, ceil(in_features / group_size)] group scales (W[r, j] = scale[r, j //
+    group_size] * codebook[id]), applied by every kernel to the weights it decodes (in sparse
+    mode the packer keeps each step's window inside one group: dcx.pack's scale_group).
     """
     return op("spqmm")(
         x, codes, windows, group_ptr, chunks, codebook, out_features, in_features, bits, bias,
-        crossover, check, compute, scale,
+        crossover, check, compute, scale, group_size,
     )
 
 
 @_fake("spqmm")
 def _(x, codes, windows, group_ptr, chunks, codebook, out_features, in_features, bits,
-      bias=None, crossover=-1, check=True, compute="auto", scale=None):
+      bias=None, crossover=-1, check=True, compute="auto", scale=None, group_size=0):
     torch._check(x.shape[-1] == in_features,
                  lambda: f"x must have in_features = {in_features} elements in its last dimension")
     return x.new_empty((*x.shape[:-1], out_features))
@@ -262,6 +266,7 @@ def spqmm_int8(
     bias: Optional[Tensor] = None,
     check: bool = True,
     scale: Optional[Tensor] = None,
+    group_size: int = 0,
 ) -> Tensor:
     """spqmm for a dense-mode layer (uint8 codes) with int8 activations and integer dot products:
     each row of x quantized on the fly in blocks of 32 columns (scale max|x| / 127, round half to
@@ -271,11 +276,12 @@ def spqmm_int8(
     spqmm; returns [..., out_features] in x's dtype. The activations' rounding costs about 1e-2
     relative error per output on random data (all-MiniLM-L6-v2: benchmarks/results/transformer-cpu.md)."""
     return op("spqmm_int8")(x, codes, codebook, out_features, in_features, bits, bias, check,
-                            scale)
+                            scale, group_size)
 
 
 @_fake("spqmm_int8")
-def _(x, codes, codebook, out_features, in_features, bits, bias=None, check=True, scale=None):
+def _(x, codes, codebook, out_features, in_features, bits, bias=None, check=True, scale=None,
+      group_size=0):
     torch._check(codes.dtype == torch.uint8,
                  lambda: "codes must be uint8 (a dense-mode layer: spqmm_int8 serves dense mode only)")
     torch._check(x.shape[-1] == in_features,

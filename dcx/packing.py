@@ -38,6 +38,9 @@ class PackedWeight(NamedTuple):
     out_features: int
     in_features: int
     bits: int
+    # columns per scale group of a group-scaled codebook (0: none); in sparse mode every step's
+    # window lies inside one group (window % group_size + 32 <= group_size)
+    group_size: int = 0
 
     @property
     def dense(self) -> bool:
@@ -53,16 +56,18 @@ class PackedWeight(NamedTuple):
 
     def spqmm(self, x: Tensor, bias: Optional[Tensor] = None, check: bool = True,
               crossover: int = -1, compute: str = "auto", scale: Optional[Tensor] = None) -> Tensor:
-        """x W^T + bias through dcx.ops.spqmm (scale: row scales of a scaled codebook)."""
+        """x W^T + bias through dcx.ops.spqmm (scale: the row scales, or with group_size the
+        group scales, of a scaled codebook)."""
         return ops.spqmm(x, self.codes, self.windows, self.group_ptr, self.chunks, self.codebook,
                          self.out_features, self.in_features, self.bits, bias, crossover, check,
-                         compute, scale)
+                         compute, scale, self.group_size if scale is not None else 0)
 
     def spqmm_int8(self, x: Tensor, bias: Optional[Tensor] = None, check: bool = True,
                    scale: Optional[Tensor] = None) -> Tensor:
         """x W^T + bias through dcx.ops.spqmm_int8 (dense mode only; int8 arithmetic)."""
         return ops.spqmm_int8(x, self.codes, self.codebook, self.out_features, self.in_features,
-                              self.bits, bias, check, scale)
+                              self.bits, bias, check, scale,
+                              self.group_size if scale is not None else 0)
 
 
 # The tensors of a PackedWeight (SparseQuantLinear's buffers).
@@ -85,14 +90,17 @@ def pack(
     codebook: Tensor,
     bits: Optional[int] = None,
     dense: Optional[bool] = None,
+    group_size: int = 0,
 ) -> PackedWeight:
     """Pack a weight-shared layer W = codebook[labels] * mask ([out, in]) for dcx.ops.spqmm.
 
     mask: bool/uint8 [out, in] (0 = pruned); labels: int [out, in], in [0, k) where mask is set
     (pruned positions may hold anything); codebook: float [k], k <= 256. bits: width of an id
     (default: the fewest that hold k ids). dense: force dense mode (codes only) or sparse mode;
-    default: dense from DENSE_DENSITY on. Raises ValueError on inconsistent input, so the packed
-    data the kernels read is valid by construction.
+    default: dense from DENSE_DENSITY on. group_size: the columns per scale group of a
+    group-scaled codebook (a multiple of 32; 0: none), whose scales the caller passes to spqmm:
+    sparse mode then keeps each step's window inside one group. Raises ValueError on inconsistent
+    input, so the packed data the kernels read is valid by construction.
     """
     if mask.dim() != 2:
         raise ValueError(f"mask must be 2-D [out_features, in_features], got shape {tuple(mask.shape)}")
@@ -108,6 +116,8 @@ def pack(
     bits = bits_for(k) if bits is None else int(bits)
     if not 1 <= bits <= 8 or k > (1 << bits):
         raise ValueError(f"bits must lie in [1, 8] and hold the {k} codebook ids, got {bits}")
+    if group_size < 0 or group_size % 32:
+        raise ValueError(f"group_size must be 0 or a positive multiple of 32, got {group_size}")
     device = mask.device
     mask = mask.bool()
     labels = labels.to(device)
@@ -126,21 +136,21 @@ def pack(
     if dense:
         with_zero = dense_ids(mask, labels, codebook, bits)
         if with_zero is None:  # no id is left for the pruned positions
-            return pack(mask, labels, codebook, bits, dense=False)
+            return pack(mask, labels, codebook, bits, dense=False, group_size=group_size)
         ids, codebook, bits = with_zero
         if bits <= 4:
             ids = _pack_nibbles(ids, layout["nibble_block"])
         elif bits < 8:
             ids = _pack_bits(ids, bits, layout["bit_block"])
-        return PackedWeight(ids.contiguous(), empty, empty, empty, codebook, n, K, bits)
+        return PackedWeight(ids.contiguous(), empty, empty, empty, codebook, n, K, bits, group_size)
 
     if nnz >= 2**31:
         raise ValueError(f"a sparse layer must have fewer than 2^31 non-zeros, got {nnz}")
     rows, cols = mask.nonzero(as_tuple=True)  # row-major: each row's columns ascending
     slots = (1 << layout["live_bit"]) | labels[rows, cols].long()  # the offset is added below
-    codes, windows, group_ptr = _fill_steps(rows, cols, slots, n, layout)
+    codes, windows, group_ptr = _fill_steps(rows, cols, slots, n, layout, group_size)
     return PackedWeight(codes, windows, group_ptr, _chunk_plan(windows.numel(), device), codebook, n, K,
-                        bits)
+                        bits, group_size)
 
 
 def dense_by_density(mask: Tensor) -> bool:
@@ -206,10 +216,12 @@ def _pack_bits(ids: Tensor, bits: int, block: int) -> Tensor:
     return out
 
 
-def _fill_steps(rows: Tensor, cols: Tensor, slots: Tensor, n: int, layout: dict):
+def _fill_steps(rows: Tensor, cols: Tensor, slots: Tensor, n: int, layout: dict, group_size: int = 0):
     """Lay out each group of layout["rows"] rows as steps (csrc/core/spqmm.h): a step's window
-    begins at the smallest next column of the group's rows, and each row whose next weight lies
-    within the window puts it in the step. All groups advance together, one step per iteration."""
+    begins at the smallest next column of the group's rows (with scale groups, no later than
+    where its 32 columns still end inside that column's group), and each row whose next weight
+    lies within the window puts it in the step. All groups advance together, one step per
+    iteration."""
     ROWS, WINDOW, shift = layout["rows"], layout["window"], layout["offset_shift"]
     device = rows.device
     groups = -(-n // ROWS)
@@ -230,6 +242,8 @@ def _fill_steps(rows: Tensor, cols: Tensor, slots: Tensor, n: int, layout: dict)
         at = torch.where(has, nxt, cols_ext.numel() - 1)  # rows with nothing left read `far`
         col = cols_ext[at]
         window = col.min(1).values
+        if group_size:
+            window = torch.minimum(window, window // group_size * group_size + group_size - WINDOW)
         take = has & (col < window[:, None] + WINDOW)
         offset = (col - window[:, None]).clamp(0, WINDOW - 1)
         code = torch.where(take, slots_ext[at] | (offset << shift), 0)

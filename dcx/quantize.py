@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from dcx import ops, state
 from dcx.config import ClusterConfig, ConfigError, layer_overrides
+from dcx.format import scale_like
 
 __all__ = [
     "ClusterConfig",
@@ -39,6 +40,8 @@ __all__ = [
     "reassign_",
     "codebook_parameters",
     "row_scales",
+    "group_scales",
+    "codebook_scales",
     "share_weight",
 ]
 
@@ -76,15 +79,42 @@ def row_scales(weight: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     return torch.where((w * keep).abs().amax(1) > 0, rms, torch.ones_like(rms))
 
 
+def group_scales(weight: Tensor, mask: Optional[Tensor], group_size: int) -> Tensor:
+    """[out, G] float32 scales of a group-scaled codebook, one per output row and group of
+    `group_size` columns of the weight viewed [out, columns] (G = ceil(columns / group_size)): the
+    RMS of the group's kept weights, rounded to float16, 1 for a group with none (as row_scales,
+    whose [out] scales it returns when one group holds every column)."""
+    w = weight.detach().float().reshape(weight.shape[0], -1)
+    columns = w.shape[1]
+    groups = -(-columns // group_size)
+    if groups <= 1:
+        return row_scales(weight, mask)
+    keep = torch.ones_like(w) if mask is None else mask.reshape(w.shape).float()
+    pad = groups * group_size - columns
+    w = torch.nn.functional.pad(w, (0, pad)).reshape(w.shape[0], groups, group_size)
+    keep = torch.nn.functional.pad(keep, (0, pad)).reshape(w.shape)
+    rms = ((w * w * keep).sum(2) / keep.sum(2).clamp_min(1)).sqrt()
+    rms = rms.clamp(2.0 ** -14, 65504.0).half().float()  # float16's normal range
+    return torch.where((w * keep).abs().amax(2) > 0, rms, torch.ones_like(rms))
+
+
+def codebook_scales(weight: Tensor, mask: Optional[Tensor], scale) -> Optional[Tensor]:
+    """The scales ClusterConfig.scale asks for: None (none), "row" (row_scales) or a group size
+    (group_scales)."""
+    if scale is None:
+        return None
+    return row_scales(weight, mask) if scale == "row" else group_scales(weight, mask, int(scale))
+
+
 def share_weight(weight: Tensor, mask: Optional[Tensor], layer: dict):
     """One layer's weight sharing as cluster_ does it: (codebook, int32 labels of the weight's
-    shape, 0 where pruned; row scales or None; the weight as clustered, divided by its scales).
-    mask: bool of the weight's shape or None; layer: ClusterConfig.layer_fields (+ overrides)."""
+    shape, 0 where pruned; row or group scales, or None; the weight as clustered, divided by its
+    scales). mask: bool of the weight's shape or None; layer: ClusterConfig.layer_fields (+
+    overrides)."""
     w = weight.detach()
-    scale = None
-    if layer.get("scale") == "row":
-        scale = row_scales(w, mask)
-        w = w / state.row_view(scale.to(w.device, w.dtype), w.dim())
+    scale = codebook_scales(w, mask, layer.get("scale"))
+    if scale is not None:
+        w = w / scale_like(scale.to(w.device, w.dtype), w.shape)
     survivors = w[mask] if mask is not None else w.reshape(-1)
     codebook, kept = cluster_values(survivors, layer)
     if mask is not None:

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from dcx import _native
+from dcx.format import scale_columns
 
 
 def masked_sgd_step_(
@@ -285,12 +286,13 @@ def spqmm(
     check: bool = True,
     compute: str = "auto",
     scale: Optional[Tensor] = None,
+    group_size: int = 0,
 ) -> Tensor:
-    """F.linear with the decoded weight (times the row scales), in float64, returned in x's
-    dtype."""
+    """F.linear with the decoded weight (times the row or group scales), in float64, returned
+    in x's dtype."""
     w = spqmm_weight(codes, windows, group_ptr, codebook, out_features, in_features, bits)
     if scale is not None:
-        w = w * scale.double()[:, None]
+        w = w * scale_columns(scale.double(), group_size, in_features)
     b = None if bias is None else bias.double()
     return torch.nn.functional.linear(x.double(), w, b).to(x.dtype)
 
@@ -336,20 +338,21 @@ def spqmm_int8(
     bias: Optional[Tensor] = None,
     check: bool = True,
     scale: Optional[Tensor] = None,
+    group_size: int = 0,
 ) -> Tensor:
     """dcx.ops.spqmm_int8 in plain torch: the same integer values and scales (int8 activations,
     int16 codebook), the block dots exact, the rest in float64 (the kernels sum in float32).
     Returns x's dtype."""
     return spqmm_int8_float64(x, codes, codebook, out_features, in_features, bits, bias,
-                              scale).to(x.dtype)
+                              scale, group_size).to(x.dtype)
 
 
 def spqmm_int8_float64(
     x: Tensor, codes: Tensor, codebook: Tensor, out_features: int, in_features: int, bits: int,
-    bias: Optional[Tensor] = None, scale: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None, scale: Optional[Tensor] = None, group_size: int = 0,
 ) -> Tensor:
     """spqmm_int8's result before the final rounding to x's dtype, in float64 (row scales, when
-    given, multiply each output before the bias)."""
+    given, multiply each output before the bias; group scales each 32-column block's dot)."""
     empty = torch.empty(0, dtype=torch.int32, device=codes.device)
     _, ids = spqmm_ids(codes, empty, empty, out_features, in_features, bits)
     cq, cscale = q8_quantize(codebook, levels=32767)  # cq [1, k] (int16 values), cscale [1]
@@ -360,8 +363,10 @@ def spqmm_int8_float64(
     w = torch.nn.functional.pad(table[ids], (0, blocks * Q8_BLOCK - in_features))
     w = w.reshape(out_features, blocks, Q8_BLOCK)
     dots = torch.einsum("...bt,nbt->...nb", xq.double(), w)  # exact: integers below 2^53
+    if scale is not None and group_size:  # one scale per block: 32 divides group_size
+        dots = dots * scale.double().repeat_interleave(group_size // Q8_BLOCK, 1)[:, :blocks]
     y = (dots * xs.double().unsqueeze(-2)).sum(-1) * cscale.double()
-    if scale is not None:
+    if scale is not None and not group_size:
         y = y * scale.double()
     if bias is not None:
         y = y + bias.double()

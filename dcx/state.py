@@ -11,8 +11,9 @@ named after it, so they travel with state_dict, deepcopy, .to() and DDP like any
                       once finalize_clustering_ baked the weight back into a Parameter
     weight_labels     int32, the weight's shape: each weight's codebook id            sharing
     weight_clustered  the weights as they were clustered (for quantize.reassign_)     sharing
-    weight_scale      [out] per output row, float32 holding float16 values: a scaled    sharing
-                      codebook, the weight being scale[row] * codebook[labels]
+    weight_scale      [out] per output row, or [out, groups] per row and group of columns  sharing
+                      (dcx.format.group_size_of), float32 holding float16 values: a
+                      scaled codebook, the weight being scale[row(, group)] * codebook[labels]
 
 and its integers in the module attribute `_dcx_meta` ({"weight": {"bits": 5, "index_bits": 4}}):
 the bits of a codebook id (weight sharing) and of a relative index (encoding, None: the
@@ -44,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from dcx import ops
-from dcx.format import check_scale
+from dcx.format import check_scale, scale_like
 
 __all__ = [
     "LayerState", "get", "layers", "set_mask_", "set_shared_", "finalize_shared_",
@@ -57,11 +58,6 @@ _META = "_dcx_meta"
 _LINK = "_dcx_link"
 
 
-def row_view(scale: Tensor, dims: int) -> Tensor:
-    """A [out] row scale shaped to multiply a weight of `dims` dimensions."""
-    return scale.reshape((-1,) + (1,) * (dims - 1))
-
-
 class SharedWeight(torch.autograd.Function):
     """weight = scale[row] * codebook[labels] where mask (exact zeros elsewhere; scale None: 1);
     the codebook's gradient is the per-cluster sum of the weight's gradient (times the row's
@@ -72,7 +68,7 @@ class SharedWeight(torch.autograd.Function):
                 scale: Optional[Tensor]) -> Tensor:
         weight = codebook[labels]
         if scale is not None:
-            weight = weight * row_view(scale.to(weight.dtype), weight.dim())
+            weight = weight * scale_like(scale.to(weight.dtype), weight.shape)
         return weight if mask is None else torch.where(mask, weight, torch.zeros_like(weight))
 
     @staticmethod
@@ -85,7 +81,7 @@ class SharedWeight(torch.autograd.Function):
     def backward(ctx, grad_weight):
         labels, mask, scale = ctx.saved_tensors
         if scale is not None:
-            grad_weight = grad_weight * row_view(scale.to(grad_weight.dtype), grad_weight.dim())
+            grad_weight = grad_weight * scale_like(scale.to(grad_weight.dtype), grad_weight.shape)
         # The labels came from the clustering: no check (on CUDA a host sync per step).
         grad = ops.centroid_grad(grad_weight.contiguous(), labels, ctx.num_clusters, mask,
                                  check=False)
@@ -111,7 +107,7 @@ class LayerState:
     codebook: Optional[Tensor] = None  # [k]; None: not weight-shared
     stored_labels: Optional[Tensor] = None  # read `labels`
     bits: Optional[int] = None  # bits of a codebook id (k <= 2^bits)
-    scale: Optional[Tensor] = None  # [out] row scales of a scaled codebook (None: unscaled)
+    scale: Optional[Tensor] = None  # row [out] or group [out, G] scales (None: unscaled)
     index_bits: Optional[int] = None  # bits of a relative index in the file (None: default)
     keys: tuple = ()  # the module's state_dict keys that hold this state (the weight's included)
     packed: bool = False  # held by a packed layer (SparseQuant*), rebuilt from its packed form
@@ -265,7 +261,8 @@ def set_shared_(module: nn.Module, param: str, codebook: Tensor, labels: Tensor,
                 live: bool = True, clustered: Optional[Tensor] = None,
                 scale: Optional[Tensor] = None) -> None:
     """Make module.<param> weight-shared: codebook [k] (k <= 2^bits), labels int of its shape;
-    scale: [out] row scales (weight = scale[row] * codebook[labels]; float16 values, checked).
+    scale: [out] row scales (weight = scale[row] * codebook[labels]) or [out, G] group scales
+    (dcx.format.scale_like); float16 values, checked.
     live: the codebook becomes a Parameter and the weight is rebuilt from it before each forward
     (fine-tuning); otherwise the weight stays a Parameter holding codebook[labels] and the
     codebook a buffer (what finalize_clustering_ leaves, and what dcx.load restores).
@@ -278,7 +275,8 @@ def set_shared_(module: nn.Module, param: str, codebook: Tensor, labels: Tensor,
         raise ValueError(f"the codebook of {param} must be 1-D with 1 to 2^{bits} entries, got "
                          f"shape {tuple(codebook.shape)}")
     if scale is not None:
-        scale = check_scale(scale, weight.shape[0], f"the scale of {param}")
+        scale = check_scale(scale, weight.shape[0], f"the scale of {param}",
+                            weight[0].numel() if weight.shape[0] else 0)
     _meta(module, param)["bits"] = int(bits)
     device, dtype = weight.device, weight.dtype
     requires_grad = weight.requires_grad

@@ -128,7 +128,9 @@ def test_convert_config_round_trips_and_checks(tmp_path):
                        ({"compute": "fp8"}, "compute must be one of"),
                        ({"overrides": {"fc1": {"index_bits": 3}}},
                         "may set sparsity, bits and scale"),
-                       ({"scale": "group"}, r"scale must be one of \(None, 'row'\)"),
+                       ({"scale": "group"}, r"scale must be one of \(None, 'row', 'a power of two from 32'\)"),
+                       ({"scale": 48}, r"scale must be one of .*power of two from 32"),
+                       ({"scale": 16}, r"scale must be one of .*power of two from 32"),
                        ({"method": "obs"}, "method must be one of"),
                        ({"exclude": ["re:("]}, "bad regex"),
                        ({"dense": "yes"}, "dense must be true, false or null")]:

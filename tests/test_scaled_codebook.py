@@ -188,7 +188,8 @@ def test_codebook_gradient_with_row_scales():
 
 
 @pytest.mark.parametrize("bad, match", [
-    (torch.ones(3), r"scale must be 1-D with one entry per output row \(4\)"),
+    (torch.ones(3), r"scale must be \[rows\] \(row scales\) or \[rows, groups\] .* with 4 rows"),
+    (torch.ones(4, 2), "group scales of 2 groups do not cut 3 columns"),
     (torch.ones(4, dtype=torch.int32), "scale must be floating point"),
     (torch.full((4,), -1.0), "scale must be finite and positive"),
     (torch.full((4,), 0.1), "scale must hold float16 values"),  # 0.1 is not a float16 value
@@ -209,7 +210,7 @@ def test_file_scale_section_round_trip_and_corruption():
     torch.testing.assert_close(back.scale, scale)
     torch.testing.assert_close(back.to_dense(), ct.to_dense())
     short = dict(sections) | {"scale": dict(sections)["scale"][:6]}
-    with pytest.raises(fmt.FormatError, match="scale section of 6 bytes, 4 rows need 8"):
+    with pytest.raises(fmt.FormatError, match="scale section of 6 bytes, 4 rows need a multiple of 8"):
         fmt.decode_tensor(meta, short)
     negative = dict(sections) | {"scale": torch.tensor([-1.0] * 4).half().numpy().tobytes()}
     with pytest.raises(fmt.FormatError, match="finite and positive"):
@@ -221,6 +222,6 @@ def test_set_shared_checks_the_scale():
     with pytest.raises(ValueError, match="float16 values"):
         state.set_shared_(layer, "weight", torch.zeros(2), torch.zeros(3, 4, dtype=torch.int32), 1,
                           scale=torch.full((3,), 0.1))
-    with pytest.raises(ValueError, match="one entry per output row \\(3\\)"):
+    with pytest.raises(ValueError, match=r"\[rows\] \(row scales\) or \[rows, groups\] \(group scales\) with 3 rows"):
         state.set_shared_(layer, "weight", torch.zeros(2), torch.zeros(3, 4, dtype=torch.int32), 1,
                           scale=torch.ones(4))

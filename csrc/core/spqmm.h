@@ -100,6 +100,41 @@ struct SpqmmPacked {
   bool dense = false;  // dense mode (codes only); an empty layer's pointers may all be null
   SpqmmDense layout = SpqmmDense::kBytes;  // dense mode's layout (core/spqmm_layout.h)
   int64_t dense_width = 0;  // bytes per row in dense mode
+  // Group scales (a group-scaled codebook: W[r][j] = group_scale[r][j / scale_group] * codebook[id]),
+  // float32 [n][scale_groups] row major, scale_group a multiple of 32 columns (so every 32-column
+  // block of a dense row, and every step's window in sparse mode, lies in one group: the packer
+  // keeps window % scale_group + 32 <= scale_group). Null: unscaled, or row scales, which the op
+  // applies to each output after the kernels (one multiply per output).
+  const float* group_scale = nullptr;
+  int64_t scale_group = 0;
+  int64_t scale_groups = 0;  // ceil(k / scale_group)
+};
+
+// The column group of column j (clamped: a corrupted window past K still reads a scale in range).
+inline int64_t spqmm_col_group(const SpqmmPacked& p, int64_t j) {
+  return std::min(j / p.scale_group, p.scale_groups - 1);
+}
+
+// Row r's scale for the block of columns that starts at j (1 when the layer has no group scales).
+inline float spqmm_group_scale(const SpqmmPacked& p, int64_t r, int64_t j) {
+  return p.group_scale ? p.group_scale[r * p.scale_groups + spqmm_col_group(p, j)] : 1.f;
+}
+
+// The 16 lane scales of a sparse step of group g whose window starts at j0: scale[16 g + i][group
+// of j0] (rows past n, padding, read the last row's). Windows do not decrease within a group, so
+// they are read again only when the group or the column group changes.
+struct SpqmmStepScales {
+  int64_t key = -1;
+  alignas(64) float s[kSpqmmRows];
+  const float* get(const SpqmmPacked& p, int64_t g, int64_t j0) {
+    const int64_t cg = spqmm_col_group(p, j0), at = g * p.scale_groups + cg;
+    if (at != key) {
+      key = at;
+      for (int i = 0; i < kSpqmmRows; ++i)
+        s[i] = p.group_scale[std::min<int64_t>(g * kSpqmmRows + i, p.n - 1) * p.scale_groups + cg];
+    }
+    return s;
+  }
 };
 
 inline int64_t spqmm_groups(int64_t n) { return (n + kSpqmmRows - 1) / kSpqmmRows; }
@@ -119,6 +154,11 @@ inline const char* spqmm_check_structure(const SpqmmPacked& p) {
     if (p.chunks[c + 1] < p.chunks[c]) return "chunks must be non-decreasing";
   }
   if (p.chunks[p.num_chunks] != p.steps) return "chunks[-1] must equal the number of steps";
+  // Group scales: every window within one column group (O(steps), only for such layers).
+  for (int64_t s = 0; p.group_scale && s < p.steps; ++s) {
+    if (static_cast<uint32_t>(p.windows[s]) % p.scale_group + 32 > uint64_t(p.scale_group))
+      return "a window crosses a scale group (windows must keep window % group_size + 32 <= group_size)";
+  }
   return nullptr;
 }
 
@@ -146,7 +186,7 @@ struct SpqmmEdge {
   int64_t group[2] = {-1, -1};
 };
 
-// Walks the steps of chunk c: step(s) for each, flush(g, slot) when group g ends inside the chunk
+// Walks the steps of chunk c: step(s, g) for each (g its group), flush(g, slot) when group g ends inside the chunk
 // or the chunk ends; slot is -1 when the chunk holds the whole group (its sums go to y, which
 // holds the bias), else the edge slot its partial sums go to.
 template <typename StepFn, typename FlushFn>
@@ -168,7 +208,7 @@ DCX_ALWAYS_INLINE void spqmm_walk_chunk(const SpqmmPacked& p, int64_t c, StepFn&
       } while (p.group_ptr[g + 1] <= s);
       end = p.group_ptr[g + 1];
     }
-    step(s);
+    step(s, g);
   }
   flush(g, slot(g));
 }

@@ -51,13 +51,16 @@ DCX_AVX2_FN void sparse_chunk(const SpqmmPacked& p, int64_t c, const float* tabl
   __m256i max_id = _mm256_setzero_si256();
   int64_t max_col = -1;
   __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-  auto step = [&](int64_t s) DCX_AVX2_FN {
+  SpqmmStepScales scales;
+  auto step = [&](int64_t s, int64_t g) DCX_AVX2_FN {
     const int64_t j0 = spqmm_window(p, s, &max_col);
     __m256 xw[4];
     for (int i = 0; i < 4; ++i) xw[i] = _mm256_loadu_ps(xs + j0 + 8 * i);
+    const float* sc = p.group_scale ? scales.get(p, g, j0) : nullptr;
     for (int h = 0; h < 2; ++h) {
       __m256i v;
-      const __m256 w = half_step_weights<kSmallCodebook>(p, s, h, tab, table, &v, &max_id);
+      __m256 w = half_step_weights<kSmallCodebook>(p, s, h, tab, table, &v, &max_id);
+      if (sc) w = _mm256_mul_ps(w, _mm256_load_ps(sc + 8 * h));
       const __m256i off = _mm256_srli_epi32(v, 8);  // lookup32 reads bits 0-4
       acc[h] = _mm256_fmadd_ps(w, lookup32(xw, off), acc[h]);
       if (j0 + kSpqmmWindow > p.k) {  // only here can a live slot point past K
@@ -99,6 +102,7 @@ DCX_AVX2_FN void sparse_batch(const SpqmmPacked& p, int64_t g0, int64_t g1, cons
   int64_t max_col = -1;
   alignas(32) float wb[8];
   alignas(32) int32_t cb[8];
+  SpqmmStepScales scales;
   for (int64_t g = g0; g < g1; ++g) {
     for (int h = 0; h < 2; ++h) {
       __m256 acc[8];
@@ -106,7 +110,8 @@ DCX_AVX2_FN void sparse_batch(const SpqmmPacked& p, int64_t g0, int64_t g1, cons
       for (int64_t s = p.group_ptr[g]; s < p.group_ptr[g + 1]; ++s) {
         const int64_t j0 = spqmm_window(p, s, &max_col);
         __m256i v;
-        const __m256 w = half_step_weights<kSmallCodebook>(p, s, h, tab, table, &v, &max_id);
+        __m256 w = half_step_weights<kSmallCodebook>(p, s, h, tab, table, &v, &max_id);
+        if (p.group_scale) w = _mm256_mul_ps(w, _mm256_load_ps(scales.get(p, g, j0) + 8 * h));
         const __m256i col = _mm256_add_epi32(_mm256_set1_epi32(int32_t(j0)),
                                              _mm256_and_si256(_mm256_srli_epi32(v, 8), off_mask));
         _mm256_store_ps(wb, w);
@@ -357,12 +362,16 @@ struct DenseDecoder {
 
   DCX_AVX2_FN const uint8_t* codes(int64_t r) const { return p.dense_codes + r * p.dense_width; }
 
-  // Columns j .. j + 31 (j a multiple of 32) of a row: w[q] = columns j + 8 q .. j + 8 q + 7,
-  // 0 past the row's `left` columns.
-  DCX_AVX2_FN void weights32(const uint8_t* row, int64_t j, int64_t left, __m256* w) {
+  // Columns j .. j + 31 (j a multiple of 32) of row r (codes `row`): w[q] = columns j + 8 q ..
+  // j + 8 q + 7, 0 past the row's `left` columns; times the row's scale for the block's group.
+  DCX_AVX2_FN void weights32(int64_t r, const uint8_t* row, int64_t j, int64_t left, __m256* w) {
     const __m256i id = ids32<D>(row, j, bi, end, left);
     max_id = _mm256_max_epu8(max_id, id);
     lookup32_f32<NQ>(planes.t, table, id, w);
+    if (p.group_scale) {
+      const __m256 s = _mm256_set1_ps(spqmm_group_scale(p, r, j));
+      for (int q = 0; q < 4; ++q) w[q] = _mm256_mul_ps(w[q], s);
+    }
   }
 
   // Row r's K weights into w.
@@ -371,7 +380,7 @@ struct DenseDecoder {
     for (int64_t j = 0; j < p.k; j += 32) {
       const int64_t left = p.k - j;
       __m256 v[4];
-      weights32(row_codes, j, left, v);
+      weights32(r, row_codes, j, left, v);
       for (int q = 0; q < 4 && 8 * q < left; ++q) {
         // plain stores: a masked store costs many cycles on AMD CPUs (only the row's last 8)
         if (left - 8 * q >= 8) {
@@ -405,7 +414,7 @@ DCX_AVX2_FN void dense_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, const 
     int64_t j = 0;
     for (; j + 32 <= K; j += 32) {
       __m256 w[4];
-      decode.weights32(row, j, 32, w);
+      decode.weights32(r, row, j, 32, w);
       for (int q = 0; q < 4; ++q)
         for (int m = 0; m < MB; ++m)
           acc[m][q % kAcc] = _mm256_fmadd_ps(w[q], _mm256_loadu_ps(x + m * ldx + j + 8 * q),
@@ -414,7 +423,7 @@ DCX_AVX2_FN void dense_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, const 
     if (j < K) {  // the last K % 32 columns
       const int64_t left = K - j;
       __m256 w[4];
-      decode.weights32(row, j, left, w);
+      decode.weights32(r, row, j, left, w);
       for (int q = 0; 8 * q < left; ++q) {
         const __m256i valid = tail_mask8(left - 8 * q);
         for (int m = 0; m < MB; ++m)
@@ -554,12 +563,13 @@ DCX_AVX2_FN void q8_dense_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, con
       max_id = _mm256_max_epu8(max_id, id);
       const __m256i wl = lookup_plane<NT>(lo, id), wh = lookup_plane<NT>(hi, id);
       const __m256i wa = _mm256_unpacklo_epi8(wl, wh), wb = _mm256_unpackhi_epi8(wl, wh);
+      const float gs = spqmm_group_scale(p, r, j);  // 1 without group scales
       for (int m = 0; m < MB; ++m) {
         const int16_t* xr = xq + m * ldq + j;
         const __m256i dot = _mm256_add_epi32(
             _mm256_madd_epi16(wa, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr))),
             _mm256_madd_epi16(wb, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 16))));
-        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(xs + m * blocks + b), acc[m]);
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(xs[m * blocks + b] * gs), acc[m]);
       }
     }
     const float bv = bias ? bias[r] : 0.f;
@@ -602,10 +612,11 @@ DCX_AVX2_FN void q8_decode_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, co
 
 // R (1 or 2) decoded rows of W (w [R][ldw]) times M activation rows (xq [M rounded up to 4][ldq]
 // int16 in q8_slot order, xs [..][blocks] scales, zero past the valid rows): y[m][r + i].
+// p: the layer, for its group scales (each block's activation scale times the row's).
 template <int R>
-DCX_AVX2_FN void q8_apply_rows(const int16_t* w, int64_t ldw, int64_t blocks, const int16_t* xq,
-                               int64_t ldq, const float* xs, int64_t M, float wscale,
-                               const float* bias, int64_t r, float* y, int64_t ldy) {
+DCX_AVX2_FN void q8_apply_rows(const SpqmmPacked& p, const int16_t* w, int64_t ldw, int64_t blocks,
+                               const int16_t* xq, int64_t ldq, const float* xs, int64_t M,
+                               float wscale, const float* bias, int64_t r, float* y, int64_t ldy) {
   constexpr int kRows = 4;
   for (int64_t m0 = 0; m0 < M; m0 += kRows) {
     __m256 acc[R][kRows];
@@ -621,9 +632,10 @@ DCX_AVX2_FN void q8_apply_rows(const int16_t* w, int64_t ldw, int64_t blocks, co
         const int16_t* xr = xq + (m0 + m) * ldq + b * kQ8Block;
         const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr));
         const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 16));
-        const __m256 scale = _mm256_broadcast_ss(xs + (m0 + m) * blocks + b);
+        const float xscale = xs[(m0 + m) * blocks + b];
         for (int i = 0; i < R; ++i) {
           const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(wa[i], xa), _mm256_madd_epi16(wb[i], xb));
+          const __m256 scale = _mm256_set1_ps(xscale * spqmm_group_scale(p, r + i, b * kQ8Block));
           acc[i][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[i][m]);
         }
       }
@@ -647,9 +659,9 @@ DCX_AVX2_FN void q8_dense_many(const SpqmmPacked& p, int64_t r0, int64_t r1, con
     const int64_t rows = std::min<int64_t>(2, r1 - r);
     q8_decode_rows<NT, D>(p, r, r + rows, table, w, ldw, seen);
     if (rows == 2) {
-      q8_apply_rows<2>(w, ldw, blocks, xq, ldq, xs, M, wscale, bias, r, y, ldy);
+      q8_apply_rows<2>(p, w, ldw, blocks, xq, ldq, xs, M, wscale, bias, r, y, ldy);
     } else {
-      q8_apply_rows<1>(w, ldw, blocks, xq, ldq, xs, M, wscale, bias, r, y, ldy);
+      q8_apply_rows<1>(p, w, ldw, blocks, xq, ldq, xs, M, wscale, bias, r, y, ldy);
     }
   }
 }

@@ -17,7 +17,8 @@ DCX_SPQMM_MULTIVERSION void spqmm_sparse_chunk(const SpqmmPacked& p, int64_t c,
   uint32_t max_id = 0;
   int64_t max_col = -1;
   float acc[MB][kSpqmmRows] = {};
-  auto step = [&](int64_t s) {
+  SpqmmStepScales scales;
+  auto step = [&](int64_t s, int64_t g) {
     const uint16_t* slot = p.codes + s * kSpqmmRows;
     const int64_t j0 = spqmm_window(p, s, &max_col);
     float w[kSpqmmRows];
@@ -27,6 +28,10 @@ DCX_SPQMM_MULTIVERSION void spqmm_sparse_chunk(const SpqmmPacked& p, int64_t c,
       max_id = std::max(max_id, v & kSpqmmIdMask);
       w[i] = table[(v & kSpqmmIdMask) | ((~v >> (kSpqmmLiveBit - 8)) & 0x100u)];
       col[i] = static_cast<int32_t>((v >> kSpqmmOffsetShift) & (kSpqmmWindow - 1));
+    }
+    if (p.group_scale) {
+      const float* sc = scales.get(p, g, j0);
+      for (int i = 0; i < kSpqmmRows; ++i) w[i] *= sc[i];
     }
     if (j0 + kSpqmmWindow > p.k) {  // only here can a live slot point past K
       for (int i = 0; i < kSpqmmRows; ++i)
@@ -62,7 +67,7 @@ DCX_SPQMM_MULTIVERSION void spqmm_dense_rows(const SpqmmPacked& p, int64_t r0, i
     for (int64_t j = 0; j < p.k; ++j) {
       const uint32_t id = spqmm_dense_id(code, j, p.bits);
       row_max = std::max(row_max, id);
-      const float w = table[id];
+      const float w = p.group_scale ? table[id] * spqmm_group_scale(p, r, j) : table[id];
       for (int m = 0; m < MB; ++m) a[m] += w * xt[j * MB + m];
     }
     max_id = std::max<uint32_t>(max_id, row_max);
@@ -72,9 +77,9 @@ DCX_SPQMM_MULTIVERSION void spqmm_dense_rows(const SpqmmPacked& p, int64_t r0, i
   seen->max_id = std::max(seen->max_id, max_id);
 }
 
-// Decode rows [r0, r1) of W into w ([r1 - r0, k] floats), for the BLAS past the crossover; the
-// block is zeroed here. Columns are clamped to K - 1 (a corrupted entry is reported, never
-// written out of bounds).
+// Decode rows [r0, r1) of W into w ([r1 - r0, k] floats; times the group scales, if any), for the
+// BLAS past the crossover; the block is zeroed here. Columns are clamped to K - 1 (a corrupted
+// entry is reported, never written out of bounds).
 inline void spqmm_decode_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, const float* table,
                               float* w, SpqmmSeen* seen) {
   if (p.dense) {
@@ -84,7 +89,7 @@ inline void spqmm_decode_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, cons
       for (int64_t j = 0; j < p.k; ++j) {
         const uint32_t id = spqmm_dense_id(code, j, p.bits);
         max_id = std::max(max_id, id);
-        w[(r - r0) * p.k + j] = table[id];
+        w[(r - r0) * p.k + j] = p.group_scale ? table[id] * spqmm_group_scale(p, r, j) : table[id];
       }
     }
     seen->max_id = std::max(seen->max_id, max_id);
@@ -101,7 +106,8 @@ inline void spqmm_decode_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, cons
         seen->max_id = std::max(seen->max_id, v & kSpqmmIdMask);
         if (!(v & kSpqmmLive)) continue;
         max_col = std::max(max_col, col);
-        if (row >= r0 && row < r1 && col < p.k) w[(row - r0) * p.k + col] = table[v & kSpqmmIdMask];
+        if (row >= r0 && row < r1 && col < p.k)
+          w[(row - r0) * p.k + col] = table[v & kSpqmmIdMask] * spqmm_group_scale(p, row, j0);
       }
     }
   }
@@ -121,16 +127,19 @@ DCX_SPQMM_MULTIVERSION void spqmm_sparse_batch(const SpqmmPacked& p, int64_t g0,
                                                SpqmmSeen* seen) {
   uint32_t max_id = 0;
   int64_t max_col = -1;
+  SpqmmStepScales scales;
   for (int64_t g = g0; g < g1; ++g) {
     float acc[kSpqmmRows][MT] = {};
     for (int64_t s = p.group_ptr[g]; s < p.group_ptr[g + 1]; ++s) {
       const int64_t j0 = spqmm_window(p, s, &max_col);
       const bool edge = j0 + kSpqmmWindow > p.k;  // only here can a live slot point past K
       const uint16_t* slot = p.codes + s * kSpqmmRows;
+      const float* sc = p.group_scale ? scales.get(p, g, j0) : nullptr;
       for (int i = 0; i < kSpqmmRows; ++i) {
         const uint32_t v = slot[i];
         max_id = std::max(max_id, v & kSpqmmIdMask);
-        const float w = table[(v & kSpqmmIdMask) | ((~v >> (kSpqmmLiveBit - 8)) & 0x100u)];
+        float w = table[(v & kSpqmmIdMask) | ((~v >> (kSpqmmLiveBit - 8)) & 0x100u)];
+        if (sc) w *= sc[i];
         const int64_t col = j0 + ((v >> kSpqmmOffsetShift) & (kSpqmmWindow - 1));
         if (edge && (v & kSpqmmLive)) max_col = std::max(max_col, col);
         const float* xr = xt + col * MT;
@@ -172,11 +181,12 @@ DCX_SPQMM_MULTIVERSION void spqmm_q8_dense_rows(const SpqmmPacked& p, int64_t r0
         max_id = std::max(max_id, id);
         w[q8_slot(t)] = table[id];
       }
+      const float gs = spqmm_group_scale(p, r, j0);  // 1 without group scales
       for (int m = 0; m < MB; ++m) {
         const int16_t* xb = xq + m * ldq + j0;
         int32_t dot = 0;
         for (int t = 0; t < kQ8Block; ++t) dot += int32_t(xb[t]) * w[t];
-        acc[m] += float(dot) * xs[m * blocks + b];
+        acc[m] += float(dot) * (xs[m * blocks + b] * gs);
       }
     }
     const float bv = bias ? bias[r] : 0.f;

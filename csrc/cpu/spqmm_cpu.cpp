@@ -98,6 +98,22 @@ SpqmmPacked make_packed(const at::Tensor& codes, const at::Tensor& windows,
   return p;
 }
 
+// A group-scaled codebook's scales (group_size > 0) as the kernels read them: float32 [N][G],
+// kept alive in *held. Row scales (group_size 0) are applied after the kernels instead.
+void attach_group_scale(SpqmmPacked& p, const std::optional<at::Tensor>& scale, int64_t group_size,
+                        at::Tensor* held) {
+  if (group_size == 0 || !has_tensor(scale)) return;
+  *held = scale->to(at::kFloat).contiguous();
+  p.group_scale = held->data_ptr<float>();
+  p.scale_group = group_size;
+  p.scale_groups = held->size(1);
+}
+
+// Row scales: the epilogue after the kernels (group scales are inside them).
+bool row_scaled(const std::optional<at::Tensor>& scale, int64_t group_size) {
+  return group_size == 0 && has_tensor(scale);
+}
+
 void check_seen(const SpqmmSeen& seen, int64_t k_codebook, int64_t in_features) {
   TORCH_CHECK(seen.max_id < static_cast<uint64_t>(k_codebook),
               "codes hold a codebook id outside the codebook: id ", seen.max_id,
@@ -554,15 +570,18 @@ at::Tensor spqmm_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Ten
                      const at::Tensor& codebook, int64_t out_features, int64_t in_features,
                      int64_t bits, const std::optional<at::Tensor>& bias, int64_t crossover,
                      bool /*check: the CPU checks cost nothing extra*/, c10::string_view compute,
-                     const std::optional<at::Tensor>& scale) {
+                     const std::optional<at::Tensor>& scale, int64_t group_size) {
   check_spqmm_args(x, codes, windows, group_ptr, chunks, codebook, out_features, in_features, bits,
                    bias);
-  check_spqmm_scale(scale, x, out_features);
+  check_spqmm_scale(scale, group_size, x, out_features, in_features);
   const SpqmmCompute mode = parse_spqmm_compute(compute);
   // The ATen calls inside (casts, the BLAS) are the kernel's own arithmetic, not a graph to record.
   const at::NoGradGuard no_grad;
   const int64_t N = out_features, K = in_features;
-  const SpqmmPacked p = make_packed(codes, windows, group_ptr, chunks, N, K, bits);
+  SpqmmPacked p = make_packed(codes, windows, group_ptr, chunks, N, K, bits);
+  at::Tensor group_scale;
+  attach_group_scale(p, scale, group_size, &group_scale);
+  const bool scaled = row_scaled(scale, group_size);
   if (!p.dense) {
     const char* bad = spqmm_check_structure(p);
     TORCH_CHECK(bad == nullptr, bad, " (corrupted packed weight)");
@@ -582,10 +601,10 @@ at::Tensor spqmm_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Ten
       const SpqmmIsa isa = cpu_isa();
       const SpqmmPlan plan = cpu_plan(p, isa, mode, M, crossover);
       SpqmmSeen seen;
-      // A scaled codebook: the kernels sum codebook values, the row scale and bias come after.
-      run_plan(p, isa, plan, codebook, xc, has_tensor(scale) ? at::Tensor() : bias_c, y, &seen);
+      // Row scales: the kernels sum codebook values, the row scale and bias come after.
+      run_plan(p, isa, plan, codebook, xc, scaled ? at::Tensor() : bias_c, y, &seen);
       check_seen(seen, codebook.numel(), K);
-      if (has_tensor(scale)) apply_row_scale(y, *scale, bias_c);
+      if (scaled) apply_row_scale(y, *scale, bias_c);
     }
     // bfloat16 compute: the result as the bf16 product rounds it, whatever x's dtype.
     if (dtype == at::kBFloat16 && x.scalar_type() != at::kBFloat16) y = y.to(at::kBFloat16);
@@ -623,13 +642,15 @@ at::Tensor spqmm_decode_cpu(const at::Tensor& codes, const at::Tensor& windows,
 at::Tensor spqmm_int8_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebook,
                           int64_t out_features, int64_t in_features, int64_t bits,
                           const std::optional<at::Tensor>& bias, bool /*check: free on the CPU*/,
-                          const std::optional<at::Tensor>& scale) {
+                          const std::optional<at::Tensor>& scale, int64_t group_size) {
   check_spqmm_int8_args(x, codes, codebook, out_features, in_features, bits, bias);
-  check_spqmm_scale(scale, x, out_features);
+  check_spqmm_scale(scale, group_size, x, out_features, in_features);
   const at::NoGradGuard no_grad;
   const int64_t N = out_features, K = in_features;
   const at::Tensor none;
-  const SpqmmPacked p = make_packed(codes, none, none, none, N, K, bits);
+  SpqmmPacked p = make_packed(codes, none, none, none, N, K, bits);
+  at::Tensor group_scale;
+  attach_group_scale(p, scale, group_size, &group_scale);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
   const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
@@ -645,7 +666,7 @@ at::Tensor spqmm_int8_cpu(const at::Tensor& x, const at::Tensor& codes, const at
       plan.block = spqmm_rows_block(M);
     }
     SpqmmSeen seen;
-    const bool scaled = has_tensor(scale);
+    const bool scaled = row_scaled(scale, group_size);
     int8_product(p, isa, plan, codebook, x2, has_bias && !scaled ? bias_f.data_ptr<float>() : nullptr,
                  y.data_ptr<float>(), &seen);
     check_seen(seen, codebook.numel(), K);

@@ -86,6 +86,12 @@ struct SpqmmCudaArgs {
   const void* codebook;
   int kc;
   const void* bias;
+  // Group scales or null (core/spqmm.h's SpqmmPacked says the rule): float32 [n][scale_groups],
+  // W[r][j] = group_scale[r][j / scale_group] * codebook[id], scale_group a multiple of 32; in
+  // sparse mode every window lies in one group (window % scale_group + 32 <= scale_group; bit 8
+  // of bad_flag when not). launch_spqmm_decode applies them too.
+  const float* group_scale;
+  int64_t scale_group, scale_groups;
   float* ws;
   int* bad_flag;
   cudaStream_t stream;
@@ -111,6 +117,8 @@ struct SpqmmInt8CudaArgs {
   const void* codebook;
   int kc;
   const void* bias;
+  const float* group_scale;  // as SpqmmCudaArgs's, or null
+  int64_t scale_group, scale_groups;
   int8_t* xq;
   float* xs;
   int* bad_flag;
