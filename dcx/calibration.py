@@ -41,7 +41,8 @@ from tqdm import tqdm
 
 from dcx import ops, state
 from dcx.config import ClusterConfig
-from dcx.quantize import row_scales
+from dcx.format import scale_like
+from dcx.quantize import codebook_scales
 
 __all__ = ["LayerStats", "calibrate", "calibratable", "compress_layer", "weighted_layer",
            "run_batch", "CalibrationError"]
@@ -313,8 +314,9 @@ def output_error(w0: Tensor, q: Tensor, h: Tensor) -> float:
 
 def _rows(weight: Tensor, stats: LayerStats,
           scale: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
-    """(w0 [G, rows, k] float64, row scales [G, rows, 1] or None): a Linear's or Conv2d's weight
-    as the rows of each group its statistics describe."""
+    """(w0 [G, rows, k] float64, scales or None): a Linear's or Conv2d's weight as the rows of each
+    group its statistics describe, and its codebook's scales in that shape ([G, rows, 1] for row
+    scales, [G, rows, k] for group scales)."""
     groups = stats.hessian.shape[0]
     out = weight.shape[0]
     if out % groups:
@@ -323,8 +325,10 @@ def _rows(weight: Tensor, stats: LayerStats,
     if stats.hessian.shape[-1] != w0.shape[-1]:
         raise ValueError(f"statistics of {stats.hessian.shape[-1]} columns for a weight of "
                          f"{w0.shape[-1]}")
-    s = None if scale is None else scale.detach().reshape(groups, out // groups, 1).to(w0)
-    return w0, s
+    if scale is None:
+        return w0, None
+    s = scale_like(scale.detach().to(w0), (out, w0.shape[-1]))
+    return w0, s.reshape(groups, out // groups, -1)
 
 
 @torch.no_grad()
@@ -336,8 +340,8 @@ def compress_layer(weight: Tensor, stats: LayerStats, sparsity: float, bits: int
     (a Linear's or Conv2d's); stats: its LayerStats; sparsity: the fraction of weights to prune
     (exactly, rounded down per block of columns); layer: the k-means settings of
     ClusterConfig.layer_fields (init, method, max_iter, tol, seed) for the initial codebook;
-    scale: [out] row scales, the weight being scale[row] * codebook[label] (None: one codebook
-    for the layer as it is); damp: the Hessian's damping, a fraction of its mean diagonal
+    scale: [out] row or [out, G] group scales, the weight being scale * codebook[label] (None:
+    one codebook for the layer as it is); damp: the Hessian's damping, a fraction of its mean diagonal
     (MiniLM at 4 bits, mean / min cosine on other sentences: 128 calibration sentences, 0.01
     fits them too closely, 0.965 / 0.81, against 0.973 / 0.954 at 0.1; 256 sentences, 0.974 /
     0.954 at 0.03 against 0.967 / 0.914 at 0.1); rounds: assignment + refit passes (the second
@@ -349,11 +353,11 @@ def compress_layer(weight: Tensor, stats: LayerStats, sparsity: float, bits: int
     # columns remain to absorb their error.
     perm = torch.argsort(h.diagonal(dim1=-2, dim2=-1).sum(0), descending=True)
     w0, h = w0[:, :, perm], h[:, perm][:, :, perm]
+    if s is not None and s.shape[-1] > 1:  # group scales follow their columns
+        s = s[:, :, perm]
     h, u = _damped(h, damp)
     num = 1 << bits
-    # Rows are assigned in their own units (w / scale); OBS updates are linear, so a row's
-    # error feedback is the same in either.
-    wn = w0 if s is None else w0 / s
+    wn = w0 if s is None else w0 / s  # the weights in codebook units
     # Initial codebook: k-means on the weights as they are, the largest-magnitude share kept
     # (the weights pruning will remove would pull centroids toward zero). Not the
     # activation-weighted codebook: on MiniLM it gave more even labels, which Huffman codes in
@@ -368,7 +372,7 @@ def compress_layer(weight: Tensor, stats: LayerStats, sparsity: float, bits: int
     codebook = codebook.double()
     mask = None
     for _ in range(rounds):
-        labels, mask = _assign(wn, u, codebook, sparsity, block, mask, s)
+        labels, mask = _assign(w0, u, codebook, sparsity, block, mask, s)
         codebook = _refit_codebook(w0, labels, mask, h, codebook, min(4 * num, 64), s)
     # The refit may leave entries that no kept weight uses: they stay, harmless in the file.
     inverse = torch.argsort(perm)
@@ -406,10 +410,11 @@ def weighted_layer(weight: Tensor, stats: LayerStats, sparsity: float, bits: int
 def _assign(w0: Tensor, u: Tensor, codebook: Tensor, sparsity: float, block: int,
             fixed_mask: Optional[Tensor], scale: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """One GPTQ pass: (labels [G, rows, k] into `codebook`, mask) with the rounding and pruning
-    error of each column fed back into the columns after it. w0: the rows in codebook units;
-    scale: their row scales [G, rows, 1] (None: 1), which weigh the rows when the mask is
-    chosen over a block. fixed_mask: reuse this mask instead of choosing one (the second round
-    keeps the first round's)."""
+    error of each column fed back into the columns after it. w0: the weights as they are; scale:
+    their scales ([G, rows, 1] or [G, rows, k]; None: 1): a weight is rounded in codebook units
+    (w / scale) to scale * its entry, and its error fed back as it is, since the scales of the
+    columns it moves may differ from its own. fixed_mask: reuse this mask instead of choosing
+    one (the second round keeps the first round's)."""
     order = torch.argsort(codebook)
     c_sorted = codebook[order]
     mid = (c_sorted[1:] + c_sorted[:-1]) / 2
@@ -417,6 +422,7 @@ def _assign(w0: Tensor, u: Tensor, codebook: Tensor, sparsity: float, block: int
     g, rows, k = w.shape
     labels = torch.zeros(g, rows, k, dtype=torch.long, device=w.device)
     mask = torch.ones(g, rows, k, dtype=torch.bool, device=w.device)
+    one = torch.ones((), dtype=w.dtype, device=w.device)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         w1 = w[:, :, i1:i2].clone()
@@ -428,8 +434,6 @@ def _assign(w0: Tensor, u: Tensor, codebook: Tensor, sparsity: float, block: int
         elif sparsity > 0:
             # SparseGPT's adaptive mask: the lowest w^2 / d^2 of this block, over all its rows.
             score = (w1 * w1) / (d * d)[:, None, :]
-            if scale is not None:
-                score = score * (scale * scale)
             drop = int(score[0].numel() * sparsity)
             m1 = torch.ones_like(w1, dtype=torch.bool)
             if drop > 0:
@@ -440,8 +444,9 @@ def _assign(w0: Tensor, u: Tensor, codebook: Tensor, sparsity: float, block: int
             m1 = torch.ones_like(w1, dtype=torch.bool)
         for i in range(i2 - i1):
             col = w1[:, :, i]
-            ids = _nearest(mid, col)
-            q = torch.where(m1[:, :, i], c_sorted[ids], torch.zeros_like(col))
+            sc = one if scale is None else scale[:, :, min(i1 + i, scale.shape[-1] - 1)]
+            ids = _nearest(mid, col / sc)
+            q = torch.where(m1[:, :, i], c_sorted[ids] * sc, torch.zeros_like(col))
             labels[:, :, i1 + i] = order[ids]
             e = (col - q) / d[:, i][:, None]
             w1[:, :, i:] -= e[:, :, None] * u1[:, i, i:][:, None, :]
@@ -604,7 +609,7 @@ def compress_calibrated_(model: nn.Module, settings: dict[str, dict], batches: I
             if name not in stats:
                 raise CalibrationError(f"calibration: {name} was not reached (the model "
                                        "calls its layers in another order for other batches)")
-            scale = row_scales(module.weight, None) if s.get("scale") == "row" else None
+            scale = codebook_scales(module.weight, None, s.get("scale"))
             try:
                 mask, codebook, labels = compress(module.weight, stats.pop(name),
                                                   float(s["sparsity"]), int(s["bits"]),

@@ -27,7 +27,24 @@ void check_flag(const at::Tensor& bad, bool check) {
   TORCH_CHECK(!(flag & 1), "codes hold a codebook id outside the codebook (corrupted packed weight)");
   TORCH_CHECK(!(flag & 2),
               "windows and codes point at a column outside in_features (corrupted packed weight)");
+  TORCH_CHECK(!(flag & 8),
+              "a window crosses a scale group (each step's window must keep window % group_size + "
+              "32 <= group_size; corrupted packed weight)");
 }
+
+// Group scales as the kernels read them: float32, contiguous (kept alive by the caller for the
+// launch); an undefined tensor without them.
+struct GroupScales {
+  at::Tensor t;
+  int64_t group = 0, groups = 0;
+  GroupScales(const std::optional<at::Tensor>& scale, int64_t group_size) {
+    if (group_size == 0 || !has_tensor(scale)) return;
+    t = scale->to(at::kFloat).contiguous();
+    group = group_size;
+    groups = t.size(1);
+  }
+  const float* data() const { return t.defined() ? t.data_ptr<float>() : nullptr; }
+};
 
 // The packed weight's part of the launch arguments, for spqmm and spqmm_decode. Two ids per byte
 // (bits <= 4): the kernels read rows of 16-byte blocks with 16-byte loads, so a view that does
@@ -61,11 +78,12 @@ cuda::SpqmmCudaArgs weight_args(const at::Tensor& codes, const at::Tensor& windo
 }
 
 // The float product for x2 [M, K] (the compute dtype; codebook and bias cast to it): the kernels,
-// or past the plan's crossover W decoded once and cuBLAS.
+// or past the plan's crossover W decoded once (group scales applied) and cuBLAS.
 at::Tensor float_product(const at::Tensor& x2, const at::Tensor& codes, const at::Tensor& windows,
                          const at::Tensor& group_ptr, const at::Tensor& chunks,
                          const at::Tensor& cb, int64_t N, int64_t K, int64_t bits,
-                         const at::Tensor& b, bool decode_gemm, bool check, cudaStream_t stream) {
+                         const at::Tensor& b, const GroupScales& gs, bool decode_gemm, bool check,
+                         cudaStream_t stream) {
   const bool dense_mode = codes.scalar_type() == at::kByte;
   const int64_t M = x2.size(0);
   const bool has_bias = b.defined();
@@ -85,6 +103,9 @@ at::Tensor float_product(const at::Tensor& x2, const at::Tensor& codes, const at
   a.bias = has_bias ? b.data_ptr() : nullptr;
   a.bad_flag = bad.data_ptr<int>();
   a.ws = ws_floats > 0 ? scratch.data_ptr<float>() + 4 : nullptr;
+  a.group_scale = gs.data();
+  a.scale_group = gs.group;
+  a.scale_groups = gs.groups;
   a.stream = stream;
   if (decode) {  // past the crossover: W decoded once (every element written), then the BLAS
     at::Tensor w = at::empty({N, K}, x2.options());
@@ -134,8 +155,8 @@ at::Tensor spqmm_decode_cuda(const at::Tensor& codes, const at::Tensor& windows,
 // and its scales (both written in full by the quantize kernel), one 16-byte memset.
 // int8 compute for x2 [M, K] (codebook and bias in x2's dtype): the product in x2's dtype.
 at::Tensor int8_product(const at::Tensor& x2, const at::Tensor& codes, const at::Tensor& cb,
-                        int64_t N, int64_t K, int64_t bits, const at::Tensor& b, bool check,
-                        cudaStream_t stream) {
+                        int64_t N, int64_t K, int64_t bits, const at::Tensor& b,
+                        const GroupScales& gs, bool check, cudaStream_t stream) {
   const int64_t M = x2.size(0);
   const bool has_bias = b.defined();
   const at::TensorOptions xo = x2.options();
@@ -162,6 +183,9 @@ at::Tensor int8_product(const at::Tensor& x2, const at::Tensor& codes, const at:
   a.codebook = cb.data_ptr();
   a.kc = static_cast<int>(cb.numel());
   a.bias = has_bias ? b.data_ptr() : nullptr;
+  a.group_scale = gs.data();
+  a.scale_group = gs.group;
+  a.scale_groups = gs.groups;
   a.xq = reinterpret_cast<int8_t*>(base + 16);
   a.xs = reinterpret_cast<float*>(base + scales_at);
   a.bad_flag = reinterpret_cast<int*>(base);
@@ -171,11 +195,13 @@ at::Tensor int8_product(const at::Tensor& x2, const at::Tensor& codes, const at:
   return y;
 }
 
-// The dtype a product runs in on the GPU: a scaled codebook's product comes out of the kernels
+// The dtype a product runs in on the GPU: a row-scaled codebook's product comes out of the kernels
 // unscaled (about 1 / scale, often 20-50x, larger than the layer's output), which float16 may
-// not hold; it runs in float32 then (the CPU kernels always write float32).
-at::ScalarType scaled_dtype(at::ScalarType dtype, const std::optional<at::Tensor>& scale) {
-  return has_tensor(scale) && dtype == at::kHalf ? at::kFloat : dtype;
+// not hold; it runs in float32 then (the CPU kernels always write float32). Group scales are
+// applied inside the kernels, so their product needs no wider dtype.
+at::ScalarType scaled_dtype(at::ScalarType dtype, const std::optional<at::Tensor>& scale,
+                            int64_t group_size) {
+  return has_tensor(scale) && group_size == 0 && dtype == at::kHalf ? at::kFloat : dtype;
 }
 
 // x [..., K] as [M, K] in `dtype`, with the codebook and bias cast to it (all contiguous).
@@ -197,46 +223,54 @@ at::Tensor spqmm_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Te
                       const at::Tensor& group_ptr, const at::Tensor& chunks,
                       const at::Tensor& codebook, int64_t out_features, int64_t in_features,
                       int64_t bits, const std::optional<at::Tensor>& bias, int64_t crossover,
-                      bool check, c10::string_view compute, const std::optional<at::Tensor>& scale) {
+                      bool check, c10::string_view compute, const std::optional<at::Tensor>& scale,
+                      int64_t group_size) {
   check_spqmm_args(x, codes, windows, group_ptr, chunks, codebook, out_features, in_features, bits,
                    bias);
-  check_spqmm_scale(scale, x, out_features);
+  check_spqmm_scale(scale, group_size, x, out_features, in_features);
   const SpqmmCompute c = parse_spqmm_compute(compute);
   cuda::check_cuda_tensor(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t N = out_features, K = in_features;
-  const Operands o(x, codebook, bias, N, scaled_dtype(spqmm_compute_dtype(c, x.scalar_type()), scale));
+  const Operands o(x, codebook, bias, N,
+                   scaled_dtype(spqmm_compute_dtype(c, x.scalar_type()), scale, group_size));
   const bool dense_mode = codes.scalar_type() == at::kByte;
   const SpqmmMode mode = !dense_mode ? SpqmmMode::kSparse
                          : c == SpqmmCompute::kInt8 ? SpqmmMode::kInt8 : SpqmmMode::kDense;
   // Sparse mode's density is that of the slots, padding included: the kernel pays for every slot.
   const double density = dense_mode ? 1.0 : double(codes.numel()) / std::max(1.0, double(N) * double(K));
   const SpqmmPlan plan = spqmm_plan(SpqmmIsa::kCuda, mode, density, N, K, o.x2.size(0), 1, crossover);
-  // A scaled codebook: the kernels sum codebook values, the row scale and bias come after.
-  const at::Tensor b = has_tensor(scale) ? at::Tensor() : o.b;
+  // A row-scaled codebook: the kernels sum codebook values, the row scale and bias come after.
+  // Group scales are applied in the kernels (and the decode), the bias with them.
+  const bool row_scaled = has_tensor(scale) && group_size == 0;
+  const GroupScales gs(scale, group_size);
+  const at::Tensor b = row_scaled ? at::Tensor() : o.b;
   at::Tensor y =
       plan.kernel == SpqmmKernel::kInt8Rows
-          ? int8_product(o.x2, codes, o.cb, N, K, bits, b, check, stream)
-          : float_product(o.x2, codes, windows, group_ptr, chunks, o.cb, N, K, bits, b,
+          ? int8_product(o.x2, codes, o.cb, N, K, bits, b, gs, check, stream)
+          : float_product(o.x2, codes, windows, group_ptr, chunks, o.cb, N, K, bits, b, gs,
                           plan.kernel == SpqmmKernel::kDecodeGemm, check, stream);
-  if (has_tensor(scale)) apply_row_scale(y, *scale, o.b);
+  if (row_scaled) apply_row_scale(y, *scale, o.b);
   return y.to(x.scalar_type()).reshape(o.out_shape);
 }
 
 at::Tensor spqmm_int8_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebook,
                            int64_t out_features, int64_t in_features, int64_t bits,
                            const std::optional<at::Tensor>& bias, bool check,
-                           const std::optional<at::Tensor>& scale) {
+                           const std::optional<at::Tensor>& scale, int64_t group_size) {
   check_spqmm_int8_args(x, codes, codebook, out_features, in_features, bits, bias);
-  check_spqmm_scale(scale, x, out_features);
+  check_spqmm_scale(scale, group_size, x, out_features, in_features);
   cuda::check_cuda_tensor(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
-  const Operands o(x, codebook, bias, out_features, scaled_dtype(x.scalar_type(), scale));
-  const bool scaled = has_tensor(scale);
+  const Operands o(x, codebook, bias, out_features,
+                   scaled_dtype(x.scalar_type(), scale, group_size));
+  const bool row_scaled = has_tensor(scale) && group_size == 0;
+  const GroupScales gs(scale, group_size);
   at::Tensor y = int8_product(o.x2, codes, o.cb, out_features, in_features, bits,
-                              scaled ? at::Tensor() : o.b, check, at::cuda::getCurrentCUDAStream());
-  if (scaled) apply_row_scale(y, *scale, o.b);
+                              row_scaled ? at::Tensor() : o.b, gs, check,
+                              at::cuda::getCurrentCUDAStream());
+  if (row_scaled) apply_row_scale(y, *scale, o.b);
   return y.to(x.scalar_type()).reshape(o.out_shape);
 }
 

@@ -5,7 +5,10 @@
 // sums the 32 exact int32 products by shuffles before one scaled float add per row of x. x is
 // held in natural column order here (the CPU's q8_slot order serves its AVX2 lookups only).
 // The float steps are written as fmaf: nvcc would contract them anyway, and spelt out they
-// round the same in every build (the emulator's harness checks them bit for bit).
+// round the same in every build (the emulator's harness checks them bit for bit). Group scales
+// (launch.h; groups of a multiple of 32 columns): a block's activation scale is multiplied by
+// the row's scale for the block's group first, fmaf(dot, sx * gs, acc) as the CPU's
+// dot * (sx * gs); without them gs is 1 and the product exact, so nothing rounds differently.
 #include <cstdint>
 
 #include "core/spqmm_int8.h"
@@ -42,6 +45,7 @@ __global__ void __launch_bounds__(kThreads)
 q8_dense_kernel(const int8_t* __restrict__ xq, const float* __restrict__ xs, int64_t m,
                 const uint8_t* __restrict__ codes, int64_t n, int64_t k, int bits,
                 const T* __restrict__ codebook, int kc, const T* __restrict__ bias,
+                const float* __restrict__ gscale, int64_t scale_group, int64_t scale_groups,
                 T* __restrict__ y, int* __restrict__ bad_flag) {
   __shared__ int table[256];
   __shared__ float wscale;
@@ -68,7 +72,17 @@ q8_dense_kernel(const int8_t* __restrict__ xq, const float* __restrict__ xs, int
 #pragma unroll
   for (int r = 0; r < kRowsPerWarp; ++r) acc[r] = 0.f;
   uint32_t max_id = 0;
+  // The row's scale for block b's group, read when the blocks enter the next group (the same for
+  // the whole warp: one row).
+  const float* srow = gscale ? gscale + row * scale_groups : nullptr;
+  float gs = 1.f;
+  int64_t sgroup = -1, snext = 0;  // the group of gs; the first column past it
   for (int64_t b = 0; b < blocks; ++b) {
+    if (srow && b * kQ8Block >= snext) {
+      sgroup = min(sgroup + 1, scale_groups - 1);
+      snext += scale_group;
+      gs = srow[sgroup];
+    }
     const int64_t j = b * kQ8Block + lane;
     const uint32_t id = j < k ? spqmm_dense_id(code, j, bits) : 0u;  // padding is never read
     max_id = max(max_id, id);
@@ -79,7 +93,7 @@ q8_dense_kernel(const int8_t* __restrict__ xq, const float* __restrict__ xs, int
         int dot = int(xq[(m0 + r) * ldq + j]) * w;
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(kFull, dot, o);
-        acc[r] = fmaf(float(dot), xs[(m0 + r) * blocks + b], acc[r]);
+        acc[r] = fmaf(float(dot), xs[(m0 + r) * blocks + b] * gs, acc[r]);
       }
     }
   }
@@ -104,8 +118,8 @@ cudaError_t launch_typed(const SpqmmInt8CudaArgs& a) {
     const dim3 grid(unsigned((a.n + kWarps - 1) / kWarps), unsigned((rows + kRowsPerWarp - 1) / kRowsPerWarp));
     q8_dense_kernel<T><<<grid, kThreads, 0, a.stream>>>(
         a.xq + m0 * ldq, a.xs + m0 * blocks, rows, a.codes, a.n, a.k, a.bits,
-        static_cast<const T*>(a.codebook), a.kc, static_cast<const T*>(a.bias),
-        static_cast<T*>(a.y) + m0 * a.n, a.bad_flag);
+        static_cast<const T*>(a.codebook), a.kc, static_cast<const T*>(a.bias), a.group_scale,
+        a.scale_group, a.scale_groups, static_cast<T*>(a.y) + m0 * a.n, a.bad_flag);
     err = cudaGetLastError();
   }
   return err;

@@ -31,7 +31,17 @@
 // step's group is found by a binary search whose answer is always in range, so corrupted pointers
 // give wrong rows, never out-of-bounds accesses. Live slots in the padding rows of a partial last
 // group are dropped. The glue turns the flags into an error (outside graph capture).
+//
+// Group scales (launch.h): a weight is its codebook value times its row's scale for its column's
+// group, one float multiply (as on the CPU). In sparse mode a step's window lies in one column
+// group (flag 8 when it does not), so a lane reads its row's scale once per group and column
+// group, never for padding rows. In dense mode a lane's ids come one, or 16 from a multiple of 16,
+// at a time (never straddling a group, a multiple of 32 columns), and a lane reads a scale when
+// its columns enter the next group. The sparse and dense kernels take kScaled as a template
+// argument: the unscaled ones compile as they did without group scales (the sparse kernel at
+// MB <= 4 is held to 64 registers, and the scale's bookkeeping would make it spill).
 #include <algorithm>
+#include <cstdint>
 #include <map>
 #include <mutex>
 #include <set>
@@ -121,19 +131,39 @@ __device__ __forceinline__ Slot decode_slot(uint32_t v, int window, int k, int k
   return {id, ok ? window + int(off) : 0, ok};
 }
 
+// Sparse mode's column groups in 32 bits: k < 2^31 - 64, so a group size past 2^31 acts as 2^31
+// (every valid window in group 0, none crossing; a negative window is flagged 2 anyway).
+__device__ __forceinline__ uint32_t group_cols32(int64_t scale_group) {
+  return uint32_t(min(scale_group, int64_t(1) << 31));
+}
+
+// Flag 8 when a window breaks window % scale_group + 32 <= scale_group (read as unsigned, as the
+// CPU's structure check does).
+__device__ __forceinline__ int window_group_flag(int window, uint32_t sg) {
+  return uint32_t(window) % sg + uint32_t(kSpqmmWindow) > sg ? 8 : 0;
+}
+
+// The column group of a window, clamped into [0, scale_groups): a window outside [0, k) (no slot
+// of its step counts) reads group 0.
+__device__ __forceinline__ int64_t window_group(int window, int k, uint32_t sg, int64_t scale_groups) {
+  const uint32_t w = uint32_t(window) < uint32_t(k) ? uint32_t(window) : 0u;
+  return min(int64_t(w / sg), scale_groups - 1);
+}
+
 extern __shared__ __align__(16) unsigned char spqmm_smem[];
 
 // kStaged: x's [mvalid, k] slice is copied to shared memory (dynamic size mvalid * k * sizeof(T)).
 // piece: steps per warp work item (a multiple of kBatchSteps). validate: check the pointers (the
 // first batch pass does). Up to MB = 4, two blocks per SM (64 registers): at small batches the
 // kernel streams codes and wants warps in flight; MB = 8 needs ~100 registers not to spill.
-template <typename T, int MB, bool kShuffle, bool kStaged>
+template <typename T, int MB, bool kShuffle, bool kStaged, bool kScaled>
 __global__ void __launch_bounds__(kSparseThreads, MB <= 4 ? 2 : 1)
 spqmm_sparse_kernel(const T* __restrict__ x, int mvalid, const uint16_t* __restrict__ codes,
                     const int32_t* __restrict__ windows, const int32_t* __restrict__ group_ptr,
                     const int32_t* __restrict__ chunks, int64_t steps, int64_t groups,
                     int64_t num_chunks, int64_t n, int k, int64_t piece, bool validate,
-                    const T* __restrict__ codebook, int kc, float* __restrict__ ws,
+                    const T* __restrict__ codebook, int kc, const float* __restrict__ gscale,
+                    int64_t scale_group, int64_t scale_groups, float* __restrict__ ws,
                     int* __restrict__ bad_flag) {
   __shared__ float table[256];
   T* xs = reinterpret_cast<T*>(spqmm_smem);
@@ -154,6 +184,14 @@ spqmm_sparse_kernel(const T* __restrict__ x, int mvalid, const uint16_t* __restr
   float acc[MB];
 #pragma unroll
   for (int m = 0; m < MB; ++m) acc[m] = 0.f;
+  // Group scales: the lane's row's scales, set when the group changes (null for a padding row,
+  // whose sums are dropped, so no scale is read for it).
+  const uint32_t sg = kScaled ? group_cols32(scale_group) : 1u;
+  const float* srow = nullptr;
+  auto row_scales = [&](int64_t g) {
+    const int64_t row = g * kGroupRows + slot;
+    return kScaled && row < n ? gscale + row * scale_groups : nullptr;
+  };
   // Adds the lane's sums for group g to the workspace (zeros are skipped: padding rows, rows
   // with no weight in this piece).
   auto flush = [&](int64_t g) {
@@ -169,16 +207,21 @@ spqmm_sparse_kernel(const T* __restrict__ x, int mvalid, const uint16_t* __restr
     const int64_t a = p * piece, b = a + min(piece, steps - a);
     int64_t g = find_group(group_ptr, groups, a);
     int64_t gend = group_ptr[g + 1];
+    if (kScaled) srow = row_scales(g);
     for (int64_t base = a; base < b; base += kBatchSteps) {
       // Step base + t for t < rem; t = 2j + h is half h's step in pair j. Lane l holds the window
       // of step base + l. Indices within the batch are 32-bit.
       const int rem = int(min(b - base, int64_t(kBatchSteps)));
       // Steps t >= until lie past the current group's end.
       int until = int(min(max(gend - base, int64_t(0)), int64_t(kBatchSteps)));
-      int window = 0;
+      int window = 0, wgroup = 0;  // wgroup: the column group of the window (group scales)
       if (lane < rem) {
         window = windows[base + lane];
         if (uint32_t(window) >= uint32_t(k)) flag |= 2;
+        if (kScaled) {
+          flag |= window_group_flag(window, sg);
+          wgroup = int(window_group(window, k, sg, scale_groups));
+        }
       }
       const uint16_t* cp = codes + base * kGroupRows + lane;
       uint32_t v[kBatchSteps / 2];
@@ -190,14 +233,17 @@ spqmm_sparse_kernel(const T* __restrict__ x, int mvalid, const uint16_t* __restr
       for (int j = 0; j < kBatchSteps / 2; ++j) {
         const int t = 2 * j + half;
         const int w0 = __shfl_sync(kFull, window, t);
+        const int c0 = kScaled ? __shfl_sync(kFull, wgroup, t) : 0;
         if (t < rem && t >= until) {  // uniform within the half-warp
           flush(g);
           g = next_group(group_ptr, groups, g, base + t);
           gend = group_ptr[g + 1];
           until = int(min(max(gend - base, int64_t(0)), int64_t(kBatchSteps)));
+          if (kScaled) srow = row_scales(g);
         }
         const Slot e = decode_slot(v[j], w0, k, kc, &flag);
-        const float w = kShuffle ? __shfl_sync(kFull, reg_entry, int(e.id & 31u)) : table[e.id];
+        float w = kShuffle ? __shfl_sync(kFull, reg_entry, int(e.id & 31u)) : table[e.id];
+        if (kScaled) w *= srow ? srow[c0] : 0.f;
         if (e.ok) {
 #pragma unroll
           for (int m = 0; m < MB; ++m) {
@@ -237,11 +283,31 @@ __global__ void spqmm_epilogue_kernel(const float* __restrict__ ws, const T* __r
 //               warp's reads stay within a few cache lines).
 enum class DenseLayout { kBytes, kBytesVec, kNibbles, kBits };
 
-template <typename T, int MB, DenseLayout kLayout>
+// A lane's group scale as its columns go up (dense mode): its row's scales and the columns
+// [begin, end) of the group last read, so the next group costs a compare and only a jump past it
+// a division. Columns past k read the last group (in range).
+struct GroupCursor {
+  const float* row;  // the row's scale_groups scales
+  int64_t sg, last;  // group size, scale_groups - 1
+  int64_t g = -1, begin = 0, end = 0;
+  float s = 0.f;
+  __device__ __forceinline__ float at(int64_t col) {
+    if (col < begin || col >= end) {
+      g = min(g >= 0 && col >= end && col - end < sg ? g + 1 : col / sg, last);
+      begin = g * sg;
+      end = g == last ? INT64_MAX : begin + sg;
+      s = row[g];
+    }
+    return s;
+  }
+};
+
+template <typename T, int MB, DenseLayout kLayout, bool kScaled>
 __global__ void __launch_bounds__(kDenseThreads)
 spqmm_dense_kernel(const T* __restrict__ x, int64_t ldx, int mvalid,
                    const uint8_t* __restrict__ codes, int64_t n, int64_t k, int bits,
                    const T* __restrict__ codebook, int kc, const T* __restrict__ bias,
+                   const float* __restrict__ gscale, int64_t scale_group, int64_t scale_groups,
                    T* __restrict__ y, int* __restrict__ bad_flag) {
   __shared__ float table[256];
   load_table(codebook, kc, table);
@@ -253,10 +319,14 @@ spqmm_dense_kernel(const T* __restrict__ x, int64_t ldx, int mvalid,
 #pragma unroll
   for (int m = 0; m < MB; ++m) acc[m] = 0.f;
   uint32_t max_id = 0;
-  // One weight: its id (checked after the row) times column col of each batch column.
-  auto add = [&](uint32_t id, int64_t col) {
+  GroupCursor cur{kScaled ? gscale + row * scale_groups : nullptr, scale_group, scale_groups - 1};
+  // The group scale of column col (1, unread, without group scales).
+  auto scale_at = [&](int64_t col) { return kScaled ? cur.at(col) : 1.f; };
+  // One weight: its id (checked after the row), times its group scale s when there are group
+  // scales, times column col of each batch column.
+  auto add = [&](uint32_t id, int64_t col, float s) {
     max_id = max(max_id, id);
-    const float w = table[id];
+    const float w = kScaled ? table[id] * s : table[id];
 #pragma unroll
     for (int m = 0; m < MB; ++m) {
       if (m < mvalid) acc[m] += w * to_float(x[m * ldx + col]);
@@ -269,30 +339,35 @@ spqmm_dense_kernel(const T* __restrict__ x, int64_t ldx, int mvalid,
       const uint4 packed = *reinterpret_cast<const uint4*>(code + q * 16);
       const uint32_t words[4] = {packed.x, packed.y, packed.z, packed.w};
       const int64_t base = (q >> 2) * 128 + (q & 3) * 4;  // column of word 0, nibble 0
+      // Nibble t's columns lie in the 32-column block t / 2 of the 128: one scale per block.
+      float s[4];
+#pragma unroll
+      for (int b = 0; b < 4; ++b) s[b] = scale_at((q >> 2) * 128 + 32 * b);
 #pragma unroll
       for (int dd = 0; dd < 4; ++dd) {
 #pragma unroll
         for (int t = 0; t < 8; ++t) {
           const uint32_t id = (words[dd] >> (4 * t)) & 15u;
           const int64_t col = base + 16 * t + dd;
-          if (col < k) add(id, col);  // padding past k is never read, so never checked
+          if (col < k) add(id, col, s[t >> 1]);  // padding past k is never read, so never checked
         }
       }
     }
   } else if constexpr (kLayout == DenseLayout::kBits) {
     const uint8_t* code = codes + row * spqmm_dense_width(k, bits);
-    for (int64_t j = lane; j < k; j += 32) add(spqmm_dense_id(code, j, bits), j);
+    for (int64_t j = lane; j < k; j += 32) add(spqmm_dense_id(code, j, bits), j, scale_at(j));
   } else if constexpr (kLayout == DenseLayout::kBytesVec) {
     const uint8_t* code = codes + row * k;
     for (int64_t j0 = int64_t(lane) * 16; j0 < k; j0 += 32 * 16) {
       const uint4 packed = *reinterpret_cast<const uint4*>(code + j0);
       const uint8_t* ids = reinterpret_cast<const uint8_t*>(&packed);
+      const float s = scale_at(j0);  // 16 columns from a multiple of 16: one group
 #pragma unroll
-      for (int i = 0; i < 16; ++i) add(ids[i], j0 + i);
+      for (int i = 0; i < 16; ++i) add(ids[i], j0 + i, s);
     }
   } else {
     const uint8_t* code = codes + row * k;
-    for (int64_t j = lane; j < k; j += 32) add(code[j], j);
+    for (int64_t j = lane; j < k; j += 32) add(code[j], j, scale_at(j));
   }
   if (max_id >= uint32_t(kc)) atomicOr(bad_flag, 1);
 #pragma unroll
@@ -309,17 +384,20 @@ spqmm_dense_kernel(const T* __restrict__ x, int64_t ldx, int mvalid,
 // scatter the group's steps, one step each at a time, into the rows it just zeroed (in L2). A
 // group's steps are group_ptr[g] .. group_ptr[g + 1] clamped into [0, steps], so corrupted
 // pointers (flagged) give wrong weights, never an access out of bounds; a block writes only its
-// own groups' rows.
+// own groups' rows. With group scales a weight is written as its value times its scale, rounded
+// to T once.
 template <typename T>
 __global__ void __launch_bounds__(kSparseThreads)
 spqmm_decode_sparse_kernel(const uint16_t* __restrict__ codes, const int32_t* __restrict__ windows,
                            const int32_t* __restrict__ group_ptr,
                            const int32_t* __restrict__ chunks, int64_t steps, int64_t groups,
                            int64_t num_chunks, int64_t n, int k,
-                           const T* __restrict__ codebook, int kc, T* __restrict__ w,
-                           int* __restrict__ bad_flag) {
+                           const T* __restrict__ codebook, int kc,
+                           const float* __restrict__ gscale, int64_t scale_group,
+                           int64_t scale_groups, T* __restrict__ w, int* __restrict__ bad_flag) {
   int flag = check_pointers(group_ptr, groups + 1, steps) |
              check_pointers(chunks, num_chunks + 1, steps);
+  const uint32_t sg = gscale ? group_cols32(scale_group) : 1u;
   const int slot = threadIdx.x & 15, halves = blockDim.x >> 4;
   for (int64_t g = blockIdx.x; g < groups; g += gridDim.x) {
     const int64_t r0 = g * kGroupRows, rows = min(int64_t(kGroupRows), n - r0);
@@ -331,21 +409,35 @@ spqmm_decode_sparse_kernel(const uint16_t* __restrict__ codes, const int32_t* __
     for (int64_t s = s0 + (threadIdx.x >> 4); s < s1; s += halves) {
       const int window = windows[s];
       if (slot == 0 && uint32_t(window) >= uint32_t(k)) flag |= 2;
+      if (slot == 0 && gscale) flag |= window_group_flag(window, sg);
       const Slot e = decode_slot(codes[s * kGroupRows + slot], window, k, kc, &flag);
-      if (e.ok && slot < rows) wg[slot * int64_t(k) + e.col] = codebook[e.id];
+      if (e.ok && slot < rows) {
+        wg[slot * int64_t(k) + e.col] =
+            gscale ? from_float<T>(to_float(codebook[e.id]) *
+                                   gscale[(r0 + slot) * scale_groups +
+                                          window_group(window, k, sg, scale_groups)])
+                   : codebook[e.id];
+      }
     }
     __syncthreads();  // the scatter into this group's rows ends before the next group is zeroed
   }
   if (flag) atomicOr(bad_flag, flag);
 }
 
-// Only the pointer checks (flag 4), for a call with nothing else to compute (M, N or K zero):
-// the CPU op checks the structure whatever the sizes, and so does this one.
+// Only the structure checks (flag 4, and flag 8 for windows crossing a scale group), for a call
+// with nothing else to compute (M, N or K zero): the CPU op checks the structure whatever the
+// sizes, and so does this one.
 __global__ void spqmm_check_pointers_kernel(const int32_t* __restrict__ group_ptr, int64_t groups,
                                             const int32_t* __restrict__ chunks, int64_t num_chunks,
-                                            int64_t steps, int* __restrict__ bad_flag) {
-  const int flag = check_pointers(group_ptr, groups + 1, steps) |
-                   check_pointers(chunks, num_chunks + 1, steps);
+                                            int64_t steps, const int32_t* __restrict__ windows,
+                                            bool group_scaled, int64_t scale_group,
+                                            int* __restrict__ bad_flag) {
+  int flag = check_pointers(group_ptr, groups + 1, steps) |
+             check_pointers(chunks, num_chunks + 1, steps);
+  if (group_scaled) {
+    const uint32_t sg = group_cols32(scale_group);
+    for (int64_t s = threadIdx.x; s < steps; s += blockDim.x) flag |= window_group_flag(windows[s], sg);
+  }
   if (flag) atomicOr(bad_flag, flag);
 }
 
@@ -353,7 +445,9 @@ template <typename T>
 __global__ void spqmm_decode_dense_kernel(const uint8_t* __restrict__ codes, int64_t count,
                                           int64_t k, int bits,
                                           const T* __restrict__ codebook, int kc,
-                                          T* __restrict__ w, int* __restrict__ bad_flag) {
+                                          const float* __restrict__ gscale, int64_t scale_group,
+                                          int64_t scale_groups, T* __restrict__ w,
+                                          int* __restrict__ bad_flag) {
   int flag = 0;
   const int64_t width = spqmm_dense_width(k, bits);  // bytes per row, in any layout
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count;
@@ -361,7 +455,13 @@ __global__ void spqmm_decode_dense_kernel(const uint8_t* __restrict__ codes, int
     const int64_t row = i / k, col = i - row * k;
     const uint32_t id = spqmm_dense_id(codes + row * width, col, bits);
     if (id >= uint32_t(kc)) flag = 1;
-    w[i] = id < uint32_t(kc) ? codebook[id] : from_float<T>(0.f);
+    const T v = id < uint32_t(kc) ? codebook[id] : from_float<T>(0.f);
+    if (gscale) {
+      w[i] = from_float<T>(to_float(v) *
+                           gscale[row * scale_groups + min(col / scale_group, scale_groups - 1)]);
+    } else {
+      w[i] = v;
+    }
   }
   if (flag) atomicOr(bad_flag, flag);
 }
@@ -461,14 +561,16 @@ cudaError_t plan_sparse(Kernel kernel, int dev, const DeviceLimits& d, int64_t s
 template <typename T, int MB, bool kShuffle, bool kStaged>
 cudaError_t launch_sparse(const SpqmmCudaArgs& a, const DeviceLimits& d, const T* x, int mvalid,
                           bool validate, float* ws) {
-  auto kernel = spqmm_sparse_kernel<T, MB, kShuffle, kStaged>;
+  auto kernel = a.group_scale ? spqmm_sparse_kernel<T, MB, kShuffle, kStaged, true>
+                              : spqmm_sparse_kernel<T, MB, kShuffle, kStaged, false>;
   const size_t smem = kStaged ? size_t(mvalid) * size_t(a.k) * sizeof(T) : 0;
   SparsePlan p;
   const cudaError_t err = plan_sparse(kernel, a.device, d, a.steps, smem, &p);
   if (err != cudaSuccess) return err;
   kernel<<<p.blocks, kSparseThreads, smem, a.stream>>>(
       x, mvalid, a.codes, a.windows, a.group_ptr, a.chunks, a.steps, a.groups, a.num_chunks, a.n,
-      int(a.k), p.piece, validate, static_cast<const T*>(a.codebook), a.kc, ws, a.bad_flag);
+      int(a.k), p.piece, validate, static_cast<const T*>(a.codebook), a.kc, a.group_scale,
+      a.scale_group, a.scale_groups, ws, a.bad_flag);
   return cudaGetLastError();
 }
 
@@ -479,20 +581,27 @@ cudaError_t launch_block(const SpqmmCudaArgs& a, const DeviceLimits& d, const T*
   if (a.dense) {
     const unsigned blocks = static_cast<unsigned>((a.n + kDenseWarps - 1) / kDenseWarps);
     if (blocks == 0) return cudaSuccess;
-    auto launch = [&](auto kernel) {
-      kernel<<<blocks, kDenseThreads, 0, a.stream>>>(x, a.k, mvalid, a.dense_codes, a.n, a.k,
-                                                    a.bits, cb, a.kc,
-                                                    static_cast<const T*>(a.bias), y, a.bad_flag);
+    // The kernel without group scales, or with them.
+    auto launch = [&](auto unscaled, auto scaled) {
+      auto kernel = a.group_scale ? scaled : unscaled;
+      kernel<<<blocks, kDenseThreads, 0, a.stream>>>(
+          x, a.k, mvalid, a.dense_codes, a.n, a.k, a.bits, cb, a.kc,
+          static_cast<const T*>(a.bias), a.group_scale, a.scale_group, a.scale_groups, y,
+          a.bad_flag);
     };
     const SpqmmDense layout = spqmm_dense_layout(a.bits);
     if (layout == SpqmmDense::kNibbles) {  // rows of whole 16-byte blocks (the glue aligns them)
-      launch(spqmm_dense_kernel<T, MB, DenseLayout::kNibbles>);
+      launch(spqmm_dense_kernel<T, MB, DenseLayout::kNibbles, false>,
+             spqmm_dense_kernel<T, MB, DenseLayout::kNibbles, true>);
     } else if (layout == SpqmmDense::kBits) {
-      launch(spqmm_dense_kernel<T, MB, DenseLayout::kBits>);
+      launch(spqmm_dense_kernel<T, MB, DenseLayout::kBits, false>,
+             spqmm_dense_kernel<T, MB, DenseLayout::kBits, true>);
     } else if (a.k % 16 == 0 && is_aligned(a.dense_codes, 16)) {
-      launch(spqmm_dense_kernel<T, MB, DenseLayout::kBytesVec>);
+      launch(spqmm_dense_kernel<T, MB, DenseLayout::kBytesVec, false>,
+             spqmm_dense_kernel<T, MB, DenseLayout::kBytesVec, true>);
     } else {
-      launch(spqmm_dense_kernel<T, MB, DenseLayout::kBytes>);
+      launch(spqmm_dense_kernel<T, MB, DenseLayout::kBytes, false>,
+             spqmm_dense_kernel<T, MB, DenseLayout::kBytes, true>);
     }
     return cudaGetLastError();
   }
@@ -551,7 +660,8 @@ cudaError_t decode_typed(const SpqmmCudaArgs& a, void* w) {
     const int64_t want = (count + kDenseThreads - 1) / kDenseThreads;
     const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(want, 8192));
     spqmm_decode_dense_kernel<T><<<blocks, kDenseThreads, 0, a.stream>>>(
-        a.dense_codes, count, a.k, a.bits, cb, a.kc, static_cast<T*>(w), a.bad_flag);
+        a.dense_codes, count, a.k, a.bits, cb, a.kc, a.group_scale, a.scale_group, a.scale_groups,
+        static_cast<T*>(w), a.bad_flag);
   } else {
     if (a.n == 0) return cudaSuccess;
     DeviceLimits d;
@@ -566,7 +676,8 @@ cudaError_t decode_typed(const SpqmmCudaArgs& a, void* w) {
     const unsigned blocks = unsigned(std::max<int64_t>(1, std::min(resident, a.groups)));
     kernel<<<blocks, kSparseThreads, 0, a.stream>>>(
         a.codes, a.windows, a.group_ptr, a.chunks, a.steps, a.groups, a.num_chunks, a.n,
-        int(a.k), cb, a.kc, static_cast<T*>(w), a.bad_flag);
+        int(a.k), cb, a.kc, a.group_scale, a.scale_group, a.scale_groups, static_cast<T*>(w),
+        a.bad_flag);
   }
   return cudaGetLastError();
 }
@@ -575,8 +686,9 @@ cudaError_t decode_typed(const SpqmmCudaArgs& a, void* w) {
 
 cudaError_t launch_spqmm_check(const SpqmmCudaArgs& a) {
   if (a.dense) return cudaSuccess;
-  spqmm_check_pointers_kernel<<<1, kDenseThreads, 0, a.stream>>>(a.group_ptr, a.groups, a.chunks,
-                                                                 a.num_chunks, a.steps, a.bad_flag);
+  spqmm_check_pointers_kernel<<<1, kDenseThreads, 0, a.stream>>>(
+      a.group_ptr, a.groups, a.chunks, a.num_chunks, a.steps, a.windows, a.group_scale != nullptr,
+      a.scale_group, a.bad_flag);
   return cudaGetLastError();
 }
 

@@ -21,8 +21,12 @@ struct SparseLayer {
 };
 
 // Row r keeps column j when (r * 7 + j * 3) % 5 < keep (keep 0..5); its id is (r + j) % k_ids.
-// A chunk starts every `chunk_steps` steps, so groups are split between chunks.
-inline SparseLayer pack_sparse(int64_t n, int64_t k, int k_ids, int keep, int64_t chunk_steps) {
+// A chunk starts every `chunk_steps` steps, so groups are split between chunks. scale_group > 0
+// (a multiple of 32): windows for group scales, each within one column group (window %
+// scale_group + 32 <= scale_group): a window that would cross its group's end starts 32 columns
+// before that end instead (still at or before the smallest next column).
+inline SparseLayer pack_sparse(int64_t n, int64_t k, int k_ids, int keep, int64_t chunk_steps,
+                               int64_t scale_group = 0) {
   constexpr int R = dcx::kSpqmmRows, W = dcx::kSpqmmWindow;
   SparseLayer l;
   l.n = n;
@@ -45,10 +49,12 @@ inline SparseLayer pack_sparse(int64_t n, int64_t k, int k_ids, int keep, int64_
       for (int i = 0; i < R; ++i)
         if (has(i) && (window < 0 || cols[g * R + i][next[i]] < window)) window = cols[g * R + i][next[i]];
       if (window < 0) break;
+      if (scale_group > 0 && window % scale_group + W > scale_group)
+        window = window - window % scale_group + scale_group - W;
       l.windows.push_back(int32_t(window));
       for (int i = 0; i < R; ++i) {
         uint16_t slot = 0;
-        if (has(i) && cols[g * R + i][next[i]] < window + W) {
+        if (has(i) && cols[g * R + i][next[i]] >= window && cols[g * R + i][next[i]] < window + W) {
           const int64_t r = g * R + i, j = cols[r][next[i]++];
           slot = uint16_t(dcx::kSpqmmLive | (j - window) << dcx::kSpqmmOffsetShift | l.ids[r * k + j]);
         }

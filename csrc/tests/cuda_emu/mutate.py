@@ -45,6 +45,9 @@ MUTANTS = [
     # The window of a step read from the neighbouring lane.
     Mutant("spqmm.sparse-lane", "spqmm", r"__shfl_sync\(kFull, window, t\)",
            "__shfl_sync(kFull, window, t ^ 1)", ("plain", "fma", "asan"), part="sparse"),
+    # The group scale left out of a sparse step's weights.
+    Mutant("spqmm.sparse-group-scale", "spqmm", r"if \(kScaled\) w \*= srow \? srow\[c0\] : 0\.f;",
+           "", ("plain", "fma", "asan"), part="sparse"),
     # The barrier after x is staged in shared memory: only schedules that let one warp run ahead
     # of the others read a half-staged x.
     Mutant("spqmm.staging-barrier", "spqmm",
