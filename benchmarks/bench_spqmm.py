@@ -13,6 +13,8 @@ a compressed layer is not read from the GPU's L2 or the CPU's L3 cache.
     python benchmarks/bench_spqmm.py --anchors             # against torch's quantized CPU paths
     python benchmarks/bench_spqmm.py --anchors --busy      # the same with one core loaded
     python benchmarks/bench_spqmm.py --shapes fc7 --densities 0.1 --bits 5 --batches 1 --threads 2
+    python benchmarks/bench_spqmm.py --preset groups --group-size 128 --name spqmm-cpu-groups
+                                                           # group scales' cost
 Environment: DCX_BENCH_SHAPES, DCX_BENCH_DENSITIES, DCX_BENCH_BITS, DCX_BENCH_BATCHES and
 DCX_BENCH_THREADS give the same lists (comma-separated). Writes
 benchmarks/results/spqmm-<device>.md (or --name).
@@ -64,6 +66,12 @@ PRESETS = {
         dict(shapes=["fc7"], densities=[0.05, 0.1, 0.25, 0.5], bits=[4, 8], batches=[1]),
         dict(shapes=["fc7"], densities=[0.1, 1.0], bits=[5], batches=[4, 64]),
     ],
+    # Group scales' cost (--group-size): fc7 sparse 10% / 5 bits and dense 4 and 6 bits over the
+    # batch sizes.
+    "groups": [
+        dict(shapes=["fc7"], densities=[0.1], bits=[5], batches=[1, 4, 16, 64]),
+        dict(shapes=["fc7"], densities=[1.0], bits=[4, 6], batches=[1, 4, 16, 64]),
+    ],
     # The GPU table (benchmarks/gpu_check.sh, about a minute): AlexNet fc6 at 10% / 5 bits over
     # the batch sizes, then fc7 and an LLM projection, sparse and dense, 4 and 8 bits, batch 1.
     "gpu-table": [
@@ -94,7 +102,7 @@ def make_packed(n, k, density, bits, device, dtype, gen):
     codebook = torch.randn(1 << bits, generator=gen).to(dtype)
     packed = dcx.pack(mask, labels, codebook, bits)
     packed = packed.to(device)
-    return mask, packed
+    return mask, packed, labels, codebook
 
 
 def copies_for(nbytes, device):
@@ -108,10 +116,16 @@ def rotating(make_fn, items):
 
 
 def run_case(rows, device, name, n, k, density, bits, batches, act_dtype, copy_gbs, cache, gen,
-             cpu_clock=False, crossover=-1):
-    mask, packed = make_packed(n, k, density, bits, device, act_dtype, gen)
+             cpu_clock=False, crossover=-1, group_size=0):
+    mask, packed, labels, codebook = make_packed(n, k, density, bits, device, act_dtype, gen)
     packs = [packed] + [packed._replace(codes=packed.codes.clone())
                         for _ in range(copies_for(packed.nbytes(), device) - 1)]
+    grouped = []
+    if group_size:  # the same weight with group scales (packed by their rule) beside it
+        packed_g = dcx.pack(mask, labels, codebook, bits, group_size=group_size).to(device)
+        scale = (torch.rand(n, -(-k // group_size), generator=gen) + 0.5).half().float().to(device)
+        grouped = [(packed_g._replace(codes=packed_g.codes.clone()), scale.clone())
+                   for _ in range(copies_for(packed_g.nbytes() + scale.numel() * 4, device))]
     key = (name, density)
     if key not in cache:  # baselines depend on shape and density only
         cache.clear()
@@ -142,6 +156,9 @@ def run_case(rows, device, name, n, k, density, bits, batches, act_dtype, copy_g
             fns["csr"] = rotating(lambda w: w @ xt, csr)
         # check=False as SparseQuantLinear calls it (on CUDA the check is a host sync per call).
         fns["dcx"] = rotating(lambda p: p.spqmm(x, check=False, crossover=crossover), packs)
+        if grouped:
+            fns["dcx g"] = rotating(lambda ps: ps[0].spqmm(x, check=False, crossover=crossover,
+                                                           scale=ps[1]), grouped)
         times = common.bench_side_by_side(fns, device, clock=clock_for(device, cpu_clock))
         t_dense, t_half, t_csr, t_dcx = (times.get(f) for f in ("dense", "half", "csr", "dcx"))
         gbs = packed.nbytes() / t_dcx / 1e9
@@ -156,6 +173,10 @@ def run_case(rows, device, name, n, k, density, bits, batches, act_dtype, copy_g
         if device == "cuda":
             row.append(ratio(t_half))
         row.append(ratio(t_csr))
+        if grouped:
+            t_g = times["dcx g"]
+            row += [fmt(t_g), f"{t_g / t_dcx:.2f}x",
+                    f"{(grouped[0][0].nbytes() + grouped[0][1].numel() * 2) / (n * k):.3f}"]
         rows.append(row)
         print(" | ".join(str(c) for c in row), flush=True)
 
@@ -273,7 +294,7 @@ def anchor_cases(gen):
     for name, density, bits in ANCHOR_CASES:
         n, k = SHAPES[name]
         anchors = torch_anchors(n, k, gen)
-        mask, packed = make_packed(n, k, density, bits, "cpu", torch.float32, gen)
+        mask, packed, _, _ = make_packed(n, k, density, bits, "cpu", torch.float32, gen)
         packs = [packed] + [packed._replace(codes=packed.codes.clone())
                             for _ in range(copies_for(packed.nbytes(), "cpu") - 1)]
         for mode in ("float32", "bfloat16", "int8"):
@@ -426,6 +447,10 @@ def main():
     parser.add_argument("--note", action="append", default=[], help="a line added to the table's notes")
     parser.add_argument("--anchors", action="store_true",
                         help="the table against torch's quantized CPU paths (spqmm-cpu-anchors.md)")
+    parser.add_argument("--group-size", type=int, default=0,
+                        help="also time the layer with group scales of this many columns "
+                             "(columns: its ms, its time over dcx's, its bytes per weight with "
+                             "the scales as float16, as in the file)")
     parser.add_argument("--busy", action="store_true",
                         help="with --anchors: each method quiet and with one core loaded by a "
                              "spinning process (spqmm-cpu-busy.md)")
@@ -448,7 +473,7 @@ def main():
                         for bits in part["bits"]:
                             run_case(rows, device, name, n, k, density, bits, part["batches"],
                                      act_dtype, copy_gbs, cache, gen, args.cpu_clock,
-                                     args.crossover)
+                                     args.crossover, args.group_size)
         header = ["layer", "N x K", "density", "bits", "mode", "batch", "threads", "dense fp32 ms"]
         if device == "cuda":
             header.append(f"dense {args.dtype} ms")
@@ -456,6 +481,8 @@ def main():
         if device == "cuda":
             header.append(f"vs dense {args.dtype}")
         header.append("vs CSR")
+        if args.group_size:
+            header += [f"dcx g{args.group_size} ms", "g / dcx", "g bytes/weight"]
         act = "float32" if device == "cpu" else args.dtype
         notes = [common.stamp(device), "",
                  f"Activations {act} (dcx and CSR), dense baselines F.linear; CSR is torch.sparse "

@@ -81,7 +81,7 @@ def main():
             f = minilm.fidelity(reference["fixed"], minilm.embed(loaded, fixed))
             h = minilm.fidelity(reference["held"], minilm.embed(loaded, held_out))
             size = path.stat().st_size
-            rows.append([method, str(bits), f"{sparsity:.0%}", scale or "-", f"{size:,}",
+            rows.append([method, str(bits), f"{sparsity:.0%}", str(scale or "-"), f"{size:,}",
                          f"{source_bytes / size:.2f}x", f"{f['mean_cos']:.4f}",
                          f"{f['min_cos']:.4f}", f"{h['mean_cos']:.4f}", f"{h['min_cos']:.4f}",
                          f"{seconds:.0f}"])

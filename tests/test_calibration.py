@@ -137,13 +137,22 @@ def test_refit_is_the_least_squares_codebook():
     labels = torch.randint(0, 4, (1, 16, 24))
     mask = torch.rand(1, 16, 24) > 0.3
     start = torch.tensor([-1.0, -0.3, 0.3, 1.0], dtype=torch.float64)
-    c = _refit_codebook(w, labels, mask, h, start, iterations=16)
-    # the normal equations, solved directly
+    c = _refit_codebook(w, labels, mask, h, start)
+    # the normal equations, written out
     onehot = F.one_hot(labels, 4).double() * mask[..., None]
     a = torch.einsum("grkc,gkl,grld->cd", onehot, h, onehot)
     b = torch.einsum("grkc,gkl,grl->c", onehot, h, w)
     torch.testing.assert_close(c, torch.linalg.solve(a, b))
     assert output_error(w, c[labels] * mask, h) <= output_error(w, start[labels] * mask, h)
+    # group scales weigh each weight; an entry no kept weight uses keeps its value
+    scale = torch.rand(1, 16, 3).double().repeat_interleave(8, -1) + 0.5
+    five = torch.cat([start, torch.tensor([7.0], dtype=torch.float64)])
+    c = _refit_codebook(w, labels, mask, h, five, scale)
+    onehot = onehot * scale[..., None]
+    a = torch.einsum("grkc,gkl,grld->cd", onehot, h, onehot)
+    b = torch.einsum("grkc,gkl,grl->c", onehot, h, w)
+    torch.testing.assert_close(c[:4], torch.linalg.solve(a, b))
+    assert c[4] == 7.0
 
 
 def tiny_bert():
