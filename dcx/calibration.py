@@ -287,10 +287,12 @@ def _refit_codebook(w0: Tensor, labels: Tensor, mask: Tensor, h: Tensor, codeboo
     chunk = max(1, (1 << 23) // max(1, k * num))  # rows per product: Z of 64 MB at most
     for gi in range(g):
         for r0 in range(0, rows, chunk):
-            lab, cf = labels[gi, r0:r0 + chunk].long(), coef[gi, r0:r0 + chunk]
-            z = torch.zeros(lab.shape[0], k, num, dtype=h.dtype, device=h.device)
+            lab, cf = labels[gi, r0:r0 + chunk].long().t(), coef[gi, r0:r0 + chunk].t()
+            # Z of these rows as [k, rows x num]: H Z is one GEMM (not one small one per row)
+            z = torch.zeros(k, lab.shape[1], num, dtype=h.dtype, device=h.device)
             z.scatter_(2, lab.unsqueeze(-1), cf.unsqueeze(-1))
-            m += z.reshape(-1, num).t() @ torch.matmul(h[gi], z).reshape(-1, num)
+            hz = h[gi] @ z.reshape(k, -1)
+            m += z.reshape(-1, num).t() @ hz.reshape(-1, num)
     c0 = codebook.to(h.dtype)
     unused = m.diagonal() <= 0
     m[unused] = 0
