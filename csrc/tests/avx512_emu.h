@@ -51,6 +51,7 @@ inline __m512i _mm512_set1_epi32(int v) {
   return r;
 }
 inline __m512 _mm512_loadu_ps(const float* p) { __m512 r; std::memcpy(r.f, p, 64); return r; }
+inline __m512 _mm512_load_ps(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512i _mm512_loadu_si512(const void* p) { __m512i r; std::memcpy(&r, p, 64); return r; }
 inline __m512i _mm512_load_si512(const void* p) { return _mm512_loadu_si512(p); }
 inline __m256i _mm256_loadu_si256(const __m256i* p) { __m256i r; std::memcpy(&r, p, 32); return r; }
@@ -80,6 +81,10 @@ inline __m128i _mm_cvtsi32_si128(int v) {
 
 inline __m512 _mm512_add_ps(__m512 a, __m512 b) {
   for (int i = 0; i < 16; ++i) a.f[i] += b.f[i];
+  return a;
+}
+inline __m512 _mm512_mul_ps(__m512 a, __m512 b) {
+  for (int i = 0; i < 16; ++i) a.f[i] *= b.f[i];
   return a;
 }
 inline __m512 _mm512_fmadd_ps(__m512 a, __m512 b, __m512 c) {

@@ -23,18 +23,37 @@ constexpr int R = dcx::kSpqmmRows;
 
 struct Layer {
   dcx_test::SparseLayer s;   // the packed arrays
-  std::vector<float> dense;  // decoded weight [n, k]
-  dcx::SpqmmPacked p;        // points into s
+  std::vector<float> dense;  // decoded weight [n, k] (times the group scales)
+  std::vector<float> scale;  // group scales [n][groups] (exactly: ASan sees a read past them)
+  dcx::SpqmmPacked p;        // points into s and scale
 };
 
-// pack_sparse's layer (spqmm_test_layers.h) with ids of `bits` bits and its weights from table.
+// Group scales of an [n, k] layer in groups of `group` columns: a few exact float values.
+std::vector<float> make_scales(int64_t n, int64_t k, int64_t group) {
+  const int64_t groups = (k + group - 1) / group;
+  std::vector<float> scale(n * groups);
+  for (int64_t i = 0; i < n * groups; ++i) scale[i] = 0.25f * float(1 + (i * 7) % 11);
+  return scale;
+}
+
+void set_scales(dcx::SpqmmPacked& p, const std::vector<float>& scale, int64_t group) {
+  p.group_scale = scale.data();
+  p.scale_group = group;
+  p.scale_groups = (p.k + group - 1) / group;
+}
+
+// pack_sparse's layer (spqmm_test_layers.h) with ids of `bits` bits and its weights from table;
+// group > 0: with group scales of that many columns (and windows kept inside the groups).
 Layer make_layer(int64_t n, int64_t k, int bits, int keep, int64_t chunk_steps,
-                 const std::vector<float>& table) {
+                 const std::vector<float>& table, int64_t group = 0) {
   Layer l;
-  l.s = dcx_test::pack_sparse(n, k, 1 << bits, keep, chunk_steps);
+  l.s = dcx_test::pack_sparse(n, k, 1 << bits, keep, chunk_steps, group);
   l.dense.assign(n * k, 0.f);
+  if (group > 0) l.scale = make_scales(n, k, group);
   for (int64_t i = 0; i < n * k; ++i)
-    if (l.s.ids[i] >= 0) l.dense[i] = table[l.s.ids[i]];
+    if (l.s.ids[i] >= 0)
+      l.dense[i] = table[l.s.ids[i]] *
+                   (group > 0 ? l.scale[(i / k) * ((k + group - 1) / group) + (i % k) / group] : 1.f);
   l.p.codes = l.s.codes.data();
   l.p.windows = l.s.windows.data();
   l.p.group_ptr = l.s.group_ptr.data();
@@ -45,6 +64,7 @@ Layer make_layer(int64_t n, int64_t k, int bits, int keep, int64_t chunk_steps,
   l.p.n = n;
   l.p.k = k;
   l.p.bits = bits;
+  if (group > 0) set_scales(l.p, l.scale, group);
   return l;
 }
 
@@ -70,7 +90,7 @@ void check_close(const std::vector<float>& y, const Layer& l, const std::vector<
       ref += double(l.dense[r * l.p.k + j]) * x[j];
       mag += std::fabs(double(l.dense[r * l.p.k + j]) * x[j]);
     }
-    CHECK(std::fabs(y[r] - ref) <= (l.p.k + 2) * 6e-8 * mag + 1e-30);
+    CHECK(std::fabs(y[r] - ref) <= (l.p.k + 3) * 6e-8 * mag + 1e-30);  // + a scale's product
   }
 }
 
@@ -131,11 +151,11 @@ void test_batch_kernels(const Layer& l, const std::vector<float>& table, const s
 #endif
 }
 
-void test_kernels(int64_t n, int64_t k, int bits, int keep, int64_t chunk_steps) {
+void test_kernels(int64_t n, int64_t k, int bits, int keep, int64_t chunk_steps, int64_t group = 0) {
   std::vector<float> table(dcx::kSpqmmTable, 0.f), bias(n);
   for (int i = 0; i < (1 << bits); ++i) table[i] = 0.25f * float(i) - 1.5f;
   for (int64_t r = 0; r < n; ++r) bias[r] = 0.5f * float(r % 3);
-  const Layer l = make_layer(n, k, bits, keep, chunk_steps, table);
+  const Layer l = make_layer(n, k, bits, keep, chunk_steps, table, group);
   CHECK(dcx::spqmm_check_structure(l.p) == nullptr);
   std::vector<float> x(dcx::spqmm_x_stride(k), 0.f);
   for (int64_t j = 0; j < k; ++j) x[j] = std::sin(0.37f * float(j));
@@ -214,10 +234,15 @@ void test_bad_window_is_reported() {
 struct DenseLayer {
   dcx_test::DenseLayer d;
   std::vector<uint32_t> ids;  // [n, k]
-  dcx::SpqmmPacked p;         // points into d
+  std::vector<float> scale;   // group scales [n][groups], or none
+  dcx::SpqmmPacked p;         // points into d and scale
+  // Weight (r, j) as the kernels decode it: table[id] times its group scale, one float product.
+  float weight(const std::vector<float>& table, int64_t r, int64_t j) const {
+    return table[ids[r * p.k + j]] * dcx::spqmm_group_scale(p, r, j);
+  }
 };
 
-DenseLayer make_dense(int64_t n, int64_t k, int bits) {
+DenseLayer make_dense(int64_t n, int64_t k, int bits, int64_t group = 0) {
   DenseLayer l;
   l.d = dcx_test::pack_dense(n, k, bits, 1 << bits);
   l.ids.assign(l.d.ids.begin(), l.d.ids.end());
@@ -228,6 +253,10 @@ DenseLayer make_dense(int64_t n, int64_t k, int bits) {
   l.p.n = n;
   l.p.k = k;
   l.p.bits = bits;
+  if (group > 0) {
+    l.scale = make_scales(n, k, group);
+    set_scales(l.p, l.scale, group);
+  }
   return l;
 }
 
@@ -239,11 +268,11 @@ void check_dense(const std::vector<float>& y, const DenseLayer& l, const std::ve
     for (int64_t r = 0; r < l.p.n; ++r) {
       double ref = bias[r], mag = std::fabs(bias[r]);
       for (int64_t j = 0; j < l.p.k; ++j) {
-        const double w = table[l.ids[r * l.p.k + j]];
+        const double w = l.weight(table, r, j);
         ref += w * x[m * l.p.k + j];
         mag += std::fabs(w * x[m * l.p.k + j]);
       }
-      CHECK(std::fabs(y[m * l.p.n + r] - ref) <= (l.p.k + 2) * 6e-8 * mag + 1e-30);
+      CHECK(std::fabs(y[m * l.p.n + r] - ref) <= (l.p.k + 3) * 6e-8 * mag + 1e-30);
     }
 }
 
@@ -341,8 +370,9 @@ void test_q8_batch(const DenseLayer& l, const std::vector<float>& table, int bit
             dot += v;
             abs_dot += v < 0 ? -v : v;
           }
-          ref += double(dot) * xs[m * blocks + b];
-          mag += double(abs_dot) * xs[m * blocks + b];
+          const double gs = dcx::spqmm_group_scale(l.p, r, b * dcx::kQ8Block);
+          ref += double(dot) * xs[m * blocks + b] * gs;
+          mag += double(abs_dot) * xs[m * blocks + b] * gs;
         }
         ref = ref * wscale + bias[r];
         mag = mag * wscale + std::fabs(bias[r]);
@@ -384,11 +414,14 @@ void test_q8_batch(const DenseLayer& l, const std::vector<float>& table, int bit
 #endif
 }
 
-void test_dense(int64_t n, int64_t k, int bits) {
+void test_dense(int64_t n, int64_t k, int bits, int64_t group = 0) {
   std::vector<float> table(dcx::kSpqmmTable, 0.f), bias(n);
   for (int i = 0; i < (1 << bits); ++i) table[i] = 0.125f * float(i % 23) - 1.25f;
   for (int64_t r = 0; r < n; ++r) bias[r] = 0.25f * float(r % 5);
-  const DenseLayer l = make_dense(n, k, bits);
+  const DenseLayer l = make_dense(n, k, bits, group);
+  auto decoded = [&](const std::vector<float>& w) {  // every weight as the kernels decode it
+    for (int64_t i = 0; i < n * k; ++i) CHECK(w[i] == l.weight(table, i / k, i % k));
+  };
   uint32_t max_id = 0;
   for (uint32_t id : l.ids) max_id = std::max(max_id, id);
   test_dense_batch<1>(l, table, bias, max_id);
@@ -403,7 +436,7 @@ void test_dense(int64_t n, int64_t k, int bits) {
   std::vector<float> w(n * k, -1.f);
   dcx::SpqmmSeen seen;
   dcx::spqmm_decode_rows(l.p, 0, n, table.data(), w.data(), &seen);
-  for (int64_t i = 0; i < n * k; ++i) CHECK(w[i] == table[l.ids[i]]);
+  decoded(w);
   CHECK(seen.max_id == max_id);
 #ifdef DCX_SPQMM_AVX512
   if (dcx::avx512::supported()) {
@@ -413,7 +446,7 @@ void test_dense(int64_t n, int64_t k, int bits) {
       dcx::avx512::dense_decode_rows<decltype(lut)::value, decltype(layout)::value>(
           l.p, 0, n, table.data(), wv.data(), &vseen);
     });
-    for (int64_t i = 0; i < n * k; ++i) CHECK(wv[i] == table[l.ids[i]]);
+    decoded(wv);
     CHECK(vseen.max_id == max_id);
   }
 #endif
@@ -425,10 +458,22 @@ void test_dense(int64_t n, int64_t k, int bits) {
       dcx::avx2::dense_decode_rows<decltype(nt)::value, decltype(layout)::value>(
           l.p, 0, n, table.data(), wa.data(), &aseen);
     });
-    for (int64_t i = 0; i < n * k; ++i) CHECK(wa[i] == table[l.ids[i]]);
+    decoded(wa);
     CHECK(aseen.max_id == max_id);
   }
 #endif
+}
+
+// Group scales need every window inside one group: the structure check refuses one that crosses.
+void test_group_windows() {
+  const std::vector<float> table(dcx::kSpqmmTable, 0.5f);
+  const Layer grouped = make_layer(40, 333, 4, 1, 1000, table, 64);
+  CHECK(dcx::spqmm_check_structure(grouped.p) == nullptr);
+  Layer loose = make_layer(40, 333, 4, 1, 1000, table);
+  const std::vector<float> scale = make_scales(40, 333, 64);
+  CHECK(dcx::spqmm_check_structure(loose.p) == nullptr);
+  set_scales(loose.p, scale, 64);
+  CHECK(dcx::spqmm_check_structure(loose.p) != nullptr);
 }
 
 }  // namespace
@@ -443,6 +488,17 @@ int main() {
   for (int bits : {1, 2, 4, 5, 6, 7, 8})
     for (int64_t k : {1, 15, 16, 63, 64, 65, 127, 128, 129, 300}) test_dense(5, k, bits);
   test_dense(33, 1000, 6);
+  // Group scales: every kernel above scales each weight by its row's scale for its column group.
+  for (int bits : {3, 5, 8})
+    for (int64_t group : {32, 64, 96}) {
+      test_kernels(7, 97, bits, 2, 3, group);
+      test_kernels(35, 1000, bits, 5, 7, group);
+      test_kernels(40, 333, bits, 1, 1000, group);
+    }
+  for (int bits : {2, 4, 6, 8})
+    for (int64_t k : {31, 64, 129, 300}) test_dense(5, k, bits, 64);
+  test_dense(33, 1000, 5, 32);
+  test_group_windows();
   test_structure_errors();
   test_bad_window_is_reported();
   return dcx_test::finish("test_spqmm");
