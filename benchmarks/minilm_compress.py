@@ -2,7 +2,7 @@
 fidelity for plain k-means, row-scaled codebooks and the calibrated methods (second-order,
 and activation-weighted).
 
-    python benchmarks/minilm_compress.py [--samples 256] [--quick]
+    python benchmarks/minilm_compress.py [--samples 256] [--quick | --groups]
     # writes benchmarks/results/minilm-compress.md
 
 Each setting runs what `dcx convert MODEL_FOLDER --bits B --sparsity S [--scale row]
@@ -46,12 +46,18 @@ SETTINGS = [
 ]
 QUICK = [("plain", 4, 0.0, None), ("gptq", 4, 0.0, None), ("gptq", 5, 0.5, None),
          ("weighted", 4, 0.0, None)]
+# --groups: group scales (one float16 scale per row and group of that many input columns).
+GROUPS = [("plain", 4, 0.0, 128), ("plain", 4, 0.0, 32), ("gptq", 4, 0.0, 128),
+          ("gptq", 4, 0.0, 64), ("gptq", 4, 0.0, 32), ("gptq", 3, 0.0, 32),
+          ("gptq", 5, 0.5, 32), ("weighted", 4, 0.0, 32)]
 
 
 def main():
     args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     args.add_argument("--samples", type=int, default=256, help="calibration sentences")
     args.add_argument("--quick", action="store_true", help="three settings only")
+    args.add_argument("--groups", action="store_true",
+                      help="the group-scale settings, written to minilm-compress-groups.md")
     args = args.parse_args()
     why = minilm.available() or (None if TEXT.is_dir() else f"{TEXT} is absent")
     if why:
@@ -68,7 +74,8 @@ def main():
     source_bytes = (minilm.model_path() / "model.safetensors").stat().st_size
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for method, bits, sparsity, scale in QUICK if args.quick else SETTINGS:
+        for method, bits, sparsity, scale in (QUICK if args.quick else GROUPS if args.groups
+                                              else SETTINGS):
             started = time.perf_counter()
             config = dcx.ConvertConfig(bits=bits, sparsity=sparsity, scale=scale, method=method,
                                        overrides=EMBEDDINGS)
@@ -96,11 +103,14 @@ def main():
              f"dcx.calibrate's second-order method on {args.samples} sentences of four Austen "
              "novels (16 per batch); weighted: the cheap calibrated path on the same sentences "
              "(pruning by |w| times the input column's norm within each row, activation-weighted "
-             "k-means, nearest assignment); row: one float16 scale per output row. Held-out: 256 "
+             "k-means, nearest assignment); row: one float16 scale per output row; a number: one "
+             "per row and group of that many input columns. Held-out: 256 "
              "sentences of persuasion.txt. The model rebuilt from the file alone. Command: "
-             f"`python benchmarks/minilm_compress.py --samples {args.samples}`."]
-    common.write_table("minilm-compress", "all-MiniLM-L6-v2: post-training compression with "
-                       "calibration", header, rows, notes)
+             f"`python benchmarks/minilm_compress.py --samples {args.samples}"
+             f"{' --groups' if args.groups else ''}`."]
+    common.write_table("minilm-compress-groups" if args.groups else "minilm-compress",
+                       "all-MiniLM-L6-v2: post-training compression with calibration"
+                       + (" (group scales)" if args.groups else ""), header, rows, notes)
 
 
 if __name__ == "__main__":

@@ -82,8 +82,14 @@ def row_scales(weight: Tensor, mask: Optional[Tensor] = None) -> Tensor:
 def group_scales(weight: Tensor, mask: Optional[Tensor], group_size: int) -> Tensor:
     """[out, G] float32 scales of a group-scaled codebook, one per output row and group of
     `group_size` columns of the weight viewed [out, columns] (G = ceil(columns / group_size)): the
-    RMS of the group's kept weights, rounded to float16, 1 for a group with none (as row_scales,
-    whose [out] scales it returns when one group holds every column)."""
+    RMS of the group's kept weights, or a third of their largest magnitude where that is more,
+    rounded to float16, 1 for a group with none (as row_scales, whose [out] scales it returns
+    when one group holds every column). The floor keeps an outlier within about 3 of the shared
+    codebook's units: on all-MiniLM-L6-v2's layer 0 output projection (one weight of 7.9 where
+    the RMS is 0.045) plain RMS put it at 11 units, past the codebook's last entry (3.9), and
+    4-bit k-means lost 42% of the layer's output energy (0.9% with the floor; GPTQ 1.6% against
+    0.02%); the floor binds on few other groups (a group of 128 normal values rarely reaches 3
+    RMS). Row scales keep the plain RMS: there the floor measured worse (0.4% against 10%)."""
     w = weight.detach().float().reshape(weight.shape[0], -1)
     columns = w.shape[1]
     groups = -(-columns // group_size)
@@ -94,8 +100,9 @@ def group_scales(weight: Tensor, mask: Optional[Tensor], group_size: int) -> Ten
     w = torch.nn.functional.pad(w, (0, pad)).reshape(w.shape[0], groups, group_size)
     keep = torch.nn.functional.pad(keep, (0, pad)).reshape(w.shape)
     rms = ((w * w * keep).sum(2) / keep.sum(2).clamp_min(1)).sqrt()
-    rms = rms.clamp(2.0 ** -14, 65504.0).half().float()  # float16's normal range
-    return torch.where((w * keep).abs().amax(2) > 0, rms, torch.ones_like(rms))
+    amax = (w * keep).abs().amax(2)
+    scale = torch.maximum(rms, amax / 3).clamp(2.0 ** -14, 65504.0).half().float()
+    return torch.where(amax > 0, scale, torch.ones_like(scale))
 
 
 def codebook_scales(weight: Tensor, mask: Optional[Tensor], scale) -> Optional[Tensor]:
