@@ -207,6 +207,25 @@ inline void check_spqmm_scale(const std::optional<at::Tensor>& scale, int64_t gr
 
 inline bool has_tensor(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
+// Row scales (group_size 0) are applied after the kernels, one multiply per output.
+inline bool row_scaled(const std::optional<at::Tensor>& scale, int64_t group_size) {
+  return group_size == 0 && has_tensor(scale);
+}
+
+// Group scales as the CPU and CUDA kernels read them (core/spqmm.h's SpqmmPacked): float32,
+// contiguous, [out_features][groups], alive as long as this; data() null without them.
+struct GroupScales {
+  at::Tensor t;
+  int64_t group = 0, groups = 0;
+  GroupScales(const std::optional<at::Tensor>& scale, int64_t group_size) {
+    if (group_size == 0 || !has_tensor(scale)) return;
+    t = scale->to(at::kFloat).contiguous();
+    group = group_size;
+    groups = t.size(1);
+  }
+  const float* data() const { return t.defined() ? t.data_ptr<float>() : nullptr; }
+};
+
 // The epilogue of a scaled codebook, on a product y [M, N] computed without the bias: y = y *
 // scale + bias, one multiply per output, whichever kernel made y (CPU and CUDA alike).
 inline void apply_row_scale(at::Tensor& y, const at::Tensor& scale, const at::Tensor& bias) {

@@ -98,20 +98,11 @@ SpqmmPacked make_packed(const at::Tensor& codes, const at::Tensor& windows,
   return p;
 }
 
-// A group-scaled codebook's scales (group_size > 0) as the kernels read them: float32 [N][G],
-// kept alive in *held. Row scales (group_size 0) are applied after the kernels instead.
-void attach_group_scale(SpqmmPacked& p, const std::optional<at::Tensor>& scale, int64_t group_size,
-                        at::Tensor* held) {
-  if (group_size == 0 || !has_tensor(scale)) return;
-  *held = scale->to(at::kFloat).contiguous();
-  p.group_scale = held->data_ptr<float>();
-  p.scale_group = group_size;
-  p.scale_groups = held->size(1);
-}
-
-// Row scales: the epilogue after the kernels (group scales are inside them).
-bool row_scaled(const std::optional<at::Tensor>& scale, int64_t group_size) {
-  return group_size == 0 && has_tensor(scale);
+// The layer's group scales (if any) into the kernels' view of it.
+void attach(SpqmmPacked& p, const GroupScales& gs) {
+  p.group_scale = gs.data();
+  p.scale_group = gs.group;
+  p.scale_groups = gs.groups;
 }
 
 void check_seen(const SpqmmSeen& seen, int64_t k_codebook, int64_t in_features) {
@@ -579,8 +570,8 @@ at::Tensor spqmm_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   const at::NoGradGuard no_grad;
   const int64_t N = out_features, K = in_features;
   SpqmmPacked p = make_packed(codes, windows, group_ptr, chunks, N, K, bits);
-  at::Tensor group_scale;
-  attach_group_scale(p, scale, group_size, &group_scale);
+  const GroupScales gs(scale, group_size);
+  attach(p, gs);
   const bool scaled = row_scaled(scale, group_size);
   if (!p.dense) {
     const char* bad = spqmm_check_structure(p);
@@ -649,8 +640,8 @@ at::Tensor spqmm_int8_cpu(const at::Tensor& x, const at::Tensor& codes, const at
   const int64_t N = out_features, K = in_features;
   const at::Tensor none;
   SpqmmPacked p = make_packed(codes, none, none, none, N, K, bits);
-  at::Tensor group_scale;
-  attach_group_scale(p, scale, group_size, &group_scale);
+  const GroupScales gs(scale, group_size);
+  attach(p, gs);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
   const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);

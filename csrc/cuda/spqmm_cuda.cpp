@@ -32,20 +32,6 @@ void check_flag(const at::Tensor& bad, bool check) {
               "32 <= group_size; corrupted packed weight)");
 }
 
-// Group scales as the kernels read them: float32, contiguous (kept alive by the caller for the
-// launch); an undefined tensor without them.
-struct GroupScales {
-  at::Tensor t;
-  int64_t group = 0, groups = 0;
-  GroupScales(const std::optional<at::Tensor>& scale, int64_t group_size) {
-    if (group_size == 0 || !has_tensor(scale)) return;
-    t = scale->to(at::kFloat).contiguous();
-    group = group_size;
-    groups = t.size(1);
-  }
-  const float* data() const { return t.defined() ? t.data_ptr<float>() : nullptr; }
-};
-
 // The packed weight's part of the launch arguments, for spqmm and spqmm_decode. Two ids per byte
 // (bits <= 4): the kernels read rows of 16-byte blocks with 16-byte loads, so a view that does
 // not start on 16 bytes is copied to a fresh (aligned) allocation, kept alive in *realigned.
@@ -201,7 +187,7 @@ at::Tensor int8_product(const at::Tensor& x2, const at::Tensor& codes, const at:
 // applied inside the kernels, so their product needs no wider dtype.
 at::ScalarType scaled_dtype(at::ScalarType dtype, const std::optional<at::Tensor>& scale,
                             int64_t group_size) {
-  return has_tensor(scale) && group_size == 0 && dtype == at::kHalf ? at::kFloat : dtype;
+  return row_scaled(scale, group_size) && dtype == at::kHalf ? at::kFloat : dtype;
 }
 
 // x [..., K] as [M, K] in `dtype`, with the codebook and bias cast to it (all contiguous).
@@ -243,15 +229,15 @@ at::Tensor spqmm_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Te
   const SpqmmPlan plan = spqmm_plan(SpqmmIsa::kCuda, mode, density, N, K, o.x2.size(0), 1, crossover);
   // A row-scaled codebook: the kernels sum codebook values, the row scale and bias come after.
   // Group scales are applied in the kernels (and the decode), the bias with them.
-  const bool row_scaled = has_tensor(scale) && group_size == 0;
+  const bool by_row = row_scaled(scale, group_size);
   const GroupScales gs(scale, group_size);
-  const at::Tensor b = row_scaled ? at::Tensor() : o.b;
+  const at::Tensor b = by_row ? at::Tensor() : o.b;
   at::Tensor y =
       plan.kernel == SpqmmKernel::kInt8Rows
           ? int8_product(o.x2, codes, o.cb, N, K, bits, b, gs, check, stream)
           : float_product(o.x2, codes, windows, group_ptr, chunks, o.cb, N, K, bits, b, gs,
                           plan.kernel == SpqmmKernel::kDecodeGemm, check, stream);
-  if (row_scaled) apply_row_scale(y, *scale, o.b);
+  if (by_row) apply_row_scale(y, *scale, o.b);
   return y.to(x.scalar_type()).reshape(o.out_shape);
 }
 
@@ -265,12 +251,12 @@ at::Tensor spqmm_int8_cuda(const at::Tensor& x, const at::Tensor& codes, const a
   const c10::cuda::CUDAGuard guard(x.device());
   const Operands o(x, codebook, bias, out_features,
                    scaled_dtype(x.scalar_type(), scale, group_size));
-  const bool row_scaled = has_tensor(scale) && group_size == 0;
+  const bool by_row = row_scaled(scale, group_size);
   const GroupScales gs(scale, group_size);
   at::Tensor y = int8_product(o.x2, codes, o.cb, out_features, in_features, bits,
-                              row_scaled ? at::Tensor() : o.b, gs, check,
+                              by_row ? at::Tensor() : o.b, gs, check,
                               at::cuda::getCurrentCUDAStream());
-  if (row_scaled) apply_row_scale(y, *scale, o.b);
+  if (by_row) apply_row_scale(y, *scale, o.b);
   return y.to(x.scalar_type()).reshape(o.out_shape);
 }
 
