@@ -15,7 +15,7 @@ from dcx import _native, reference, state
 from dcx import format as fmt
 from dcx.packing import unpack
 from dcx.quantize import group_scales
-from tests.testing import cpu_isas, devices, requires_kernels, unit_roundoff
+from tests.testing import cpu_isas, devices, first_plan_rules, requires_kernels, unit_roundoff
 
 pytestmark = requires_kernels
 
@@ -88,27 +88,14 @@ def test_every_plan_rule_runs_with_group_scales(monkeypatch, isa):
               make_layer(40, 300, 0.6, 6, 32, dense=False),
               make_layer(40, 300, 1.0, 4, 128, dense=True),
               make_layer(64, max(300, -(-big // 64)), 1.0, 4, 64, dense=True)]
-    rows_to_try = [1, 2, 3, 4, 5, 8, 9, 15, 16, 17, 23, 24, 31, 32, 33, 63, 64, 65, 95, 96, 130,
-                   170]
-    reached = set()
-    for mask, labels, codebook, scale, p in layers:
-        n, k, gs = p.out_features, p.in_features, p.group_size
-        density = 1.0 if p.dense else p.codes.shape[0] * 16 / (n * k)
-        w = weight(mask, labels, codebook, scale, gs)
-        for mode in (("dense", "int8") if p.dense else ("sparse",)):
-            for rows in rows_to_try:
-                rule = _native.spqmm_plan_rule(kind, mode, density, n, k, rows)
-                if rule in reached:
-                    continue
-                reached.add(rule)
-                x, bias = torch.randn(rows, k), torch.randn(n)
-                y = p.spqmm(x, bias, compute="int8" if mode == "int8" else "auto", scale=scale)
-                if table[rule]["kernel"].startswith("int8"):
-                    assert torch.equal(y, p.spqmm_int8(x, bias, scale=scale)), table[rule]
-                else:
-                    check(y, x, w, bias)
-    missing = [table[i] for i, r in enumerate(table) if r["isa"] == kind and i not in reached]
-    assert not missing, f"rules no batch reaches: {missing}"
+    for i, mode, rows, rule in first_plan_rules(kind, [layer[4] for layer in layers]):
+        mask, labels, codebook, scale, p = layers[i]
+        x, bias = torch.randn(rows, p.in_features), torch.randn(p.out_features)
+        y = p.spqmm(x, bias, compute="int8" if mode == "int8" else "auto", scale=scale)
+        if table[rule]["kernel"].startswith("int8"):
+            assert torch.equal(y, p.spqmm_int8(x, bias, scale=scale)), table[rule]
+        else:
+            check(y, x, weight(mask, labels, codebook, scale, p.group_size), bias)
 
 
 @pytest.mark.parametrize("device", devices())

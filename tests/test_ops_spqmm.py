@@ -4,8 +4,8 @@ import torch.nn.functional as F
 
 import dcx
 from dcx import _native, reference
-from tests.testing import (FLOAT_DTYPES, cpu_isas, devices, noncontiguous, requires_kernels,
-                           unit_roundoff)
+from tests.testing import (FLOAT_DTYPES, cpu_isas, devices, first_plan_rules, noncontiguous,
+                           requires_kernels, unit_roundoff)
 
 pytestmark = requires_kernels
 
@@ -125,17 +125,13 @@ def test_cpu_kernels_of_each_isa(monkeypatch, isa, bits, density, batch):
     check(run(x, p), x, mask, labels, codebook)
 
 
-# Batch sizes around every bound the kernel table uses.
-PLAN_ROWS = [1, 2, 3, 4, 5, 8, 9, 15, 16, 17, 23, 24, 31, 32, 33, 63, 64, 65, 95, 96, 130, 170]
-
-
 @pytest.mark.parametrize("isa", cpu_isas())
 def test_every_plan_rule_runs(monkeypatch, isa):
     """Every rule of the kernel table (csrc/core/spqmm_plan.h) for this kind of CPU is reached by
     one of four layers (sparse at low and high slot density; dense, in float32 and int8, small and
     past every size bound) at some batch, and what it runs is right: float kernels against the
     float64 product, int8 ones equal to spqmm_int8 (tested against its reference in
-    test_ops_spqmm_int8.py). A rule that no batch reaches is a defect of the table."""
+    test_ops_spqmm_int8.py)."""
     monkeypatch.setenv("DCX_CPU_ISA", isa)
     kind = "portable" if isa == "generic" else isa
     torch.manual_seed(0)
@@ -146,26 +142,17 @@ def test_every_plan_rule_runs(monkeypatch, isa):
               make_layer(40, 300, 0.6, 6, torch.float32, "cpu", dense=False),
               make_layer(40, 300, 1.0, 4, torch.float32, "cpu", dense=True),
               make_layer(64, max(300, -(-big // 64)), 1.0, 4, torch.float32, "cpu", dense=True)]
-    reached = set()
-    for mask, labels, codebook, p in layers:
+    for i, mode, rows, rule in first_plan_rules(kind, [layer[3] for layer in layers]):
+        mask, labels, codebook, p = layers[i]
         n, k = p.out_features, p.in_features
-        density = 1.0 if p.dense else p.codes.shape[0] * 16 / (n * k)
-        for mode in (("dense", "int8") if p.dense else ("sparse",)):
-            for rows in PLAN_ROWS:
-                rule = _native.spqmm_plan_rule(kind, mode, density, n, k, rows)
-                if rule in reached:
-                    continue
-                reached.add(rule)
-                x, bias = torch.randn(rows, k), torch.randn(n)
-                y = dcx.ops.spqmm(x, p.codes, p.windows, p.group_ptr, p.chunks, p.codebook, n, k,
-                                  p.bits, bias, compute="int8" if mode == "int8" else "auto")
-                if table[rule]["kernel"].startswith("int8"):
-                    assert torch.equal(y, dcx.ops.spqmm_int8(x, p.codes, p.codebook, n, k, p.bits,
-                                                             bias)), table[rule]
-                else:
-                    check(y, x, mask, labels, codebook, bias)
-    missing = [table[i] for i, r in enumerate(table) if r["isa"] == kind and i not in reached]
-    assert not missing, f"rules no batch reaches: {missing}"
+        x, bias = torch.randn(rows, k), torch.randn(n)
+        y = dcx.ops.spqmm(x, p.codes, p.windows, p.group_ptr, p.chunks, p.codebook, n, k,
+                          p.bits, bias, compute="int8" if mode == "int8" else "auto")
+        if table[rule]["kernel"].startswith("int8"):
+            assert torch.equal(y, dcx.ops.spqmm_int8(x, p.codes, p.codebook, n, k, p.bits,
+                                                     bias)), table[rule]
+        else:
+            check(y, x, mask, labels, codebook, bias)
 
 
 def test_skewed_rows_split_between_chunks():

@@ -51,3 +51,29 @@ def noncontiguous(t):
     wide = torch.zeros(*t.shape, 2, dtype=t.dtype, device=t.device)
     wide[..., 0] = t
     return wide[..., 0]
+
+
+# Batch sizes around every bound the spqmm kernel table uses.
+PLAN_ROWS = [1, 2, 3, 4, 5, 8, 9, 15, 16, 17, 23, 24, 31, 32, 33, 63, 64, 65, 95, 96, 130, 170]
+
+
+def first_plan_rules(kind, packed_layers):
+    """(layer index, mode, batch rows, rule) for the first batch of PLAN_ROWS at which each rule
+    of the kernel table (csrc/core/spqmm_plan.h) for this kind of CPU serves one of the packed
+    layers (dense ones in "dense" and "int8" mode); then asserts every rule of the kind was
+    reached: one no batch reaches is a defect of the table."""
+    from dcx import _native
+
+    reached = set()
+    for i, p in enumerate(packed_layers):
+        n, k = p.out_features, p.in_features
+        density = 1.0 if p.dense else p.codes.shape[0] * 16 / (n * k)
+        for mode in (("dense", "int8") if p.dense else ("sparse",)):
+            for rows in PLAN_ROWS:
+                rule = _native.spqmm_plan_rule(kind, mode, density, n, k, rows)
+                if rule not in reached:
+                    reached.add(rule)
+                    yield i, mode, rows, rule
+    table = _native.spqmm_plan()
+    missing = [table[i] for i, r in enumerate(table) if r["isa"] == kind and i not in reached]
+    assert not missing, f"rules no batch reaches: {missing}"
