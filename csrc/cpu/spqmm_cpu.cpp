@@ -100,9 +100,7 @@ SpqmmPacked make_packed(const at::Tensor& codes, const at::Tensor& windows,
 
 // The layer's group scales (if any) into the kernels' view of it.
 void attach(SpqmmPacked& p, const GroupScales& gs) {
-  p.group_scale = gs.data();
-  p.scale_group = gs.group;
-  p.scale_groups = gs.groups;
+  if (gs.data() != nullptr) p.set_group_scales(gs.data(), gs.group);
 }
 
 void check_seen(const SpqmmSeen& seen, int64_t k_codebook, int64_t in_features) {
@@ -560,7 +558,7 @@ at::Tensor spqmm_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Ten
                      const at::Tensor& group_ptr, const at::Tensor& chunks,
                      const at::Tensor& codebook, int64_t out_features, int64_t in_features,
                      int64_t bits, const std::optional<at::Tensor>& bias, int64_t crossover,
-                     bool /*check: the CPU checks cost nothing extra*/, c10::string_view compute,
+                     bool check, c10::string_view compute,
                      const std::optional<at::Tensor>& scale, int64_t group_size) {
   check_spqmm_args(x, codes, windows, group_ptr, chunks, codebook, out_features, in_features, bits,
                    bias);
@@ -575,6 +573,8 @@ at::Tensor spqmm_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   const bool scaled = row_scaled(scale, group_size);
   if (!p.dense) {
     const char* bad = spqmm_check_structure(p);
+    // The only check the kernels do not do for free: O(steps), skipped with check=False.
+    if (bad == nullptr && check) bad = spqmm_check_scale_windows(p);
     TORCH_CHECK(bad == nullptr, bad, " (corrupted packed weight)");
   }
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());

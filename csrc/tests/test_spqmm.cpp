@@ -37,9 +37,7 @@ std::vector<float> make_scales(int64_t n, int64_t k, int64_t group) {
 }
 
 void set_scales(dcx::SpqmmPacked& p, const std::vector<float>& scale, int64_t group) {
-  p.group_scale = scale.data();
-  p.scale_group = group;
-  p.scale_groups = (p.k + group - 1) / group;
+  p.set_group_scales(scale.data(), group);
 }
 
 // pack_sparse's layer (spqmm_test_layers.h) with ids of `bits` bits and its weights from table;
@@ -468,12 +466,12 @@ void test_dense(int64_t n, int64_t k, int bits, int64_t group = 0) {
 void test_group_windows() {
   const std::vector<float> table(dcx::kSpqmmTable, 0.5f);
   const Layer grouped = make_layer(40, 333, 4, 1, 1000, table, 64);
-  CHECK(dcx::spqmm_check_structure(grouped.p) == nullptr);
+  CHECK(dcx::spqmm_check_scale_windows(grouped.p) == nullptr);
   Layer loose = make_layer(40, 333, 4, 1, 1000, table);
   const std::vector<float> scale = make_scales(40, 333, 64);
-  CHECK(dcx::spqmm_check_structure(loose.p) == nullptr);
+  CHECK(dcx::spqmm_check_scale_windows(loose.p) == nullptr);
   set_scales(loose.p, scale, 64);
-  CHECK(dcx::spqmm_check_structure(loose.p) != nullptr);
+  CHECK(dcx::spqmm_check_scale_windows(loose.p) != nullptr);
 }
 
 }  // namespace
