@@ -59,7 +59,8 @@ _LINK = "_dcx_link"
 
 
 class SharedWeight(torch.autograd.Function):
-    """weight = scale[row] * codebook[labels] where mask (exact zeros elsewhere; scale None: 1);
+    """weight = scale * codebook[labels] where mask (row or group scales, dcx.format.scale_like;
+    exact zeros elsewhere; scale None: 1);
     the codebook's gradient is the per-cluster sum of the weight's gradient (times the row's
     scale) over the kept positions (dcx.ops.centroid_grad)."""
 
