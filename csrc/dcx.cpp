@@ -14,6 +14,13 @@ TORCH_LIBRARY(dcx, m) {
       "masked_sgd_step_(Tensor(a!) param, Tensor grad, Tensor mask, Tensor(b!)? momentum_buffer, "
       "float lr, float momentum=0., float dampening=0., float weight_decay=0., "
       "bool nesterov=False, bool maximize=False, bool init_buffer=False) -> ()");
+  // One fused AdamW step (torch.optim.AdamW's arithmetic in float32); pruned positions of param
+  // and of every moment buffer become exactly zero. step: the step number, from 1.
+  m.def(
+      "masked_adamw_step_(Tensor(a!) param, Tensor grad, Tensor mask, Tensor(b!) exp_avg, "
+      "Tensor(c!) exp_avg_sq, Tensor(d!)? max_exp_avg_sq, int step, float lr, float beta1=0.9, "
+      "float beta2=0.999, float eps=1e-8, float weight_decay=0.01, bool amsgrad=False, "
+      "bool maximize=False) -> ()");
   // Per-cluster sum of grad over the positions with that label (mask == 0 excluded). Labels
   // outside [0, num_clusters) are never written; check=True makes them an error (on CUDA one
   // host sync, which a training loop over labels it made itself skips with check=False).

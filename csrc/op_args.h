@@ -42,6 +42,39 @@ inline void check_masked_sgd_step_args(const at::Tensor& param, const at::Tensor
   }
 }
 
+inline void check_masked_adamw_step_args(const at::Tensor& param, const at::Tensor& grad,
+                                         const at::Tensor& mask, const at::Tensor& exp_avg,
+                                         const at::Tensor& exp_avg_sq,
+                                         const std::optional<at::Tensor>& max_exp_avg_sq,
+                                         int64_t step, double lr, double beta1, double beta2,
+                                         double eps, double weight_decay, bool amsgrad) {
+  check_dtype_in(param, "param", {at::kFloat, at::kHalf, at::kBFloat16},
+                 "float32, float16 or bfloat16");
+  check_same_dtype(grad, "grad", param, "param");
+  check_same_shape(grad, "grad", param, "param");
+  check_same_device(grad, "grad", param, "param");
+  check_mask(mask, "mask", param, "param");
+  const auto check_state = [&](const at::Tensor& t, const char* name) {
+    check_same_dtype(t, name, param, "param");
+    check_same_shape(t, name, param, "param");
+    check_same_device(t, name, param, "param");
+  };
+  check_state(exp_avg, "exp_avg");
+  check_state(exp_avg_sq, "exp_avg_sq");
+  if (amsgrad) {
+    TORCH_CHECK(max_exp_avg_sq.has_value() && max_exp_avg_sq->defined(),
+                "max_exp_avg_sq must be given when amsgrad is set");
+    check_state(*max_exp_avg_sq, "max_exp_avg_sq");
+  }
+  TORCH_CHECK(step >= 1, "step must be >= 1 (the step number after its increment), got ", step);
+  TORCH_CHECK(std::isfinite(lr) && lr >= 0.0, "lr must be a finite number >= 0, got ", lr);
+  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0, "beta1 must lie in [0, 1), got ", beta1);
+  TORCH_CHECK(beta2 >= 0.0 && beta2 < 1.0, "beta2 must lie in [0, 1), got ", beta2);
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0.0, "eps must be a finite number >= 0, got ", eps);
+  TORCH_CHECK(std::isfinite(weight_decay) && weight_decay >= 0.0,
+              "weight_decay must be a finite number >= 0, got ", weight_decay);
+}
+
 inline void check_centroid_grad_args(const at::Tensor& grad, const at::Tensor& labels,
                                      int64_t num_clusters, const std::optional<at::Tensor>& mask) {
   check_float_dtype(grad, "grad");

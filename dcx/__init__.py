@@ -21,7 +21,7 @@ from dcx import config, state  # noqa: E402
 from dcx import data, models, optim, prune, quantize, sensitivity  # noqa: E402
 from dcx.config import (ClusterConfig, CompressionConfig, ConvertConfig,  # noqa: E402
                         EncodeConfig, PruneConfig, TrainConfig)
-from dcx.optim import MaskedSGD, mask_optimizer_  # noqa: E402
+from dcx.optim import MaskedAdamW, MaskedSGD, mask_optimizer_  # noqa: E402
 from dcx.prune import Pruner, finalize_pruning_, prune_  # noqa: E402
 from dcx.quantize import cluster_, finalize_clustering_  # noqa: E402
 
@@ -42,7 +42,7 @@ __all__ = [
     "__version__", "available", "kernels", "ops", "reference", "config", "state",
     "data", "models", "optim", "prune", "quantize", "sensitivity", "nn", "packing", "format",
     "io", "report",
-    "MaskedSGD", "mask_optimizer_", "PruneConfig", "Pruner", "finalize_pruning_", "prune_",
+    "MaskedAdamW", "MaskedSGD", "mask_optimizer_", "PruneConfig", "Pruner", "finalize_pruning_", "prune_",
     "ClusterConfig", "cluster_", "finalize_clustering_", "EncodeConfig", "encode_",
     "SparseQuantLinear", "SparseQuantConv2d", "SparseQuantEmbedding", "ConvertConfig", "convert_",
     "convert", "pack", "calibrate",

@@ -20,7 +20,7 @@ except ImportError as error:  # not built, or built against another torch
     LOAD_ERROR = error
 
 # Every op in the TORCH_LIBRARY(dcx) block of csrc/dcx.cpp.
-OP_NAMES = ("masked_sgd_step_", "centroid_grad", "kmeans1d", "spqmm", "spqmm_int8", "spqmm_decode")
+OP_NAMES = ("masked_sgd_step_", "masked_adamw_step_", "centroid_grad", "kmeans1d", "spqmm", "spqmm_int8", "spqmm_decode")
 # Ops with a CPU kernel only, on purpose: the Huffman codec is a file-format step (dcx.save and
 # dcx.load), never on the model's path. CI requires CPU and CUDA kernels of every other op.
 CPU_ONLY = ("huffman_code_lengths", "huffman_encode", "huffman_decode")

@@ -14,7 +14,7 @@ from torch import Tensor
 from dcx._native import available, op
 
 __all__ = [
-    "masked_sgd_step_", "centroid_grad", "kmeans1d", "spqmm", "spqmm_decode", "spqmm_int8",
+    "masked_sgd_step_", "masked_adamw_step_", "centroid_grad", "kmeans1d", "spqmm", "spqmm_decode", "spqmm_int8",
     "huffman_code_lengths", "huffman_encode", "huffman_decode",
 ]
 
@@ -54,6 +54,42 @@ def masked_sgd_step_(
 @_fake("masked_sgd_step_")
 def _(param, grad, mask, momentum_buffer, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
       nesterov=False, maximize=False, init_buffer=False):
+    return None
+
+
+def masked_adamw_step_(
+    param: Tensor,
+    grad: Tensor,
+    mask: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    max_exp_avg_sq: Optional[Tensor],
+    step: int,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    amsgrad: bool = False,
+    maximize: bool = False,
+) -> None:
+    """One fused, in-place AdamW step that keeps pruned weights and their moments at exactly zero.
+
+    param, grad, exp_avg, exp_avg_sq (and max_exp_avg_sq, required with amsgrad): the same shape
+    and dtype (float32, float16 or bfloat16); arithmetic is float32 in the order of
+    torch.optim.AdamW's single-tensor step, rounded to the dtype once. mask: bool or uint8 of
+    param's shape, 0 = pruned. step: the step number counted from 1 (AdamW's state["step"] after
+    its increment), which the bias corrections take.
+    """
+    op("masked_adamw_step_")(
+        param, grad, mask, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, beta1, beta2, eps,
+        weight_decay, amsgrad, maximize,
+    )
+
+
+@_fake("masked_adamw_step_")
+def _(param, grad, mask, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, beta1=0.9, beta2=0.999,
+      eps=1e-8, weight_decay=1e-2, amsgrad=False, maximize=False):
     return None
 
 

@@ -40,6 +40,45 @@ def masked_sgd_step_(
     param.copy_(torch.where(keep, p, torch.zeros_like(p)))
 
 
+def masked_adamw_step_(
+    param: Tensor,
+    grad: Tensor,
+    mask: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    max_exp_avg_sq: Optional[Tensor],
+    step: int,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    amsgrad: bool = False,
+    maximize: bool = False,
+) -> None:
+    """torch.optim.AdamW's single-tensor update (torch/optim/adam.py) in float32, op by op, then
+    pruned positions of param and every moment buffer set to 0. The moments equal the kernel's
+    bit for bit on CPU; torch's float32 sqrt (its vector library's, within an ulp) may move the
+    weights by an ulp or two from the kernel's correctly rounded one."""
+    keep = mask.bool()
+    p, m, v = param.float(), exp_avg.float(), exp_avg_sq.float()
+    g = -grad.float() if maximize else grad.float()
+    if weight_decay != 0:
+        p = p.mul(1 - lr * weight_decay)
+    m = m.lerp(g, 1 - beta1)
+    v = v.mul(beta2).addcmul(g, g, value=1 - beta2)
+    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+    if amsgrad:
+        v_max = torch.maximum(max_exp_avg_sq.float(), v)
+        max_exp_avg_sq.copy_(torch.where(keep, v_max, torch.zeros_like(v_max)))
+    denom = ((v_max if amsgrad else v).sqrt() / bias_correction2_sqrt).add(eps)
+    p = p.addcdiv(m, denom, value=-(lr / (1 - beta1**step)))
+    zero = torch.zeros_like(p)
+    param.copy_(torch.where(keep, p, zero))
+    exp_avg.copy_(torch.where(keep, m, zero))
+    exp_avg_sq.copy_(torch.where(keep, v, zero))
+
+
 def centroid_grad(
     grad: Tensor, labels: Tensor, num_clusters: int, mask: Optional[Tensor] = None,
     check: bool = True,

@@ -5,7 +5,7 @@ from torch.nn import functional as F
 
 from dcx import prune as P
 from dcx.models import LeNet300100
-from dcx.optim import MaskedSGD, mask_optimizer_
+from dcx.optim import MaskedAdamW, MaskedSGD, mask_optimizer_
 from dcx.prune import PruneConfig, prune_
 from tests.testing import devices, requires_kernels
 
@@ -150,6 +150,107 @@ def test_masked_sgd_bad_arguments():
         MaskedSGD([p], lr=0.1, masks=[torch.ones(5, dtype=torch.bool)])
     with pytest.raises(TypeError, match="masks must map parameters"):
         MaskedSGD([p], lr=0.1, masks={"p": torch.ones(5, dtype=torch.bool)})
+
+
+ADAMW_HYPERS = [
+    dict(lr=1e-3),
+    dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.0, amsgrad=True),
+    dict(lr=1e-3, eps=1e-6, weight_decay=0.1, maximize=True),
+]
+
+
+@requires_kernels
+@pytest.mark.parametrize("hyper", ADAMW_HYPERS)
+def test_masked_adamw_equals_torch_adamw_on_kept_positions(hyper):
+    """torch.optim.AdamW (single-tensor path) on the same pruned model: the kept weights agree
+    to a few float32 ulps per step (torch's float32 sqrt is its vector library's, the kernel's
+    is correctly rounded: tests/test_ops_masked_adamw.py), and so the gradients and moments after
+    the first step to about as much; MaskedAdamW also keeps pruned weights and every moment at
+    +0.0. Biases carry no mask (all kept)."""
+    ours = LeNet300100()
+    prune_(ours, PruneConfig(sparsity=0.7))
+    theirs = LeNet300100()
+    P.set_masks_(theirs, ours.state_dict())
+    theirs.load_state_dict(ours.state_dict())
+    opt_ours = MaskedAdamW(ours.parameters(), **hyper)
+    opt_theirs = torch.optim.AdamW(theirs.parameters(), foreach=False, **hyper)
+    train(ours, opt_ours)
+    train(theirs, opt_theirs)
+    moments = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if hyper.get("amsgrad") else [])
+    for name, p in ours.named_parameters():
+        q = theirs.get_parameter(name)
+        mask = P.masks(ours).get(name)
+        if mask is None:
+            mask = torch.ones_like(p, dtype=torch.bool)
+        torch.testing.assert_close(p[mask], q[mask], rtol=1e-5, atol=1e-7)
+        assert (p[~mask] == 0).all() and not torch.signbit(p[~mask]).any()
+        for key in moments:
+            mine, other = opt_ours.state[p][key], opt_theirs.state[q][key]
+            torch.testing.assert_close(mine[mask], other[mask], rtol=1e-4, atol=1e-9)
+            assert (mine[~mask] == 0).all(), (name, key)
+        assert opt_ours.state[p]["step"].item() == opt_theirs.state[q]["step"].item() == 4
+
+
+@requires_kernels
+def test_masked_adamw_state_dict_moves_to_and_from_adamw():
+    """MaskedAdamW's state is AdamW's: a run continued by the other optimizer after
+    load_state_dict stays the same (to the few ulps the two square roots differ by), both
+    ways."""
+    torch.manual_seed(3)
+    a, b = nn.Linear(30, 20), nn.Linear(30, 20)
+    b.load_state_dict(a.state_dict())
+    hyper = dict(lr=1e-2, weight_decay=1e-2)
+
+    def step(model, opt):
+        opt.zero_grad()
+        model(torch.randn(8, 30, generator=generator)).square().sum().backward()
+        opt.step()
+
+    opt_a, opt_b = MaskedAdamW(a.parameters(), **hyper), torch.optim.AdamW(b.parameters(), foreach=False, **hyper)
+    for i in range(2):
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            generator = torch.Generator().manual_seed(i)
+            step(model, opt)
+    swapped_a = torch.optim.AdamW(a.parameters(), foreach=False, **hyper)
+    swapped_a.load_state_dict(opt_a.state_dict())
+    swapped_b = MaskedAdamW(b.parameters(), **hyper)
+    swapped_b.load_state_dict(opt_b.state_dict())
+    for model, opt in ((a, swapped_a), (b, swapped_b)):
+        generator = torch.Generator().manual_seed(7)
+        step(model, opt)
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+
+
+@requires_kernels
+def test_masked_adamw_follows_masks_added_later_and_dicts():
+    model = LeNet300100()
+    opt = MaskedAdamW(model.parameters(), lr=1e-2)
+    train(model, opt, steps=2)
+    P.Pruner(model, PruneConfig(sparsity=0.5)).step()
+    train(model, opt, steps=3)
+    for name, mask in P.masks(model).items():
+        p = model.get_parameter(name)
+        assert (p[~mask] == 0).all()
+        assert all((opt.state[p][k][~mask] == 0).all() for k in ("exp_avg", "exp_avg_sq"))
+    p = nn.Parameter(torch.randn(50))
+    mask = torch.rand(50) < 0.5
+    opt = MaskedAdamW([p], lr=0.1, masks={p: mask})
+    (p - 3).square().sum().backward()
+    opt.step()
+    assert (p[~mask] == 0).all() and (p[mask] != 0).all()
+
+
+def test_masked_adamw_bad_arguments():
+    p = nn.Parameter(torch.randn(5))
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        MaskedAdamW([p], lr=-1.0)
+    with pytest.raises(ValueError, match="Invalid beta parameter at index 1"):
+        MaskedAdamW([p], betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="Invalid epsilon"):
+        MaskedAdamW([p], eps=-1.0)
+    with pytest.raises(ValueError, match="mask has shape"):
+        MaskedAdamW([p], masks={p: torch.ones(4, dtype=torch.bool)})
 
 
 @pytest.mark.parametrize("make", [

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "core/adamw.h"
 #include "core/kmeans1d.h"
 #include "core/sgd.h"
 
@@ -20,6 +21,13 @@ enum class IndexDtype { kInt32, kInt64 };
 // momentum is off.
 cudaError_t launch_masked_sgd_step(Dtype dtype, void* param, const void* grad, const uint8_t* mask,
                                    void* buf, int64_t n, const SgdHyper& h, cudaStream_t stream);
+
+// param, grad, exp_avg, exp_avg_sq (and max_sq with amsgrad, else null): n elements of `dtype`;
+// mask: n bytes (0 = pruned).
+cudaError_t launch_masked_adamw_step(Dtype dtype, void* param, const void* grad,
+                                     const uint8_t* mask, void* exp_avg, void* exp_avg_sq,
+                                     void* max_sq, int64_t n, const AdamwHyper& h,
+                                     cudaStream_t stream);
 
 // out: k accumulators, zeroed by the caller, float (grad float32/16/bf16) or double (float64).
 // bad_flag: one int, set to 1 when an unmasked label lies outside [0, k).

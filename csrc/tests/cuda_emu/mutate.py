@@ -64,6 +64,13 @@ MUTANTS = [
     # The weights' running sum restarted in every tile (the tile offsets of W forgotten).
     Mutant("kmeans1d.weight-offsets", "kmeans1d",
            r"runw = offset\[2 \* tiles \+ t\]", "runw = 0.0", ("plain", "fma", "asan")),
+    # AdamW's unfused products left to the compiler: nvcc (and the FMA build) fuses the decayed
+    # weight into the update, and the step no longer matches the CPU's bit for bit.
+    Mutant("masked_adamw.contracted-product", "masked_adamw",
+           r"return __fmul_rn\(a, b\);", "return a * b;", ("fma",)),
+    # The mask of a vector's first element used for all of its elements.
+    Mutant("masked_adamw.vector-mask", "masked_adamw", r"k\.v\[j\] != 0", "k.v[0] != 0",
+           ("plain", "fma", "asan")),
     # The bad-label flag as a plain store from many threads (the race this harness once found).
     Mutant("centroid_grad.flag-store", "centroid_grad",
            r"if \(bad\) atomicOr\(bad_flag, 1\);  //", "if (bad) *bad_flag = 1;  //",
