@@ -6,6 +6,7 @@ that run the compressed model fast.
     dcx.encode_ / dcx.save / dcx.load          stage three: the Huffman-coded .dcx file
     dcx.SparseQuantLinear / dcx.convert_       fast inference on the compressed weights
     dcx.calibrate / convert_(calibration=...)  post-training compression from unlabeled inputs
+    dcx.distill_ / dcx.Distillation            retraining from the original model's outputs
     dcx.DeepCompression                        all of it in one run
 
 Every stage writes one compressed state per layer (dcx.state), which every later stage, the
@@ -27,6 +28,8 @@ from dcx.quantize import cluster_, finalize_clustering_  # noqa: E402
 
 from dcx import nn, packing  # noqa: E402
 from dcx.calibration import calibrate  # noqa: E402
+from dcx import distill  # noqa: E402
+from dcx.distill import Distillation, distill_  # noqa: E402
 from dcx.convert import convert, convert_, pack_layers_  # noqa: E402
 from dcx.nn import SparseQuantConv2d, SparseQuantEmbedding, SparseQuantLinear  # noqa: E402
 from dcx.packing import pack  # noqa: E402
@@ -45,7 +48,7 @@ __all__ = [
     "MaskedAdamW", "MaskedSGD", "mask_optimizer_", "PruneConfig", "Pruner", "finalize_pruning_", "prune_",
     "ClusterConfig", "cluster_", "finalize_clustering_", "EncodeConfig", "encode_",
     "SparseQuantLinear", "SparseQuantConv2d", "SparseQuantEmbedding", "ConvertConfig", "convert_",
-    "convert", "pack", "calibrate",
+    "convert", "pack", "calibrate", "distill", "Distillation", "distill_",
     "pack_layers_", "hf",
     "FormatError", "save", "load", "load_state_dict", "verify",
     "CompressionConfig", "TrainConfig", "DeepCompression",

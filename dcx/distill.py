@@ -1,0 +1,280 @@
+"""Retraining without labels: the compressed model (the student) learns to reproduce the outputs
+of the model as it came in (the teacher) on unlabeled inputs.
+
+    teacher = copy.deepcopy(model).eval()
+    dcx.prune_(model, dcx.PruneConfig(sparsity=0.5))
+    history = dcx.distill_(model, dcx.Distillation(teacher), batches, steps=200, lr=1e-4)
+
+`Distillation` is the objective: from the outputs it tells what kind of model it has and takes
+the loss the literature uses for it, or a user's `loss(student_out, teacher_out, batch)`:
+
+- hidden states (an encoder's `last_hidden_state`, e.g. a sentence-embedding model): mean
+  squared error of the hidden states over the real tokens, relative to the teacher's mean
+  square (TinyBERT's hidden-state loss), plus 1 - cosine of the mean-pooled embeddings
+  (sentence-transformers' embedding distillation); metric: mean cosine of the embeddings.
+- logits (a classifier's [batch, classes], a language model's [batch, tokens, vocab]): the KL
+  divergence of the student's softened distribution from the teacher's, times T^2 (Hinton et
+  al.); metric: top-1 agreement with the teacher.
+
+`distill_` runs the steps: a MaskedAdamW over every trainable parameter (pruned weights and
+their moments stay exactly zero; a weight-shared layer trains its codebook), the batches
+cycled, stopped by a step count or a time budget, with a progress bar that shows the running
+loss and metric. Batches are inputs only (a dict of keyword arguments, a tuple of arguments or
+one tensor), as for dcx.calibrate.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from dcx.calibration import run_batch
+from dcx.optim import MaskedAdamW
+
+__all__ = ["Distillation", "DistillStep", "distill_", "trainable_parameters"]
+
+KINDS = ("auto", "hidden", "logits")
+
+
+def _field(output: Any, name: str) -> Optional[Tensor]:
+    """output.<name> or output[name] of a transformers ModelOutput or dict (None: absent)."""
+    value = getattr(output, name, None)
+    if value is None and isinstance(output, dict):
+        value = output.get(name)
+    return value if isinstance(value, Tensor) else None
+
+
+def _tensor(output: Any) -> Optional[Tensor]:
+    """The output itself when it is a tensor, or the first tensor of a tuple or list."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    return None
+
+
+def _token_mask(batch: Any, like: Tensor) -> Tensor:
+    """[batch, tokens, 1] float: the batch's attention mask when it has one, else all ones."""
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    if mask is None or tuple(mask.shape) != tuple(like.shape[:2]):
+        return torch.ones(like.shape[:2] + (1,), dtype=like.dtype, device=like.device)
+    return mask.to(device=like.device, dtype=like.dtype).unsqueeze(-1)
+
+
+def mean_pooled(hidden: Tensor, batch: Any) -> Tensor:
+    """Mean of the hidden states over the real tokens ([batch, tokens, dim] -> [batch, dim])."""
+    mask = _token_mask(batch, hidden)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+class Distillation:
+    """The distillation objective: `loss(student_out, teacher_out, batch)` and
+    `metric(student_out, teacher_out, batch)` (higher is better, named by `metric_name`).
+
+    teacher: the model whose outputs the student learns (put in eval mode; run without
+    gradients). kind: "auto" (from the outputs: `last_hidden_state` -> hidden, `logits` or a tensor
+    -> logits), "hidden" or "logits". loss: a user's fn(student_out, teacher_out, batch) -> scalar
+    tensor, replacing the built-in loss (the metric stays the kind's). temperature: the logits'
+    softening. pooled_weight: the weight of the embedding-cosine term beside the hidden-state MSE.
+    """
+
+    def __init__(self, teacher: nn.Module, kind: str = "auto",
+                 loss: Optional[Callable] = None, temperature: float = 1.0,
+                 pooled_weight: float = 1.0):
+        if not isinstance(teacher, nn.Module):
+            raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if loss is not None and not callable(loss):
+            raise TypeError("loss must be a callable loss(student_out, teacher_out, batch)")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.teacher = teacher.eval()  # its outputs are taken under no_grad
+        self.kind, self.user_loss = kind, loss
+        self.temperature, self.pooled_weight = float(temperature), float(pooled_weight)
+
+    @torch.no_grad()
+    def teacher_outputs(self, batch: Any) -> Any:
+        return run_batch(self.teacher, batch)
+
+    def _output(self, output: Any) -> tuple[str, Optional[Tensor]]:
+        """(kind, tensor) of one model's output as this objective reads it."""
+        if self.kind in ("auto", "hidden"):
+            hidden = _field(output, "last_hidden_state")
+            if hidden is not None:
+                return "hidden", hidden
+        if self.kind in ("auto", "logits"):
+            logits = _field(output, "logits")
+            if logits is not None:
+                return "logits", logits
+        return ("logits" if self.kind == "auto" else self.kind), _tensor(output)
+
+    def _pick(self, student_out: Any, teacher_out: Any) -> tuple[str, Tensor, Tensor]:
+        kind, s = self._output(student_out)
+        _, t = self._output(teacher_out)
+        if s is None or t is None:
+            raise ValueError(f"cannot distill from these outputs ({type(student_out).__name__}): "
+                             "expected last_hidden_state, logits or a tensor; give kind= or loss=")
+        if s.shape != t.shape:
+            raise ValueError(f"the student's {kind} have shape {tuple(s.shape)} but the teacher's "
+                             f"{tuple(t.shape)}: the teacher must be the same kind of model on "
+                             "the same inputs")
+        return kind, s, t
+
+    def kind_of(self, student_out: Any, teacher_out: Any) -> str:
+        return self._pick(student_out, teacher_out)[0]
+
+    def loss(self, student_out: Any, teacher_out: Any, batch: Any) -> Tensor:
+        if self.user_loss is not None:
+            return self.user_loss(student_out, teacher_out, batch)
+        kind, s, t = self._pick(student_out, teacher_out)
+        s, t = s.float(), t.float()
+        if kind == "hidden":
+            mask = _token_mask(batch, t) if t.dim() == 3 else torch.ones_like(t[..., :1])
+            tokens = mask.sum() * t.shape[-1]
+            mse = ((s - t) ** 2 * mask).sum() / tokens
+            scale = (t ** 2 * mask).sum() / tokens
+            loss = mse / scale.clamp_min(1e-12)
+            if self.pooled_weight and t.dim() == 3:
+                cos = F.cosine_similarity(mean_pooled(s, batch), mean_pooled(t, batch), dim=-1)
+                loss = loss + self.pooled_weight * (1 - cos).mean()
+            return loss
+        temp = self.temperature
+        log_p = F.log_softmax(s / temp, dim=-1)
+        log_q = F.log_softmax(t / temp, dim=-1)
+        kl = (log_q.exp() * (log_q - log_p)).sum(-1)  # per sample (and token)
+        if kl.dim() == 2:  # [batch, tokens]: the real tokens only
+            weights = _token_mask(batch, t)[..., 0]
+            return (kl * weights).sum() / weights.sum().clamp_min(1.0) * temp * temp
+        return kl.mean() * temp * temp
+
+    @torch.no_grad()
+    def metric(self, student_out: Any, teacher_out: Any, batch: Any) -> float:
+        kind, s, t = self._pick(student_out, teacher_out)
+        if kind == "hidden":
+            if t.dim() == 3:
+                s, t = mean_pooled(s.float(), batch), mean_pooled(t.float(), batch)
+            return F.cosine_similarity(s.float(), t.float(), dim=-1).mean().item()
+        agree = (s.argmax(-1) == t.argmax(-1)).float()
+        if agree.dim() == 2:
+            weights = _token_mask(batch, t)[..., 0]
+            return ((agree * weights).sum() / weights.sum().clamp_min(1.0)).item()
+        return agree.mean().item()
+
+    def metric_name(self, student_out: Any, teacher_out: Any) -> str:
+        return "cosine" if self.kind_of(student_out, teacher_out) == "hidden" else "agreement"
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """What retraining moves: every parameter that requires grad. A weight-shared layer being
+    fine-tuned (dcx.cluster_, live) holds its codebook as the Parameter and its weight as a
+    tensor rebuilt from it, so its centroids train and its labels stay."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+@dataclass
+class DistillStep:
+    step: int
+    loss: float
+    metric: float
+    seconds: float
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to(v, device) for v in batch)
+    return batch
+
+
+def distill_(model: nn.Module, objective: Distillation | nn.Module, batches: Iterable,
+             steps: Optional[int] = None, seconds: Optional[float] = None, lr: float = 1e-4,
+             weight_decay: float = 0.0, optimizer: Optional[torch.optim.Optimizer] = None,
+             warmup: int = 0, train_mode: bool = False, progress: bool = True,
+             callback: Optional[Callable[[DistillStep], None]] = None) -> list[DistillStep]:
+    """Retrain `model` in place to match `objective`'s teacher (a Distillation, or the teacher
+    module itself for the default objective) on `batches` (inputs only; cycled), for `steps`
+    steps and/or `seconds` of wall time (whichever ends first; at least one of them).
+
+    optimizer: by default MaskedAdamW(trainable_parameters(model), lr, weight_decay), whose step
+    keeps pruned weights and their moments at exactly zero; the learning rate falls on a cosine
+    to zero over `steps` after `warmup` linear steps (constant under a time budget alone).
+    train_mode: run the student in training mode (dropout on, batch-norm statistics updated);
+    off by default: the student learns a deterministic teacher, and batch-norm statistics from
+    a few unlabeled batches would drift from the ones the model was trained with.
+    callback: called with each DistillStep. Returns one DistillStep per step (the loss and the
+    metric of that step's batch, measured before its update)."""
+    if not isinstance(objective, Distillation):
+        objective = Distillation(objective)
+    if steps is None and seconds is None:
+        raise ValueError("give steps or seconds (the retraining budget)")
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if seconds is not None and not seconds > 0:
+        raise ValueError(f"seconds must be > 0, got {seconds}")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("distillation: no batches (the corpus gave no inputs)")
+    if optimizer is None:
+        params = trainable_parameters(model)
+        if not params:
+            raise ValueError("distillation: the model has no trainable parameters")
+        optimizer = MaskedAdamW(params, lr=lr, weight_decay=weight_decay)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+
+    def schedule(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / (warmup + 1)
+        if steps is None:
+            return 1.0
+        done = (step - warmup) / max(steps - warmup, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+
+    device = next(model.parameters()).device
+    history: list[DistillStep] = []
+    was_training = model.training
+    model.train(train_mode)
+    started = time.perf_counter()
+    bar = tqdm(total=steps, desc="distill", unit="step", leave=False,
+               disable=None if progress else True)
+    with bar:
+        for step, batch in enumerate(itertools.cycle(batches)):
+            if steps is not None and step >= steps:
+                break
+            if seconds is not None and time.perf_counter() - started >= seconds:
+                break
+            batch = _to(batch, device)
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base * schedule(step)
+            teacher_out = objective.teacher_outputs(batch)
+            student_out = run_batch(model, batch)
+            loss = objective.loss(student_out, teacher_out, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"distillation: the loss became {loss.item()} at step "
+                                         f"{step}; lower the learning rate")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            record = DistillStep(step, loss.item(), objective.metric(student_out, teacher_out, batch),
+                                 time.perf_counter() - started)
+            history.append(record)
+            if callback is not None:
+                callback(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record.loss:.4f}", metric=f"{record.metric:.4f}",
+                            refresh=False)
+    model.train(was_training)
+    for group, base in zip(optimizer.param_groups, base_lrs):
+        group["lr"] = base
+    return history
