@@ -120,8 +120,8 @@ class ConvertRow(NamedTuple):
 
 
 def convert_(model: nn.Module, config: Optional[ConvertConfig] = None,
-             progress: bool = False, calibration: Optional[Iterable] = None
-             ) -> tuple[nn.Module, list[ConvertRow]]:
+             progress: bool = False, calibration: Optional[Iterable] = None,
+             pack: bool = True) -> tuple[nn.Module, list[ConvertRow]]:
     """Post-training compression, in place, as `config` says (ConvertConfig: its fields and the
     override rule): every nn.Linear of `model` (and every convolution, every nn.Embedding,
     subclasses included) is pruned by magnitude (dcx.prune_), its surviving weights shared among
@@ -136,6 +136,11 @@ def convert_(model: nn.Module, config: Optional[ConvertConfig] = None,
     "gptq"), every Linear and zero-padded Conv2d is pruned and shared by dcx.calibrate's
     second-order method instead ("weighted": its cheap activation-weighted path), layer group by
     layer group in the order the model calls them; embeddings keep the plain path.
+
+    pack=False leaves the compressed layers as they are, weight-shared with their codebooks live
+    (Parameters) instead of swapping in the packed twins: the state retraining starts from
+    (dcx.distill_ moves the codebooks; dcx.finalize_clustering_ and pack_layers_ then finish what
+    convert_ would have). The report says "packed" for the layers pack_layers_ would pack.
 
     Returns (model, report): report has one ConvertRow per layer with a weight of two or more
     dimensions, the ones left dense included, each with its reason.
@@ -245,8 +250,9 @@ def convert_(model: nn.Module, config: Optional[ConvertConfig] = None,
                 rows[name] = rows[leader]._replace(name=name, kind=rows[name].kind,
                                                    shape=rows[name].shape,
                                                    reason=f"tied to {leader}")
-        pack_layers_(model, names={n for n in per_layer if rows[n].action == "packed"},
-                     dense=config.dense, compute=config.compute)
+        if pack:
+            pack_layers_(model, names={n for n in per_layer if rows[n].action == "packed"},
+                         dense=config.dense, compute=config.compute)
     return model, list(rows.values())
 
 

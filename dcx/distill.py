@@ -182,10 +182,17 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 @dataclass
 class DistillStep:
+    """One step: its loss and metric (of its batch, before its update), the wall time since the
+    start, and where the step's time went (teacher forward, student forward + loss, backward,
+    optimizer step)."""
     step: int
     loss: float
     metric: float
     seconds: float
+    teacher_s: float = 0.0
+    forward_s: float = 0.0
+    backward_s: float = 0.0
+    optimizer_s: float = 0.0
 
 
 def _to(batch: Any, device: torch.device) -> Any:
@@ -257,17 +264,22 @@ def distill_(model: nn.Module, objective: Distillation | nn.Module, batches: Ite
             batch = _to(batch, device)
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base * schedule(step)
+            t0 = time.perf_counter()
             teacher_out = objective.teacher_outputs(batch)
+            t1 = time.perf_counter()
             student_out = run_batch(model, batch)
             loss = objective.loss(student_out, teacher_out, batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"distillation: the loss became {loss.item()} at step "
                                          f"{step}; lower the learning rate")
+            t2 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            t3 = time.perf_counter()
             optimizer.step()
+            t4 = time.perf_counter()
             record = DistillStep(step, loss.item(), objective.metric(student_out, teacher_out, batch),
-                                 time.perf_counter() - started)
+                                 time.perf_counter() - started, t1 - t0, t2 - t1, t3 - t2, t4 - t3)
             history.append(record)
             if callback is not None:
                 callback(record)

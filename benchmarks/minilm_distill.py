@@ -1,0 +1,240 @@
+"""Compression of all-MiniLM-L6-v2 with retraining by distillation from the original model, on
+unlabeled text: file size against embedding fidelity, and where a retraining step's time goes.
+
+    python benchmarks/minilm_distill.py [--steps 300] [--settings 50:5:32 0:4:32 ...]
+    python benchmarks/minilm_distill.py --breakdown     # the step's time: AdamW + hooks vs MaskedAdamW
+    # writes benchmarks/results/minilm-distill.md (+ minilm-distill-curve.png), or
+    # minilm-distill-step.md
+
+A setting SPARSITY:BITS:SCALE[:EMBEDDING_BITS] (scale: a group size, "row" or "none"; the
+word, position and type embeddings at EMBEDDING_BITS, default 4, unpruned) runs the paper's order on a
+model nobody has labels for:
+  1. sparsity > 0: magnitude pruning of the encoder's Linear layers, then `--steps` steps of
+     distillation (dcx.distill_: hidden-state MSE + pooled-embedding cosine against the fp32
+     model, MaskedAdamW, pruned weights held at zero);
+  2. weight sharing with calibration (dcx.convert_, method gptq, pack=False: 256 sentences of
+     four novels), then `--steps` steps of distillation moving the codebooks, biases and
+     LayerNorms (the labels stay);
+  3. finalize, pack, save; the model rebuilt from the file alone (dcx.hf.model_from_file).
+Distillation text: sentences of the
+same four novels, 16 per step, at most 64 tokens; fidelity: cosine of each sentence embedding
+to the fp32 model's on the 64 fixed sentences of benchmarks/minilm.py and on 256 held-out
+sentences of persuasion.txt.
+"""
+
+import argparse
+import copy
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+import minilm  # noqa: E402
+
+import dcx  # noqa: E402
+
+TEXT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "text"
+HELD_OUT = "persuasion.txt"
+SETTINGS = ["50:4:32:3", "0:4:128:3"]
+
+
+def parse_setting(text):
+    """(sparsity, bits, scale, embedding bits) of SPARSITY:BITS:SCALE[:EMBEDDING_BITS]."""
+    try:
+        sparsity, bits, scale, *rest = text.split(":")
+        scale = None if scale == "none" else scale if scale == "row" else int(scale)
+        embedding_bits = int(rest[0]) if rest else 4
+        if len(rest) > 1:
+            raise ValueError
+        return int(sparsity) / 100, int(bits), scale, embedding_bits
+    except ValueError:
+        raise SystemExit("a setting is SPARSITY:BITS:SCALE[:EMBEDDING_BITS] (e.g. 50:4:32:3), "
+                         f"got {text!r}")
+
+
+def encoder_linears(model):
+    return [f"{n}.weight" for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and n.startswith("encoder.")]
+
+
+def sharing_optimizer(model, lr, codebook_lr):
+    """MaskedAdamW for the sharing stage: Adam's step is about lr whatever a parameter's scale,
+    so each codebook gets codebook_lr times the spread of its entries (an embedding's codebook
+    spans about 0.1, a group-scaled layer's about 6); the other parameters take lr."""
+    codebooks = dcx.quantize.codebook_parameters(model)
+    ids = {id(c) for c in codebooks}
+    groups = [{"params": [c], "lr": codebook_lr * float(c.detach().std())} for c in codebooks]
+    groups.append({"params": [p for p in model.parameters()
+                              if p.requires_grad and id(p) not in ids], "lr": lr})
+    return dcx.MaskedAdamW(groups, weight_decay=0.0)
+
+
+def breakdown(model, batches, steps):
+    """Median seconds per phase of a distillation step on the 50%-pruned model: torch's AdamW
+    with dcx.mask_optimizer_'s hooks against dcx.MaskedAdamW, and torch's fused AdamW with no
+    masks at all (what the step costs unmasked), interleaved, same batches."""
+    rows = []
+    pruned = dcx.prune_(copy.deepcopy(model), dcx.PruneConfig(sparsity=0.5,
+                                                               targets=encoder_linears(model)))
+    makers = {
+        "torch AdamW + mask_optimizer_": lambda ps: dcx.mask_optimizer_(
+            torch.optim.AdamW(ps, lr=1e-5, weight_decay=0.0)),
+        "dcx.MaskedAdamW": lambda ps: dcx.MaskedAdamW(ps, lr=1e-5, weight_decay=0.0),
+        "torch AdamW(fused=True), unmasked": lambda ps: torch.optim.AdamW(
+            ps, lr=1e-5, weight_decay=0.0, fused=True),
+    }
+    runs = {name: [] for name in makers}
+    students = {name: copy.deepcopy(pruned) for name in makers}
+    optimizers = {name: make(students[name].parameters()) for name, make in makers.items()}
+    for round_ in range(steps):
+        for name in runs:
+            batch = batches[round_ % len(batches)]
+            runs[name] += dcx.distill_(students[name], model, [batch], steps=1,
+                                       optimizer=optimizers[name], progress=False)
+    for name, history in runs.items():
+        history = history[1:]  # the first step allocates the optimizer state
+        phases = {k: statistics.median(getattr(h, k) for h in history)
+                  for k in ("teacher_s", "forward_s", "backward_s", "optimizer_s")}
+        total = sum(phases.values())
+        rows.append([name] + [f"{1000 * v:,.0f}" for v in phases.values()]
+                    + [f"{1000 * total:,.0f}", f"{100 * phases['optimizer_s'] / total:.1f}%"])
+    return rows
+
+
+def main():
+    args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    args.add_argument("--steps", type=int, default=300, help="distillation steps per stage")
+    args.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (pruned weights)")
+    args.add_argument("--codebook-lr", type=float, default=1e-3,
+                      help="peak learning rate of each codebook, relative to its entries' spread "
+                           "(standard deviation); biases and LayerNorms take --lr")
+    args.add_argument("--settings", nargs="*", default=SETTINGS,
+                      help="SPARSITY:BITS:SCALE[:EMBEDDING_BITS], e.g. 50:4:32:3 (scale: group "
+                           "size, row or none)")
+    args.add_argument("--sentences", type=int, default=4096, help="distillation sentences")
+    args.add_argument("--breakdown", action="store_true",
+                      help="only time a step's phases, AdamW + hooks against MaskedAdamW")
+    args = args.parse_args()
+    why = minilm.available() or (None if TEXT.is_dir() else f"{TEXT} is absent")
+    if why:
+        print(f"skipped: {why}")
+        return
+    torch.manual_seed(0)
+    model, tokenizer = minilm.load_fp32()
+    books = sorted(p for p in TEXT.glob("*.txt") if p.name != HELD_OUT)
+    corpus = dcx.data.text_batches(tokenizer, dcx.data.read_sentences(books, args.sentences,
+                                                                       seed=2),
+                                   batch_size=16, max_length=64)
+    if args.breakdown:
+        rows = breakdown(model, corpus, 8)
+        common.write_table(
+            "minilm-distill-step", "all-MiniLM-L6-v2: where a distillation step's time goes",
+            ["optimizer", "teacher forward ms", "student forward + loss ms", "backward ms",
+             "optimizer step ms", "step ms", "optimizer share"], rows,
+            [common.stamp("cpu"), "",
+             "Encoder Linear layers pruned to 50% (magnitude); 16 sentences of at most 64 "
+             "tokens per step; median of 7 steps after the first, the two optimizers "
+             "interleaved on the same batches; dcx.distill_ with each optimizer (model in eval "
+             "mode, so the pruning hook only relinks). The unmasked row lets pruned weights "
+             "move (wrong for a pruned model): it is the floor a mask can add to. Command: "
+             "`python benchmarks/minilm_distill.py --breakdown`."])
+        return
+    fixed = minilm.tokens(tokenizer)
+    held_out = minilm.tokens(tokenizer, dcx.data.read_sentences(TEXT / HELD_OUT, 256, seed=1))
+    reference = {"fixed": minilm.embed(model, fixed), "held": minilm.embed(model, held_out)}
+    calibration = dcx.data.text_batches(
+        tokenizer, dcx.data.read_sentences(books, 256, seed=0), batch_size=16)
+    source_bytes = (minilm.model_path() / "model.safetensors").stat().st_size
+    rows, curves = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for text in args.settings:
+            sparsity, bits, scale, embedding_bits = parse_setting(text)
+            started = time.perf_counter()
+            student = copy.deepcopy(model)
+            curve = []
+            if sparsity > 0:
+                dcx.prune_(student, dcx.PruneConfig(sparsity=sparsity,
+                                                    targets=encoder_linears(model)))
+                curve += [("prune", h.step, h.metric) for h in dcx.distill_(
+                    student, model, corpus, steps=args.steps, lr=args.lr, warmup=10)]
+            embeddings = {"re:embeddings\\..*": {"bits": embedding_bits, "sparsity": 0.0,
+                                                   "scale": None}}
+            config = dcx.ConvertConfig(bits=bits, sparsity=sparsity, scale=scale, method="gptq",
+                                       overrides=embeddings)
+            dcx.convert_(student, config, calibration=calibration, pack=False)
+            shared_before = minilm.fidelity(reference["fixed"], minilm.embed(student, fixed))
+            curve += [("share", h.step, h.metric) for h in dcx.distill_(
+                student, model, corpus, steps=args.steps, warmup=10,
+                optimizer=sharing_optimizer(student, args.lr, args.codebook_lr))]
+            dcx.finalize_clustering_(student)
+            dcx.pack_layers_(student)
+            path = Path(tmp) / "minilm.dcx"
+            dcx.save(student, path, config=config, extra=dcx.hf.manifest_extra(student))
+            seconds = time.perf_counter() - started
+            loaded = dcx.hf.model_from_file(path)
+            f = minilm.fidelity(reference["fixed"], minilm.embed(loaded, fixed))
+            h = minilm.fidelity(reference["held"], minilm.embed(loaded, held_out))
+            size = path.stat().st_size
+            curves[text] = curve
+            rows.append([f"{sparsity:.0%}", str(bits), str(scale or "-"), str(embedding_bits),
+                         str(args.steps),
+                         f"{size:,}", f"{source_bytes / size:.2f}x",
+                         f"{shared_before['mean_cos']:.4f}", f"{f['mean_cos']:.4f}",
+                         f"{f['min_cos']:.4f}", f"{h['mean_cos']:.4f}", f"{h['min_cos']:.4f}",
+                         f"{seconds / 60:.1f}"])
+            print(" | ".join(rows[-1]), flush=True)
+    header = ["sparsity", "bits", "scale", "embedding bits", "steps per stage", ".dcx bytes",
+              "vs model.safetensors", "mean cos before sharing's retraining", "mean cos (64 fixed)",
+              "min cos", "mean cos (held-out)", "min cos", "minutes"]
+    plot = plot_curves(curves)
+    common.write_table("minilm-distill", "all-MiniLM-L6-v2: compression with distillation",
+                       header, rows,
+                       [common.stamp("cpu"), "",
+                        f"model.safetensors {source_bytes:,} bytes (fp32). The stages of the "
+                        "module docstring; peak learning rates "
+                        f"{args.lr:g} (weights, biases, LayerNorms) and {args.codebook_lr:g} times "
+                        "each codebook's standard deviation (codebooks), 10 warm-up steps, "
+                        "cosine to zero; "
+                        f"{args.sentences} distillation sentences. 'before sharing's "
+                        "retraining': the 64 fixed sentences right after calibrated sharing. "
+                        f"Curve: {plot.name}. Command: `python benchmarks/minilm_distill.py "
+                        f"--steps {args.steps} --lr {args.lr:g} --codebook-lr "
+                        f"{args.codebook_lr:g} --settings {' '.join(args.settings)}`."])
+
+
+def plot_curves(curves):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for text, curve in curves.items():
+        offset = 0
+        for stage in ("prune", "share"):
+            points = [(s, m) for st, s, m in curve if st == stage]
+            if not points:
+                continue
+            window = 10  # the running mean over steps: each step's batch differs
+            xs = [offset + s for s, _ in points]
+            ms = [statistics.fmean(m for _, m in points[max(0, i - window + 1):i + 1])
+                  for i in range(len(points))]
+            ax.plot(xs, ms, label=f"{text} {stage}")
+            offset = xs[-1] + 1
+    ax.set_xlabel("distillation step")
+    ax.set_ylabel("embedding cosine to fp32 (training batches, running mean of 10)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path = common.RESULTS / "minilm-distill-curve.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+if __name__ == "__main__":
+    main()
