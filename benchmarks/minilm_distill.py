@@ -62,18 +62,6 @@ def encoder_linears(model):
             if isinstance(m, torch.nn.Linear) and n.startswith("encoder.")]
 
 
-def sharing_optimizer(model, lr, codebook_lr):
-    """MaskedAdamW for the sharing stage: Adam's step is about lr whatever a parameter's scale,
-    so each codebook gets codebook_lr times the spread of its entries (an embedding's codebook
-    spans about 0.1, a group-scaled layer's about 6); the other parameters take lr."""
-    codebooks = dcx.quantize.codebook_parameters(model)
-    ids = {id(c) for c in codebooks}
-    groups = [{"params": [c], "lr": codebook_lr * float(c.detach().std())} for c in codebooks]
-    groups.append({"params": [p for p in model.parameters()
-                              if p.requires_grad and id(p) not in ids], "lr": lr})
-    return dcx.MaskedAdamW(groups, weight_decay=0.0)
-
-
 def breakdown(model, batches, steps):
     """Median seconds per phase of a distillation step on the 50%-pruned model: torch's AdamW
     with dcx.mask_optimizer_'s hooks against dcx.MaskedAdamW, and torch's fused AdamW with no
@@ -169,8 +157,8 @@ def main():
             dcx.convert_(student, config, calibration=calibration, pack=False)
             shared_before = minilm.fidelity(reference["fixed"], minilm.embed(student, fixed))
             curve += [("share", h.step, h.metric) for h in dcx.distill_(
-                student, model, corpus, steps=args.steps, warmup=10,
-                optimizer=sharing_optimizer(student, args.lr, args.codebook_lr))]
+                student, model, corpus, steps=args.steps, lr=args.lr,
+                codebook_lr=args.codebook_lr, warmup=10)]
             dcx.finalize_clustering_(student)
             dcx.pack_layers_(student)
             path = Path(tmp) / "minilm.dcx"

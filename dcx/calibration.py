@@ -336,7 +336,8 @@ def _rows(weight: Tensor, stats: LayerStats,
 @torch.no_grad()
 def compress_layer(weight: Tensor, stats: LayerStats, sparsity: float, bits: int,
                    layer: dict, scale: Optional[Tensor] = None, block: int = 128,
-                   damp: float = 0.03, rounds: int = 2) -> tuple[Tensor, Tensor, Tensor]:
+                   damp: float = 0.03, rounds: int = 2,
+                   mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """(mask or None, codebook [<= 2^bits], int32 labels) of one weight, chosen to keep the
     layer's outputs on the calibration inputs (see the module docstring). weight: [out, ...]
     (a Linear's or Conv2d's); stats: its LayerStats; sparsity: the fraction of weights to prune
@@ -347,8 +348,11 @@ def compress_layer(weight: Tensor, stats: LayerStats, sparsity: float, bits: int
     (MiniLM at 4 bits, mean / min cosine on other sentences: 128 calibration sentences, 0.01
     fits them too closely, 0.965 / 0.81, against 0.973 / 0.954 at 0.1; 256 sentences, 0.974 /
     0.954 at 0.03 against 0.967 / 0.914 at 0.1); rounds: assignment + refit passes (the second
-    assigns with the refit codebook)."""
+    assigns with the refit codebook); mask: a mask to keep instead of choosing one (bool of
+    weight's shape: a layer pruned and retrained before sharing keeps the weights it retrained;
+    sparsity is then ignored)."""
     w0, s = _rows(weight, stats, scale)
+    given = None if mask is None else mask.reshape(w0.shape).to(w0.device)
     k = w0.shape[-1]
     h = stats.mean().to(w0)
     # GPTQ's activation order: the columns with the largest inputs first, while the most
@@ -366,13 +370,16 @@ def compress_layer(weight: Tensor, stats: LayerStats, sparsity: float, bits: int
     # more bytes, and less fidelity per byte (4 bits: mean cosine 0.9702 at 10.58 MB against
     # 0.9672 at 10.38 MB; 5 bits: 0.9887 at 12.07 MB against 0.9880 at 11.48 MB).
     flat = wn.reshape(-1)
-    if sparsity > 0:
+    if given is not None:
+        given = given[:, :, perm]
+        flat = wn[given] if bool(given.any()) else flat
+    elif sparsity > 0:
         keep = max(1, flat.numel() - int(sparsity * flat.numel()))
         flat = flat[w0.reshape(-1).abs().topk(keep).indices]
     codebook, _ = ops.kmeans1d(flat.float(), num, layer["init"], layer["max_iter"], layer["tol"],
                                layer["seed"], layer["method"])
     codebook = codebook.double()
-    mask = None
+    mask = given
     for _ in range(rounds):
         labels, mask = _assign(w0, u, codebook, sparsity, block, mask, s)
         codebook = _refit_codebook(w0, labels, mask, h, codebook, s)
@@ -380,12 +387,13 @@ def compress_layer(weight: Tensor, stats: LayerStats, sparsity: float, bits: int
     inverse = torch.argsort(perm)
     labels = labels[:, :, inverse].reshape(weight.shape).to(torch.int32)
     mask = mask[:, :, inverse].reshape(weight.shape)
-    return (mask if sparsity > 0 else None), codebook.to(weight.dtype), labels
+    return (mask if sparsity > 0 or given is not None else None), codebook.to(weight.dtype), labels
 
 
 @torch.no_grad()
 def weighted_layer(weight: Tensor, stats: LayerStats, sparsity: float, bits: int, layer: dict,
-                   scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+                   scale: Optional[Tensor] = None,
+                   mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """The cheap calibrated step ("weighted", ConvertConfig.method), from the diagonal of H
     alone: each row pruned to `sparsity` by |w| sqrt(H_cc) (Wanda's score: the weight times its
     input column's norm, compared within its output row), the kept weights shared by
@@ -395,9 +403,12 @@ def weighted_layer(weight: Tensor, stats: LayerStats, sparsity: float, bits: int
     wn = w0 if s is None else w0 / s
     h = stats.mean().to(w0)
     importance = _importance(h, wn.shape, s)
+    given = mask
     mask = torch.ones_like(w0, dtype=torch.bool)
-    drop = int(sparsity * w0.shape[-1])
-    if drop > 0:
+    drop = 0 if given is not None else int(sparsity * w0.shape[-1])
+    if given is not None:
+        mask = given.reshape(w0.shape).to(w0.device).clone()
+    elif drop > 0:
         score = w0 * w0 * _importance(h, w0.shape, None)  # w^2 H_jj: the weight as it is
         mask.scatter_(2, score.topk(drop, dim=2, largest=False).indices, False)
     codebook = _weighted_codebook(wn[mask], importance[mask], 1 << bits, layer)
@@ -405,8 +416,8 @@ def weighted_layer(weight: Tensor, stats: LayerStats, sparsity: float, bits: int
     c_sorted = codebook[order]
     labels = order[_nearest((c_sorted[1:] + c_sorted[:-1]) / 2, wn)]
     labels = torch.where(mask, labels, torch.zeros_like(labels))
-    return ((mask.reshape(weight.shape) if drop > 0 else None), codebook.to(weight.dtype),
-            labels.reshape(weight.shape).to(torch.int32))
+    return ((mask.reshape(weight.shape) if drop > 0 or given is not None else None),
+            codebook.to(weight.dtype), labels.reshape(weight.shape).to(torch.int32))
 
 
 def _assign(w0: Tensor, u: Tensor, codebook: Tensor, sparsity: float, block: int,
@@ -611,11 +622,14 @@ def compress_calibrated_(model: nn.Module, settings: dict[str, dict], batches: I
             if name not in stats:
                 raise CalibrationError(f"calibration: {name} was not reached (the model "
                                        "calls its layers in another order for other batches)")
-            scale = codebook_scales(module.weight, None, s.get("scale"))
+            # A layer pruned before (and retrained) keeps its mask: sharing must not re-prune
+            # the weights retraining moved.
+            pruned = state.mask(module, "weight")
+            scale = codebook_scales(module.weight, pruned, s.get("scale"))
             try:
                 mask, codebook, labels = compress(module.weight, stats.pop(name),
                                                   float(s["sparsity"]), int(s["bits"]),
-                                                  kmeans, scale)
+                                                  kmeans, scale, mask=pruned)
             except (RuntimeError, ValueError) as error:
                 raise CalibrationError(f"calibration: {name}: {error}") from error
             if mask is not None:

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from dcx.calibration import run_batch
 from dcx.optim import MaskedAdamW
 
-__all__ = ["Distillation", "DistillStep", "distill_", "trainable_parameters"]
+__all__ = ["Distillation", "DistillStep", "distill_", "parameter_groups", "trainable_parameters"]
 
 KINDS = ("auto", "hidden", "logits")
 
@@ -205,17 +205,41 @@ def _to(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def parameter_groups(model: nn.Module, lr: float,
+                     codebook_lr: Optional[float] = None) -> list[dict]:
+    """The optimizer's parameter groups for retraining `model`: every trainable parameter at lr,
+    except, with codebook_lr, each live codebook (a shared layer being fine-tuned) at codebook_lr
+    times the standard deviation of its entries. Adam's step is about lr whatever a parameter's
+    scale, and codebooks differ in scale by orders (an embedding's entries span about 0.1, a
+    row- or group-scaled layer's, in units of its scales, about 6)."""
+    params = trainable_parameters(model)
+    if codebook_lr is None:
+        return [{"params": params, "lr": lr}]
+    from dcx.quantize import codebook_parameters
+
+    codebooks = [c for c in codebook_parameters(model) if c.requires_grad]
+    ids = {id(c) for c in codebooks}
+    def spread(c: Tensor) -> float:
+        c = c.detach().float()
+        return float(c.std()) if c.numel() > 1 else float(c.abs().max().clamp_min(1e-12))
+
+    groups = [{"params": [c], "lr": codebook_lr * spread(c)} for c in codebooks]
+    rest = [p for p in params if id(p) not in ids]
+    return groups + ([{"params": rest, "lr": lr}] if rest else [])
+
+
 def distill_(model: nn.Module, objective: Distillation | nn.Module, batches: Iterable,
              steps: Optional[int] = None, seconds: Optional[float] = None, lr: float = 1e-4,
-             weight_decay: float = 0.0, optimizer: Optional[torch.optim.Optimizer] = None,
+             codebook_lr: Optional[float] = None, weight_decay: float = 0.0, optimizer: Optional[torch.optim.Optimizer] = None,
              warmup: int = 0, train_mode: bool = False, progress: bool = True,
              callback: Optional[Callable[[DistillStep], None]] = None) -> list[DistillStep]:
     """Retrain `model` in place to match `objective`'s teacher (a Distillation, or the teacher
     module itself for the default objective) on `batches` (inputs only; cycled), for `steps`
     steps and/or `seconds` of wall time (whichever ends first; at least one of them).
 
-    optimizer: by default MaskedAdamW(trainable_parameters(model), lr, weight_decay), whose step
-    keeps pruned weights and their moments at exactly zero; the learning rate falls on a cosine
+    optimizer: by default MaskedAdamW(parameter_groups(model, lr, codebook_lr), weight_decay),
+    whose step keeps pruned weights and their moments at exactly zero (codebook_lr: each
+    codebook's rate relative to its spread, see parameter_groups); the learning rate falls on a cosine
     to zero over `steps` after `warmup` linear steps (constant under a time budget alone).
     train_mode: run the student in training mode (dropout on, batch-norm statistics updated);
     off by default: the student learns a deterministic teacher, and batch-norm statistics from
@@ -234,10 +258,10 @@ def distill_(model: nn.Module, objective: Distillation | nn.Module, batches: Ite
     if not batches:
         raise ValueError("distillation: no batches (the corpus gave no inputs)")
     if optimizer is None:
-        params = trainable_parameters(model)
-        if not params:
+        groups = parameter_groups(model, lr, codebook_lr)
+        if not any(group["params"] for group in groups):
             raise ValueError("distillation: the model has no trainable parameters")
-        optimizer = MaskedAdamW(params, lr=lr, weight_decay=weight_decay)
+        optimizer = MaskedAdamW(groups, weight_decay=weight_decay)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
 
     def schedule(step: int) -> float:

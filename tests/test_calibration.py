@@ -396,3 +396,21 @@ def test_blocks_that_do_not_chain_are_run_whole():
     converted, rows = dcx.convert_(copy.deepcopy(model), dcx.ConvertConfig(bits=3),
                                    calibration=calib)
     assert {r.action for r in rows} == {"packed"}
+
+
+@pytest.mark.parametrize("method", ["gptq", "weighted"])
+def test_a_layer_pruned_before_keeps_its_mask(method):
+    """Calibrated sharing of a layer that was pruned (and perhaps retrained) before keeps that
+    mask, whatever sparsity the config gives: it must not re-prune the weights retraining moved."""
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    dcx.prune_(model, dcx.PruneConfig(sparsity=0.5, targets=["pointwise.weight", "head.weight"]))
+    masks = {n: m.clone() for n, m in dcx.prune.masks(model).items()}
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(4, 3, 12, 12, generator=g) for _ in range(2)]
+    dcx.convert_(model, dcx.ConvertConfig(bits=3, sparsity=0.3, method=method),
+                 calibration=batches, pack=False)
+    for name, mask in masks.items():
+        module = model.get_submodule(name.rpartition(".")[0])
+        assert torch.equal(dcx.state.mask(module), mask), name
+        assert (module.weight[~mask] == 0).all()

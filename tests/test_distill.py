@@ -147,3 +147,35 @@ def test_bad_objective_arguments():
     with pytest.raises(ValueError, match="cannot distill from these outputs"):
         objective = Distillation(nn.Linear(2, 2))
         objective.loss({"pooler": 1}, {"pooler": 1}, None)
+
+
+def test_convert_without_packing_then_distill_codebooks_then_pack(tmp_path):
+    """convert_(pack=False) leaves the shared layers live; distill_ with codebook_lr gives each
+    codebook its own rate (its spread times codebook_lr) and moves it; finalize + pack_layers_
+    then make the layers convert_ would have packed, and the file round-trips."""
+    torch.manual_seed(0)
+    teacher = SmallCNN().eval()
+    student = copy.deepcopy(teacher)
+    config = dcx.ConvertConfig(bits=3, scale="row")
+    _, rows = dcx.convert_(student, config, calibration=images(2, seed=4), pack=False)
+    packed = {r.name for r in rows if r.action == "packed"}
+    assert packed and all(state.get(student.get_submodule(n)).live for n in packed)
+    groups = dcx.distill.parameter_groups(student, lr=1e-3, codebook_lr=1e-2)
+    codebooks = dcx.quantize.codebook_parameters(student)
+    for group, codebook in zip(groups, codebooks):
+        assert group["params"] == [codebook]
+        assert group["lr"] == pytest.approx(1e-2 * float(codebook.detach().std()))
+    assert groups[-1]["lr"] == 1e-3 and len(groups) == len(codebooks) + 1
+    before = [c.detach().clone() for c in codebooks]
+    distill_(student, teacher, images(4, seed=5), steps=5, lr=1e-3, codebook_lr=1e-2,
+             progress=False)
+    assert all(not torch.equal(b, c.detach()) for b, c in zip(before, codebooks))
+    dcx.finalize_clustering_(student)
+    dcx.pack_layers_(student)
+    assert {n for n, m in student.named_modules()
+            if isinstance(m, (dcx.SparseQuantLinear, dcx.SparseQuantConv2d))} == packed
+    dcx.save(student, tmp_path / "cnn.dcx")
+    loaded = dcx.load(tmp_path / "cnn.dcx", SmallCNN())
+    x = images(1, seed=6)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), student(x), rtol=1e-4, atol=1e-5)
