@@ -9,12 +9,13 @@ unlabeled text: file size against embedding fidelity, and where a retraining ste
 A setting SPARSITY:BITS:SCALE[:EMBEDDING_BITS] (scale: a group size, "row" or "none"; the
 word, position and type embeddings at EMBEDDING_BITS, default 4, unpruned) runs the paper's order on a
 model nobody has labels for:
+what `dcx convert --distill` runs (dcx.distill.convert_distilled_):
   1. sparsity > 0: magnitude pruning of the encoder's Linear layers, then `--steps` steps of
      distillation (dcx.distill_: hidden-state MSE + pooled-embedding cosine against the fp32
      model, MaskedAdamW, pruned weights held at zero);
-  2. weight sharing with calibration (dcx.convert_, method gptq, pack=False: 256 sentences of
-     four novels), then `--steps` steps of distillation moving the codebooks, biases and
-     LayerNorms (the labels stay);
+  2. weight sharing with calibration (dcx.convert_, method gptq: 256 sentences of four novels;
+     the pruned layers keep their masks), then `--steps` steps of distillation moving the
+     codebooks, biases and LayerNorms (the labels stay);
   3. finalize, pack, save; the model rebuilt from the file alone (dcx.hf.model_from_file).
 Distillation text: sentences of the
 same four novels, 16 per step, at most 64 tokens; fidelity: cosine of each sentence embedding
@@ -96,7 +97,10 @@ def breakdown(model, batches, steps):
 
 def main():
     args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    args.add_argument("--steps", type=int, default=300, help="distillation steps per stage")
+    args.add_argument("--steps", type=int, default=300,
+                      help="distillation steps after pruning (and after sharing, unless "
+                           "--shared-steps)")
+    args.add_argument("--shared-steps", type=int, help="distillation steps after sharing")
     args.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (pruned weights)")
     args.add_argument("--codebook-lr", type=float, default=1e-3,
                       help="peak learning rate of each codebook, relative to its entries' spread "
@@ -143,24 +147,20 @@ def main():
         for text in args.settings:
             sparsity, bits, scale, embedding_bits = parse_setting(text)
             started = time.perf_counter()
-            student = copy.deepcopy(model)
-            curve = []
-            if sparsity > 0:
-                dcx.prune_(student, dcx.PruneConfig(sparsity=sparsity,
-                                                    targets=encoder_linears(model)))
-                curve += [("prune", h.step, h.metric) for h in dcx.distill_(
-                    student, model, corpus, steps=args.steps, lr=args.lr, warmup=10)]
             embeddings = {"re:embeddings\\..*": {"bits": embedding_bits, "sparsity": 0.0,
                                                    "scale": None}}
             config = dcx.ConvertConfig(bits=bits, sparsity=sparsity, scale=scale, method="gptq",
                                        overrides=embeddings)
-            dcx.convert_(student, config, calibration=calibration, pack=False)
-            shared_before = minilm.fidelity(reference["fixed"], minilm.embed(student, fixed))
-            curve += [("share", h.step, h.metric) for h in dcx.distill_(
-                student, model, corpus, steps=args.steps, lr=args.lr,
-                codebook_lr=args.codebook_lr, warmup=10)]
-            dcx.finalize_clustering_(student)
-            dcx.pack_layers_(student)
+            student, _, stages = dcx.distill.convert_distilled_(
+                copy.deepcopy(model), config, corpus, calibration=calibration, steps=args.steps,
+                shared_steps=args.shared_steps, lr=args.lr, codebook_lr=args.codebook_lr, objective=dcx.Distillation(model))
+            curve = [(stage, h.step, h.metric) for stage, history in stages.history.items()
+                     for h in history]
+            shared_before = stages.history["shared"][0].metric
+            pruned = stages.history.get("pruned")
+            pruned_after = (f"{statistics.fmean(h.metric for h in pruned[-10:]):.4f}"
+                            if pruned else "-")
+            shared_steps = args.shared_steps or args.steps
             path = Path(tmp) / "minilm.dcx"
             dcx.save(student, path, config=config, extra=dcx.hf.manifest_extra(student))
             seconds = time.perf_counter() - started
@@ -170,14 +170,15 @@ def main():
             size = path.stat().st_size
             curves[text] = curve
             rows.append([f"{sparsity:.0%}", str(bits), str(scale or "-"), str(embedding_bits),
-                         str(args.steps),
-                         f"{size:,}", f"{source_bytes / size:.2f}x",
-                         f"{shared_before['mean_cos']:.4f}", f"{f['mean_cos']:.4f}",
+                         f"{args.steps if pruned else 0} + {shared_steps}",
+                         f"{size:,}", f"{source_bytes / size:.2f}x", pruned_after,
+                         f"{shared_before:.4f}", f"{f['mean_cos']:.4f}",
                          f"{f['min_cos']:.4f}", f"{h['mean_cos']:.4f}", f"{h['min_cos']:.4f}",
                          f"{seconds / 60:.1f}"])
             print(" | ".join(rows[-1]), flush=True)
-    header = ["sparsity", "bits", "scale", "embedding bits", "steps per stage", ".dcx bytes",
-              "vs model.safetensors", "mean cos before sharing's retraining", "mean cos (64 fixed)",
+    header = ["sparsity", "bits", "scale", "embedding bits", "steps (pruned + shared)",
+              ".dcx bytes", "vs model.safetensors", "cos end of pruned retraining",
+              "cos after sharing", "mean cos (64 fixed)",
               "min cos", "mean cos (held-out)", "min cos", "minutes"]
     plot = plot_curves(curves)
     common.write_table("minilm-distill", "all-MiniLM-L6-v2: compression with distillation",
@@ -188,10 +189,14 @@ def main():
                         f"{args.lr:g} (weights, biases, LayerNorms) and {args.codebook_lr:g} times "
                         "each codebook's standard deviation (codebooks), 10 warm-up steps, "
                         "cosine to zero; "
-                        f"{args.sentences} distillation sentences. 'before sharing's "
-                        "retraining': the 64 fixed sentences right after calibrated sharing. "
+                        f"{args.sentences} distillation sentences. 'end of pruned retraining': "
+                        "the mean embedding cosine of the last 10 training batches before "
+                        "sharing; 'after sharing': of the first training batch right after "
+                        "calibrated sharing. "
                         f"Curve: {plot.name}. Command: `python benchmarks/minilm_distill.py "
-                        f"--steps {args.steps} --lr {args.lr:g} --codebook-lr "
+                        f"--steps {args.steps}"
+                        f"{f' --shared-steps {args.shared_steps}' if args.shared_steps else ''}"
+                        f" --lr {args.lr:g} --codebook-lr "
                         f"{args.codebook_lr:g} --settings {' '.join(args.settings)}`."])
 
 
@@ -204,7 +209,7 @@ def plot_curves(curves):
     fig, ax = plt.subplots(figsize=(7, 4))
     for text, curve in curves.items():
         offset = 0
-        for stage in ("prune", "share"):
+        for stage in ("pruned", "shared"):
             points = [(s, m) for st, s, m in curve if st == stage]
             if not points:
                 continue
@@ -215,7 +220,8 @@ def plot_curves(curves):
             ax.plot(xs, ms, label=f"{text} {stage}")
             offset = xs[-1] + 1
     ax.set_xlabel("distillation step")
-    ax.set_ylabel("embedding cosine to fp32 (training batches, running mean of 10)")
+    ax.set_ylabel("embedding cosine to fp32")
+    ax.set_title("training batches, running mean of 10 steps", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     path = common.RESULTS / "minilm-distill-curve.png"

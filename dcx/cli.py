@@ -373,10 +373,29 @@ def cmd_convert(args):
                                method=args.method,
                                scale=args.scale)
     calibration = None
+    if args.distill is not None and args.distill < 1:
+        raise UsageError(f"--distill takes a step count >= 1, got {args.distill}")
+    if args.distill and not args.calibration:
+        raise UsageError("--distill retrains from unlabeled inputs: give them with --calibration "
+                         "(text files, a folder of images or package.module:inputs)")
     if args.calibration:
         calibration = calibration_batches(args.calibration, args.src, args.samples,
                                           args.image_size)
-    model, rows = dcx.convert_(model, config, progress=not args.quiet, calibration=calibration)
+    if args.distill:
+        model, rows, stages = dcx.distill.convert_distilled_(
+            model, config, calibration, steps=args.distill, lr=args.lr,
+            codebook_lr=args.codebook_lr, progress=not args.quiet)
+        for stage, history in stages.history.items():
+            first, last = history[:10], history[-10:]
+            print(f"retrained {stage}: {len(history)} steps, loss "
+                  f"{sum(h.loss for h in first) / len(first):.4g} -> "
+                  f"{sum(h.loss for h in last) / len(last):.4g}, metric "
+                  f"{sum(h.metric for h in first) / len(first):.4f} -> "
+                  f"{sum(h.metric for h in last) / len(last):.4f} (means of the first and last "
+                  f"10 steps)")
+    else:
+        model, rows = dcx.convert_(model, config, progress=not args.quiet,
+                                   calibration=calibration)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     dcx.save(model, out, config=config, extra=extra)  # the ConvertConfig in the manifest
@@ -505,6 +524,15 @@ def parser():
                    help="row: one float16 scale per output row on the shared codebook; SIZE (a "
                         "power of two from 32, e.g. 128): one per row and group of SIZE input "
                         "columns (every compressed layer; default none)")
+    s.add_argument("--distill", type=int, metavar="STEPS",
+                   help="retrain by distillation from the model as it came in, on the "
+                        "--calibration inputs: STEPS steps after magnitude pruning (when "
+                        "--sparsity or overrides prune) and STEPS more after sharing, moving the "
+                        "codebooks, biases and norms (dcx.distill.convert_distilled_)")
+    s.add_argument("--lr", type=float, default=1e-4,
+                   help="--distill's peak learning rate (weights, biases, norms; default 1e-4)")
+    s.add_argument("--codebook-lr", type=float, default=1e-3,
+                   help="--distill's codebook rate, times each codebook's spread (default 1e-3)")
     s.add_argument("--out", required=True, help="the .dcx file to write")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_convert)

@@ -19,7 +19,7 @@ from dcx.packing import can_pack_dense
 from dcx.prune import prune_
 from dcx.quantize import clusterable, cluster_
 
-__all__ = ["pack_layers_", "convert_", "convert", "ConvertRow"]
+__all__ = ["pack_layers_", "convert_", "convert", "ConvertRow", "ConvertPlan", "plan_convert"]
 
 
 def _twin(module: nn.Module):
@@ -119,32 +119,20 @@ class ConvertRow(NamedTuple):
     reason: str  # why it is not packed, or not compressed at all ("" when packed)
 
 
-def convert_(model: nn.Module, config: Optional[ConvertConfig] = None,
-             progress: bool = False, calibration: Optional[Iterable] = None,
-             pack: bool = True) -> tuple[nn.Module, list[ConvertRow]]:
-    """Post-training compression, in place, as `config` says (ConvertConfig: its fields and the
-    override rule): every nn.Linear of `model` (and every convolution, every nn.Embedding,
-    subclasses included) is pruned by magnitude (dcx.prune_), its surviving weights shared among
-    2^bits k-means centroids (dcx.cluster_), and, where a packed twin computes what it computes
-    (dcx.nn.packable), swapped for SparseQuantLinear / SparseQuantConv2d / SparseQuantEmbedding
-    (pack_layers_). A layer without one (a grouped convolution, a subclass with its own forward)
-    keeps its decoded weight and its shared state, so dcx.save still stores it as codes.
-    A pattern that selects no layer is an error. progress: a bar over the layers.
+class ConvertPlan(NamedTuple):
+    """What convert_ will do to a model, before it does it: a ConvertRow per layer with a weight
+    of two or more dimensions (those left as they are carry their reason already), the
+    settings of each layer it compresses ({module name: {"sparsity", "bits", "scale"}}) and
+    the layers tied to another ({module name: the first owner of its weight})."""
+    rows: dict
+    per_layer: dict
+    followers: dict
 
-    calibration: unlabeled inputs (an iterable of batches, each a dict of keyword arguments, a
-    tuple of arguments or one tensor; read several times). With them (config.method "auto" or
-    "gptq"), every Linear and zero-padded Conv2d is pruned and shared by dcx.calibrate's
-    second-order method instead ("weighted": its cheap activation-weighted path), layer group by
-    layer group in the order the model calls them; embeddings keep the plain path.
 
-    pack=False leaves the compressed layers as they are, weight-shared with their codebooks live
-    (Parameters) instead of swapping in the packed twins: the state retraining starts from
-    (dcx.distill_ moves the codebooks; dcx.finalize_clustering_ and pack_layers_ then finish what
-    convert_ would have). The report says "packed" for the layers pack_layers_ would pack.
-
-    Returns (model, report): report has one ConvertRow per layer with a weight of two or more
-    dimensions, the ones left dense included, each with its reason.
-    """
+def plan_convert(model: nn.Module, config: Optional[ConvertConfig] = None) -> ConvertPlan:
+    """The layers convert_ compresses and with what settings (ConvertConfig's fields and the
+    override rule), without changing the model: what dcx.distill.compress_ prunes before it
+    retrains."""
     config = config or ConvertConfig()
     sparsity, bits, overrides, conv, embeddings = (config.sparsity, config.bits, config.overrides,
                                                    config.conv, config.embeddings)
@@ -188,6 +176,7 @@ def convert_(model: nn.Module, config: Optional[ConvertConfig] = None,
         else:
             shared = reason == "already shared"
             rows[name] = row._replace(action="shared" if shared else "dense", reason=reason)
+
     def selected(patterns, where):
         return set(layer_overrides(model, {p: True for p in patterns}, layers, where))
 
@@ -204,6 +193,37 @@ def convert_(model: nn.Module, config: Optional[ConvertConfig] = None,
             rows[name] = rows[name]._replace(reason="excluded (include / exclude / overrides)")
             continue
         per_layer[name] = {"sparsity": sparsity, "bits": bits, "scale": config.scale, **override}
+    return ConvertPlan(rows, per_layer, followers)
+
+
+def convert_(model: nn.Module, config: Optional[ConvertConfig] = None,
+             progress: bool = False, calibration: Optional[Iterable] = None,
+             pack: bool = True) -> tuple[nn.Module, list[ConvertRow]]:
+    """Post-training compression, in place, as `config` says (ConvertConfig: its fields and the
+    override rule): every nn.Linear of `model` (and every convolution, every nn.Embedding,
+    subclasses included) is pruned by magnitude (dcx.prune_), its surviving weights shared among
+    2^bits k-means centroids (dcx.cluster_), and, where a packed twin computes what it computes
+    (dcx.nn.packable), swapped for SparseQuantLinear / SparseQuantConv2d / SparseQuantEmbedding
+    (pack_layers_). A layer without one (a grouped convolution, a subclass with its own forward)
+    keeps its decoded weight and its shared state, so dcx.save still stores it as codes.
+    A pattern that selects no layer is an error. progress: a bar over the layers.
+
+    calibration: unlabeled inputs (an iterable of batches, each a dict of keyword arguments, a
+    tuple of arguments or one tensor; read several times). With them (config.method "auto" or
+    "gptq"), every Linear and zero-padded Conv2d is pruned and shared by dcx.calibrate's
+    second-order method instead ("weighted": its cheap activation-weighted path), layer group by
+    layer group in the order the model calls them; embeddings keep the plain path.
+
+    pack=False leaves the compressed layers as they are, weight-shared with their codebooks live
+    (Parameters) instead of swapping in the packed twins: the state retraining starts from
+    (dcx.distill_ moves the codebooks; dcx.finalize_clustering_ and pack_layers_ then finish what
+    convert_ would have). The report says "packed" for the layers pack_layers_ would pack.
+
+    Returns (model, report): report has one ConvertRow per layer with a weight of two or more
+    dimensions, the ones left dense included, each with its reason.
+    """
+    config = config or ConvertConfig()
+    rows, per_layer, followers = plan_convert(model, config)
     if per_layer:
         method = config.method
         if method == "auto":

@@ -5,6 +5,10 @@ of the model as it came in (the teacher) on unlabeled inputs.
     dcx.prune_(model, dcx.PruneConfig(sparsity=0.5))
     history = dcx.distill_(model, dcx.Distillation(teacher), batches, steps=200, lr=1e-4)
 
+    # or all of it: prune -> retrain -> calibrated sharing -> retrain codebooks -> pack
+    model, rows, stages = dcx.distill.convert_distilled_(model, dcx.ConvertConfig(bits=4,
+                                                         sparsity=0.5), batches, steps=300)
+
 `Distillation` is the objective: from the outputs it tells what kind of model it has and takes
 the loss the literature uses for it, or a user's `loss(student_out, teacher_out, batch)`:
 
@@ -39,7 +43,8 @@ from tqdm import tqdm
 from dcx.calibration import run_batch
 from dcx.optim import MaskedAdamW
 
-__all__ = ["Distillation", "DistillStep", "distill_", "parameter_groups", "trainable_parameters"]
+__all__ = ["Distillation", "DistillStep", "DistilledStages", "convert_distilled_", "distill_",
+           "parameter_groups", "trainable_parameters"]
 
 KINDS = ("auto", "hidden", "logits")
 
@@ -314,3 +319,67 @@ def distill_(model: nn.Module, objective: Distillation | nn.Module, batches: Ite
     for group, base in zip(optimizer.param_groups, base_lrs):
         group["lr"] = base
     return history
+
+
+@dataclass
+class DistilledStages:
+    """What convert_distilled_ did: each retraining stage's DistillSteps ({"pruned": [...],
+    "shared": [...]}; "pruned" absent when nothing was pruned) and the seconds of each part."""
+    history: dict
+    seconds: dict
+
+
+def convert_distilled_(model: nn.Module, config, corpus: Iterable,
+                       calibration: Optional[Iterable] = None, steps: int = 300,
+                       shared_steps: Optional[int] = None, lr: float = 1e-4, codebook_lr: float = 1e-3, warmup: int = 10,
+                       objective: Optional[Distillation] = None, pack: bool = True,
+                       progress: bool = True):
+    """convert_ with retraining, the paper's order on a model without labels, in place:
+
+    1. the layers `config` prunes (dcx.convert.plan_convert: its sparsity and overrides) are
+       pruned by magnitude, then retrained `steps` steps by distillation (distill_, lr);
+    2. convert_(config, calibration, pack=False) shares every layer (with calibration the
+       second-order method; a pruned layer keeps its mask), then `shared_steps` (default:
+       `steps`) more steps move the codebooks (codebook_lr, relative to each one's spread), biases and norms (lr);
+    3. the codebooks are baked in and, with pack=True, the layers convert_ packs are packed.
+
+    corpus: unlabeled batches for retraining (read in turns); calibration: those for the
+    statistics (default: the corpus). objective: default Distillation(a copy of the model as it
+    came in). Returns (model, ConvertRows, DistilledStages)."""
+    import copy
+
+    from dcx.convert import convert_, pack_layers_, plan_convert
+    from dcx.prune import PruneConfig, prune_
+    from dcx.quantize import finalize_clustering_
+
+    corpus = list(corpus)
+    if not corpus:
+        raise ValueError("distillation: no batches (the corpus gave no inputs)")
+    shared_steps = steps if shared_steps is None else shared_steps
+    if steps < 1 or shared_steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps} and {shared_steps}")
+    calibration = corpus if calibration is None else list(calibration)
+    objective = objective or Distillation(copy.deepcopy(model))
+    stages, seconds = {}, {}
+    plan = plan_convert(model, config)
+    tied = set(plan.followers.values())
+    pruned = {n: {"sparsity": v["sparsity"]} for n, v in plan.per_layer.items()
+              if v["sparsity"] > 0 and n not in tied}
+    started = time.perf_counter()
+    if pruned:
+        prune_(model, PruneConfig(sparsity=0.0, targets=list(pruned), overrides=pruned))
+        stages["pruned"] = distill_(model, objective, corpus, steps=steps, lr=lr, warmup=warmup,
+                                    progress=progress)
+        seconds["prune + retrain"] = time.perf_counter() - started
+        started = time.perf_counter()
+    model, rows = convert_(model, config, progress=progress, calibration=calibration, pack=False)
+    seconds["share"] = time.perf_counter() - started
+    started = time.perf_counter()
+    stages["shared"] = distill_(model, objective, corpus, steps=shared_steps, lr=lr,
+                                codebook_lr=codebook_lr, warmup=warmup, progress=progress)
+    seconds["retrain codebooks"] = time.perf_counter() - started
+    finalize_clustering_(model)
+    if pack:
+        pack_layers_(model, names={r.name for r in rows if r.action == "packed"},
+                     dense=config.dense, compute=config.compute)
+    return model, rows, DistilledStages(stages, seconds)

@@ -422,6 +422,27 @@ def test_convert_with_calibration_images(user_folder):
     assert run.returncode == 2 and "image size must be >= 1" in run.stderr
 
 
+def test_convert_with_distillation(user_folder):
+    """--distill STEPS retrains on the --calibration inputs after pruning and after sharing,
+    says how each stage went, and writes the file; --distill without inputs, or with
+    no steps, is a usage error that writes no file."""
+    from tests.test_data import write_images
+
+    write_images(user_folder / "photos", 6, size=(16, 10))
+    run = dcx("convert", "usermodels:make_conv", "--bits", "4", "--sparsity", "0.5",
+              "--calibration", "photos", "--image-size", "8", "--distill", "3",
+              "--out", "distilled.dcx", "--quiet", cwd=user_folder)
+    assert run.returncode == 0, run.stderr
+    assert "retrained pruned: 3 steps" in run.stdout and "retrained shared: 3 steps" in run.stdout
+    assert (user_folder / "distilled.dcx").exists()
+    for extra, match in ((["--distill", "3"], "give them with --calibration"),
+                         (["--distill", "0", "--calibration", "photos"], "step count >= 1")):
+        run = dcx("convert", "usermodels:make_conv", "--bits", "4", *extra, "--out", "none.dcx",
+                  "--quiet", cwd=user_folder)
+        assert run.returncode == 2 and match in run.stderr, run.stderr
+        assert not (user_folder / "none.dcx").exists()
+
+
 def test_the_compute_choices_are_the_layers_modes():
     from dcx import cli, config, nn
 

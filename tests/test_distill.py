@@ -179,3 +179,22 @@ def test_convert_without_packing_then_distill_codebooks_then_pack(tmp_path):
     x = images(1, seed=6)[0]
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), student(x), rtol=1e-4, atol=1e-5)
+
+
+def test_convert_distilled_runs_the_stages_on_the_configs_layers():
+    """convert_distilled_: the layers the config prunes (its overrides honoured) are pruned and
+    retrained, then shared with calibration (which keeps their masks: test_calibration), then
+    their codebooks retrained; every stage reported."""
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    config = dcx.ConvertConfig(bits=4, sparsity=0.5, overrides={"stem": {"sparsity": 0.0}})
+    model, rows, stages = dcx.distill.convert_distilled_(model, config, images(3, seed=7),
+                                                         steps=4, progress=False, pack=False)
+    assert set(stages.history) == {"pruned", "shared"}
+    assert all(len(h) == 4 for h in stages.history.values())
+    assert set(stages.seconds) == {"prune + retrain", "share", "retrain codebooks"}
+    kept = {n: st.mask for n, st in state.layers(model).items() if st.mask is not None}
+    assert set(kept) == {"depthwise.weight", "pointwise.weight", "head.weight"}
+    for mask in kept.values():
+        assert abs(mask.float().mean().item() - 0.5) < 0.05
+    assert all(r.action == "packed" or r.reason for r in rows)
