@@ -200,13 +200,14 @@ class DistillStep:
     optimizer_s: float = 0.0
 
 
-def _to(batch: Any, device: torch.device) -> Any:
+def to_device(batch: Any, device: torch.device) -> Any:
+    """A batch (a tensor, or a dict, tuple or list of them) on `device`."""
     if isinstance(batch, Tensor):
         return batch.to(device)
     if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
+        return {k: to_device(v, device) for k, v in batch.items()}
     if isinstance(batch, (tuple, list)):
-        return type(batch)(_to(v, device) for v in batch)
+        return type(batch)(to_device(v, device) for v in batch)
     return batch
 
 
@@ -290,7 +291,7 @@ def distill_(model: nn.Module, objective: Distillation | nn.Module, batches: Ite
                 break
             if seconds is not None and time.perf_counter() - started >= seconds:
                 break
-            batch = _to(batch, device)
+            batch = to_device(batch, device)
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base * schedule(step)
             t0 = time.perf_counter()

@@ -32,7 +32,9 @@ from tqdm import tqdm
 from dcx import io as dcx_io
 from dcx import report as dcx_report
 from dcx import state
+from dcx.calibration import run_batch
 from dcx.config import CompressionConfig, ConfigError, TrainConfig
+from dcx.distill import Distillation, to_device
 from dcx.encode import encode_
 from dcx.optim import MaskedSGD
 from dcx.prune import Pruner, masks
@@ -138,18 +140,34 @@ class DeepCompression:
     built-in top-1 accuracy over test_loader.
     model_factory: builds a fresh model of the same architecture for loading the file (default:
     a deep copy of the input model taken before any stage runs).
+    objective: a dcx.Distillation (or "distill": one from a copy of the model as it comes in):
+    every retraining phase (masked retraining after pruning, centroid fine-tuning) then learns
+    the teacher's outputs instead of labels, the loaders give inputs only (a tensor, tuple or
+    dict per batch), and each stage's "accuracy" is the objective's metric over test_loader
+    (embedding cosine or top-1 agreement with the teacher). A dense training phase has nothing
+    to learn from then (config.train.epochs must be 0).
     """
 
     def __init__(self, model: nn.Module, config, *, train_loader=None, test_loader=None,
                  loss_fn: Callable = F.cross_entropy, train_fn: Optional[Callable] = None,
                  eval_fn: Optional[Callable] = None, model_factory: Optional[Callable] = None,
-                 progress: bool = True, log: Optional[Callable] = None, snapshot: bool = False):
+                 progress: bool = True, log: Optional[Callable] = None, snapshot: bool = False,
+                 objective=None):
         if isinstance(config, (str, Path)):
             config = CompressionConfig.load(config)
         elif isinstance(config, dict):
             config = CompressionConfig.from_dict(config)
         if not isinstance(config, CompressionConfig):
             raise ConfigError(f"config must be a CompressionConfig, dict or path, got {type(config).__name__}")
+        if objective == "distill":
+            objective = Distillation(copy.deepcopy(model))
+        if objective is not None and not isinstance(objective, Distillation):
+            raise TypeError("objective must be a dcx.Distillation, \"distill\" or None, got "
+                            f"{type(objective).__name__}")
+        if objective is not None and config.train.epochs:
+            raise ConfigError("train.epochs must be 0 with a distillation objective: the model "
+                              "as it comes in is the teacher, there is nothing to train it to")
+        self.objective = objective
         if train_fn is None and train_loader is None and _trains(config):
             raise ValueError("a training stage is configured: give train_loader or train_fn")
         if eval_fn is None and test_loader is None:
@@ -177,7 +195,24 @@ class DeepCompression:
 
     # ----------------------------------------------------------------------------- helpers
     def evaluate(self, model: nn.Module) -> float:
-        return self.eval_fn(model) if self.eval_fn is not None else evaluate_accuracy(model, self.test_loader)
+        if self.eval_fn is not None:
+            return self.eval_fn(model)
+        if self.objective is not None:
+            return self._metric(model)
+        return evaluate_accuracy(model, self.test_loader)
+
+    @torch.no_grad()
+    def _metric(self, model: nn.Module) -> float:
+        """The objective's metric over test_loader's batches (inputs only), weighed by batch."""
+        model.eval()
+        device = next(model.parameters()).device
+        total, count = 0.0, 0
+        for batch in self.test_loader:
+            batch = to_device(batch, device)
+            out = run_batch(model, batch)
+            total += self.objective.metric(out, self.objective.teacher_outputs(batch), batch)
+            count += 1
+        return total / max(count, 1)
 
     def _epoch(self, model, optimizer, epoch, desc):
         if self.train_fn is not None:
@@ -186,9 +221,15 @@ class DeepCompression:
         device = next(model.parameters()).device
         # disable=None: bars on a terminal only, not in logs.
         batches = tqdm(self.train_loader, desc=desc, leave=False, disable=None if self.progress else True)
-        for x, y in batches:
+        for item in batches:
             optimizer.zero_grad(set_to_none=True)
-            loss = self.loss_fn(model(x.to(device)), y.to(device))
+            if self.objective is not None:  # inputs only: the teacher's outputs are the targets
+                batch = to_device(item, device)
+                loss = self.objective.loss(run_batch(model, batch),
+                                           self.objective.teacher_outputs(batch), batch)
+            else:
+                x, y = item
+                loss = self.loss_fn(model(x.to(device)), y.to(device))
             loss.backward()
             optimizer.step()
             batches.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
@@ -274,7 +315,16 @@ class DeepCompression:
         loaded = dcx_io.load(path, self.model_factory())
         self._stage(result, "encoded", loaded, started, path.stat().st_size,
                     "P+Q+H: the .dcx file on disk, loaded back")
-        if self.test_loader is not None:
+        if self.test_loader is not None and self.objective is not None:
+            # The file against the model in memory: the objective's metric between the two.
+            check = Distillation(model, kind=self.objective.kind)
+            with torch.no_grad():
+                loaded.eval()
+                device = next(loaded.parameters()).device
+                result.same_predictions = all(
+                    check.metric(run_batch(loaded, b), check.teacher_outputs(b), b) > 0.9999
+                    for b in (to_device(b, device) for b in self.test_loader))
+        elif self.test_loader is not None:
             result.same_predictions = bool(torch.equal(predictions(model, self.test_loader),
                                                        predictions(loaded, self.test_loader)))
         result.report = dcx_report.report(path, self.model_factory())

@@ -100,3 +100,34 @@ def test_configuration_errors(digits):
                                progress=False, log=lambda *a: None)
     with pytest.raises(ConfigError, match="retrain.epochs"):
         pipeline.run("unused.dcx")
+
+
+def test_distillation_objective_retrains_from_inputs_only(tmp_path, digits):
+    """objective="distill": the loaders give inputs only, retraining after pruning and the
+    centroid fine-tuning learn the model's own outputs, each stage's score is the top-1
+    agreement with the model as it came in, and the file agrees with the model in memory.
+    A dense training phase is a configuration error with it."""
+    train, test = digits
+    seed_everything(0)
+    model = LeNet300100(in_features=64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(4):  # a trained model, as a user brings one
+        for x, y in train:
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    inputs = [x for x, _ in train]
+    held_out = [x for x, _ in test]
+    config = small_config(train={"epochs": 0})
+    dc = DeepCompression(model, config, train_loader=inputs, test_loader=held_out,
+                         objective="distill", progress=False, log=lambda *a: None)
+    result = dc.run(tmp_path / "distilled.dcx")
+    scores = {s.stage: s.accuracy for s in result.stages}
+    assert scores["reference"] == 1.0  # the teacher agrees with itself
+    assert scores["encoded"] > 0.9 and result.same_predictions, scores
+    with pytest.raises(ConfigError, match="train.epochs must be 0"):
+        DeepCompression(LeNet300100(in_features=64), small_config(), train_loader=inputs,
+                        test_loader=held_out, objective="distill")
+    with pytest.raises(TypeError, match="objective must be"):
+        DeepCompression(LeNet300100(in_features=64), config, train_loader=inputs,
+                        test_loader=held_out, objective="kl")
