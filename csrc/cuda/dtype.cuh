@@ -22,5 +22,12 @@ inline bool is_aligned(const void* p, int bytes) {
   return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }
 
+// kVec elements of T as one aligned vector: one 16-byte load or store for the elementwise
+// kernels (the optimizer steps).
+template <typename T, int kVec>
+struct alignas(sizeof(T) * kVec) Pack {
+  T v[kVec];
+};
+
 }  // namespace cuda
 }  // namespace dcx

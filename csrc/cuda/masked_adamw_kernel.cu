@@ -16,11 +16,6 @@ struct DeviceArith {
   static __device__ __forceinline__ float mul(float a, float b) { return __fmul_rn(a, b); }
 };
 
-template <typename T, int kVec>
-struct alignas(sizeof(T) * kVec) Pack {
-  T v[kVec];
-};
-
 template <typename T, int kVec, bool kAmsgrad>
 __global__ void masked_adamw_vec_kernel(T* __restrict__ param, const T* __restrict__ grad,
                                         const uint8_t* __restrict__ mask, T* __restrict__ exp_avg,

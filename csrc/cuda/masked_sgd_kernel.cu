@@ -10,11 +10,6 @@ namespace dcx {
 namespace cuda {
 namespace {
 
-template <typename T, int kVec>
-struct alignas(sizeof(T) * kVec) Pack {
-  T v[kVec];
-};
-
 template <typename T, int kVec, SgdKind kKind>
 __global__ void masked_sgd_vec_kernel(T* __restrict__ param, const T* __restrict__ grad,
                                       const uint8_t* __restrict__ mask, T* __restrict__ buf,
