@@ -10,7 +10,8 @@ A setting SPARSITY:BITS:SCALE[:EMBEDDING_BITS] (scale: a group size, "row" or "n
 word, position and type embeddings at EMBEDDING_BITS, default 4, unpruned) runs the paper's order on a
 model nobody has labels for:
 what `dcx convert --distill` runs (dcx.distill.convert_distilled_):
-  1. sparsity > 0: magnitude pruning of the encoder's Linear layers, then `--steps` steps of
+  1. sparsity > 0: magnitude pruning of the Linear layers (the encoder's and the pooler's, which
+     the mean-pooled embedding does not use), then `--steps` steps of
      distillation (dcx.distill_: hidden-state MSE + pooled-embedding cosine against the fp32
      model, MaskedAdamW, pruned weights held at zero);
   2. weight sharing with calibration (dcx.convert_, method gptq: 256 sentences of four novels;
