@@ -39,6 +39,14 @@ inline void check_same_device(const at::Tensor& t, const char* name, const at::T
               ref.device(), "), got ", t.device());
 }
 
+// The same dtype, shape and device as ref (an optimizer's gradient and state beside its param).
+inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref,
+                       const char* ref_name) {
+  check_same_dtype(t, name, ref, ref_name);
+  check_same_shape(t, name, ref, ref_name);
+  check_same_device(t, name, ref, ref_name);
+}
+
 inline void check_mask(const at::Tensor& mask, const char* name, const at::Tensor& ref,
                        const char* ref_name) {
   check_dtype_in(mask, name, {at::kBool, at::kByte}, "bool or uint8");

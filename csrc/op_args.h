@@ -18,9 +18,7 @@ inline void check_masked_sgd_step_args(const at::Tensor& param, const at::Tensor
                                        double weight_decay, bool nesterov) {
   check_dtype_in(param, "param", {at::kFloat, at::kHalf, at::kBFloat16},
                  "float32, float16 or bfloat16");
-  check_same_dtype(grad, "grad", param, "param");
-  check_same_shape(grad, "grad", param, "param");
-  check_same_device(grad, "grad", param, "param");
+  check_like(grad, "grad", param, "param");
   check_mask(mask, "mask", param, "param");
   TORCH_CHECK(std::isfinite(lr) && lr >= 0.0, "lr must be a finite number >= 0, got ", lr);
   TORCH_CHECK(std::isfinite(momentum) && momentum >= 0.0,
@@ -35,10 +33,7 @@ inline void check_masked_sgd_step_args(const at::Tensor& param, const at::Tensor
                 "momentum_buffer must be given when momentum != 0");
   }
   if (momentum_buffer.has_value() && momentum_buffer->defined()) {
-    const at::Tensor& buf = *momentum_buffer;
-    check_same_dtype(buf, "momentum_buffer", param, "param");
-    check_same_shape(buf, "momentum_buffer", param, "param");
-    check_same_device(buf, "momentum_buffer", param, "param");
+    check_like(*momentum_buffer, "momentum_buffer", param, "param");
   }
 }
 
@@ -50,21 +45,14 @@ inline void check_masked_adamw_step_args(const at::Tensor& param, const at::Tens
                                          double eps, double weight_decay, bool amsgrad) {
   check_dtype_in(param, "param", {at::kFloat, at::kHalf, at::kBFloat16},
                  "float32, float16 or bfloat16");
-  check_same_dtype(grad, "grad", param, "param");
-  check_same_shape(grad, "grad", param, "param");
-  check_same_device(grad, "grad", param, "param");
+  check_like(grad, "grad", param, "param");
   check_mask(mask, "mask", param, "param");
-  const auto check_state = [&](const at::Tensor& t, const char* name) {
-    check_same_dtype(t, name, param, "param");
-    check_same_shape(t, name, param, "param");
-    check_same_device(t, name, param, "param");
-  };
-  check_state(exp_avg, "exp_avg");
-  check_state(exp_avg_sq, "exp_avg_sq");
+  check_like(exp_avg, "exp_avg", param, "param");
+  check_like(exp_avg_sq, "exp_avg_sq", param, "param");
   if (amsgrad) {
     TORCH_CHECK(max_exp_avg_sq.has_value() && max_exp_avg_sq->defined(),
                 "max_exp_avg_sq must be given when amsgrad is set");
-    check_state(*max_exp_avg_sq, "max_exp_avg_sq");
+    check_like(*max_exp_avg_sq, "max_exp_avg_sq", param, "param");
   }
   TORCH_CHECK(step >= 1, "step must be >= 1 (the step number after its increment), got ", step);
   TORCH_CHECK(std::isfinite(lr) && lr >= 0.0, "lr must be a finite number >= 0, got ", lr);

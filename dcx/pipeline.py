@@ -198,21 +198,21 @@ class DeepCompression:
         if self.eval_fn is not None:
             return self.eval_fn(model)
         if self.objective is not None:
-            return self._metric(model)
+            scores = self._metrics(model, self.objective)
+            return sum(scores) / max(len(scores), 1)
         return evaluate_accuracy(model, self.test_loader)
 
     @torch.no_grad()
-    def _metric(self, model: nn.Module) -> float:
-        """The objective's metric over test_loader's batches (inputs only), weighed by batch."""
+    def _metrics(self, model: nn.Module, objective: Distillation) -> list[float]:
+        """The objective's metric on each of test_loader's batches (inputs only)."""
         model.eval()
         device = next(model.parameters()).device
-        total, count = 0.0, 0
+        scores = []
         for batch in self.test_loader:
             batch = to_device(batch, device)
-            out = run_batch(model, batch)
-            total += self.objective.metric(out, self.objective.teacher_outputs(batch), batch)
-            count += 1
-        return total / max(count, 1)
+            scores.append(objective.metric(run_batch(model, batch),
+                                           objective.teacher_outputs(batch), batch))
+        return scores
 
     def _epoch(self, model, optimizer, epoch, desc):
         if self.train_fn is not None:
@@ -318,12 +318,7 @@ class DeepCompression:
         if self.test_loader is not None and self.objective is not None:
             # The file against the model in memory: the objective's metric between the two.
             check = Distillation(model, kind=self.objective.kind)
-            with torch.no_grad():
-                loaded.eval()
-                device = next(loaded.parameters()).device
-                result.same_predictions = all(
-                    check.metric(run_batch(loaded, b), check.teacher_outputs(b), b) > 0.9999
-                    for b in (to_device(b, device) for b in self.test_loader))
+            result.same_predictions = all(score > 0.9999 for score in self._metrics(loaded, check))
         elif self.test_loader is not None:
             result.same_predictions = bool(torch.equal(predictions(model, self.test_loader),
                                                        predictions(loaded, self.test_loader)))
