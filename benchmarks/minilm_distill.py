@@ -3,8 +3,10 @@ unlabeled text: file size against embedding fidelity, and where a retraining ste
 
     python benchmarks/minilm_distill.py [--steps 300] [--settings 50:5:32 0:4:32 ...]
     python benchmarks/minilm_distill.py --breakdown     # the step's time: AdamW + hooks vs MaskedAdamW
-    # writes benchmarks/results/minilm-distill.md (+ minilm-distill-curve.png), or
-    # minilm-distill-step.md
+    python benchmarks/minilm_distill.py --grid --steps 200 --shared-steps 100   # the Pareto grid
+    # writes benchmarks/results/minilm-distill.md (+ minilm-distill-curve.png),
+    # minilm-distill-step.md, or minilm-distill-pareto.md (+ its curve and size-vs-cosine plot);
+    # the table is rewritten after each setting, so a long run leaves what it finished
 
 A setting SPARSITY:BITS:SCALE[:EMBEDDING_BITS] (scale: a group size, "row" or "none"; the
 word, position and type embeddings at EMBEDDING_BITS, default 4, unpruned) runs the paper's order on a
@@ -43,6 +45,8 @@ import dcx  # noqa: E402
 TEXT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "text"
 HELD_OUT = "persuasion.txt"
 SETTINGS = ["50:4:32:3", "0:4:128:3"]
+# --grid: sparsity 0-90% x 3-6 bits, embeddings at the layers' bits (unpruned), groups of 64.
+GRID = [f"{sparsity}:{bits}:64:{bits}" for sparsity in (0, 50, 75, 90) for bits in (3, 4, 5, 6)]
 
 
 def parse_setting(text):
@@ -110,6 +114,9 @@ def main():
                       help="SPARSITY:BITS:SCALE[:EMBEDDING_BITS], e.g. 50:4:32:3 (scale: group "
                            "size, row or none)")
     args.add_argument("--sentences", type=int, default=4096, help="distillation sentences")
+    args.add_argument("--grid", action="store_true",
+                      help="the Pareto grid (sparsity 0/50/75/90%% x 3-6 bits, embeddings at "
+                           "the same bits, groups of 64) instead of --settings")
     args.add_argument("--breakdown", action="store_true",
                       help="only time a step's phases, AdamW + hooks against MaskedAdamW")
     args = args.parse_args()
@@ -143,9 +150,11 @@ def main():
     calibration = dcx.data.text_batches(
         tokenizer, dcx.data.read_sentences(books, 256, seed=0), batch_size=16)
     source_bytes = (minilm.model_path() / "model.safetensors").stat().st_size
-    rows, curves = [], {}
+    settings = GRID if args.grid else args.settings
+    name = "minilm-distill-pareto" if args.grid else "minilm-distill"
+    rows, curves, points = [], {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for text in args.settings:
+        for text in settings:
             sparsity, bits, scale, embedding_bits = parse_setting(text)
             started = time.perf_counter()
             embeddings = {"re:embeddings\\..*": {"bits": embedding_bits, "sparsity": 0.0,
@@ -155,8 +164,6 @@ def main():
             student, _, stages = dcx.distill.convert_distilled_(
                 copy.deepcopy(model), config, corpus, calibration=calibration, steps=args.steps,
                 shared_steps=args.shared_steps, lr=args.lr, codebook_lr=args.codebook_lr, objective=dcx.Distillation(model))
-            curve = [(stage, h.step, h.metric) for stage, history in stages.history.items()
-                     for h in history]
             shared_before = stages.history["shared"][0].metric
             pruned = stages.history.get("pruned")
             pruned_after = (f"{statistics.fmean(h.metric for h in pruned[-10:]):.4f}"
@@ -169,20 +176,32 @@ def main():
             f = minilm.fidelity(reference["fixed"], minilm.embed(loaded, fixed))
             h = minilm.fidelity(reference["held"], minilm.embed(loaded, held_out))
             size = path.stat().st_size
-            curves[text] = curve
+            curves[text] = stages.history
             rows.append([f"{sparsity:.0%}", str(bits), str(scale or "-"), str(embedding_bits),
                          f"{args.steps if pruned else 0} + {shared_steps}",
                          f"{size:,}", f"{source_bytes / size:.2f}x", pruned_after,
                          f"{shared_before:.4f}", f"{f['mean_cos']:.4f}",
                          f"{f['min_cos']:.4f}", f"{h['mean_cos']:.4f}", f"{h['min_cos']:.4f}",
                          f"{seconds / 60:.1f}"])
-            print(" | ".join(rows[-1]), flush=True)
+            points[text] = (size, f["mean_cos"], h["mean_cos"])
+            write_results(name, args, settings, source_bytes, rows, curves, points)
+
+
+def write_results(name, args, settings, source_bytes, rows, curves, points):
+    """The table (and plots) of the settings done so far."""
     header = ["sparsity", "bits", "scale", "embedding bits", "steps (pruned + shared)",
               ".dcx bytes", "vs model.safetensors", "cos end of pruned retraining",
               "cos after sharing", "mean cos (64 fixed)",
               "min cos", "mean cos (held-out)", "min cos", "minutes"]
-    plot = plot_curves(curves)
-    common.write_table("minilm-distill", "all-MiniLM-L6-v2: compression with distillation",
+    from dcx.plots import distillation_curves
+
+    plot = distillation_curves(common.RESULTS / f"{name}-curve.png", curves,
+                               "embedding cosine to fp32", title="on the training batches")
+    plots = f"Curve: {plot.name}."
+    if len(points) > 1:
+        plots += f" Size against cosine: {plot_pareto(points, source_bytes, name).name}."
+    chosen = "--grid" if args.grid else f"--settings {' '.join(settings)}"
+    common.write_table(name, "all-MiniLM-L6-v2: compression with distillation",
                        header, rows,
                        [common.stamp("cpu"), "",
                         f"model.safetensors {source_bytes:,} bytes (fp32). The stages of the "
@@ -194,40 +213,39 @@ def main():
                         "the mean embedding cosine of the last 10 training batches before "
                         "sharing; 'after sharing': of the first training batch right after "
                         "calibrated sharing. "
-                        f"Curve: {plot.name}. Command: `python benchmarks/minilm_distill.py "
+                        f"{plots} Command: `python benchmarks/minilm_distill.py "
                         f"--steps {args.steps}"
                         f"{f' --shared-steps {args.shared_steps}' if args.shared_steps else ''}"
                         f" --lr {args.lr:g} --codebook-lr "
-                        f"{args.codebook_lr:g} --settings {' '.join(args.settings)}`."])
+                        f"{args.codebook_lr:g} {chosen}`"
+                        f"{'' if len(rows) == len(settings) else f' ({len(rows)} of {len(settings)} settings done)'}."])
 
 
-def plot_curves(curves):
+def plot_pareto(points, source_bytes, name):
+    """Mean cosine (64 fixed sentences and held-out) against the file's compression ratio."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for text, curve in curves.items():
-        offset = 0
-        for stage in ("pruned", "shared"):
-            points = [(s, m) for st, s, m in curve if st == stage]
-            if not points:
-                continue
-            window = 10  # the running mean over steps: each step's batch differs
-            xs = [offset + s for s, _ in points]
-            ms = [statistics.fmean(m for _, m in points[max(0, i - window + 1):i + 1])
-                  for i in range(len(points))]
-            ax.plot(xs, ms, label=f"{text} {stage}")
-            offset = xs[-1] + 1
-    ax.set_xlabel("distillation step")
-    ax.set_ylabel("embedding cosine to fp32")
-    ax.set_title("training batches, running mean of 10 steps", fontsize=9)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ratios = [source_bytes / size for size, _, _ in points.values()]
+    for column, marker, label in ((1, "o", "64 fixed sentences"), (2, "x", "held-out")):
+        ax.scatter(ratios, [p[column] for p in points.values()], marker=marker, label=label)
+    for text, ratio, (_, fixed, _) in zip(points, ratios, points.values()):
+        ax.annotate(text, (ratio, fixed), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    ax.set_xlabel("compression ratio (model.safetensors / .dcx file)")
+    ax.set_ylabel("mean embedding cosine to fp32")
+    ax.axhline(0.99, color="grey", linewidth=0.6, linestyle=":")
+    ax.axhline(0.98, color="grey", linewidth=0.6, linestyle=":")
     ax.grid(alpha=0.3)
-    ax.legend()
-    path = common.RESULTS / "minilm-distill-curve.png"
+    ax.legend(fontsize=8)
+    ax.set_title("all-MiniLM-L6-v2 with distillation: SPARSITY:BITS:SCALE:EMBEDDING_BITS",
+                 fontsize=9)
+    path = common.RESULTS / f"{name}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
     return path
 
 

@@ -23,6 +23,8 @@ optional package: the message names the extra to install), 3 a corrupt or foreig
 from __future__ import annotations
 
 import argparse
+import atexit
+import dataclasses
 import importlib
 import json
 import os
@@ -30,6 +32,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -361,42 +364,95 @@ def _scale_arg(text: str):
     return size
 
 
+def _budget_arg(text: str):
+    """--distill: a step count per stage ("300") or a wall time for all the retraining ("90s",
+    "30m", "1.5h") -> ("steps", int) or ("seconds", float)."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        if text.isdigit():
+            budget = ("steps", int(text))
+        elif text[-1:] in units:
+            budget = ("seconds", float(text[:-1]) * units[text[-1]])
+        else:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a step count (300) or a time (90s, 30m, "
+                                         f"1.5h), got {text!r}") from None
+    if not budget[1] > 0:
+        raise argparse.ArgumentTypeError(f"the budget must be more than zero, got {text!r}")
+    return budget
+
+
+def start_distributed() -> tuple[int, int]:
+    """Under torchrun (WORLD_SIZE > 1 in the environment): join the process group (nccl with
+    a GPU, gloo without) and return (rank, world size); (0, 1) otherwise."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        atexit.register(dist.destroy_process_group)
+    return dist.get_rank(), dist.get_world_size()
+
+
 def cmd_convert(args):
     import dcx
+    from dcx.convert import sparsity_for_size
+    from dcx.io import encode
+    from dcx.plots import distillation_curves
 
     started = time.perf_counter()
     overrides = load_overrides(args.overrides) if args.overrides else None
+    if args.ratio is not None and args.sparsity is not None:
+        raise UsageError("give --sparsity or --ratio (which chooses the sparsity), not both")
+    if args.ratio is not None and not args.ratio > 1:
+        raise UsageError(f"--ratio must be more than 1, got {args.ratio}")
+    if args.distill and not args.calibration:
+        raise UsageError("--distill retrains from unlabeled inputs: give them with --corpus "
+                         "(text files, a folder of images or package.module:inputs)")
+    rank, ranks = start_distributed() if args.distill else (0, 1)
+    quiet = args.quiet or rank != 0
     model, source_bytes, source, extra = convert_source(args.src, args.weights)
     model.eval()
-    config = dcx.ConvertConfig(sparsity=args.sparsity, bits=args.bits, overrides=overrides or {},
-                               embeddings=args.embeddings, compute=args.compute,
-                               method=args.method,
-                               scale=args.scale)
+    config = dcx.ConvertConfig(sparsity=args.sparsity or 0.0, bits=args.bits,
+                               overrides=overrides or {}, embeddings=args.embeddings,
+                               compute=args.compute, method=args.method, scale=args.scale)
+    fp32_bytes = sum(4 * p.numel() for p in model.parameters())
+    if args.ratio is not None:
+        against = source_bytes or fp32_bytes
+        try:
+            sparsity, trial = sparsity_for_size(
+                model, config, int(against / args.ratio), extra, progress=not quiet)
+        except dcx.config.ConfigError as error:
+            raise UsageError(f"--ratio {args.ratio:g}: {error}") from None
+        config = dataclasses.replace(config, sparsity=sparsity)
+        say(rank, f"--ratio {args.ratio:g}: sparsity {sparsity:.0%} (a plain trial compression "
+                  f"wrote {trial:,} bytes, {against / trial:.1f}x)")
     calibration = None
-    if args.distill is not None and args.distill < 1:
-        raise UsageError(f"--distill takes a step count >= 1, got {args.distill}")
-    if args.distill and not args.calibration:
-        raise UsageError("--distill retrains from unlabeled inputs: give them with --calibration "
-                         "(text files, a folder of images or package.module:inputs)")
     if args.calibration:
         calibration = calibration_batches(args.calibration, args.src, args.samples,
                                           args.image_size)
-    if args.distill:
-        model, rows, stages = dcx.distill.convert_distilled_(
-            model, config, calibration, steps=args.distill, lr=args.lr,
-            codebook_lr=args.codebook_lr, progress=not args.quiet)
-        for stage, history in stages.history.items():
-            first, last = history[:10], history[-10:]
-            print(f"retrained {stage}: {len(history)} steps, loss "
-                  f"{sum(h.loss for h in first) / len(first):.4g} -> "
-                  f"{sum(h.loss for h in last) / len(last):.4g}, metric "
-                  f"{sum(h.metric for h in first) / len(first):.4f} -> "
-                  f"{sum(h.metric for h in last) / len(last):.4f} (means of the first and last "
-                  f"10 steps)")
-    else:
-        model, rows = dcx.convert_(model, config, progress=not args.quiet,
-                                   calibration=calibration)
     out = Path(args.out)
+    if args.distill:
+        kind, amount = args.distill
+        stage_bytes = {}
+
+        def sized(stage, m):
+            if stage == "pruned":
+                stage_bytes[stage] = len(encode(m, config, extra))
+
+        with warnings.catch_warnings():  # a pruned model with nothing shared yet is fine here
+            warnings.filterwarnings("ignore", "no layer of the model holds compressed state")
+            model, rows, stages = dcx.distill.convert_distilled_(
+                model, config, calibration, steps=amount if kind == "steps" else None,
+                seconds=amount if kind == "seconds" else None, lr=args.lr,
+                codebook_lr=args.codebook_lr, progress=not quiet, after_stage=sized)
+    else:
+        model, rows = dcx.convert_(model, config, progress=not quiet, calibration=calibration)
+    if rank != 0:  # every rank holds the same model; rank 0 writes and reports
+        return EXIT_OK
     out.parent.mkdir(parents=True, exist_ok=True)
     dcx.save(model, out, config=config, extra=extra)  # the ConvertConfig in the manifest
     seconds = time.perf_counter() - started
@@ -406,11 +462,44 @@ def cmd_convert(args):
     print(f"\nper-layer compression ({out}):\n")
     print(report)
     size = out.stat().st_size
+    if args.distill:
+        stage_bytes["shared"] = size
+        print(f"\nretraining by distillation ({ranks} process{'es' if ranks > 1 else ''}):\n")
+        print(distill_table(stages, source_bytes or fp32_bytes, stage_bytes))
+        if not args.no_plots:
+            curve = out.with_name(out.stem + "-distill.png")
+            distillation_curves(curve, {"": stages.history}, stages.metric,
+                                title=f"{args.src}: retraining by distillation")
+            print(f"\nthe metric against the step: {curve}")
     against = f"{source_bytes / size:.1f}x smaller than {source} ({source_bytes:,} bytes), " \
         if source_bytes else ""
     print(f"\nfile {out}: {size:,} bytes; {against}{report.fp32_bytes / size:.1f}x smaller than "
           f"the fp32 parameters; {seconds:.1f} s")
     return EXIT_OK
+
+
+def say(rank: int, text: str) -> None:
+    if rank == 0:
+        print(text, flush=True)
+
+
+def distill_table(stages, source_bytes: int, stage_bytes: dict) -> str:
+    """convert --distill's per-stage table: each stage's metric on the training batches (the
+    first step, after the stage's change; the mean of the last 10, after its retraining) and
+    the size of the file the model would write then."""
+    lines = ["| stage | steps | minutes | metric before | metric after (last 10 steps) | "
+             ".dcx bytes | ratio |", "|---|---|---|---|---|---|---|"]
+    names = {"pruned": "pruned by magnitude, retrained",
+             "shared": "shared (calibrated), codebooks retrained"}
+    for stage, history in stages.history.items():
+        last = history[-10:]
+        size = stage_bytes.get(stage)
+        lines.append(f"| {names.get(stage, stage)} | {len(history)} | "
+                     f"{history[-1].seconds / 60:.1f} | {history[0].metric:.4f} | "
+                     f"{sum(h.metric for h in last) / len(last):.4f} | "
+                     f"{'' if size is None else f'{size:,}'} | "
+                     f"{'' if size is None else f'{source_bytes / size:.1f}x'} |")
+    return "\n".join(lines)
 
 
 def convert_table(rows) -> str:
@@ -494,8 +583,13 @@ def parser():
     s.add_argument("src", help="a transformers model folder, or package.module:factory")
     s.add_argument("--weights", help="a state_dict (.safetensors or .pt) for a factory model")
     s.add_argument("--bits", type=int, required=True, help="codebook bits per layer (1 to 8)")
-    s.add_argument("--sparsity", type=float, default=0.0,
+    s.add_argument("--sparsity", type=float, default=None,
                    help="fraction pruned by magnitude first (default 0: sharing only)")
+    s.add_argument("--ratio", type=float, default=None,
+                   help="instead of --sparsity: the smallest sparsity (whole percent) at which "
+                        "the file is RATIO times smaller than the source weights (the fp32 "
+                        "parameters for a factory model without --weights), found by trial "
+                        "compressions; --bits, --scale and overrides as given")
     s.add_argument("--overrides", help="a .yaml or .json file: {layer pattern: {bits: b, "
                                        "sparsity: s} or null}, patterns as in dcx.config")
     s.add_argument("--embeddings", action=argparse.BooleanOptionalAction, default=True,
@@ -503,11 +597,11 @@ def parser():
     s.add_argument("--compute", default="auto", choices=COMPUTE_MODES,
                    help="what the packed layers compute in once loaded (each layer's mode is "
                         "recorded in the file; default auto: the activations' dtype)")
-    s.add_argument("--calibration", nargs="+", metavar="PATH",
-                   help="unlabeled inputs for calibrated compression: text files (split into "
-                        "sentences, tokenized by the model folder's tokenizer), a folder of "
-                        "images, or package.module:inputs (a callable returning an iterable of "
-                        "batches)")
+    s.add_argument("--calibration", "--corpus", nargs="+", metavar="PATH", dest="calibration",
+                   help="unlabeled inputs for calibrated compression and --distill's "
+                        "retraining: text files (split into sentences, tokenized by the model "
+                        "folder's tokenizer), a folder of images, or package.module:inputs (a "
+                        "callable returning an iterable of batches)")
     s.add_argument("--samples", type=int, default=256,
                    help="calibration sentences or images drawn from --calibration (default "
                         "256; a package.module:inputs source gives its own batches)")
@@ -524,16 +618,20 @@ def parser():
                    help="row: one float16 scale per output row on the shared codebook; SIZE (a "
                         "power of two from 32, e.g. 128): one per row and group of SIZE input "
                         "columns (every compressed layer; default none)")
-    s.add_argument("--distill", type=int, metavar="STEPS",
-                   help="retrain by distillation from the model as it came in, on the "
-                        "--calibration inputs: STEPS steps after magnitude pruning (when "
-                        "--sparsity or overrides prune) and STEPS more after sharing, moving the "
-                        "codebooks, biases and norms (dcx.distill.convert_distilled_)")
+    s.add_argument("--distill", type=_budget_arg, metavar="BUDGET",
+                   help="retrain by distillation from the model as it came in, on the --corpus "
+                        "inputs, after magnitude pruning (when --sparsity, --ratio or overrides "
+                        "prune) and again after sharing (the codebooks, biases and norms): "
+                        "BUDGET is the steps of each stage (300) or a wall time for both (30m, "
+                        "1.5h, 90s; shared equally). Runs under torchrun, each process on its "
+                        "share of the batches (dcx.distill.convert_distilled_)")
     s.add_argument("--lr", type=float, default=1e-4,
                    help="--distill's peak learning rate (weights, biases, norms; default 1e-4)")
     s.add_argument("--codebook-lr", type=float, default=1e-3,
                    help="--distill's codebook rate, times each codebook's spread (default 1e-3)")
     s.add_argument("--out", required=True, help="the .dcx file to write")
+    s.add_argument("--no-plots", action="store_true",
+                   help="no OUT-distill.png (--distill's metric against the step)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_convert)
 

@@ -4,6 +4,8 @@ model's Linear / Conv2d / Embedding layers through the stage verbs, then pack_la
 ConvertConfig says).
 """
 
+import copy
+import dataclasses
 import warnings
 from typing import Iterable, NamedTuple, Optional
 
@@ -19,7 +21,8 @@ from dcx.packing import can_pack_dense
 from dcx.prune import prune_
 from dcx.quantize import clusterable, cluster_
 
-__all__ = ["pack_layers_", "convert_", "convert", "ConvertRow", "ConvertPlan", "plan_convert"]
+__all__ = ["pack_layers_", "convert_", "convert", "ConvertRow", "ConvertPlan", "plan_convert",
+           "sparsity_for_size"]
 
 
 def _twin(module: nn.Module):
@@ -274,6 +277,47 @@ def convert_(model: nn.Module, config: Optional[ConvertConfig] = None,
             pack_layers_(model, names={n for n in per_layer if rows[n].action == "packed"},
                          dense=config.dense, compute=config.compute)
     return model, list(rows.values())
+
+
+def sparsity_for_size(model: nn.Module, config: ConvertConfig, max_bytes: int,
+                      extra: Optional[dict] = None,
+                      progress: bool = False) -> tuple[float, int]:
+    """The smallest sparsity, in whole percent, at which convert_(model, config) writes a
+    .dcx file of at most `max_bytes`, found by bisection over trial compressions of copies of
+    the model (plain: magnitude pruning and k-means; calibration and retraining change the size
+    by little, the codes' Huffman lengths). config.sparsity is what is chosen; its overrides
+    (a layer's own sparsity) are kept. Returns (sparsity, bytes of that trial); a ConfigError
+    when even 99% does not fit. `model` is not changed."""
+    from tqdm import tqdm
+
+    from dcx.io import encode
+
+    if max_bytes < 1:
+        raise ConfigError(f"max_bytes must be >= 1, got {max_bytes}")
+    tries = {}
+    bar = tqdm(desc="sizing", unit="try", leave=False, disable=None if progress else True)
+
+    def size(percent: int) -> int:
+        if percent not in tries:
+            tried = dataclasses.replace(config, sparsity=percent / 100)
+            trial, _ = convert_(copy.deepcopy(model), dataclasses.replace(tried, method="plain"))
+            tries[percent] = len(encode(trial, tried, extra))  # its manifest names `tried`
+            bar.update(1)
+            bar.set_postfix(sparsity=f"{percent}%", bytes=f"{tries[percent]:,}", refresh=False)
+        return tries[percent]
+
+    with bar:
+        low, high = 0, 99  # size(low) > max_bytes >= size(high), once both are checked
+        if size(low) <= max_bytes:
+            return 0.0, size(low)
+        if size(high) > max_bytes:
+            raise ConfigError(f"{max_bytes:,} bytes cannot be reached at {config.bits} bits: "
+                              f"99% sparsity still writes {size(high):,} (fewer bits, or "
+                              "smaller embeddings and other unpruned layers, would)")
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (low, middle) if size(middle) <= max_bytes else (middle, high)
+    return high / 100, size(high)
 
 
 def convert(model: nn.Module, sparsity: float = 0.0, bits: int = 5, overrides=None,

@@ -25,6 +25,12 @@ their moments stay exactly zero; a weight-shared layer trains its codebook), the
 cycled, stopped by a step count or a time budget, with a progress bar that shows the running
 loss and metric. Batches are inputs only (a dict of keyword arguments, a tuple of arguments or
 one tensor), as for dcx.calibrate.
+
+Under torch.distributed (torchrun; gloo on CPU, nccl on GPU) every rank runs the same code on
+its own share of the batches (rank r takes batches r, r + world, ...): the model starts from
+rank 0's parameters and buffers, the gradients are averaged across ranks before each step,
+and rank 0's clock decides the learning rate and the end of a time budget, so every rank
+takes the same steps and ends with the same model.
 """
 
 from __future__ import annotations
@@ -43,8 +49,8 @@ from tqdm import tqdm
 from dcx.calibration import run_batch
 from dcx.optim import MaskedAdamW
 
-__all__ = ["Distillation", "DistillStep", "DistilledStages", "convert_distilled_", "distill_",
-           "parameter_groups", "trainable_parameters"]
+__all__ = ["Distillation", "DistillStep", "DistilledStages", "broadcast_model_",
+           "convert_distilled_", "distill_", "parameter_groups", "trainable_parameters", "world"]
 
 KINDS = ("auto", "hidden", "logits")
 
@@ -104,6 +110,7 @@ class Distillation:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.teacher = teacher.eval()  # its outputs are taken under no_grad
         self.kind, self.user_loss = kind, loss
+        self.seen = None  # the kind of output last distilled from ("hidden" or "logits")
         self.temperature, self.pooled_weight = float(temperature), float(pooled_weight)
 
     @torch.no_grad()
@@ -128,6 +135,7 @@ class Distillation:
         if s is None or t is None:
             raise ValueError(f"cannot distill from these outputs ({type(student_out).__name__}): "
                              "expected last_hidden_state, logits or a tensor; give kind= or loss=")
+        self.seen = kind
         if s.shape != t.shape:
             raise ValueError(f"the student's {kind} have shape {tuple(s.shape)} but the teacher's "
                              f"{tuple(t.shape)}: the teacher must be the same kind of model on "
@@ -176,6 +184,12 @@ class Distillation:
 
     def metric_name(self, student_out: Any, teacher_out: Any) -> str:
         return "cosine" if self.kind_of(student_out, teacher_out) == "hidden" else "agreement"
+
+    @property
+    def metric_label(self) -> str:
+        """What the metric of the outputs distilled so far measures, in words."""
+        return {"hidden": "embedding cosine to the teacher",
+                "logits": "top-1 agreement with the teacher"}.get(self.seen, "metric")
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -234,10 +248,57 @@ def parameter_groups(model: nn.Module, lr: float,
     return groups + ([{"params": rest, "lr": lr}] if rest else [])
 
 
+def world() -> tuple[int, int]:
+    """(rank, world size) inside an initialized torch.distributed group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def broadcast_model_(model: nn.Module) -> nn.Module:
+    """Every rank takes rank 0's parameters and buffers (masks, codebooks and labels among them)
+    byte for byte; nothing outside torch.distributed. Returns the model."""
+    _, size = world()
+    if size == 1:
+        return model
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for t in itertools.chain(model.parameters(), model.buffers()):
+            data = t.detach()
+            dense = data.contiguous()
+            # As bytes: one rule for every dtype (gloo has no bool, nor some integer widths).
+            dist.broadcast(dense.reshape(-1).view(torch.uint8), src=0)
+            if dense.data_ptr() != data.data_ptr():
+                data.copy_(dense)
+    return model
+
+
+def _average_across_ranks(params: list, values: list[float], device) -> list[float]:
+    """Average the gradients of `params` and the floats `values` over the ranks, in one
+    all-reduce; returns the averaged values."""
+    import torch.distributed as dist
+
+    _, size = world()
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1).float() for g in grads]
+                     + [torch.tensor(values, dtype=torch.float32, device=device)])
+    dist.all_reduce(flat)
+    flat /= size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+    return flat[offset:].tolist()
+
+
 def distill_(model: nn.Module, objective: Distillation | nn.Module, batches: Iterable,
              steps: Optional[int] = None, seconds: Optional[float] = None, lr: float = 1e-4,
-             codebook_lr: Optional[float] = None, weight_decay: float = 0.0, optimizer: Optional[torch.optim.Optimizer] = None,
-             warmup: int = 0, train_mode: bool = False, progress: bool = True,
+             codebook_lr: Optional[float] = None, weight_decay: float = 0.0,
+             optimizer: Optional[torch.optim.Optimizer] = None, warmup: int = 0,
+             train_mode: bool = False, progress: bool = True,
              callback: Optional[Callable[[DistillStep], None]] = None) -> list[DistillStep]:
     """Retrain `model` in place to match `objective`'s teacher (a Distillation, or the teacher
     module itself for the default objective) on `batches` (inputs only; cycled), for `steps`
@@ -245,13 +306,15 @@ def distill_(model: nn.Module, objective: Distillation | nn.Module, batches: Ite
 
     optimizer: by default MaskedAdamW(parameter_groups(model, lr, codebook_lr), weight_decay),
     whose step keeps pruned weights and their moments at exactly zero (codebook_lr: each
-    codebook's rate relative to its spread, see parameter_groups); the learning rate falls on a cosine
-    to zero over `steps` after `warmup` linear steps (constant under a time budget alone).
+    codebook's rate relative to its spread, see parameter_groups); after `warmup` linear steps
+    the learning rate falls on a cosine to zero over the budget (the steps, or the seconds,
+    whichever runs out first).
     train_mode: run the student in training mode (dropout on, batch-norm statistics updated);
     off by default: the student learns a deterministic teacher, and batch-norm statistics from
     a few unlabeled batches would drift from the ones the model was trained with.
     callback: called with each DistillStep. Returns one DistillStep per step (the loss and the
-    metric of that step's batch, measured before its update)."""
+    metric of that step's batch, measured before its update; under torch.distributed, their
+    means over the ranks)."""
     if not isinstance(objective, Distillation):
         objective = Distillation(objective)
     if steps is None and seconds is None:
@@ -263,19 +326,29 @@ def distill_(model: nn.Module, objective: Distillation | nn.Module, batches: Ite
     batches = list(batches)
     if not batches:
         raise ValueError("distillation: no batches (the corpus gave no inputs)")
+    rank, size = world()
+    if size > 1:
+        if len(batches) < size:
+            raise ValueError(f"distillation on {size} ranks needs at least {size} batches, got "
+                             f"{len(batches)}")
+        batches = batches[rank::size]
+        broadcast_model_(model)
     if optimizer is None:
         groups = parameter_groups(model, lr, codebook_lr)
         if not any(group["params"] for group in groups):
             raise ValueError("distillation: the model has no trainable parameters")
         optimizer = MaskedAdamW(groups, weight_decay=weight_decay)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
 
-    def schedule(step: int) -> float:
+    def schedule(step: int, elapsed: float) -> float:
         if warmup and step < warmup:
             return (step + 1) / (warmup + 1)
-        if steps is None:
-            return 1.0
-        done = (step - warmup) / max(steps - warmup, 1)
+        done = 0.0
+        if steps is not None:
+            done = (step - warmup) / max(steps - warmup, 1)
+        if seconds is not None:
+            done = max(done, elapsed / seconds)
         return 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
 
     device = next(model.parameters()).device
@@ -283,17 +356,18 @@ def distill_(model: nn.Module, objective: Distillation | nn.Module, batches: Ite
     was_training = model.training
     model.train(train_mode)
     started = time.perf_counter()
+    elapsed = 0.0  # the clock every rank goes by: rank 0's, taken after each backward
     bar = tqdm(total=steps, desc="distill", unit="step", leave=False,
-               disable=None if progress else True)
+               disable=None if progress and rank == 0 else True)
     with bar:
         for step, batch in enumerate(itertools.cycle(batches)):
             if steps is not None and step >= steps:
                 break
-            if seconds is not None and time.perf_counter() - started >= seconds:
+            if seconds is not None and elapsed >= seconds:
                 break
             batch = to_device(batch, device)
             for group, base in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = base * schedule(step)
+                group["lr"] = base * schedule(step, elapsed)
             t0 = time.perf_counter()
             teacher_out = objective.teacher_outputs(batch)
             t1 = time.perf_counter()
@@ -302,14 +376,20 @@ def distill_(model: nn.Module, objective: Distillation | nn.Module, batches: Ite
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"distillation: the loss became {loss.item()} at step "
                                          f"{step}; lower the learning rate")
+            metric = objective.metric(student_out, teacher_out, batch)
             t2 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            values = [loss.item(), metric, time.perf_counter() - started]
+            if size > 1:  # rank 0's clock: the others add zeros, the mean is divided back
+                values[2] *= size if rank == 0 else 0.0
+                values = _average_across_ranks(params, values, device)
+            elapsed = values[2]
             t3 = time.perf_counter()
             optimizer.step()
             t4 = time.perf_counter()
-            record = DistillStep(step, loss.item(), objective.metric(student_out, teacher_out, batch),
-                                 time.perf_counter() - started, t1 - t0, t2 - t1, t3 - t2, t4 - t3)
+            record = DistillStep(step, values[0], values[1], time.perf_counter() - started,
+                                 t1 - t0, t2 - t1, t3 - t2, t4 - t3)
             history.append(record)
             if callback is not None:
                 callback(record)
@@ -325,28 +405,40 @@ def distill_(model: nn.Module, objective: Distillation | nn.Module, batches: Ite
 @dataclass
 class DistilledStages:
     """What convert_distilled_ did: each retraining stage's DistillSteps ({"pruned": [...],
-    "shared": [...]}; "pruned" absent when nothing was pruned) and the seconds of each part."""
+    "shared": [...]}; "pruned" absent when nothing was pruned), the seconds of each part and
+    what the steps' metric measures (Distillation.metric_label)."""
     history: dict
     seconds: dict
+    metric: str = "metric"
 
 
 def convert_distilled_(model: nn.Module, config, corpus: Iterable,
-                       calibration: Optional[Iterable] = None, steps: int = 300,
-                       shared_steps: Optional[int] = None, lr: float = 1e-4, codebook_lr: float = 1e-3, warmup: int = 10,
+                       calibration: Optional[Iterable] = None, steps: Optional[int] = 300,
+                       shared_steps: Optional[int] = None, seconds: Optional[float] = None,
+                       lr: float = 1e-4, codebook_lr: float = 1e-3, warmup: int = 10,
                        objective: Optional[Distillation] = None, pack: bool = True,
-                       progress: bool = True):
+                       progress: bool = True,
+                       after_stage: Optional[Callable[[str, nn.Module], None]] = None):
     """convert_ with retraining, the paper's order on a model without labels, in place:
 
     1. the layers `config` prunes (dcx.convert.plan_convert: its sparsity and overrides) are
        pruned by magnitude, then retrained `steps` steps by distillation (distill_, lr);
     2. convert_(config, calibration, pack=False) shares every layer (with calibration the
        second-order method; a pruned layer keeps its mask), then `shared_steps` (default:
-       `steps`) more steps move the codebooks (codebook_lr, relative to each one's spread), biases and norms (lr);
+       `steps`) more steps move the codebooks (codebook_lr, relative to each one's spread),
+       biases and norms (lr);
     3. the codebooks are baked in and, with pack=True, the layers convert_ packs are packed.
 
+    seconds: a wall-time budget for the retraining, with or without step counts, shared by the
+    stages that run in proportion to their steps (equally without them); each stage ends at its
+    steps or its share of the time, whichever comes first.
     corpus: unlabeled batches for retraining (read in turns); calibration: those for the
     statistics (default: the corpus). objective: default Distillation(a copy of the model as it
-    came in). Returns (model, ConvertRows, DistilledStages)."""
+    came in). after_stage: called as after_stage("pruned", model) when the pruned layers'
+    retraining ends and after_stage("shared", model) at the end (dcx convert sizes each stage's
+    file so). Under torch.distributed every rank calls this with the same arguments (see
+    distill_); the model ends the same on every rank. Returns (model, ConvertRows,
+    DistilledStages)."""
     import copy
 
     from dcx.convert import convert_, pack_layers_, plan_convert
@@ -357,30 +449,47 @@ def convert_distilled_(model: nn.Module, config, corpus: Iterable,
     if not corpus:
         raise ValueError("distillation: no batches (the corpus gave no inputs)")
     shared_steps = steps if shared_steps is None else shared_steps
-    if steps < 1 or shared_steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps} and {shared_steps}")
+    if steps is None and seconds is None:
+        raise ValueError("give steps or seconds (the retraining budget)")
+    for value in (steps, shared_steps):
+        if value is not None and value < 1:
+            raise ValueError(f"steps must be >= 1, got {steps} and {shared_steps}")
+    if seconds is not None and not seconds > 0:
+        raise ValueError(f"seconds must be > 0, got {seconds}")
     calibration = corpus if calibration is None else list(calibration)
     objective = objective or Distillation(copy.deepcopy(model))
-    stages, seconds = {}, {}
+    stages, times = {}, {}
     plan = plan_convert(model, config)
     tied = set(plan.followers.values())
     pruned = {n: {"sparsity": v["sparsity"]} for n, v in plan.per_layer.items()
               if v["sparsity"] > 0 and n not in tied}
+    budget = {"pruned": steps, "shared": shared_steps}
+    if not pruned:
+        del budget["pruned"]
+    weights = {stage: n or 1 for stage, n in budget.items()}
+    share = {stage: seconds * w / sum(weights.values()) if seconds else None
+             for stage, w in weights.items()}
     started = time.perf_counter()
     if pruned:
         prune_(model, PruneConfig(sparsity=0.0, targets=list(pruned), overrides=pruned))
-        stages["pruned"] = distill_(model, objective, corpus, steps=steps, lr=lr, warmup=warmup,
+        stages["pruned"] = distill_(model, objective, corpus, steps=steps,
+                                    seconds=share["pruned"], lr=lr, warmup=warmup,
                                     progress=progress)
-        seconds["prune + retrain"] = time.perf_counter() - started
+        times["prune + retrain"] = time.perf_counter() - started
+        if after_stage is not None:
+            after_stage("pruned", model)
         started = time.perf_counter()
     model, rows = convert_(model, config, progress=progress, calibration=calibration, pack=False)
-    seconds["share"] = time.perf_counter() - started
+    times["share"] = time.perf_counter() - started
     started = time.perf_counter()
-    stages["shared"] = distill_(model, objective, corpus, steps=shared_steps, lr=lr,
-                                codebook_lr=codebook_lr, warmup=warmup, progress=progress)
-    seconds["retrain codebooks"] = time.perf_counter() - started
+    stages["shared"] = distill_(model, objective, corpus, steps=shared_steps,
+                                seconds=share["shared"], lr=lr, codebook_lr=codebook_lr,
+                                warmup=warmup, progress=progress)
+    times["retrain codebooks"] = time.perf_counter() - started
     finalize_clustering_(model)
     if pack:
         pack_layers_(model, names={r.name for r in rows if r.action == "packed"},
                      dense=config.dense, compute=config.compute)
-    return model, rows, DistilledStages(stages, seconds)
+    if after_stage is not None:
+        after_stage("shared", model)
+    return model, rows, DistilledStages(stages, times, objective.metric_label)

@@ -73,3 +73,31 @@ def accuracy_vs_size(path, stages: Sequence[Mapping], title: str = "accuracy vs 
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title(title, fontsize=10)
     return _save(fig, path)
+
+
+def distillation_curves(path, runs: Mapping[str, Mapping[str, Sequence]],
+                        metric_name: str = "metric", window: int = 10,
+                        title: str = "retraining by distillation"):
+    """The metric against the step for each run ({label: {stage: [DistillStep, ...]}}, the
+    stages in order, e.g. convert_distilled_'s {"pruned": ..., "shared": ...}), one line per
+    run and stage, the steps counted on across stages; a running mean over `window` steps,
+    since each step's metric is of its own batch."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, stages in runs.items():
+        offset = 0
+        for stage, history in stages.items():
+            if not history:
+                continue
+            metrics = [h.metric for h in history]
+            means = [sum(metrics[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1))
+                     for i in range(len(metrics))]
+            steps = [offset + h.step for h in history]
+            ax.plot(steps, means, label=f"{label} {stage}".strip())
+            offset = steps[-1] + 1
+    ax.set_xlabel("distillation step")
+    ax.set_ylabel(f"{metric_name} (running mean of {window} steps)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6 if len(runs) > 4 else 8, ncol=2 if len(runs) > 4 else 1)
+    return _save(fig, path)

@@ -423,24 +423,98 @@ def test_convert_with_calibration_images(user_folder):
 
 
 def test_convert_with_distillation(user_folder):
-    """--distill STEPS retrains on the --calibration inputs after pruning and after sharing,
-    says how each stage went, and writes the file; --distill without inputs, or with
-    no steps, is a usage error that writes no file."""
+    """--distill STEPS retrains on the --corpus inputs after pruning and after sharing, says
+    how each stage went (metric and file size), plots the metric against the step and writes
+    the file; a time budget works the same; --distill without inputs, or with no budget, is a
+    usage error that writes no file."""
     from tests.test_data import write_images
 
     write_images(user_folder / "photos", 6, size=(16, 10))
     run = dcx("convert", "usermodels:make_conv", "--bits", "4", "--sparsity", "0.5",
-              "--calibration", "photos", "--image-size", "8", "--distill", "3",
+              "--corpus", "photos", "--image-size", "8", "--distill", "3",
               "--out", "distilled.dcx", "--quiet", cwd=user_folder)
     assert run.returncode == 0, run.stderr
-    assert "retrained pruned: 3 steps" in run.stdout and "retrained shared: 3 steps" in run.stdout
-    assert (user_folder / "distilled.dcx").exists()
-    for extra, match in ((["--distill", "3"], "give them with --calibration"),
-                         (["--distill", "0", "--calibration", "photos"], "step count >= 1")):
+    assert "retraining by distillation (1 process)" in run.stdout
+    assert "| pruned by magnitude, retrained | 3 |" in run.stdout
+    assert "| shared (calibrated), codebooks retrained | 3 |" in run.stdout
+    size = (user_folder / "distilled.dcx").stat().st_size
+    assert f"| {size:,} |" in run.stdout
+    assert (user_folder / "distilled-distill.png").stat().st_size > 0
+    run = dcx("convert", "usermodels:make_conv", "--bits", "4", "--corpus", "photos",
+              "--image-size", "8", "--distill", "1s", "--no-plots", "--out", "timed.dcx",
+              "--quiet", cwd=user_folder)
+    assert run.returncode == 0, run.stderr
+    assert "| shared (calibrated), codebooks retrained |" in run.stdout
+    assert "| pruned" not in run.stdout and not (user_folder / "timed-distill.png").exists()
+    for extra, match in ((["--distill", "3"], "give them with --corpus"),
+                         (["--distill", "0", "--corpus", "photos"], "more than zero"),
+                         (["--distill", "0m", "--corpus", "photos"], "more than zero"),
+                         (["--distill", "ten", "--corpus", "photos"], "a step count (300) or"),
+                         (["--distill", "3", "--corpus", "empty"], "no image (")):
+        (user_folder / "empty").mkdir(exist_ok=True)
         run = dcx("convert", "usermodels:make_conv", "--bits", "4", *extra, "--out", "none.dcx",
                   "--quiet", cwd=user_folder)
-        assert run.returncode == 2 and match in run.stderr, run.stderr
+        assert run.returncode == 2 and match in run.stderr, (extra, run.stderr)
         assert not (user_folder / "none.dcx").exists()
+
+
+def test_convert_to_a_ratio(user_folder):
+    """--ratio picks the smallest whole-percent sparsity whose file is that many times smaller
+    than the fp32 parameters (a factory model without --weights); an unreachable ratio, or one
+    given with --sparsity, is a usage error."""
+    sys.path.insert(0, str(user_folder))
+    try:
+        import usermodels
+    finally:
+        sys.path.remove(str(user_folder))
+    fp32 = 4 * sum(p.numel() for p in usermodels.make_conv().parameters())
+    run = dcx("convert", "usermodels:make_conv", "--bits", "4", "--ratio", "5",
+              "--out", "r.dcx", "--quiet", cwd=user_folder)
+    assert run.returncode == 0, run.stderr
+    chosen = next(line for line in run.stdout.splitlines() if line.startswith("--ratio 5:"))
+    percent = int(chosen.split("sparsity ")[1].split("%")[0])
+    assert 0 < percent < 99
+    assert (user_folder / "r.dcx").stat().st_size <= fp32 / 5
+    run = dcx("convert", "usermodels:make_conv", "--bits", "4",
+              "--sparsity", f"{(percent - 1) / 100}", "--out", "below.dcx", "--quiet",
+              cwd=user_folder)
+    assert run.returncode == 0 and (user_folder / "below.dcx").stat().st_size > fp32 / 5
+    for extra, match in ((["--ratio", "1000"], "cannot be reached at 4 bits"),
+                         (["--ratio", "5", "--sparsity", "0.5"], "not both"),
+                         (["--ratio", "1"], "more than 1")):
+        run = dcx("convert", "usermodels:make_conv", "--bits", "4", *extra, "--out", "none.dcx",
+                  "--quiet", cwd=user_folder)
+        assert run.returncode == 2 and match in run.stderr, (extra, run.stderr)
+        assert not (user_folder / "none.dcx").exists()
+
+
+def test_convert_with_distillation_under_torchrun(user_folder):
+    """Two processes (torchrun, gloo): each retrains on its share of the batches, rank 0
+    alone reports and writes the file, which loads."""
+    import torch.distributed as dist
+
+    import dcx as dcx_pkg
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    from tests.test_data import write_images
+
+    write_images(user_folder / "photos", 20, size=(16, 10))  # two batches of up to 16
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node", "2", "-m", "dcx.cli", "convert",
+                          "usermodels:make_conv", "--bits", "4", "--sparsity", "0.5",
+                          "--corpus", "photos", "--image-size", "8", "--distill", "2",
+                          "--out", "ddp.dcx", "--quiet"], capture_output=True, text=True,
+                         cwd=user_folder, env=env, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.count("retraining by distillation (2 processes)") == 1
+    sys.path.insert(0, str(user_folder))
+    try:
+        import usermodels
+    finally:
+        sys.path.remove(str(user_folder))
+    dcx_pkg.load(user_folder / "ddp.dcx", usermodels.make_conv())
 
 
 def test_the_compute_choices_are_the_layers_modes():

@@ -198,3 +198,44 @@ def test_convert_distilled_runs_the_stages_on_the_configs_layers():
     for mask in kept.values():
         assert abs(mask.float().mean().item() - 0.5) < 0.05
     assert all(r.action == "packed" or r.reason for r in rows)
+
+
+def test_convert_distilled_on_a_time_budget_calls_back_after_each_stage():
+    """A wall-time budget alone: both stages run, each within about its half, the caller hears
+    of each stage's end, and the stages say what their metric measures."""
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    seen = []
+    model, _, stages = dcx.distill.convert_distilled_(
+        model, dcx.ConvertConfig(bits=4, sparsity=0.5), images(3, seed=7), steps=None,
+        seconds=1.0, progress=False, pack=False,
+        after_stage=lambda stage, m: seen.append((stage, len(dcx.prune.masks(m)))))
+    assert seen == [("pruned", 4), ("shared", 4)]
+    assert all(len(h) >= 1 for h in stages.history.values())
+    assert stages.metric == "top-1 agreement with the teacher"
+    for history in stages.history.values():
+        assert history[-1].seconds < 2.0  # its half of the budget, and the step that crossed it
+    with pytest.raises(ValueError, match="give steps or seconds"):
+        dcx.distill.convert_distilled_(SmallCNN(), dcx.ConvertConfig(bits=4), images(1, seed=7),
+                                       steps=None, progress=False)
+
+
+def test_sparsity_for_size_is_the_smallest_whole_percent_that_fits():
+    from dcx.convert import sparsity_for_size
+    from dcx.io import encode
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(96, 96), nn.ReLU(), nn.Linear(96, 64))
+    config = dcx.ConvertConfig(bits=4)
+
+    def size(sparsity):
+        tried = dcx.ConvertConfig(bits=4, sparsity=sparsity)
+        return len(encode(dcx.convert_(copy.deepcopy(model), tried)[0], tried))
+
+    target = int(0.6 * size(0.0))
+    sparsity, trial = sparsity_for_size(model, config, target)
+    assert trial == size(sparsity) <= target < size(round(sparsity - 0.01, 2))
+    assert not state.layers(model)  # the model itself is not touched
+    assert sparsity_for_size(model, config, size(0.0)) == (0.0, size(0.0))
+    with pytest.raises(dcx.config.ConfigError, match="cannot be reached at 4 bits"):
+        sparsity_for_size(model, config, 100)

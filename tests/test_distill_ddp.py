@@ -1,0 +1,56 @@
+"""Distillation under torch.distributed: two ranks launched with torchrun (gloo, CPU) end with
+the same model, and their step is the single-process step on both ranks' batches together."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import dcx
+from tests import ddp_distill_worker as worker
+from tests.testing import requires_kernels
+
+WORKER = Path(worker.__file__)
+
+pytestmark = [
+    requires_kernels,
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                       reason="torch.distributed with gloo is not available"),
+]
+
+
+def test_two_ranks_distill_as_one_process_on_both_batches(tmp_path):
+    pytest.importorskip("transformers")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", str(WORKER), str(tmp_path)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+
+    # Both ranks end with one model, and record the same (averaged) losses.
+    for part in ("cnn", "bert"):
+        a, b = ranks[0][part], ranks[1][part]
+        assert a.keys() == b.keys()
+        for key in a:
+            same = torch.equal(a[key], b[key]) if torch.is_tensor(a[key]) else a[key] == b[key]
+            assert same, (part, key)
+    assert ranks[0]["losses"] == ranks[1]["losses"] and len(ranks[0]["losses"]) == worker.STEPS
+    assert ranks[0]["bert_steps"] == {"pruned": 2, "shared": 2}
+
+    # Each rank took batches r, r + 2, ...; the averaged gradient makes every step the
+    # single-process step on the two ranks' batches as one (KL is a mean over samples).
+    teacher, student, batches = worker.cnn_student_and_batches()
+    joined = [torch.cat(batches[i:i + 2]) for i in range(0, len(batches), 2)]
+    history = dcx.distill_(student, teacher, joined, steps=worker.STEPS, lr=1e-2, progress=False)
+    for key, value in student.state_dict().items():
+        torch.testing.assert_close(ranks[0]["cnn"][key], value, rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, key=key: f"{key}: {m}")
+    assert ranks[0]["losses"] == pytest.approx([h.loss for h in history], rel=1e-3, abs=1e-7)
+    for name in ("pointwise", "head"):
+        mask = ranks[0]["cnn"][f"{name}.weight_mask"]
+        assert (ranks[0]["cnn"][f"{name}.weight"][~mask] == 0).all()
