@@ -106,6 +106,9 @@ def main():
                       help="distillation steps after pruning (and after sharing, unless "
                            "--shared-steps)")
     args.add_argument("--shared-steps", type=int, help="distillation steps after sharing")
+    args.add_argument("--prune-rounds", type=int, default=1,
+                      help="prune gradually in this many rounds over the first half of the "
+                           "pruned stage (default 1: all at once)")
     args.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (pruned weights)")
     args.add_argument("--codebook-lr", type=float, default=1e-3,
                       help="peak learning rate of each codebook, relative to its entries' spread "
@@ -117,6 +120,8 @@ def main():
     args.add_argument("--grid", action="store_true",
                       help="the Pareto grid (sparsity 0/50/75/90%% x 3-6 bits, embeddings at "
                            "the same bits, groups of 64) instead of --settings")
+    args.add_argument("--name", default="minilm-distill",
+                      help="the results' file name (without .md) for --settings")
     args.add_argument("--breakdown", action="store_true",
                       help="only time a step's phases, AdamW + hooks against MaskedAdamW")
     args = args.parse_args()
@@ -151,7 +156,7 @@ def main():
         tokenizer, dcx.data.read_sentences(books, 256, seed=0), batch_size=16)
     source_bytes = (minilm.model_path() / "model.safetensors").stat().st_size
     settings = GRID if args.grid else args.settings
-    name = "minilm-distill-pareto" if args.grid else "minilm-distill"
+    name = "minilm-distill-pareto" if args.grid else args.name
     rows, curves, points = [], {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for text in settings:
@@ -163,7 +168,8 @@ def main():
                                        overrides=embeddings)
             student, _, stages = dcx.distill.convert_distilled_(
                 copy.deepcopy(model), config, corpus, calibration=calibration, steps=args.steps,
-                shared_steps=args.shared_steps, lr=args.lr, codebook_lr=args.codebook_lr, objective=dcx.Distillation(model))
+                shared_steps=args.shared_steps, lr=args.lr, codebook_lr=args.codebook_lr,
+                prune_rounds=args.prune_rounds, objective=dcx.Distillation(model))
             shared_before = stages.history["shared"][0].metric
             pruned = stages.history.get("pruned")
             pruned_after = (f"{statistics.fmean(h.metric for h in pruned[-10:]):.4f}"
@@ -201,6 +207,8 @@ def write_results(name, args, settings, source_bytes, rows, curves, points):
     if len(points) > 1:
         plots += f" Size against cosine: {plot_pareto(points, source_bytes, name).name}."
     chosen = "--grid" if args.grid else f"--settings {' '.join(settings)}"
+    if not args.grid and args.name != "minilm-distill":
+        chosen += f" --name {args.name}"
     common.write_table(name, "all-MiniLM-L6-v2: compression with distillation",
                        header, rows,
                        [common.stamp("cpu"), "",
@@ -216,6 +224,7 @@ def write_results(name, args, settings, source_bytes, rows, curves, points):
                         f"{plots} Command: `python benchmarks/minilm_distill.py "
                         f"--steps {args.steps}"
                         f"{f' --shared-steps {args.shared_steps}' if args.shared_steps else ''}"
+                        f"{f' --prune-rounds {args.prune_rounds}' if args.prune_rounds > 1 else ''}"
                         f" --lr {args.lr:g} --codebook-lr "
                         f"{args.codebook_lr:g} {chosen}`"
                         f"{'' if len(rows) == len(settings) else f' ({len(rows)} of {len(settings)} settings done)'}."])

@@ -285,7 +285,9 @@ def sparsity_for_size(model: nn.Module, config: ConvertConfig, max_bytes: int,
     """The smallest sparsity, in whole percent, at which convert_(model, config) writes a
     .dcx file of at most `max_bytes`, found by bisection over trial compressions of copies of
     the model (plain: magnitude pruning and k-means; calibration and retraining change the size
-    by little, the codes' Huffman lengths). config.sparsity is what is chosen; its overrides
+    by little, the codes' Huffman lengths). Bisection takes the size to fall as the sparsity
+    rises, as it does but for a few bytes where a layer changes packed mode; the result fits,
+    and one percent less does not. config.sparsity is what is chosen; its overrides
     (a layer's own sparsity) are kept. Returns (sparsity, bytes of that trial); a ConfigError
     when even 99% does not fit. `model` is not changed."""
     from tqdm import tqdm

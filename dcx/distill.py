@@ -47,10 +47,11 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from dcx.calibration import run_batch
+from dcx.distributed import broadcast_model_, world
 from dcx.optim import MaskedAdamW
 
-__all__ = ["Distillation", "DistillStep", "DistilledStages", "broadcast_model_",
-           "convert_distilled_", "distill_", "parameter_groups", "trainable_parameters", "world"]
+__all__ = ["Distillation", "DistillStep", "DistilledStages", "convert_distilled_", "distill_",
+           "parameter_groups", "trainable_parameters"]
 
 KINDS = ("auto", "hidden", "logits")
 
@@ -248,50 +249,30 @@ def parameter_groups(model: nn.Module, lr: float,
     return groups + ([{"params": rest, "lr": lr}] if rest else [])
 
 
-def world() -> tuple[int, int]:
-    """(rank, world size) inside an initialized torch.distributed group, else (0, 1)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def broadcast_model_(model: nn.Module) -> nn.Module:
-    """Every rank takes rank 0's parameters and buffers (masks, codebooks and labels among them)
-    byte for byte; nothing outside torch.distributed. Returns the model."""
-    _, size = world()
-    if size == 1:
-        return model
-    import torch.distributed as dist
-
-    with torch.no_grad():
-        for t in itertools.chain(model.parameters(), model.buffers()):
-            data = t.detach()
-            dense = data.contiguous()
-            # As bytes: one rule for every dtype (gloo has no bool, nor some integer widths).
-            dist.broadcast(dense.reshape(-1).view(torch.uint8), src=0)
-            if dense.data_ptr() != data.data_ptr():
-                data.copy_(dense)
-    return model
-
-
 def _average_across_ranks(params: list, values: list[float], device) -> list[float]:
     """Average the gradients of `params` and the floats `values` over the ranks, in one
-    all-reduce; returns the averaged values."""
+    all-reduce of a layout every rank shares (a gradient a rank lacks counts as zeros; a
+    parameter no rank has a gradient for keeps none); returns the averaged values."""
     import torch.distributed as dist
 
     _, size = world()
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.reshape(-1).float() for g in grads]
-                     + [torch.tensor(values, dtype=torch.float32, device=device)])
+    parts = [p.grad.reshape(-1).float() if p.grad is not None
+             else torch.zeros(p.numel(), device=device) for p in params]
+    has = [float(p.grad is not None) for p in params]
+    flat = torch.cat(parts + [torch.tensor(has + values, dtype=torch.float32, device=device)])
     dist.all_reduce(flat)
     flat /= size
+    total = sum(p.numel() for p in params)
     offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
-    return flat[offset:].tolist()
+    for p, share in zip(params, flat[total:total + len(params)].tolist()):
+        mean = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+        if share > 0:  # some rank had a gradient
+            if p.grad is None:
+                p.grad = mean.to(p.dtype).clone()
+            else:
+                p.grad.copy_(mean)
+    return flat[total + len(params):].tolist()
 
 
 def distill_(model: nn.Module, objective: Distillation | nn.Module, batches: Iterable,
@@ -307,8 +288,8 @@ def distill_(model: nn.Module, objective: Distillation | nn.Module, batches: Ite
     optimizer: by default MaskedAdamW(parameter_groups(model, lr, codebook_lr), weight_decay),
     whose step keeps pruned weights and their moments at exactly zero (codebook_lr: each
     codebook's rate relative to its spread, see parameter_groups); after `warmup` linear steps
-    the learning rate falls on a cosine to zero over the budget (the steps, or the seconds,
-    whichever runs out first).
+    the learning rate falls on a cosine to zero over the budget (the steps after the warm-up,
+    or all the seconds, whichever runs out first).
     train_mode: run the student in training mode (dropout on, batch-norm statistics updated);
     off by default: the student learns a deterministic teacher, and batch-norm statistics from
     a few unlabeled batches would drift from the ones the model was trained with.
@@ -333,6 +314,7 @@ def distill_(model: nn.Module, objective: Distillation | nn.Module, batches: Ite
                              f"{len(batches)}")
         batches = batches[rank::size]
         broadcast_model_(model)
+        broadcast_model_(objective.teacher)
     if optimizer is None:
         groups = parameter_groups(model, lr, codebook_lr)
         if not any(group["params"] for group in groups):
@@ -373,17 +355,18 @@ def distill_(model: nn.Module, objective: Distillation | nn.Module, batches: Ite
             t1 = time.perf_counter()
             student_out = run_batch(model, batch)
             loss = objective.loss(student_out, teacher_out, batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"distillation: the loss became {loss.item()} at step "
-                                         f"{step}; lower the learning rate")
             metric = objective.metric(student_out, teacher_out, batch)
             t2 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if torch.isfinite(loss):
+                loss.backward()
             values = [loss.item(), metric, time.perf_counter() - started]
             if size > 1:  # rank 0's clock: the others add zeros, the mean is divided back
                 values[2] *= size if rank == 0 else 0.0
                 values = _average_across_ranks(params, values, device)
+            if not math.isfinite(values[0]):  # after the average: every rank stops together
+                raise FloatingPointError(f"distillation: the loss became {values[0]} at step "
+                                         f"{step}; lower the learning rate")
             elapsed = values[2]
             t3 = time.perf_counter()
             optimizer.step()
@@ -416,13 +399,16 @@ def convert_distilled_(model: nn.Module, config, corpus: Iterable,
                        calibration: Optional[Iterable] = None, steps: Optional[int] = 300,
                        shared_steps: Optional[int] = None, seconds: Optional[float] = None,
                        lr: float = 1e-4, codebook_lr: float = 1e-3, warmup: int = 10,
+                       prune_rounds: int = 1,
                        objective: Optional[Distillation] = None, pack: bool = True,
                        progress: bool = True,
                        after_stage: Optional[Callable[[str, nn.Module], None]] = None):
     """convert_ with retraining, the paper's order on a model without labels, in place:
 
     1. the layers `config` prunes (dcx.convert.plan_convert: its sparsity and overrides) are
-       pruned by magnitude, then retrained `steps` steps by distillation (distill_, lr);
+       pruned by magnitude, then retrained `steps` steps by distillation (distill_, lr); with
+       prune_rounds > 1 the pruning is gradual instead (Zhu & Gupta's cubic ramp in that many
+       rounds over the first half of the steps, retraining between them);
     2. convert_(config, calibration, pack=False) shares every layer (with calibration the
        second-order method; a pruned layer keeps its mask), then `shared_steps` (default:
        `steps`) more steps move the codebooks (codebook_lr, relative to each one's spread),
@@ -442,7 +428,7 @@ def convert_distilled_(model: nn.Module, config, corpus: Iterable,
     import copy
 
     from dcx.convert import convert_, pack_layers_, plan_convert
-    from dcx.prune import PruneConfig, prune_
+    from dcx.prune import PruneConfig, Pruner
     from dcx.quantize import finalize_clustering_
 
     corpus = list(corpus)
@@ -456,7 +442,11 @@ def convert_distilled_(model: nn.Module, config, corpus: Iterable,
             raise ValueError(f"steps must be >= 1, got {steps} and {shared_steps}")
     if seconds is not None and not seconds > 0:
         raise ValueError(f"seconds must be > 0, got {seconds}")
+    if prune_rounds < 1 or (prune_rounds > 1 and steps is None):
+        raise ValueError(f"prune_rounds must be >= 1 (more than 1 counts steps: give steps), "
+                         f"got {prune_rounds} with steps={steps}")
     calibration = corpus if calibration is None else list(calibration)
+    broadcast_model_(model)  # under torch.distributed: one start, so one default teacher
     objective = objective or Distillation(copy.deepcopy(model))
     stages, times = {}, {}
     plan = plan_convert(model, config)
@@ -471,10 +461,17 @@ def convert_distilled_(model: nn.Module, config, corpus: Iterable,
              for stage, w in weights.items()}
     started = time.perf_counter()
     if pruned:
-        prune_(model, PruneConfig(sparsity=0.0, targets=list(pruned), overrides=pruned))
+        # Every rank prunes on the same step counts (the masks are broadcast from rank 0).
+        pruner = Pruner(model, PruneConfig(
+            sparsity=0.0, targets=list(pruned), overrides=pruned,
+            schedule="gradual" if prune_rounds > 1 else "oneshot", start=0,
+            frequency=max(1, (steps or 0) // (2 * prune_rounds)), iterations=prune_rounds))
+        pruner.step()  # step 0: one-shot prunes it all; a gradual ramp starts at zero
         stages["pruned"] = distill_(model, objective, corpus, steps=steps,
                                     seconds=share["pruned"], lr=lr, warmup=warmup,
-                                    progress=progress)
+                                    progress=progress,
+                                    callback=lambda _: pruner.step() if prune_rounds > 1 else None)
+        pruner.finalize()
         times["prune + retrain"] = time.perf_counter() - started
         if after_stage is not None:
             after_stage("pruned", model)

@@ -349,15 +349,10 @@ def finalize_pruning_(model: nn.Module) -> nn.Module:
 def _broadcast_masks(targets):
     """Make every rank hold rank 0's masks (identical weights give identical masks already;
     this makes divergence impossible)."""
-    import torch.distributed as dist
+    from dcx.distributed import broadcast_
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
     for t in targets:
-        mask = t.mask()
-        as_bytes = mask.to(torch.uint8)
-        dist.broadcast(as_bytes, src=0)
-        mask.copy_(as_bytes.bool())
+        broadcast_(t.mask())
 
 
 # ---------------------------------------------------------------------------------------------

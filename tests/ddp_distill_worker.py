@@ -5,13 +5,14 @@ torchrun:
 
 (1) A pruned SmallCNN learns its teacher's logits by dcx.distill_ for STEPS steps, each rank on
 its share of one list of batches, starting from weights that differ on rank 1 (rank 0's must
-win). (2) A tiny BertModel through dcx.distill.convert_distilled_ (prune 50%, retrain, share at
+win); then for half a second more, rank 1 slower. (2) A tiny BertModel through dcx.distill.convert_distilled_ (prune 50%, retrain, share at
 3 bits with calibration inputs that differ per rank, retrain codebooks, pack). Saves what each
 rank ended with to OUT/rank<r>.pt.
 """
 
 import copy
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -58,6 +59,13 @@ def main(out):
     history = dcx.distill_(student, teacher, batches, steps=STEPS, lr=1e-2, progress=False)
     result = {"cnn": {k: v.clone() for k, v in student.state_dict().items()},
               "losses": [h.loss for h in history], "metrics": [h.metric for h in history]}
+    # A time budget: rank 0's clock ends it, so both ranks take the same steps even when one
+    # is slower (rank 1 sleeps in each step's callback).
+    slow = (lambda _: time.sleep(0.05)) if rank == 1 else None
+    timed = dcx.distill_(student, teacher, batches, seconds=0.5, lr=1e-3, progress=False,
+                         callback=slow)
+    result["timed_steps"] = len(timed)
+    result["timed"] = {k: v.clone() for k, v in student.state_dict().items()}
 
     bert = tiny_bert()
     config = dcx.ConvertConfig(bits=3, sparsity=0.5, embeddings=False)

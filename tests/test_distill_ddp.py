@@ -33,13 +33,15 @@ def test_two_ranks_distill_as_one_process_on_both_batches(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
 
     # Both ranks end with one model, and record the same (averaged) losses.
-    for part in ("cnn", "bert"):
+    for part in ("cnn", "timed", "bert"):
         a, b = ranks[0][part], ranks[1][part]
         assert a.keys() == b.keys()
         for key in a:
             same = torch.equal(a[key], b[key]) if torch.is_tensor(a[key]) else a[key] == b[key]
             assert same, (part, key)
     assert ranks[0]["losses"] == ranks[1]["losses"] and len(ranks[0]["losses"]) == worker.STEPS
+    assert ranks[0]["metrics"] == ranks[1]["metrics"]
+    assert ranks[0]["timed_steps"] == ranks[1]["timed_steps"] >= 1
     assert ranks[0]["bert_steps"] == {"pruned": 2, "shared": 2}
 
     # Each rank took batches r, r + 2, ...; the averaged gradient makes every step the
