@@ -202,7 +202,8 @@ def write_results(name, args, settings, source_bytes, rows, curves, points):
     from dcx.plots import distillation_curves
 
     plot = distillation_curves(common.RESULTS / f"{name}-curve.png", curves,
-                               "embedding cosine to fp32", title="on the training batches")
+                               "embedding cosine to fp32",
+                               title="MiniLM, training batches")
     plots = f"Curve: {plot.name}."
     if len(points) > 1:
         plots += f" Size against cosine: {plot_pareto(points, source_bytes, name).name}."

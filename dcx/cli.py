@@ -471,7 +471,7 @@ def cmd_convert(args):
         if not args.no_plots:
             curve = out.with_name(out.stem + "-distill.png")
             distillation_curves(curve, {"": stages.history}, stages.metric,
-                                title=f"{args.src}: retraining by distillation")
+                                title=f"{out.name}: retraining by distillation")
             print(f"\nthe metric against the step: {curve}")
     if args.ratio is not None and size > against / args.ratio:
         print(f"\nnote: {against / size:.2f}x, short of --ratio {args.ratio:g}: calibration and "

@@ -96,8 +96,8 @@ def distillation_curves(path, runs: Mapping[str, Mapping[str, Sequence]],
             ax.plot(steps, means, label=f"{label} {stage}".strip())
             offset = steps[-1] + 1
     ax.set_xlabel("distillation step")
-    ax.set_ylabel(f"{metric_name} (running mean of {window} steps)")
-    ax.set_title(title, fontsize=9)
+    ax.set_ylabel(metric_name)
+    ax.set_title(f"{title} (running mean of {window} steps)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6 if len(runs) > 4 else 8, ncol=2 if len(runs) > 4 else 1)
     return _save(fig, path)
