@@ -1,36 +1,23 @@
 """Distillation under torch.distributed: two ranks launched with torchrun (gloo, CPU) end with
 the same model, and their step is the single-process step on both ranks' batches together."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import dcx
 from tests import ddp_distill_worker as worker
-from tests.testing import requires_kernels
+from tests.testing import requires_gloo, requires_kernels, two_ranks
 
 WORKER = Path(worker.__file__)
 
-pytestmark = [
-    requires_kernels,
-    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                       reason="torch.distributed with gloo is not available"),
-]
+pytestmark = [requires_kernels, requires_gloo]
 
 
 def test_two_ranks_distill_as_one_process_on_both_batches(tmp_path):
     pytest.importorskip("transformers")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", "2", str(WORKER), str(tmp_path)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    ranks = two_ranks(WORKER, tmp_path, timeout=300)
 
     # Both ranks end with one model, and record the same (averaged) losses.
     for part in ("cnn", "timed", "bert"):

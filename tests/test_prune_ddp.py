@@ -1,33 +1,19 @@
 """Pruning and masked retraining inside DistributedDataParallel: two ranks launched with torchrun
 (gloo, CPU) end with identical weights and masks, and every pruned weight exactly zero."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
 import torch
-import torch.distributed as dist
 
-from tests.testing import requires_kernels
+from tests.testing import requires_gloo, requires_kernels, two_ranks
 
 WORKER = Path(__file__).with_name("ddp_prune_worker.py")
 
-pytestmark = [
-    requires_kernels,
-    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                       reason="torch.distributed with gloo is not available"),
-]
+pytestmark = [requires_kernels, requires_gloo]
 
 
 def test_ddp_two_ranks_identical_and_pruned(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", "2", str(WORKER), str(tmp_path)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    ranks = two_ranks(WORKER, tmp_path, timeout=120)
     assert ranks[0]["final_step"] < 8  # the schedule finished within the run
     a, b = ranks[0]["state"], ranks[1]["state"]
     assert a.keys() == b.keys()

@@ -77,3 +77,23 @@ def first_plan_rules(kind, packed_layers):
     table = _native.spqmm_plan()
     missing = [table[i] for i, r in enumerate(table) if r["isa"] == kind and i not in reached]
     assert not missing, f"rules no batch reaches: {missing}"
+
+
+requires_gloo = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="torch.distributed with gloo is not available")
+
+
+def two_ranks(worker, out, timeout=300) -> list:
+    """Run `worker OUT` on two ranks with torchrun (one thread each) and return what each
+    saved as OUT/rank<r>.pt."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", str(worker), str(out)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
