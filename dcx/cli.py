@@ -430,8 +430,9 @@ def cmd_convert(args):
         except dcx.config.ConfigError as error:
             raise UsageError(f"--ratio {args.ratio:g}: {error}") from None
         config = dataclasses.replace(config, sparsity=sparsity)
-        say(rank, f"--ratio {args.ratio:g}: sparsity {sparsity:.0%} (a plain trial compression "
-                  f"wrote {trial:,} bytes, {against / trial:.1f}x)")
+        if rank == 0:
+            print(f"--ratio {args.ratio:g}: sparsity {sparsity:.0%} (a plain trial compression "
+                  f"wrote {trial:,} bytes, {against / trial:.1f}x)", flush=True)
     calibration = None
     if args.calibration:
         calibration = calibration_batches(args.calibration, args.src, args.samples,
@@ -482,11 +483,6 @@ def cmd_convert(args):
     print(f"\nfile {out}: {size:,} bytes; {versus}{report.fp32_bytes / size:.1f}x smaller than "
           f"the fp32 parameters; {seconds:.1f} s")
     return EXIT_OK
-
-
-def say(rank: int, text: str) -> None:
-    if rank == 0:
-        print(text, flush=True)
 
 
 def distill_table(stages, source_bytes: int, stage_bytes: dict) -> str:

@@ -466,11 +466,11 @@ def convert_distilled_(model: nn.Module, config, corpus: Iterable,
             sparsity=0.0, targets=list(pruned), overrides=pruned,
             schedule="gradual" if prune_rounds > 1 else "oneshot", start=0,
             frequency=max(1, (steps or 0) // (2 * prune_rounds)), iterations=prune_rounds))
-        pruner.step()  # step 0: one-shot prunes it all; a gradual ramp starts at zero
+        pruner.step()  # step 0: one-shot prunes it all (its later steps do nothing); a gradual
+        # ramp starts at zero and prunes on the steps distill_'s callback counts
         stages["pruned"] = distill_(model, objective, corpus, steps=steps,
                                     seconds=share["pruned"], lr=lr, warmup=warmup,
-                                    progress=progress,
-                                    callback=lambda _: pruner.step() if prune_rounds > 1 else None)
+                                    progress=progress, callback=lambda _: pruner.step())
         pruner.finalize()
         times["prune + retrain"] = time.perf_counter() - started
         if after_stage is not None:
