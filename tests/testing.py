@@ -31,12 +31,31 @@ def cpu_isas():
     this CPU lacks it (the native tests, csrc/tests, run the AVX-512 kernels on emulated
     intrinsics whatever the CPU)."""
     capability = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", ...
-    has = {"avx512": capability.startswith("AVX512"),
+    has = {"avx512vnni": capability.startswith("AVX512") and "avx512_vnni" in _cpu_flags(),
+           "avx512": capability.startswith("AVX512"),
            "avx2": capability.startswith(("AVX512", "AVX2"))}
     return [pytest.param(isa, marks=pytest.mark.skipif(not has.get(isa, True),
                                                        reason=f"this CPU has no {isa.upper()} "
                                                               f"(torch reports {capability})"))
-            for isa in ("avx512", "avx2", "generic")]
+            for isa in ("avx512vnni", "avx512", "avx2", "generic")]
+
+
+def cpu_kind():
+    """The kind of CPU (an isa name of the kernel table) whose kernels dcx.ops.spqmm runs here
+    when DCX_CPU_ISA is not set."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability.startswith("AVX512"):
+        return "avx512vnni" if "avx512_vnni" in _cpu_flags() else "avx512"
+    return "avx2" if capability.startswith("AVX2") else "portable"
+
+
+def _cpu_flags():
+    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
 SIZES = [0, 1, 97, 4097, (1 << 20) + 3]
 
 

@@ -305,6 +305,189 @@ DCX_AVX512_FN void dense_decode_rows(const SpqmmPacked& p, int64_t r0, int64_t r
   seen->max_id = std::max<uint32_t>(seen->max_id, _mm512_reduce_max_epu32(max_id));
 }
 
+// int8 compute with AVX-512 VNNI (core/spqmm_int8.h's rule, exactly) for 5 and more activation
+// rows. The batch rows sit in the vector lanes, 16 per pass: the activations are staged once per
+// call (q8_stage_pairs: per block of 32 columns and pair d < 16, the int16s of columns d and 16 + d
+// of 16 rows, one 64-byte vector) and each row of W is decoded once into the same pairs (one
+// int32 per pair), read back by broadcasts. Per block of 32 columns and row of W, 16 vpdpwssd
+// (32 int16 products summed in pairs into 16 int32 lanes, one instruction each) give the block's
+// dot for 16 activation rows, and one convert and one FMA by the 16 rows' block scales (one
+// vector, shared by every row of W) add it to the float sums: 18 instructions for 512
+// multiply-adds, no horizontal sums. (With the columns in the lanes instead, as the AVX2 int8
+// kernels have them, each block's scale costs a convert and an FMA per 32 multiply-adds.)
+
+// The int16 codebook as two lookup tables of int32 bit patterns (read through the float lookups,
+// which move bits unchanged): entry i zero-extended (the low half of a pair) and shifted left by
+// 16 (the high half).
+struct PairTables {
+  Table lo, hi;
+};
+
+DCX_AVX512_FN inline PairTables pair_tables(const int16_t* table) {
+  alignas(64) uint32_t lo[256], hi[256];
+  for (int i = 0; i < 256; ++i) {
+    lo[i] = uint16_t(table[i]);
+    hi[i] = lo[i] << 16;
+  }
+  PairTables t;
+  float bits[256];
+  std::memcpy(bits, lo, sizeof bits);
+  t.lo = load_table(bits);
+  std::memcpy(bits, hi, sizeof bits);
+  t.hi = load_table(bits);
+  return t;
+}
+
+// Columns [j0, j1) of rows [r0, r1) of W as int16 pairs into w ([r1 - r0][ldw] int32, pair d of
+// the block of 32 columns from j0 + 32 c at w[.][16 c + d]), the pair holding columns 32 c + d
+// (low half) and 32 c + 16 + d (high half); j0 a multiple of the layout's block (128 or 64
+// columns), j1 too or K. Columns past K read id 0 (their activations are zero).
+template <Lut L, SpqmmDense D>
+DCX_AVX512_FN void q8_decode_pairs(const SpqmmPacked& p, int64_t r0, int64_t r1, int64_t j0, int64_t j1,
+                                   const PairTables& tab, int32_t* w, int64_t ldw, SpqmmSeen* seen) {
+  constexpr int kCols = kBlockCols<D>, kU = kCols / kQ8Block;
+  const BitIds bi = bit_ids_setup(D == SpqmmDense::kBits ? p.bits : 8);
+  const int64_t K = p.k, blk0 = j0 / kCols, blk1 = (std::min(j1, K) + kCols - 1) / kCols;
+  __m512i max_id = _mm512_setzero_si512(), max_nibble = _mm512_setzero_si512();
+  const __m512i nibble = _mm512_set1_epi32(0x0F0F0F0F);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = p.dense_codes + r * p.dense_width;
+    int32_t* out = w + (r - r0) * ldw - (j0 / kQ8Block) * kQ8Pairs;
+    for (int64_t blk = blk0; blk < blk1; ++blk) {
+      if constexpr (D == SpqmmDense::kNibbles && L == Lut::k16) {
+        // A whole block of 4-bit ids: byte u of 32-bit lane d holds columns 32 u + d and 32 u +
+        // 16 + d, exactly a pair, and the 16-entry lookup reads only an index's low 4 bits, so a
+        // pair costs two shifts, two lookups and an or; the ids' maximum is taken per byte.
+        if (kCols * (blk + 1) <= K) {
+          const __m512i block = _mm512_loadu_si512(row + (kSpqmmNibbleBlock / 2) * blk);
+          max_nibble = _mm512_max_epu8(max_nibble, _mm512_and_si512(block, nibble));
+          max_nibble = _mm512_max_epu8(max_nibble, _mm512_and_si512(_mm512_srli_epi32(block, 4), nibble));
+#pragma GCC unroll 4
+          for (int u = 0; u < kU; ++u) {
+            const __m512i v = _mm512_srli_epi32(block, 8 * u);
+            const __m512i pair = _mm512_or_si512(
+                _mm512_castps_si512(lookup<L>(tab.lo, v)),
+                _mm512_castps_si512(lookup<L>(tab.hi, _mm512_srli_epi32(v, 4))));
+            _mm512_storeu_si512(out + (kCols * blk / kQ8Block + u) * kQ8Pairs, pair);
+          }
+          continue;
+        }
+      }
+#pragma GCC unroll 4
+      for (int u = 0; u < kU; ++u) {
+        const int64_t j = kCols * blk + kQ8Block * u;
+        if (j >= K) break;
+        const __mmask16 va = tail_mask(K, j), vb = tail_mask(K, j + 16);
+        const __m512i ida = _mm512_maskz_mov_epi32(va, ids16<D>(row, blk, 2 * u, bi, va));
+        const __m512i idb = _mm512_maskz_mov_epi32(vb, ids16<D>(row, blk, 2 * u + 1, bi, vb));
+        max_id = _mm512_max_epu32(max_id, _mm512_max_epu32(ida, idb));
+        const __m512i pair = _mm512_or_si512(_mm512_castps_si512(lookup<L>(tab.lo, ida)),
+                                             _mm512_castps_si512(lookup<L>(tab.hi, idb)));
+        _mm512_storeu_si512(out + (j / kQ8Block) * kQ8Pairs, pair);
+      }
+    }
+  }
+  alignas(64) uint8_t nibbles[64];
+  _mm512_storeu_si512(nibbles, max_nibble);
+  uint32_t most = _mm512_reduce_max_epu32(max_id);
+  for (uint8_t v : nibbles) most = std::max<uint32_t>(most, v);
+  seen->max_id = std::max(seen->max_id, most);
+}
+
+// R decoded rows of W (w [R][ldw] pairs of the blocks [b0, b1), row r of the layer first) times
+// the 16 staged activation rows of one lane group (xg [blocks][16][16], sg [blocks][16]),
+// added to sums [R][16] (float, lane = activation row).
+template <int R>
+DCX_AVX512_VNNI_FN void q8_vnni_apply(const SpqmmPacked& p, const int32_t* w, int64_t ldw,
+                                      int64_t b0, int64_t b1, const int32_t* xg, const float* sg,
+                                      int64_t r, float* sums) {
+  __m512 acc[R];
+  for (int i = 0; i < R; ++i) acc[i] = _mm512_loadu_ps(sums + i * kQ8Lanes);
+  for (int64_t b = b0; b < b1; ++b) {
+    __m512i dot[R];
+    for (int i = 0; i < R; ++i) dot[i] = _mm512_setzero_si512();
+    const int32_t* xb = xg + b * kQ8Pairs * kQ8Lanes;
+    const int32_t* wb = w + (b - b0) * kQ8Pairs;
+#pragma GCC unroll 16
+    for (int d = 0; d < kQ8Pairs; ++d) {
+      const __m512i xd = _mm512_loadu_si512(xb + d * kQ8Lanes);
+      for (int i = 0; i < R; ++i) dot[i] = _mm512_dpwssd_epi32(dot[i], xd, _mm512_set1_epi32(wb[i * ldw + d]));
+    }
+    const __m512 scale = _mm512_loadu_ps(sg + b * kQ8Lanes);
+    for (int i = 0; i < R; ++i) {
+      const __m512 s = p.group_scale
+                           ? _mm512_mul_ps(scale, _mm512_set1_ps(spqmm_group_scale(p, r + i, b * kQ8Block)))
+                           : scale;
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i]), s, acc[i]);
+    }
+  }
+  for (int i = 0; i < R; ++i) _mm512_storeu_ps(sums + i * kQ8Lanes, acc[i]);
+}
+
+// Rows [r0, r1) of W for M staged activation rows (xv, sv as q8_stage_pairs leaves them): kVnniRows
+// rows of W at a time, in chunks of kVnniChunk columns decoded into w (kVnniRows * kVnniChunk / 2
+// int32, 8 KB, so it stays in L1 while every lane group reads it) and applied to every group
+// before the next chunk; the sums wait in `sums` (q8_lane_groups(M) * kVnniRows * 16 floats).
+constexpr int kVnniRows = 8;
+
+// Fetch the cache line at p into L1. Inline assembly, because GCC deletes a loop whose only
+// statements are __builtin_prefetch (it has no effect the language can observe).
+DCX_ALWAYS_INLINE void prefetch_line(const uint8_t* p) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  asm volatile("prefetcht0 %0" : : "m"(*p));
+#else
+  (void)p;
+#endif
+}
+constexpr int64_t kVnniChunk = 512;
+
+template <Lut L, SpqmmDense D>
+DCX_AVX512_VNNI_FN void q8_vnni(const SpqmmPacked& p, int64_t r0, int64_t r1, const PairTables& tab,
+                                float wscale, const int32_t* xv, const float* sv, int64_t M,
+                                const float* bias, float* y, int64_t ldy, int32_t* w, float* sums,
+                                SpqmmSeen* seen) {
+  constexpr int64_t ldw = kVnniChunk / 2, kChunkBlocks = kVnniChunk / kQ8Block;
+  const int64_t K = p.k, blocks = q8_blocks(K), groups = q8_lane_groups(M);
+  // The codes of the next chunk (of these rows, or past their last chunk the first of the next
+  // rows, in this tile or not) are fetched before this one is decoded and applied: a chunk of a
+  // row is a short run of bytes far from the next row's, which the hardware prefetchers do not
+  // follow, and decoding waited on memory for most of its time without this.
+  const int64_t chunk_bytes = std::max<int64_t>(1, p.dense_width * kVnniChunk / std::max<int64_t>(K, 1));
+  auto fetch_chunk = [&](int64_t row0, int64_t b0) {
+    const int64_t from = std::min(p.dense_width, b0 * kQ8Block * p.dense_width / K);
+    const int64_t to = std::min(p.dense_width, from + chunk_bytes);
+    for (int64_t row = row0; row < std::min(p.n, row0 + kVnniRows); ++row)
+      for (int64_t at = from; at < to; at += 64) prefetch_line(p.dense_codes + row * p.dense_width + at);
+  };
+  for (int64_t r = r0; r < r1; r += kVnniRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kVnniRows, r1 - r));
+    std::memset(sums, 0, sizeof(float) * size_t(groups * kVnniRows * kQ8Lanes));
+    for (int64_t b0 = 0; b0 < blocks; b0 += kChunkBlocks) {
+      const int64_t b1 = std::min(blocks, b0 + kChunkBlocks);
+      fetch_chunk(b1 < blocks ? r : r + kVnniRows, b1 < blocks ? b1 : 0);
+      q8_decode_pairs<L, D>(p, r, r + rows, b0 * kQ8Block, b1 * kQ8Block, tab, w, ldw, seen);
+      for (int64_t g = 0; g < groups; ++g) {
+        const int32_t* xg = xv + g * blocks * kQ8Pairs * kQ8Lanes;
+        const float* sg = sv + g * blocks * kQ8Lanes;
+        float* sg_sums = sums + g * kVnniRows * kQ8Lanes;
+        if (rows == kVnniRows) {
+          q8_vnni_apply<kVnniRows>(p, w, ldw, b0, b1, xg, sg, r, sg_sums);
+        } else {
+          for (int i = 0; i < rows; ++i)
+            q8_vnni_apply<1>(p, w + i * ldw, ldw, b0, b1, xg, sg, r + i, sg_sums + i * kQ8Lanes);
+        }
+      }
+    }
+    for (int64_t g = 0; g < groups; ++g)
+      for (int i = 0; i < rows; ++i) {
+        const float* lanes = sums + (g * kVnniRows + i) * kQ8Lanes;
+        const float bv = bias ? bias[r + i] : 0.f;
+        for (int m = 0; m < kQ8Lanes && g * kQ8Lanes + m < M; ++m)
+          y[(g * kQ8Lanes + m) * ldy + r + i] = lanes[m] * wscale + bv;
+      }
+  }
+}
+
 // The kernel for a layer's lookup kind: f(lut) with the kind as a compile-time constant.
 template <typename F>
 DCX_AVX512_FN inline void with_lut_kind(const SpqmmPacked& p, F&& f) {
@@ -336,6 +519,15 @@ inline bool supported() {
 #else
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return ok;
+#endif
+}
+
+inline bool supports_vnni() {
+#ifdef DCX_AVX512_EMULATE
+  return true;
+#else
+  static const bool ok = supported() && __builtin_cpu_supports("avx512vnni");
   return ok;
 #endif
 }

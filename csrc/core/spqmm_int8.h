@@ -70,6 +70,35 @@ inline void q8_quantize_row(const float* x, int64_t k, int16_t* q, float* scale)
   }
 }
 
+// The VNNI kernels' activations (core/spqmm_avx512.h): the batch rows in the vector lanes, 16 rows
+// a group. Quantized rows (xq [M][ldq] in q8_slot order, xs [M][blocks]) restaged as
+// xv [ceil(M / 16)][blocks][16 pairs][16 rows] int32, pair d of block b holding the int16s of
+// columns 32 b + d (low half) and 32 b + 16 + d (high half) of one row, and sv [..][blocks][16
+// rows] scales; rows past M are zeros.
+constexpr int kQ8Lanes = 16;
+constexpr int kQ8Pairs = kQ8Block / 2;
+
+inline int64_t q8_lane_groups(int64_t m) { return (m + kQ8Lanes - 1) / kQ8Lanes; }
+
+inline void q8_stage_pairs(const int16_t* xq, int64_t ldq, const float* xs, int64_t m_rows,
+                           int64_t blocks, int32_t* xv, float* sv) {
+  for (int64_t g = 0; g < q8_lane_groups(m_rows); ++g)
+    for (int64_t b = 0; b < blocks; ++b) {
+      int32_t* pairs = xv + (g * blocks + b) * kQ8Pairs * kQ8Lanes;
+      float* scales = sv + (g * blocks + b) * kQ8Lanes;
+      for (int i = 0; i < kQ8Lanes; ++i) {
+        const int64_t m = g * kQ8Lanes + i;
+        const int16_t* q = xq + m * ldq + b * kQ8Block;
+        scales[i] = m < m_rows ? xs[m * blocks + b] : 0.f;
+        for (int d = 0; d < kQ8Pairs; ++d)
+          pairs[d * kQ8Lanes + i] =
+              m < m_rows ? int32_t(uint32_t(uint16_t(q[q8_slot(d)])) |
+                                   uint32_t(uint16_t(q[q8_slot(d + kQ8Pairs)])) << 16)
+                         : 0;
+      }
+    }
+}
+
 // The codebook (k <= 256 entries) as int16 values and the layer's scale; table has 256 entries,
 // zero past k (an id outside the codebook reads 0 and is reported by the op).
 inline float q8_codebook(const float* codebook, int64_t k, int16_t* table) {

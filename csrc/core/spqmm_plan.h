@@ -14,7 +14,16 @@
 
 namespace dcx {
 
-enum class SpqmmIsa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kCuda = 3 };
+// CPU kinds: the rules of a kind serve it and the kinds above it (kAvx512Vnni: AVX-512 with VNNI
+// runs every AVX-512 rule and its own, which come first).
+enum class SpqmmIsa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kCuda = 3, kAvx512Vnni = 4 };
+
+constexpr bool spqmm_avx512(SpqmmIsa isa) { return isa == SpqmmIsa::kAvx512 || isa == SpqmmIsa::kAvx512Vnni; }
+
+// Whether a rule written for kind `rule` serves a call on kind `isa`.
+constexpr bool spqmm_isa_serves(SpqmmIsa rule, SpqmmIsa isa) {
+  return rule == isa || (rule == SpqmmIsa::kAvx512 && isa == SpqmmIsa::kAvx512Vnni);
+}
 
 // sparse: codes with positions; dense: ids only (fp32 or bf16 arithmetic); int8: a dense layer
 // computed by the int8 kernels (core/spqmm_int8.h; a sparse layer asked for int8 computes as sparse).
@@ -30,6 +39,8 @@ enum class SpqmmKernel : int {
   kDecodeGemm = 5,   // W decoded once, in cache-sized blocks of rows, multiplied by the BLAS
   kInt8Many = 6,     // dense, int8 compute, AVX2: rows of W decoded once into int16 in L1, then
                      //   applied to every activation row (2 rows of W by 4 of x at a time)
+  kInt8Vnni = 7,     // dense, int8 compute, AVX-512 VNNI: activation rows in the lanes, rows of W
+                     //   decoded once into int16 pairs, 8 rows of W by 16 of x at a time
 };
 
 constexpr int64_t kSpqmmNoBound = std::numeric_limits<int64_t>::max();
@@ -105,6 +116,20 @@ constexpr SpqmmRule kSpqmmPlan[] = {
     // 5,204).
     {SpqmmIsa::kAvx512, SpqmmMode::kDense, 10, 1.0, SpqmmKernel::kDenseRows, 0},
     {SpqmmIsa::kAvx512, SpqmmMode::kDense, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0},
+    // Dense int8 with VNNI (measured on a 2-core Intel Xeon, Sapphire Rapids class, every weight
+    // rotated through 512 MB; VNNI / the AVX-512 rules below / the dense fp32 kernels, 4 bits
+    // unless said). Up to 8 rows the fp32 kernels (4096 x 4096: 2 rows 2,198 / 2,178 / 1,311; 4
+    // rows 2,535 / 2,533 / 1,598; 8 rows 2,305 / 3,174 / 2,572; 2048 x 2048, 6 bits: 8 rows 974 /
+    // 1,221 / 736); from 9 to 63 rows the VNNI kernel on layers of 4M weights and more (4096 x
+    // 4096: 16 rows 2,701 / 5,125 / 9,764; 32 rows 4,550 / 9,339 / 11,673; 2048 x 2048, 6 bits:
+    // 16 rows 1,148 / 1,826 / 1,423; 32 rows 1,777 / 2,908 / 1,860), then decode + GEMM (4096 x
+    // 4096, 64 rows 8,415 / 18,412 / 11,599 but 2048 x 2048 2,936 / 5,189 / 2,729; 128 rows
+    // 19,177 / 39,586 / 18,684). Smaller layers as on AVX-512 (6 bits, 16 and 128 rows: 384 x
+    // 384 81 / 74 and 445 / 196 us, 1536 x 384 167 / 199 and 941 / 605, 384 x 1536 271 / 197
+    // and 1,727 / 706, 1024 x 1024 321 / 328 and 1,916 / 1,137). Not measured on an AMD CPU.
+    {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, 9, 1.0, SpqmmKernel::kDenseRows, 0},
+    {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, 64, 1.0, SpqmmKernel::kInt8Vnni, 16, kSpqmmInt8Weights},
+    {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0, kSpqmmInt8Weights},
     // Dense int8 (the AVX2 int8 kernels). One row: fp32 (4 bits, fp32 / int8 rows: 741 / 863);
     // 2 to 4 rows each weight decoded per pass; from 5 rows of W decoded once (4 bits, int8 rows /
     // int8 many / decode + GEMM: 8 rows 2,490 / 2,196 / 4,444; 16 rows 4,619 / 3,762 / 6,210; 32
@@ -155,7 +180,7 @@ inline SpqmmPlan spqmm_plan(SpqmmIsa isa, SpqmmMode mode, double density, int64_
   } else {
     for (int i = 0; i < kSpqmmPlanSize; ++i) {
       const SpqmmRule& r = kSpqmmPlan[i];
-      if (r.isa != isa || r.mode != mode || rows >= r.rows_below || density > r.max_density ||
+      if (!spqmm_isa_serves(r.isa, isa) || r.mode != mode || rows >= r.rows_below || density > r.max_density ||
           double(n) * double(k) < double(r.min_weights))
         continue;
       // Below a forced crossover the kernels run, whatever the table says past it.

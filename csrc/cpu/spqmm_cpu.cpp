@@ -27,21 +27,22 @@
 namespace dcx {
 namespace {
 
-// The widest kernels this CPU runs. DCX_CPU_ISA=avx2 or generic asks for narrower ones (the
-// tests run each).
+// The widest kernels this CPU runs. DCX_CPU_ISA=avx512 (AVX-512 without VNNI), avx2 or generic
+// asks for narrower ones (the tests run each).
 SpqmmIsa cpu_isa() {
   SpqmmIsa best = SpqmmIsa::kPortable;
 #ifdef DCX_SPQMM_AVX2
   if (avx2::supported()) best = SpqmmIsa::kAvx2;
 #endif
 #ifdef DCX_SPQMM_AVX512
-  if (avx512::supported()) best = SpqmmIsa::kAvx512;
+  if (avx512::supported()) best = avx512::supports_vnni() ? SpqmmIsa::kAvx512Vnni : SpqmmIsa::kAvx512;
 #endif
   const char* env = std::getenv("DCX_CPU_ISA");
   if (env == nullptr) return best;
   const std::string want = env;
   if (want == "generic") return SpqmmIsa::kPortable;
-  if (want == "avx2" && best == SpqmmIsa::kAvx512) return SpqmmIsa::kAvx2;
+  if (want == "avx2" && best != SpqmmIsa::kPortable) return SpqmmIsa::kAvx2;
+  if (want == "avx512" && spqmm_avx512(best)) return SpqmmIsa::kAvx512;
   return best;
 }
 
@@ -136,7 +137,7 @@ std::vector<float> make_table(const at::Tensor& codebook) {
 void decode_rows(const SpqmmPacked& p, SpqmmIsa isa, const float* table, int64_t r0, int64_t rows,
                  float* w, SpqmmSeen* seen) {
 #ifdef DCX_SPQMM_AVX512
-  if (p.dense && isa == SpqmmIsa::kAvx512) {
+  if (p.dense && spqmm_avx512(isa)) {
     avx512::with_dense_kind(p, [&](auto lut, auto layout) DCX_AVX512_FN {
       avx512::dense_decode_rows<decltype(lut)::value, decltype(layout)::value>(
           p, r0, r0 + rows, table, w, seen);
@@ -263,7 +264,7 @@ void sparse_steps(const SpqmmPacked& p, SpqmmIsa isa, int threads, const float* 
     for_each_tile(p.num_chunks, threads, [&](int64_t, int64_t c) {
       float* es = edge_sums.data() + c * kEdge;
 #ifdef DCX_SPQMM_AVX512
-      if (isa == SpqmmIsa::kAvx512) {
+      if (spqmm_avx512(isa)) {
         avx512::with_lut_kind(p, [&](auto lut) DCX_AVX512_FN {
           avx512::sparse_chunk<decltype(lut)::value, MB>(p, c, table, xp, ldx, yb, N, mvalid, es,
                                                          &edges[size_t(c)], seen_by[c]);
@@ -366,7 +367,7 @@ void dense_rows(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan, const
       const int64_t r0 = t * plan.tile, r1 = std::min(N, r0 + plan.tile);
       SpqmmSeen* s = seen_by[w];
 #ifdef DCX_SPQMM_AVX512
-      if (isa == SpqmmIsa::kAvx512) {
+      if (spqmm_avx512(isa)) {
         avx512::with_dense_kind(p, [&](auto lut, auto layout) DCX_AVX512_FN {
           avx512::dense_rows<decltype(lut)::value, decltype(layout)::value, MB>(
               p, r0, r1, table, xp, K, mvalid, bias, yb, N, s);
@@ -444,11 +445,42 @@ void q8_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, const int16_t* table,
   }
 }
 
+#ifdef DCX_SPQMM_AVX512
+// The VNNI kernel: the quantized activations restaged with the batch rows in the lanes, then each
+// tile of W's rows (a multiple of the kernel's 8) decoded chunk by chunk and applied.
+void int8_vnni(const SpqmmPacked& p, const SpqmmPlan& plan, const int16_t* table, float wscale,
+               const int16_t* xq, int64_t ldq, const float* xs, int64_t M, const float* bias,
+               float* y, SpqmmSeen* seen) {
+  const int64_t blocks = q8_blocks(p.k), groups = q8_lane_groups(M);
+  std::vector<int32_t> xv(size_t(groups * blocks * kQ8Pairs * kQ8Lanes));
+  std::vector<float> sv(size_t(groups * blocks * kQ8Lanes));
+  q8_stage_pairs(xq, ldq, xs, M, blocks, xv.data(), sv.data());
+  const avx512::PairTables tab = avx512::pair_tables(table);
+  const int64_t tile = (plan.tile + avx512::kVnniRows - 1) / avx512::kVnniRows * avx512::kVnniRows;
+  const int64_t tiles = (p.n + tile - 1) / tile;
+  SeenBy seen_by(plan.threads);
+  for_each_tile(tiles, plan.threads, [&](int64_t w, int64_t t) {
+    static thread_local std::vector<int32_t> decoded;  // a chunk of 8 rows of W as int16 pairs
+    static thread_local std::vector<float> sums;       // their sums for every activation row
+    decoded.resize(size_t(avx512::kVnniRows * avx512::kVnniChunk / 2));
+    if (sums.size() < size_t(groups * avx512::kVnniRows * kQ8Lanes))
+      sums.resize(size_t(groups * avx512::kVnniRows * kQ8Lanes));
+    const int64_t r0 = t * tile, r1 = std::min(p.n, r0 + tile);
+    avx512::with_dense_kind(p, [&](auto lut, auto layout) DCX_AVX512_VNNI_FN {
+      avx512::q8_vnni<decltype(lut)::value, decltype(layout)::value>(
+          p, r0, r1, tab, wscale, xv.data(), sv.data(), M, bias, y, p.n, decoded.data(),
+          sums.data(), seen_by[w]);
+    });
+  });
+  seen->merge(seen_by.merged());
+}
+#endif
+
 void int8_product(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan,
                   const at::Tensor& codebook, const at::Tensor& x2, const float* bias, float* y,
                   SpqmmSeen* seen) {
   const bool many = plan.kernel == SpqmmKernel::kInt8Many && isa != SpqmmIsa::kPortable;
-  const int64_t M = x2.size(0), K = p.k, mb = many ? 4 : plan.block;
+  const int64_t M = x2.size(0), K = p.k, mb = many ? 4 : plan.kernel == SpqmmKernel::kInt8Vnni ? 1 : plan.block;
   const at::Tensor cb = codebook.to(at::kFloat).contiguous();
   int16_t table[256];
   const float wscale = q8_codebook(cb.data_ptr<float>(), cb.numel(), table);
@@ -459,6 +491,13 @@ void int8_product(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan,
   int16_t* qp = xq.data_ptr<int16_t>();
   float* sp = xs.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) q8_quantize_row(xp + m * K, K, qp + m * ldq, sp + m * blocks);
+#ifdef DCX_SPQMM_AVX512
+  if (plan.kernel == SpqmmKernel::kInt8Vnni) {
+    TORCH_CHECK(avx512::supports_vnni(), "the int8 VNNI kernel needs AVX-512 VNNI");
+    int8_vnni(p, plan, table, wscale, qp, ldq, sp, M, bias, y, seen);
+    return;
+  }
+#endif
   const int64_t tile = many ? (plan.tile + 1) / 2 * 2 : plan.tile;
   const int64_t tiles = (p.n + tile - 1) / tile;
   SeenBy seen_by(plan.threads);
@@ -492,7 +531,8 @@ void run_plan(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan, const a
   const at::Tensor bias_f = bias_c.defined() ? bias_c.to(at::kFloat).contiguous() : at::Tensor();
   const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  if (plan.kernel == SpqmmKernel::kInt8Rows || plan.kernel == SpqmmKernel::kInt8Many) {
+  if (plan.kernel == SpqmmKernel::kInt8Rows || plan.kernel == SpqmmKernel::kInt8Many ||
+      plan.kernel == SpqmmKernel::kInt8Vnni) {
     int8_product(p, isa, plan, codebook, x2, bp, yp, seen);
     return;
   }
@@ -508,7 +548,7 @@ void run_plan(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan, const a
       return;
     }
     case SpqmmKernel::kSparseBatch:
-      if (isa == SpqmmIsa::kAvx512) {
+      if (spqmm_avx512(isa)) {
         sparse_batch<16>(p, isa, plan, tp, x2, bp, yp, seen);
       } else {
         sparse_batch<8>(p, isa, plan, tp, x2, bp, yp, seen);
@@ -652,8 +692,11 @@ at::Tensor spqmm_int8_cpu(const at::Tensor& x, const at::Tensor& codes, const at
     const at::Tensor x2 = x.reshape({M, K}).to(at::kFloat).contiguous();
     const SpqmmIsa isa = cpu_isa();
     SpqmmPlan plan = spqmm_plan(isa, SpqmmMode::kInt8, 1.0, N, K, M, at::get_num_threads());
-    if (plan.kernel != SpqmmKernel::kInt8Rows && plan.kernel != SpqmmKernel::kInt8Many) {
-      plan.kernel = isa != SpqmmIsa::kPortable && M > 8 ? SpqmmKernel::kInt8Many : SpqmmKernel::kInt8Rows;
+    if (plan.kernel != SpqmmKernel::kInt8Rows && plan.kernel != SpqmmKernel::kInt8Many &&
+        plan.kernel != SpqmmKernel::kInt8Vnni) {
+      plan.kernel = isa == SpqmmIsa::kAvx512Vnni && M > 8 ? SpqmmKernel::kInt8Vnni
+                    : isa != SpqmmIsa::kPortable && M > 8 ? SpqmmKernel::kInt8Many
+                                                          : SpqmmKernel::kInt8Rows;
       plan.block = spqmm_rows_block(M);
     }
     SpqmmSeen seen;

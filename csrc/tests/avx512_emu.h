@@ -14,6 +14,7 @@ struct __m512i {
     uint8_t u8[64];
     int8_t i8[64];
     uint16_t u16[32];
+    int16_t i16[32];
     uint32_t u32[16];
     int32_t i32[16];
     uint64_t u64[8];
@@ -77,6 +78,32 @@ inline __m128i _mm_cvtsi32_si128(int v) {
   std::memset(&r, 0, sizeof r);
   r.i32[0] = v;
   return r;
+}
+
+inline void _mm512_storeu_ps(float* p, __m512 v) { std::memcpy(p, v.f, 64); }
+inline __m512i _mm512_castps_si512(__m512 v) { __m512i r; std::memcpy(&r, v.f, 64); return r; }
+inline __m512i _mm512_or_si512(__m512i a, __m512i b) {
+  for (int i = 0; i < 8; ++i) a.u64[i] |= b.u64[i];
+  return a;
+}
+inline __m512i _mm512_max_epu8(__m512i a, __m512i b) {
+  for (int i = 0; i < 64; ++i) a.u8[i] = std::max(a.u8[i], b.u8[i]);
+  return a;
+}
+// Round to nearest even (the MXCSR default), as the hardware converts.
+inline __m512 _mm512_cvtepi32_ps(__m512i a) {
+  __m512 r;
+  for (int i = 0; i < 16; ++i) r.f[i] = static_cast<float>(a.i32[i]);
+  return r;
+}
+// AVX512-VNNI: per 32-bit lane, src + the two signed 16-bit products of a and b, wrapping
+// (vpdpwssd; the saturating form is vpdpwssds).
+inline __m512i _mm512_dpwssd_epi32(__m512i src, __m512i a, __m512i b) {
+  for (int i = 0; i < 16; ++i) {
+    const int64_t sum = int64_t(a.i16[2 * i]) * b.i16[2 * i] + int64_t(a.i16[2 * i + 1]) * b.i16[2 * i + 1];
+    src.u32[i] = uint32_t(int64_t(src.i32[i]) + sum);
+  }
+  return src;
 }
 
 inline __m512 _mm512_add_ps(__m512 a, __m512 b) {

@@ -410,6 +410,26 @@ void test_q8_batch(const DenseLayer& l, const std::vector<float>& table, int bit
     }
   }
 #endif
+#ifdef DCX_SPQMM_AVX512
+  if (MB >= 4 && dcx::avx512::supports_vnni()) {  // activation rows in the lanes, chunks of W
+    const int64_t groups = dcx::q8_lane_groups(mvalid);
+    std::vector<int32_t> xv(groups * blocks * dcx::kQ8Pairs * dcx::kQ8Lanes, -1);
+    std::vector<float> sv(groups * blocks * dcx::kQ8Lanes, -1.f), yv(MB * n, -1.f);
+    dcx::q8_stage_pairs(xq.data(), ldq, xs.data(), mvalid, blocks, xv.data(), sv.data());
+    std::vector<int32_t> w(dcx::avx512::kVnniRows * dcx::avx512::kVnniChunk / 2);
+    std::vector<float> sums(groups * dcx::avx512::kVnniRows * dcx::kQ8Lanes);
+    const dcx::avx512::PairTables tab = dcx::avx512::pair_tables(cq);
+    dcx::SpqmmSeen vseen;
+    dcx::avx512::with_dense_kind(l.p, [&](auto lut, auto layout) DCX_AVX512_VNNI_FN {
+      for (auto [r0, r1] : {std::pair<int64_t, int64_t>{0, n / 2}, {n / 2, n}})
+        dcx::avx512::q8_vnni<decltype(lut)::value, decltype(layout)::value>(
+            l.p, r0, r1, tab, wscale, xv.data(), sv.data(), mvalid, bias.data(), yv.data(), n,
+            w.data(), sums.data(), &vseen);
+    });
+    check(yv);
+    CHECK(vseen.max_id == max_id);
+  }
+#endif
 }
 
 void test_dense(int64_t n, int64_t k, int bits, int64_t group = 0) {
@@ -430,6 +450,7 @@ void test_dense(int64_t n, int64_t k, int bits, int64_t group = 0) {
   test_q8_batch<1>(l, table, bits, bias, max_id);
   test_q8_batch<4>(l, table, bits, bias, max_id);
   test_q8_batch<8>(l, table, bits, bias, max_id);
+  test_q8_batch<20>(l, table, bits, bias, max_id);  // two lane groups of the VNNI kernel
   // The decode past the crossover: every weight as the table holds it.
   std::vector<float> w(n * k, -1.f);
   dcx::SpqmmSeen seen;
@@ -486,6 +507,7 @@ int main() {
   for (int bits : {1, 2, 4, 5, 6, 7, 8})
     for (int64_t k : {1, 15, 16, 63, 64, 65, 127, 128, 129, 300}) test_dense(5, k, bits);
   test_dense(33, 1000, 6);
+  test_dense(33, 1100, 4);  // the VNNI kernel: chunks of 512 columns, 8-row blocks and a rest
   // Group scales: every kernel above scales each weight by its row's scale for its column group.
   for (int bits : {3, 5, 8})
     for (int64_t group : {32, 64, 96}) {
@@ -496,6 +518,7 @@ int main() {
   for (int bits : {2, 4, 6, 8})
     for (int64_t k : {31, 64, 129, 300}) test_dense(5, k, bits, 64);
   test_dense(33, 1000, 5, 32);
+  test_dense(19, 700, 4, 64);
   test_group_windows();
   test_structure_errors();
   test_bad_window_is_reported();
