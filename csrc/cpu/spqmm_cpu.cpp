@@ -445,6 +445,19 @@ void q8_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, const int16_t* table,
   }
 }
 
+// Rows [0, m) of x ([m][k]) quantized by q8_quantize_row into q ([m][ldq]) and scale ([m][lds]),
+// compiled for each instruction set: the baseline build calls libm for every rounding.
+DCX_SPQMM_MULTIVERSION void q8_quantize_rows(const float* x, int64_t m, int64_t k, int16_t* q,
+                                             int64_t ldq, float* scale, int64_t lds) {
+  for (int64_t i = 0; i < m; ++i) q8_quantize_row(x + i * k, k, q + i * ldq, scale + i * lds);
+}
+
+// q8_stage_pairs, compiled for each instruction set.
+DCX_SPQMM_MULTIVERSION void q8_stage(const int16_t* xq, int64_t ldq, const float* xs, int64_t m,
+                                     int64_t blocks, int32_t* xv, float* sv) {
+  q8_stage_pairs(xq, ldq, xs, m, blocks, xv, sv);
+}
+
 #ifdef DCX_SPQMM_AVX512
 // The VNNI kernel: the quantized activations restaged with the batch rows in the lanes, then each
 // tile of W's rows (a multiple of the kernel's 8) decoded chunk by chunk and applied.
@@ -454,7 +467,7 @@ void int8_vnni(const SpqmmPacked& p, const SpqmmPlan& plan, const int16_t* table
   const int64_t blocks = q8_blocks(p.k), groups = q8_lane_groups(M);
   std::vector<int32_t> xv(size_t(groups * blocks * kQ8Pairs * kQ8Lanes));
   std::vector<float> sv(size_t(groups * blocks * kQ8Lanes));
-  q8_stage_pairs(xq, ldq, xs, M, blocks, xv.data(), sv.data());
+  q8_stage(xq, ldq, xs, M, blocks, xv.data(), sv.data());
   const avx512::PairTables tab = avx512::pair_tables(table);
   const int64_t tile = (plan.tile + avx512::kVnniRows - 1) / avx512::kVnniRows * avx512::kVnniRows;
   const int64_t tiles = (p.n + tile - 1) / tile;
@@ -490,7 +503,7 @@ void int8_product(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan,
   const float* xp = x2.data_ptr<float>();
   int16_t* qp = xq.data_ptr<int16_t>();
   float* sp = xs.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) q8_quantize_row(xp + m * K, K, qp + m * ldq, sp + m * blocks);
+  q8_quantize_rows(xp, M, K, qp, ldq, sp, blocks);
 #ifdef DCX_SPQMM_AVX512
   if (plan.kernel == SpqmmKernel::kInt8Vnni) {
     TORCH_CHECK(avx512::supports_vnni(), "the int8 VNNI kernel needs AVX-512 VNNI");
