@@ -52,7 +52,7 @@ BATCHES = [1, 4, 16, 64]
 # Rotate weight copies until this many bytes are cycled through, on every device: a compressed
 # layer (a few MB) would otherwise be read from the GPU's L2 or the CPU's L3 while the dense
 # baseline is not.
-ROTATE_BYTES = 256 << 20
+ROTATE_BYTES = common.rotation_bytes(256 << 20, caches=1.5)
 
 # The committed CPU table: every listed shape at batch 1 and 16, 10% and 100% density, 5 bits,
 # plus the target cases (fc7, 10% / 5 bits and 100% / 6 bits, batch 1), 4-bit dense mode, other
@@ -391,7 +391,8 @@ def run_anchors(args):
         notes = [common.stamp("cpu"), "",
                  "Each method's microseconds per call quiet / with one core loaded by a process "
                  "spinning at normal priority, and the slowdown. " + paths +
-                 " Every weight rotated past the 32 MB L3. Median of interleaved rounds, wall "
+                 f" Every weight rotated through {ROTATE_BYTES >> 20} MB of copies, past the "
+                 f"{common.l3_bytes() >> 20} MB L3. Median of interleaved rounds, wall "
                  "clock. Command: `python benchmarks/bench_spqmm.py --anchors --busy`."]
         header = ["layer", "N x K", "density", "bits", "mode", "batch",
                   *[f"{meth} us quiet / busy" for meth in ANCHOR_METHODS]]
@@ -405,7 +406,8 @@ def run_anchors(args):
              f"Each method's microseconds per call and, in parentheses, the GB/s of the weight bytes "
              f"it reads per call (fp32 4, bf16 2, int8 1, int4 0.5 + scales, dcx its packed bytes) "
              f"against a measured read bandwidth of {read_gbs:.1f} GB/s. Every weight rotated "
-             f"through {ROTATE_BYTES >> 20} MB of copies, past the 32 MB L3. " + paths +
+             f"through {ROTATE_BYTES >> 20} MB of copies, past the {common.l3_bytes() >> 20} MB L3. "
+             + paths +
              " Ratios: the anchor's time over dcx's fastest mode. Median of interleaved rounds, "
              "wall clock. Command: `python benchmarks/bench_spqmm.py --anchors`."]
     common.write_table("spqmm-cpu-anchors", "spqmm vs torch's quantized CPU paths (4096 x 4096)",

@@ -51,6 +51,27 @@ GRAPH_CALLS = 10
 EAGER = set()
 
 
+def l3_bytes(default=32 << 20):
+    """The CPU's last-level cache in bytes as Linux reports it (default where it does not)."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            level = int((index / "level").read_text())
+            text = (index / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        if text.rstrip("KMG").isdigit():
+            sizes.append((level, int(text.rstrip("KMG")) * unit))
+    return max(sizes)[1] if sizes else default
+
+
+def rotation_bytes(at_least, caches=2):
+    """Bytes of weight copies to cycle through so that none is read from the CPU's cache:
+    `caches` times its last-level cache, and at least `at_least`."""
+    return max(at_least, int(caches * l3_bytes()))
+
+
 def stamp(device):
     text = (f"device: {device_name(device)}; torch {torch.__version__}; commit {commit()}; "
             f"{time.strftime('%Y-%m-%d')}")
