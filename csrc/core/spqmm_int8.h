@@ -46,7 +46,10 @@ DCX_HOST_DEVICE int32_t q8_round(float v, float inverse, float levels = kQ8Max) 
 #else
   const float r = std::nearbyint(v * inverse);
 #endif
-  return static_cast<int32_t>(fminf(fmaxf(r, -levels), levels));
+  // fmaxf / fminf without the calls into libm they compile to on the CPU: a NaN fails the first
+  // comparison and reads -levels, as fmaxf(NaN, -levels) does.
+  const float low = r >= -levels ? r : -levels;
+  return static_cast<int32_t>(low <= levels ? low : levels);
 }
 
 // Where column t of a block of 32 sits in the staged activations (the CPU kernels' order: the

@@ -117,19 +117,22 @@ constexpr SpqmmRule kSpqmmPlan[] = {
     {SpqmmIsa::kAvx512, SpqmmMode::kDense, 10, 1.0, SpqmmKernel::kDenseRows, 0},
     {SpqmmIsa::kAvx512, SpqmmMode::kDense, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0},
     // Dense int8 with VNNI (measured on a 2-core Intel Xeon, Sapphire Rapids class, every weight
-    // rotated through 512 MB; VNNI / the AVX-512 rules below / the dense fp32 kernels, 4 bits
-    // unless said). Up to 8 rows the fp32 kernels (4096 x 4096: 2 rows 2,198 / 2,178 / 1,311; 4
-    // rows 2,535 / 2,533 / 1,598; 8 rows 2,305 / 3,174 / 2,572; 2048 x 2048, 6 bits: 8 rows 974 /
-    // 1,221 / 736); from 9 to 63 rows the VNNI kernel on layers of 4M weights and more (4096 x
-    // 4096: 16 rows 2,701 / 5,125 / 9,764; 32 rows 4,550 / 9,339 / 11,673; 2048 x 2048, 6 bits:
-    // 16 rows 1,148 / 1,826 / 1,423; 32 rows 1,777 / 2,908 / 1,860), then decode + GEMM (4096 x
-    // 4096, 64 rows 8,415 / 18,412 / 11,599 but 2048 x 2048 2,936 / 5,189 / 2,729; 128 rows
-    // 19,177 / 39,586 / 18,684). Smaller layers as on AVX-512 (6 bits, 16 and 128 rows: 384 x
-    // 384 81 / 74 and 445 / 196 us, 1536 x 384 167 / 199 and 941 / 605, 384 x 1536 271 / 197
-    // and 1,727 / 706, 1024 x 1024 321 / 328 and 1,916 / 1,137). Not measured on an AMD CPU.
+    // rotated through 512 MB or more; VNNI / the AVX-512 rules below / the dense fp32 kernels, 4
+    // bits unless said). Up to 8 rows the fp32 kernels (4096 x 4096: 2 rows 2,198 / 2,178 /
+    // 1,311; 4 rows 2,535 / 2,533 / 1,598; 8 rows 2,305 / 3,174 / 2,572; 2048 x 2048, 6 bits: 8
+    // rows 974 / 1,221 / 736); from 9 to 63 rows the VNNI kernel on layers of 4M weights and more
+    // (4096 x 4096: 16 rows 2,701 / 5,125 / 9,764; 32 rows 4,550 / 9,339 / 11,673; 2048 x 2048, 6
+    // bits: 16 rows 1,148 / 1,826 / 1,423; 32 rows 1,777 / 2,908 / 1,860), then decode + GEMM
+    // (4096 x 4096, 64 rows 8,415 / 18,412 / 11,599 but 2048 x 2048 2,936 / 5,189 / 2,729; 128
+    // rows 19,177 / 39,586 / 18,684). Smaller layers: VNNI from 9 to 23 rows, then as on AVX-512
+    // (6 bits, VNNI / fp32 at 16, 32 and 128 rows: 384 x 384 56 / 71, 88 / 95, 296 / 206; 1536
+    // x 384 143 / 205, 219 / 263, 731 / 621; 384 x 1536 189 / 207, 323 / 286, 797 / 759; 1024 x
+    // 1024 290 / 356, 469 / 476, 1,328 / 1,238; at 9, 16 and 23 rows 64 x 256 22 / 25, 26 / 27,
+    // 35 / 27; 256 x 512 48 / 64, 58 / 84, 87 / 96). Not measured on an AMD CPU.
     {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, 9, 1.0, SpqmmKernel::kDenseRows, 0},
     {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, 64, 1.0, SpqmmKernel::kInt8Vnni, 16, kSpqmmInt8Weights},
     {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0, kSpqmmInt8Weights},
+    {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, 24, 1.0, SpqmmKernel::kInt8Vnni, 16},
     // Dense int8 (the AVX2 int8 kernels). One row: fp32 (4 bits, fp32 / int8 rows: 741 / 863);
     // 2 to 4 rows each weight decoded per pass; from 5 rows of W decoded once (4 bits, int8 rows /
     // int8 many / decode + GEMM: 8 rows 2,490 / 2,196 / 4,444; 16 rows 4,619 / 3,762 / 6,210; 32
