@@ -352,7 +352,7 @@ DCX_AVX512_FN void q8_decode_pairs(const SpqmmPacked& p, int64_t r0, int64_t r1,
   const __m512i nibble = _mm512_set1_epi32(0x0F0F0F0F);
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = p.dense_codes + r * p.dense_width;
-    int32_t* out = w + (r - r0) * ldw - (j0 / kQ8Block) * kQ8Pairs;
+    int32_t* out = w + (r - r0) * ldw;  // block b of the row at out[(b - j0 / 32) * 16]
     for (int64_t blk = blk0; blk < blk1; ++blk) {
       if constexpr (D == SpqmmDense::kNibbles && L == Lut::k16) {
         // A whole block of 4-bit ids: byte u of 32-bit lane d holds columns 32 u + d and 32 u +
@@ -368,7 +368,7 @@ DCX_AVX512_FN void q8_decode_pairs(const SpqmmPacked& p, int64_t r0, int64_t r1,
             const __m512i pair = _mm512_or_si512(
                 _mm512_castps_si512(lookup<L>(tab.lo, v)),
                 _mm512_castps_si512(lookup<L>(tab.hi, _mm512_srli_epi32(v, 4))));
-            _mm512_storeu_si512(out + (kCols * blk / kQ8Block + u) * kQ8Pairs, pair);
+            _mm512_storeu_si512(out + ((kCols * blk - j0) / kQ8Block + u) * kQ8Pairs, pair);
           }
           continue;
         }
@@ -383,7 +383,7 @@ DCX_AVX512_FN void q8_decode_pairs(const SpqmmPacked& p, int64_t r0, int64_t r1,
         max_id = _mm512_max_epu32(max_id, _mm512_max_epu32(ida, idb));
         const __m512i pair = _mm512_or_si512(_mm512_castps_si512(lookup<L>(tab.lo, ida)),
                                              _mm512_castps_si512(lookup<L>(tab.hi, idb)));
-        _mm512_storeu_si512(out + (j / kQ8Block) * kQ8Pairs, pair);
+        _mm512_storeu_si512(out + ((j - j0) / kQ8Block) * kQ8Pairs, pair);
       }
     }
   }
