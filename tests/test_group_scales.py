@@ -15,7 +15,7 @@ from dcx import _native, reference, state
 from dcx import format as fmt
 from dcx.packing import unpack
 from dcx.quantize import group_scales
-from tests.testing import cpu_isas, devices, first_plan_rules, requires_kernels, unit_roundoff
+from tests.testing import check_bfloat16, cpu_isas, devices, first_plan_rules, requires_kernels, unit_roundoff
 
 pytestmark = requires_kernels
 
@@ -78,8 +78,8 @@ def test_spqmm_applies_group_scales(device, dense, group_size, batch):
 @pytest.mark.parametrize("isa", cpu_isas())
 def test_every_plan_rule_runs_with_group_scales(monkeypatch, isa):
     """Every rule of the kernel table for this kind of CPU, reached by a layer with group
-    scales: float kernels within the float32 bound of the scaled product, int8 ones equal to
-    spqmm_int8 (against its reference below)."""
+    scales: float kernels within the float32 bound of the scaled product (bfloat16 within its
+    roundings), int8 ones equal to spqmm_int8 (against its reference below)."""
     monkeypatch.setenv("DCX_CPU_ISA", isa)
     kind = "portable" if isa == "generic" else isa
     table = _native.spqmm_plan()
@@ -91,9 +91,11 @@ def test_every_plan_rule_runs_with_group_scales(monkeypatch, isa):
     for i, mode, rows, rule in first_plan_rules(kind, [layer[4] for layer in layers]):
         mask, labels, codebook, scale, p = layers[i]
         x, bias = torch.randn(rows, p.in_features), torch.randn(p.out_features)
-        y = p.spqmm(x, bias, compute="int8" if mode == "int8" else "auto", scale=scale)
+        y = p.spqmm(x, bias, compute=mode if mode in ("int8", "bfloat16") else "auto", scale=scale)
         if table[rule]["kernel"].startswith("int8"):
             assert torch.equal(y, p.spqmm_int8(x, bias, scale=scale)), table[rule]
+        elif mode == "bfloat16":
+            check_bfloat16(y, x, weight(mask, labels, codebook, scale, p.group_size), bias)
         else:
             check(y, x, weight(mask, labels, codebook, scale, p.group_size), bias)
 

@@ -4,8 +4,8 @@ import torch.nn.functional as F
 
 import dcx
 from dcx import _native, reference
-from tests.testing import (FLOAT_DTYPES, cpu_isas, devices, first_plan_rules, noncontiguous,
-                           requires_kernels, unit_roundoff)
+from tests.testing import (FLOAT_DTYPES, check_bfloat16, cpu_isas, devices, first_plan_rules,
+                           noncontiguous, requires_kernels, unit_roundoff)
 
 pytestmark = requires_kernels
 
@@ -128,10 +128,10 @@ def test_cpu_kernels_of_each_isa(monkeypatch, isa, bits, density, batch):
 @pytest.mark.parametrize("isa", cpu_isas())
 def test_every_plan_rule_runs(monkeypatch, isa):
     """Every rule of the kernel table (csrc/core/spqmm_plan.h) for this kind of CPU is reached by
-    one of four layers (sparse at low and high slot density; dense, in float32 and int8, small and
-    past every size bound) at some batch, and what it runs is right: float kernels against the
-    float64 product, int8 ones equal to spqmm_int8 (tested against its reference in
-    test_ops_spqmm_int8.py)."""
+    one of four layers (sparse at low and high slot density; dense, in float32, int8 and bfloat16,
+    small and past every size bound) at some batch, and what it runs is right: float kernels
+    against the float64 product (bfloat16 within its roundings), int8 ones equal to spqmm_int8
+    (tested against its reference in test_ops_spqmm_int8.py)."""
     monkeypatch.setenv("DCX_CPU_ISA", isa)
     kind = "portable" if isa == "generic" else isa
     torch.manual_seed(0)
@@ -147,10 +147,12 @@ def test_every_plan_rule_runs(monkeypatch, isa):
         n, k = p.out_features, p.in_features
         x, bias = torch.randn(rows, k), torch.randn(n)
         y = dcx.ops.spqmm(x, p.codes, p.windows, p.group_ptr, p.chunks, p.codebook, n, k,
-                          p.bits, bias, compute="int8" if mode == "int8" else "auto")
+                          p.bits, bias, compute=mode if mode in ("int8", "bfloat16") else "auto")
         if table[rule]["kernel"].startswith("int8"):
             assert torch.equal(y, dcx.ops.spqmm_int8(x, p.codes, p.codebook, n, k, p.bits,
                                                      bias)), table[rule]
+        elif mode == "bfloat16":
+            check_bfloat16(y, x, codebook.double()[labels] * mask, bias)
         else:
             check(y, x, mask, labels, codebook, bias)
 

@@ -3,6 +3,7 @@ arithmetic."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dcx
 
@@ -31,13 +32,15 @@ def cpu_isas():
     this CPU lacks it (the native tests, csrc/tests, run the AVX-512 kernels on emulated
     intrinsics whatever the CPU)."""
     capability = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", ...
-    has = {"avx512vnni": capability.startswith("AVX512") and "avx512_vnni" in _cpu_flags(),
+    flags = _cpu_flags()
+    has = {"avx512amx": capability.startswith("AVX512") and _has_amx(flags),
+           "avx512vnni": capability.startswith("AVX512") and "avx512_vnni" in flags,
            "avx512": capability.startswith("AVX512"),
            "avx2": capability.startswith(("AVX512", "AVX2"))}
     return [pytest.param(isa, marks=pytest.mark.skipif(not has.get(isa, True),
                                                        reason=f"this CPU has no {isa.upper()} "
                                                               f"(torch reports {capability})"))
-            for isa in ("avx512vnni", "avx512", "avx2", "generic")]
+            for isa in ("avx512amx", "avx512vnni", "avx512", "avx2", "generic")]
 
 
 def cpu_kind():
@@ -45,8 +48,17 @@ def cpu_kind():
     when DCX_CPU_ISA is not set."""
     capability = torch.backends.cpu.get_cpu_capability()
     if capability.startswith("AVX512"):
-        return "avx512vnni" if "avx512_vnni" in _cpu_flags() else "avx512"
+        flags = _cpu_flags()
+        if "avx512_vnni" in flags:
+            return "avx512amx" if _has_amx(flags) else "avx512vnni"
+        return "avx512"
     return "avx2" if capability.startswith("AVX2") else "portable"
+
+
+def _has_amx(flags):
+    """Whether Linux lists what dcx's AMX kernel needs (it also asks the kernel for the tile state
+    and falls back to the avx512vnni kind if refused, which these tests would then report)."""
+    return {"amx_tile", "amx_bf16", "avx512_bf16", "avx512_vnni"} <= set(flags)
 
 
 def _cpu_flags():
@@ -62,6 +74,23 @@ SIZES = [0, 1, 97, 4097, (1 << 20) + 3]
 def unit_roundoff(dtype):
     """Half the machine epsilon: the relative error of one rounding in `dtype`."""
     return torch.finfo(dtype).eps / 2
+
+
+def check_bfloat16(y, x, w, bias=None):
+    """y from bfloat16 compute against F.linear in float64 of x and bias rounded to bf16 and the
+    float weight w: the kernels round W to bf16 too (AMX, decode + bf16 GEMM) or not (the float
+    kernels), so each product may be off by one bf16 rounding of w, each sum by float32's, and
+    the result rounds once to bf16."""
+    xb = x.to(torch.bfloat16).double()
+    b = None if bias is None else bias.to(torch.bfloat16).double()
+    expected = F.linear(xb, w.double(), b)
+    magnitude = F.linear(xb.abs(), w.double().abs(), None if b is None else b.abs())
+    terms = w.shape[1] + 2
+    bound = ((terms * unit_roundoff(torch.float32) + unit_roundoff(torch.bfloat16)) * magnitude
+             + unit_roundoff(torch.bfloat16) * expected.abs())
+    err = (y.double() - expected).abs()
+    assert y.shape == expected.shape
+    assert (err <= bound * 1.01 + 1e-30).all(), f"max excess {(err - bound).max().item()}"
 
 
 def noncontiguous(t):
@@ -87,7 +116,7 @@ def first_plan_rules(kind, packed_layers):
     for i, p in enumerate(packed_layers):
         n, k = p.out_features, p.in_features
         density = 1.0 if p.dense else p.codes.shape[0] * 16 / (n * k)
-        for mode in (("dense", "int8") if p.dense else ("sparse",)):
+        for mode in (("dense", "int8", "bfloat16") if p.dense else ("sparse",)):
             for rows in PLAN_ROWS:
                 rule = _native.spqmm_plan_rule(kind, mode, density, n, k, rows)
                 if rule not in reached:

@@ -15,19 +15,29 @@
 namespace dcx {
 
 // CPU kinds: the rules of a kind serve it and the kinds above it (kAvx512Vnni: AVX-512 with VNNI
-// runs every AVX-512 rule and its own, which come first).
-enum class SpqmmIsa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kCuda = 3, kAvx512Vnni = 4 };
+// runs every AVX-512 rule and its own, which come first; kAvx512Amx, with AMX too, every rule of
+// those two and its own).
+enum class SpqmmIsa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kCuda = 3, kAvx512Vnni = 4, kAvx512Amx = 5 };
 
-constexpr bool spqmm_avx512(SpqmmIsa isa) { return isa == SpqmmIsa::kAvx512 || isa == SpqmmIsa::kAvx512Vnni; }
+constexpr bool spqmm_avx512(SpqmmIsa isa) {
+  return isa == SpqmmIsa::kAvx512 || isa == SpqmmIsa::kAvx512Vnni || isa == SpqmmIsa::kAvx512Amx;
+}
 
 // Whether a rule written for kind `rule` serves a call on kind `isa`.
 constexpr bool spqmm_isa_serves(SpqmmIsa rule, SpqmmIsa isa) {
-  return rule == isa || (rule == SpqmmIsa::kAvx512 && isa == SpqmmIsa::kAvx512Vnni);
+  return rule == isa || (rule == SpqmmIsa::kAvx512 && spqmm_avx512(isa)) ||
+         (rule == SpqmmIsa::kAvx512Vnni && isa == SpqmmIsa::kAvx512Amx);
 }
 
-// sparse: codes with positions; dense: ids only (fp32 or bf16 arithmetic); int8: a dense layer
-// computed by the int8 kernels (core/spqmm_int8.h; a sparse layer asked for int8 computes as sparse).
-enum class SpqmmMode : int { kSparse = 0, kDense = 1, kInt8 = 2 };
+// sparse: codes with positions; dense: ids only (fp32 arithmetic, or bf16 where no bf16 rule
+// serves); int8: a dense layer computed by the int8 kernels (core/spqmm_int8.h; a sparse layer asked
+// for int8 computes as sparse); bf16: a dense layer in bfloat16 compute (activations and weights
+// rounded to bf16, float32 sums), which the dense rules serve where no bf16 rule does.
+enum class SpqmmMode : int { kSparse = 0, kDense = 1, kInt8 = 2, kBf16 = 3 };
+
+constexpr bool spqmm_mode_serves(SpqmmMode rule, SpqmmMode mode) {
+  return rule == mode || (rule == SpqmmMode::kDense && mode == SpqmmMode::kBf16);
+}
 
 enum class SpqmmKernel : int {
   kSparseSteps = 0,  // sparse: the step kernel, `block` batch rows per pass (1, 2, 4 or 8)
@@ -41,11 +51,14 @@ enum class SpqmmKernel : int {
                      //   applied to every activation row (2 rows of W by 4 of x at a time)
   kInt8Vnni = 7,     // dense, int8 compute, AVX-512 VNNI: activation rows in the lanes, rows of W
                      //   decoded once into int16 pairs, 8 rows of W by 16 of x at a time
+  kBf16Amx = 8,      // dense, bf16 compute, AMX: rows of W decoded in chunks into bf16 tiles,
+                     //   32 rows of W by 32 of x per pass (core/spqmm_amx.h)
 };
 
 constexpr int64_t kSpqmmNoBound = std::numeric_limits<int64_t>::max();
-// Layers from which the int8 kernels beat the fp32 ones on the CPU (the int8 rules say why).
-constexpr int64_t kSpqmmInt8Weights = int64_t(1) << 22;
+// Layers of 4M weights and more, where some kernels pay that do not on smaller ones (the int8
+// and bf16 rules say why).
+constexpr int64_t kSpqmmLargeWeights = int64_t(1) << 22;
 
 struct SpqmmRule {
   SpqmmIsa isa;
@@ -96,11 +109,25 @@ constexpr SpqmmRule kSpqmmPlan[] = {
     // 6,096); decode + GEMM past 160 rows (measured on AVX-512 below: 128 rows 26,948 / 29,237,
     // the gap closing by about 1% a row). Layers under 4M weights compute as dense fp32: the
     // AVX-512 measurements below, not repeated with AVX2.
-    {SpqmmIsa::kAvx2, SpqmmMode::kInt8, 5, 1.0, SpqmmKernel::kInt8Rows, 0, kSpqmmInt8Weights},
-    {SpqmmIsa::kAvx2, SpqmmMode::kInt8, 160, 1.0, SpqmmKernel::kInt8Many, 0, kSpqmmInt8Weights},
+    {SpqmmIsa::kAvx2, SpqmmMode::kInt8, 5, 1.0, SpqmmKernel::kInt8Rows, 0, kSpqmmLargeWeights},
+    {SpqmmIsa::kAvx2, SpqmmMode::kInt8, 160, 1.0, SpqmmKernel::kInt8Many, 0, kSpqmmLargeWeights},
     {SpqmmIsa::kAvx2, SpqmmMode::kInt8, 9, 1.0, SpqmmKernel::kDenseRows, 0},
     {SpqmmIsa::kAvx2, SpqmmMode::kInt8, 24, 1.0, SpqmmKernel::kDenseMany, 0},
     {SpqmmIsa::kAvx2, SpqmmMode::kInt8, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0},
+
+    // Dense bf16 with AMX (measured on a 2-core Intel Xeon, Sapphire Rapids class, 3.7 GHz; AMX /
+    // the AVX-512 rules below, 4096 x 4096 4 bits, 6 bits on the smaller layers): the AMX kernel
+    // from one row on layers of 4M weights and more (4096 x 4096: 1 row 965 / 1,239; 16 rows
+    // 1,141 / 5,978 (decode + oneDNN's bf16 GEMM); 128 rows 4,150 / 8,849; 256 rows 7,506 /
+    // 13,428; 512 rows 16,967 / 20,488; 1,024 rows 48,988 / 40,669), on smaller ones from 8 (1
+    // row: 384 x 384 39 / 28, 1536 x 384 97 / 64, 384 x 1536 118 / 61; 8 rows 42 / 46, 106 /
+    // 131, 115 / 115; 16 rows 45 / 170, 127 / 296, 130 / 277; 512 rows 372 / 476, 841 / 1,114,
+    // 1,056 / 1,194; 2,048 rows 1,446 / 867, 4,333 / 2,734, 5,542 / 2,830); decode + GEMM from
+    // 768 rows (between 512 and 1,024: the C tiles of every pair of activation groups are stored
+    // and reloaded per chunk of W, and each chunk is multiplied by all of x).
+    {SpqmmIsa::kAvx512Amx, SpqmmMode::kBf16, 768, 1.0, SpqmmKernel::kBf16Amx, 16, kSpqmmLargeWeights},
+    {SpqmmIsa::kAvx512Amx, SpqmmMode::kBf16, 8, 1.0, SpqmmKernel::kDenseRows, 0},
+    {SpqmmIsa::kAvx512Amx, SpqmmMode::kBf16, 768, 1.0, SpqmmKernel::kBf16Amx, 16},
 
     // AVX-512. Sparse: the step kernel, 8 rows per pass, up to 11 rows (10%, 5 bits: 1 row 291,
     // 8 rows 898 / decode + GEMM 8,725); from 12 the batch kernel with 16 rows per pass (10%, step
@@ -130,8 +157,8 @@ constexpr SpqmmRule kSpqmmPlan[] = {
     // 1024 290 / 356, 469 / 476, 1,328 / 1,238; at 9, 16 and 23 rows 64 x 256 22 / 25, 26 / 27,
     // 35 / 27; 256 x 512 48 / 64, 58 / 84, 87 / 96). Not measured on an AMD CPU.
     {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, 9, 1.0, SpqmmKernel::kDenseRows, 0},
-    {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, 64, 1.0, SpqmmKernel::kInt8Vnni, 16, kSpqmmInt8Weights},
-    {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0, kSpqmmInt8Weights},
+    {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, 64, 1.0, SpqmmKernel::kInt8Vnni, 16, kSpqmmLargeWeights},
+    {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0, kSpqmmLargeWeights},
     {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, 24, 1.0, SpqmmKernel::kInt8Vnni, 16},
     // Dense int8 (the AVX2 int8 kernels). One row: fp32 (4 bits, fp32 / int8 rows: 741 / 863);
     // 2 to 4 rows each weight decoded per pass; from 5 rows of W decoded once (4 bits, int8 rows /
@@ -142,8 +169,8 @@ constexpr SpqmmRule kSpqmmPlan[] = {
     // 384 x 1536 1.64 / 1.29 / 1.99, 1024 x 1024 1.48 / 1.02 / 1.39; 2048 x 2048 0.98 / 0.85 /
     // 1.17; so smaller layers compute as dense fp32.
     {SpqmmIsa::kAvx512, SpqmmMode::kInt8, 2, 1.0, SpqmmKernel::kDenseRows, 1},
-    {SpqmmIsa::kAvx512, SpqmmMode::kInt8, 5, 1.0, SpqmmKernel::kInt8Rows, 0, kSpqmmInt8Weights},
-    {SpqmmIsa::kAvx512, SpqmmMode::kInt8, 160, 1.0, SpqmmKernel::kInt8Many, 0, kSpqmmInt8Weights},
+    {SpqmmIsa::kAvx512, SpqmmMode::kInt8, 5, 1.0, SpqmmKernel::kInt8Rows, 0, kSpqmmLargeWeights},
+    {SpqmmIsa::kAvx512, SpqmmMode::kInt8, 160, 1.0, SpqmmKernel::kInt8Many, 0, kSpqmmLargeWeights},
     {SpqmmIsa::kAvx512, SpqmmMode::kInt8, 10, 1.0, SpqmmKernel::kDenseRows, 0},
     {SpqmmIsa::kAvx512, SpqmmMode::kInt8, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0},
 
@@ -183,7 +210,7 @@ inline SpqmmPlan spqmm_plan(SpqmmIsa isa, SpqmmMode mode, double density, int64_
   } else {
     for (int i = 0; i < kSpqmmPlanSize; ++i) {
       const SpqmmRule& r = kSpqmmPlan[i];
-      if (!spqmm_isa_serves(r.isa, isa) || r.mode != mode || rows >= r.rows_below || density > r.max_density ||
+      if (!spqmm_isa_serves(r.isa, isa) || !spqmm_mode_serves(r.mode, mode) || rows >= r.rows_below || density > r.max_density ||
           double(n) * double(k) < double(r.min_weights))
         continue;
       // Below a forced crossover the kernels run, whatever the table says past it.

@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "core/spqmm_amx.h"
 #include "core/spqmm_avx2.h"
 #include "core/spqmm_avx512.h"
 #include "core/spqmm_plan.h"
@@ -27,8 +28,8 @@
 namespace dcx {
 namespace {
 
-// The widest kernels this CPU runs. DCX_CPU_ISA=avx512 (AVX-512 without VNNI), avx2 or generic
-// asks for narrower ones (the tests run each).
+// The widest kernels this CPU runs. DCX_CPU_ISA=avx512vnni (AVX-512 with VNNI, without AMX),
+// avx512 (without VNNI), avx2 or generic asks for narrower ones (the tests run each).
 SpqmmIsa cpu_isa() {
   SpqmmIsa best = SpqmmIsa::kPortable;
 #ifdef DCX_SPQMM_AVX2
@@ -36,6 +37,7 @@ SpqmmIsa cpu_isa() {
 #endif
 #ifdef DCX_SPQMM_AVX512
   if (avx512::supported()) best = avx512::supports_vnni() ? SpqmmIsa::kAvx512Vnni : SpqmmIsa::kAvx512;
+  if (best == SpqmmIsa::kAvx512Vnni && avx512::supports_amx()) best = SpqmmIsa::kAvx512Amx;
 #endif
   const char* env = std::getenv("DCX_CPU_ISA");
   if (env == nullptr) return best;
@@ -43,6 +45,8 @@ SpqmmIsa cpu_isa() {
   if (want == "generic") return SpqmmIsa::kPortable;
   if (want == "avx2" && best != SpqmmIsa::kPortable) return SpqmmIsa::kAvx2;
   if (want == "avx512" && spqmm_avx512(best)) return SpqmmIsa::kAvx512;
+  if (want == "avx512vnni" && (best == SpqmmIsa::kAvx512Vnni || best == SpqmmIsa::kAvx512Amx))
+    return SpqmmIsa::kAvx512Vnni;
   return best;
 }
 
@@ -489,6 +493,44 @@ void int8_vnni(const SpqmmPacked& p, const SpqmmPlan& plan, const int16_t* table
 }
 #endif
 
+// bf16_stage_pairs, compiled for each instruction set.
+DCX_SPQMM_MULTIVERSION void bf16_stage(const float* x, int64_t m, int64_t k, int64_t g, uint32_t* xv) {
+  bf16_stage_pairs(x, k, m, k, g, xv);
+}
+
+#ifdef DCX_SPQMM_AVX512
+// bf16 compute with AMX (core/spqmm_amx.h): the activations staged once as bf16 pairs (x2 holds
+// bf16 values: the op rounded them), then each tile of W's rows (a multiple of the kernel's 32)
+// decoded chunk by chunk straight into the tiles' layout.
+void bf16_amx(const SpqmmPacked& p, const SpqmmPlan& plan, const at::Tensor& codebook,
+              const at::Tensor& x2, const float* bias, float* y, SpqmmSeen* seen) {
+  TORCH_CHECK(avx512::supports_amx(), "the bf16 AMX kernel needs AMX");
+  const int64_t M = x2.size(0), K = p.k, blocks = (K + 31) / 32, groups = (M + 15) / 16;
+  std::vector<uint32_t> xv(size_t(groups * blocks * 256));
+  const float* xp = x2.data_ptr<float>();
+  for_each_tile(groups, plan.threads, [&](int64_t, int64_t g) { bf16_stage(xp, M, K, g, xv.data() + g * blocks * 256); });
+  const std::vector<float> table = make_table(codebook);
+  const avx512::PairTables tab = avx512::bf16_pair_tables(table.data(), codebook.numel());
+  const int64_t tile = (plan.tile + avx512::kAmxRows - 1) / avx512::kAmxRows * avx512::kAmxRows;
+  const int64_t tiles = (p.n + tile - 1) / tile;
+  SeenBy seen_by(plan.threads);
+  for_each_tile(tiles, plan.threads, [&](int64_t w, int64_t t) {
+    // Kept from call to call (a fresh allocation of 256 KB is mapped anew and faulted in each time).
+    static thread_local std::vector<int32_t> decoded;  // a chunk of 32 rows of W as bf16 pairs
+    static thread_local std::vector<float> sums;       // the C tiles
+    decoded.resize(size_t(avx512::kAmxRows * avx512::kAmxLdw));
+    if (sums.size() < size_t(avx512::amx_sums_floats(M))) sums.resize(size_t(avx512::amx_sums_floats(M)));
+    const int64_t r0 = t * tile, r1 = std::min(p.n, r0 + tile);
+    avx512::with_dense_kind(p, [&](auto lut, auto layout) DCX_AMX_FN {
+      avx512::bf16_amx<decltype(lut)::value, decltype(layout)::value>(
+          p, r0, r1, table.data(), tab, xv.data(), M, bias, y, p.n, decoded.data(), sums.data(),
+          seen_by[w]);
+    });
+  });
+  seen->merge(seen_by.merged());
+}
+#endif
+
 void int8_product(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan,
                   const at::Tensor& codebook, const at::Tensor& x2, const float* bias, float* y,
                   SpqmmSeen* seen) {
@@ -555,6 +597,12 @@ void run_plan(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan, const a
     int8_product(p, isa, plan, codebook, x2, bp, yp, seen);
     return;
   }
+#ifdef DCX_SPQMM_AVX512
+  if (plan.kernel == SpqmmKernel::kBf16Amx) {
+    bf16_amx(p, plan, codebook, x2, bp, yp, seen);
+    return;
+  }
+#endif
   const std::vector<float> table = make_table(codebook);
   const float* tp = table.data();
   switch (plan.kernel) {
@@ -600,10 +648,11 @@ double slot_density(const SpqmmPacked& p) {
 
 // The plan for a call, and the kernels it may use on this machine (a plan kernel the build or
 // the CPU lacks falls back to the portable one of the same family).
-SpqmmPlan cpu_plan(const SpqmmPacked& p, SpqmmIsa isa, SpqmmCompute compute, int64_t rows,
-                   int64_t crossover) {
+SpqmmPlan cpu_plan(const SpqmmPacked& p, SpqmmIsa isa, SpqmmCompute compute, at::ScalarType dtype,
+                   int64_t rows, int64_t crossover) {
   const SpqmmMode mode = !p.dense ? SpqmmMode::kSparse
                          : compute == SpqmmCompute::kInt8 ? SpqmmMode::kInt8
+                         : dtype == at::kBFloat16         ? SpqmmMode::kBf16
                                                           : SpqmmMode::kDense;
   SpqmmPlan plan = spqmm_plan(isa, mode, slot_density(p), p.n, p.k, rows, at::get_num_threads(), crossover);
   if (plan.kernel == SpqmmKernel::kDenseMany && isa == SpqmmIsa::kPortable) {
@@ -649,7 +698,7 @@ at::Tensor spqmm_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Ten
       y.copy_(has_bias ? bias_c.to(at::kFloat).expand({M, N}) : at::zeros({M, N}, at::kFloat));
     } else {
       const SpqmmIsa isa = cpu_isa();
-      const SpqmmPlan plan = cpu_plan(p, isa, mode, M, crossover);
+      const SpqmmPlan plan = cpu_plan(p, isa, mode, dtype, M, crossover);
       SpqmmSeen seen;
       // Row scales: the kernels sum codebook values, the row scale and bias come after.
       run_plan(p, isa, plan, codebook, xc, scaled ? at::Tensor() : bias_c, y, &seen);

@@ -203,3 +203,104 @@ inline __m512i _mm512_cvtepu16_epi32(__m256i a) {
   for (int i = 0; i < 16; ++i) r.u32[i] = a.u16[i];
   return r;
 }
+
+// For the AMX kernel's bf16 rounding.
+inline __m512i _mm512_add_epi32(__m512i a, __m512i b) {
+  for (int i = 0; i < 16; ++i) a.u32[i] += b.u32[i];
+  return a;
+}
+inline __m512i _mm512_slli_epi32(__m512i a, unsigned n) {
+  for (int i = 0; i < 16; ++i) a.u32[i] = n > 31 ? 0 : a.u32[i] << n;
+  return a;
+}
+inline __m512i _mm512_mask_mov_epi32(__m512i src, __mmask16 k, __m512i a) {
+  for (int i = 0; i < 16; ++i)
+    if (k >> i & 1) src.u32[i] = a.u32[i];
+  return src;
+}
+#undef _mm512_cmp_ps_mask
+#ifndef _CMP_UNORD_Q
+#define _CMP_UNORD_Q 3
+#endif
+inline __mmask16 _mm512_cmp_ps_mask(__m512 a, __m512 b, int predicate) {  // _CMP_UNORD_Q only
+  __mmask16 k = 0;
+  for (int i = 0; i < 16; ++i)
+    if (predicate == _CMP_UNORD_Q && (a.f[i] != a.f[i] || b.f[i] != b.f[i])) k = __mmask16(k | 1u << i);
+  return k;
+}
+
+// AMX: eight tiles of up to 16 rows of 64 bytes, shaped by the configuration that
+// _tile_loadconfig reads (palette 1: byte 0 the palette, bytes 16 + 2 t the bytes per row of tile
+// t, byte 48 + t its rows). An instruction on a tile the configuration does not fit is a fault on
+// the hardware; here it aborts. _tile_dpbf16ps follows Intel's pseudocode: per pair, its two
+// products added in turn to the float sum (the hardware flushes denormals: the tests make none).
+struct AmxTiles {
+  bool configured = false;
+  uint8_t rows[8] = {};
+  uint16_t colsb[8] = {};
+  uint8_t data[8][16][64] = {};
+};
+inline AmxTiles& amx_tiles() {
+  static thread_local AmxTiles t;
+  return t;
+}
+inline void amx_require(bool ok) {
+  if (!ok) __builtin_trap();
+}
+#undef _tile_loadconfig
+#undef _tile_release
+#undef _tile_loadd
+#undef _tile_stored
+#undef _tile_zero
+#undef _tile_dpbf16ps
+inline void _tile_loadconfig(const void* config) {
+  const uint8_t* c = static_cast<const uint8_t*>(config);
+  AmxTiles& t = amx_tiles();
+  amx_require(c[0] == 1);
+  for (int i = 0; i < 8; ++i) {
+    std::memcpy(&t.colsb[i], c + 16 + 2 * i, 2);
+    t.rows[i] = c[48 + i];
+    amx_require(t.rows[i] <= 16 && t.colsb[i] <= 64 && t.colsb[i] % 4 == 0);
+  }
+  std::memset(t.data, 0, sizeof t.data);
+  t.configured = true;
+}
+inline void _tile_release() { amx_tiles() = AmxTiles(); }
+inline void _tile_zero(int tile) {
+  amx_require(amx_tiles().configured);
+  std::memset(amx_tiles().data[tile], 0, sizeof amx_tiles().data[tile]);
+}
+inline void _tile_loadd(int tile, const void* base, long stride) {
+  AmxTiles& t = amx_tiles();
+  amx_require(t.configured && t.rows[tile] > 0);
+  std::memset(t.data[tile], 0, sizeof t.data[tile]);
+  for (int r = 0; r < t.rows[tile]; ++r)
+    std::memcpy(t.data[tile][r], static_cast<const uint8_t*>(base) + r * stride, t.colsb[tile]);
+}
+inline void _tile_stored(int tile, void* base, long stride) {
+  AmxTiles& t = amx_tiles();
+  amx_require(t.configured && t.rows[tile] > 0);
+  for (int r = 0; r < t.rows[tile]; ++r)
+    std::memcpy(static_cast<uint8_t*>(base) + r * stride, t.data[tile][r], t.colsb[tile]);
+}
+inline float amx_bf16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  const uint32_t bits = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+inline void _tile_dpbf16ps(int c, int a, int b) {
+  AmxTiles& t = amx_tiles();
+  amx_require(t.configured && t.rows[a] == t.rows[c] && t.colsb[b] == t.colsb[c] && t.rows[b] * 4 == t.colsb[a]);
+  for (int m = 0; m < t.rows[c]; ++m)
+    for (int k = 0; k < t.colsb[a] / 4; ++k)
+      for (int n = 0; n < t.colsb[c] / 4; ++n) {
+        float sum;
+        std::memcpy(&sum, t.data[c][m] + 4 * n, 4);
+        sum += amx_bf16(t.data[a][m] + 4 * k) * amx_bf16(t.data[b][k] + 4 * n);
+        sum += amx_bf16(t.data[a][m] + 4 * k + 2) * amx_bf16(t.data[b][k] + 4 * n + 2);
+        std::memcpy(t.data[c][m] + 4 * n, &sum, 4);
+      }
+}

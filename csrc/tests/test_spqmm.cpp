@@ -11,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "core/spqmm_amx.h"
 #include "core/spqmm_avx2.h"
 #include "core/spqmm_avx512.h"
 #include "core/spqmm_portable.h"
@@ -432,6 +433,58 @@ void test_q8_batch(const DenseLayer& l, const std::vector<float>& table, int bit
 #endif
 }
 
+// bf16 compute with AMX (core/spqmm_amx.h), on the hardware where it has AMX and on the emulated
+// tiles: one and two activation groups (the C tiles kept in registers), three (stored between
+// chunks, an odd last group), against the product in double of the bf16-rounded weights (each
+// codebook value times its group scale, rounded once) and activations; passes of 32 rows of W and
+// a rest, as two threads take them.
+void test_bf16_amx(const DenseLayer& l, const std::vector<float>& table,
+                   const std::vector<float>& bias, uint32_t max_id) {
+#ifdef DCX_SPQMM_AVX512
+  if (!dcx::avx512::supports_amx()) return;
+  auto bf16 = [](float v) {
+    const uint32_t bits = uint32_t(dcx::bf16_bits(v)) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  };
+  const int64_t n = l.p.n, k = l.p.k, blocks = (k + 31) / 32;
+  const dcx::avx512::PairTables tab = dcx::avx512::bf16_pair_tables(table.data(), 1 << l.p.bits);
+  for (int64_t M : {1, 20, 40}) {
+    std::vector<float> x(M * k);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < k; ++j) x[m * k + j] = std::cos(0.11f * float(j + 7 * m)) * 1.001f;
+    const int64_t groups = (M + 15) / 16;
+    std::vector<uint32_t> xv(groups * blocks * 256, 0xFFFFFFFFu);
+    for (int64_t g = 0; g < groups; ++g) dcx::bf16_stage_pairs(x.data(), k, M, k, g, xv.data() + g * blocks * 256);
+    std::vector<int32_t> w(dcx::avx512::kAmxRows * dcx::avx512::kAmxLdw, -1);
+    std::vector<float> sums(dcx::avx512::amx_sums_floats(M), -1.f), y(M * n, -1.f);
+    dcx::SpqmmSeen seen;
+    dcx::avx512::with_dense_kind(l.p, [&](auto lut, auto layout) DCX_AMX_FN {
+      const int64_t split = std::min<int64_t>(n, dcx::avx512::kAmxRows);
+      for (auto [r0, r1] : {std::pair<int64_t, int64_t>{0, split}, {split, n}})
+        if (r0 < r1)
+          dcx::avx512::bf16_amx<decltype(lut)::value, decltype(layout)::value>(
+              l.p, r0, r1, table.data(), tab, xv.data(), M, bias.data(), y.data(), n, w.data(),
+              sums.data(), &seen);
+    });
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t r = 0; r < n; ++r) {
+        double ref = bias[r], mag = std::fabs(bias[r]);
+        for (int64_t j = 0; j < k; ++j) {
+          const double p = double(bf16(l.weight(table, r, j))) * bf16(x[m * k + j]);
+          ref += p;
+          mag += std::fabs(p);
+        }
+        CHECK(std::fabs(y[m * n + r] - ref) <= (k + 3) * 6e-8 * mag + 1e-30);
+      }
+    CHECK(seen.max_id == max_id);
+  }
+#else
+  (void)l, (void)table, (void)bias, (void)max_id;
+#endif
+}
+
 void test_dense(int64_t n, int64_t k, int bits, int64_t group = 0) {
   std::vector<float> table(dcx::kSpqmmTable, 0.f), bias(n);
   for (int i = 0; i < (1 << bits); ++i) table[i] = 0.125f * float(i % 23) - 1.25f;
@@ -451,6 +504,7 @@ void test_dense(int64_t n, int64_t k, int bits, int64_t group = 0) {
   test_q8_batch<4>(l, table, bits, bias, max_id);
   test_q8_batch<8>(l, table, bits, bias, max_id);
   test_q8_batch<20>(l, table, bits, bias, max_id);  // two lane groups of the VNNI kernel
+  test_bf16_amx(l, table, bias, max_id);
   // The decode past the crossover: every weight as the table holds it.
   std::vector<float> w(n * k, -1.f);
   dcx::SpqmmSeen seen;
@@ -507,7 +561,7 @@ int main() {
   for (int bits : {1, 2, 4, 5, 6, 7, 8})
     for (int64_t k : {1, 15, 16, 63, 64, 65, 127, 128, 129, 300}) test_dense(5, k, bits);
   test_dense(33, 1000, 6);
-  test_dense(33, 1100, 4);  // the VNNI kernel: chunks of 512 columns, 8-row blocks and a rest
+  test_dense(33, 1100, 4);  // VNNI: chunks of 512 columns, 8-row blocks and a rest; AMX: of 256
   // Group scales: every kernel above scales each weight by its row's scale for its column group.
   for (int bits : {3, 5, 8})
     for (int64_t group : {32, 64, 96}) {
