@@ -148,15 +148,6 @@ DCX_AMX_FN void bf16_amx(const SpqmmPacked& p, int64_t r0, int64_t r1, const flo
   // load of data just stored waits about 100 cycles for it).
   const bool resident = groups <= 2;
   _tile_loadconfig(kAmxConfig);
-  // The codes of the next chunk (of these rows, or past their last chunk the first of the next
-  // rows) are fetched before this one is decoded, as in q8_vnni.
-  const int64_t chunk_bytes = std::max<int64_t>(1, p.dense_width * kAmxChunk / std::max<int64_t>(K, 1));
-  auto fetch_chunk = [&](int64_t row0, int64_t b0) {
-    const int64_t from = std::min(p.dense_width, b0 * 32 * p.dense_width / K);
-    const int64_t to = std::min(p.dense_width, from + chunk_bytes);
-    for (int64_t row = row0; row < std::min(p.n, row0 + kAmxRows); ++row)
-      for (int64_t at = from; at < to; at += 64) prefetch_line(p.dense_codes + row * p.dense_width + at);
-  };
   for (int64_t r = r0; r < r1; r += kAmxRows) {
     const int64_t rows = std::min<int64_t>(kAmxRows, r1 - r);
     // Rows of the pass past W's last: zero weights (their sums are never written out).
@@ -167,7 +158,9 @@ DCX_AMX_FN void bf16_amx(const SpqmmPacked& p, int64_t r0, int64_t r1, const flo
     _tile_zero(3);
     for (int64_t b0 = 0; b0 < blocks; b0 += kChunkBlocks) {
       const int64_t b1 = std::min(blocks, b0 + kChunkBlocks);
-      fetch_chunk(b1 < blocks ? r : r + kAmxRows, b1 < blocks ? b1 : 0);
+      // The codes of the next chunk (of these rows, or past their last chunk the first of the next
+      // rows) are fetched before this one is decoded, as in q8_vnni.
+      prefetch_chunk(p, b1 < blocks ? r : r + kAmxRows, kAmxRows, b1 < blocks ? b1 * 32 : 0, kAmxChunk);
       if (p.group_scale) {
         bf16_decode_scaled_pairs<L, D>(p, r, r + rows, b0 * 32, b1 * 32, table, w, ldw, seen);
       } else {

@@ -441,6 +441,17 @@ DCX_ALWAYS_INLINE void prefetch_line(const uint8_t* p) {
 }
 constexpr int64_t kVnniChunk = 512;
 
+// The codes of rows [row0, row0 + rows) (those that exist), columns [j0, j0 + cols), fetched into
+// L1: the dense kernels that decode a chunk of rows at a time fetch the next chunk's this way.
+DCX_ALWAYS_INLINE void prefetch_chunk(const SpqmmPacked& p, int64_t row0, int64_t rows, int64_t j0,
+                                      int64_t cols) {
+  const int64_t K = std::max<int64_t>(p.k, 1);
+  const int64_t from = std::min(p.dense_width, j0 * p.dense_width / K);
+  const int64_t to = std::min(p.dense_width, from + std::max<int64_t>(1, p.dense_width * cols / K));
+  for (int64_t row = row0; row < std::min(p.n, row0 + rows); ++row)
+    for (int64_t at = from; at < to; at += 64) prefetch_line(p.dense_codes + row * p.dense_width + at);
+}
+
 template <Lut L, SpqmmDense D>
 DCX_AVX512_VNNI_FN void q8_vnni(const SpqmmPacked& p, int64_t r0, int64_t r1, const PairTables& tab,
                                 float wscale, const int32_t* xv, const float* sv, int64_t M,
@@ -452,19 +463,12 @@ DCX_AVX512_VNNI_FN void q8_vnni(const SpqmmPacked& p, int64_t r0, int64_t r1, co
   // rows, in this tile or not) are fetched before this one is decoded and applied: a chunk of a
   // row is a short run of bytes far from the next row's, which the hardware prefetchers do not
   // follow, and decoding waited on memory for most of its time without this.
-  const int64_t chunk_bytes = std::max<int64_t>(1, p.dense_width * kVnniChunk / std::max<int64_t>(K, 1));
-  auto fetch_chunk = [&](int64_t row0, int64_t b0) {
-    const int64_t from = std::min(p.dense_width, b0 * kQ8Block * p.dense_width / K);
-    const int64_t to = std::min(p.dense_width, from + chunk_bytes);
-    for (int64_t row = row0; row < std::min(p.n, row0 + kVnniRows); ++row)
-      for (int64_t at = from; at < to; at += 64) prefetch_line(p.dense_codes + row * p.dense_width + at);
-  };
   for (int64_t r = r0; r < r1; r += kVnniRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kVnniRows, r1 - r));
     std::memset(sums, 0, sizeof(float) * size_t(groups * kVnniRows * kQ8Lanes));
     for (int64_t b0 = 0; b0 < blocks; b0 += kChunkBlocks) {
       const int64_t b1 = std::min(blocks, b0 + kChunkBlocks);
-      fetch_chunk(b1 < blocks ? r : r + kVnniRows, b1 < blocks ? b1 : 0);
+      prefetch_chunk(p, b1 < blocks ? r : r + kVnniRows, kVnniRows, b1 < blocks ? b1 * kQ8Block : 0, kVnniChunk);
       q8_decode_pairs<L, D>(p, r, r + rows, b0 * kQ8Block, b1 * kQ8Block, tab, w, ldw, seen);
       for (int64_t g = 0; g < groups; ++g) {
         const int32_t* xg = xv + g * blocks * kQ8Pairs * kQ8Lanes;
