@@ -39,6 +39,7 @@ typedef uint16_t __mmask16;
 // Without optimisation GCC's headers define the immediate-operand intrinsics as macros.
 #undef _mm_prefetch
 #undef _mm512_srli_epi32
+#undef _mm512_slli_epi32
 #ifndef _MM_HINT_T0
 #define _MM_HINT_T0 3
 #endif
