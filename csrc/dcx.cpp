@@ -79,10 +79,10 @@ namespace {
 PyObject* plan_table() {
   static const char* const isas[] = {"portable", "avx2", "avx512", "cuda", "avx512vnni",
                                      "avx512amx"};
-  static const char* const modes[] = {"sparse", "dense", "int8", "bfloat16"};
+  static const char* const modes[] = {"sparse", "dense", "int8", "bfloat16", "sparse_bfloat16"};
   static const char* const kernels[] = {"sparse_steps", "sparse_batch", "dense_rows",
                                         "dense_many", "int8_rows", "decode_gemm",
-                                        "int8_many", "int8_vnni", "bf16_amx"};
+                                        "int8_many", "int8_vnni", "bf16_amx", "sparse_amx"};
   PyObject* list = PyList_New(dcx::kSpqmmPlanSize);
   if (list == nullptr) return nullptr;
   for (int i = 0; i < dcx::kSpqmmPlanSize; ++i) {
@@ -108,8 +108,8 @@ PyObject* plan_rule(PyObject*, PyObject* args) {
   double density = 1.0;
   long long n = 0, k = 0, rows = 0;
   if (!PyArg_ParseTuple(args, "iidLLL", &isa, &mode, &density, &n, &k, &rows)) return nullptr;
-  if (isa < 0 || isa > 5 || mode < 0 || mode > 3) {
-    PyErr_SetString(PyExc_ValueError, "isa must lie in [0, 5] and mode in [0, 3]");
+  if (isa < 0 || isa > 5 || mode < 0 || mode > 4) {
+    PyErr_SetString(PyExc_ValueError, "isa must lie in [0, 5] and mode in [0, 4]");
     return nullptr;
   }
   const dcx::SpqmmPlan plan = dcx::spqmm_plan(dcx::SpqmmIsa(isa), dcx::SpqmmMode(mode), density, n, k,

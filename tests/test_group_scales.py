@@ -15,7 +15,8 @@ from dcx import _native, reference, state
 from dcx import format as fmt
 from dcx.packing import unpack
 from dcx.quantize import group_scales
-from tests.testing import check_bfloat16, cpu_isas, devices, first_plan_rules, requires_kernels, unit_roundoff
+from tests.testing import (check_bfloat16, cpu_isas, devices, first_plan_rules, plan_compute,
+                           requires_kernels, unit_roundoff)
 
 pytestmark = requires_kernels
 
@@ -91,10 +92,10 @@ def test_every_plan_rule_runs_with_group_scales(monkeypatch, isa):
     for i, mode, rows, rule in first_plan_rules(kind, [layer[4] for layer in layers]):
         mask, labels, codebook, scale, p = layers[i]
         x, bias = torch.randn(rows, p.in_features), torch.randn(p.out_features)
-        y = p.spqmm(x, bias, compute=mode if mode in ("int8", "bfloat16") else "auto", scale=scale)
+        y = p.spqmm(x, bias, compute=plan_compute(mode), scale=scale)
         if table[rule]["kernel"].startswith("int8"):
             assert torch.equal(y, p.spqmm_int8(x, bias, scale=scale)), table[rule]
-        elif mode == "bfloat16":
+        elif plan_compute(mode) == "bfloat16":
             check_bfloat16(y, x, weight(mask, labels, codebook, scale, p.group_size), bias)
         else:
             check(y, x, weight(mask, labels, codebook, scale, p.group_size), bias)

@@ -4,8 +4,8 @@ import torch.nn.functional as F
 
 import dcx
 from dcx import _native, reference
-from tests.testing import (FLOAT_DTYPES, check_bfloat16, cpu_isas, devices, first_plan_rules,
-                           noncontiguous, requires_kernels, unit_roundoff)
+from tests.testing import (FLOAT_DTYPES, check_bfloat16, cpu_isas, cpu_kind, devices, first_plan_rules,
+                           noncontiguous, plan_compute, requires_kernels, unit_roundoff)
 
 pytestmark = requires_kernels
 
@@ -22,9 +22,9 @@ def make_layer(n, k, density, bits, dtype, device, dense=None):
     return mask, labels, codebook, dcx.pack(mask, labels, codebook, bits, dense)
 
 
-def run(x, p, bias=None, crossover=-1):
+def run(x, p, bias=None, crossover=-1, compute="auto"):
     return dcx.ops.spqmm(x, p.codes, p.windows, p.group_ptr, p.chunks, p.codebook,
-                         p.out_features, p.in_features, p.bits, bias, crossover)
+                         p.out_features, p.in_features, p.bits, bias, crossover, compute=compute)
 
 
 def check(y, x, mask, labels, codebook, bias=None):
@@ -128,8 +128,8 @@ def test_cpu_kernels_of_each_isa(monkeypatch, isa, bits, density, batch):
 @pytest.mark.parametrize("isa", cpu_isas())
 def test_every_plan_rule_runs(monkeypatch, isa):
     """Every rule of the kernel table (csrc/core/spqmm_plan.h) for this kind of CPU is reached by
-    one of four layers (sparse at low and high slot density; dense, in float32, int8 and bfloat16,
-    small and past every size bound) at some batch, and what it runs is right: float kernels
+    one of four layers (sparse at low and high slot density, in float32 and bfloat16; dense, in
+    float32, int8 and bfloat16, small and past every size bound) at some batch, and what it runs is right: float kernels
     against the float64 product (bfloat16 within its roundings), int8 ones equal to spqmm_int8
     (tested against its reference in test_ops_spqmm_int8.py)."""
     monkeypatch.setenv("DCX_CPU_ISA", isa)
@@ -147,11 +147,11 @@ def test_every_plan_rule_runs(monkeypatch, isa):
         n, k = p.out_features, p.in_features
         x, bias = torch.randn(rows, k), torch.randn(n)
         y = dcx.ops.spqmm(x, p.codes, p.windows, p.group_ptr, p.chunks, p.codebook, n, k,
-                          p.bits, bias, compute=mode if mode in ("int8", "bfloat16") else "auto")
+                          p.bits, bias, compute=plan_compute(mode))
         if table[rule]["kernel"].startswith("int8"):
             assert torch.equal(y, dcx.ops.spqmm_int8(x, p.codes, p.codebook, n, k, p.bits,
                                                      bias)), table[rule]
-        elif mode == "bfloat16":
+        elif plan_compute(mode) == "bfloat16":
             check_bfloat16(y, x, codebook.double()[labels] * mask, bias)
         else:
             check(y, x, mask, labels, codebook, bias)
@@ -288,6 +288,23 @@ def test_corrupted_packed_data(device, case, crossover):
         run(x, p, crossover=crossover)
         if device == "cuda":
             torch.cuda.synchronize()
+
+
+@pytest.mark.skipif(cpu_kind() != "avx512amx", reason="the sparse AMX kernel needs a CPU with AMX")
+@pytest.mark.parametrize("case", range(5))
+def test_corrupted_steps_on_the_amx_kernel(case):
+    """The sparse AMX kernel (bfloat16 compute from a dozen rows) reports corrupted steps as the
+    other kernels do, and also a window below its group's previous one: it reads a group's steps
+    in the order of their windows, chunk by chunk."""
+    corruptions = _corruptions("cpu")[:4]
+    _, _, _, p = make_layer(40, 300, 0.5, 5, torch.float32, "cpu", dense=False)
+    windows = p.windows.clone()
+    windows[int(p.group_ptr[1]) - 2] = 0  # late in group 0: past its first chunk of 128 columns
+    corruptions.append((_corrupt(p, windows=windows), "windows descend within a group"))
+    p, match = corruptions[case]
+    x = torch.randn(20, p.in_features)
+    with pytest.raises(RuntimeError, match=match):
+        run(x, p, compute="bfloat16")
 
 
 @pytest.mark.parametrize("device", devices())

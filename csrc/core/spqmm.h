@@ -9,7 +9,7 @@
 //                                  weight, 0 for padding (all 16 bits 0); offset in [0, 32); id
 //                                  in [0, 256) a codebook index; bits 13 and 14 are 0.
 //     windows   int32 [steps]      first column of each step's window; window + offset < K for
-//                                  every live slot.
+//                                  every live slot; not descending within a group.
 //     group_ptr int32 [G + 1]      G = ceil(N / 16); group g is steps [group_ptr[g], group_ptr[g+1]).
 //     chunks    int32 [C + 1]      step boundaries of C work items of about equal size, so one
 //                                  dense row does not stall the others: a group may be split
@@ -207,13 +207,16 @@ inline const char* spqmm_check_scale_windows(const SpqmmPacked& p) {
              : nullptr;
 }
 
-// What a pass saw: the largest id and column (the op compares them with k and K).
+// What a pass saw: the largest id and column (the op compares them with k and K), and whether a
+// window descended.
 struct SpqmmSeen {
   uint32_t max_id = 0;
   int64_t max_col = -1;
+  bool descending = false;  // a window below its group's previous one (the sparse AMX kernel)
   void merge(const SpqmmSeen& o) {
     max_id = std::max(max_id, o.max_id);
     max_col = std::max(max_col, o.max_col);
+    descending |= o.descending;
   }
 };
 

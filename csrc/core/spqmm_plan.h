@@ -32,11 +32,17 @@ constexpr bool spqmm_isa_serves(SpqmmIsa rule, SpqmmIsa isa) {
 // sparse: codes with positions; dense: ids only (fp32 arithmetic, or bf16 where no bf16 rule
 // serves); int8: a dense layer computed by the int8 kernels (core/spqmm_int8.h; a sparse layer asked
 // for int8 computes as sparse); bf16: a dense layer in bfloat16 compute (activations and weights
-// rounded to bf16, float32 sums), which the dense rules serve where no bf16 rule does.
-enum class SpqmmMode : int { kSparse = 0, kDense = 1, kInt8 = 2, kBf16 = 3 };
+// rounded to bf16, float32 sums), which the dense rules serve where no bf16 rule does; sparse bf16:
+// a sparse layer in bfloat16 compute, which the sparse rules serve where no rule of its own does.
+enum class SpqmmMode : int { kSparse = 0, kDense = 1, kInt8 = 2, kBf16 = 3, kSparseBf16 = 4 };
 
 constexpr bool spqmm_mode_serves(SpqmmMode rule, SpqmmMode mode) {
-  return rule == mode || (rule == SpqmmMode::kDense && mode == SpqmmMode::kBf16);
+  return rule == mode || (rule == SpqmmMode::kDense && mode == SpqmmMode::kBf16) ||
+         (rule == SpqmmMode::kSparse && mode == SpqmmMode::kSparseBf16);
+}
+
+constexpr bool spqmm_sparse(SpqmmMode mode) {
+  return mode == SpqmmMode::kSparse || mode == SpqmmMode::kSparseBf16;
 }
 
 enum class SpqmmKernel : int {
@@ -53,6 +59,8 @@ enum class SpqmmKernel : int {
                      //   decoded once into int16 pairs, 8 rows of W by 16 of x at a time
   kBf16Amx = 8,      // dense, bf16 compute, AMX: rows of W decoded in chunks into bf16 tiles,
                      //   32 rows of W by 32 of x per pass (core/spqmm_amx.h)
+  kSparseAmx = 9,    // sparse, bf16 compute, AMX: the steps of two groups scattered chunk by
+                     //   chunk into bf16 tiles, then as kBf16Amx (core/spqmm_amx.h)
 };
 
 constexpr int64_t kSpqmmNoBound = std::numeric_limits<int64_t>::max();
@@ -128,6 +136,17 @@ constexpr SpqmmRule kSpqmmPlan[] = {
     {SpqmmIsa::kAvx512Amx, SpqmmMode::kBf16, 768, 1.0, SpqmmKernel::kBf16Amx, 16, kSpqmmLargeWeights},
     {SpqmmIsa::kAvx512Amx, SpqmmMode::kBf16, 8, 1.0, SpqmmKernel::kDenseRows, 0},
     {SpqmmIsa::kAvx512Amx, SpqmmMode::kBf16, 768, 1.0, SpqmmKernel::kBf16Amx, 16},
+    // Sparse bf16 with AMX (the same Xeon; AMX / the sparse rules below / decode + oneDNN's bf16
+    // GEMM, 5 bits): the step kernel up to 11 rows, then AMX up to 767 rows, as dense bf16 (10%
+    // kept, 4096 x 4096: 8 rows 1,538 / 998 / 11,198; 12 rows 1,432 / 1,503; 16 rows 1,453 /
+    // 1,480; 256 rows 6,984 / 23,425 / 15,147; 512 rows 15,705 / 49,962 / 19,390; 30% kept: 8
+    // rows 2,824 / 2,085; 16 rows 2,858 / 3,233; 128 rows 6,080 / 30,069 / 23,205; 50% kept,
+    // 1536 x 384: 8 rows 189 / 141; 16 rows 194 / 232; 128 rows 363 / 1,069 / 990; 512 rows 898
+    // / 2,204 / 1,474). The AMX kernel's cost is the steps' scatter into the chunks (16 scalar
+    // stores a step), about 40 cycles a step, against about 15 for the step kernel's products
+    // per row, so it pays from a dozen rows.
+    {SpqmmIsa::kAvx512Amx, SpqmmMode::kSparseBf16, 12, 1.0, SpqmmKernel::kSparseSteps, 0},
+    {SpqmmIsa::kAvx512Amx, SpqmmMode::kSparseBf16, 768, 1.0, SpqmmKernel::kSparseAmx, 16},
 
     // AVX-512. Sparse: the step kernel, 8 rows per pass, up to 11 rows (10%, 5 bits: 1 row 291,
     // 8 rows 898 / decode + GEMM 8,725); from 12 the batch kernel with 16 rows per pass (10%, step
@@ -221,7 +240,7 @@ inline SpqmmPlan spqmm_plan(SpqmmIsa isa, SpqmmMode mode, double density, int64_
       break;
     }
     if (plan.rule < 0 && crossover >= 0) {  // a forced crossover past every kernel's bound
-      plan.kernel = mode == SpqmmMode::kSparse ? SpqmmKernel::kSparseSteps
+      plan.kernel = spqmm_sparse(mode) ? SpqmmKernel::kSparseSteps
                     : mode == SpqmmMode::kInt8  ? SpqmmKernel::kInt8Rows
                                                 : SpqmmKernel::kDenseRows;
       plan.block = isa == SpqmmIsa::kCuda ? 8 : spqmm_rows_block(rows);
@@ -231,7 +250,7 @@ inline SpqmmPlan spqmm_plan(SpqmmIsa isa, SpqmmMode mode, double density, int64_
   // core costs the others one tile, not its share; and no more threads than tiles of work, with a
   // layer of under 64K multiply-adds on one thread (a parallel region costs more than it saves).
   const double macs = double(n) * double(k) * double(std::max<int64_t>(rows, 1)) *
-                      (mode == SpqmmMode::kSparse ? density : 1.0);
+                      (spqmm_sparse(mode) ? density : 1.0);
   const int64_t weights_per_row = std::max<int64_t>(k, 1);
   switch (plan.kernel) {
     case SpqmmKernel::kSparseBatch:  // groups of 16 rows

@@ -114,6 +114,17 @@ void check_seen(const SpqmmSeen& seen, int64_t k_codebook, int64_t in_features) 
               " >= codebook size ", k_codebook, " (corrupted packed weight)");
   TORCH_CHECK(seen.max_col < in_features, "windows or codes hold a column outside in_features: ",
               "column ", seen.max_col, " >= ", in_features, " (corrupted packed weight)");
+  TORCH_CHECK(!seen.descending, "windows descend within a group of rows (corrupted packed weight)");
+}
+
+// v grown to hold n elements past its first 64-byte boundary, and that boundary: the kernels'
+// vector and tile loads of rows that straddle cache lines cost more (AMX tile loads of a chunk
+// 16-byte aligned, as a vector's storage is: 1.4 times as long).
+template <typename T>
+T* cache_aligned(std::vector<T>& v, size_t n) {
+  constexpr size_t kExtra = 64 / sizeof(T);
+  if (v.size() < n + kExtra) v.resize(n + kExtra);
+  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t(63));
 }
 
 // What each worker saw, merged after the pass.
@@ -469,9 +480,11 @@ void int8_vnni(const SpqmmPacked& p, const SpqmmPlan& plan, const int16_t* table
                const int16_t* xq, int64_t ldq, const float* xs, int64_t M, const float* bias,
                float* y, SpqmmSeen* seen) {
   const int64_t blocks = q8_blocks(p.k), groups = q8_lane_groups(M);
-  std::vector<int32_t> xv(size_t(groups * blocks * kQ8Pairs * kQ8Lanes));
-  std::vector<float> sv(size_t(groups * blocks * kQ8Lanes));
-  q8_stage(xq, ldq, xs, M, blocks, xv.data(), sv.data());
+  std::vector<int32_t> staged;
+  std::vector<float> staged_scales;
+  int32_t* const xv = cache_aligned(staged, size_t(groups * blocks * kQ8Pairs * kQ8Lanes));
+  float* const sv = cache_aligned(staged_scales, size_t(groups * blocks * kQ8Lanes));
+  q8_stage(xq, ldq, xs, M, blocks, xv, sv);
   const avx512::PairTables tab = avx512::pair_tables(table);
   const int64_t tile = (plan.tile + avx512::kVnniRows - 1) / avx512::kVnniRows * avx512::kVnniRows;
   const int64_t tiles = (p.n + tile - 1) / tile;
@@ -479,14 +492,12 @@ void int8_vnni(const SpqmmPacked& p, const SpqmmPlan& plan, const int16_t* table
   for_each_tile(tiles, plan.threads, [&](int64_t w, int64_t t) {
     static thread_local std::vector<int32_t> decoded;  // a chunk of 8 rows of W as int16 pairs
     static thread_local std::vector<float> sums;       // their sums for every activation row
-    decoded.resize(size_t(avx512::kVnniRows * avx512::kVnniChunk / 2));
-    if (sums.size() < size_t(groups * avx512::kVnniRows * kQ8Lanes))
-      sums.resize(size_t(groups * avx512::kVnniRows * kQ8Lanes));
+    int32_t* const wp = cache_aligned(decoded, size_t(avx512::kVnniRows * avx512::kVnniChunk / 2));
+    float* const sp = cache_aligned(sums, size_t(groups * avx512::kVnniRows * kQ8Lanes));
     const int64_t r0 = t * tile, r1 = std::min(p.n, r0 + tile);
     avx512::with_dense_kind(p, [&](auto lut, auto layout) DCX_AVX512_VNNI_FN {
       avx512::q8_vnni<decltype(lut)::value, decltype(layout)::value>(
-          p, r0, r1, tab, wscale, xv.data(), sv.data(), M, bias, y, p.n, decoded.data(),
-          sums.data(), seen_by[w]);
+          p, r0, r1, tab, wscale, xv, sv, M, bias, y, p.n, wp, sp, seen_by[w]);
     });
   });
   seen->merge(seen_by.merged());
@@ -494,37 +505,47 @@ void int8_vnni(const SpqmmPacked& p, const SpqmmPlan& plan, const int16_t* table
 #endif
 
 // bf16_stage_pairs, compiled for each instruction set.
-DCX_SPQMM_MULTIVERSION void bf16_stage(const float* x, int64_t m, int64_t k, int64_t g, uint32_t* xv) {
-  bf16_stage_pairs(x, k, m, k, g, xv);
+DCX_SPQMM_MULTIVERSION void bf16_stage(const float* x, int64_t m, int64_t k, int64_t g, bool interleaved,
+                                       uint32_t* xv) {
+  bf16_stage_pairs(x, m, k, g, interleaved, xv);
 }
 
 #ifdef DCX_SPQMM_AVX512
 // bf16 compute with AMX (core/spqmm_amx.h): the activations staged once as bf16 pairs (x2 holds
 // bf16 values: the op rounded them), then each tile of W's rows (a multiple of the kernel's 32)
-// decoded chunk by chunk straight into the tiles' layout.
-void bf16_amx(const SpqmmPacked& p, const SpqmmPlan& plan, const at::Tensor& codebook,
-              const at::Tensor& x2, const float* bias, float* y, SpqmmSeen* seen) {
-  TORCH_CHECK(avx512::supports_amx(), "the bf16 AMX kernel needs AMX");
+// decoded chunk by chunk straight into the tiles' layout: dense codes by bf16_amx, sparse steps
+// by sparse_amx.
+void amx_product(const SpqmmPacked& p, const SpqmmPlan& plan, const at::Tensor& codebook,
+                 const at::Tensor& x2, const float* bias, float* y, SpqmmSeen* seen) {
+  TORCH_CHECK(avx512::supports_amx(), "the bf16 AMX kernels need AMX");
   const int64_t M = x2.size(0), K = p.k, blocks = (K + 31) / 32, groups = (M + 15) / 16;
-  std::vector<uint32_t> xv(size_t(groups * blocks * 256));
+  std::vector<uint32_t> staged;
+  uint32_t* const xv = cache_aligned(staged, size_t(groups * blocks * 256));
   const float* xp = x2.data_ptr<float>();
-  for_each_tile(groups, plan.threads, [&](int64_t, int64_t g) { bf16_stage(xp, M, K, g, xv.data() + g * blocks * 256); });
+  for_each_tile(groups, plan.threads, [&](int64_t, int64_t g) { bf16_stage(xp, M, K, g, p.dense, xv + g * blocks * 256); });
   const std::vector<float> table = make_table(codebook);
   const avx512::PairTables tab = avx512::bf16_pair_tables(table.data(), codebook.numel());
+  const avx512::Table floats = avx512::load_table(table.data());
   const int64_t tile = (plan.tile + avx512::kAmxRows - 1) / avx512::kAmxRows * avx512::kAmxRows;
   const int64_t tiles = (p.n + tile - 1) / tile;
   SeenBy seen_by(plan.threads);
   for_each_tile(tiles, plan.threads, [&](int64_t w, int64_t t) {
     // Kept from call to call (a fresh allocation of 256 KB is mapped anew and faulted in each time).
-    static thread_local std::vector<int32_t> decoded;  // a chunk of 32 rows of W as bf16 pairs
+    static thread_local std::vector<int32_t> decoded;  // two chunks of 32 rows of W as bf16 pairs
     static thread_local std::vector<float> sums;       // the C tiles
-    decoded.resize(size_t(avx512::kAmxRows * avx512::kAmxLdw));
-    if (sums.size() < size_t(avx512::amx_sums_floats(M))) sums.resize(size_t(avx512::amx_sums_floats(M)));
+    int32_t* const wp = cache_aligned(decoded, size_t(avx512::kAmxBufferWords));
+    float* const sp = cache_aligned(sums, size_t(avx512::amx_sums_floats(M)));
     const int64_t r0 = t * tile, r1 = std::min(p.n, r0 + tile);
+    if (!p.dense) {
+      avx512::with_lut_kind(p, [&](auto lut) DCX_AMX_FN {
+        avx512::sparse_amx<decltype(lut)::value>(p, r0, r1, p.group_scale ? floats : tab.lo, xv, M,
+                                                 bias, y, p.n, wp, sp, seen_by[w]);
+      });
+      return;
+    }
     avx512::with_dense_kind(p, [&](auto lut, auto layout) DCX_AMX_FN {
       avx512::bf16_amx<decltype(lut)::value, decltype(layout)::value>(
-          p, r0, r1, table.data(), tab, xv.data(), M, bias, y, p.n, decoded.data(), sums.data(),
-          seen_by[w]);
+          p, r0, r1, table.data(), tab, xv, M, bias, y, p.n, wp, sp, seen_by[w]);
     });
   });
   seen->merge(seen_by.merged());
@@ -598,8 +619,8 @@ void run_plan(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan, const a
     return;
   }
 #ifdef DCX_SPQMM_AVX512
-  if (plan.kernel == SpqmmKernel::kBf16Amx) {
-    bf16_amx(p, plan, codebook, x2, bp, yp, seen);
+  if (plan.kernel == SpqmmKernel::kBf16Amx || plan.kernel == SpqmmKernel::kSparseAmx) {
+    amx_product(p, plan, codebook, x2, bp, yp, seen);
     return;
   }
 #endif
@@ -650,7 +671,7 @@ double slot_density(const SpqmmPacked& p) {
 // the CPU lacks falls back to the portable one of the same family).
 SpqmmPlan cpu_plan(const SpqmmPacked& p, SpqmmIsa isa, SpqmmCompute compute, at::ScalarType dtype,
                    int64_t rows, int64_t crossover) {
-  const SpqmmMode mode = !p.dense ? SpqmmMode::kSparse
+  const SpqmmMode mode = !p.dense ? (dtype == at::kBFloat16 ? SpqmmMode::kSparseBf16 : SpqmmMode::kSparse)
                          : compute == SpqmmCompute::kInt8 ? SpqmmMode::kInt8
                          : dtype == at::kBFloat16         ? SpqmmMode::kBf16
                                                           : SpqmmMode::kDense;

@@ -26,6 +26,7 @@ struct __m128i {
     int8_t i8[16];
     uint32_t u32[4];
     int32_t i32[4];
+    uint64_t u64[2];
   };
 };
 struct __m256i {
@@ -40,6 +41,8 @@ typedef uint16_t __mmask16;
 #undef _mm_prefetch
 #undef _mm512_srli_epi32
 #undef _mm512_slli_epi32
+#undef _mm512_extracti32x4_epi32
+#undef _mm_extract_epi64
 #ifndef _MM_HINT_T0
 #define _MM_HINT_T0 3
 #endif
@@ -74,6 +77,14 @@ inline __m128i _mm_maskz_loadu_epi8(__mmask16 k, const void* p) {
   for (int i = 0; i < 16; ++i) if (k >> i & 1) r.u8[i] = static_cast<const uint8_t*>(p)[i];
   return r;
 }
+inline __m128i _mm512_extracti32x4_epi32(__m512i a, int i) {
+  __m128i r;
+  std::memcpy(&r, a.u32 + 4 * (i & 3), 16);
+  return r;
+}
+inline __m128i _mm512_castsi512_si128(__m512i a) { return _mm512_extracti32x4_epi32(a, 0); }
+inline long long _mm_cvtsi128_si64(__m128i a) { return (long long)a.u64[0]; }
+inline long long _mm_extract_epi64(__m128i a, int i) { return (long long)a.u64[i & 1]; }
 inline __m128i _mm_cvtsi32_si128(int v) {
   __m128i r;
   std::memset(&r, 0, sizeof r);

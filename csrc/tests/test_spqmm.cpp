@@ -150,6 +150,83 @@ void test_batch_kernels(const Layer& l, const std::vector<float>& table, const s
 #endif
 }
 
+// bf16 compute with AMX (core/spqmm_amx.h), on the hardware where it has AMX and on the emulated
+// tiles: one and two activation groups (the C tiles kept in registers), three (stored between
+// chunks, an odd last group), against the product in double of the bf16-rounded weights (each
+// codebook value times its group scale, rounded once) and activations. run(xv, M, y, seen) runs
+// a kernel over activations staged by bf16_stage_pairs (interleaved or not) in two calls, rows of
+// W [0, 32) and the rest, as two threads take them. weight(r, j): W as the kernels decode it.
+template <typename Weight, typename Run>
+void check_amx(int64_t n, int64_t k, const std::vector<float>& bias, bool interleaved, Weight&& weight,
+               Run&& run) {
+  auto bf16 = [](float v) {
+    const uint32_t bits = uint32_t(dcx::bf16_bits(v)) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  };
+  const int64_t blocks = (k + 31) / 32;
+  for (int64_t M : {1, 20, 40}) {
+    std::vector<float> x(M * k);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < k; ++j) x[m * k + j] = std::cos(0.11f * float(j + 7 * m)) * 1.001f;
+    const int64_t groups = (M + 15) / 16;
+    std::vector<uint32_t> xv(groups * blocks * 256, 0xFFFFFFFFu);
+    for (int64_t g = 0; g < groups; ++g) dcx::bf16_stage_pairs(x.data(), M, k, g, interleaved, xv.data() + g * blocks * 256);
+    std::vector<float> y(M * n, -1.f);
+    run(xv.data(), M, y.data());
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t r = 0; r < n; ++r) {
+        double ref = bias[r], mag = std::fabs(bias[r]);
+        for (int64_t j = 0; j < k; ++j) {
+          const double p = double(bf16(weight(r, j))) * bf16(x[m * k + j]);
+          ref += p;
+          mag += std::fabs(p);
+        }
+        CHECK(std::fabs(y[m * n + r] - ref) <= (k + 3) * 6e-8 * mag + 1e-30);
+      }
+  }
+}
+
+// The kernel over rows [0, 32) of W and the rest, with a fresh (poisoned) buffer for each.
+template <typename Kernel>
+void amx_passes(int64_t n, int64_t M, Kernel&& kernel) {
+#ifdef DCX_SPQMM_AVX512
+  const int64_t split = std::min<int64_t>(n, dcx::avx512::kAmxRows);
+  for (auto [r0, r1] : {std::pair<int64_t, int64_t>{0, split}, {split, n}}) {
+    std::vector<int32_t> w(dcx::avx512::kAmxBufferWords, -1);
+    std::vector<float> sums(dcx::avx512::amx_sums_floats(M), -1.f);
+    if (r0 < r1) kernel(r0, r1, w.data(), sums.data());
+  }
+#else
+  (void)n, (void)M, (void)kernel;
+#endif
+}
+
+// The sparse AMX kernel: its chunks of 128 columns, windows that reach past them, group scales.
+void test_sparse_amx(const Layer& l, const std::vector<float>& table, const std::vector<float>& bias,
+                     const dcx::SpqmmSeen& expected) {
+#ifdef DCX_SPQMM_AVX512
+  if (!dcx::avx512::supports_amx()) return;
+  const dcx::avx512::PairTables tab = dcx::avx512::bf16_pair_tables(table.data(), 1 << l.p.bits);
+  const dcx::avx512::Table floats = dcx::avx512::load_table(table.data());
+  const int64_t k = l.p.k;
+  check_amx(l.p.n, k, bias, false, [&](int64_t r, int64_t j) { return l.dense[r * k + j]; },
+            [&](const uint32_t* xv, int64_t M, float* y) {
+              dcx::SpqmmSeen seen;
+              dcx::avx512::with_lut_kind(l.p, [&](auto lut) DCX_AMX_FN {
+                amx_passes(l.p.n, M, [&](int64_t r0, int64_t r1, int32_t* w, float* sums) {
+                  dcx::avx512::sparse_amx<decltype(lut)::value>(l.p, r0, r1, l.p.group_scale ? floats : tab.lo,
+                                                                xv, M, bias.data(), y, l.p.n, w, sums, &seen);
+                });
+              });
+              CHECK(seen.max_id == expected.max_id && seen.max_col == expected.max_col && !seen.descending);
+            });
+#else
+  (void)l, (void)table, (void)bias, (void)expected;
+#endif
+}
+
 void test_kernels(int64_t n, int64_t k, int bits, int keep, int64_t chunk_steps, int64_t group = 0) {
   std::vector<float> table(dcx::kSpqmmTable, 0.f), bias(n);
   for (int i = 0; i < (1 << bits); ++i) table[i] = 0.25f * float(i) - 1.5f;
@@ -197,6 +274,7 @@ void test_kernels(int64_t n, int64_t k, int bits, int keep, int64_t chunk_steps,
   }
 #endif
   test_batch_kernels(l, table, x, bias, seen);
+  test_sparse_amx(l, table, bias, seen);
 }
 
 void test_structure_errors() {
@@ -227,6 +305,23 @@ void test_bad_window_is_reported() {
     });
     CHECK(seen.max_col >= 100);
   }
+#ifdef DCX_SPQMM_AVX512
+  // The sparse AMX kernel reads the steps in order: a window below the one before it is reported.
+  if (dcx::avx512::supports_amx()) {
+    const dcx::avx512::PairTables tab = dcx::avx512::bf16_pair_tables(table.data(), 32);
+    for (int32_t bad : {1 << 30, 0}) {
+      Layer l = make_layer(40, 300, 5, 3, 4, table);
+      l.s.windows[l.s.group_ptr[1] - 2] = bad;  // late in group 0: past its first chunk
+      std::vector<uint32_t> xv(10 * 256, 0u);
+      std::vector<int32_t> w(dcx::avx512::kAmxBufferWords);
+      std::vector<float> sums(dcx::avx512::amx_sums_floats(1)), y(40);
+      dcx::SpqmmSeen seen;
+      dcx::avx512::sparse_amx<dcx::avx512::Lut::k32>(l.p, 0, 32, tab.lo, xv.data(), 1, nullptr, y.data(), 40,
+                                                     w.data(), sums.data(), &seen);
+      CHECK(bad == 0 ? seen.descending : seen.max_col >= 300);
+    }
+  }
+#endif
 }
 
 // pack_dense's layer (spqmm_test_layers.h): every id of `bits` bits, padding past K all ones.
@@ -433,53 +528,22 @@ void test_q8_batch(const DenseLayer& l, const std::vector<float>& table, int bit
 #endif
 }
 
-// bf16 compute with AMX (core/spqmm_amx.h), on the hardware where it has AMX and on the emulated
-// tiles: one and two activation groups (the C tiles kept in registers), three (stored between
-// chunks, an odd last group), against the product in double of the bf16-rounded weights (each
-// codebook value times its group scale, rounded once) and activations; passes of 32 rows of W and
-// a rest, as two threads take them.
 void test_bf16_amx(const DenseLayer& l, const std::vector<float>& table,
                    const std::vector<float>& bias, uint32_t max_id) {
 #ifdef DCX_SPQMM_AVX512
   if (!dcx::avx512::supports_amx()) return;
-  auto bf16 = [](float v) {
-    const uint32_t bits = uint32_t(dcx::bf16_bits(v)) << 16;
-    float f;
-    std::memcpy(&f, &bits, 4);
-    return f;
-  };
-  const int64_t n = l.p.n, k = l.p.k, blocks = (k + 31) / 32;
   const dcx::avx512::PairTables tab = dcx::avx512::bf16_pair_tables(table.data(), 1 << l.p.bits);
-  for (int64_t M : {1, 20, 40}) {
-    std::vector<float> x(M * k);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t j = 0; j < k; ++j) x[m * k + j] = std::cos(0.11f * float(j + 7 * m)) * 1.001f;
-    const int64_t groups = (M + 15) / 16;
-    std::vector<uint32_t> xv(groups * blocks * 256, 0xFFFFFFFFu);
-    for (int64_t g = 0; g < groups; ++g) dcx::bf16_stage_pairs(x.data(), k, M, k, g, xv.data() + g * blocks * 256);
-    std::vector<int32_t> w(dcx::avx512::kAmxRows * dcx::avx512::kAmxLdw, -1);
-    std::vector<float> sums(dcx::avx512::amx_sums_floats(M), -1.f), y(M * n, -1.f);
-    dcx::SpqmmSeen seen;
-    dcx::avx512::with_dense_kind(l.p, [&](auto lut, auto layout) DCX_AMX_FN {
-      const int64_t split = std::min<int64_t>(n, dcx::avx512::kAmxRows);
-      for (auto [r0, r1] : {std::pair<int64_t, int64_t>{0, split}, {split, n}})
-        if (r0 < r1)
-          dcx::avx512::bf16_amx<decltype(lut)::value, decltype(layout)::value>(
-              l.p, r0, r1, table.data(), tab, xv.data(), M, bias.data(), y.data(), n, w.data(),
-              sums.data(), &seen);
-    });
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t r = 0; r < n; ++r) {
-        double ref = bias[r], mag = std::fabs(bias[r]);
-        for (int64_t j = 0; j < k; ++j) {
-          const double p = double(bf16(l.weight(table, r, j))) * bf16(x[m * k + j]);
-          ref += p;
-          mag += std::fabs(p);
-        }
-        CHECK(std::fabs(y[m * n + r] - ref) <= (k + 3) * 6e-8 * mag + 1e-30);
-      }
-    CHECK(seen.max_id == max_id);
-  }
+  check_amx(l.p.n, l.p.k, bias, true, [&](int64_t r, int64_t j) { return l.weight(table, r, j); },
+            [&](const uint32_t* xv, int64_t M, float* y) {
+              dcx::SpqmmSeen seen;
+              dcx::avx512::with_dense_kind(l.p, [&](auto lut, auto layout) DCX_AMX_FN {
+                amx_passes(l.p.n, M, [&](int64_t r0, int64_t r1, int32_t* w, float* sums) {
+                  dcx::avx512::bf16_amx<decltype(lut)::value, decltype(layout)::value>(
+                      l.p, r0, r1, table.data(), tab, xv, M, bias.data(), y, l.p.n, w, sums, &seen);
+                });
+              });
+              CHECK(seen.max_id == max_id);
+            });
 #else
   (void)l, (void)table, (void)bias, (void)max_id;
 #endif
