@@ -304,6 +304,9 @@ def anchor_cases(gen):
                 packs, lambda p, x, xb, mode=mode: p.spqmm(x, check=False, compute=mode),
                 packed.nbytes())
         yield name, n, k, density, bits, packed, anchors
+        # Each case's copies take several GB: freed before the next case's are made (the caller
+        # drops its reference too; with both cases alive, --busy ran out of 24 GB).
+        del anchors, packs
 
 
 def time_anchors(anchors, k, batches, gen, label=""):
@@ -363,12 +366,15 @@ def run_anchors(args):
                          for meth in ANCHOR_METHODS]
                 busy_rows.append([*case, m, *cells])
                 print(" | ".join(str(c) for c in busy_rows[-1]), flush=True)
+            del anchors
             continue
         times = time_anchors(anchors, k, ANCHOR_BATCHES, gen)
+        nbytes = {meth: anchors[meth][2] for meth in anchors}
+        del anchors
         for m in ANCHOR_BATCHES:
             t = times[m]
             best = min((meth for meth in t if meth.startswith("dcx")), key=t.get)
-            cells = [f"{t[meth] * 1e6:,.0f} ({anchors[meth][2] / t[meth] / 1e9:.0f})"
+            cells = [f"{t[meth] * 1e6:,.0f} ({nbytes[meth] / t[meth] / 1e9:.0f})"
                      if meth in t else "n/a" for meth in ANCHOR_METHODS]
             ratios = [f"{t[a] / t[best]:.2f}x" if a in t else "n/a"
                       for a in ("fp32", "bf16", "int8 dyn", "int4 wo", "ao int8 dyn")]

@@ -289,6 +289,8 @@ DCX_AMX_FN void bf16_amx(const SpqmmPacked& p, int64_t r0, int64_t r1, const flo
                 prefetch_chunk(p, more ? r : r + kAmxRows, kAmxRows, more ? j1 : 0, kAmxDenseChunk);
                 if (p.group_scale) {
                   bf16_decode_scaled_pairs<L, D>(p, r, r + rows, j0, j1, table, to, ldw, seen);
+                } else if constexpr (D == SpqmmDense::kBits) {
+                  q8_decode_pairs_vbmi<L>(p, r, r + rows, j0, j1, tab, to, ldw, seen);
                 } else {
                   q8_decode_pairs<L, D>(p, r, r + rows, j0, j1, tab, to, ldw, seen);
                 }
@@ -403,15 +405,17 @@ DCX_AMX_FN void sparse_amx(const SpqmmPacked& p, int64_t r0, int64_t r1, const T
   amx_product<kAmxSparseChunk>(p.k, r0, r1, xv, M, bias, y, ldy, w, sums, steps);
 }
 
-// Whether this CPU runs the AMX kernel: AMX-TILE, AMX-BF16 and AVX512-BF16 (CPUID leaf 7), and the
-// permission to use the tile state, which Linux grants a process on request (oneDNN asks too).
+// Whether this CPU runs the AMX kernels: AMX-TILE, AMX-BF16, AVX512-BF16 and AVX512-VBMI (CPUID
+// leaf 7; every CPU with AMX so far has VBMI, which the dense kernel's 5 to 7-bit decode uses), and
+// the permission to use the tile state, which Linux grants a process on request (oneDNN asks too).
 inline bool supports_amx() {
 #if defined(DCX_AVX512_EMULATE)
   return true;
 #elif defined(__linux__)
   static const bool ok = [] {
     unsigned a = 0, b = 0, c = 0, d = 0;
-    if (!supported() || !__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d >> 22 & 1u) || !(d >> 24 & 1u))
+    if (!supported() || !__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d >> 22 & 1u) || !(d >> 24 & 1u) ||
+        !(c >> 1 & 1u))
       return false;
     if (!__get_cpuid_count(7, 1, &a, &b, &c, &d) || !(a >> 5 & 1u)) return false;
     constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA

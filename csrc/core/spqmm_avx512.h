@@ -16,6 +16,35 @@ namespace avx512 {
 #include "tests/avx512_emu.h"
 #endif
 
+// Whether this CPU has the instructions of the kernels below (the emulated ones: always).
+inline bool supported() {
+#ifdef DCX_AVX512_EMULATE
+  return true;
+#else
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return ok;
+#endif
+}
+
+inline bool supports_vbmi() {
+#ifdef DCX_AVX512_EMULATE
+  return true;
+#else
+  static const bool ok = supported() && __builtin_cpu_supports("avx512vbmi");
+  return ok;
+#endif
+}
+
+inline bool supports_vnni() {
+#ifdef DCX_AVX512_EMULATE
+  return true;
+#else
+  static const bool ok = supported() && __builtin_cpu_supports("avx512vnni");
+  return ok;
+#endif
+}
+
 enum class Lut { k16, k32, k64, k128, k256 };
 
 inline Lut lut_kind(int bits) {
@@ -319,17 +348,26 @@ DCX_AVX512_FN void dense_decode_rows(const SpqmmPacked& p, int64_t r0, int64_t r
 // The int16 codebook as two lookup tables of int32 bit patterns (read through the float lookups,
 // which move bits unchanged): entry i zero-extended (the low half of a pair) and shifted left by
 // 16 (the high half).
+// The first 128 entries also as byte planes (bytes: entry i's low byte at byte i, its high byte
+// at byte 128 + i), for the VBMI decode of 5 to 7-bit ids.
 struct PairTables {
   Table lo, hi;
+  __m512i bytes[4];
 };
 
 DCX_AVX512_FN inline PairTables pair_tables(const int16_t* table) {
   alignas(64) uint32_t lo[256], hi[256];
+  alignas(64) uint8_t bytes[256];
   for (int i = 0; i < 256; ++i) {
     lo[i] = uint16_t(table[i]);
     hi[i] = lo[i] << 16;
+    if (i < 128) {
+      bytes[i] = uint8_t(lo[i]);
+      bytes[128 + i] = uint8_t(lo[i] >> 8);
+    }
   }
   PairTables t;
+  for (int i = 0; i < 4; ++i) t.bytes[i] = _mm512_load_si512(bytes + 64 * i);
   float bits[256];
   std::memcpy(bits, lo, sizeof bits);
   t.lo = load_table(bits);
@@ -392,6 +430,68 @@ DCX_AVX512_FN void q8_decode_pairs(const SpqmmPacked& p, int64_t r0, int64_t r1,
   uint32_t most = _mm512_reduce_max_epu32(max_id);
   for (uint8_t v : nibbles) most = std::max<uint32_t>(most, v);
   seen->max_id = std::max(seen->max_id, most);
+}
+
+// q8_decode_pairs for 5 to 7-bit ids (the bit-packed layout) with AVX-512 VBMI, a block of 64
+// columns (8 bits bytes) at a time: one byte permute puts the `bits` bytes of each group of 8 ids
+// at the start of a 64-bit lane, one multishift moves each id to its own byte, two byte permutes
+// (vpermi2b for 7 bits) look up the low and high bytes of its 16-bit entry, and one two-source
+// byte permute per 32 columns interleaves them into pairs: about a dozen instructions for 64
+// weights, where the 32-bit lanes of q8_decode_pairs took five times as many. j0 a multiple of 64.
+template <Lut L>
+DCX_AVX512_VBMI_FN void q8_decode_pairs_vbmi(const SpqmmPacked& p, int64_t r0, int64_t r1, int64_t j0,
+                                             int64_t j1, const PairTables& tab, int32_t* w, int64_t ldw,
+                                             SpqmmSeen* seen) {
+  const int bits = p.bits;
+  const int64_t K = p.k, blk0 = j0 / kSpqmmBitBlock;
+  const int64_t blk1 = (std::min(j1, K) + kSpqmmBitBlock - 1) / kSpqmmBitBlock;
+  alignas(64) uint8_t spread[64], shifts[64], pairs[2][64];
+  for (int g = 0; g < 8; ++g)
+    for (int t = 0; t < 8; ++t) {
+      spread[8 * g + t] = uint8_t(std::min(g * bits + t, 63));
+      shifts[8 * g + t] = uint8_t(t * bits);
+    }
+  // Pair d of the 32 columns from 32 u: bytes (low, high) of column 32 u + d, then of 32 u + 16 + d;
+  // the high bytes are the second source (index + 64).
+  for (int u = 0; u < 2; ++u)
+    for (int d = 0; d < 16; ++d) {
+      pairs[u][4 * d] = uint8_t(32 * u + d);
+      pairs[u][4 * d + 1] = uint8_t(64 + 32 * u + d);
+      pairs[u][4 * d + 2] = uint8_t(32 * u + 16 + d);
+      pairs[u][4 * d + 3] = uint8_t(64 + 32 * u + 16 + d);
+    }
+  const __m512i spread_v = _mm512_load_si512(spread), shifts_v = _mm512_load_si512(shifts);
+  const __m512i pairs0 = _mm512_load_si512(pairs[0]), pairs1 = _mm512_load_si512(pairs[1]);
+  const __m512i id_mask = _mm512_set1_epi8(char((1 << bits) - 1));
+  const __mmask64 load = (uint64_t(1) << (8 * bits)) - 1;
+  __m512i max_id = _mm512_setzero_si512();
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = p.dense_codes + r * p.dense_width;
+    int32_t* out = w + (r - r0) * ldw;
+    for (int64_t blk = blk0; blk < blk1; ++blk) {
+      const int64_t j = kSpqmmBitBlock * blk;
+      const __mmask64 valid = K - j >= 64 ? ~__mmask64(0) : (__mmask64(1) << (K - j)) - 1;
+      const __m512i raw = _mm512_maskz_loadu_epi8(load, row + blk * 8 * bits);
+      const __m512i ids = _mm512_and_si512(
+          _mm512_multishift_epi64_epi8(shifts_v, _mm512_permutexvar_epi8(spread_v, raw)), id_mask);
+      const __m512i live = _mm512_maskz_mov_epi8(valid, ids);  // columns past K read id 0
+      max_id = _mm512_max_epu8(max_id, live);
+      __m512i lo, hi;
+      if constexpr (L == Lut::k128) {
+        lo = _mm512_permutex2var_epi8(tab.bytes[0], live, tab.bytes[1]);
+        hi = _mm512_permutex2var_epi8(tab.bytes[2], live, tab.bytes[3]);
+      } else {
+        lo = _mm512_permutexvar_epi8(live, tab.bytes[0]);
+        hi = _mm512_permutexvar_epi8(live, tab.bytes[2]);
+      }
+      int32_t* o = out + ((j - j0) / kQ8Block) * kQ8Pairs;
+      _mm512_storeu_si512(o, _mm512_permutex2var_epi8(lo, pairs0, hi));
+      if (j + kQ8Block < K) _mm512_storeu_si512(o + kQ8Pairs, _mm512_permutex2var_epi8(lo, pairs1, hi));
+    }
+  }
+  alignas(64) uint8_t most[64];
+  _mm512_storeu_si512(most, max_id);
+  for (uint8_t v : most) seen->max_id = std::max<uint32_t>(seen->max_id, v);
 }
 
 // R decoded rows of W (w [R][ldw] pairs of the blocks [b0, b1), row r of the layer first) times
@@ -459,6 +559,7 @@ DCX_AVX512_VNNI_FN void q8_vnni(const SpqmmPacked& p, int64_t r0, int64_t r1, co
                                 SpqmmSeen* seen) {
   constexpr int64_t ldw = kVnniChunk / 2, kChunkBlocks = kVnniChunk / kQ8Block;
   const int64_t K = p.k, blocks = q8_blocks(K), groups = q8_lane_groups(M);
+  const bool vbmi = supports_vbmi();  // 5 to 7-bit ids decoded by byte permutes
   // The codes of the next chunk (of these rows, or past their last chunk the first of the next
   // rows, in this tile or not) are fetched before this one is decoded and applied: a chunk of a
   // row is a short run of bytes far from the next row's, which the hardware prefetchers do not
@@ -469,7 +570,11 @@ DCX_AVX512_VNNI_FN void q8_vnni(const SpqmmPacked& p, int64_t r0, int64_t r1, co
     for (int64_t b0 = 0; b0 < blocks; b0 += kChunkBlocks) {
       const int64_t b1 = std::min(blocks, b0 + kChunkBlocks);
       prefetch_chunk(p, b1 < blocks ? r : r + kVnniRows, kVnniRows, b1 < blocks ? b1 * kQ8Block : 0, kVnniChunk);
-      q8_decode_pairs<L, D>(p, r, r + rows, b0 * kQ8Block, b1 * kQ8Block, tab, w, ldw, seen);
+      if (D == SpqmmDense::kBits && vbmi) {
+        q8_decode_pairs_vbmi<L>(p, r, r + rows, b0 * kQ8Block, b1 * kQ8Block, tab, w, ldw, seen);
+      } else {
+        q8_decode_pairs<L, D>(p, r, r + rows, b0 * kQ8Block, b1 * kQ8Block, tab, w, ldw, seen);
+      }
       for (int64_t g = 0; g < groups; ++g) {
         const int32_t* xg = xv + g * blocks * kQ8Pairs * kQ8Lanes;
         const float* sg = sv + g * blocks * kQ8Lanes;
@@ -515,25 +620,6 @@ DCX_AVX512_FN inline void with_dense_kind(const SpqmmPacked& p, F&& f) {
       default: f(std::integral_constant<Lut, L>(), std::integral_constant<SpqmmDense, SpqmmDense::kBytes>()); break;
     }
   });
-}
-
-inline bool supported() {
-#ifdef DCX_AVX512_EMULATE
-  return true;
-#else
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return ok;
-#endif
-}
-
-inline bool supports_vnni() {
-#ifdef DCX_AVX512_EMULATE
-  return true;
-#else
-  static const bool ok = supported() && __builtin_cpu_supports("avx512vnni");
-  return ok;
-#endif
 }
 
 }  // namespace avx512

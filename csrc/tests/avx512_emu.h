@@ -36,6 +36,7 @@ struct __m256i {
   };
 };
 typedef uint16_t __mmask16;
+typedef uint64_t __mmask64;
 
 // Without optimisation GCC's headers define the immediate-operand intrinsics as macros.
 #undef _mm_prefetch
@@ -97,6 +98,43 @@ inline __m512i _mm512_castps_si512(__m512 v) { __m512i r; std::memcpy(&r, v.f, 6
 inline __m512i _mm512_or_si512(__m512i a, __m512i b) {
   for (int i = 0; i < 8; ++i) a.u64[i] |= b.u64[i];
   return a;
+}
+// AVX-512 VBMI and the byte forms of AVX-512BW.
+inline __m512i _mm512_set1_epi8(char v) {
+  __m512i r;
+  std::memset(r.u8, static_cast<unsigned char>(v), 64);
+  return r;
+}
+inline __m512i _mm512_maskz_loadu_epi8(__mmask64 k, const void* p) {  // reads only the masked bytes
+  __m512i r;
+  for (int i = 0; i < 64; ++i) r.u8[i] = (k >> i & 1) ? static_cast<const uint8_t*>(p)[i] : 0;
+  return r;
+}
+inline __m512i _mm512_maskz_mov_epi8(__mmask64 k, __m512i a) {
+  for (int i = 0; i < 64; ++i) a.u8[i] = (k >> i & 1) ? a.u8[i] : 0;
+  return a;
+}
+inline __m512i _mm512_permutexvar_epi8(__m512i idx, __m512i a) {  // vpermb: low 6 bits of each index
+  __m512i r;
+  for (int i = 0; i < 64; ++i) r.u8[i] = a.u8[idx.u8[i] & 63];
+  return r;
+}
+inline __m512i _mm512_permutex2var_epi8(__m512i a, __m512i idx, __m512i b) {  // vpermt2b: 7 bits
+  __m512i r;
+  for (int i = 0; i < 64; ++i) r.u8[i] = (idx.u8[i] & 64) ? b.u8[idx.u8[i] & 63] : a.u8[idx.u8[i] & 63];
+  return r;
+}
+// vpmultishiftqb: byte j of each 64-bit lane of the result is the 8 bits of that lane of b from
+// bit a[j] & 63 on, wrapping around the lane.
+inline __m512i _mm512_multishift_epi64_epi8(__m512i a, __m512i b) {
+  __m512i r;
+  for (int q = 0; q < 8; ++q)
+    for (int j = 0; j < 8; ++j) {
+      const int at = a.u8[8 * q + j] & 63;
+      const uint64_t v = b.u64[q];
+      r.u8[8 * q + j] = uint8_t(at == 0 ? v : (v >> at) | (v << (64 - at)));
+    }
+  return r;
 }
 inline __m512i _mm512_max_epu8(__m512i a, __m512i b) {
   for (int i = 0; i < 64; ++i) a.u8[i] = std::max(a.u8[i], b.u8[i]);
