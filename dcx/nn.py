@@ -24,8 +24,9 @@ __all__ = ["COMPUTE_MODES", "check_compute", "packable", "PackedModule",
 
 # What a packed layer computes in (its `compute`, one of COMPUTE_MODES) is an argument of the op:
 # "auto" follows the activations' dtype; "float32" and "bfloat16" round the activations to that
-# dtype first (fp32 accumulation either way; past the crossover bfloat16 runs a bf16 GEMM on the
-# decoded weight, the fastest path on CPUs with AVX512-BF16 or AMX); "int8" (opt-in) runs a
+# dtype first (fp32 accumulation either way; with AMX bfloat16 runs the tile kernels, dense layers
+# from one row and sparse ones from a dozen, and past the crossover a bf16 GEMM on the decoded
+# weight, the fastest path on CPUs with AVX512-BF16 or AMX); "int8" (opt-in) runs a
 # dense-mode layer through the int8 kernels (activations quantized to int8 per row in blocks of
 # 32, an int16 codebook, int32 dot products; about 1e-2 relative error per output) at the batch
 # and layer sizes where they are faster, float32 elsewhere and for a sparse-mode layer (its

@@ -1,20 +1,22 @@
-// spqmm with AMX (the tile matrix unit of Intel Xeons since Sapphire Rapids) for dense-mode layers
-// in bfloat16 compute: the same arithmetic as decode + oneDNN's bf16 GEMM (activations and
-// weights rounded to bf16 once, products exact, sums in float32), with W decoded in L1-sized
-// chunks straight into the tiles' layout instead of into a float32 copy that the GEMM reads again.
+// spqmm with AMX (the tile matrix unit of Intel Xeons since Sapphire Rapids) in bfloat16 compute:
+// the same arithmetic as decode + oneDNN's bf16 GEMM (activations and weights rounded to bf16
+// once, products exact, sums in float32), with W decoded in L1-sized chunks straight into the
+// tiles' layout instead of into a float32 copy that the GEMM reads again.
 //
 // One tdpbf16ps multiplies a 16 x 32 bf16 tile by a 32 x 16 one into 16 x 16 float sums (8,192
-// multiply-adds; 16 cycles a tile on Sapphire Rapids), so the kernel is bound by the decode and
+// multiply-adds; 16 cycles a tile on Sapphire Rapids), so the kernels are bound by the decode and
 // the codes' bytes, not by the products, from one activation row to a hundred and more:
-//   A tiles  16 rows of W x one block of 32 columns, as the int8 VNNI kernel's pairs (32-bit word
-//            d of a block holds the bf16 weights of columns d and 16 + d): q8_decode_pairs with a
-//            table of the codebook's bf16 bit patterns, so a block of 4-bit nibbles costs two
-//            shifts, two permutes and an or per 32 weights;
-//   B tiles  16 activation rows in the same pairs (bf16_stage_pairs, once per call), pair d in
-//            tile row d, activation row i in 32-bit column i;
+//   A tiles  16 rows of W x one block of 32 columns as 16 pairs of bf16 (32-bit words). Dense
+//            layers: the int8 VNNI kernel's pairs (word d holds columns d and 16 + d), decoded
+//            by q8_decode_pairs with a table of the codebook's bf16 bit patterns (a block of 4-bit
+//            nibbles: two shifts, two permutes and an or per 32 weights; 5 to 7 bits by VBMI byte
+//            permutes). Sparse layers: columns in order (word d holds 2 d and 2 d + 1), each
+//            step's weights stored at their columns (AmxSteps);
+//   B tiles  16 activation rows paired as the A tiles (bf16_stage_pairs, once per call), pair d
+//            in tile row d, activation row i in 32-bit column i;
 //   C tiles  16 rows of W x 16 activation rows of float sums.
 // Per pass 32 rows of W (two A tiles), decoded once, by every pair of activation groups (two B
-// tiles) into four C tiles.
+// tiles) into four C tiles (amx_product, for both).
 #pragma once
 
 #include "core/spqmm_avx512.h"
