@@ -37,23 +37,27 @@ inline uint16_t bf16_bits(float v) {
   return uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
-// Activation rows [16 g, 16 g + 16) of x ([m_rows][k] floats) as bf16 pairs into xv ([blocks][16
-// pairs][16 rows] 32-bit words, blocks = ceil(k / 32)), activation row i in word i of a pair's 16;
-// zero past k and past m_rows. interleaved (the dense kernel, whose decode makes pairs of columns
-// d and 16 + d): pair d of block b holds columns 32 b + d (low half) and 32 b + 16 + d (high
-// half); else (the sparse kernel): columns 32 b + 2 d and 32 b + 2 d + 1.
-inline void bf16_stage_pairs(const float* x, int64_t m_rows, int64_t k, int64_t g, bool interleaved,
-                             uint32_t* xv) {
+// bf16 bits of a bf16 value (already rounded) or of a float (rounded here).
+inline uint16_t bf16_of(uint16_t bits) { return bits; }
+inline uint16_t bf16_of(float v) { return bf16_bits(v); }
+
+// Activation rows [16 g, 16 g + 16) of x ([m_rows][k] floats, or bf16 bit patterns) as bf16 pairs
+// into xv ([blocks][16 pairs][16 rows] 32-bit words, blocks = ceil(k / 32)), activation row i in
+// word i of a pair's 16; zero past k and past m_rows. interleaved (the dense kernel, whose decode
+// makes pairs of columns d and 16 + d): pair d of block b holds columns 32 b + d (low half) and 32
+// b + 16 + d (high half); else (the sparse kernel): columns 32 b + 2 d and 32 b + 2 d + 1.
+template <typename T>
+void bf16_stage_pairs(const T* x, int64_t m_rows, int64_t k, int64_t g, bool interleaved, uint32_t* xv) {
   const int64_t blocks = (k + 31) / 32;
   for (int i = 0; i < 16; ++i) {
     const int64_t m = g * 16 + i;
-    const float* row = x + m * k;
+    const T* row = x + m * k;
     for (int64_t b = 0; b < blocks; ++b) {
       uint32_t* out = xv + b * 256 + i;
       for (int d = 0; d < 16; ++d) {
         const int64_t lo = interleaved ? 32 * b + d : 32 * b + 2 * d, hi = interleaved ? lo + 16 : lo + 1;
-        const uint32_t vlo = m < m_rows && lo < k ? bf16_bits(row[lo]) : 0u;
-        const uint32_t vhi = m < m_rows && hi < k ? bf16_bits(row[hi]) : 0u;
+        const uint32_t vlo = m < m_rows && lo < k ? bf16_of(row[lo]) : 0u;
+        const uint32_t vhi = m < m_rows && hi < k ? bf16_of(row[hi]) : 0u;
         out[16 * d] = vlo | vhi << 16;
       }
     }

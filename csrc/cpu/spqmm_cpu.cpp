@@ -505,23 +505,23 @@ void int8_vnni(const SpqmmPacked& p, const SpqmmPlan& plan, const int16_t* table
 #endif
 
 // bf16_stage_pairs, compiled for each instruction set.
-DCX_SPQMM_MULTIVERSION void bf16_stage(const float* x, int64_t m, int64_t k, int64_t g, bool interleaved,
+DCX_SPQMM_MULTIVERSION void bf16_stage(const uint16_t* x, int64_t m, int64_t k, int64_t g, bool interleaved,
                                        uint32_t* xv) {
   bf16_stage_pairs(x, m, k, g, interleaved, xv);
 }
 
 #ifdef DCX_SPQMM_AVX512
-// bf16 compute with AMX (core/spqmm_amx.h): the activations staged once as bf16 pairs (x2 holds
-// bf16 values: the op rounded them), then each tile of W's rows (a multiple of the kernel's 32)
+// bf16 compute with AMX (core/spqmm_amx.h): the activations (xb, bf16) staged once in pairs, then each tile of W's rows (a multiple of the kernel's 32)
 // decoded chunk by chunk straight into the tiles' layout: dense codes by bf16_amx, sparse steps
 // by sparse_amx.
 void amx_product(const SpqmmPacked& p, const SpqmmPlan& plan, const at::Tensor& codebook,
-                 const at::Tensor& x2, const float* bias, float* y, SpqmmSeen* seen) {
+                 const at::Tensor& xb, const float* bias, float* y, SpqmmSeen* seen) {
   TORCH_CHECK(avx512::supports_amx(), "the bf16 AMX kernels need AMX");
-  const int64_t M = x2.size(0), K = p.k, blocks = (K + 31) / 32, groups = (M + 15) / 16;
+  TORCH_CHECK(xb.scalar_type() == at::kBFloat16 && xb.is_contiguous(), "the AMX kernels take contiguous bf16 x");
+  const int64_t M = xb.size(0), K = p.k, blocks = (K + 31) / 32, groups = (M + 15) / 16;
   std::vector<uint32_t> staged;
   uint32_t* const xv = cache_aligned(staged, size_t(groups * blocks * 256));
-  const float* xp = x2.data_ptr<float>();
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>());
   for_each_tile(groups, plan.threads, [&](int64_t, int64_t g) { bf16_stage(xp, M, K, g, p.dense, xv + g * blocks * 256); });
   const std::vector<float> table = make_table(codebook);
   const avx512::PairTables tab = avx512::bf16_pair_tables(table.data(), codebook.numel());
@@ -609,21 +609,23 @@ void int8_product(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan,
 // The product for a plan: y [M, N] float32 (every element written).
 void run_plan(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan, const at::Tensor& codebook,
               const at::Tensor& xc, const at::Tensor& bias_c, at::Tensor& y, SpqmmSeen* seen) {
-  const at::Tensor x2 = xc.to(at::kFloat).contiguous();
   const at::Tensor bias_f = bias_c.defined() ? bias_c.to(at::kFloat).contiguous() : at::Tensor();
   const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
+#ifdef DCX_SPQMM_AVX512
+  // The AMX kernels stage xc's bf16 values themselves (no float copy: at 16 rows of a small
+  // layer each conversion costs about as much as the kernel's decode).
+  if (plan.kernel == SpqmmKernel::kBf16Amx || plan.kernel == SpqmmKernel::kSparseAmx) {
+    amx_product(p, plan, codebook, xc.contiguous(), bp, yp, seen);
+    return;
+  }
+#endif
+  const at::Tensor x2 = xc.to(at::kFloat).contiguous();
   if (plan.kernel == SpqmmKernel::kInt8Rows || plan.kernel == SpqmmKernel::kInt8Many ||
       plan.kernel == SpqmmKernel::kInt8Vnni) {
     int8_product(p, isa, plan, codebook, x2, bp, yp, seen);
     return;
   }
-#ifdef DCX_SPQMM_AVX512
-  if (plan.kernel == SpqmmKernel::kBf16Amx || plan.kernel == SpqmmKernel::kSparseAmx) {
-    amx_product(p, plan, codebook, x2, bp, yp, seen);
-    return;
-  }
-#endif
   const std::vector<float> table = make_table(codebook);
   const float* tp = table.data();
   switch (plan.kernel) {
@@ -683,6 +685,17 @@ SpqmmPlan cpu_plan(const SpqmmPacked& p, SpqmmIsa isa, SpqmmCompute compute, at:
   return plan;
 }
 
+// Each float of y (contiguous) rounded to the nearest bf16 value, as y.to(bfloat16) rounds it.
+void round_to_bf16(at::Tensor& y) {
+  float* v = y.data_ptr<float>();
+  at::parallel_for(0, y.numel(), int64_t(1) << 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const uint32_t bits = uint32_t(bf16_bits(v[i])) << 16;
+      std::memcpy(v + i, &bits, 4);
+    }
+  });
+}
+
 at::Tensor spqmm_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& windows,
                      const at::Tensor& group_ptr, const at::Tensor& chunks,
                      const at::Tensor& codebook, int64_t out_features, int64_t in_features,
@@ -726,8 +739,13 @@ at::Tensor spqmm_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Ten
       check_seen(seen, codebook.numel(), K);
       if (scaled) apply_row_scale(y, *scale, bias_c);
     }
-    // bfloat16 compute: the result as the bf16 product rounds it, whatever x's dtype.
-    if (dtype == at::kBFloat16 && x.scalar_type() != at::kBFloat16) y = y.to(at::kBFloat16);
+    // bfloat16 compute: the result as the bf16 product rounds it, whatever x's dtype (float32 x:
+    // rounded in place, one pass instead of two conversions).
+    if (dtype == at::kBFloat16 && x.scalar_type() == at::kFloat) {
+      round_to_bf16(y);
+    } else if (dtype == at::kBFloat16 && x.scalar_type() != at::kBFloat16) {
+      y = y.to(at::kBFloat16);
+    }
   }
   return y.to(x.scalar_type()).reshape(out_shape);
 }
