@@ -511,9 +511,9 @@ DCX_SPQMM_MULTIVERSION void bf16_stage(const uint16_t* x, int64_t m, int64_t k, 
 }
 
 #ifdef DCX_SPQMM_AVX512
-// bf16 compute with AMX (core/spqmm_amx.h): the activations (xb, bf16) staged once in pairs, then each tile of W's rows (a multiple of the kernel's 32)
-// decoded chunk by chunk straight into the tiles' layout: dense codes by bf16_amx, sparse steps
-// by sparse_amx.
+// bf16 compute with AMX (core/spqmm_amx.h): the activations (xb, bf16) staged once in pairs, then
+// each tile of W's rows (a multiple of the kernel's 32) decoded chunk by chunk straight into the
+// tiles' layout: dense codes by bf16_amx, sparse steps by sparse_amx.
 void amx_product(const SpqmmPacked& p, const SpqmmPlan& plan, const at::Tensor& codebook,
                  const at::Tensor& xb, const float* bias, float* y, SpqmmSeen* seen) {
   TORCH_CHECK(avx512::supports_amx(), "the bf16 AMX kernels need AMX");
@@ -522,7 +522,8 @@ void amx_product(const SpqmmPacked& p, const SpqmmPlan& plan, const at::Tensor& 
   std::vector<uint32_t> staged;
   uint32_t* const xv = cache_aligned(staged, size_t(groups * blocks * 256));
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>());
-  for_each_tile(groups, plan.threads, [&](int64_t, int64_t g) { bf16_stage(xp, M, K, g, p.dense, xv + g * blocks * 256); });
+  for_each_tile(groups, plan.threads,
+                [&](int64_t, int64_t g) { bf16_stage(xp, M, K, g, p.dense, xv + g * blocks * 256); });
   const std::vector<float> table = make_table(codebook);
   const avx512::PairTables tab = avx512::bf16_pair_tables(table.data(), codebook.numel());
   const avx512::Table floats = avx512::load_table(table.data());
