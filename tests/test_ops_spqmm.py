@@ -290,6 +290,31 @@ def test_corrupted_packed_data(device, case, crossover):
             torch.cuda.synchronize()
 
 
+@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("rows", [1, 2, 9])
+@pytest.mark.parametrize("compute", ["float32", "bfloat16", "int8"])
+def test_bad_nibble_in_a_whole_block(monkeypatch, isa, rows, compute):
+    """An id past a 10-entry codebook in a whole block of 4-bit nibbles (the AVX-512 row kernel
+    reads such blocks without masking the ids, and tracks their maximum only when the codebook
+    has fewer than 16 entries) is reported at every batch size and compute mode; a full 16-entry
+    codebook takes the same kernels untracked and gives the reference result."""
+    monkeypatch.setenv("DCX_CPU_ISA", isa)
+    mask = torch.ones(8, 256, dtype=torch.bool)
+    labels = torch.randint(0, 10, (8, 256))
+    p = dcx.pack(mask, labels, torch.randn(10), bits=4, dense=True)
+    codes = p.codes.clone()
+    codes[5, 64 + 4 * 3 + 2] |= 0xF0  # row 5, second block, word 3, nibble 5: column 128 + 83
+    x = torch.randn(rows, 256)
+    with pytest.raises(RuntimeError, match="codebook id outside the codebook"):
+        run(x, p._replace(codes=codes), compute=compute)
+    full = dcx.pack(mask, torch.randint(0, 16, (8, 256)), torch.randn(16), bits=4, dense=True)
+    w = dcx.ops.spqmm_decode(full.codes, full.windows, full.group_ptr, full.chunks, full.codebook, 8, 256, 4)
+    expected = F.linear(x, w)
+    y = run(x, full, compute=compute)
+    tol = 1e-4 if compute == "float32" else 0.05 * float(expected.abs().max())
+    torch.testing.assert_close(y, expected, atol=tol, rtol=0.02 if compute != "float32" else 1e-5)
+
+
 @pytest.mark.skipif(cpu_kind() != "avx512amx", reason="the sparse AMX kernel needs a CPU with AMX")
 @pytest.mark.parametrize("case", range(5))
 def test_corrupted_steps_on_the_amx_kernel(case):

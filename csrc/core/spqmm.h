@@ -111,6 +111,9 @@ struct SpqmmPacked {
   bool dense = false;  // dense mode (codes only); an empty layer's pointers may all be null
   SpqmmDense layout = SpqmmDense::kBytes;  // dense mode's layout (core/spqmm_layout.h)
   int64_t dense_width = 0;  // bytes per row in dense mode
+  // Entries of the codebook (0: unknown). A kernel may skip tracking the largest id when every id
+  // its layout can hold is below it (4-bit nibbles of a 16-entry codebook).
+  int64_t codebook_size = 0;
   // Group scales (a group-scaled codebook: W[r][j] = group_scale[r][j / scale_group] * codebook[id]),
   // float32 [n][scale_groups] row major, scale_group a multiple of 32 columns (so every 32-column
   // block of a dense row, and every step's window in sparse mode, lies in one group: the packer

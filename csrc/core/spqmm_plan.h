@@ -132,7 +132,12 @@ constexpr SpqmmRule kSpqmmPlan[] = {
     // 131, 115 / 115; 16 rows 45 / 170, 127 / 296, 130 / 277; 512 rows 372 / 476, 841 / 1,114,
     // 1,056 / 1,194; 2,048 rows 1,446 / 867, 4,333 / 2,734, 5,542 / 2,830); decode + GEMM from
     // 768 rows (between 512 and 1,024: the C tiles of every pair of activation groups are stored
-    // and reloaded per chunk of W, and each chunk is multiplied by all of x).
+    // and reloaded per chunk of W, and each chunk is multiplied by all of x). Since the AVX-512
+    // row kernel reads 4-bit blocks unmasked and prefetches, and each thread streams a contiguous
+    // share of the rows, it beats AMX at one and two rows (4096 x 4096, 4 bits, row kernel / AMX:
+    // 1 row 451 / 785; 2 rows 587 / 781; 4 rows 1,020 / 786; 8 rows 1,872 / 819; 6 bits, 1 row
+    // 1,005 / 1,146).
+    {SpqmmIsa::kAvx512Amx, SpqmmMode::kBf16, 3, 1.0, SpqmmKernel::kDenseRows, 0},
     {SpqmmIsa::kAvx512Amx, SpqmmMode::kBf16, 768, 1.0, SpqmmKernel::kBf16Amx, 16, kSpqmmLargeWeights},
     {SpqmmIsa::kAvx512Amx, SpqmmMode::kBf16, 8, 1.0, SpqmmKernel::kDenseRows, 0},
     {SpqmmIsa::kAvx512Amx, SpqmmMode::kBf16, 768, 1.0, SpqmmKernel::kBf16Amx, 16},

@@ -15,6 +15,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -50,9 +51,12 @@ SpqmmIsa cpu_isa() {
   return best;
 }
 
-// f(worker, item) for items [0, n), each taken by whichever of up to `threads` workers is free
-// (worker < threads indexes per-worker state). Inside another parallel region, or with one
-// thread, the items run in order on the calling thread.
+// f(worker, item) for items [0, n) on up to `threads` workers (worker < threads indexes
+// per-worker state). Each worker first walks its own contiguous share of the items, so that its
+// reads form one stream for the prefetchers (with items handed out in turn, each thread's reads
+// jumped every tile: 4096 x 4096 4-bit at one row, 608 -> 460 us), then takes what is left of the
+// others' shares: a worker that loses its core to another process costs a tile, not its share.
+// Inside another parallel region, or with one thread, the items run in order on the calling thread.
 template <typename F>
 void for_each_tile(int64_t n, int threads, const F& f) {
   const int64_t workers = std::min<int64_t>(std::max(threads, 1), n);
@@ -60,10 +64,21 @@ void for_each_tile(int64_t n, int threads, const F& f) {
     for (int64_t i = 0; i < n; ++i) f(0, i);
     return;
   }
-  std::atomic<int64_t> next{0};
+  struct alignas(64) Share {  // a cache line each: the workers' counters do not share one
+    std::atomic<int64_t> next{0};
+    int64_t end = 0;
+  };
+  std::unique_ptr<Share[]> shares(new Share[size_t(workers)]);
+  for (int64_t w = 0; w < workers; ++w) {
+    shares[w].next.store(w * n / workers, std::memory_order_relaxed);
+    shares[w].end = (w + 1) * n / workers;
+  }
   at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
     for (int64_t w = w0; w < w1; ++w)
-      for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) f(w, i);
+      for (int64_t k = 0; k < workers; ++k) {
+        Share& s = shares[(w + k) % workers];
+        for (int64_t i; (i = s.next.fetch_add(1, std::memory_order_relaxed)) < s.end;) f(w, i);
+      }
   });
 }
 
@@ -711,6 +726,7 @@ at::Tensor spqmm_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   const at::NoGradGuard no_grad;
   const int64_t N = out_features, K = in_features;
   SpqmmPacked p = make_packed(codes, windows, group_ptr, chunks, N, K, bits);
+  p.codebook_size = codebook.numel();
   const GroupScales gs(scale, group_size);
   attach(p, gs);
   const bool scaled = row_scaled(scale, group_size);

@@ -395,6 +395,18 @@ void test_dense_batch(const DenseLayer& l, const std::vector<float>& table,
     });
     check_dense<MB>(yv, l, table, x, bias, mvalid);
     CHECK(vseen.max_id == max_id);
+    // A codebook with an entry for every id the layout holds: the 4-bit kernel reads whole blocks
+    // untracked, with the same products.
+    dcx::SpqmmPacked full = l.p;
+    full.codebook_size = 256;
+    std::vector<float> yf(MB * n, -1.f);
+    dcx::SpqmmSeen fseen;
+    dcx::avx512::with_dense_kind(full, [&](auto lut, auto layout) DCX_AVX512_FN {
+      dcx::avx512::dense_rows<decltype(lut)::value, decltype(layout)::value, MB>(
+          full, 0, n, table.data(), x.data(), k, mvalid, bias.data(), yf.data(), n, &fseen);
+    });
+    check_dense<MB>(yf, l, table, x, bias, mvalid);
+    CHECK(fseen.max_id <= max_id);
   }
 #endif
 #ifdef DCX_SPQMM_AVX2
