@@ -297,12 +297,15 @@ def anchor_cases(gen):
         mask, packed, _, _ = make_packed(n, k, density, bits, "cpu", torch.float32, gen)
         packs = [packed] + [packed._replace(codes=packed.codes.clone())
                             for _ in range(copies_for(packed.nbytes(), "cpu") - 1)]
-        for mode in ("float32", "bfloat16", "int8"):
+        for i, mode in enumerate(("float32", "bfloat16", "int8")):
             if mode == "int8" and not packed.dense:  # int8 compute serves dense mode
                 continue
+            # Each mode starts a third further along the copies: in step, every mode after the
+            # first read the copy the one before had just brought into L3.
+            start = i * len(packs) // 3
             anchors["dcx " + {"float32": "fp32", "bfloat16": "bf16"}.get(mode, mode)] = (
-                packs, lambda p, x, xb, mode=mode: p.spqmm(x, check=False, compute=mode),
-                packed.nbytes())
+                packs[start:] + packs[:start],
+                lambda p, x, xb, mode=mode: p.spqmm(x, check=False, compute=mode), packed.nbytes())
         yield name, n, k, density, bits, packed, anchors
         # Each case's copies take several GB: freed before the next case's are made (the caller
         # drops its reference too; with both cases alive, --busy ran out of 24 GB).
