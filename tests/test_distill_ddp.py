@@ -36,8 +36,10 @@ def test_two_ranks_distill_as_one_process_on_both_batches(tmp_path):
     teacher, student, batches = worker.cnn_student_and_batches()
     joined = [torch.cat(batches[i:i + 2]) for i in range(0, len(batches), 2)]
     history = dcx.distill_(student, teacher, joined, steps=worker.STEPS, lr=1e-2, progress=False)
+    # atol 1e-5: the two ranks' averaged gradient sums in another order than one batch's (on an
+    # AMD Zen 4 CPU one weight of 432 ended 1.3e-6 apart after the steps).
     for key, value in student.state_dict().items():
-        torch.testing.assert_close(ranks[0]["cnn"][key], value, rtol=1e-5, atol=1e-6,
+        torch.testing.assert_close(ranks[0]["cnn"][key], value, rtol=1e-5, atol=1e-5,
                                    msg=lambda m, key=key: f"{key}: {m}")
     assert ranks[0]["losses"] == pytest.approx([h.loss for h in history], rel=1e-3, abs=1e-7)
     for name in ("pointwise", "head"):

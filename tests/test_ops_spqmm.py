@@ -290,6 +290,27 @@ def test_corrupted_packed_data(device, case, crossover):
             torch.cuda.synchronize()
 
 
+def test_cpu_ops_give_the_thread_count_back():
+    """The CPU ops run their ATen calls on the calling thread (its OpenMP count set to one) and
+    their tiles on torch's threads; the caller's count is back after each call, an error's too."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        _, _, _, p = make_layer(256, 512, 0.3, 5, torch.float32, "cpu", dense=False)
+        x = torch.randn(16, 512)
+        y = run(x, p)
+        assert torch.get_num_threads() == 2
+        bad, match = _corruptions("cpu")[0]
+        with pytest.raises(RuntimeError, match=match):
+            run(torch.randn(2, 100), bad)
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        torch.testing.assert_close(run(x, p), y)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("isa", cpu_isas())
 @pytest.mark.parametrize("rows", [1, 2, 9])
 @pytest.mark.parametrize("compute", ["float32", "bfloat16", "int8"])

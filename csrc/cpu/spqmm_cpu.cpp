@@ -5,7 +5,8 @@
 // (the table there says what was measured for each entry); this file stages x for it and hands
 // out the tiles. Work is cut into many small tiles taken by whichever thread is free
 // (for_each_tile), so a thread that loses its core to another process costs its tile, not a fixed
-// share of the layer. Past the crossover the weight is decoded once, in cache-sized blocks of rows
+// share of the layer; when even that costs more than one thread would take, the ops run on one
+// thread for a while (Straggles). Past the crossover the weight is decoded once, in cache-sized blocks of rows
 // each multiplied with at::mm (MKL / oneDNN), so dcx is not slower than dense at large batch.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -14,10 +15,16 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "core/spqmm_amx.h"
 #include "core/spqmm_avx2.h"
@@ -51,12 +58,115 @@ SpqmmIsa cpu_isa() {
   return best;
 }
 
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// Whether the ops run on one thread for now. With a core held by another process (a user's
+// browser or build), the worker waiting for that core can reach a parallel region's end, or finish
+// the tile it holds, a scheduler slice late (several milliseconds) while the others idle, and the
+// OpenMP workers, spinning for the next region after each one, leave three threads wanting two
+// cores, so the op's own thread loses its core too. No hand-out of tiles avoids that: an op that
+// took longer than twice the time its parallel regions spent before their first worker ran out of
+// tiles (what one thread would have taken, about) and over a millisecond more sends the ops
+// after it to one thread, for 20 ms, doubled for each such op in a row up to a second; then they
+// try their threads again.
+class Straggles {
+ public:
+  bool solo() const { return now_ns() < solo_until_.load(std::memory_order_relaxed); }
+  // An op that ran from `start` to `end`, its parallel regions working for `work` of it.
+  void record(int64_t start, int64_t end, int64_t work) {
+    if (end - start > 2 * work + kSlackNs) {
+      const int64_t hold = hold_ns_.load(std::memory_order_relaxed);
+      solo_until_.store(end + hold, std::memory_order_relaxed);
+      hold_ns_.store(std::min(2 * hold, kMaxHoldNs), std::memory_order_relaxed);
+    } else {
+      hold_ns_.store(kFirstHoldNs, std::memory_order_relaxed);
+    }
+  }
+
+ private:
+  static constexpr int64_t kSlackNs = 1000000, kFirstHoldNs = 20000000, kMaxHoldNs = 1000000000;
+  std::atomic<int64_t> solo_until_{0};
+  std::atomic<int64_t> hold_ns_{kFirstHoldNs};
+};
+
+Straggles& straggles() {
+  static Straggles s;
+  return s;
+}
+
+// The calling thread's OpenMP thread count (the team size of its next parallel region, which
+// at::parallel_for and ATen's operators read) set to `n` for a scope.
+class OmpThreadsScope {
+ public:
+  explicit OmpThreadsScope(int n) {
+#ifdef _OPENMP
+    if (omp_get_max_threads() != n) {
+      previous_ = omp_get_max_threads();
+      omp_set_num_threads(n);  // this thread's setting only (the nthreads-var of its task)
+    }
+#endif
+  }
+  ~OmpThreadsScope() {
+#ifdef _OPENMP
+    if (previous_ > 0) omp_set_num_threads(previous_);
+#endif
+  }
+  OmpThreadsScope(const OmpThreadsScope&) = delete;
+  OmpThreadsScope& operator=(const OmpThreadsScope&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
+// The threads an op runs on, for its lifetime: torch's intra-op thread count, or one while
+// Straggles says so. Meanwhile the calling thread's own count is one, so the ATen calls inside the
+// op (casts, the copies that stage x) run on it and only for_each_tile opens parallel regions,
+// whose time the op reports to Straggles (with one core loaded, 4096 x 4096 sparse at 16 rows
+// took 5 ms in the median and 16 ms at the 90th percentile, against 1.7 ms quiet, while those
+// copies ran parallel and unwatched).
+class OpThreads {
+ public:
+  OpThreads()
+      : count_(at::in_parallel_region() || straggles().solo() ? 1 : at::get_num_threads()),
+        one_(1),
+        outer_(current_) {
+    current_ = this;
+  }
+  ~OpThreads() {
+    current_ = outer_;
+    if (work_ns_ > 0) straggles().record(start_ns_, now_ns(), work_ns_);
+  }
+  OpThreads(const OpThreads&) = delete;
+  OpThreads& operator=(const OpThreads&) = delete;
+
+  int count() const { return count_; }
+  // for_each_tile: a region of the op on this thread worked for `ns` before its first worker idled.
+  static void add_work(int64_t ns) {
+    if (current_ != nullptr) current_->work_ns_ += ns;
+  }
+
+ private:
+  int count_;  // before one_: read before the thread's count is set to one
+  OmpThreadsScope one_;
+  OpThreads* outer_;
+  int64_t start_ns_ = now_ns();
+  int64_t work_ns_ = 0;
+  static thread_local OpThreads* current_;
+};
+
+thread_local OpThreads* OpThreads::current_ = nullptr;
+
 // f(worker, item) for items [0, n) on up to `threads` workers (worker < threads indexes
 // per-worker state). Each worker first walks its own contiguous share of the items, so that its
 // reads form one stream for the prefetchers (with items handed out in turn, each thread's reads
 // jumped every tile: 4096 x 4096 4-bit at one row, 608 -> 460 us), then takes what is left of the
 // others' shares: a worker that loses its core to another process costs a tile, not its share.
-// Inside another parallel region, or with one thread, the items run in order on the calling thread.
+// Inside another parallel region, or with one thread, the items run in order on the calling
+// thread.
 template <typename F>
 void for_each_tile(int64_t n, int threads, const F& f) {
   const int64_t workers = std::min<int64_t>(std::max(threads, 1), n);
@@ -73,13 +183,23 @@ void for_each_tile(int64_t n, int threads, const F& f) {
     shares[w].next.store(w * n / workers, std::memory_order_relaxed);
     shares[w].end = (w + 1) * n / workers;
   }
+  // The op set its thread's count to one; the team is torch's (GOMP's thread pool misbehaved with
+  // team sizes that change, pytorch#32008), the workers take their share of it.
+  const OmpThreadsScope team(threads);
+  const int64_t start = now_ns();
+  std::atomic<int64_t> first_idle{std::numeric_limits<int64_t>::max()};
   at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
     for (int64_t w = w0; w < w1; ++w)
       for (int64_t k = 0; k < workers; ++k) {
         Share& s = shares[(w + k) % workers];
         for (int64_t i; (i = s.next.fetch_add(1, std::memory_order_relaxed)) < s.end;) f(w, i);
       }
+    const int64_t idle = now_ns();
+    for (int64_t seen = first_idle.load(std::memory_order_relaxed);
+         idle < seen && !first_idle.compare_exchange_weak(seen, idle, std::memory_order_relaxed);) {
+    }
   });
+  OpThreads::add_work(first_idle.load(std::memory_order_relaxed) - start);
 }
 
 // bf16 dot products in hardware (AVX512-BF16, which every CPU with AMX also has). Without them a
@@ -688,12 +808,12 @@ double slot_density(const SpqmmPacked& p) {
 // The plan for a call, and the kernels it may use on this machine (a plan kernel the build or
 // the CPU lacks falls back to the portable one of the same family).
 SpqmmPlan cpu_plan(const SpqmmPacked& p, SpqmmIsa isa, SpqmmCompute compute, at::ScalarType dtype,
-                   int64_t rows, int64_t crossover) {
+                   int64_t rows, int threads, int64_t crossover) {
   const SpqmmMode mode = !p.dense ? (dtype == at::kBFloat16 ? SpqmmMode::kSparseBf16 : SpqmmMode::kSparse)
                          : compute == SpqmmCompute::kInt8 ? SpqmmMode::kInt8
                          : dtype == at::kBFloat16         ? SpqmmMode::kBf16
                                                           : SpqmmMode::kDense;
-  SpqmmPlan plan = spqmm_plan(isa, mode, slot_density(p), p.n, p.k, rows, at::get_num_threads(), crossover);
+  SpqmmPlan plan = spqmm_plan(isa, mode, slot_density(p), p.n, p.k, rows, threads, crossover);
   if (plan.kernel == SpqmmKernel::kDenseMany && isa == SpqmmIsa::kPortable) {
     plan.kernel = SpqmmKernel::kDenseRows;
     plan.block = spqmm_rows_block(rows);
@@ -702,10 +822,11 @@ SpqmmPlan cpu_plan(const SpqmmPacked& p, SpqmmIsa isa, SpqmmCompute compute, at:
 }
 
 // Each float of y (contiguous) rounded to the nearest bf16 value, as y.to(bfloat16) rounds it.
-void round_to_bf16(at::Tensor& y) {
+void round_to_bf16(at::Tensor& y, int threads) {
   float* v = y.data_ptr<float>();
-  at::parallel_for(0, y.numel(), int64_t(1) << 16, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
+  const int64_t n = y.numel(), per_tile = int64_t(1) << 16;
+  for_each_tile((n + per_tile - 1) / per_tile, threads, [&](int64_t, int64_t t) {
+    for (int64_t i = t * per_tile; i < std::min(n, (t + 1) * per_tile); ++i) {
       const uint32_t bits = uint32_t(bf16_bits(v[i])) << 16;
       std::memcpy(v + i, &bits, 4);
     }
@@ -720,6 +841,7 @@ at::Tensor spqmm_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Ten
                      const std::optional<at::Tensor>& scale, int64_t group_size) {
   check_spqmm_args(x, codes, windows, group_ptr, chunks, codebook, out_features, in_features, bits,
                    bias);
+  const OpThreads threads;
   check_spqmm_scale(scale, group_size, x, out_features, in_features);
   const SpqmmCompute mode = parse_spqmm_compute(compute);
   // The ATen calls inside (casts, the BLAS) are the kernel's own arithmetic, not a graph to record.
@@ -749,7 +871,7 @@ at::Tensor spqmm_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Ten
       y.copy_(has_bias ? bias_c.to(at::kFloat).expand({M, N}) : at::zeros({M, N}, at::kFloat));
     } else {
       const SpqmmIsa isa = cpu_isa();
-      const SpqmmPlan plan = cpu_plan(p, isa, mode, dtype, M, crossover);
+      const SpqmmPlan plan = cpu_plan(p, isa, mode, dtype, M, threads.count(), crossover);
       SpqmmSeen seen;
       // Row scales: the kernels sum codebook values, the row scale and bias come after.
       run_plan(p, isa, plan, codebook, xc, scaled ? at::Tensor() : bias_c, y, &seen);
@@ -759,7 +881,7 @@ at::Tensor spqmm_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Ten
     // bfloat16 compute: the result as the bf16 product rounds it, whatever x's dtype (float32 x:
     // rounded in place, one pass instead of two conversions).
     if (dtype == at::kBFloat16 && x.scalar_type() == at::kFloat) {
-      round_to_bf16(y);
+      round_to_bf16(y, threads.count());
     } else if (dtype == at::kBFloat16 && x.scalar_type() != at::kBFloat16) {
       y = y.to(at::kBFloat16);
     }
@@ -775,6 +897,7 @@ at::Tensor spqmm_decode_cpu(const at::Tensor& codes, const at::Tensor& windows,
                             int64_t bits, bool /*check: free on the CPU*/) {
   check_spqmm_decode_args(codes, windows, group_ptr, chunks, codebook, out_features, in_features,
                           bits);
+  const OpThreads threads;
   const at::NoGradGuard no_grad;
   const SpqmmPacked p = make_packed(codes, windows, group_ptr, chunks, out_features, in_features, bits);
   if (!p.dense) {
@@ -785,7 +908,7 @@ at::Tensor spqmm_decode_cpu(const at::Tensor& codes, const at::Tensor& windows,
   if (w.numel() > 0) {
     const std::vector<float> table = make_table(codebook);
     SpqmmSeen seen;
-    decode_whole(p, p.dense ? cpu_isa() : SpqmmIsa::kPortable, at::get_num_threads(), table.data(),
+    decode_whole(p, p.dense ? cpu_isa() : SpqmmIsa::kPortable, threads.count(), table.data(),
                  w.data_ptr<float>(), &seen);
     check_seen(seen, codebook.numel(), in_features);
   }
@@ -799,6 +922,7 @@ at::Tensor spqmm_int8_cpu(const at::Tensor& x, const at::Tensor& codes, const at
                           const std::optional<at::Tensor>& bias, bool /*check: free on the CPU*/,
                           const std::optional<at::Tensor>& scale, int64_t group_size) {
   check_spqmm_int8_args(x, codes, codebook, out_features, in_features, bits, bias);
+  const OpThreads threads;
   check_spqmm_scale(scale, group_size, x, out_features, in_features);
   const at::NoGradGuard no_grad;
   const int64_t N = out_features, K = in_features;
@@ -815,7 +939,7 @@ at::Tensor spqmm_int8_cpu(const at::Tensor& x, const at::Tensor& codes, const at
   if (M > 0 && N > 0) {
     const at::Tensor x2 = x.reshape({M, K}).to(at::kFloat).contiguous();
     const SpqmmIsa isa = cpu_isa();
-    SpqmmPlan plan = spqmm_plan(isa, SpqmmMode::kInt8, 1.0, N, K, M, at::get_num_threads());
+    SpqmmPlan plan = spqmm_plan(isa, SpqmmMode::kInt8, 1.0, N, K, M, threads.count());
     if (plan.kernel != SpqmmKernel::kInt8Rows && plan.kernel != SpqmmKernel::kInt8Many &&
         plan.kernel != SpqmmKernel::kInt8Vnni) {
       plan.kernel = isa == SpqmmIsa::kAvx512Vnni && M > 8 ? SpqmmKernel::kInt8Vnni
