@@ -458,12 +458,20 @@ template <int MT>
 void sparse_batch(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan, const float* table,
                   const at::Tensor& x2, const float* bias, float* y, SpqmmSeen* seen) {
   const int64_t M = x2.size(0), K = p.k, tiles = (M + MT - 1) / MT;
-  at::Tensor xt = at::zeros({tiles, K + kSpqmmWindow, MT}, at::kFloat);
-  for (int64_t t = 0; t < tiles; ++t) {
+  // Staged on the plan's threads, a tile each (ATen's strided copy took 1.2 ms of a 128-row
+  // call on one thread).
+  at::Tensor xt = at::empty({tiles, K + kSpqmmWindow, MT}, at::kFloat);
+  float* xp = xt.data_ptr<float>();
+  const float* xs = x2.data_ptr<float>();
+  for_each_tile(tiles, plan.threads, [&](int64_t, int64_t t) {
+    float* dst = xp + t * (K + kSpqmmWindow) * MT;
     const int64_t mvalid = std::min<int64_t>(MT, M - t * MT);
-    xt[t].narrow(0, 0, K).narrow(1, 0, mvalid).copy_(x2.narrow(0, t * MT, mvalid).t());
-  }
-  const float* xp = xt.data_ptr<float>();
+    std::fill(dst, dst + (K + kSpqmmWindow) * MT, 0.f);
+    for (int64_t m = 0; m < mvalid; ++m) {
+      const float* row = xs + (t * MT + m) * K;
+      for (int64_t kk = 0; kk < K; ++kk) dst[kk * MT + m] = row[kk];
+    }
+  });
   const int64_t items = (p.groups + plan.tile - 1) / plan.tile;
   SeenBy seen_by(plan.threads);
   for_each_tile(items, plan.threads, [&](int64_t w, int64_t i) {
