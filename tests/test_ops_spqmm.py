@@ -291,8 +291,8 @@ def test_corrupted_packed_data(device, case, crossover):
 
 
 def test_cpu_ops_give_the_thread_count_back():
-    """The CPU ops run their ATen calls on the calling thread (its OpenMP count set to one) and
-    their tiles on torch's threads; the caller's count is back after each call, an error's too."""
+    """While a worker straggles the CPU ops set the calling thread's count to one; the caller's
+    count is back after each call, an error's too, and one thread computes what two do."""
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)

@@ -68,15 +68,14 @@ int64_t now_ns() {
 // browser or build), the worker waiting for that core can reach a parallel region's end, or finish
 // the tile it holds, a scheduler slice late (several milliseconds) while the others idle, and the
 // OpenMP workers, spinning for the next region after each one, leave three threads wanting two
-// cores, so the op's own thread loses its core too. No hand-out of tiles avoids that: an op that
-// took longer than twice the time its parallel regions spent before their first worker ran out of
-// tiles (what one thread would have taken, about) and over a millisecond more sends the ops
-// after it to one thread, for 20 ms, doubled for each such op in a row up to a second; then they
-// try their threads again.
+// cores, so the op's own thread loses its core too. No hand-out of tiles avoids that. An op that
+// took over twice the time of its parallel work (what one thread would have taken, about) and a
+// millisecond more sends the ops after it to one thread, for 20 ms, doubled for each such op in a
+// row up to a second; then they try their threads again.
 class Straggles {
  public:
   bool solo() const { return now_ns() < solo_until_.load(std::memory_order_relaxed); }
-  // An op that ran from `start` to `end`, its parallel regions working for `work` of it.
+  // An op that ran from `start` to `end`, its parallel work taking `work` of it.
   void record(int64_t start, int64_t end, int64_t work) {
     if (end - start > 2 * work + kSlackNs) {
       const int64_t hold = hold_ns_.load(std::memory_order_relaxed);
@@ -98,60 +97,44 @@ Straggles& straggles() {
   return s;
 }
 
-// The calling thread's OpenMP thread count (the team size of its next parallel region, which
-// at::parallel_for and ATen's operators read) set to `n` for a scope.
-class OmpThreadsScope {
+// The threads an op runs on, for its lifetime: torch's intra-op thread count, or one while
+// Straggles says so; then the calling thread's own OpenMP count is one too, so the ATen calls
+// inside the op (casts, copies, the BLAS) run on it as well. The op's parallel work (for_each_tile
+// until its first worker runs out of tiles, a multi-threaded BLAS call whole) and its time go to
+// Straggles.
+class OpThreads {
  public:
-  explicit OmpThreadsScope(int n) {
+  OpThreads() : outer_(current_) {
+    current_ = this;
+    if (at::in_parallel_region()) return;
+    count_ = at::get_num_threads();
 #ifdef _OPENMP
-    if (omp_get_max_threads() != n) {
-      previous_ = omp_get_max_threads();
-      omp_set_num_threads(n);  // this thread's setting only (the nthreads-var of its task)
+    if (count_ > 1 && straggles().solo()) {
+      restore_ = count_;
+      count_ = 1;
+      omp_set_num_threads(1);  // this thread's setting only (the nthreads-var of its task)
     }
 #endif
   }
-  ~OmpThreadsScope() {
-#ifdef _OPENMP
-    if (previous_ > 0) omp_set_num_threads(previous_);
-#endif
-  }
-  OmpThreadsScope(const OmpThreadsScope&) = delete;
-  OmpThreadsScope& operator=(const OmpThreadsScope&) = delete;
-
- private:
-  int previous_ = 0;
-};
-
-// The threads an op runs on, for its lifetime: torch's intra-op thread count, or one while
-// Straggles says so. Meanwhile the calling thread's own count is one, so the ATen calls inside the
-// op (casts, the copies that stage x) run on it and only for_each_tile opens parallel regions,
-// whose time the op reports to Straggles (with one core loaded, 4096 x 4096 sparse at 16 rows
-// took 5 ms in the median and 16 ms at the 90th percentile, against 1.7 ms quiet, while those
-// copies ran parallel and unwatched).
-class OpThreads {
- public:
-  OpThreads()
-      : count_(at::in_parallel_region() || straggles().solo() ? 1 : at::get_num_threads()),
-        one_(1),
-        outer_(current_) {
-    current_ = this;
-  }
   ~OpThreads() {
     current_ = outer_;
+#ifdef _OPENMP
+    if (restore_ > 0) omp_set_num_threads(restore_);
+#endif
     if (work_ns_ > 0) straggles().record(start_ns_, now_ns(), work_ns_);
   }
   OpThreads(const OpThreads&) = delete;
   OpThreads& operator=(const OpThreads&) = delete;
 
   int count() const { return count_; }
-  // for_each_tile: a region of the op on this thread worked for `ns` before its first worker idled.
+  // Parallel work of the op running on this thread, if any.
   static void add_work(int64_t ns) {
     if (current_ != nullptr) current_->work_ns_ += ns;
   }
 
  private:
-  int count_;  // before one_: read before the thread's count is set to one
-  OmpThreadsScope one_;
+  int count_ = 1;
+  int restore_ = 0;
   OpThreads* outer_;
   int64_t start_ns_ = now_ns();
   int64_t work_ns_ = 0;
@@ -183,9 +166,6 @@ void for_each_tile(int64_t n, int threads, const F& f) {
     shares[w].next.store(w * n / workers, std::memory_order_relaxed);
     shares[w].end = (w + 1) * n / workers;
   }
-  // The op set its thread's count to one; the team is torch's (GOMP's thread pool misbehaved with
-  // team sizes that change, pytorch#32008), the workers take their share of it.
-  const OmpThreadsScope team(threads);
   const int64_t start = now_ns();
   std::atomic<int64_t> first_idle{std::numeric_limits<int64_t>::max()};
   at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
@@ -363,7 +343,9 @@ void decode_gemm(const SpqmmPacked& p, SpqmmIsa isa, int threads, const float* t
     if (whole.size() < size_t(N * K)) whole.resize(size_t(N * K));
     float* wp = whole.data();
     decode_whole(p, isa, threads, table, wp, seen);
+    const int64_t start = now_ns();
     gemm_block(xg, at::from_blob(wp, {N, K}, at::kFloat), bias_f, bias_bf16, 0, y);
+    if (threads > 1) OpThreads::add_work(now_ns() - start);
     return;
   }
   // Blocks of at most 8 MB decoded (at most 512 rows, at least 64 so each GEMM is not too thin,
@@ -458,8 +440,8 @@ template <int MT>
 void sparse_batch(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan, const float* table,
                   const at::Tensor& x2, const float* bias, float* y, SpqmmSeen* seen) {
   const int64_t M = x2.size(0), K = p.k, tiles = (M + MT - 1) / MT;
-  // Staged on the plan's threads, a tile each (ATen's strided copy took 1.2 ms of a 128-row
-  // call on one thread).
+  // Staged on the plan's threads, a tile each (ATen's strided copy of 128 x 4096: 0.64 ms on two
+  // threads, 1.24 on one).
   at::Tensor xt = at::empty({tiles, K + kSpqmmWindow, MT}, at::kFloat);
   float* xp = xt.data_ptr<float>();
   const float* xs = x2.data_ptr<float>();
