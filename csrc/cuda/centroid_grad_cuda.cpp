@@ -21,13 +21,16 @@ at::Tensor centroid_grad_cuda(const at::Tensor& grad, const at::Tensor& labels,
   const bool has_mask = mask.has_value() && mask->defined();
   const at::Tensor m = has_mask ? mask->contiguous() : at::Tensor();
   const auto acc_dtype = g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  // The accumulators and the flag in one allocation, zeroed by one memset.
+  // The accumulators and the flag in one allocation, zeroed by one memset; the accumulators
+  // first, so that the result (acc itself when grad is float32) starts its storage, as the fake
+  // kernel's does (opcheck compares storage offsets).
   const int64_t acc_bytes = num_clusters * (acc_dtype == at::kDouble ? 8 : 4);
-  at::Tensor scratch = at::empty({acc_bytes + 16}, g.options().dtype(at::kByte));
+  const int64_t flag_at = (acc_bytes + 15) / 16 * 16;
+  at::Tensor scratch = at::empty({flag_at + 16}, g.options().dtype(at::kByte));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   C10_CUDA_CHECK(cudaMemsetAsync(scratch.data_ptr(), 0, scratch.numel(), stream));
-  at::Tensor acc = scratch.narrow(0, 16, acc_bytes).view(acc_dtype);
-  at::Tensor bad = scratch.narrow(0, 0, 4).view(at::kInt);
+  at::Tensor acc = scratch.narrow(0, 0, acc_bytes).view(acc_dtype);
+  at::Tensor bad = scratch.narrow(0, flag_at, 4).view(at::kInt);
   const int sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   C10_CUDA_CHECK(cuda::launch_centroid_grad(
       cuda::to_dtype(g.scalar_type(), "grad"), g.data_ptr(),

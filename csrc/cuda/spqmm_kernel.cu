@@ -513,8 +513,13 @@ cudaError_t blocks_per_sm(int dev, const void* kernel, int threads, size_t smem,
   }
   cudaError_t err = cudaSuccess;
   if (raised.insert({dev, kernel}).second && d.smem_per_block > 48 * 1024) {
+    // The opt-in limit holds the kernel's static shared memory too (the sparse kernel's codebook
+    // table): asking for all of it as dynamic memory is refused (an H200: invalid argument).
+    cudaFuncAttributes attr;
+    err = cudaFuncGetAttributes(&attr, kernel);
+    if (err != cudaSuccess) return err;
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               d.smem_per_block);
+                               d.smem_per_block - static_cast<int>(attr.sharedSizeBytes));
     if (err != cudaSuccess) return err;
   }
   err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, kernel, threads, smem);

@@ -738,6 +738,15 @@ cudaError_t CUDARTAPI cudaFuncSetAttribute(const void* func, enum cudaFuncAttrib
   return cudaSuccess;
 }
 
+// Static shared memory is taken from the block's arena as the kernel runs, so none is known
+// here: sharedSizeBytes is 0 (a kernel's own static use shows at launch, against the limit).
+cudaError_t CUDARTAPI cudaFuncGetAttributes(struct cudaFuncAttributes* attr, const void*) {
+  std::memset(attr, 0, sizeof(*attr));
+  attr->maxThreadsPerBlock = 1024;
+  attr->maxDynamicSharedSizeBytes = 48 * 1024;
+  return cudaSuccess;
+}
+
 cudaError_t CUDARTAPI cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* num_blocks, const void*,
                                                                     int, size_t) {
   *num_blocks = emu::env_int("EMU_BLOCKS_PER_SM", 2);
