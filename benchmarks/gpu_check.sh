@@ -181,6 +181,14 @@ GPU_WHY=""
 ((CUDA_TORCH)) || GPU_WHY="no GPU: torch has no CUDA"
 
 # ---- b. build in place, CUDA kernels for sm_90 only ---------------------------------------
+# The distribution's newest g++-NN, not a CXX that points elsewhere: on the H200 machines CXX is
+# /opt/gcc/bin/g++, a wrapper, and the extension it linked crashed the process (segmentation
+# fault) whenever a TORCH_CHECK formatted its message (every CUDA bad-input test, 2026-12-04);
+# built by /usr/bin/g++-13 the same tests raise and pass.
+SYSTEM_CXX="$(ls /usr/bin/g++-[0-9]* 2>/dev/null | sort -V | tail -1)"
+if [[ -n "$SYSTEM_CXX" && "${CXX:-}" != /usr/bin/* ]]; then
+  export CXX="$SYSTEM_CXX" CC="${SYSTEM_CXX/g++/gcc}"
+fi
 BUILD_OK=0
 if [[ -n "$GPU_WHY" ]]; then
   skip build "$GPU_WHY" "$OUTDIR/build.log"
