@@ -291,8 +291,9 @@ def test_corrupted_packed_data(device, case, crossover):
 
 
 def test_cpu_ops_give_the_thread_count_back():
-    """While a worker straggles the CPU ops set the calling thread's count to one; the caller's
-    count is back after each call, an error's too, and one thread computes what two do."""
+    """The CPU ops may set the calling thread's OpenMP count to one for a call (while a worker
+    straggles); the caller's count is back after each call, an error's too, and one thread
+    computes what two do."""
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)

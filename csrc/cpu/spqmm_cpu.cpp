@@ -6,8 +6,9 @@
 // out the tiles. Work is cut into many small tiles taken by whichever thread is free
 // (for_each_tile), so a thread that loses its core to another process costs its tile, not a fixed
 // share of the layer; when even that costs more than one thread would take, the ops run on one
-// thread for a while (Straggles). Past the crossover the weight is decoded once, in cache-sized blocks of rows
-// each multiplied with at::mm (MKL / oneDNN), so dcx is not slower than dense at large batch.
+// thread for a while (Straggles). Past the crossover the weight is decoded once, in cache-sized
+// blocks of rows each multiplied with at::mm (MKL / oneDNN), so dcx is not slower than dense at
+// large batch.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
