@@ -392,8 +392,21 @@ def start_distributed() -> tuple[int, int]:
 
     if not dist.is_initialized():
         dist.init_process_group("gloo")
-        atexit.register(dist.destroy_process_group)
+        atexit.register(leave_distributed, wait=False)  # on the way out after an error
     return dist.get_rank(), dist.get_world_size()
+
+
+def leave_distributed(wait: bool = True):
+    """Leave the process group, if one was joined. With wait, first wait until every rank gets
+    here: a rank whose work is done (the others wait while rank 0 writes the file) must not
+    tear its gloo connections down under a peer still using them; that aborted a rank at exit
+    ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def cmd_convert(args):
@@ -455,6 +468,7 @@ def cmd_convert(args):
     else:
         model, rows = dcx.convert_(model, config, progress=not quiet, calibration=calibration)
     if rank != 0:  # every rank holds the same model; rank 0 writes and reports
+        leave_distributed()
         return EXIT_OK
     out.parent.mkdir(parents=True, exist_ok=True)
     dcx.save(model, out, config=config, extra=extra)  # the ConvertConfig in the manifest
@@ -482,6 +496,7 @@ def cmd_convert(args):
         if source_bytes else ""
     print(f"\nfile {out}: {size:,} bytes; {versus}{report.fp32_bytes / size:.1f}x smaller than "
           f"the fp32 parameters; {seconds:.1f} s")
+    leave_distributed()
     return EXIT_OK
 
 
