@@ -82,7 +82,8 @@ PyObject* plan_table() {
   static const char* const modes[] = {"sparse", "dense", "int8", "bfloat16", "sparse_bfloat16"};
   static const char* const kernels[] = {"sparse_steps", "sparse_batch", "dense_rows",
                                         "dense_many", "int8_rows", "decode_gemm",
-                                        "int8_many", "int8_vnni", "bf16_amx", "sparse_amx"};
+                                        "int8_many", "int8_vnni", "bf16_amx", "sparse_amx",
+                                        "int8_gemm"};
   PyObject* list = PyList_New(dcx::kSpqmmPlanSize);
   if (list == nullptr) return nullptr;
   for (int i = 0; i < dcx::kSpqmmPlanSize; ++i) {

@@ -386,6 +386,29 @@ def spqmm_int8(
                               scale, group_size).to(x.dtype)
 
 
+def spqmm_int8_gemm(
+    x: Tensor, codes: Tensor, codebook: Tensor, out_features: int, in_features: int, bits: int,
+    bias: Optional[Tensor] = None, scale: Optional[Tensor] = None, group_size: int = 0,
+) -> Tensor:
+    """The int8 compute of many rows (the plan's int8_gemm kernel; the coarser rule in
+    csrc/core/spqmm_int8.h) in plain torch, float64: W decoded in float32 (group scales
+    included) and each row quantized whole to int8, each row of x likewise, the products exact,
+    y = sx sw acc (times the row scales, when given) + bias."""
+    empty = torch.empty(0, dtype=torch.int32, device=codes.device)
+    w = spqmm_weight(codes, empty, empty, codebook.float(), out_features, in_features, bits).float()
+    if scale is not None and group_size:
+        w = w * scale_columns(scale.float(), group_size, in_features)
+    wq, ws = q8_quantize(w)  # [N, 1, K], [N, 1]
+    xq, xs = q8_quantize(x)  # [..., 1, K], [..., 1]
+    acc = xq[..., 0, :].double() @ wq[:, 0, :].double().T  # exact: integers below 2^53
+    y = acc * xs.double() * ws[:, 0].double()
+    if scale is not None and not group_size:
+        y = y * scale.double()
+    if bias is not None:
+        y = y + bias.double()
+    return y
+
+
 def spqmm_int8_float64(
     x: Tensor, codes: Tensor, codebook: Tensor, out_features: int, in_features: int, bits: int,
     bias: Optional[Tensor] = None, scale: Optional[Tensor] = None, group_size: int = 0,

@@ -61,6 +61,8 @@ enum class SpqmmKernel : int {
                      //   32 rows of W by 32 of x per pass (core/spqmm_amx.h)
   kSparseAmx = 9,    // sparse, bf16 compute, AMX: the steps of two groups scattered chunk by
                      //   chunk into bf16 tiles, then as kBf16Amx (core/spqmm_amx.h)
+  kInt8Gemm = 10,    // dense, int8 compute, many rows: W decoded once into int8 rows, x quantized
+                     //   per row, ATen's int8 GEMM (the coarser rule in core/spqmm_int8.h)
 };
 
 constexpr int64_t kSpqmmNoBound = std::numeric_limits<int64_t>::max();
@@ -182,8 +184,9 @@ constexpr SpqmmRule kSpqmmPlan[] = {
     // 35 / 27; 256 x 512 48 / 64, 58 / 84, 87 / 96). Not measured on an AMD CPU.
     {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, 9, 1.0, SpqmmKernel::kDenseRows, 0},
     {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, 64, 1.0, SpqmmKernel::kInt8Vnni, 16, kSpqmmLargeWeights},
-    {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0, kSpqmmLargeWeights},
+    {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, kSpqmmNoBound, 1.0, SpqmmKernel::kInt8Gemm, 0, kSpqmmLargeWeights},
     {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, 24, 1.0, SpqmmKernel::kInt8Vnni, 16},
+    {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, kSpqmmNoBound, 1.0, SpqmmKernel::kInt8Gemm, 0},
     // Dense int8 (the AVX2 int8 kernels). One row: fp32 (4 bits, fp32 / int8 rows: 741 / 863);
     // 2 to 4 rows each weight decoded per pass; from 5 rows of W decoded once (4 bits, int8 rows /
     // int8 many / decode + GEMM: 8 rows 2,490 / 2,196 / 4,444; 16 rows 4,619 / 3,762 / 6,210; 32

@@ -733,6 +733,66 @@ void int8_product(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan,
   seen->merge(seen_by.merged());
 }
 
+// Rows [0, m) of v ([m][k]) quantized whole by q8_quantize_whole_row, compiled for each
+// instruction set.
+DCX_SPQMM_MULTIVERSION void q8_quantize_whole_rows(const float* v, int64_t m, int64_t k, int8_t* q,
+                                                   float* scale) {
+  for (int64_t i = 0; i < m; ++i) scale[i] = q8_quantize_whole_row(v + i * k, k, q + i * k);
+}
+
+// y[m, n] = sx[m] sw[n] acc[m, n] + bias[n] for rows [m0, m1), compiled for each instruction set.
+DCX_SPQMM_MULTIVERSION void q8_gemm_epilogue(const int32_t* acc, const float* sx, const float* sw,
+                                             const float* bias, int64_t m0, int64_t m1, int64_t n,
+                                             float* y) {
+  for (int64_t m = m0; m < m1; ++m)
+    for (int64_t j = 0; j < n; ++j)
+      y[m * n + j] = float(acc[m * n + j]) * (sx[m] * sw[j]) + (bias != nullptr ? bias[j] : 0.f);
+}
+
+// int8 compute at many rows (SpqmmKernel::kInt8Gemm; the rule in core/spqmm_int8.h): x quantized
+// per row, W decoded group by group into each thread's float buffer and quantized per row into
+// one int8 copy (kept from call to call, as decode_gemm's), then one int8 GEMM that ATen threads
+// itself (oneDNN's int8 kernels: VNNI where the CPU has it).
+void int8_gemm(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan, const float* table,
+               const at::Tensor& x2, const float* bias, float* y, SpqmmSeen* seen) {
+  const int64_t M = x2.size(0), N = p.n, K = p.k;
+  at::Tensor xq = at::empty({M, K}, at::kChar);
+  at::Tensor xs = at::empty({M}, at::kFloat);
+  const float* xp = x2.data_ptr<float>();
+  int8_t* qp = xq.data_ptr<int8_t>();
+  float* sxp = xs.data_ptr<float>();
+  const int64_t x_tile = 16;
+  for_each_tile((M + x_tile - 1) / x_tile, plan.threads, [&](int64_t, int64_t t) {
+    const int64_t m0 = t * x_tile, m1 = std::min(M, m0 + x_tile);
+    q8_quantize_whole_rows(xp + m0 * K, m1 - m0, K, qp + m0 * K, sxp + m0);
+  });
+  static thread_local std::vector<int8_t> whole;  // the caller's: the workers write through wp
+  if (whole.size() < size_t(N * K)) whole.resize(size_t(N * K));
+  int8_t* const wp = whole.data();
+  std::vector<float> sw(static_cast<size_t>(N));
+  // Tiles of whole groups of 16 rows, about 32K weights each (a descheduled thread costs one).
+  const int64_t per_tile = std::max<int64_t>(1, (int64_t(1) << 15) / (kSpqmmRows * std::max<int64_t>(K, 1)));
+  const int64_t tiles = (spqmm_groups(N) + per_tile - 1) / per_tile;
+  SeenBy seen_by(tiles);
+  for_each_tile(tiles, plan.threads, [&](int64_t, int64_t t) {
+    static thread_local std::vector<float> buffer;
+    const int64_t r0 = t * per_tile * kSpqmmRows, r1 = std::min(N, (t + 1) * per_tile * kSpqmmRows);
+    if (buffer.size() < size_t((r1 - r0) * K)) buffer.resize(size_t((r1 - r0) * K));
+    decode_rows(p, isa, table, r0, r1 - r0, buffer.data(), seen_by[t]);
+    q8_quantize_whole_rows(buffer.data(), r1 - r0, K, wp + r0 * K, sw.data() + r0);
+  });
+  seen->merge(seen_by.merged());
+  const int64_t start = now_ns();
+  const at::Tensor wq = at::from_blob(wp, {N, K}, at::kChar);
+  const at::Tensor acc = at::_int_mm(xq, wq.t());
+  if (plan.threads > 1) OpThreads::add_work(now_ns() - start);
+  const int32_t* ap = acc.data_ptr<int32_t>();
+  const int64_t y_tile = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(N, 1));
+  for_each_tile((M + y_tile - 1) / y_tile, plan.threads, [&](int64_t, int64_t t) {
+    q8_gemm_epilogue(ap, sxp, sw.data(), bias, t * y_tile, std::min(M, (t + 1) * y_tile), N, y);
+  });
+}
+
 // The product for a plan: y [M, N] float32 (every element written).
 void run_plan(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan, const at::Tensor& codebook,
               const at::Tensor& xc, const at::Tensor& bias_c, at::Tensor& y, SpqmmSeen* seen) {
@@ -756,6 +816,9 @@ void run_plan(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan, const a
   const std::vector<float> table = make_table(codebook);
   const float* tp = table.data();
   switch (plan.kernel) {
+    case SpqmmKernel::kInt8Gemm:
+      int8_gemm(p, isa, plan, tp, x2, bp, yp, seen);
+      return;
     case SpqmmKernel::kDecodeGemm: {
       // bf16 activations run oneDNN's bf16 GEMM where the CPU has bf16 dot products.
       const bool bf16 = xc.scalar_type() == at::kBFloat16 && native_bf16();
