@@ -131,7 +131,8 @@ def test_every_plan_rule_runs(monkeypatch, isa):
     one of four layers (sparse at low and high slot density, in float32 and bfloat16; dense, in
     float32, int8 and bfloat16, small and past every size bound) at some batch, and what it runs is right: float kernels
     against the float64 product (bfloat16 within its roundings), int8 ones equal to spqmm_int8
-    (tested against its reference in test_ops_spqmm_int8.py)."""
+    (tested against its reference in test_ops_spqmm_int8.py), the int8 GEMM against its own
+    reference."""
     monkeypatch.setenv("DCX_CPU_ISA", isa)
     kind = "portable" if isa == "generic" else isa
     torch.manual_seed(0)
@@ -148,7 +149,10 @@ def test_every_plan_rule_runs(monkeypatch, isa):
         x, bias = torch.randn(rows, k), torch.randn(n)
         y = dcx.ops.spqmm(x, p.codes, p.windows, p.group_ptr, p.chunks, p.codebook, n, k,
                           p.bits, bias, compute=plan_compute(mode))
-        if table[rule]["kernel"].startswith("int8"):
+        if table[rule]["kernel"] == "int8_gemm":  # its own, coarser rule
+            expected = reference.spqmm_int8_gemm(x, p.codes, p.codebook, n, k, p.bits, bias)
+            torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+        elif table[rule]["kernel"].startswith("int8"):
             assert torch.equal(y, dcx.ops.spqmm_int8(x, p.codes, p.codebook, n, k, p.bits,
                                                      bias)), table[rule]
         elif plan_compute(mode) == "bfloat16":

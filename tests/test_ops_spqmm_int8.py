@@ -88,6 +88,56 @@ def test_fidelity_against_float32(device):
     assert 1e-4 < rel < 2e-2
 
 
+def int8_gemm_rows(isa, n, k):
+    """The smallest batch at which the kernel table runs the int8 GEMM for an n x k layer in
+    int8 mode on this kind of CPU (None: never)."""
+    table = _native.spqmm_plan()
+    for rows in range(1, 257):
+        if table[_native.spqmm_plan_rule(isa, "int8", 1.0, n, k, rows)]["kernel"] == "int8_gemm":
+            return rows
+    return None
+
+
+@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("scaled", [None, "row", "group"])
+def test_int8_gemm_matches_its_reference(monkeypatch, isa, scaled):
+    """At many rows compute="int8" runs the int8 GEMM (W and x quantized per row, ATen's int8
+    GEMM; csrc/core/spqmm_int8.h), which equals dcx.reference.spqmm_int8_gemm up to the float32
+    rounding of its epilogue (the exact int32 sum converted, two products, the bias added), row
+    and group scales included; an odd shape, and the rows past the first such batch too."""
+    monkeypatch.setenv("DCX_CPU_ISA", isa)
+    kind = "portable" if isa == "generic" else isa
+    n, k = 70, 301
+    first = int8_gemm_rows(kind, n, k)
+    if first is None:
+        pytest.skip(f"the {kind} rules never run the int8 GEMM")
+    torch.manual_seed(0)
+    labels, codebook, p = make_layer(n, k, 5, torch.float32, "cpu")
+    scale, group = None, 0
+    if scaled == "row":
+        scale = torch.rand(n) + 0.5
+    elif scaled == "group":
+        scale, group = torch.rand(n, 5) + 0.5, 64
+    bias = torch.randn(n)
+    for rows in (first, first + 37):
+        x = torch.randn(rows, k)
+        x[1] = 0.0  # a row of zeros: scale 0
+        y = dcx.ops.spqmm(x, p.codes, p.windows, p.group_ptr, p.chunks, p.codebook, n, k, p.bits,
+                          bias, compute="int8", scale=scale, group_size=group)
+        expected = reference.spqmm_int8_gemm(x, p.codes, p.codebook, n, k, p.bits, bias, scale,
+                                             group)
+        magnitude = expected.abs() + bias.double().abs()
+        assert y.dtype == torch.float32 and y.shape == expected.shape
+        assert ((y.double() - expected).abs() <= 6 * unit_roundoff(torch.float32) * magnitude).all()
+        w = codebook.double()[labels]
+        if scale is not None:
+            w = w * (scale.double()[:, None] if not group
+                     else scale.double().repeat_interleave(group, 1)[:, :k])
+        exact = F.linear(x.double(), w, bias.double())
+        rel = (y.double() - exact).norm() / exact.norm()
+        assert 1e-3 < rel < 3e-2  # one int8 step per row of x and of W
+
+
 @pytest.mark.parametrize("device", devices())
 def test_zero_and_constant_rows(device):
     """A block of zeros has scale 0 (no division by zero)."""
@@ -169,8 +219,8 @@ def test_bad_input(device, change, match):
 
 def test_layer_compute_int8(tmp_path):
     """compute="int8" runs a dense-mode layer through the int8 kernels at the batch and layer
-    sizes where the kernel table (csrc/core/spqmm_plan.h) takes them, float32 elsewhere (a layer
-    this small: always, on CPUs with AVX2), and a sparse-mode one
+    sizes where the kernel table (csrc/core/spqmm_plan.h) takes them (the int8 GEMM, with its
+    own rule, at many rows), float32 elsewhere, and a sparse-mode one
     in float32; it survives dcx.save and dcx.load (the file's layer settings) and a state_dict (the
     layer's extra state)."""
     torch.manual_seed(0)
@@ -192,6 +242,11 @@ def test_layer_compute_int8(tmp_path):
         y = dense(many)
         exact_int8 = run(many, p, dense.bias.detach())
         dense.compute = "float32"
+        if rule["kernel"] == "int8_gemm":
+            expected = reference.spqmm_int8_gemm(many, p.codes, p.codebook, 48, 200, p.bits,
+                                                 dense.bias.detach())
+            torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+            continue
         expected = exact_int8 if rule["kernel"].startswith("int8") else dense(many)
         assert torch.equal(y, expected), rule
     dense.compute = "int8"

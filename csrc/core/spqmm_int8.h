@@ -31,6 +31,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "core/common.h"
 #include "core/spqmm_layout.h"
@@ -82,9 +83,18 @@ inline void q8_quantize_row(const float* x, int64_t k, int16_t* q, float* scale)
 }
 
 // v [K] quantized whole (the many-rows rule above): q [K] int8 and the row's scale.
+// max|v| is taken as the largest bit pattern of |v|, an integer max that the compiler vectorises
+// (a float max is not associative: it ran one value per 4 cycles); a NaN is the largest and
+// makes the row's scale NaN, as torch's amax does.
 inline float q8_quantize_whole_row(const float* v, int64_t k, int8_t* q) {
-  float amax = 0.f;
-  for (int64_t j = 0; j < k; ++j) amax = std::max(amax, std::fabs(v[j]));
+  uint32_t amax_bits = 0;
+  for (int64_t j = 0; j < k; ++j) {
+    uint32_t bits;
+    std::memcpy(&bits, v + j, sizeof(bits));
+    amax_bits = std::max(amax_bits, bits & 0x7fffffffu);
+  }
+  float amax;
+  std::memcpy(&amax, &amax_bits, sizeof(amax));
   const float inv = q8_inverse(amax);
   for (int64_t j = 0; j < k; ++j) q[j] = int8_t(q8_round(v[j], inv));
   return q8_scale(amax);
