@@ -28,8 +28,9 @@ __all__ = ["COMPUTE_MODES", "check_compute", "packable", "PackedModule",
 # from one row and sparse ones from a dozen, and past the crossover a bf16 GEMM on the decoded
 # weight, the fastest path on CPUs with AVX512-BF16 or AMX); "int8" (opt-in) runs a
 # dense-mode layer through the int8 kernels (activations quantized to int8 per row in blocks of
-# 32, an int16 codebook, int32 dot products; about 1e-2 relative error per output) at the batch
-# and layer sizes where they are faster, float32 elsewhere and for a sparse-mode layer (its
+# 32, an int16 codebook, int32 dot products; about 1e-2 relative error per output; at many rows
+# the int8 GEMM, with W and x quantized per row instead, somewhat coarser) at the batch and layer
+# sizes where they are faster, float32 elsewhere and for a sparse-mode layer (its
 # kernel already reads about 0.3 byte per weight, and int8 would only add error). Which kernel
 # runs for a batch is decided by the table in csrc/core/spqmm_plan.h.
 

@@ -740,14 +740,38 @@ DCX_SPQMM_MULTIVERSION void q8_quantize_whole_rows(const float* v, int64_t m, in
   for (int64_t i = 0; i < m; ++i) scale[i] = q8_quantize_whole_row(v + i * k, k, q + i * k);
 }
 
-// y[m, n] = sx[m] sw[n] acc[n, m] + bias[n] for columns [n0, n1) of y (acc [N][M], y [M][N]),
-// compiled for each instruction set.
-DCX_SPQMM_MULTIVERSION void q8_gemm_epilogue(const int32_t* acc, const float* sx, const float* sw,
-                                             const float* bias, int64_t n0, int64_t n1, int64_t m,
-                                             int64_t n, float* y) {
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t j = n0; j < n1; ++j)
-      y[i * n + j] = float(acc[j * m + i]) * (sx[i] * sw[j]) + (bias != nullptr ? bias[j] : 0.f);
+// y[i, j] = sx[i] sw[j] acc[i - i0, j] + bias[j] for rows [i0, i1) of y, acc a block of x W^T
+// ([i1 - i0][n]); compiled for each instruction set.
+DCX_SPQMM_MULTIVERSION void q8_gemm_epilogue_rows(const int32_t* acc, const float* sx, const float* sw,
+                                                  const float* bias, int64_t i0, int64_t i1, int64_t n,
+                                                  float* y) {
+  for (int64_t i = i0; i < i1; ++i)
+    for (int64_t j = 0; j < n; ++j)
+      y[i * n + j] = float(acc[(i - i0) * n + j]) * (sx[i] * sw[j]) + (bias != nullptr ? bias[j] : 0.f);
+}
+
+// y[i, j] = sx[i] sw[j] acc[j - j0, i - i0] + bias[j] for rows [i0, i1) and columns [j0, j1) of y
+// (row stride n), acc holding a block of W x^T with rows of lda: 64 rows of y at a time through a
+// small block, so that acc is read and y written along their rows. Compiled for each instruction
+// set.
+DCX_SPQMM_MULTIVERSION void q8_gemm_epilogue(const int32_t* acc, int64_t lda, const float* sx,
+                                             const float* sw, const float* bias, int64_t i0,
+                                             int64_t i1, int64_t j0, int64_t j1, int64_t n, float* y) {
+  constexpr int64_t kRows = 64, kCols = 16;
+  float block[kCols][kRows];
+  for (int64_t c0 = j0; c0 < j1; c0 += kCols) {
+    const int64_t c1 = std::min(j1, c0 + kCols);
+    for (int64_t r0 = i0; r0 < i1; r0 += kRows) {
+      const int64_t rb = std::min(kRows, i1 - r0);
+      for (int64_t j = c0; j < c1; ++j) {
+        const int32_t* a = acc + (j - j0) * lda + (r0 - i0);
+        const float b = bias != nullptr ? bias[j] : 0.f;
+        for (int64_t i = 0; i < rb; ++i) block[j - c0][i] = float(a[i]) * (sx[r0 + i] * sw[j]) + b;
+      }
+      for (int64_t i = 0; i < rb; ++i)
+        for (int64_t j = c0; j < c1; ++j) y[(r0 + i) * n + j] = block[j - c0][i];
+    }
+  }
 }
 
 // int8 compute at many rows (SpqmmKernel::kInt8Gemm; the rule in core/spqmm_int8.h): x quantized
@@ -788,18 +812,37 @@ void int8_gemm(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan, const 
     }
   });
   seen->merge(seen_by.merged());
-  const int64_t start = now_ns();
-  // W x^T rather than x W^T: oneDNN reads a transposed B slower (4096 x 4096, 9 / 64 / 128 rows:
-  // 3.7 / 5.5 / 8.0 ms against 2.3 / 3.7 / 6.3 for this order), and acc [N, M] is read back
-  // column by column below, a block of 16 columns of y at a time.
+  // Fewer rows of x than of W: one GEMM W x^T, as oneDNN reads a transposed B slower (4096 x 4096,
+  // 9 / 64 / 128 rows: 3.7 / 5.5 / 8.0 ms for x W^T against 2.3 / 3.7 / 6.3), its result turned
+  // back 16 columns of y at a time. Otherwise x W^T (the two orders took the same time at 4096
+  // rows of all-MiniLM-L6-v2's layers, where turning acc back cost more than the GEMM), in blocks
+  // of 1024 rows of x whose int32 results (6 MB at 1536 columns) the epilogue reads from L3
+  // (4096 x 384 -> 1536, median of 40 interleaved calls: 10.7 ms against 15.6 in one block, 17.9
+  // in blocks of 512; 4096 x 1536 -> 384 and 4096 x 384 -> 384 alike within 5%).
   const at::Tensor wq = at::from_blob(wp, {N, K}, at::kChar);
-  const at::Tensor acc = at::_int_mm(wq, xq.t());
-  if (plan.threads > 1) OpThreads::add_work(now_ns() - start);
-  const int32_t* ap = acc.data_ptr<int32_t>();
-  const int64_t y_tile = 16;
-  for_each_tile((N + y_tile - 1) / y_tile, plan.threads, [&](int64_t, int64_t t) {
-    q8_gemm_epilogue(ap, sxp, sw.data(), bias, t * y_tile, std::min(N, (t + 1) * y_tile), M, N, y);
-  });
+  const int64_t start = now_ns();
+  if (M < N) {
+    const at::Tensor acc = at::_int_mm(wq, xq.t());
+    if (plan.threads > 1) OpThreads::add_work(now_ns() - start);
+    const int32_t* ap = acc.data_ptr<int32_t>();
+    for_each_tile((N + 15) / 16, plan.threads, [&](int64_t, int64_t t) {
+      q8_gemm_epilogue(ap + t * 16 * M, M, sxp, sw.data(), bias, 0, M, t * 16, std::min(N, (t + 1) * 16), N, y);
+    });
+    return;
+  }
+  constexpr int64_t kBlockRows = 1024;
+  for (int64_t m0 = 0; m0 < M; m0 += kBlockRows) {
+    const int64_t m1 = std::min(M, m0 + kBlockRows);
+    const int64_t gemm_start = now_ns();
+    const at::Tensor acc = at::_int_mm(xq.narrow(0, m0, m1 - m0), wq.t());
+    if (plan.threads > 1) OpThreads::add_work(now_ns() - gemm_start);
+    const int32_t* ap = acc.data_ptr<int32_t>();
+    const int64_t y_tile = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(N, 1));
+    for_each_tile((m1 - m0 + y_tile - 1) / y_tile, plan.threads, [&](int64_t, int64_t t) {
+      const int64_t i0 = m0 + t * y_tile;
+      q8_gemm_epilogue_rows(ap + (i0 - m0) * N, sxp, sw.data(), bias, i0, std::min(m1, i0 + y_tile), N, y);
+    });
+  }
 }
 
 // The product for a plan: y [M, N] float32 (every element written).
