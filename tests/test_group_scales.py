@@ -80,7 +80,8 @@ def test_spqmm_applies_group_scales(device, dense, group_size, batch):
 def test_every_plan_rule_runs_with_group_scales(monkeypatch, isa):
     """Every rule of the kernel table for this kind of CPU, reached by a layer with group
     scales: float kernels within the float32 bound of the scaled product (bfloat16 within its
-    roundings), int8 ones equal to spqmm_int8 (against its reference below)."""
+    roundings), int8 ones equal to spqmm_int8 (against its reference below), the int8 GEMM against
+    its own reference."""
     monkeypatch.setenv("DCX_CPU_ISA", isa)
     kind = "portable" if isa == "generic" else isa
     table = _native.spqmm_plan()
@@ -93,7 +94,11 @@ def test_every_plan_rule_runs_with_group_scales(monkeypatch, isa):
         mask, labels, codebook, scale, p = layers[i]
         x, bias = torch.randn(rows, p.in_features), torch.randn(p.out_features)
         y = p.spqmm(x, bias, compute=plan_compute(mode), scale=scale)
-        if table[rule]["kernel"].startswith("int8"):
+        if table[rule]["kernel"] == "int8_gemm":  # its own, coarser rule
+            expected = reference.spqmm_int8_gemm(x, p.codes, p.codebook, p.out_features,
+                                                 p.in_features, p.bits, bias, scale, p.group_size)
+            torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+        elif table[rule]["kernel"].startswith("int8"):
             assert torch.equal(y, p.spqmm_int8(x, bias, scale=scale)), table[rule]
         elif plan_compute(mode) == "bfloat16":
             check_bfloat16(y, x, weight(mask, labels, codebook, scale, p.group_size), bias)
