@@ -812,21 +812,26 @@ void int8_gemm(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan, const 
     }
   });
   seen->merge(seen_by.merged());
-  // Fewer rows of x than of W: one GEMM W x^T, as oneDNN reads a transposed B slower (4096 x 4096,
-  // 9 / 64 / 128 rows: 3.7 / 5.5 / 8.0 ms for x W^T against 2.3 / 3.7 / 6.3), its result turned
-  // back 16 columns of y at a time. Otherwise x W^T (the two orders took the same time at 4096
-  // rows of all-MiniLM-L6-v2's layers, where turning acc back cost more than the GEMM), in blocks
-  // of 1024 rows of x whose int32 results (6 MB at 1536 columns) the epilogue reads from L3
-  // (4096 x 384 -> 1536, median of 40 interleaved calls: 10.7 ms against 15.6 in one block, 17.9
-  // in blocks of 512; 4096 x 1536 -> 384 and 4096 x 384 -> 384 alike within 5%).
+  // Fewer rows of x than of W: W x^T, as oneDNN reads a transposed B slower (4096 x 4096, 9 / 64 /
+  // 128 rows: 3.7 / 5.5 / 8.0 ms for x W^T against 2.3 / 3.7 / 6.3), in tiles of 512 rows of W,
+  // each a single-threaded GEMM and its epilogue (acc turned back 16 columns of y at a time), so
+  // a thread that loses its core costs a tile (4096 x 4096, 4 bits, 128 / 64 rows, median of 30
+  // interleaved calls: quiet 10.2 / 6.0 ms against 9.7 / 5.8 for one GEMM threaded by oneDNN;
+  // with one core loaded 15.1 / 8.4 against 19.5 / 10.1). Otherwise x W^T (the two orders took
+  // the same time at 4096 rows of all-MiniLM-L6-v2's layers, where turning acc back cost more
+  // than the GEMM), in blocks of 1024 rows of x whose int32 results (6 MB at 1536 columns) the
+  // epilogue reads from L3 (4096 x 384 -> 1536, median of 40 interleaved calls: 10.7 ms against
+  // 15.6 in one block, 17.9 in blocks of 512; 4096 x 1536 -> 384 and 4096 x 384 -> 384 alike
+  // within 5%).
   const at::Tensor wq = at::from_blob(wp, {N, K}, at::kChar);
-  const int64_t start = now_ns();
   if (M < N) {
-    const at::Tensor acc = at::_int_mm(wq, xq.t());
-    if (plan.threads > 1) OpThreads::add_work(now_ns() - start);
-    const int32_t* ap = acc.data_ptr<int32_t>();
-    for_each_tile((N + 15) / 16, plan.threads, [&](int64_t, int64_t t) {
-      q8_gemm_epilogue(ap + t * 16 * M, M, sxp, sw.data(), bias, 0, M, t * 16, std::min(N, (t + 1) * 16), N, y);
+    constexpr int64_t kTileRows = 512;
+    const at::ThreadLocalState caller_state;
+    for_each_tile((N + kTileRows - 1) / kTileRows, plan.threads, [&](int64_t, int64_t t) {
+      const at::ThreadLocalStateGuard state(caller_state);
+      const int64_t r0 = t * kTileRows, r1 = std::min(N, r0 + kTileRows);
+      const at::Tensor acc = at::_int_mm(wq.narrow(0, r0, r1 - r0), xq.t());
+      q8_gemm_epilogue(acc.data_ptr<int32_t>(), M, sxp, sw.data(), bias, 0, M, r0, r1, N, y);
     });
     return;
   }
