@@ -100,14 +100,16 @@ def int8_gemm_rows(isa, n, k):
 
 @pytest.mark.parametrize("isa", cpu_isas())
 @pytest.mark.parametrize("scaled", [None, "row", "group"])
-def test_int8_gemm_matches_its_reference(monkeypatch, isa, scaled):
+@pytest.mark.parametrize("n", [70, 600])
+def test_int8_gemm_matches_its_reference(monkeypatch, isa, scaled, n):
     """At many rows compute="int8" runs the int8 GEMM (W and x quantized per row, ATen's int8
     GEMM; csrc/core/spqmm_int8.h), which equals dcx.reference.spqmm_int8_gemm up to the float32
     rounding of its epilogue (the exact int32 sum converted, two products, the bias added), row
-    and group scales included; an odd shape, and the rows past the first such batch too."""
+    and group scales included; odd shapes, at the first such batch and 70 rows past it (both
+    orders of the product: several tiles of W and several blocks of the epilogue at n = 600)."""
     monkeypatch.setenv("DCX_CPU_ISA", isa)
     kind = "portable" if isa == "generic" else isa
-    n, k = 70, 301
+    k = 301
     first = int8_gemm_rows(kind, n, k)
     if first is None:
         pytest.skip(f"the {kind} rules never run the int8 GEMM")
@@ -119,7 +121,7 @@ def test_int8_gemm_matches_its_reference(monkeypatch, isa, scaled):
     elif scaled == "group":
         scale, group = torch.rand(n, 5) + 0.5, 64
     bias = torch.randn(n)
-    for rows in (first, first + 37):
+    for rows in (first, first + 70):
         x = torch.randn(rows, k)
         x[1] = 0.0  # a row of zeros: scale 0
         y = dcx.ops.spqmm(x, p.codes, p.windows, p.group_ptr, p.chunks, p.codebook, n, k, p.bits,
@@ -136,6 +138,28 @@ def test_int8_gemm_matches_its_reference(monkeypatch, isa, scaled):
         exact = F.linear(x.double(), w, bias.double())
         rel = (y.double() - exact).norm() / exact.norm()
         assert 1e-3 < rel < 3e-2  # one int8 step per row of x and of W
+
+
+def test_int8_gemm_needs_onednn():
+    """torch runs its int8 GEMM through oneDNN only with oneDNN enabled (a plain loop otherwise),
+    so with it switched off compute="int8" decodes W and multiplies in float32 where the table
+    says int8 GEMM."""
+    n, k = 600, 301
+    first = int8_gemm_rows(cpu_kind(), n, k)
+    if first is None:
+        pytest.skip(f"the {cpu_kind()} rules never run the int8 GEMM")
+    torch.manual_seed(0)
+    _, _, p = make_layer(n, k, 5, torch.float32, "cpu")
+    x = torch.randn(first, k)
+
+    def spqmm(compute, crossover=-1):
+        return dcx.ops.spqmm(x, p.codes, p.windows, p.group_ptr, p.chunks, p.codebook, n, k,
+                             p.bits, crossover=crossover, compute=compute)
+
+    with torch.backends.mkldnn.flags(enabled=False):
+        y = spqmm("int8")
+    torch.testing.assert_close(y, spqmm("float32", crossover=0))
+    assert not torch.allclose(spqmm("int8"), y, rtol=1e-4, atol=1e-4)  # the int8 GEMM otherwise
 
 
 @pytest.mark.parametrize("device", devices())

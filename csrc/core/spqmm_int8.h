@@ -84,6 +84,10 @@ inline void q8_quantize_row(const float* x, int64_t k, int16_t* q, float* scale)
   }
 }
 
+// The longest row the int8 GEMM takes: oneDNN adds 128 to one operand to use u8 x s8 products,
+// so a dot of K terms reaches 255 * 127 * K, which must stay below 2^31 in int32.
+constexpr int64_t kQ8GemmMaxK = 65536;
+
 // v [K] quantized whole (the many-rows rule above): q [K] int8 and the row's scale.
 // max|v| is taken as the largest bit pattern of |v|, an integer max that the compiler vectorises
 // (a float max is not associative: it ran one value per 4 cycles); a NaN is the largest and

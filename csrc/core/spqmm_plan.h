@@ -116,22 +116,15 @@ constexpr SpqmmRule kSpqmmPlan[] = {
     // Dense int8. Up to 4 rows each weight decoded per pass (4 bits, int8 rows / fp32 kernel: 1
     // row 880 / 1,154); from 5 the rows of W decoded once into L1 (int8 rows / int8 many / decode
     // + GEMM: 4 rows 1,531 / 1,626 / 3,763; 8 rows 2,479 / 2,285 / 4,477; 16 rows 4,669 / 3,805 /
-    // 6,096). From 64 rows the int8 GEMM (kInt8Gemm), measured on the Zen 4 CPU with
-    // DCX_CPU_ISA=avx2 and oneDNN held to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2); int8 many / int8 GEMM /
-    // the fp32 plan, 4 bits: 48 rows 10,835 / 11,228 / 15,935; 64 rows 11,463 / 10,863 / 15,717;
-    // 128 rows 23,723 / 16,797 / 27,205; 256 rows 49,078 / 28,413 / 48,919; 6 bits: 64 rows
-    // 13,460 / 14,258; 128 rows 26,216 / 20,348. Layers under 4M weights compute as dense fp32
-    // up to 47 rows (the AVX-512 measurements below, not repeated with AVX2), then the int8 GEMM
-    // (6 bits, int8 GEMM / fp32 at 24, 48 and 128 rows: 1536 x 384 349 / 356, 443 / 537, 654 /
-    // 939; 384 x 1536 326 / 313, 459 / 505, 714 / 1,021; 384 x 384 137 / 125, 155 / 149, 230 /
-    // 277).
+    // 6,096); decode + GEMM past 160 rows (measured on AVX-512 below: 128 rows 26,948 / 29,237,
+    // the gap closing by about 1% a row). Layers under 4M weights compute as dense fp32: the
+    // AVX-512 measurements below, not repeated with AVX2. (No int8 GEMM here: torch runs
+    // at::_int_mm through oneDNN only on CPUs with AVX-512 VNNI, and as a plain loop elsewhere.)
     {SpqmmIsa::kAvx2, SpqmmMode::kInt8, 5, 1.0, SpqmmKernel::kInt8Rows, 0, kSpqmmLargeWeights},
-    {SpqmmIsa::kAvx2, SpqmmMode::kInt8, 64, 1.0, SpqmmKernel::kInt8Many, 0, kSpqmmLargeWeights},
-    {SpqmmIsa::kAvx2, SpqmmMode::kInt8, kSpqmmNoBound, 1.0, SpqmmKernel::kInt8Gemm, 0, kSpqmmLargeWeights},
+    {SpqmmIsa::kAvx2, SpqmmMode::kInt8, 160, 1.0, SpqmmKernel::kInt8Many, 0, kSpqmmLargeWeights},
     {SpqmmIsa::kAvx2, SpqmmMode::kInt8, 9, 1.0, SpqmmKernel::kDenseRows, 0},
     {SpqmmIsa::kAvx2, SpqmmMode::kInt8, 24, 1.0, SpqmmKernel::kDenseMany, 0},
-    {SpqmmIsa::kAvx2, SpqmmMode::kInt8, 48, 1.0, SpqmmKernel::kDecodeGemm, 0},
-    {SpqmmIsa::kAvx2, SpqmmMode::kInt8, kSpqmmNoBound, 1.0, SpqmmKernel::kInt8Gemm, 0},
+    {SpqmmIsa::kAvx2, SpqmmMode::kInt8, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0},
 
     // Dense bf16 with AMX (measured on a 2-core Intel Xeon, Sapphire Rapids class, 3.7 GHz; AMX /
     // the AVX-512 rules below, 4096 x 4096 4 bits, 6 bits on the smaller layers): the AMX kernel
@@ -189,7 +182,9 @@ constexpr SpqmmRule kSpqmmPlan[] = {
     // rows 13,195 / 8,563; 512 rows 49,979 / 25,113; 6 bits, 48 rows 5,225 / 5,557; 64 rows
     // 6,703 / 6,260; 128 rows 13,157 / 9,265; 6 bits at 24, 64 and 128 rows: 1536 x 384 178 /
     // 182, 347 / 260, 682 / 387; 384 x 1536 224 / 176, 364 / 233, 681 / 352; 384 x 384 71 / 67,
-    // 132 / 88, 243 / 119; before it came, decode + GEMM in fp32 served from 64 rows). Smaller
+    // 132 / 88, 243 / 119; before it came, decode + GEMM in fp32 served from 64 rows; it runs
+    // where torch takes oneDNN for at::_int_mm, which needs VNNI: so only these rules, and the
+    // op falls back to decode + GEMM when oneDNN is switched off or K passes kQ8GemmMaxK). Smaller
     // layers: VNNI from 9 to 23 rows (6 bits, VNNI / fp32 at 16 rows: 384 x 384 56 / 71; 1536 x
     // 384 143 / 205; 384 x 1536 189 / 207; 1024 x 1024 290 / 356; at 9, 16 and 23 rows 64 x 256
     // 22 / 25, 26 / 27, 35 / 27; 256 x 512 48 / 64, 58 / 84, 87 / 96). The VNNI kernel's rows
@@ -206,19 +201,12 @@ constexpr SpqmmRule kSpqmmPlan[] = {
     // 4,835 / 7,531). Only on layers of 4M weights and more: 6 bits, int8 / the fp32 path, 8, 16
     // and 128 rows: 384 x 384 1.99 / 1.44 / 2.17 times slower, 1536 x 384 1.84 / 1.39 / 1.41,
     // 384 x 1536 1.64 / 1.29 / 1.99, 1024 x 1024 1.48 / 1.02 / 1.39; 2048 x 2048 0.98 / 0.85 /
-    // 1.17; so smaller layers compute as dense fp32. From 48 rows (smaller layers from 10) the
-    // int8 GEMM, measured on the Zen 4 CPU with DCX_CPU_ISA=avx512 and oneDNN held to AVX-512
-    // without VNNI (ONEDNN_MAX_CPU_ISA=AVX512_CORE); int8 many / int8 GEMM / the fp32 plan, 4
-    // bits: 24 rows 6,653 / 8,361; 48 rows 12,499 / 9,155 / 15,410; 128 rows 29,403 / 16,037 /
-    // 31,729; 6 bits: 24 rows 6,552 / 7,193; 48 rows 11,151 / 9,073; 6 bits, int8 GEMM / fp32 at
-    // 16 and 128 rows: 1536 x 384 206 / 244, 662 / 1,025; 384 x 1536 246 / 280, 656 / 1,148;
-    // 384 x 384 91 / 111, 221 / 373.
+    // 1.17; so smaller layers compute as dense fp32. (No int8 GEMM: see the AVX2 rules.)
     {SpqmmIsa::kAvx512, SpqmmMode::kInt8, 2, 1.0, SpqmmKernel::kDenseRows, 1},
     {SpqmmIsa::kAvx512, SpqmmMode::kInt8, 5, 1.0, SpqmmKernel::kInt8Rows, 0, kSpqmmLargeWeights},
-    {SpqmmIsa::kAvx512, SpqmmMode::kInt8, 48, 1.0, SpqmmKernel::kInt8Many, 0, kSpqmmLargeWeights},
-    {SpqmmIsa::kAvx512, SpqmmMode::kInt8, kSpqmmNoBound, 1.0, SpqmmKernel::kInt8Gemm, 0, kSpqmmLargeWeights},
+    {SpqmmIsa::kAvx512, SpqmmMode::kInt8, 160, 1.0, SpqmmKernel::kInt8Many, 0, kSpqmmLargeWeights},
     {SpqmmIsa::kAvx512, SpqmmMode::kInt8, 10, 1.0, SpqmmKernel::kDenseRows, 0},
-    {SpqmmIsa::kAvx512, SpqmmMode::kInt8, kSpqmmNoBound, 1.0, SpqmmKernel::kInt8Gemm, 0},
+    {SpqmmIsa::kAvx512, SpqmmMode::kInt8, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0},
 
     // CUDA (not yet measured on a GPU): the kernels read the compressed bytes once per 8 batch
     // rows, cuBLAS the dense bytes once, so the crossover grows as density falls.

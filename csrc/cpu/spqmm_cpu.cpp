@@ -12,6 +12,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
+#include <ATen/cpu/Utils.h>
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
 
@@ -925,6 +926,11 @@ SpqmmPlan cpu_plan(const SpqmmPacked& p, SpqmmIsa isa, SpqmmCompute compute, at:
                          : dtype == at::kBFloat16         ? SpqmmMode::kBf16
                                                           : SpqmmMode::kDense;
   SpqmmPlan plan = spqmm_plan(isa, mode, slot_density(p), p.n, p.k, rows, threads, crossover);
+  // torch runs at::_int_mm through oneDNN only with VNNI and oneDNN enabled (a plain loop
+  // otherwise), and the int32 sums bound K.
+  if (plan.kernel == SpqmmKernel::kInt8Gemm &&
+      (p.k > kQ8GemmMaxK || !at::globalContext().userEnabledMkldnn() || !at::cpu::is_avx512_vnni_supported()))
+    plan.kernel = SpqmmKernel::kDecodeGemm;
   if (plan.kernel == SpqmmKernel::kDenseMany && isa == SpqmmIsa::kPortable) {
     plan.kernel = SpqmmKernel::kDenseRows;
     plan.block = spqmm_rows_block(rows);
