@@ -15,7 +15,9 @@
 //                blocks in float32.
 //
 // The rule (q8_* below) is shared by the CPU kernels, the CUDA kernels and, written in torch,
-// dcx.reference.spqmm_int8.
+// dcx.reference.spqmm_int8. On the CPU the ids become int16 weights by byte shuffles (pshufb:
+// 16 entries per shuffle and byte plane, a tree of blends on the id's bits 4.. beyond), and the
+// dot products are pmaddwd on int16 activations.
 //
 // Many rows (the plan's kInt8Gemm, CPU only) take a coarser rule that a GEMM can run, as torch's
 // int8 dynamic quantization and torchao's do: W decoded once (group scales included) and each of
@@ -25,9 +27,7 @@
 // costs fidelity: all-MiniLM-L6-v2 at 6 bits, 64 sentences of up to 128 tokens, cos 0.9907
 // against fp32 where the blocks of 32 gave 0.9942 (benchmarks/bench_transformer.py; in a float
 // simulation the rows of x alone cost 0.9942 -> 0.9917, the rows of W then 0.9906; torch's int8
-// dynamic quantization, one scale for all of W, 0.9462). On the CPU the ids become int16 weights by byte shuffles (pshufb:
-// 16 entries per shuffle and byte plane, a tree of blends on the id's bits 4.. beyond), and the
-// dot products are pmaddwd on int16 activations.
+// dynamic quantization, one scale for all of W, 0.9462).
 #pragma once
 
 #include <algorithm>

@@ -777,8 +777,9 @@ DCX_SPQMM_MULTIVERSION void q8_gemm_epilogue(const int32_t* acc, int64_t lda, co
 
 // int8 compute at many rows (SpqmmKernel::kInt8Gemm; the rule in core/spqmm_int8.h): x quantized
 // per row, W decoded group by group into each thread's float buffer and quantized per row into
-// one int8 copy (kept from call to call, as decode_gemm's), then one int8 GEMM that ATen threads
-// itself (oneDNN's int8 kernels: VNNI where the CPU has it).
+// one int8 copy (kept from call to call, as decode_gemm's), then ATen's int8 GEMM (oneDNN's VNNI
+// kernels; cpu_plan takes this only where torch runs it through oneDNN), in tiles or blocks as
+// said below, each followed by its epilogue.
 void int8_gemm(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan, const float* table,
                const at::Tensor& x2, const float* bias, float* y, SpqmmSeen* seen) {
   const int64_t M = x2.size(0), N = p.n, K = p.k;
