@@ -154,9 +154,15 @@ struct SpqmmStepScales {
   int64_t g = -1, lo = 0, hi = 0;  // the row group and the columns [lo, hi) of `at`
   const float* at = nullptr;
   std::vector<float> rows;  // [scale_groups][16]: the row group's scales
+  // Sized here, so that a new row group is a plain inline copy: a call inside a kernel's step
+  // loop, however rare, clobbers every vector register, and GCC then keeps the kernel's
+  // accumulators on the stack (a load and a store around each FMA; the AVX-512 batch kernel ran
+  // 2x slower for it).
+  explicit SpqmmStepScales(const SpqmmPacked& p)
+      : rows(p.group_scale ? size_t(p.scale_groups * kSpqmmRows) : size_t(0)) {}
   DCX_ALWAYS_INLINE const float* get(const SpqmmPacked& p, int64_t grp, int64_t j0) {
     if (__builtin_expect(grp != g || j0 < lo || j0 >= hi, 0)) {
-      if (grp != g) load_rows(p, grp);  // a call (it clobbers the vector registers): rarely
+      if (grp != g) load_rows(p, grp);
       const int64_t cg = spqmm_col_group(p, j0);
       lo = cg * p.scale_group;
       hi = cg == p.scale_groups - 1 ? INT64_MAX : lo + p.scale_group;
@@ -164,12 +170,12 @@ struct SpqmmStepScales {
     }
     return at;
   }
-  __attribute__((noinline)) void load_rows(const SpqmmPacked& p, int64_t grp) {
+  DCX_ALWAYS_INLINE void load_rows(const SpqmmPacked& p, int64_t grp) {
     const int64_t groups = p.scale_groups;
-    rows.resize(size_t(groups * kSpqmmRows));
+    float* out = rows.data();
     for (int i = 0; i < kSpqmmRows; ++i) {
       const float* src = p.group_scale + std::min<int64_t>(grp * kSpqmmRows + i, p.n - 1) * groups;
-      for (int64_t c = 0; c < groups; ++c) rows[size_t(c * kSpqmmRows + i)] = src[c];
+      for (int64_t c = 0; c < groups; ++c) out[c * kSpqmmRows + i] = src[c];
     }
     g = grp;
   }

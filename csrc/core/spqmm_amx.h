@@ -323,7 +323,7 @@ struct AmxSteps {
   const Table& tab;  // the codebook as bf16 bit patterns, or as floats when group-scaled
   SpqmmSeen* seen;
   int64_t g0 = 0, next[2] = {0, 0}, end[2] = {0, 0};  // the pass's first group, its steps left
-  SpqmmStepScales scales[2];
+  SpqmmStepScales scales[2] = {SpqmmStepScales(p), SpqmmStepScales(p)};
 
   AmxSteps(const SpqmmPacked& p_, const Table& tab_, SpqmmSeen* seen_) : p(p_), tab(tab_), seen(seen_) {}
 

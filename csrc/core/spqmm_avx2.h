@@ -51,7 +51,7 @@ DCX_AVX2_FN void sparse_chunk(const SpqmmPacked& p, int64_t c, const float* tabl
   __m256i max_id = _mm256_setzero_si256();
   int64_t max_col = -1;
   __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-  SpqmmStepScales scales;
+  SpqmmStepScales scales(p);
   auto step = [&](int64_t s, int64_t g) DCX_AVX2_FN {
     const int64_t j0 = spqmm_window(p, s, &max_col);
     __m256 xw[4];
@@ -72,12 +72,22 @@ DCX_AVX2_FN void sparse_chunk(const SpqmmPacked& p, int64_t c, const float* tabl
       }
     }
   };
+  // As spqmm_flush, inline: a call in the walk keeps the accumulators on the stack (see the
+  // AVX-512 sparse_chunk).
   auto flush = [&](int64_t g, int slot) DCX_AVX2_FN {
-    alignas(32) float sums[1][kSpqmmRows];
-    _mm256_store_ps(sums[0], acc[0]);
-    _mm256_store_ps(sums[0] + 8, acc[1]);
+    if (slot >= 0) {
+      edge->group[slot] = g;
+      _mm256_storeu_ps(edge_sums + slot * kSpqmmRows, acc[0]);
+      _mm256_storeu_ps(edge_sums + slot * kSpqmmRows + 8, acc[1]);
+    } else {
+      alignas(32) float sums[kSpqmmRows];
+      _mm256_store_ps(sums, acc[0]);
+      _mm256_store_ps(sums + 8, acc[1]);
+      const int64_t r0 = g * kSpqmmRows;
+      const int lanes = static_cast<int>(std::min<int64_t>(kSpqmmRows, p.n - r0));
+      for (int i = 0; i < lanes; ++i) y[r0 + i] += sums[i];
+    }
     acc[0] = acc[1] = _mm256_setzero_ps();
-    spqmm_flush<1>(p, g, slot, sums, y, p.n, 1, edge_sums, edge);
   };
   spqmm_walk_chunk(p, c, step, flush);
   alignas(32) uint32_t lanes[8];
@@ -102,10 +112,11 @@ DCX_AVX2_FN void sparse_batch(const SpqmmPacked& p, int64_t g0, int64_t g1, cons
   int64_t max_col = -1;
   alignas(32) float wb[8];
   alignas(32) int32_t cb[8];
-  SpqmmStepScales scales;
+  SpqmmStepScales scales(p);
   for (int64_t g = g0; g < g1; ++g) {
     for (int h = 0; h < 2; ++h) {
       __m256 acc[8];
+#pragma GCC unroll 8
       for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
       for (int64_t s = p.group_ptr[g]; s < p.group_ptr[g + 1]; ++s) {
         const int64_t j0 = spqmm_window(p, s, &max_col);
@@ -122,16 +133,20 @@ DCX_AVX2_FN void sparse_batch(const SpqmmPacked& p, int64_t g0, int64_t g1, cons
           for (int i = 0; i < 8; ++i)
             if (sv[i] & kSpqmmLive) max_col = std::max<int64_t>(max_col, cb[i] >> 3);
         }
+#pragma GCC unroll 8
         for (int i = 0; i < 8; ++i)
           acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(wb + i), _mm256_loadu_ps(xt + cb[i]), acc[i]);
       }
+      // Stored at constant indices, so that the accumulators stay in registers (as in the
+      // AVX-512 kernel).
+      alignas(32) float sums[8][8];
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) _mm256_store_ps(sums[i], acc[i]);
       const int64_t r0 = g * kSpqmmRows + 8 * h;
       const int lanes = static_cast<int>(std::min<int64_t>(8, p.n - r0));
-      alignas(32) float sums[8];
       for (int i = 0; i < lanes; ++i) {
-        _mm256_store_ps(sums, acc[i]);
         const float b = bias ? bias[r0 + i] : 0.f;
-        for (int m = 0; m < mvalid; ++m) y[m * ldy + r0 + i] = sums[m] + b;
+        for (int m = 0; m < mvalid; ++m) y[m * ldy + r0 + i] = sums[i][m] + b;
       }
     }
   }

@@ -90,6 +90,11 @@ DCX_AVX512_FN inline __m512 lookup(const Table& t, __m512i id) {
 
 DCX_AVX512_FN inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
+// Lanes of the 16 elements from j that lie below k.
+DCX_AVX512_FN inline __mmask16 tail_mask(int64_t k, int64_t j) {
+  return k - j >= 16 ? __mmask16(0xFFFF) : k <= j ? __mmask16(0) : __mmask16((1u << (k - j)) - 1);
+}
+
 // Sparse chunk with MB batch columns (xs [MB][ldx], y [MB][ldy] holding the bias): per step, one
 // 32-byte load of the 16 slots, the weights by register lookup, and per batch column the window
 // of x by two loads and one permute; lane i accumulates row 16 g + i all along.
@@ -102,8 +107,9 @@ DCX_AVX512_FN void sparse_chunk(const SpqmmPacked& p, int64_t c, const float* ta
   __m512i max_id = _mm512_setzero_si512();
   int64_t max_col = -1;
   __m512 acc[MB];
+#pragma GCC unroll 8
   for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
-  SpqmmStepScales scales;
+  SpqmmStepScales scales(p);
   auto step = [&](int64_t s, int64_t g) DCX_AVX512_FN {
     // Prefetch the codes 64 steps (2 KB, past the chunk's end too: the thread's next chunk
     // usually follows) and the windows 256 steps ahead: the steps themselves are too short for the
@@ -127,19 +133,33 @@ DCX_AVX512_FN void sparse_chunk(const SpqmmPacked& p, int64_t c, const float* ta
       const __m512i o = _mm512_and_si512(off, _mm512_set1_epi32(kSpqmmWindow - 1));
       if (live) max_col = std::max<int64_t>(max_col, j0 + _mm512_mask_reduce_max_epu32(live, o));
     }
+#pragma GCC unroll 8
     for (int m = 0; m < MB; ++m) {
       const float* xw = xs + m * ldx + j0;
       const __m512 xv = _mm512_permutex2var_ps(_mm512_loadu_ps(xw), off, _mm512_loadu_ps(xw + 16));
       acc[m] = _mm512_fmadd_ps(w, xv, acc[m]);
     }
   };
+  // As spqmm_flush, in vector stores at constant indices of acc: a call in the walk (spqmm_flush,
+  // or the memcpy inside it) clobbers every vector register, and GCC then kept the accumulators
+  // on the stack, a load and a store around each FMA (8 rows: 63 cycles a step, then 27).
   auto flush = [&](int64_t g, int slot) DCX_AVX512_FN {
-    alignas(64) float sums[MB][kSpqmmRows];
-    for (int m = 0; m < MB; ++m) {
-      _mm512_store_ps(sums[m], acc[m]);
-      acc[m] = _mm512_setzero_ps();
+    if (slot >= 0) {
+      edge->group[slot] = g;
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) _mm512_storeu_ps(edge_sums + (slot * MB + m) * kSpqmmRows, acc[m]);
+    } else {
+      const int64_t r0 = g * kSpqmmRows;
+      const __mmask16 lanes = tail_mask(p.n, r0);
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) {
+        if (m >= mvalid) break;
+        float* yr = y + m * ldy + r0;
+        _mm512_mask_storeu_ps(yr, lanes, _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, yr), acc[m]));
+      }
     }
-    spqmm_flush<MB>(p, g, slot, sums, y, ldy, mvalid, edge_sums, edge);
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
   };
   spqmm_walk_chunk(p, c, step, flush);
   seen->max_id = std::max<uint32_t>(seen->max_id, _mm512_reduce_max_epu32(max_id));
@@ -147,12 +167,17 @@ DCX_AVX512_FN void sparse_chunk(const SpqmmPacked& p, int64_t c, const float* ta
 }
 
 // Sparse mode for 12 to 16 batch rows (a tile of xt [K + 32][16], the batch rows in the lanes,
-// zero past K and past the valid rows), groups [g0, g1): per step the 16 weights by register
-// lookup and the 16 offsets as one vector each (as sparse_chunk), then per slot a broadcast of its
-// weight and one FMA with the 16 activations of its column (one aligned 64-byte load) into its
-// row's accumulator; the 16 rows of a group stay in registers. (Written through a buffer, the
-// compiler takes the lanes out of the registers; reading them back from memory, or decoding each
-// slot as scalars, measured 1.4x slower.) y [16][ldy] gets bias + products for the mvalid rows.
+// zero past K and past the valid rows), groups [g0, g1), in two phases per run of kBatchSteps
+// steps: first each step's 16 weights by register lookup and its 16 x addresses (window and
+// offset, as bytes into xt) as one vector each, stored in a small buffer; then per slot a
+// broadcast load of its weight, a load of its offset and one FMA with the 16 activations of its
+// column (one aligned 64-byte load) into its row's accumulator; the 16 rows of a group stay in
+// registers. Decoding a run ahead of its FMAs lets the stores retire before they are read back:
+// read back within the step (a 64-byte store, then 4-byte loads of it), a step cost about 80
+// cycles; taken out of the registers (a permute and an extract per slot), about 100.
+// y [16][ldy] gets bias + products for the mvalid rows.
+constexpr int kBatchSteps = 32;
+
 template <Lut L>
 DCX_AVX512_FN void sparse_batch(const SpqmmPacked& p, int64_t g0, int64_t g1, const float* table,
                                 const float* xt, int mvalid, const float* bias, float* y,
@@ -163,45 +188,53 @@ DCX_AVX512_FN void sparse_batch(const SpqmmPacked& p, int64_t g0, int64_t g1, co
   const __m512i off_mask = _mm512_set1_epi32(kSpqmmWindow - 1);
   __m512i max_id = _mm512_setzero_si512();
   int64_t max_col = -1;
-  alignas(64) float wb[kSpqmmRows];
-  alignas(64) int32_t ob[kSpqmmRows];
-  SpqmmStepScales scales;
+  alignas(64) float wb[kBatchSteps][kSpqmmRows];
+  alignas(64) int32_t ob[kBatchSteps][kSpqmmRows];  // bytes from xt: (window + offset) * MT * 4
+  SpqmmStepScales scales(p);
   for (int64_t g = g0; g < g1; ++g) {
     __m512 acc[kSpqmmRows];
+#pragma GCC unroll 16
     for (int i = 0; i < kSpqmmRows; ++i) acc[i] = _mm512_setzero_ps();
-    for (int64_t s = p.group_ptr[g]; s < p.group_ptr[g + 1]; ++s) {
-      const int64_t j0 = spqmm_window(p, s, &max_col);
-      const __m512i v =
-          _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(p.codes + s * kSpqmmRows)));
-      const __mmask16 live = _mm512_test_epi32_mask(v, live_bit);
-      max_id = _mm512_max_epu32(max_id, _mm512_and_si512(v, id_mask));
-      __m512 w = _mm512_maskz_mov_ps(live, lookup<L>(tab, v));
-      if (p.group_scale) w = _mm512_mul_ps(w, _mm512_load_ps(scales.get(p, g, j0)));
-      _mm512_store_ps(wb, w);
-      const __m512i off = _mm512_and_si512(_mm512_srli_epi32(v, 8), off_mask);
-      _mm512_storeu_si512(ob, off);
-      if (j0 + kSpqmmWindow > p.k && live)  // only here can a live slot point past K
-        max_col = std::max<int64_t>(max_col, j0 + _mm512_mask_reduce_max_epu32(live, off));
-      const float* xw = xt + j0 * MT;
-      for (int i = 0; i < kSpqmmRows; ++i)
-        acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(wb[i]), _mm512_loadu_ps(xw + ob[i] * MT), acc[i]);
+    for (int64_t s0 = p.group_ptr[g], end = p.group_ptr[g + 1]; s0 < end; s0 += kBatchSteps) {
+      const int run = static_cast<int>(std::min<int64_t>(kBatchSteps, end - s0));
+      for (int t = 0; t < run; ++t) {
+        const int64_t s = s0 + t;
+        const int64_t j0 = spqmm_window(p, s, &max_col);
+        const __m512i v =
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(p.codes + s * kSpqmmRows)));
+        const __mmask16 live = _mm512_test_epi32_mask(v, live_bit);
+        max_id = _mm512_max_epu32(max_id, _mm512_and_si512(v, id_mask));
+        __m512 w = _mm512_maskz_mov_ps(live, lookup<L>(tab, v));
+        if (p.group_scale) w = _mm512_mul_ps(w, _mm512_load_ps(scales.get(p, g, j0)));
+        _mm512_store_ps(wb[t], w);
+        const __m512i off = _mm512_and_si512(_mm512_srli_epi32(v, 8), off_mask);
+        _mm512_storeu_si512(ob[t], _mm512_slli_epi32(_mm512_add_epi32(off, _mm512_set1_epi32(int32_t(j0))), 6));
+        if (j0 + kSpqmmWindow > p.k && live)  // only here can a live slot point past K
+          max_col = std::max<int64_t>(max_col, j0 + _mm512_mask_reduce_max_epu32(live, off));
+      }
+      const char* xb = reinterpret_cast<const char*>(xt);
+      for (int t = 0; t < run; ++t) {
+#pragma GCC unroll 16
+        for (int i = 0; i < kSpqmmRows; ++i)
+          acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(wb[t][i]),
+                                   _mm512_load_ps(reinterpret_cast<const float*>(xb + ob[t][i])), acc[i]);
+      }
     }
+    // Every accumulator stored at constant indices, so that all 16 stay in registers through the
+    // steps (a store at a run-time index, i < lanes, had put them on the stack: a load and a
+    // store around each FMA).
+    alignas(64) float sums[kSpqmmRows][MT];
+#pragma GCC unroll 16
+    for (int i = 0; i < kSpqmmRows; ++i) _mm512_store_ps(sums[i], acc[i]);
     const int64_t r0 = g * kSpqmmRows;
     const int lanes = static_cast<int>(std::min<int64_t>(kSpqmmRows, p.n - r0));
-    alignas(64) float sums[MT];
     for (int i = 0; i < lanes; ++i) {
-      _mm512_store_ps(sums, acc[i]);
       const float b = bias ? bias[r0 + i] : 0.f;
-      for (int m = 0; m < mvalid; ++m) y[m * ldy + r0 + i] = sums[m] + b;
+      for (int m = 0; m < mvalid; ++m) y[m * ldy + r0 + i] = sums[i][m] + b;
     }
   }
   seen->max_id = std::max<uint32_t>(seen->max_id, _mm512_reduce_max_epu32(max_id));
   seen->max_col = std::max<int64_t>(seen->max_col, max_col);
-}
-
-// Lanes of the 16 elements from j that lie below k.
-DCX_AVX512_FN inline __mmask16 tail_mask(int64_t k, int64_t j) {
-  return k - j >= 16 ? __mmask16(0xFFFF) : k <= j ? __mmask16(0) : __mmask16((1u << (k - j)) - 1);
 }
 
 // Dense mode: every layout (core/spqmm_layout.h) read 16 consecutive columns at a time, as one

@@ -17,7 +17,7 @@ DCX_SPQMM_MULTIVERSION void spqmm_sparse_chunk(const SpqmmPacked& p, int64_t c,
   uint32_t max_id = 0;
   int64_t max_col = -1;
   float acc[MB][kSpqmmRows] = {};
-  SpqmmStepScales scales;
+  SpqmmStepScales scales(p);
   auto step = [&](int64_t s, int64_t g) {
     const uint16_t* slot = p.codes + s * kSpqmmRows;
     const int64_t j0 = spqmm_window(p, s, &max_col);
@@ -127,7 +127,7 @@ DCX_SPQMM_MULTIVERSION void spqmm_sparse_batch(const SpqmmPacked& p, int64_t g0,
                                                SpqmmSeen* seen) {
   uint32_t max_id = 0;
   int64_t max_col = -1;
-  SpqmmStepScales scales;
+  SpqmmStepScales scales(p);
   for (int64_t g = g0; g < g1; ++g) {
     float acc[kSpqmmRows][MT] = {};
     for (int64_t s = p.group_ptr[g]; s < p.group_ptr[g + 1]; ++s) {
