@@ -298,8 +298,6 @@ def anchor_cases(gen):
         packs = [packed] + [packed._replace(codes=packed.codes.clone())
                             for _ in range(copies_for(packed.nbytes(), "cpu") - 1)]
         for i, mode in enumerate(("float32", "bfloat16", "int8")):
-            if mode == "int8" and not packed.dense:  # int8 compute serves dense mode
-                continue
             # Each mode starts a third further along the copies: in step, every mode after the
             # first read the copy the one before had just brought into L3.
             start = i * len(packs) // 3
@@ -394,7 +392,7 @@ def run_anchors(args):
              f"every call, timed up to batch {CODEBOOK_BATCHES}). torchao's int4 configs have no "
              "CPU path in this build (int4_packing_format plain needs mslk, plain_int32 and the "
              "groupwise LUT config no CPU kernel). dcx fp32 / bf16 / int8: dcx.ops.spqmm with "
-             "compute='float32' / 'bfloat16' / 'int8' (int8: dense mode only; the kernel table, "
+             "compute='float32' / 'bfloat16' / 'int8' (int8: a sparse layer only at many rows; the kernel table, "
              "csrc/core/spqmm_plan.h, picks the kernel per batch).")
     if args.busy:
         notes = [common.stamp("cpu"), "",

@@ -79,7 +79,8 @@ namespace {
 PyObject* plan_table() {
   static const char* const isas[] = {"portable", "avx2", "avx512", "cuda", "avx512vnni",
                                      "avx512amx"};
-  static const char* const modes[] = {"sparse", "dense", "int8", "bfloat16", "sparse_bfloat16"};
+  static const char* const modes[] = {"sparse", "dense", "int8", "bfloat16", "sparse_bfloat16",
+                                      "sparse_int8"};
   static const char* const kernels[] = {"sparse_steps", "sparse_batch", "dense_rows",
                                         "dense_many", "int8_rows", "decode_gemm",
                                         "int8_many", "int8_vnni", "bf16_amx", "sparse_amx",
@@ -90,9 +91,10 @@ PyObject* plan_table() {
     const dcx::SpqmmRule& r = dcx::kSpqmmPlan[i];
     const long long below = r.rows_below == dcx::kSpqmmNoBound ? -1 : r.rows_below;
     PyObject* entry = Py_BuildValue(
-        "{s:s,s:s,s:L,s:d,s:s,s:i,s:L}", "isa", isas[int(r.isa)], "mode", modes[int(r.mode)],
+        "{s:s,s:s,s:L,s:d,s:s,s:i,s:L,s:L}", "isa", isas[int(r.isa)], "mode", modes[int(r.mode)],
         "rows_below", below, "max_density", r.max_density, "kernel", kernels[int(r.kernel)],
-        "block", r.block, "min_weights", static_cast<long long>(r.min_weights));
+        "block", r.block, "min_weights", static_cast<long long>(r.min_weights), "min_rows",
+        static_cast<long long>(r.min_rows));
     if (entry == nullptr) {
       Py_DECREF(list);
       return nullptr;
@@ -109,8 +111,8 @@ PyObject* plan_rule(PyObject*, PyObject* args) {
   double density = 1.0;
   long long n = 0, k = 0, rows = 0;
   if (!PyArg_ParseTuple(args, "iidLLL", &isa, &mode, &density, &n, &k, &rows)) return nullptr;
-  if (isa < 0 || isa > 5 || mode < 0 || mode > 4) {
-    PyErr_SetString(PyExc_ValueError, "isa must lie in [0, 5] and mode in [0, 4]");
+  if (isa < 0 || isa > 5 || mode < 0 || mode > 5) {
+    PyErr_SetString(PyExc_ValueError, "isa must lie in [0, 5] and mode in [0, 5]");
     return nullptr;
   }
   const dcx::SpqmmPlan plan = dcx::spqmm_plan(dcx::SpqmmIsa(isa), dcx::SpqmmMode(mode), density, n, k,

@@ -84,6 +84,6 @@ def spqmm_plan_rule(isa: str, mode: str, density: float, out_features: int, in_f
     if LOAD_ERROR is not None:
         raise RuntimeError(f"dcx kernels are not built ({LOAD_ERROR}); {BUILD_HINT}")
     isas = ("portable", "avx2", "avx512", "cuda", "avx512vnni", "avx512amx")
-    modes = ("sparse", "dense", "int8", "bfloat16", "sparse_bfloat16")
+    modes = ("sparse", "dense", "int8", "bfloat16", "sparse_bfloat16", "sparse_int8")
     return _C.spqmm_plan_rule(isas.index(isa), modes.index(mode), density, out_features,
                               in_features, rows)

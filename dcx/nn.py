@@ -30,9 +30,10 @@ __all__ = ["COMPUTE_MODES", "check_compute", "packable", "PackedModule",
 # dense-mode layer through the int8 kernels (activations quantized to int8 per row in blocks of
 # 32, an int16 codebook, int32 dot products; about 1e-2 relative error per output; at many rows
 # the int8 GEMM, with W and x quantized per row instead, somewhat coarser) at the batch and layer
-# sizes where they are faster, float32 elsewhere and for a sparse-mode layer (its
-# kernel already reads about 0.3 byte per weight, and int8 would only add error). Which kernel
-# runs for a batch is decided by the table in csrc/core/spqmm_plan.h.
+# sizes where they are faster, float32 elsewhere; a sparse-mode layer takes the int8 GEMM only at
+# many rows on large layers (from 80 to 160 rows by density, CPUs with AVX-512 VNNI), where it
+# beats the sparse kernels, whose cost grows with the rows, and computes in float32 below. Which
+# kernel runs for a batch is decided by the table in csrc/core/spqmm_plan.h.
 
 
 def _spqmm_op():

@@ -389,13 +389,17 @@ def spqmm_int8(
 def spqmm_int8_gemm(
     x: Tensor, codes: Tensor, codebook: Tensor, out_features: int, in_features: int, bits: int,
     bias: Optional[Tensor] = None, scale: Optional[Tensor] = None, group_size: int = 0,
+    windows: Optional[Tensor] = None, group_ptr: Optional[Tensor] = None,
 ) -> Tensor:
     """The int8 compute of many rows (the plan's int8_gemm kernel; the coarser rule in
     csrc/core/spqmm_int8.h) in plain torch, float64: W decoded in float32 (group scales
     included) and each row quantized whole to int8, each row of x likewise, the products exact,
-    y = sx sw acc (times the row scales, when given) + bias."""
+    y = sx sw acc (times the row scales, when given) + bias. A sparse-mode layer passes its
+    windows and group_ptr too."""
     empty = torch.empty(0, dtype=torch.int32, device=codes.device)
-    w = spqmm_weight(codes, empty, empty, codebook.float(), out_features, in_features, bits).float()
+    w = spqmm_weight(codes, empty if windows is None else windows,
+                     empty if group_ptr is None else group_ptr, codebook.float(), out_features,
+                     in_features, bits).float()
     if scale is not None and group_size:
         w = w * scale_columns(scale.float(), group_size, in_features)
     wq, ws = q8_quantize(w)  # [N, 1, K], [N, 1]

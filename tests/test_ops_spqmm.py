@@ -5,7 +5,8 @@ import torch.nn.functional as F
 import dcx
 from dcx import _native, reference
 from tests.testing import (FLOAT_DTYPES, check_bfloat16, cpu_isas, cpu_kind, devices, first_plan_rules,
-                           noncontiguous, plan_compute, requires_kernels, unit_roundoff)
+                           noncontiguous, plan_compute, requires_kernels, sparse_int8_rules,
+                           unit_roundoff)
 
 pytestmark = requires_kernels
 
@@ -128,8 +129,9 @@ def test_cpu_kernels_of_each_isa(monkeypatch, isa, bits, density, batch):
 @pytest.mark.parametrize("isa", cpu_isas())
 def test_every_plan_rule_runs(monkeypatch, isa):
     """Every rule of the kernel table (csrc/core/spqmm_plan.h) for this kind of CPU is reached by
-    one of four layers (sparse at low and high slot density, in float32 and bfloat16; dense, in
-    float32, int8 and bfloat16, small and past every size bound) at some batch, and what it runs is right: float kernels
+    one of six layers (sparse at low and high slot density, in float32, bfloat16 and int8, small
+    and past every size bound; dense, in float32, int8 and bfloat16, small and past every size
+    bound) at some batch, and what it runs is right: float kernels
     against the float64 product (bfloat16 within its roundings), int8 ones equal to spqmm_int8
     (tested against its reference in test_ops_spqmm_int8.py), the int8 GEMM against its own
     reference."""
@@ -137,12 +139,16 @@ def test_every_plan_rule_runs(monkeypatch, isa):
     kind = "portable" if isa == "generic" else isa
     torch.manual_seed(0)
     table = _native.spqmm_plan()
-    # A dense layer past every rule's size bound, and one below them.
-    big = max(r["min_weights"] for r in table)
+    # Layers below every rule's size bound, and past them (sparse at slot densities about 0.14
+    # and 0.29, either side of the sparse int8 rules' bound).
+    big = max(300, -(-max(r["min_weights"] for r in table) // 64))
     layers = [make_layer(40, 300, 0.1, 5, torch.float32, "cpu", dense=False),
               make_layer(40, 300, 0.6, 6, torch.float32, "cpu", dense=False),
               make_layer(40, 300, 1.0, 4, torch.float32, "cpu", dense=True),
-              make_layer(64, max(300, -(-big // 64)), 1.0, 4, torch.float32, "cpu", dense=True)]
+              make_layer(64, big, 1.0, 4, torch.float32, "cpu", dense=True)]
+    if sparse_int8_rules(kind, big):  # packing them takes seconds: only where they are reached
+        layers += [make_layer(64, big, 0.1, 5, torch.float32, "cpu", dense=False),
+                   make_layer(64, big, 0.25, 5, torch.float32, "cpu", dense=False)]
     for i, mode, rows, rule in first_plan_rules(kind, [layer[3] for layer in layers]):
         mask, labels, codebook, p = layers[i]
         n, k = p.out_features, p.in_features
@@ -150,7 +156,8 @@ def test_every_plan_rule_runs(monkeypatch, isa):
         y = dcx.ops.spqmm(x, p.codes, p.windows, p.group_ptr, p.chunks, p.codebook, n, k,
                           p.bits, bias, compute=plan_compute(mode))
         if table[rule]["kernel"] == "int8_gemm":  # its own, coarser rule
-            expected = reference.spqmm_int8_gemm(x, p.codes, p.codebook, n, k, p.bits, bias)
+            expected = reference.spqmm_int8_gemm(x, p.codes, p.codebook, n, k, p.bits, bias,
+                                                 windows=p.windows, group_ptr=p.group_ptr)
             torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
         elif table[rule]["kernel"].startswith("int8"):
             assert torch.equal(y, dcx.ops.spqmm_int8(x, p.codes, p.codebook, n, k, p.bits,

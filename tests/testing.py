@@ -107,14 +107,24 @@ PLAN_ROWS = [1, 2, 3, 4, 5, 8, 9, 15, 16, 17, 23, 24, 31, 32, 33, 63, 64, 65, 95
 
 def plan_compute(mode):
     """The compute argument of dcx.ops.spqmm that puts a layer in the kernel table's `mode`."""
-    return {"int8": "int8", "bfloat16": "bfloat16", "sparse_bfloat16": "bfloat16"}.get(mode, "auto")
+    return {"int8": "int8", "bfloat16": "bfloat16", "sparse_bfloat16": "bfloat16",
+            "sparse_int8": "int8"}.get(mode, "auto")
+
+
+def sparse_int8_rules(kind, in_features):
+    """Whether this kind of CPU has rules of its own for sparse layers in int8 compute, which a
+    64 x in_features layer reaches at many rows."""
+    from dcx import _native
+
+    rule = _native.spqmm_plan_rule(kind, "sparse_int8", 0.1, 64, in_features, 1 << 20)
+    return rule >= 0 and _native.spqmm_plan()[rule]["mode"] == "sparse_int8"
 
 
 def first_plan_rules(kind, packed_layers):
     """(layer index, mode, batch rows, rule) for the first batch of PLAN_ROWS at which each rule
     of the kernel table (csrc/core/spqmm_plan.h) for this kind of CPU serves one of the packed
-    layers (dense ones in "dense", "int8" and "bfloat16" mode, sparse ones in "sparse" and
-    "sparse_bfloat16"); then asserts every rule of the kind was
+    layers (dense ones in "dense", "int8" and "bfloat16" mode, sparse ones in "sparse",
+    "sparse_bfloat16" and "sparse_int8"); then asserts every rule of the kind was
     reached: one no batch reaches is a defect of the table."""
     from dcx import _native
 
@@ -122,7 +132,8 @@ def first_plan_rules(kind, packed_layers):
     for i, p in enumerate(packed_layers):
         n, k = p.out_features, p.in_features
         density = 1.0 if p.dense else p.codes.shape[0] * 16 / (n * k)
-        for mode in (("dense", "int8", "bfloat16") if p.dense else ("sparse", "sparse_bfloat16")):
+        for mode in (("dense", "int8", "bfloat16") if p.dense
+                     else ("sparse", "sparse_bfloat16", "sparse_int8")):
             for rows in PLAN_ROWS:
                 rule = _native.spqmm_plan_rule(kind, mode, density, n, k, rows)
                 if rule not in reached:

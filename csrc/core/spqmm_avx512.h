@@ -142,7 +142,8 @@ DCX_AVX512_FN void sparse_chunk(const SpqmmPacked& p, int64_t c, const float* ta
   };
   // As spqmm_flush, in vector stores at constant indices of acc: a call in the walk (spqmm_flush,
   // or the memcpy inside it) clobbers every vector register, and GCC then kept the accumulators
-  // on the stack, a load and a store around each FMA (8 rows: 63 cycles a step, then 27).
+  // on the stack, a load and a store around each FMA (4096 x 4096, 10% kept, 8 rows, two threads:
+  // 63 cycles a step, then 51).
   auto flush = [&](int64_t g, int slot) DCX_AVX512_FN {
     if (slot >= 0) {
       edge->group[slot] = g;
@@ -373,6 +374,122 @@ DCX_AVX512_FN void dense_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, cons
     for (uint8_t v : nibbles) most = std::max<uint32_t>(most, v);
   }
   seen->max_id = std::max<uint32_t>(seen->max_id, most);
+}
+
+// Sparse decode of rows [r0, r1) (r0 a multiple of 16) into w ([r1 - r0, K] floats, zeroed
+// here): per step the 16 weights by register lookup (group scales included) and columns as
+// vectors, then one scalar store per live slot, found by the bits of the live mask (padding slots
+// are skipped: one at a column a row's weight holds would overwrite it). A live slot at column K
+// or past (corrupted data) is not written; the running maxima report it. (The portable decode,
+// a branch and a table read per slot, took 24 cycles a slot.)
+template <Lut L>
+DCX_AVX512_FN void sparse_decode_rows(const SpqmmPacked& p, int64_t r0, int64_t r1,
+                                      const float* table, float* w, SpqmmSeen* seen) {
+  const int64_t K = p.k;
+  std::fill(w, w + (r1 - r0) * K, 0.f);
+  const Table tab = load_table(table);
+  const __m512i live_bit = _mm512_set1_epi32(kSpqmmLive), id_mask = _mm512_set1_epi32(kSpqmmIdMask);
+  const __m512i off_mask = _mm512_set1_epi32(kSpqmmWindow - 1);
+  __m512i max_id = _mm512_setzero_si512();
+  int64_t max_col = -1;
+  alignas(64) float wb[kSpqmmRows];
+  alignas(64) int32_t cb[kSpqmmRows];
+  SpqmmStepScales scales(p);
+  for (int64_t g = r0 / kSpqmmRows; g < spqmm_groups(r1); ++g) {
+    // Lanes whose row lies in [r0, r1).
+    const int64_t rows_in = std::min<int64_t>(kSpqmmRows, r1 - g * kSpqmmRows);
+    const uint32_t in_range = rows_in >= kSpqmmRows ? 0xFFFFu : (1u << rows_in) - 1;
+    float* wg = w + (g * kSpqmmRows - r0) * K;
+    for (int64_t s = p.group_ptr[g]; s < p.group_ptr[g + 1]; ++s) {
+      const int64_t j0 = spqmm_window(p, s, &max_col);
+      const __m512i v =
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(p.codes + s * kSpqmmRows)));
+      const __mmask16 live = _mm512_test_epi32_mask(v, live_bit);
+      max_id = _mm512_max_epu32(max_id, _mm512_and_si512(v, id_mask));
+      __m512 wv = lookup<L>(tab, v);
+      if (p.group_scale) wv = _mm512_mul_ps(wv, _mm512_load_ps(scales.get(p, g, j0)));
+      const __m512i col = _mm512_add_epi32(_mm512_set1_epi32(int32_t(j0)),
+                                           _mm512_and_si512(_mm512_srli_epi32(v, 8), off_mask));
+      _mm512_store_ps(wb, wv);
+      _mm512_storeu_si512(cb, col);
+      if (j0 + kSpqmmWindow > K && live)  // only here can a live slot point past K
+        max_col = std::max<int64_t>(max_col, _mm512_mask_reduce_max_epu32(live, col));
+      for (uint32_t todo = uint32_t(live) & in_range; todo; todo &= todo - 1) {
+        const int i = __builtin_ctz(todo);
+        if (cb[i] < K) wg[i * K + cb[i]] = wb[i];
+      }
+    }
+  }
+  seen->max_id = std::max<uint32_t>(seen->max_id, _mm512_reduce_max_epu32(max_id));
+  seen->max_col = std::max<int64_t>(seen->max_col, max_col);
+}
+
+// Sparse rows [r0, r1) (r0 a multiple of 16) straight into int8 rows q ([r1 - r0, K], zeroed
+// here) with their scales sw ([r1 - r0]), as q8_quantize_whole_row quantizes the decoded rows (the
+// int8 GEMM's rule, core/spqmm_int8.h), without them: per group a pass over its steps for each
+// row's largest |weight| (its lane's maximum of the bit patterns), then a second one that rounds
+// each live slot's weight and stores one byte. (Decoding into floats first cost a 256 KB buffer
+// per group, zeroed, written and read again.) Padding and columns past K as sparse_decode_rows.
+template <Lut L>
+DCX_AVX512_FN void sparse_quantize_rows(const SpqmmPacked& p, int64_t r0, int64_t r1,
+                                        const float* table, int8_t* q, float* sw, SpqmmSeen* seen) {
+  const int64_t K = p.k;
+  std::fill(q, q + (r1 - r0) * K, int8_t(0));
+  const Table tab = load_table(table);
+  const __m512i live_bit = _mm512_set1_epi32(kSpqmmLive), id_mask = _mm512_set1_epi32(kSpqmmIdMask);
+  const __m512i off_mask = _mm512_set1_epi32(kSpqmmWindow - 1), abs_mask = _mm512_set1_epi32(0x7fffffff);
+  __m512i max_id = _mm512_setzero_si512();
+  int64_t max_col = -1;
+  alignas(64) float wb[kSpqmmRows], inv[kSpqmmRows];
+  alignas(64) int32_t cb[kSpqmmRows];
+  alignas(64) uint32_t amax_bits[kSpqmmRows];
+  SpqmmStepScales scales(p);
+  auto weights = [&](int64_t s, int64_t g, int64_t j0, __mmask16 live, __m512i v) DCX_AVX512_FN {
+    __m512 wv = _mm512_maskz_mov_ps(live, lookup<L>(tab, v));
+    if (p.group_scale) wv = _mm512_mul_ps(wv, _mm512_load_ps(scales.get(p, g, j0)));
+    return wv;
+  };
+  for (int64_t g = r0 / kSpqmmRows; g < spqmm_groups(r1); ++g) {
+    const int64_t rows_in = std::min<int64_t>(kSpqmmRows, r1 - g * kSpqmmRows);
+    const uint32_t in_range = rows_in >= kSpqmmRows ? 0xFFFFu : (1u << rows_in) - 1;
+    __m512i most = _mm512_setzero_si512();
+    for (int64_t s = p.group_ptr[g]; s < p.group_ptr[g + 1]; ++s) {
+      const int64_t j0 = spqmm_window(p, s, &max_col);
+      const __m512i v =
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(p.codes + s * kSpqmmRows)));
+      const __mmask16 live = _mm512_test_epi32_mask(v, live_bit);
+      max_id = _mm512_max_epu32(max_id, _mm512_and_si512(v, id_mask));
+      const __m512 wv = weights(s, g, j0, live, v);
+      most = _mm512_max_epu32(most, _mm512_and_si512(_mm512_castps_si512(wv), abs_mask));
+      if (j0 + kSpqmmWindow > K && live)  // only here can a live slot point past K
+        max_col = std::max<int64_t>(
+            max_col, j0 + _mm512_mask_reduce_max_epu32(live, _mm512_and_si512(_mm512_srli_epi32(v, 8), off_mask)));
+    }
+    _mm512_storeu_si512(amax_bits, most);
+    for (int i = 0; i < rows_in; ++i) {
+      float amax;
+      std::memcpy(&amax, amax_bits + i, sizeof(amax));
+      inv[i] = q8_inverse(amax);
+      sw[g * kSpqmmRows - r0 + i] = q8_scale(amax);
+    }
+    int8_t* qg = q + (g * kSpqmmRows - r0) * K;
+    for (int64_t s = p.group_ptr[g]; s < p.group_ptr[g + 1]; ++s) {
+      int64_t unused = -1;
+      const int64_t j0 = spqmm_window(p, s, &unused);
+      const __m512i v =
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(p.codes + s * kSpqmmRows)));
+      const __mmask16 live = _mm512_test_epi32_mask(v, live_bit);
+      _mm512_store_ps(wb, weights(s, g, j0, live, v));
+      _mm512_storeu_si512(cb, _mm512_add_epi32(_mm512_set1_epi32(int32_t(j0)),
+                                               _mm512_and_si512(_mm512_srli_epi32(v, 8), off_mask)));
+      for (uint32_t todo = uint32_t(live) & in_range; todo; todo &= todo - 1) {
+        const int i = __builtin_ctz(todo);
+        if (cb[i] < K) qg[i * K + cb[i]] = int8_t(q8_round(wb[i], inv[i]));
+      }
+    }
+  }
+  seen->max_id = std::max<uint32_t>(seen->max_id, _mm512_reduce_max_epu32(max_id));
+  seen->max_col = std::max<int64_t>(seen->max_col, max_col);
 }
 
 // Dense decode of rows [r0, r1) into w ([r1 - r0, K] floats), 16 columns per lookup.

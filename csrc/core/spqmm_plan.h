@@ -3,8 +3,8 @@
 // Torch-free; dcx._C exports the table (SPQMM_PLAN) so that the tests run every entry.
 //
 // A decision is a walk down kSpqmmPlan: the first rule of the machine's kind (isa) and the layer's
-// mode (sparse, dense, or dense with int8 compute) whose batch bound (rows_below) lies above the
-// call's rows and whose density and layer-size bounds hold. Each rule says what was measured to put it there
+// mode (sparse, dense, or either with bf16 or int8 compute) whose batch bounds (rows_below, and
+// min_rows where given) hold the call's rows and whose density and layer-size bounds hold. Each rule says what was measured to put it there
 // (benchmarks/bench_spqmm.py, 4096 x 4096 unless said, two threads, weights rotated past L3).
 #pragma once
 
@@ -30,19 +30,19 @@ constexpr bool spqmm_isa_serves(SpqmmIsa rule, SpqmmIsa isa) {
 }
 
 // sparse: codes with positions; dense: ids only (fp32 arithmetic, or bf16 where no bf16 rule
-// serves); int8: a dense layer computed by the int8 kernels (core/spqmm_int8.h; a sparse layer asked
-// for int8 computes as sparse); bf16: a dense layer in bfloat16 compute (activations and weights
-// rounded to bf16, float32 sums), which the dense rules serve where no bf16 rule does; sparse bf16:
-// a sparse layer in bfloat16 compute, which the sparse rules serve where no rule of its own does.
-enum class SpqmmMode : int { kSparse = 0, kDense = 1, kInt8 = 2, kBf16 = 3, kSparseBf16 = 4 };
+// serves); int8: a dense layer computed by the int8 kernels (core/spqmm_int8.h); bf16: a dense
+// layer in bfloat16 compute (activations and weights rounded to bf16, float32 sums), which the
+// dense rules serve where no bf16 rule does; sparse bf16 / sparse int8: a sparse layer in bfloat16
+// / int8 compute, which the sparse rules (fp32 arithmetic) serve where no rule of its own does.
+enum class SpqmmMode : int { kSparse = 0, kDense = 1, kInt8 = 2, kBf16 = 3, kSparseBf16 = 4, kSparseInt8 = 5 };
+
+constexpr bool spqmm_sparse(SpqmmMode mode) {
+  return mode == SpqmmMode::kSparse || mode == SpqmmMode::kSparseBf16 || mode == SpqmmMode::kSparseInt8;
+}
 
 constexpr bool spqmm_mode_serves(SpqmmMode rule, SpqmmMode mode) {
   return rule == mode || (rule == SpqmmMode::kDense && mode == SpqmmMode::kBf16) ||
-         (rule == SpqmmMode::kSparse && mode == SpqmmMode::kSparseBf16);
-}
-
-constexpr bool spqmm_sparse(SpqmmMode mode) {
-  return mode == SpqmmMode::kSparse || mode == SpqmmMode::kSparseBf16;
+         (rule == SpqmmMode::kSparse && spqmm_sparse(mode));
 }
 
 enum class SpqmmKernel : int {
@@ -61,8 +61,8 @@ enum class SpqmmKernel : int {
                      //   32 rows of W by 32 of x per pass (core/spqmm_amx.h)
   kSparseAmx = 9,    // sparse, bf16 compute, AMX: the steps of two groups scattered chunk by
                      //   chunk into bf16 tiles, then as kBf16Amx (core/spqmm_amx.h)
-  kInt8Gemm = 10,    // dense, int8 compute, many rows: W decoded once into int8 rows, x quantized
-                     //   per row, ATen's int8 GEMM (the coarser rule in core/spqmm_int8.h)
+  kInt8Gemm = 10,    // int8 compute (dense or sparse), many rows: W decoded once into int8 rows,
+                     //   x quantized per row, ATen's int8 GEMM (the coarser rule in core/spqmm_int8.h)
 };
 
 constexpr int64_t kSpqmmNoBound = std::numeric_limits<int64_t>::max();
@@ -78,6 +78,7 @@ struct SpqmmRule {
   SpqmmKernel kernel;
   int block;           // batch rows per pass; 0: the smallest of 1, 2, 4, 8 that holds the rows
   int64_t min_weights = 0;  // ... and a layer of at least this many weights (N K)
+  int64_t min_rows = 0;     // ... and at least this many batch rows
 };
 
 // The table. Density is the slots' (steps * 16 / (N K)): about 1.4x the kept fraction at 10%.
@@ -155,6 +156,17 @@ constexpr SpqmmRule kSpqmmPlan[] = {
     // per row, so it pays from a dozen rows.
     {SpqmmIsa::kAvx512Amx, SpqmmMode::kSparseBf16, 12, 1.0, SpqmmKernel::kSparseSteps, 0},
     {SpqmmIsa::kAvx512Amx, SpqmmMode::kSparseBf16, 768, 1.0, SpqmmKernel::kSparseAmx, 16},
+
+    // Sparse int8 with VNNI: the int8 GEMM (its rows straight from the steps into int8, core/
+    // spqmm_avx512.h sparse_quantize_rows) from 160 rows at slot densities up to 0.2, from 80
+    // above, on layers of 4M weights and more; the sparse rules below (fp32) otherwise. (4096 x
+    // 4096, 5 bits, the sparse rules / int8 GEMM: 10% kept (slots 0.14), 32 rows 2,810 / 6,601;
+    // 128 rows 10,158 / 10,848; 160 rows 12,689 / 12,288; 192 rows 14,207 / 13,259; 256 rows
+    // 18,493 / 15,878; 25% kept (slots 0.29), 64 rows 8,356 / 9,712; 96 rows 12,268 / 11,263;
+    // 128 rows 16,425 / 12,837. The GEMM costs the dense product whatever the density, the batch
+    // kernel its slots. Smaller layers not measured.)
+    {SpqmmIsa::kAvx512Vnni, SpqmmMode::kSparseInt8, kSpqmmNoBound, 0.2, SpqmmKernel::kInt8Gemm, 0, kSpqmmLargeWeights, 160},
+    {SpqmmIsa::kAvx512Vnni, SpqmmMode::kSparseInt8, kSpqmmNoBound, 1.0, SpqmmKernel::kInt8Gemm, 0, kSpqmmLargeWeights, 80},
 
     // AVX-512. Sparse: the step kernel, 8 rows per pass, up to 11 rows (10%, 5 bits: 1 row 291,
     // 8 rows 898 / decode + GEMM 8,725); from 12 the batch kernel with 16 rows per pass (10%, step
@@ -244,8 +256,8 @@ inline SpqmmPlan spqmm_plan(SpqmmIsa isa, SpqmmMode mode, double density, int64_
   } else {
     for (int i = 0; i < kSpqmmPlanSize; ++i) {
       const SpqmmRule& r = kSpqmmPlan[i];
-      if (!spqmm_isa_serves(r.isa, isa) || !spqmm_mode_serves(r.mode, mode) || rows >= r.rows_below || density > r.max_density ||
-          double(n) * double(k) < double(r.min_weights))
+      if (!spqmm_isa_serves(r.isa, isa) || !spqmm_mode_serves(r.mode, mode) || rows >= r.rows_below ||
+          rows < r.min_rows || density > r.max_density || double(n) * double(k) < double(r.min_weights))
         continue;
       // Below a forced crossover the kernels run, whatever the table says past it.
       if (crossover >= 0 && r.kernel == SpqmmKernel::kDecodeGemm) continue;

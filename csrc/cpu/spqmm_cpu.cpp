@@ -265,10 +265,16 @@ std::vector<float> make_table(const at::Tensor& codebook) {
 }
 
 // Rows [r0, r0 + rows) of W decoded into w ([rows, K] floats) by the widest kernel there is
-// (sparse mode: the portable decode, a scatter of the kept weights).
+// (sparse mode: r0 a multiple of 16; a scatter of the kept weights, AVX-512 or portable).
 void decode_rows(const SpqmmPacked& p, SpqmmIsa isa, const float* table, int64_t r0, int64_t rows,
                  float* w, SpqmmSeen* seen) {
 #ifdef DCX_SPQMM_AVX512
+  if (!p.dense && spqmm_avx512(isa)) {
+    avx512::with_lut_kind(p, [&](auto lut) DCX_AVX512_FN {
+      avx512::sparse_decode_rows<decltype(lut)::value>(p, r0, r0 + rows, table, w, seen);
+    });
+    return;
+  }
   if (p.dense && spqmm_avx512(isa)) {
     avx512::with_dense_kind(p, [&](auto lut, auto layout) DCX_AVX512_FN {
       avx512::dense_decode_rows<decltype(lut)::value, decltype(layout)::value>(
@@ -801,12 +807,22 @@ void int8_gemm(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan, const 
   const int64_t per_tile = std::max<int64_t>(1, (int64_t(1) << 15) / (kSpqmmRows * std::max<int64_t>(K, 1)));
   const int64_t tiles = (spqmm_groups(N) + per_tile - 1) / per_tile;
   SeenBy seen_by(tiles);
-  // Decoded a few rows at a time (16 KB of floats, in L1 when quantized).
-  const int64_t sub = std::max<int64_t>(1, 4096 / std::max<int64_t>(K, 1));
+  // Decoded a few rows at a time (16 KB of floats, in L1 when quantized; sparse mode a group of
+  // 16 rows at a time, as its steps interleave them).
+  const int64_t sub = p.dense ? std::max<int64_t>(1, 4096 / std::max<int64_t>(K, 1)) : kSpqmmRows;
   for_each_tile(tiles, plan.threads, [&](int64_t, int64_t t) {
+    const int64_t r0 = t * per_tile * kSpqmmRows, r1 = std::min(N, (t + 1) * per_tile * kSpqmmRows);
+#ifdef DCX_SPQMM_AVX512
+    if (!p.dense && spqmm_avx512(isa)) {  // straight into int8, no float rows
+      avx512::with_lut_kind(p, [&](auto lut) DCX_AVX512_FN {
+        avx512::sparse_quantize_rows<decltype(lut)::value>(p, r0, r1, table, wp + r0 * K,
+                                                           sw.data() + r0, seen_by[t]);
+      });
+      return;
+    }
+#endif
     static thread_local std::vector<float> buffer;
     if (buffer.size() < size_t(sub * K)) buffer.resize(size_t(sub * K));
-    const int64_t r0 = t * per_tile * kSpqmmRows, r1 = std::min(N, (t + 1) * per_tile * kSpqmmRows);
     for (int64_t r = r0; r < r1; r += sub) {
       const int64_t rows = std::min(sub, r1 - r);
       decode_rows(p, isa, table, r, rows, buffer.data(), seen_by[t]);
@@ -883,7 +899,7 @@ void run_plan(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan, const a
       const bool bf16 = xc.scalar_type() == at::kBFloat16 && native_bf16();
       const at::Tensor xg = bf16 ? xc.contiguous() : x2;
       const at::Tensor bias_bf16 = bf16 && bias_c.defined() ? bias_c.to(at::kBFloat16).contiguous() : at::Tensor();
-      decode_gemm(p, p.dense ? isa : SpqmmIsa::kPortable, plan.threads, tp, xg, bias_f, bias_bf16, y, seen);
+      decode_gemm(p, isa, plan.threads, tp, xg, bias_f, bias_bf16, y, seen);
       return;
     }
     case SpqmmKernel::kSparseBatch:
@@ -922,16 +938,23 @@ double slot_density(const SpqmmPacked& p) {
 // the CPU lacks falls back to the portable one of the same family).
 SpqmmPlan cpu_plan(const SpqmmPacked& p, SpqmmIsa isa, SpqmmCompute compute, at::ScalarType dtype,
                    int64_t rows, int threads, int64_t crossover) {
-  const SpqmmMode mode = !p.dense ? (dtype == at::kBFloat16 ? SpqmmMode::kSparseBf16 : SpqmmMode::kSparse)
-                         : compute == SpqmmCompute::kInt8 ? SpqmmMode::kInt8
-                         : dtype == at::kBFloat16         ? SpqmmMode::kBf16
-                                                          : SpqmmMode::kDense;
+  const bool int8 = compute == SpqmmCompute::kInt8, bf16 = dtype == at::kBFloat16;
+  const SpqmmMode mode = !p.dense ? (int8 ? SpqmmMode::kSparseInt8 : bf16 ? SpqmmMode::kSparseBf16 : SpqmmMode::kSparse)
+                         : int8   ? SpqmmMode::kInt8
+                         : bf16   ? SpqmmMode::kBf16
+                                  : SpqmmMode::kDense;
   SpqmmPlan plan = spqmm_plan(isa, mode, slot_density(p), p.n, p.k, rows, threads, crossover);
   // torch runs at::_int_mm through oneDNN only with VNNI and oneDNN enabled (a plain loop
-  // otherwise), and the int32 sums bound K.
+  // otherwise), and the int32 sums bound K: without it a dense layer takes decode + GEMM, a
+  // sparse one the sparse rules.
   if (plan.kernel == SpqmmKernel::kInt8Gemm &&
-      (p.k > kQ8GemmMaxK || !at::globalContext().userEnabledMkldnn() || !at::cpu::is_avx512_vnni_supported()))
-    plan.kernel = SpqmmKernel::kDecodeGemm;
+      (p.k > kQ8GemmMaxK || !at::globalContext().userEnabledMkldnn() || !at::cpu::is_avx512_vnni_supported())) {
+    if (p.dense) {
+      plan.kernel = SpqmmKernel::kDecodeGemm;
+    } else {
+      plan = spqmm_plan(isa, SpqmmMode::kSparse, slot_density(p), p.n, p.k, rows, threads, crossover);
+    }
+  }
   if (plan.kernel == SpqmmKernel::kDenseMany && isa == SpqmmIsa::kPortable) {
     plan.kernel = SpqmmKernel::kDenseRows;
     plan.block = spqmm_rows_block(rows);
@@ -1026,7 +1049,7 @@ at::Tensor spqmm_decode_cpu(const at::Tensor& codes, const at::Tensor& windows,
   if (w.numel() > 0) {
     const std::vector<float> table = make_table(codebook);
     SpqmmSeen seen;
-    decode_whole(p, p.dense ? cpu_isa() : SpqmmIsa::kPortable, threads.count(), table.data(),
+    decode_whole(p, cpu_isa(), threads.count(), table.data(),
                  w.data_ptr<float>(), &seen);
     check_seen(seen, codebook.numel(), in_features);
   }
