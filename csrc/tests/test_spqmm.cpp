@@ -227,6 +227,37 @@ void test_sparse_amx(const Layer& l, const std::vector<float>& table, const std:
 #endif
 }
 
+// The AVX-512 sparse decode and int8 quantization equal the portable decode (and
+// q8_quantize_whole_row of its rows), over all rows and from the second group on (a partial last
+// group where n is not a multiple of 16), with the same running maxima.
+void test_sparse_decode(const Layer& l, const std::vector<float>& table, const dcx::SpqmmSeen& seen) {
+#ifdef DCX_SPQMM_AVX512
+  if (!dcx::avx512::supported()) return;
+  const int64_t n = l.p.n, k = l.p.k;
+  for (int64_t r0 : {int64_t(0), int64_t(16)}) {
+    if (r0 >= n) continue;
+    const int64_t rows = n - r0;
+    std::vector<float> w(rows * k, -1.f), wv(rows * k, -1.f), sw(rows, -1.f), swq(rows, -1.f);
+    std::vector<int8_t> q(rows * k, 99), qv(rows * k, 99);
+    dcx::SpqmmSeen pseen, vseen, qseen;
+    dcx::spqmm_decode_rows(l.p, r0, n, table.data(), w.data(), &pseen);
+    dcx::avx512::with_lut_kind(l.p, [&](auto lut) DCX_AVX512_FN {
+      dcx::avx512::sparse_decode_rows<decltype(lut)::value>(l.p, r0, n, table.data(), wv.data(), &vseen);
+      dcx::avx512::sparse_quantize_rows<decltype(lut)::value>(l.p, r0, n, table.data(), qv.data(),
+                                                              swq.data(), &qseen);
+    });
+    for (int64_t i = 0; i < rows * k; ++i) CHECK(w[i] == wv[i]);
+    for (int64_t r = 0; r < rows; ++r) sw[r] = dcx::q8_quantize_whole_row(w.data() + r * k, k, q.data() + r * k);
+    for (int64_t i = 0; i < rows * k; ++i) CHECK(q[i] == qv[i]);
+    for (int64_t r = 0; r < rows; ++r) CHECK(sw[r] == swq[r]);
+    CHECK(vseen.max_col == pseen.max_col && qseen.max_col == pseen.max_col);
+    if (r0 == 0) CHECK(vseen.max_id == seen.max_id && qseen.max_id == seen.max_id);
+  }
+#else
+  (void)l, (void)table, (void)seen;
+#endif
+}
+
 void test_kernels(int64_t n, int64_t k, int bits, int keep, int64_t chunk_steps, int64_t group = 0) {
   std::vector<float> table(dcx::kSpqmmTable, 0.f), bias(n);
   for (int i = 0; i < (1 << bits); ++i) table[i] = 0.25f * float(i) - 1.5f;
@@ -275,6 +306,7 @@ void test_kernels(int64_t n, int64_t k, int bits, int keep, int64_t chunk_steps,
 #endif
   test_batch_kernels(l, table, x, bias, seen);
   test_sparse_amx(l, table, bias, seen);
+  test_sparse_decode(l, table, seen);
 }
 
 void test_structure_errors() {
