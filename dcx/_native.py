@@ -68,10 +68,10 @@ def spqmm_plan():
     compiled extension), in the order they are tried: dicts of isa (portable, avx2, avx512, cuda,
     avx512vnni: AVX-512 with VNNI, which also takes the avx512 rules; avx512amx: with AMX too,
     which takes the rules of both), mode (sparse, dense, int8, bfloat16: a dense layer in bf16
-    compute, which the dense rules serve where no bfloat16 rule does; sparse_bfloat16 likewise
-    for a sparse layer and the sparse rules), rows_below (-1: no bound), max_density (of sparse
-    mode's slots), min_weights (of the layer, N x K), kernel and block (batch rows per pass; 0:
-    the smallest of 1, 2, 4, 8 that holds the batch)."""
+    compute, which the dense rules serve where no bfloat16 rule does; sparse_bfloat16 and
+    sparse_int8 likewise for a sparse layer and the sparse rules), rows_below (-1: no bound),
+    min_rows, max_density (of sparse mode's slots), min_weights (of the layer, N x K), kernel and
+    block (batch rows per pass; 0: the smallest of 1, 2, 4, 8 that holds the batch)."""
     if LOAD_ERROR is not None:
         raise RuntimeError(f"dcx kernels are not built ({LOAD_ERROR}); {BUILD_HINT}")
     return [dict(rule) for rule in _C.SPQMM_PLAN]

@@ -102,7 +102,8 @@ def noncontiguous(t):
 
 
 # Batch sizes around every bound the spqmm kernel table uses.
-PLAN_ROWS = [1, 2, 3, 4, 5, 8, 9, 15, 16, 17, 23, 24, 31, 32, 33, 63, 64, 65, 95, 96, 130, 170]
+PLAN_ROWS = [1, 2, 3, 4, 5, 8, 9, 15, 16, 17, 23, 24, 31, 32, 33, 63, 64, 65, 79, 80, 95, 96, 130,
+             159, 160, 170]
 
 
 def plan_compute(mode):

@@ -156,8 +156,7 @@ struct SpqmmStepScales {
   std::vector<float> rows;  // [scale_groups][16]: the row group's scales
   // Sized here, so that a new row group is a plain inline copy: a call inside a kernel's step
   // loop, however rare, clobbers every vector register, and GCC then keeps the kernel's
-  // accumulators on the stack (a load and a store around each FMA; the AVX-512 batch kernel ran
-  // 2x slower for it).
+  // accumulators on the stack (a load and a store around each FMA).
   explicit SpqmmStepScales(const SpqmmPacked& p)
       : rows(p.group_scale ? size_t(p.scale_groups * kSpqmmRows) : size_t(0)) {}
   DCX_ALWAYS_INLINE const float* get(const SpqmmPacked& p, int64_t grp, int64_t j0) {

@@ -372,7 +372,7 @@ struct AmxSteps {
         const __mmask16 live = _mm512_test_epi32_mask(v, live_bit);
         max_id = _mm512_max_epu32(max_id, _mm512_and_si512(v, id_mask));
         const __m512i bits = p.group_scale
-            ? bf16_round(_mm512_mul_ps(lookup<L>(tab, v), _mm512_load_ps(scales[h].get(p, g0 + h, jw))))
+            ? bf16_round(_mm512_mul_ps(lookup<L>(tab, v), _mm512_loadu_ps(scales[h].get(p, g0 + h, jw))))
             : _mm512_castps_si512(lookup<L>(tab, v));
         const __m512i off = _mm512_and_si512(_mm512_srli_epi32(v, kSpqmmOffsetShift), off_mask);
         if (jw + kSpqmmWindow > p.k && live)  // only here can a live slot point past K

@@ -97,10 +97,14 @@ DCX_AVX2_FN void sparse_chunk(const SpqmmPacked& p, int64_t c, const float* tabl
 }
 
 // Sparse mode for 2 to 8 batch rows (a tile of xt [K + 32][8], the batch rows in the lanes,
-// zero past K and past the valid rows), groups [g0, g1): each half step's 8 weights and columns
-// decoded as vectors (as sparse_chunk does), then per slot one broadcast of its weight and one FMA
-// with the 8 activations of its column, into the accumulator of its row (8 rows per pass, two
-// passes per group). y [8][ldy] gets bias + products for the mvalid rows.
+// zero past K and past the valid rows), groups [g0, g1), 8 rows of W per pass, two passes per
+// group, each in runs of kBatchSteps steps: first each half step's 8 weights and columns decoded
+// as vectors (as sparse_chunk does) into a small buffer, then per slot one broadcast of its weight
+// and one FMA with the 8 activations of its column, into the accumulator of its row (decoded a
+// run ahead, the stores have retired before they are read back; see the AVX-512 kernel).
+// y [8][ldy] gets bias + products for the mvalid rows.
+constexpr int kBatchSteps = 32;
+
 template <bool kSmallCodebook>
 DCX_AVX2_FN void sparse_batch(const SpqmmPacked& p, int64_t g0, int64_t g1, const float* table,
                               const float* xt, int mvalid, const float* bias, float* y,
@@ -110,32 +114,39 @@ DCX_AVX2_FN void sparse_batch(const SpqmmPacked& p, int64_t g0, int64_t g1, cons
   const __m256i off_mask = _mm256_set1_epi32(kSpqmmWindow - 1);
   __m256i max_id = _mm256_setzero_si256();
   int64_t max_col = -1;
-  alignas(32) float wb[8];
-  alignas(32) int32_t cb[8];
+  alignas(32) float wb[kBatchSteps][8];
+  alignas(32) int32_t cb[kBatchSteps][8];  // the slot's column (window + offset)
   SpqmmStepScales scales(p);
   for (int64_t g = g0; g < g1; ++g) {
     for (int h = 0; h < 2; ++h) {
       __m256 acc[8];
 #pragma GCC unroll 8
       for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
-      for (int64_t s = p.group_ptr[g]; s < p.group_ptr[g + 1]; ++s) {
-        const int64_t j0 = spqmm_window(p, s, &max_col);
-        __m256i v;
-        __m256 w = half_step_weights<kSmallCodebook>(p, s, h, tab, table, &v, &max_id);
-        if (p.group_scale) w = _mm256_mul_ps(w, _mm256_load_ps(scales.get(p, g, j0) + 8 * h));
-        const __m256i col = _mm256_add_epi32(_mm256_set1_epi32(int32_t(j0)),
-                                             _mm256_and_si256(_mm256_srli_epi32(v, 8), off_mask));
-        _mm256_store_ps(wb, w);
-        _mm256_store_si256(reinterpret_cast<__m256i*>(cb), _mm256_slli_epi32(col, 3));
-        if (j0 + kSpqmmWindow > p.k) {  // only here can a live slot point past K
-          alignas(32) uint32_t sv[8];
-          _mm256_store_si256(reinterpret_cast<__m256i*>(sv), v);
-          for (int i = 0; i < 8; ++i)
-            if (sv[i] & kSpqmmLive) max_col = std::max<int64_t>(max_col, cb[i] >> 3);
+      for (int64_t s0 = p.group_ptr[g], end = p.group_ptr[g + 1]; s0 < end; s0 += kBatchSteps) {
+        const int run = static_cast<int>(std::min<int64_t>(kBatchSteps, end - s0));
+        for (int t = 0; t < run; ++t) {
+          const int64_t s = s0 + t;
+          const int64_t j0 = spqmm_window(p, s, &max_col);
+          __m256i v;
+          __m256 w = half_step_weights<kSmallCodebook>(p, s, h, tab, table, &v, &max_id);
+          if (p.group_scale) w = _mm256_mul_ps(w, _mm256_loadu_ps(scales.get(p, g, j0) + 8 * h));
+          const __m256i col = _mm256_add_epi32(_mm256_set1_epi32(int32_t(j0)),
+                                               _mm256_and_si256(_mm256_srli_epi32(v, 8), off_mask));
+          _mm256_store_ps(wb[t], w);
+          _mm256_store_si256(reinterpret_cast<__m256i*>(cb[t]), col);
+          if (j0 + kSpqmmWindow > p.k) {  // only here can a live slot point past K
+            alignas(32) uint32_t sv[8];
+            _mm256_store_si256(reinterpret_cast<__m256i*>(sv), v);
+            for (int i = 0; i < 8; ++i)
+              if (sv[i] & kSpqmmLive) max_col = std::max<int64_t>(max_col, cb[t][i]);
+          }
         }
+        for (int t = 0; t < run; ++t) {
 #pragma GCC unroll 8
-        for (int i = 0; i < 8; ++i)
-          acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(wb + i), _mm256_loadu_ps(xt + cb[i]), acc[i]);
+          for (int i = 0; i < 8; ++i)  // 64-bit offsets: K * 8 may pass 2^31
+            acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(wb[t] + i), _mm256_loadu_ps(xt + int64_t(cb[t][i]) * 8),
+                                     acc[i]);
+        }
       }
       // Stored at constant indices, so that the accumulators stay in registers (as in the
       // AVX-512 kernel).

@@ -127,7 +127,7 @@ DCX_AVX512_FN void sparse_chunk(const SpqmmPacked& p, int64_t c, const float* ta
     const __mmask16 live = _mm512_test_epi32_mask(v, live_bit);
     max_id = _mm512_max_epu32(max_id, _mm512_and_si512(v, id_mask));
     __m512 w = _mm512_maskz_mov_ps(live, lookup<L>(tab, v));  // lookups use the id's bits
-    if (p.group_scale) w = _mm512_mul_ps(w, _mm512_load_ps(scales.get(p, g, j0)));
+    if (p.group_scale) w = _mm512_mul_ps(w, _mm512_loadu_ps(scales.get(p, g, j0)));
     const __m512i off = _mm512_srli_epi32(v, 8);  // the permute reads its low 5 bits
     if (j0 + kSpqmmWindow > p.k) {  // only here can a live slot point past K
       const __m512i o = _mm512_and_si512(off, _mm512_set1_epi32(kSpqmmWindow - 1));
@@ -190,7 +190,7 @@ DCX_AVX512_FN void sparse_batch(const SpqmmPacked& p, int64_t g0, int64_t g1, co
   __m512i max_id = _mm512_setzero_si512();
   int64_t max_col = -1;
   alignas(64) float wb[kBatchSteps][kSpqmmRows];
-  alignas(64) int32_t ob[kBatchSteps][kSpqmmRows];  // bytes from xt: (window + offset) * MT * 4
+  alignas(64) int32_t cb[kBatchSteps][kSpqmmRows];  // the slot's column (window + offset)
   SpqmmStepScales scales(p);
   for (int64_t g = g0; g < g1; ++g) {
     __m512 acc[kSpqmmRows];
@@ -206,19 +206,18 @@ DCX_AVX512_FN void sparse_batch(const SpqmmPacked& p, int64_t g0, int64_t g1, co
         const __mmask16 live = _mm512_test_epi32_mask(v, live_bit);
         max_id = _mm512_max_epu32(max_id, _mm512_and_si512(v, id_mask));
         __m512 w = _mm512_maskz_mov_ps(live, lookup<L>(tab, v));
-        if (p.group_scale) w = _mm512_mul_ps(w, _mm512_load_ps(scales.get(p, g, j0)));
+        if (p.group_scale) w = _mm512_mul_ps(w, _mm512_loadu_ps(scales.get(p, g, j0)));
         _mm512_store_ps(wb[t], w);
         const __m512i off = _mm512_and_si512(_mm512_srli_epi32(v, 8), off_mask);
-        _mm512_storeu_si512(ob[t], _mm512_slli_epi32(_mm512_add_epi32(off, _mm512_set1_epi32(int32_t(j0))), 6));
+        _mm512_storeu_si512(cb[t], _mm512_add_epi32(off, _mm512_set1_epi32(int32_t(j0))));
         if (j0 + kSpqmmWindow > p.k && live)  // only here can a live slot point past K
           max_col = std::max<int64_t>(max_col, j0 + _mm512_mask_reduce_max_epu32(live, off));
       }
-      const char* xb = reinterpret_cast<const char*>(xt);
       for (int t = 0; t < run; ++t) {
 #pragma GCC unroll 16
-        for (int i = 0; i < kSpqmmRows; ++i)
-          acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(wb[t][i]),
-                                   _mm512_load_ps(reinterpret_cast<const float*>(xb + ob[t][i])), acc[i]);
+        for (int i = 0; i < kSpqmmRows; ++i)  // 64-bit offsets: K * MT may pass 2^31
+          acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(wb[t][i]), _mm512_loadu_ps(xt + int64_t(cb[t][i]) * MT),
+                                   acc[i]);
       }
     }
     // Every accumulator stored at constant indices, so that all 16 stay in registers through the
@@ -407,7 +406,7 @@ DCX_AVX512_FN void sparse_decode_rows(const SpqmmPacked& p, int64_t r0, int64_t 
       const __mmask16 live = _mm512_test_epi32_mask(v, live_bit);
       max_id = _mm512_max_epu32(max_id, _mm512_and_si512(v, id_mask));
       __m512 wv = lookup<L>(tab, v);
-      if (p.group_scale) wv = _mm512_mul_ps(wv, _mm512_load_ps(scales.get(p, g, j0)));
+      if (p.group_scale) wv = _mm512_mul_ps(wv, _mm512_loadu_ps(scales.get(p, g, j0)));
       const __m512i col = _mm512_add_epi32(_mm512_set1_epi32(int32_t(j0)),
                                            _mm512_and_si512(_mm512_srli_epi32(v, 8), off_mask));
       _mm512_store_ps(wb, wv);
@@ -444,10 +443,11 @@ DCX_AVX512_FN void sparse_quantize_rows(const SpqmmPacked& p, int64_t r0, int64_
   alignas(64) int32_t cb[kSpqmmRows];
   alignas(64) uint32_t amax_bits[kSpqmmRows];
   SpqmmStepScales scales(p);
+  // Padding slots zeroed after the scale (an inf scale would turn their 0 into a NaN maximum).
   auto weights = [&](int64_t s, int64_t g, int64_t j0, __mmask16 live, __m512i v) DCX_AVX512_FN {
-    __m512 wv = _mm512_maskz_mov_ps(live, lookup<L>(tab, v));
-    if (p.group_scale) wv = _mm512_mul_ps(wv, _mm512_load_ps(scales.get(p, g, j0)));
-    return wv;
+    __m512 wv = lookup<L>(tab, v);
+    if (p.group_scale) wv = _mm512_mul_ps(wv, _mm512_loadu_ps(scales.get(p, g, j0)));
+    return _mm512_maskz_mov_ps(live, wv);
   };
   for (int64_t g = r0 / kSpqmmRows; g < spqmm_groups(r1); ++g) {
     const int64_t rows_in = std::min<int64_t>(kSpqmmRows, r1 - g * kSpqmmRows);

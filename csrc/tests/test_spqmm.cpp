@@ -229,7 +229,8 @@ void test_sparse_amx(const Layer& l, const std::vector<float>& table, const std:
 
 // The AVX-512 sparse decode and int8 quantization equal the portable decode (and
 // q8_quantize_whole_row of its rows), over all rows and from the second group on (a partial last
-// group where n is not a multiple of 16), with the same running maxima.
+// group where n is not a multiple of 16), with the same largest id and the same verdict on
+// columns past K.
 void test_sparse_decode(const Layer& l, const std::vector<float>& table, const dcx::SpqmmSeen& seen) {
 #ifdef DCX_SPQMM_AVX512
   if (!dcx::avx512::supported()) return;
@@ -250,7 +251,8 @@ void test_sparse_decode(const Layer& l, const std::vector<float>& table, const d
     for (int64_t r = 0; r < rows; ++r) sw[r] = dcx::q8_quantize_whole_row(w.data() + r * k, k, q.data() + r * k);
     for (int64_t i = 0; i < rows * k; ++i) CHECK(q[i] == qv[i]);
     for (int64_t r = 0; r < rows; ++r) CHECK(sw[r] == swq[r]);
-    CHECK(vseen.max_col == pseen.max_col && qseen.max_col == pseen.max_col);
+    // The vector kernels look at the columns only in steps that reach past K: whether one does.
+    CHECK((vseen.max_col >= k) == (pseen.max_col >= k) && (qseen.max_col >= k) == (pseen.max_col >= k));
     if (r0 == 0) CHECK(vseen.max_id == seen.max_id && qseen.max_id == seen.max_id);
   }
 #else
