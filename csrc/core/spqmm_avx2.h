@@ -60,7 +60,7 @@ DCX_AVX2_FN void sparse_chunk(const SpqmmPacked& p, int64_t c, const float* tabl
     for (int h = 0; h < 2; ++h) {
       __m256i v;
       __m256 w = half_step_weights<kSmallCodebook>(p, s, h, tab, table, &v, &max_id);
-      if (sc) w = _mm256_mul_ps(w, _mm256_load_ps(sc + 8 * h));
+      if (sc) w = _mm256_mul_ps(w, _mm256_loadu_ps(sc + 8 * h));
       const __m256i off = _mm256_srli_epi32(v, 8);  // lookup32 reads bits 0-4
       acc[h] = _mm256_fmadd_ps(w, lookup32(xw, off), acc[h]);
       if (j0 + kSpqmmWindow > p.k) {  // only here can a live slot point past K

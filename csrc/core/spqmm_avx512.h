@@ -375,45 +375,66 @@ DCX_AVX512_FN void dense_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, cons
   seen->max_id = std::max<uint32_t>(seen->max_id, most);
 }
 
+// One step s of group g as vectors, for the decodes below: its window (clamped to K), live lanes,
+// weights (group scales included; padding zeroed after the scale, so that an inf scale cannot make
+// it a NaN) and columns; its ids and window go to the running maxima, and so do its live columns
+// where the window reaches past K (only there can one point past K).
+struct SparseStep {
+  int64_t j0;
+  __mmask16 live;
+  __m512 w;
+  __m512i col;
+};
+
+template <Lut L>
+DCX_AVX512_FN inline SparseStep sparse_step(const SpqmmPacked& p, const Table& tab,
+                                            SpqmmStepScales& scales, int64_t s, int64_t g,
+                                            __m512i* max_id, int64_t* max_col) {
+  SparseStep st;
+  st.j0 = spqmm_window(p, s, max_col);
+  const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(p.codes + s * kSpqmmRows)));
+  st.live = _mm512_test_epi32_mask(v, _mm512_set1_epi32(kSpqmmLive));
+  *max_id = _mm512_max_epu32(*max_id, _mm512_and_si512(v, _mm512_set1_epi32(kSpqmmIdMask)));
+  __m512 w = lookup<L>(tab, v);
+  if (p.group_scale) w = _mm512_mul_ps(w, _mm512_loadu_ps(scales.get(p, g, st.j0)));
+  st.w = _mm512_maskz_mov_ps(st.live, w);
+  st.col = _mm512_add_epi32(_mm512_set1_epi32(int32_t(st.j0)),
+                            _mm512_and_si512(_mm512_srli_epi32(v, 8), _mm512_set1_epi32(kSpqmmWindow - 1)));
+  if (st.j0 + kSpqmmWindow > p.k && st.live)
+    *max_col = std::max<int64_t>(*max_col, _mm512_mask_reduce_max_epu32(st.live, st.col));
+  return st;
+}
+
+// Lanes of group g whose rows lie in [r0, r1).
+inline uint32_t rows_in_range(int64_t g, int64_t r1) {
+  const int64_t rows = std::min<int64_t>(kSpqmmRows, r1 - g * kSpqmmRows);
+  return rows >= kSpqmmRows ? 0xFFFFu : (1u << rows) - 1;
+}
+
 // Sparse decode of rows [r0, r1) (r0 a multiple of 16) into w ([r1 - r0, K] floats, zeroed
-// here): per step the 16 weights by register lookup (group scales included) and columns as
-// vectors, then one scalar store per live slot, found by the bits of the live mask (padding slots
-// are skipped: one at a column a row's weight holds would overwrite it). A live slot at column K
-// or past (corrupted data) is not written; the running maxima report it. (The portable decode,
-// a branch and a table read per slot, took 24 cycles a slot.)
+// here): per step sparse_step's vectors, then one scalar store per live slot, found by the bits of
+// the live mask (padding slots are skipped: one at a column a row's weight holds would overwrite
+// it). A live slot at column K or past (corrupted data) is not written; the running maxima report
+// it. (The portable decode, a branch and a table read per slot, took 24 cycles a slot.)
 template <Lut L>
 DCX_AVX512_FN void sparse_decode_rows(const SpqmmPacked& p, int64_t r0, int64_t r1,
                                       const float* table, float* w, SpqmmSeen* seen) {
   const int64_t K = p.k;
   std::fill(w, w + (r1 - r0) * K, 0.f);
   const Table tab = load_table(table);
-  const __m512i live_bit = _mm512_set1_epi32(kSpqmmLive), id_mask = _mm512_set1_epi32(kSpqmmIdMask);
-  const __m512i off_mask = _mm512_set1_epi32(kSpqmmWindow - 1);
   __m512i max_id = _mm512_setzero_si512();
   int64_t max_col = -1;
   alignas(64) float wb[kSpqmmRows];
   alignas(64) int32_t cb[kSpqmmRows];
   SpqmmStepScales scales(p);
   for (int64_t g = r0 / kSpqmmRows; g < spqmm_groups(r1); ++g) {
-    // Lanes whose row lies in [r0, r1).
-    const int64_t rows_in = std::min<int64_t>(kSpqmmRows, r1 - g * kSpqmmRows);
-    const uint32_t in_range = rows_in >= kSpqmmRows ? 0xFFFFu : (1u << rows_in) - 1;
+    const uint32_t in_range = rows_in_range(g, r1);
     float* wg = w + (g * kSpqmmRows - r0) * K;
     for (int64_t s = p.group_ptr[g]; s < p.group_ptr[g + 1]; ++s) {
-      const int64_t j0 = spqmm_window(p, s, &max_col);
-      const __m512i v =
-          _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(p.codes + s * kSpqmmRows)));
-      const __mmask16 live = _mm512_test_epi32_mask(v, live_bit);
-      max_id = _mm512_max_epu32(max_id, _mm512_and_si512(v, id_mask));
-      __m512 wv = lookup<L>(tab, v);
-      if (p.group_scale) wv = _mm512_mul_ps(wv, _mm512_loadu_ps(scales.get(p, g, j0)));
-      const __m512i col = _mm512_add_epi32(_mm512_set1_epi32(int32_t(j0)),
-                                           _mm512_and_si512(_mm512_srli_epi32(v, 8), off_mask));
-      _mm512_store_ps(wb, wv);
-      _mm512_storeu_si512(cb, col);
-      if (j0 + kSpqmmWindow > K && live)  // only here can a live slot point past K
-        max_col = std::max<int64_t>(max_col, _mm512_mask_reduce_max_epu32(live, col));
-      for (uint32_t todo = uint32_t(live) & in_range; todo; todo &= todo - 1) {
+      const SparseStep st = sparse_step<L>(p, tab, scales, s, g, &max_id, &max_col);
+      _mm512_store_ps(wb, st.w);
+      _mm512_storeu_si512(cb, st.col);
+      for (uint32_t todo = uint32_t(st.live) & in_range; todo; todo &= todo - 1) {
         const int i = __builtin_ctz(todo);
         if (cb[i] < K) wg[i * K + cb[i]] = wb[i];
       }
@@ -435,54 +456,34 @@ DCX_AVX512_FN void sparse_quantize_rows(const SpqmmPacked& p, int64_t r0, int64_
   const int64_t K = p.k;
   std::fill(q, q + (r1 - r0) * K, int8_t(0));
   const Table tab = load_table(table);
-  const __m512i live_bit = _mm512_set1_epi32(kSpqmmLive), id_mask = _mm512_set1_epi32(kSpqmmIdMask);
-  const __m512i off_mask = _mm512_set1_epi32(kSpqmmWindow - 1), abs_mask = _mm512_set1_epi32(0x7fffffff);
-  __m512i max_id = _mm512_setzero_si512();
-  int64_t max_col = -1;
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+  __m512i max_id = _mm512_setzero_si512(), unused_id = max_id;
+  int64_t max_col = -1, unused_col = -1;
   alignas(64) float wb[kSpqmmRows], inv[kSpqmmRows];
   alignas(64) int32_t cb[kSpqmmRows];
   alignas(64) uint32_t amax_bits[kSpqmmRows];
   SpqmmStepScales scales(p);
-  // Padding slots zeroed after the scale (an inf scale would turn their 0 into a NaN maximum).
-  auto weights = [&](int64_t s, int64_t g, int64_t j0, __mmask16 live, __m512i v) DCX_AVX512_FN {
-    __m512 wv = lookup<L>(tab, v);
-    if (p.group_scale) wv = _mm512_mul_ps(wv, _mm512_loadu_ps(scales.get(p, g, j0)));
-    return _mm512_maskz_mov_ps(live, wv);
-  };
   for (int64_t g = r0 / kSpqmmRows; g < spqmm_groups(r1); ++g) {
-    const int64_t rows_in = std::min<int64_t>(kSpqmmRows, r1 - g * kSpqmmRows);
-    const uint32_t in_range = rows_in >= kSpqmmRows ? 0xFFFFu : (1u << rows_in) - 1;
+    const uint32_t in_range = rows_in_range(g, r1);
     __m512i most = _mm512_setzero_si512();
     for (int64_t s = p.group_ptr[g]; s < p.group_ptr[g + 1]; ++s) {
-      const int64_t j0 = spqmm_window(p, s, &max_col);
-      const __m512i v =
-          _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(p.codes + s * kSpqmmRows)));
-      const __mmask16 live = _mm512_test_epi32_mask(v, live_bit);
-      max_id = _mm512_max_epu32(max_id, _mm512_and_si512(v, id_mask));
-      const __m512 wv = weights(s, g, j0, live, v);
-      most = _mm512_max_epu32(most, _mm512_and_si512(_mm512_castps_si512(wv), abs_mask));
-      if (j0 + kSpqmmWindow > K && live)  // only here can a live slot point past K
-        max_col = std::max<int64_t>(
-            max_col, j0 + _mm512_mask_reduce_max_epu32(live, _mm512_and_si512(_mm512_srli_epi32(v, 8), off_mask)));
+      const SparseStep st = sparse_step<L>(p, tab, scales, s, g, &max_id, &max_col);
+      most = _mm512_max_epu32(most, _mm512_and_si512(_mm512_castps_si512(st.w), abs_mask));
     }
     _mm512_storeu_si512(amax_bits, most);
-    for (int i = 0; i < rows_in; ++i) {
+    for (int i = 0; i < kSpqmmRows; ++i) {
+      if (!((in_range >> i) & 1)) break;
       float amax;
       std::memcpy(&amax, amax_bits + i, sizeof(amax));
       inv[i] = q8_inverse(amax);
       sw[g * kSpqmmRows - r0 + i] = q8_scale(amax);
     }
     int8_t* qg = q + (g * kSpqmmRows - r0) * K;
-    for (int64_t s = p.group_ptr[g]; s < p.group_ptr[g + 1]; ++s) {
-      int64_t unused = -1;
-      const int64_t j0 = spqmm_window(p, s, &unused);
-      const __m512i v =
-          _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(p.codes + s * kSpqmmRows)));
-      const __mmask16 live = _mm512_test_epi32_mask(v, live_bit);
-      _mm512_store_ps(wb, weights(s, g, j0, live, v));
-      _mm512_storeu_si512(cb, _mm512_add_epi32(_mm512_set1_epi32(int32_t(j0)),
-                                               _mm512_and_si512(_mm512_srli_epi32(v, 8), off_mask)));
-      for (uint32_t todo = uint32_t(live) & in_range; todo; todo &= todo - 1) {
+    for (int64_t s = p.group_ptr[g]; s < p.group_ptr[g + 1]; ++s) {  // the maxima seen already
+      const SparseStep st = sparse_step<L>(p, tab, scales, s, g, &unused_id, &unused_col);
+      _mm512_store_ps(wb, st.w);
+      _mm512_storeu_si512(cb, st.col);
+      for (uint32_t todo = uint32_t(st.live) & in_range; todo; todo &= todo - 1) {
         const int i = __builtin_ctz(todo);
         if (cb[i] < K) qg[i * K + cb[i]] = int8_t(q8_round(wb[i], inv[i]));
       }
