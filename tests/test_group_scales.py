@@ -87,6 +87,7 @@ def test_every_plan_rule_runs_with_group_scales(monkeypatch, isa):
     table = _native.spqmm_plan()
     big = max(300, -(-max(r["min_weights"] for r in table) // 64))
     layers = [make_layer(40, 300, 0.07, 5, 64, dense=False),
+              make_layer(40, 300, 0.3, 5, 64, dense=False),
               make_layer(40, 300, 0.6, 6, 32, dense=False),
               make_layer(40, 300, 1.0, 4, 128, dense=True),
               make_layer(64, big, 1.0, 4, 64, dense=True)]

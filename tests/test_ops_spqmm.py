@@ -129,8 +129,8 @@ def test_cpu_kernels_of_each_isa(monkeypatch, isa, bits, density, batch):
 @pytest.mark.parametrize("isa", cpu_isas())
 def test_every_plan_rule_runs(monkeypatch, isa):
     """Every rule of the kernel table (csrc/core/spqmm_plan.h) for this kind of CPU is reached by
-    one of six layers (sparse at low and high slot density, in float32, bfloat16 and int8, small
-    and past every size bound; dense, in float32, int8 and bfloat16, small and past every size
+    one of seven layers (sparse at low, middle and high slot density, in float32, bfloat16 and
+    int8, small and past every size bound; dense, in float32, int8 and bfloat16, small and past every size
     bound) at some batch, and what it runs is right: float kernels
     against the float64 product (bfloat16 within its roundings), int8 ones equal to spqmm_int8
     (tested against its reference in test_ops_spqmm_int8.py), the int8 GEMM against its own
@@ -143,6 +143,7 @@ def test_every_plan_rule_runs(monkeypatch, isa):
     # and 0.29, either side of the sparse int8 rules' bound).
     big = max(300, -(-max(r["min_weights"] for r in table) // 64))
     layers = [make_layer(40, 300, 0.1, 5, torch.float32, "cpu", dense=False),
+              make_layer(40, 300, 0.3, 5, torch.float32, "cpu", dense=False),
               make_layer(40, 300, 0.6, 6, torch.float32, "cpu", dense=False),
               make_layer(40, 300, 1.0, 4, torch.float32, "cpu", dense=True),
               make_layer(64, big, 1.0, 4, torch.float32, "cpu", dense=True)]

@@ -176,12 +176,18 @@ constexpr SpqmmRule kSpqmmPlan[] = {
     // / batch kernel: 8 rows 1,098 / 1,454; 12 rows 2,127 / 1,523; 16 rows 1,789 / 1,290; 64 rows
     // 8,652 / 6,005; 128 rows 13,849 / 10,317, decode + GEMM 30,652; 25% kept, 128 rows 30,348 /
     // 20,340, decode + GEMM 35,200). Measured before the kernels kept their accumulators in
-    // registers and before the AVX-512 sparse decode: both kernels run faster now (the anchors,
-    // 10% kept: 1 row 288, 8 rows 1,075, 16 rows 1,293, 128 rows 8,804; 25% kept, batch kernel,
-    // 128 rows 16,425), the crossovers not measured again.
+    // registers: both run faster now (the anchors, 10% kept: 1 row 288, 8 rows 1,075, 16 rows
+    // 1,293, 128 rows 8,804; step kernel 4 rows 509, 8 rows 1,061), and the 12-row crossover
+    // holds (step kernel at 12 rows, a pass of 8 and one of 4: about 1,570; batch kernel 1,300 at
+    // any 12 to 16 rows). The batch kernel costs its slots, decode + GEMM (the AVX-512 sparse
+    // decode, then MKL) about 12 ms plus 0.18 ms a row, so the batch kernel serves denser layers
+    // than it did too (batch kernel / decode + GEMM: slots 0.39, 64 rows 10,776 / 22,103; 128
+    // rows 21,137 / 32,403; 256 rows 41,988 / 53,383; slots 0.53, 96 rows 21,134 / 27,704; 128
+    // rows 27,315 / 31,740; 256 rows 54,885 / 53,053).
     {SpqmmIsa::kAvx512, SpqmmMode::kSparse, 2, 1.0, SpqmmKernel::kSparseSteps, 1},
     {SpqmmIsa::kAvx512, SpqmmMode::kSparse, 12, 1.0, SpqmmKernel::kSparseSteps, 0},
     {SpqmmIsa::kAvx512, SpqmmMode::kSparse, kSpqmmNoBound, 0.3, SpqmmKernel::kSparseBatch, 16},
+    {SpqmmIsa::kAvx512, SpqmmMode::kSparse, 256, 0.55, SpqmmKernel::kSparseBatch, 16},
     {SpqmmIsa::kAvx512, SpqmmMode::kSparse, 96, 1.0, SpqmmKernel::kSparseBatch, 16},
     {SpqmmIsa::kAvx512, SpqmmMode::kSparse, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0},
     // Dense fp32, 8 rows per pass, up to 10 rows (5 bits: 8 rows 3,625 / 4,645; 12 rows 6,909 /
