@@ -167,12 +167,47 @@ DCX_AVX512_FN void sparse_chunk(const SpqmmPacked& p, int64_t c, const float* ta
   seen->max_col = std::max<int64_t>(seen->max_col, max_col);
 }
 
+// One step s of group g as vectors, for the batch kernel and the decodes below: its window (clamped to K), live lanes,
+// weights (group scales included; padding zeroed after the scale, so that an inf scale cannot make
+// it a NaN) and columns; its ids and window go to the running maxima, and so do its live columns
+// where the window reaches past K (only there can one point past K).
+struct SparseStep {
+  int64_t j0;
+  __mmask16 live;
+  __m512 w;
+  __m512i col;
+};
+
+template <Lut L>
+DCX_AVX512_FN inline SparseStep sparse_step(const SpqmmPacked& p, const Table& tab,
+                                            SpqmmStepScales& scales, int64_t s, int64_t g,
+                                            __m512i* max_id, int64_t* max_col) {
+  SparseStep st;
+  st.j0 = spqmm_window(p, s, max_col);
+  const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(p.codes + s * kSpqmmRows)));
+  st.live = _mm512_test_epi32_mask(v, _mm512_set1_epi32(kSpqmmLive));
+  *max_id = _mm512_max_epu32(*max_id, _mm512_and_si512(v, _mm512_set1_epi32(kSpqmmIdMask)));
+  __m512 w = lookup<L>(tab, v);
+  if (p.group_scale) w = _mm512_mul_ps(w, _mm512_loadu_ps(scales.get(p, g, st.j0)));
+  st.w = _mm512_maskz_mov_ps(st.live, w);
+  st.col = _mm512_add_epi32(_mm512_set1_epi32(int32_t(st.j0)),
+                            _mm512_and_si512(_mm512_srli_epi32(v, 8), _mm512_set1_epi32(kSpqmmWindow - 1)));
+  if (st.j0 + kSpqmmWindow > p.k && st.live)
+    *max_col = std::max<int64_t>(*max_col, _mm512_mask_reduce_max_epu32(st.live, st.col));
+  return st;
+}
+
+// Lanes of group g whose rows lie in [r0, r1).
+inline uint32_t rows_in_range(int64_t g, int64_t r1) {
+  const int64_t rows = std::min<int64_t>(kSpqmmRows, r1 - g * kSpqmmRows);
+  return rows >= kSpqmmRows ? 0xFFFFu : (1u << rows) - 1;
+}
+
 // Sparse mode for 12 to 16 batch rows (a tile of xt [K + 32][16], the batch rows in the lanes,
 // zero past K and past the valid rows), groups [g0, g1), in two phases per run of kBatchSteps
-// steps: first each step's 16 weights by register lookup and its 16 x addresses (window and
-// offset, as bytes into xt) as one vector each, stored in a small buffer; then per slot a
-// broadcast load of its weight, a load of its offset and one FMA with the 16 activations of its
-// column (one aligned 64-byte load) into its row's accumulator; the 16 rows of a group stay in
+// steps: first each step's 16 weights and columns (sparse_step) stored in a small buffer; then per
+// slot a broadcast load of its weight, a load of its column and one FMA with the 16 activations
+// of that column (one 64-byte load) into its row's accumulator; the 16 rows of a group stay in
 // registers. Decoding a run ahead of its FMAs lets the stores retire before they are read back:
 // read back within the step (a 64-byte store, then 4-byte loads of it), a step cost about 80
 // cycles; taken out of the registers (a permute and an extract per slot), about 100.
@@ -185,8 +220,6 @@ DCX_AVX512_FN void sparse_batch(const SpqmmPacked& p, int64_t g0, int64_t g1, co
                                 int64_t ldy, SpqmmSeen* seen) {
   constexpr int MT = 16;
   const Table tab = load_table(table);
-  const __m512i live_bit = _mm512_set1_epi32(kSpqmmLive), id_mask = _mm512_set1_epi32(kSpqmmIdMask);
-  const __m512i off_mask = _mm512_set1_epi32(kSpqmmWindow - 1);
   __m512i max_id = _mm512_setzero_si512();
   int64_t max_col = -1;
   alignas(64) float wb[kBatchSteps][kSpqmmRows];
@@ -199,19 +232,9 @@ DCX_AVX512_FN void sparse_batch(const SpqmmPacked& p, int64_t g0, int64_t g1, co
     for (int64_t s0 = p.group_ptr[g], end = p.group_ptr[g + 1]; s0 < end; s0 += kBatchSteps) {
       const int run = static_cast<int>(std::min<int64_t>(kBatchSteps, end - s0));
       for (int t = 0; t < run; ++t) {
-        const int64_t s = s0 + t;
-        const int64_t j0 = spqmm_window(p, s, &max_col);
-        const __m512i v =
-            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(p.codes + s * kSpqmmRows)));
-        const __mmask16 live = _mm512_test_epi32_mask(v, live_bit);
-        max_id = _mm512_max_epu32(max_id, _mm512_and_si512(v, id_mask));
-        __m512 w = _mm512_maskz_mov_ps(live, lookup<L>(tab, v));
-        if (p.group_scale) w = _mm512_mul_ps(w, _mm512_loadu_ps(scales.get(p, g, j0)));
-        _mm512_store_ps(wb[t], w);
-        const __m512i off = _mm512_and_si512(_mm512_srli_epi32(v, 8), off_mask);
-        _mm512_storeu_si512(cb[t], _mm512_add_epi32(off, _mm512_set1_epi32(int32_t(j0))));
-        if (j0 + kSpqmmWindow > p.k && live)  // only here can a live slot point past K
-          max_col = std::max<int64_t>(max_col, j0 + _mm512_mask_reduce_max_epu32(live, off));
+        const SparseStep st = sparse_step<L>(p, tab, scales, s0 + t, g, &max_id, &max_col);
+        _mm512_store_ps(wb[t], st.w);
+        _mm512_storeu_si512(cb[t], st.col);
       }
       for (int t = 0; t < run; ++t) {
 #pragma GCC unroll 16
@@ -373,42 +396,6 @@ DCX_AVX512_FN void dense_rows(const SpqmmPacked& p, int64_t r0, int64_t r1, cons
     for (uint8_t v : nibbles) most = std::max<uint32_t>(most, v);
   }
   seen->max_id = std::max<uint32_t>(seen->max_id, most);
-}
-
-// One step s of group g as vectors, for the decodes below: its window (clamped to K), live lanes,
-// weights (group scales included; padding zeroed after the scale, so that an inf scale cannot make
-// it a NaN) and columns; its ids and window go to the running maxima, and so do its live columns
-// where the window reaches past K (only there can one point past K).
-struct SparseStep {
-  int64_t j0;
-  __mmask16 live;
-  __m512 w;
-  __m512i col;
-};
-
-template <Lut L>
-DCX_AVX512_FN inline SparseStep sparse_step(const SpqmmPacked& p, const Table& tab,
-                                            SpqmmStepScales& scales, int64_t s, int64_t g,
-                                            __m512i* max_id, int64_t* max_col) {
-  SparseStep st;
-  st.j0 = spqmm_window(p, s, max_col);
-  const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(p.codes + s * kSpqmmRows)));
-  st.live = _mm512_test_epi32_mask(v, _mm512_set1_epi32(kSpqmmLive));
-  *max_id = _mm512_max_epu32(*max_id, _mm512_and_si512(v, _mm512_set1_epi32(kSpqmmIdMask)));
-  __m512 w = lookup<L>(tab, v);
-  if (p.group_scale) w = _mm512_mul_ps(w, _mm512_loadu_ps(scales.get(p, g, st.j0)));
-  st.w = _mm512_maskz_mov_ps(st.live, w);
-  st.col = _mm512_add_epi32(_mm512_set1_epi32(int32_t(st.j0)),
-                            _mm512_and_si512(_mm512_srli_epi32(v, 8), _mm512_set1_epi32(kSpqmmWindow - 1)));
-  if (st.j0 + kSpqmmWindow > p.k && st.live)
-    *max_col = std::max<int64_t>(*max_col, _mm512_mask_reduce_max_epu32(st.live, st.col));
-  return st;
-}
-
-// Lanes of group g whose rows lie in [r0, r1).
-inline uint32_t rows_in_range(int64_t g, int64_t r1) {
-  const int64_t rows = std::min<int64_t>(kSpqmmRows, r1 - g * kSpqmmRows);
-  return rows >= kSpqmmRows ? 0xFFFFu : (1u << rows) - 1;
 }
 
 // Sparse decode of rows [r0, r1) (r0 a multiple of 16) into w ([r1 - r0, K] floats, zeroed
