@@ -83,7 +83,7 @@ PyObject* plan_table() {
                                       "sparse_int8"};
   static const char* const kernels[] = {"sparse_steps", "sparse_batch", "dense_rows",
                                         "dense_many", "int8_rows", "decode_gemm",
-                                        "int8_many", "int8_vnni", "bf16_amx", "sparse_amx",
+                                        "int8_many", "int8_fused", "bf16_amx", "sparse_amx",
                                         "int8_gemm"};
   PyObject* list = PyList_New(dcx::kSpqmmPlanSize);
   if (list == nullptr) return nullptr;

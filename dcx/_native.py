@@ -66,7 +66,7 @@ def spqmm_layout():
 def spqmm_plan():
     """The rules dcx.ops.spqmm picks its kernel by (csrc/core/spqmm_plan.h, exported by the
     compiled extension), in the order they are tried: dicts of isa (portable, avx2, avx512, cuda,
-    avx512vnni: AVX-512 with VNNI, which also takes the avx512 rules; avx512amx: with AMX too,
+    avx512vnni: AVX-512 with VNNI and VBMI, which also takes the avx512 rules; avx512amx: with AMX too,
     which takes the rules of both), mode (sparse, dense, int8, bfloat16: a dense layer in bf16
     compute, which the dense rules serve where no bfloat16 rule does; sparse_bfloat16 and
     sparse_int8 likewise for a sparse layer and the sparse rules), rows_below (-1: no bound),

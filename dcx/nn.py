@@ -28,8 +28,9 @@ __all__ = ["COMPUTE_MODES", "check_compute", "packable", "PackedModule",
 # from one row and sparse ones from a dozen, and past the crossover a bf16 GEMM on the decoded
 # weight, the fastest path on CPUs with AVX512-BF16 or AMX); "int8" (opt-in) runs a
 # dense-mode layer through the int8 kernels (activations quantized to int8 per row in blocks of
-# 32, an int16 codebook, int32 dot products; about 1e-2 relative error per output; at many rows
-# the int8 GEMM, with W and x quantized per row instead, somewhat coarser) at the batch and layer
+# 32, an int16 codebook, int32 dot products; about 1e-2 relative error per output; with AVX-512
+# VNNI from 3 rows the fused int8 kernel, then the int8 GEMM, with W and x quantized per row
+# instead, somewhat coarser) at the batch and layer
 # sizes where they are faster, float32 elsewhere; a sparse-mode layer takes the int8 GEMM only at
 # many rows on large layers (from 80 to 160 rows by density, CPUs with AVX-512 VNNI), where it
 # beats the sparse kernels, whose cost grows with the rows, and computes in float32 below. Which

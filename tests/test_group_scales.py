@@ -15,8 +15,8 @@ from dcx import _native, reference, state
 from dcx import format as fmt
 from dcx.packing import unpack
 from dcx.quantize import group_scales
-from tests.testing import (check_bfloat16, cpu_isas, devices, first_plan_rules, plan_compute,
-                           requires_kernels, sparse_int8_rules, unit_roundoff)
+from tests.testing import (INT8_GEMM_KERNELS, check_bfloat16, cpu_isas, devices, first_plan_rules,
+                           plan_compute, requires_kernels, sparse_int8_rules, unit_roundoff)
 
 pytestmark = requires_kernels
 
@@ -98,7 +98,7 @@ def test_every_plan_rule_runs_with_group_scales(monkeypatch, isa):
         mask, labels, codebook, scale, p = layers[i]
         x, bias = torch.randn(rows, p.in_features), torch.randn(p.out_features)
         y = p.spqmm(x, bias, compute=plan_compute(mode), scale=scale)
-        if table[rule]["kernel"] == "int8_gemm":  # its own, coarser rule
+        if table[rule]["kernel"] in INT8_GEMM_KERNELS:  # their own, coarser rule
             expected = reference.spqmm_int8_gemm(x, p.codes, p.codebook, p.out_features,
                                                  p.in_features, p.bits, bias, scale, p.group_size,
                                                  windows=p.windows, group_ptr=p.group_ptr)

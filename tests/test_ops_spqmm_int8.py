@@ -8,7 +8,8 @@ import torch.nn.functional as F
 import dcx
 from dcx import _native
 from dcx import reference
-from tests.testing import FLOAT_DTYPES, cpu_isas, cpu_kind, devices, requires_kernels, unit_roundoff
+from tests.testing import (INT8_GEMM_KERNELS, FLOAT_DTYPES, cpu_isas, cpu_kind, devices,
+                           requires_kernels, unit_roundoff)
 
 pytestmark = requires_kernels
 
@@ -302,7 +303,7 @@ def test_layer_compute_int8(tmp_path):
         y = dense(many)
         exact_int8 = run(many, p, dense.bias.detach())
         dense.compute = "float32"
-        if rule["kernel"] == "int8_gemm":
+        if rule["kernel"] in INT8_GEMM_KERNELS:
             expected = reference.spqmm_int8_gemm(many, p.codes, p.codebook, 48, 200, p.bits,
                                                  dense.bias.detach())
             torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)

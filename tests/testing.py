@@ -34,7 +34,8 @@ def cpu_isas():
     capability = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", ...
     flags = _cpu_flags()
     has = {"avx512amx": capability.startswith("AVX512") and _has_amx(flags),
-           "avx512vnni": capability.startswith("AVX512") and "avx512_vnni" in flags,
+           "avx512vnni": (capability.startswith("AVX512")
+                          and {"avx512_vnni", "avx512vbmi"} <= set(flags)),
            "avx512": capability.startswith("AVX512"),
            "avx2": capability.startswith(("AVX512", "AVX2"))}
     return [pytest.param(isa, marks=pytest.mark.skipif(not has.get(isa, True),
@@ -49,7 +50,7 @@ def cpu_kind():
     capability = torch.backends.cpu.get_cpu_capability()
     if capability.startswith("AVX512"):
         flags = _cpu_flags()
-        if "avx512_vnni" in flags:
+        if {"avx512_vnni", "avx512vbmi"} <= set(flags):  # the VNNI kind needs VBMI too
             return "avx512amx" if _has_amx(flags) else "avx512vnni"
         return "avx512"
     return "avx2" if capability.startswith("AVX2") else "portable"
@@ -58,7 +59,7 @@ def cpu_kind():
 def _has_amx(flags):
     """Whether Linux lists what dcx's AMX kernel needs (it also asks the kernel for the tile state
     and falls back to the avx512vnni kind if refused, which these tests would then report)."""
-    return {"amx_tile", "amx_bf16", "avx512_bf16", "avx512_vnni"} <= set(flags)
+    return {"amx_tile", "amx_bf16", "avx512_bf16", "avx512_vnni", "avx512vbmi"} <= set(flags)
 
 
 def _cpu_flags():
@@ -103,7 +104,11 @@ def noncontiguous(t):
 
 # Batch sizes around every bound the spqmm kernel table uses.
 PLAN_ROWS = [1, 2, 3, 4, 5, 8, 9, 15, 16, 17, 23, 24, 31, 32, 33, 63, 64, 65, 79, 80, 95, 96, 130,
-             159, 160, 170]
+             159, 160, 170, 191, 192, 511, 512]
+
+# The kernels that compute int8 by the GEMM's rule (rows of W and of x quantized whole; csrc/core/
+# spqmm_int8.h), dcx.reference.spqmm_int8_gemm: the int8 GEMM and the fused kernel.
+INT8_GEMM_KERNELS = ("int8_gemm", "int8_fused")
 
 
 def plan_compute(mode):

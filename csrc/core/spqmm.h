@@ -56,6 +56,7 @@
 #define DCX_AVX512_FN
 #define DCX_AVX512_VNNI_FN
 #define DCX_AVX512_VBMI_FN
+#define DCX_AVX512_Q8_FN
 #define DCX_AMX_FN
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -69,6 +70,7 @@
 #define DCX_AVX512_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 #define DCX_AVX512_VNNI_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
 #define DCX_AVX512_VBMI_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi")))
+#define DCX_AVX512_Q8_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512vnni")))
 #define DCX_AMX_FN \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512bf16,amx-tile,amx-bf16")))
 #define DCX_AVX2_FN __attribute__((target("avx2,fma")))

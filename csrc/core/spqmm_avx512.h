@@ -509,18 +509,11 @@ DCX_AVX512_FN void dense_decode_rows(const SpqmmPacked& p, int64_t r0, int64_t r
   seen->max_id = std::max<uint32_t>(seen->max_id, _mm512_reduce_max_epu32(max_id));
 }
 
-// int8 compute with AVX-512 VNNI (core/spqmm_int8.h's rule, exactly) for 5 and more activation
-// rows. The batch rows sit in the vector lanes, 16 per pass: the activations are staged once per
-// call (q8_stage_pairs: per block of 32 columns and pair d < 16, the int16s of columns d and 16 + d
-// of 16 rows, one 64-byte vector) and each row of W is decoded once into the same pairs (one
-// int32 per pair), read back by broadcasts. Per block of 32 columns and row of W, 16 vpdpwssd
-// (32 int16 products summed in pairs into 16 int32 lanes, one instruction each) give the block's
-// dot for 16 activation rows, and one convert and one FMA by the 16 rows' block scales (one
-// vector, shared by every row of W) add it to the float sums: 18 instructions for 512
-// multiply-adds, no horizontal sums. (With the columns in the lanes instead, as the AVX2 int8
-// kernels have them, each block's scale costs a convert and an FMA per 32 multiply-adds.)
+// Rows of W decoded into pairs of 16-bit weights (one int32 per pair of columns), the layout the
+// bf16 AMX kernels (core/spqmm_amx.h) read: a 16-bit table of the codebook (its bf16 bit
+// patterns) looked up by the ids.
 
-// The int16 codebook as two lookup tables of int32 bit patterns (read through the float lookups,
+// A 16-bit codebook table as two lookup tables of int32 bit patterns (read through the float lookups,
 // which move bits unchanged): entry i zero-extended (the low half of a pair) and shifted left by
 // 16 (the high half).
 // The first 128 entries also as byte planes (bytes: entry i's low byte at byte i, its high byte
@@ -669,42 +662,6 @@ DCX_AVX512_VBMI_FN void q8_decode_pairs_vbmi(const SpqmmPacked& p, int64_t r0, i
   for (uint8_t v : most) seen->max_id = std::max<uint32_t>(seen->max_id, v);
 }
 
-// R decoded rows of W (w [R][ldw] pairs of the blocks [b0, b1), row r of the layer first) times
-// the 16 staged activation rows of one lane group (xg [blocks][16][16], sg [blocks][16]),
-// added to sums [R][16] (float, lane = activation row).
-template <int R>
-DCX_AVX512_VNNI_FN void q8_vnni_apply(const SpqmmPacked& p, const int32_t* w, int64_t ldw,
-                                      int64_t b0, int64_t b1, const int32_t* xg, const float* sg,
-                                      int64_t r, float* sums) {
-  __m512 acc[R];
-  for (int i = 0; i < R; ++i) acc[i] = _mm512_loadu_ps(sums + i * kQ8Lanes);
-  for (int64_t b = b0; b < b1; ++b) {
-    __m512i dot[R];
-    for (int i = 0; i < R; ++i) dot[i] = _mm512_setzero_si512();
-    const int32_t* xb = xg + b * kQ8Pairs * kQ8Lanes;
-    const int32_t* wb = w + (b - b0) * kQ8Pairs;
-#pragma GCC unroll 16
-    for (int d = 0; d < kQ8Pairs; ++d) {
-      const __m512i xd = _mm512_loadu_si512(xb + d * kQ8Lanes);
-      for (int i = 0; i < R; ++i) dot[i] = _mm512_dpwssd_epi32(dot[i], xd, _mm512_set1_epi32(wb[i * ldw + d]));
-    }
-    const __m512 scale = _mm512_loadu_ps(sg + b * kQ8Lanes);
-    for (int i = 0; i < R; ++i) {
-      const __m512 s = p.group_scale
-                           ? _mm512_mul_ps(scale, _mm512_set1_ps(spqmm_group_scale(p, r + i, b * kQ8Block)))
-                           : scale;
-      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i]), s, acc[i]);
-    }
-  }
-  for (int i = 0; i < R; ++i) _mm512_storeu_ps(sums + i * kQ8Lanes, acc[i]);
-}
-
-// Rows [r0, r1) of W for M staged activation rows (xv, sv as q8_stage_pairs leaves them): kVnniRows
-// rows of W at a time, in chunks of kVnniChunk columns decoded into w (kVnniRows * kVnniChunk / 2
-// int32, 8 KB, so it stays in L1 while every lane group reads it) and applied to every group
-// before the next chunk; the sums wait in `sums` (q8_lane_groups(M) * kVnniRows * 16 floats).
-constexpr int kVnniRows = 8;
-
 // Fetch the cache line at p into L1. Inline assembly, because GCC deletes a loop whose only
 // statements are __builtin_prefetch (it has no effect the language can observe).
 DCX_ALWAYS_INLINE void prefetch_line(const uint8_t* p) {
@@ -714,7 +671,6 @@ DCX_ALWAYS_INLINE void prefetch_line(const uint8_t* p) {
   (void)p;
 #endif
 }
-constexpr int64_t kVnniChunk = 512;
 
 // The codes of rows [row0, row0 + rows) (those that exist), columns [j0, j0 + cols), fetched into
 // L1: the dense kernels that decode a chunk of rows at a time fetch the next chunk's this way.
@@ -727,49 +683,213 @@ DCX_ALWAYS_INLINE void prefetch_chunk(const SpqmmPacked& p, int64_t row0, int64_
     for (int64_t at = from; at < to; at += 64) prefetch_line(p.dense_codes + row * p.dense_width + at);
 }
 
-template <Lut L, SpqmmDense D>
-DCX_AVX512_VNNI_FN void q8_vnni(const SpqmmPacked& p, int64_t r0, int64_t r1, const PairTables& tab,
-                                float wscale, const int32_t* xv, const float* sv, int64_t M,
-                                const float* bias, float* y, int64_t ldy, int32_t* w, float* sums,
-                                SpqmmSeen* seen) {
-  constexpr int64_t ldw = kVnniChunk / 2, kChunkBlocks = kVnniChunk / kQ8Block;
-  const int64_t K = p.k, blocks = q8_blocks(K), groups = q8_lane_groups(M);
-  const bool vbmi = supports_vbmi();  // 5 to 7-bit ids decoded by byte permutes
-  // The codes of the next chunk (of these rows, or past their last chunk the first of the next
-  // rows, in this tile or not) are fetched before this one is decoded and applied: a chunk of a
-  // row is a short run of bytes far from the next row's, which the hardware prefetchers do not
-  // follow, and decoding waited on memory for most of its time without this.
-  for (int64_t r = r0; r < r1; r += kVnniRows) {
-    const int rows = static_cast<int>(std::min<int64_t>(kVnniRows, r1 - r));
-    std::memset(sums, 0, sizeof(float) * size_t(groups * kVnniRows * kQ8Lanes));
-    for (int64_t b0 = 0; b0 < blocks; b0 += kChunkBlocks) {
-      const int64_t b1 = std::min(blocks, b0 + kChunkBlocks);
-      prefetch_chunk(p, b1 < blocks ? r : r + kVnniRows, kVnniRows, b1 < blocks ? b1 * kQ8Block : 0, kVnniChunk);
-      if (D == SpqmmDense::kBits && vbmi) {
-        q8_decode_pairs_vbmi<L>(p, r, r + rows, b0 * kQ8Block, b1 * kQ8Block, tab, w, ldw, seen);
-      } else {
-        q8_decode_pairs<L, D>(p, r, r + rows, b0 * kQ8Block, b1 * kQ8Block, tab, w, ldw, seen);
+// ---- The many-rows int8 rule fused (SpqmmKernel::kInt8Fused; core/spqmm_int8.h) ----
+// Each row of W quantized whole to int8 as the int8 GEMM's rule does, but in one pass and with no
+// copy of W: a first pass over the row's ids finds its largest weight (the largest rank of |c| by
+// one byte permute per 64 ids), which gives the row's scale and its own table, id -> q + 128 as
+// an unsigned byte; the row is then decoded chunk by chunk by one permute per 64 ids and
+// multiplied by vpdpbusd (64 u8 x s8 products an instruction, twice vpdpwssd's), a weight's
+// 4 bytes broadcast against 16 batch rows' 4 int8 activations. The 128 added to every weight adds
+// 128 times the row of x's sum to each dot, taken off at the end. Needs VNNI and VBMI.
+
+// Per call: the codebook's order by magnitude and its entries (256, zero past the codebook).
+struct FusedTables {
+  alignas(64) uint8_t rank[256];  // id -> rank of |c[id]| (largest bit pattern last)
+  float by_rank[256];             // rank -> |c|
+  float codebook[256];
+  int entries = 16;               // table entries a row builds: 2^bits, at least 16
+};
+
+// The tables of a codebook of n <= 256 entries, ranked by the bit pattern of |c| (a NaN is the
+// largest, so a row that uses it gets a NaN scale, as the GEMM's rule does).
+inline FusedTables fused_tables(const float* codebook, int64_t n, int bits) {
+  FusedTables ft;
+  n = std::min<int64_t>(n, 256);
+  std::memset(ft.rank, 0, sizeof(ft.rank));
+  std::fill(ft.by_rank, ft.by_rank + 256, 0.f);
+  std::fill(ft.codebook, ft.codebook + 256, 0.f);
+  std::vector<std::pair<uint32_t, int64_t>> order(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t b;
+    std::memcpy(&b, codebook + i, sizeof(b));
+    order[size_t(i)] = {b & 0x7fffffffu, i};
+    ft.codebook[i] = codebook[i];
+  }
+  std::sort(order.begin(), order.end());
+  for (int64_t j = 0; j < n; ++j) {
+    ft.rank[order[size_t(j)].second] = uint8_t(j);
+    std::memcpy(ft.by_rank + j, &order[size_t(j)].first, sizeof(float));
+  }
+  ft.entries = std::max(16, 1 << std::min(bits, 8));
+  return ft;
+}
+
+constexpr int kFusedRows = 8;         // rows of W per pass (the accumulators: 8 per lane group)
+constexpr int64_t kFusedChunk = 8;    // units of 64 ids per chunk: 8 rows x 512 bytes in L1
+
+// 64 ids of a dense row a unit (q8_unit_column order), for layout D.
+template <SpqmmDense D>
+struct UnitIds {
+  __m512i spread, shifts, id_mask;
+  __mmask64 bit_load;
+  int bits;
+  DCX_AVX512_Q8_FN explicit UnitIds(int b) : bits(b) {
+    alignas(64) uint8_t sp[64], sh[64];
+    for (int g = 0; g < 8; ++g)
+      for (int t = 0; t < 8; ++t) {
+        sp[8 * g + t] = uint8_t(std::min(g * b + t, 63));
+        sh[8 * g + t] = uint8_t(t * b);
       }
-      for (int64_t g = 0; g < groups; ++g) {
-        const int32_t* xg = xv + g * blocks * kQ8Pairs * kQ8Lanes;
-        const float* sg = sv + g * blocks * kQ8Lanes;
-        float* sg_sums = sums + g * kVnniRows * kQ8Lanes;
-        if (rows == kVnniRows) {
-          q8_vnni_apply<kVnniRows>(p, w, ldw, b0, b1, xg, sg, r, sg_sums);
+    spread = _mm512_load_si512(sp);
+    shifts = _mm512_load_si512(sh);
+    id_mask = _mm512_set1_epi8(char(D == SpqmmDense::kNibbles ? 0x0F : (1 << std::min(b, 7)) - 1));
+    bit_load = b < 8 ? (uint64_t(1) << (8 * b)) - 1 : ~uint64_t(0);
+  }
+  // Unit u's ids; `valid` its columns below K (the bytes layout reads no further).
+  DCX_AVX512_Q8_FN __m512i get(const uint8_t* row, int64_t u, __mmask64 valid) const {
+    if constexpr (D == SpqmmDense::kNibbles) {
+      const __m512i v = _mm512_loadu_si512(row + 64 * (u >> 1));
+      return _mm512_and_si512((u & 1) ? _mm512_srli_epi32(v, 4) : v, id_mask);
+    } else if constexpr (D == SpqmmDense::kBits) {
+      const __m512i raw = _mm512_maskz_loadu_epi8(bit_load, row + u * 8 * bits);
+      return _mm512_and_si512(_mm512_multishift_epi64_epi8(shifts, _mm512_permutexvar_epi8(spread, raw)), id_mask);
+    } else {
+      return _mm512_maskz_loadu_epi8(valid, row + 64 * u);
+    }
+  }
+};
+
+// Bytes of a 256-entry table t (4 vectors; only the first 2^bits entries read) at 64 ids.
+template <Lut L>
+DCX_AVX512_Q8_FN __m512i lookup_bytes(__m512i ids, const __m512i* t) {
+  if constexpr (L == Lut::k128) {
+    return _mm512_permutex2var_epi8(t[0], ids, t[1]);
+  } else if constexpr (L == Lut::k256) {
+    const __m512i lo = _mm512_permutex2var_epi8(t[0], ids, t[1]);
+    const __m512i hi = _mm512_permutex2var_epi8(t[2], ids, t[3]);
+    return _mm512_mask_blend_epi8(_mm512_movepi8_mask(ids), lo, hi);
+  } else {
+    return _mm512_permutexvar_epi8(ids, t[0]);
+  }
+}
+
+// Unit u's columns below K, as a byte mask.
+inline __mmask64 unit_valid(SpqmmDense layout, int64_t u, int64_t K) {
+  const int64_t base = layout == SpqmmDense::kNibbles ? 128 * (u >> 1) : 64 * u;
+  if (base + (layout == SpqmmDense::kNibbles ? 128 : 64) <= K) return ~__mmask64(0);
+  __mmask64 valid = 0;
+  for (int i = 0; i < 64; ++i)
+    if (q8_unit_column(layout, u, i) < K) valid |= __mmask64(1) << i;
+  return valid;
+}
+
+// sums [G][kFusedRows][16] += the decoded rows w (int32 words, ldw a row) times quads [0, quads)
+// of G lane groups of staged activations (x, ldx words a group).
+template <int G>
+DCX_AVX512_Q8_FN void fused_apply(const int32_t* w, int64_t ldw, int64_t quads, const int32_t* x,
+                                  int64_t ldx, int32_t* sums) {
+  __m512i acc[G][kFusedRows];
+#pragma GCC unroll 16
+  for (int g = 0; g < G; ++g)
+#pragma GCC unroll 8
+    for (int i = 0; i < kFusedRows; ++i) acc[g][i] = _mm512_loadu_si512(sums + (g * kFusedRows + i) * kQ8Lanes);
+  for (int64_t d = 0; d < quads; ++d) {
+    __m512i xd[G];
+#pragma GCC unroll 2
+    for (int g = 0; g < G; ++g) xd[g] = _mm512_loadu_si512(x + g * ldx + d * kQ8Lanes);
+#pragma GCC unroll 8
+    for (int i = 0; i < kFusedRows; ++i) {
+      const __m512i wv = _mm512_set1_epi32(w[i * ldw + d]);
+#pragma GCC unroll 2
+      for (int g = 0; g < G; ++g) acc[g][i] = _mm512_dpbusd_epi32(acc[g][i], wv, xd[g]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int g = 0; g < G; ++g)
+#pragma GCC unroll 8
+    for (int i = 0; i < kFusedRows; ++i) _mm512_storeu_si512(sums + (g * kFusedRows + i) * kQ8Lanes, acc[g][i]);
+}
+
+// Rows [r0, r1) of W for M activation rows staged by q8_stage_quads (xv; sx their scales, xsum
+// their sums): y[m][r] = sx[m] sw[r] (dot - 128 xsum[m]) + bias[r], as the GEMM's epilogue.
+// w: kFusedRows * kFusedChunk * 64 bytes; sums: q8_lane_groups(M) * kFusedRows * 16 int32.
+template <Lut L, SpqmmDense D>
+DCX_AVX512_Q8_FN void q8_fused(const SpqmmPacked& p, int64_t r0, int64_t r1, const FusedTables& ft,
+                               const int32_t* xv, const float* sx, const int32_t* xsum, int64_t M,
+                               const float* bias, float* y, int64_t ldy, uint8_t* w, int32_t* sums,
+                               SpqmmSeen* seen) {
+  constexpr int kVectors = L == Lut::k256 ? 4 : L == Lut::k128 ? 2 : 1;
+  constexpr int64_t ldw = kFusedChunk * 64;
+  const int64_t K = p.k, units = q8_units(D, K), quads = units * 16, groups = q8_lane_groups(M);
+  const UnitIds<D> unit(p.bits);
+  // The last units may hold columns past K (the bytes past them are not read as weights).
+  int64_t full = units;
+  while (full > 0 && unit_valid(D, full - 1, K) != ~__mmask64(0)) --full;
+  __mmask64 tail[2] = {~__mmask64(0), ~__mmask64(0)};
+  for (int64_t u = full; u < units; ++u) tail[u - full] = unit_valid(D, u, K);
+  __m512i rank[kVectors];
+  for (int v = 0; v < kVectors; ++v) rank[v] = _mm512_load_si512(ft.rank + 64 * v);
+  __m512i seen_ids = _mm512_setzero_si512();
+  alignas(64) uint8_t tables[kFusedRows][256];
+  std::memset(tables, 128, sizeof(tables));  // entries past 2^bits: never looked up
+  float sw[kFusedRows];
+  for (int64_t r = r0; r < r1; r += kFusedRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kFusedRows, r1 - r));
+    for (int i = 0; i < rows; ++i) {
+      const uint8_t* row = p.dense_codes + (r + i) * p.dense_width;
+      __m512i most = _mm512_setzero_si512();
+      for (int64_t u = 0; u < units; ++u) {
+        const __mmask64 valid = u < full ? ~__mmask64(0) : tail[u - full];
+        const __m512i ids = _mm512_maskz_mov_epi8(valid, unit.get(row, u, valid));
+        seen_ids = _mm512_max_epu8(seen_ids, ids);
+        most = _mm512_max_epu8(most, _mm512_maskz_mov_epi8(valid, lookup_bytes<L>(ids, rank)));
+      }
+      alignas(64) uint8_t ranks[64];
+      _mm512_storeu_si512(ranks, most);
+      uint8_t top = 0;
+      for (uint8_t v : ranks) top = std::max(top, v);
+      const float amax = ft.by_rank[top], inv = q8_inverse(amax);
+      sw[i] = q8_scale(amax);
+      for (int e = 0; e < ft.entries; ++e) tables[i][e] = uint8_t(q8_round(ft.codebook[e], inv) + 128);
+    }
+    std::memset(sums, 0, sizeof(int32_t) * size_t(groups * kFusedRows * kQ8Lanes));
+    if (rows < kFusedRows) std::memset(w + rows * ldw, 0, size_t((kFusedRows - rows) * ldw));
+    for (int64_t u0 = 0; u0 < units; u0 += kFusedChunk) {
+      const int64_t u1 = std::min(units, u0 + kFusedChunk);
+      for (int i = 0; i < rows; ++i) {
+        const uint8_t* row = p.dense_codes + (r + i) * p.dense_width;
+        __m512i t[kVectors];
+        for (int v = 0; v < kVectors; ++v) t[v] = _mm512_load_si512(tables[i] + 64 * v);
+        for (int64_t u = u0; u < u1; ++u) {
+          const __mmask64 valid = u < full ? ~__mmask64(0) : tail[u - full];
+          _mm512_storeu_si512(w + i * ldw + (u - u0) * 64, lookup_bytes<L>(unit.get(row, u, valid), t));
+        }
+      }
+      const int64_t q0 = u0 * 16, nq = (u1 - u0) * 16, ldx = quads * kQ8Lanes;
+      const int32_t* wq = reinterpret_cast<const int32_t*>(w);
+      for (int64_t g = 0; g < groups; g += 2) {
+        const int32_t* xg = xv + g * ldx + q0 * kQ8Lanes;
+        int32_t* sg = sums + g * kFusedRows * kQ8Lanes;
+        if (g + 1 < groups) {
+          fused_apply<2>(wq, ldw / 4, nq, xg, ldx, sg);
         } else {
-          for (int i = 0; i < rows; ++i)
-            q8_vnni_apply<1>(p, w + i * ldw, ldw, b0, b1, xg, sg, r + i, sg_sums + i * kQ8Lanes);
+          fused_apply<1>(wq, ldw / 4, nq, xg, ldx, sg);
         }
       }
     }
     for (int64_t g = 0; g < groups; ++g)
       for (int i = 0; i < rows; ++i) {
-        const float* lanes = sums + (g * kVnniRows + i) * kQ8Lanes;
+        const int32_t* lanes = sums + (g * kFusedRows + i) * kQ8Lanes;
         const float bv = bias ? bias[r + i] : 0.f;
-        for (int m = 0; m < kQ8Lanes && g * kQ8Lanes + m < M; ++m)
-          y[(g * kQ8Lanes + m) * ldy + r + i] = lanes[m] * wscale + bv;
+        for (int l = 0; l < kQ8Lanes && g * kQ8Lanes + l < M; ++l) {
+          const int64_t m = g * kQ8Lanes + l;
+          y[m * ldy + r + i] = float(lanes[l] - 128 * xsum[m]) * (sx[m] * sw[i]) + bv;
+        }
       }
   }
+  alignas(64) uint8_t most[64];
+  _mm512_storeu_si512(most, seen_ids);
+  for (uint8_t v : most) seen->max_id = std::max<uint32_t>(seen->max_id, v);
 }
 
 // The kernel for a layer's lookup kind: f(lut) with the kind as a compile-time constant.

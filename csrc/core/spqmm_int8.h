@@ -84,8 +84,8 @@ inline void q8_quantize_row(const float* x, int64_t k, int16_t* q, float* scale)
   }
 }
 
-// The longest row the int8 GEMM takes: oneDNN adds 128 to one operand to use u8 x s8 products,
-// so a dot of K terms reaches 255 * 127 * K, which must stay below 2^31 in int32.
+// The longest row the int8 GEMM and the fused kernel take: both add 128 to one operand to use
+// u8 x s8 products, so a dot of K terms reaches 255 * 127 * K, which must stay below 2^31.
 constexpr int64_t kQ8GemmMaxK = 65536;
 
 // v [K] quantized whole (the many-rows rule above): q [K] int8 and the row's scale.
@@ -133,6 +133,49 @@ inline void q8_stage_pairs(const int16_t* xq, int64_t ldq, const float* xs, int6
                          : 0;
       }
     }
+}
+
+// The fused kernel of the many-rows rule (SpqmmKernel::kInt8Fused, core/spqmm_avx512.h): each
+// row of W decoded straight into int8 by a table of its own (the codebook quantized with the
+// row's scale), then u8 x s8 dot products (vpdpbusd) with the batch rows in the vector lanes.
+// It reads a dense row in units of 64 ids, in the order one vector of codes yields them: for
+// bits <= 4 a block of 128 columns is two units, the low and the high nibbles of its 64 bytes
+// (byte 4 d + t of the block holds columns 32 t + d and 32 t + 16 + d), for more bits a unit is
+// 64 consecutive columns. Byte i of unit u is column q8_unit_column(layout, u, i); the
+// activations are staged in the same order, so the int32 dots are the GEMM's.
+DCX_HOST_DEVICE int64_t q8_unit_column(SpqmmDense layout, int64_t u, int i) {
+  if (layout == SpqmmDense::kNibbles) return 128 * (u >> 1) + 32 * (i & 3) + 16 * (u & 1) + (i >> 2);
+  return 64 * u + i;
+}
+
+DCX_HOST_DEVICE int64_t q8_units(SpqmmDense layout, int64_t k) {
+  return layout == SpqmmDense::kNibbles ? 2 * ((k + 127) / 128) : (k + 63) / 64;
+}
+
+// Rows [0, m) of xq ([m][k] int8, rows quantized whole) staged for the fused kernel:
+// xv [ceil(m / 16)][units * 16 quads][16 lanes] int32, quad 16 u + d of lane l holding bytes
+// 4 d .. 4 d + 3 of unit u of row 16 g + l (zero past k and past m); and each row's sum of xq
+// (the kernel's weights are offset by 128, which adds 128 times it to every dot).
+inline void q8_stage_quads(const int8_t* xq, int64_t m, int64_t k, SpqmmDense layout, int64_t g,
+                           int32_t* xv, int32_t* sums) {
+  const int64_t units = q8_units(layout, k);
+  for (int l = 0; l < kQ8Lanes; ++l) {
+    const int64_t row = g * kQ8Lanes + l;
+    const int8_t* q = xq + row * k;
+    int32_t sum = 0;
+    for (int64_t u = 0; u < units; ++u)
+      for (int d = 0; d < 16; ++d) {
+        uint32_t word = 0;
+        for (int t = 0; t < 4; ++t) {
+          const int64_t j = q8_unit_column(layout, u, 4 * d + t);
+          const int8_t v = row < m && j < k ? q[j] : 0;
+          sum += v;
+          word |= uint32_t(uint8_t(v)) << (8 * t);
+        }
+        xv[(u * 16 + d) * kQ8Lanes + l] = int32_t(word);
+      }
+    if (row < m) sums[row] = sum;
+  }
 }
 
 // The codebook (k <= 256 entries) as int16 values and the layer's scale; table has 256 entries,

@@ -15,7 +15,7 @@
 namespace dcx {
 
 // CPU kinds: the rules of a kind serve it and the kinds above it (kAvx512Vnni: AVX-512 with VNNI
-// runs every AVX-512 rule and its own, which come first; kAvx512Amx, with AMX too, every rule of
+// and VBMI runs every AVX-512 rule and its own, which come first; kAvx512Amx, with AMX too, every rule of
 // those two and its own).
 enum class SpqmmIsa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kCuda = 3, kAvx512Vnni = 4, kAvx512Amx = 5 };
 
@@ -55,8 +55,9 @@ enum class SpqmmKernel : int {
   kDecodeGemm = 5,   // W decoded once, in cache-sized blocks of rows, multiplied by the BLAS
   kInt8Many = 6,     // dense, int8 compute, AVX2: rows of W decoded once into int16 in L1, then
                      //   applied to every activation row (2 rows of W by 4 of x at a time)
-  kInt8Vnni = 7,     // dense, int8 compute, AVX-512 VNNI: activation rows in the lanes, rows of W
-                     //   decoded once into int16 pairs, 8 rows of W by 16 of x at a time
+  kInt8Fused = 7,    // dense, int8 compute, AVX-512 VNNI + VBMI: kInt8Gemm's rule in one pass, each
+                     //   row of W decoded into int8 by its own table, u8 x s8 dot products with
+                     //   16 activation rows in the lanes, 8 rows of W by 32 of x at a time
   kBf16Amx = 8,      // dense, bf16 compute, AMX: rows of W decoded in chunks into bf16 tiles,
                      //   32 rows of W by 32 of x per pass (core/spqmm_amx.h)
   kSparseAmx = 9,    // sparse, bf16 compute, AMX: the steps of two groups scattered chunk by
@@ -194,29 +195,27 @@ constexpr SpqmmRule kSpqmmPlan[] = {
     // 5,204).
     {SpqmmIsa::kAvx512, SpqmmMode::kDense, 10, 1.0, SpqmmKernel::kDenseRows, 0},
     {SpqmmIsa::kAvx512, SpqmmMode::kDense, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0},
-    // Dense int8 with VNNI (measured on a 2-core Intel Xeon, Sapphire Rapids class, every weight
-    // rotated through 512 MB or more; VNNI / the AVX-512 rules below / the dense fp32 kernels, 4
-    // bits unless said). Up to 8 rows the fp32 kernels (4096 x 4096: 2 rows 2,198 / 2,178 /
-    // 1,311; 4 rows 2,535 / 2,533 / 1,598; 8 rows 2,305 / 3,174 / 2,572; 2048 x 2048, 6 bits: 8
-    // rows 974 / 1,221 / 736); from 9 to 63 rows the VNNI kernel on layers of 4M weights and more
-    // (4096 x 4096: 16 rows 2,701 / 5,125 / 9,764; 32 rows 4,550 / 9,339 / 11,673; 2048 x 2048, 6
-    // bits: 16 rows 1,148 / 1,826 / 1,423; 32 rows 1,777 / 2,908 / 1,860), then (as smaller
-    // layers from 24 rows) the int8 GEMM (kInt8Gemm; on the Zen 4 CPU, VNNI / int8 GEMM: 4096 x
-    // 4096, 4 bits, 32 rows 3,506 / 4,382; 48 rows 5,128 / 5,066; 64 rows 6,861 / 5,839; 128
-    // rows 13,195 / 8,563; 512 rows 49,979 / 25,113; 6 bits, 48 rows 5,225 / 5,557; 64 rows
-    // 6,703 / 6,260; 128 rows 13,157 / 9,265; 6 bits at 24, 64 and 128 rows: 1536 x 384 178 /
-    // 182, 347 / 260, 682 / 387; 384 x 1536 224 / 176, 364 / 233, 681 / 352; 384 x 384 71 / 67,
-    // 132 / 88, 243 / 119; before it came, decode + GEMM in fp32 served from 64 rows; it runs
-    // where torch takes oneDNN for at::_int_mm, which needs VNNI: so only these rules, and the
-    // op falls back to decode + GEMM when oneDNN is switched off or K passes kQ8GemmMaxK). Smaller
-    // layers: VNNI from 9 to 23 rows (6 bits, VNNI / fp32 at 16 rows: 384 x 384 56 / 71; 1536 x
-    // 384 143 / 205; 384 x 1536 189 / 207; 1024 x 1024 290 / 356; at 9, 16 and 23 rows 64 x 256
-    // 22 / 25, 26 / 27, 35 / 27; 256 x 512 48 / 64, 58 / 84, 87 / 96). The VNNI kernel's rows
-    // were measured on the Xeon only.
-    {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, 9, 1.0, SpqmmKernel::kDenseRows, 0},
-    {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, 64, 1.0, SpqmmKernel::kInt8Vnni, 16, kSpqmmLargeWeights},
-    {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, kSpqmmNoBound, 1.0, SpqmmKernel::kInt8Gemm, 0, kSpqmmLargeWeights},
-    {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, 24, 1.0, SpqmmKernel::kInt8Vnni, 16},
+    // Dense int8 with VNNI (and VBMI): up to 2 rows the fp32 kernels, then the fused int8 kernel
+    // (kInt8Fused: the int8 GEMM's rule in one pass, rows of W decoded by tables of their own,
+    // u8 x s8 dot products) up to 511 rows on layers of 4M weights and more, up to 191 on
+    // smaller ones, then the int8 GEMM, whose blocking wins once x is large. (The plan at the
+    // time / the fused kernel: 4096 x 4096, 4 bits, 2 rows 728 / 1,033; 3 rows 1,482 / 1,114; 4
+    // rows 1,449 / 1,046; 8 rows 2,983 / 1,129; 16 rows 2,048 / 1,233; 32 rows 3,469 / 1,958;
+    // 64 rows 5,205 / 3,618; 128 rows 8,072 / 6,763; 256 rows 14,191 / 13,339; 512 rows 25,447
+    // / 25,814; 6 bits, 1 row 1,209 / 1,162; 2 rows 1,445 / 1,174; 16 rows 2,538 / 1,295; 128
+    // rows 9,213 / 7,064; all-MiniLM-L6-v2's layers, 6 bits, 384 x 384 / 1536 x 384 / 384 x
+    // 1536: 2 rows 42 / 40, 79 / 76, 65 / 73; 3 rows 40 / 36, 84 / 68, 76 / 71; 16 rows 45 / 32,
+    // 156 / 111, 137 / 76; 128 rows 283 / 287, 563 / 447, 404 / 377; 192 rows 305 / 316, 631 /
+    // 598, 790 / 860; 256 rows 336 / 351, 803 / 840, 590 / 607; 4096 rows (int8 GEMM) 2,523 /
+    // 4,410, 7,638 / 13,256, 7,538 / 11,111. The kernel that came before it, int16 pairs and
+    // vpdpwssd with x quantized per 32 columns, ran at about half its speed; the fused kernel
+    // takes the GEMM's coarser rule, all-MiniLM-L6-v2 at 6 bits cos 0.9907 against fp32 where
+    // the blocks of 32 gave 0.9942, core/spqmm_int8.h. The GEMM runs where torch takes oneDNN
+    // for at::_int_mm, which needs VNNI: so only these rules, and the op falls back to decode +
+    // GEMM when oneDNN is switched off or K passes kQ8GemmMaxK, the kernel where K does.)
+    {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, 3, 1.0, SpqmmKernel::kDenseRows, 0},
+    {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, 512, 1.0, SpqmmKernel::kInt8Fused, 0, kSpqmmLargeWeights},
+    {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, 192, 1.0, SpqmmKernel::kInt8Fused, 0},
     {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, kSpqmmNoBound, 1.0, SpqmmKernel::kInt8Gemm, 0},
     // Dense int8 (the AVX2 int8 kernels). One row: fp32 (4 bits, fp32 / int8 rows: 741 / 863);
     // 2 to 4 rows each weight decoded per pass; from 5 rows of W decoded once (4 bits, int8 rows /

@@ -38,7 +38,8 @@
 namespace dcx {
 namespace {
 
-// The widest kernels this CPU runs. DCX_CPU_ISA=avx512vnni (AVX-512 with VNNI, without AMX),
+// The widest kernels this CPU runs (the VNNI kind needs VBMI too: every CPU with VNNI since Ice
+// Lake and Zen 4 has it). DCX_CPU_ISA=avx512vnni (AVX-512 with VNNI, without AMX),
 // avx512 (without VNNI), avx2 or generic asks for narrower ones (the tests run each).
 SpqmmIsa cpu_isa() {
   SpqmmIsa best = SpqmmIsa::kPortable;
@@ -46,7 +47,8 @@ SpqmmIsa cpu_isa() {
   if (avx2::supported()) best = SpqmmIsa::kAvx2;
 #endif
 #ifdef DCX_SPQMM_AVX512
-  if (avx512::supported()) best = avx512::supports_vnni() ? SpqmmIsa::kAvx512Vnni : SpqmmIsa::kAvx512;
+  if (avx512::supported())
+    best = avx512::supports_vnni() && avx512::supports_vbmi() ? SpqmmIsa::kAvx512Vnni : SpqmmIsa::kAvx512;
   if (best == SpqmmIsa::kAvx512Vnni && avx512::supports_amx()) best = SpqmmIsa::kAvx512Amx;
 #endif
   const char* env = std::getenv("DCX_CPU_ISA");
@@ -600,43 +602,6 @@ DCX_SPQMM_MULTIVERSION void q8_quantize_rows(const float* x, int64_t m, int64_t 
   for (int64_t i = 0; i < m; ++i) q8_quantize_row(x + i * k, k, q + i * ldq, scale + i * lds);
 }
 
-// q8_stage_pairs, compiled for each instruction set.
-DCX_SPQMM_MULTIVERSION void q8_stage(const int16_t* xq, int64_t ldq, const float* xs, int64_t m,
-                                     int64_t blocks, int32_t* xv, float* sv) {
-  q8_stage_pairs(xq, ldq, xs, m, blocks, xv, sv);
-}
-
-#ifdef DCX_SPQMM_AVX512
-// The VNNI kernel: the quantized activations restaged with the batch rows in the lanes, then each
-// tile of W's rows (a multiple of the kernel's 8) decoded chunk by chunk and applied.
-void int8_vnni(const SpqmmPacked& p, const SpqmmPlan& plan, const int16_t* table, float wscale,
-               const int16_t* xq, int64_t ldq, const float* xs, int64_t M, const float* bias,
-               float* y, SpqmmSeen* seen) {
-  const int64_t blocks = q8_blocks(p.k), groups = q8_lane_groups(M);
-  std::vector<int32_t> staged;
-  std::vector<float> staged_scales;
-  int32_t* const xv = cache_aligned(staged, size_t(groups * blocks * kQ8Pairs * kQ8Lanes));
-  float* const sv = cache_aligned(staged_scales, size_t(groups * blocks * kQ8Lanes));
-  q8_stage(xq, ldq, xs, M, blocks, xv, sv);
-  const avx512::PairTables tab = avx512::pair_tables(table);
-  const int64_t tile = (plan.tile + avx512::kVnniRows - 1) / avx512::kVnniRows * avx512::kVnniRows;
-  const int64_t tiles = (p.n + tile - 1) / tile;
-  SeenBy seen_by(plan.threads);
-  for_each_tile(tiles, plan.threads, [&](int64_t w, int64_t t) {
-    static thread_local std::vector<int32_t> decoded;  // a chunk of 8 rows of W as int16 pairs
-    static thread_local std::vector<float> sums;       // their sums for every activation row
-    int32_t* const wp = cache_aligned(decoded, size_t(avx512::kVnniRows * avx512::kVnniChunk / 2));
-    float* const sp = cache_aligned(sums, size_t(groups * avx512::kVnniRows * kQ8Lanes));
-    const int64_t r0 = t * tile, r1 = std::min(p.n, r0 + tile);
-    avx512::with_dense_kind(p, [&](auto lut, auto layout) DCX_AVX512_VNNI_FN {
-      avx512::q8_vnni<decltype(lut)::value, decltype(layout)::value>(
-          p, r0, r1, tab, wscale, xv, sv, M, bias, y, p.n, wp, sp, seen_by[w]);
-    });
-  });
-  seen->merge(seen_by.merged());
-}
-#endif
-
 // bf16_stage_pairs, compiled for each instruction set.
 DCX_SPQMM_MULTIVERSION void bf16_stage(const uint16_t* x, int64_t m, int64_t k, int64_t g, bool interleaved,
                                        uint32_t* xv) {
@@ -690,7 +655,7 @@ void int8_product(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan,
                   const at::Tensor& codebook, const at::Tensor& x2, const float* bias, float* y,
                   SpqmmSeen* seen) {
   const bool many = plan.kernel == SpqmmKernel::kInt8Many && isa != SpqmmIsa::kPortable;
-  const int64_t M = x2.size(0), K = p.k, mb = many ? 4 : plan.kernel == SpqmmKernel::kInt8Vnni ? 1 : plan.block;
+  const int64_t M = x2.size(0), K = p.k, mb = many ? 4 : plan.block;
   const at::Tensor cb = codebook.to(at::kFloat).contiguous();
   int16_t table[256];
   const float wscale = q8_codebook(cb.data_ptr<float>(), cb.numel(), table);
@@ -707,13 +672,6 @@ void int8_product(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan,
     const int64_t m0 = t * per_tile, m1 = std::min(M, m0 + per_tile);
     q8_quantize_rows(xp + m0 * K, m1 - m0, K, qp + m0 * ldq, ldq, sp + m0 * blocks, blocks);
   });
-#ifdef DCX_SPQMM_AVX512
-  if (plan.kernel == SpqmmKernel::kInt8Vnni) {
-    TORCH_CHECK(avx512::supports_vnni(), "the int8 VNNI kernel needs AVX-512 VNNI");
-    int8_vnni(p, plan, table, wscale, qp, ldq, sp, M, bias, y, seen);
-    return;
-  }
-#endif
   const int64_t tile = many ? (plan.tile + 1) / 2 * 2 : plan.tile;
   const int64_t tiles = (p.n + tile - 1) / tile;
   SeenBy seen_by(plan.threads);
@@ -868,6 +826,44 @@ void int8_gemm(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan, const 
   }
 }
 
+#ifdef DCX_SPQMM_AVX512
+// The many-rows int8 rule fused (SpqmmKernel::kInt8Fused, core/spqmm_avx512.h): x quantized per
+// row and staged with the batch rows in the lanes, then each tile of W's rows (a multiple of 8)
+// decoded into int8 by tables of their own and multiplied by u8 x s8 dot products.
+void int8_fused(const SpqmmPacked& p, const SpqmmPlan& plan, const at::Tensor& codebook,
+                const at::Tensor& x2, const float* bias, float* y, SpqmmSeen* seen) {
+  const int64_t M = x2.size(0), K = p.k, groups = q8_lane_groups(M);
+  const int64_t quads = q8_units(p.layout, K) * 16;
+  std::vector<int8_t> quantized(static_cast<size_t>(M * K));
+  std::vector<float> sx(static_cast<size_t>(M));
+  std::vector<int32_t> staged, xsum(static_cast<size_t>(M));
+  int32_t* const xv = cache_aligned(staged, size_t(groups * quads * kQ8Lanes));
+  const float* xp = x2.data_ptr<float>();
+  for_each_tile(groups, plan.threads, [&](int64_t, int64_t g) {
+    const int64_t m0 = g * kQ8Lanes, m1 = std::min(M, m0 + kQ8Lanes);
+    q8_quantize_whole_rows(xp + m0 * K, m1 - m0, K, quantized.data() + m0 * K, sx.data() + m0);
+    q8_stage_quads(quantized.data(), M, K, p.layout, g, xv + g * quads * kQ8Lanes, xsum.data());
+  });
+  const at::Tensor cb = codebook.to(at::kFloat).contiguous();
+  const avx512::FusedTables ft = avx512::fused_tables(cb.data_ptr<float>(), cb.numel(), int(p.bits));
+  const int64_t tile = (plan.tile + avx512::kFusedRows - 1) / avx512::kFusedRows * avx512::kFusedRows;
+  const int64_t tiles = (p.n + tile - 1) / tile;
+  SeenBy seen_by(plan.threads);
+  for_each_tile(tiles, plan.threads, [&](int64_t w, int64_t t) {
+    static thread_local std::vector<uint8_t> decoded;  // a chunk of 8 rows of W, int8 + 128
+    static thread_local std::vector<int32_t> sums;     // their dots with every activation row
+    uint8_t* const wp = cache_aligned(decoded, size_t(avx512::kFusedRows * avx512::kFusedChunk * 64));
+    int32_t* const sp = cache_aligned(sums, size_t(groups * avx512::kFusedRows * kQ8Lanes));
+    const int64_t r0 = t * tile, r1 = std::min(p.n, r0 + tile);
+    avx512::with_dense_kind(p, [&](auto lut, auto layout) DCX_AVX512_Q8_FN {
+      avx512::q8_fused<decltype(lut)::value, decltype(layout)::value>(
+          p, r0, r1, ft, xv, sx.data(), xsum.data(), M, bias, y, p.n, wp, sp, seen_by[w]);
+    });
+  });
+  seen->merge(seen_by.merged());
+}
+#endif
+
 // The product for a plan: y [M, N] float32 (every element written).
 void run_plan(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan, const at::Tensor& codebook,
               const at::Tensor& xc, const at::Tensor& bias_c, at::Tensor& y, SpqmmSeen* seen) {
@@ -883,8 +879,14 @@ void run_plan(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan, const a
   }
 #endif
   const at::Tensor x2 = xc.to(at::kFloat).contiguous();
-  if (plan.kernel == SpqmmKernel::kInt8Rows || plan.kernel == SpqmmKernel::kInt8Many ||
-      plan.kernel == SpqmmKernel::kInt8Vnni) {
+#ifdef DCX_SPQMM_AVX512
+  if (plan.kernel == SpqmmKernel::kInt8Fused) {
+    TORCH_CHECK(avx512::supports_vnni() && avx512::supports_vbmi(), "the fused int8 kernel needs AVX-512 VNNI and VBMI");
+    int8_fused(p, plan, codebook, x2, bp, yp, seen);
+    return;
+  }
+#endif
+  if (plan.kernel == SpqmmKernel::kInt8Rows || plan.kernel == SpqmmKernel::kInt8Many) {
     int8_product(p, isa, plan, codebook, x2, bp, yp, seen);
     return;
   }
@@ -944,11 +946,15 @@ SpqmmPlan cpu_plan(const SpqmmPacked& p, SpqmmIsa isa, SpqmmCompute compute, at:
                          : bf16   ? SpqmmMode::kBf16
                                   : SpqmmMode::kDense;
   SpqmmPlan plan = spqmm_plan(isa, mode, slot_density(p), p.n, p.k, rows, threads, crossover);
+  // The fused kernel's tables are per row: a layer with scales per group of columns takes the
+  // int8 GEMM, which computes the same rule.
+  if (plan.kernel == SpqmmKernel::kInt8Fused && p.group_scale != nullptr) plan.kernel = SpqmmKernel::kInt8Gemm;
   // torch runs at::_int_mm through oneDNN only with VNNI and oneDNN enabled (a plain loop
-  // otherwise), and the int32 sums bound K: without it a dense layer takes decode + GEMM, a
-  // sparse one the sparse rules.
-  if (plan.kernel == SpqmmKernel::kInt8Gemm &&
-      (p.k > kQ8GemmMaxK || !at::globalContext().userEnabledMkldnn() || !at::cpu::is_avx512_vnni_supported())) {
+  // otherwise), and the int32 sums bound K (the fused kernel's too): without them a dense layer
+  // takes decode + GEMM, a sparse one the sparse rules.
+  if ((plan.kernel == SpqmmKernel::kInt8Gemm &&
+       (p.k > kQ8GemmMaxK || !at::globalContext().userEnabledMkldnn() || !at::cpu::is_avx512_vnni_supported())) ||
+      (plan.kernel == SpqmmKernel::kInt8Fused && p.k > kQ8GemmMaxK)) {
     if (p.dense) {
       plan.kernel = SpqmmKernel::kDecodeGemm;
     } else {
@@ -1081,11 +1087,8 @@ at::Tensor spqmm_int8_cpu(const at::Tensor& x, const at::Tensor& codes, const at
     const at::Tensor x2 = x.reshape({M, K}).to(at::kFloat).contiguous();
     const SpqmmIsa isa = cpu_isa();
     SpqmmPlan plan = spqmm_plan(isa, SpqmmMode::kInt8, 1.0, N, K, M, threads.count());
-    if (plan.kernel != SpqmmKernel::kInt8Rows && plan.kernel != SpqmmKernel::kInt8Many &&
-        plan.kernel != SpqmmKernel::kInt8Vnni) {
-      plan.kernel = isa == SpqmmIsa::kAvx512Vnni && M > 8 ? SpqmmKernel::kInt8Vnni
-                    : isa != SpqmmIsa::kPortable && M > 8 ? SpqmmKernel::kInt8Many
-                                                          : SpqmmKernel::kInt8Rows;
+    if (plan.kernel != SpqmmKernel::kInt8Rows && plan.kernel != SpqmmKernel::kInt8Many) {
+      plan.kernel = isa != SpqmmIsa::kPortable && M > 8 ? SpqmmKernel::kInt8Many : SpqmmKernel::kInt8Rows;
       plan.block = spqmm_rows_block(M);
     }
     SpqmmSeen seen;

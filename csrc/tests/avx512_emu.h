@@ -41,6 +41,7 @@ typedef uint64_t __mmask64;
 // Without optimisation GCC's headers define the immediate-operand intrinsics as macros.
 #undef _mm_prefetch
 #undef _mm512_srli_epi32
+#undef _mm512_mask_blend_epi8
 #undef _mm512_slli_epi32
 #undef _mm512_extracti32x4_epi32
 #undef _mm_extract_epi64
@@ -154,6 +155,26 @@ inline __m512i _mm512_dpwssd_epi32(__m512i src, __m512i a, __m512i b) {
     src.u32[i] = uint32_t(int64_t(src.i32[i]) + sum);
   }
   return src;
+}
+// AVX512-VNNI: per 32-bit lane, src + the four products of a's unsigned bytes and b's signed
+// ones, wrapping (vpdpbusd; the saturating form is vpdpbusds).
+inline __m512i _mm512_dpbusd_epi32(__m512i src, __m512i a, __m512i b) {
+  for (int i = 0; i < 16; ++i) {
+    int64_t sum = 0;
+    for (int t = 0; t < 4; ++t) sum += int64_t(a.u8[4 * i + t]) * b.i8[4 * i + t];
+    src.u32[i] = uint32_t(int64_t(src.i32[i]) + sum);
+  }
+  return src;
+}
+// The sign bits of the bytes (vpmovb2m) and a byte blend by mask (vpblendmb: b where set).
+inline __mmask64 _mm512_movepi8_mask(__m512i a) {
+  __mmask64 k = 0;
+  for (int i = 0; i < 64; ++i) k |= __mmask64(a.u8[i] >> 7) << i;
+  return k;
+}
+inline __m512i _mm512_mask_blend_epi8(__mmask64 k, __m512i a, __m512i b) {
+  for (int i = 0; i < 64; ++i) a.u8[i] = (k >> i & 1) ? b.u8[i] : a.u8[i];
+  return a;
 }
 
 inline __m512 _mm512_add_ps(__m512 a, __m512 b) {

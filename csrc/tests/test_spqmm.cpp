@@ -552,25 +552,64 @@ void test_q8_batch(const DenseLayer& l, const std::vector<float>& table, int bit
     }
   }
 #endif
+}
+
+// The fused int8 kernel (core/spqmm_avx512.h q8_fused) against the int8 GEMM's rule written out
+// in double: each row of x and of W quantized whole (core/spqmm_int8.h), exact int32 dots; M
+// rows of x in one or more lane groups (pairs and a single one), two row ranges of W as the
+// threads take them, and a codebook entry no row uses as the largest (the scale must not see it).
+void test_q8_fused(const DenseLayer& l, const std::vector<float>& table, int bits,
+                   const std::vector<float>& bias, uint32_t max_id) {
 #ifdef DCX_SPQMM_AVX512
-  if (MB >= 4 && dcx::avx512::supports_vnni()) {  // activation rows in the lanes, chunks of W
-    const int64_t groups = dcx::q8_lane_groups(mvalid);
-    std::vector<int32_t> xv(groups * blocks * dcx::kQ8Pairs * dcx::kQ8Lanes, -1);
-    std::vector<float> sv(groups * blocks * dcx::kQ8Lanes, -1.f), yv(MB * n, -1.f);
-    dcx::q8_stage_pairs(xq.data(), ldq, xs.data(), mvalid, blocks, xv.data(), sv.data());
-    std::vector<int32_t> w(dcx::avx512::kVnniRows * dcx::avx512::kVnniChunk / 2);
-    std::vector<float> sums(groups * dcx::avx512::kVnniRows * dcx::kQ8Lanes);
-    const dcx::avx512::PairTables tab = dcx::avx512::pair_tables(cq);
-    dcx::SpqmmSeen vseen;
-    dcx::avx512::with_dense_kind(l.p, [&](auto lut, auto layout) DCX_AVX512_VNNI_FN {
-      for (auto [r0, r1] : {std::pair<int64_t, int64_t>{0, n / 2}, {n / 2, n}})
-        dcx::avx512::q8_vnni<decltype(lut)::value, decltype(layout)::value>(
-            l.p, r0, r1, tab, wscale, xv.data(), sv.data(), mvalid, bias.data(), yv.data(), n,
-            w.data(), sums.data(), &vseen);
-    });
-    check(yv);
-    CHECK(vseen.max_id == max_id);
+  if (!dcx::avx512::supports_vnni() || !dcx::avx512::supports_vbmi() || l.p.group_scale) return;
+  const int64_t n = l.p.n, k = l.p.k;
+  std::vector<float> cb(table.begin(), table.begin() + (1 << bits));
+  std::vector<bool> used(cb.size(), false);
+  for (uint32_t id : l.ids) used[id] = true;
+  for (size_t i = 0; i < cb.size(); ++i)
+    if (!used[i]) cb[i] = -1000.f;  // never in a row: outside every row's scale
+  const dcx::avx512::FusedTables ft = dcx::avx512::fused_tables(cb.data(), int64_t(cb.size()), bits);
+  std::vector<int8_t> wq(n * k);
+  std::vector<float> sw(n);
+  for (int64_t r = 0; r < n; ++r) {
+    std::vector<float> w(k);
+    for (int64_t j = 0; j < k; ++j) w[j] = cb[l.ids[r * k + j]];
+    sw[r] = dcx::q8_quantize_whole_row(w.data(), k, wq.data() + r * k);
   }
+  for (int64_t M : {1, 5, 16, 20, 33}) {
+    std::vector<float> x(M * k), sx(M);
+    std::vector<int8_t> xq(M * k);
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t j = 0; j < k; ++j) x[m * k + j] = std::sin(0.37f * float(j + 5 * m)) * float(1 + j % 7);
+      if (m == 1) std::fill(x.begin() + m * k, x.begin() + (m + 1) * k, 0.f);  // scale 0
+      sx[m] = dcx::q8_quantize_whole_row(x.data() + m * k, k, xq.data() + m * k);
+    }
+    const int64_t groups = dcx::q8_lane_groups(M), quads = dcx::q8_units(l.p.layout, k) * 16;
+    std::vector<int32_t> xv(groups * quads * dcx::kQ8Lanes, -1), xsum(M, -1);
+    for (int64_t g = 0; g < groups; ++g)
+      dcx::q8_stage_quads(xq.data(), M, k, l.p.layout, g, xv.data() + g * quads * dcx::kQ8Lanes, xsum.data());
+    std::vector<uint8_t> w(dcx::avx512::kFusedRows * dcx::avx512::kFusedChunk * 64);
+    std::vector<int32_t> sums(groups * dcx::avx512::kFusedRows * dcx::kQ8Lanes);
+    std::vector<float> y(M * n, -1.f);
+    dcx::SpqmmSeen seen;
+    dcx::avx512::with_dense_kind(l.p, [&](auto lut, auto layout) DCX_AVX512_Q8_FN {
+      for (auto [r0, r1] : {std::pair<int64_t, int64_t>{0, n / 2}, {n / 2, n}})
+        dcx::avx512::q8_fused<decltype(lut)::value, decltype(layout)::value>(
+            l.p, r0, r1, ft, xv.data(), sx.data(), xsum.data(), M, bias.data(), y.data(), n,
+            w.data(), sums.data(), &seen);
+    });
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t r = 0; r < n; ++r) {
+        int64_t dot = 0;
+        for (int64_t j = 0; j < k; ++j) dot += int64_t(xq[m * k + j]) * wq[r * k + j];
+        const double ref = double(dot) * sx[m] * sw[r] + bias[r];
+        const double mag = std::fabs(double(dot) * sx[m] * sw[r]) + std::fabs(bias[r]);
+        CHECK(std::fabs(y[m * n + r] - ref) <= 4 * 6e-8 * mag + 1e-30);
+      }
+    CHECK(seen.max_id == max_id);
+  }
+#else
+  (void)l, (void)table, (void)bits, (void)bias, (void)max_id;
 #endif
 }
 
@@ -613,7 +652,8 @@ void test_dense(int64_t n, int64_t k, int bits, int64_t group = 0) {
   test_q8_batch<1>(l, table, bits, bias, max_id);
   test_q8_batch<4>(l, table, bits, bias, max_id);
   test_q8_batch<8>(l, table, bits, bias, max_id);
-  test_q8_batch<20>(l, table, bits, bias, max_id);  // two lane groups of the VNNI kernel
+  test_q8_batch<20>(l, table, bits, bias, max_id);
+  test_q8_fused(l, table, bits, bias, max_id);
   test_bf16_amx(l, table, bias, max_id);
   // The decode past the crossover: every weight as the table holds it.
   std::vector<float> w(n * k, -1.f);
@@ -671,7 +711,7 @@ int main() {
   for (int bits : {1, 2, 4, 5, 6, 7, 8})
     for (int64_t k : {1, 15, 16, 63, 64, 65, 127, 128, 129, 300}) test_dense(5, k, bits);
   test_dense(33, 1000, 6);
-  test_dense(33, 1100, 4);  // VNNI: chunks of 512 columns, 8-row blocks and a rest; AMX: of 256
+  test_dense(33, 1100, 4);  // fused int8: chunks of 512 columns, 8-row blocks and a rest; AMX: of 256
   // Group scales: every kernel above scales each weight by its row's scale for its column group.
   for (int bits : {3, 5, 8})
     for (int64_t group : {32, 64, 96}) {
