@@ -446,8 +446,9 @@ DCX_AVX512_FN void sparse_quantize_rows(const SpqmmPacked& p, int64_t r0, int64_
   const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
   __m512i max_id = _mm512_setzero_si512(), unused_id = max_id;
   int64_t max_col = -1, unused_col = -1;
-  alignas(64) float wb[kSpqmmRows], inv[kSpqmmRows];
-  alignas(64) int32_t cb[kSpqmmRows];
+  alignas(64) float inv[kSpqmmRows];
+  alignas(64) int32_t cb[kBatchSteps * kSpqmmRows], qb[kBatchSteps * kSpqmmRows];
+  uint32_t live[kBatchSteps];
   alignas(64) uint32_t amax_bits[kSpqmmRows];
   SpqmmStepScales scales(p);
   for (int64_t g = r0 / kSpqmmRows; g < spqmm_groups(r1); ++g) {
@@ -459,21 +460,34 @@ DCX_AVX512_FN void sparse_quantize_rows(const SpqmmPacked& p, int64_t r0, int64_
     }
     _mm512_storeu_si512(amax_bits, most);
     for (int i = 0; i < kSpqmmRows; ++i) {
-      if (!((in_range >> i) & 1)) break;
+      inv[i] = 0.f;
+      if (!((in_range >> i) & 1)) continue;
       float amax;
       std::memcpy(&amax, amax_bits + i, sizeof(amax));
       inv[i] = q8_inverse(amax);
       sw[g * kSpqmmRows - r0 + i] = q8_scale(amax);
     }
     int8_t* qg = q + (g * kSpqmmRows - r0) * K;
-    for (int64_t s = p.group_ptr[g]; s < p.group_ptr[g + 1]; ++s) {  // the maxima seen already
-      const SparseStep st = sparse_step<L>(p, tab, scales, s, g, &unused_id, &unused_col);
-      _mm512_store_ps(wb, st.w);
-      _mm512_storeu_si512(cb, st.col);
-      for (uint32_t todo = uint32_t(st.live) & in_range; todo; todo &= todo - 1) {
-        const int i = __builtin_ctz(todo);
-        if (cb[i] < K) qg[i * K + cb[i]] = int8_t(q8_round(wb[i], inv[i]));
+    const __m512 inv_v = _mm512_load_ps(inv), lo = _mm512_set1_ps(-kQ8Max), hi = _mm512_set1_ps(kQ8Max);
+    // The maxima seen already: runs of kBatchSteps steps quantized into buffers, then stored a
+    // byte a slot (read back straight after its 64-byte store, a step cost three times as much).
+    for (int64_t s0 = p.group_ptr[g]; s0 < p.group_ptr[g + 1]; s0 += kBatchSteps) {
+      const int run = static_cast<int>(std::min<int64_t>(kBatchSteps, p.group_ptr[g + 1] - s0));
+      for (int t = 0; t < run; ++t) {
+        const SparseStep st = sparse_step<L>(p, tab, scales, s0 + t, g, &unused_id, &unused_col);
+        // q8_round on 16 lanes: round half to even, a NaN to -127 (max_ps returns its second
+        // operand when one is NaN).
+        const __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(st.w, inv_v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm512_storeu_si512(qb + t * kSpqmmRows, _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, lo), hi)));
+        _mm512_storeu_si512(cb + t * kSpqmmRows, st.col);
+        live[t] = uint32_t(st.live) & in_range;
       }
+      for (int t = 0; t < run; ++t)
+        for (uint32_t todo = live[t]; todo; todo &= todo - 1) {
+          const int i = __builtin_ctz(todo);
+          const int32_t col = cb[t * kSpqmmRows + i];
+          if (col < K) qg[i * K + col] = int8_t(qb[t * kSpqmmRows + i]);
+        }
     }
   }
   seen->max_id = std::max<uint32_t>(seen->max_id, _mm512_reduce_max_epu32(max_id));

@@ -152,8 +152,8 @@ DCX_HOST_DEVICE int64_t q8_units(SpqmmDense layout, int64_t k) {
   return layout == SpqmmDense::kNibbles ? 2 * ((k + 127) / 128) : (k + 63) / 64;
 }
 
-// Rows [0, m) of xq ([m][k] int8, rows quantized whole) staged for the fused kernel:
-// xv [ceil(m / 16)][units * 16 quads][16 lanes] int32, quad 16 u + d of lane l holding bytes
+// Lane group g (rows 16 g .. 16 g + 15) of xq ([m][k] int8, rows quantized whole) staged for the
+// fused kernel: xv [units * 16 quads][16 lanes] int32, quad 16 u + d of lane l holding bytes
 // 4 d .. 4 d + 3 of unit u of row 16 g + l (zero past k and past m); and each row's sum of xq
 // (the kernel's weights are offset by 128, which adds 128 times it to every dot).
 inline void q8_stage_quads(const int8_t* xq, int64_t m, int64_t k, SpqmmDense layout, int64_t g,

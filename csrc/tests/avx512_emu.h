@@ -42,6 +42,11 @@ typedef uint64_t __mmask64;
 #undef _mm_prefetch
 #undef _mm512_srli_epi32
 #undef _mm512_mask_blend_epi8
+#undef _mm512_roundscale_ps
+#ifndef _MM_FROUND_TO_NEAREST_INT
+#define _MM_FROUND_TO_NEAREST_INT 0
+#define _MM_FROUND_NO_EXC 8
+#endif
 #undef _mm512_slli_epi32
 #undef _mm512_extracti32x4_epi32
 #undef _mm_extract_epi64
@@ -234,6 +239,25 @@ inline uint32_t _mm512_mask_reduce_max_epu32(__mmask16 k, __m512i a) {
 inline __m512i _mm512_maskz_mov_epi32(__mmask16 k, __m512i a) {
   for (int i = 0; i < 16; ++i) if (!(k >> i & 1)) a.u32[i] = 0;
   return a;
+}
+// Rounding to an integer in the current mode (the kernels ask for nearest even, the default),
+// vmaxps / vminps (the second operand when either is NaN), conversion by the current mode.
+inline __m512 _mm512_roundscale_ps(__m512 a, int) {
+  for (float& v : a.f) v = std::nearbyint(v);
+  return a;
+}
+inline __m512 _mm512_max_ps(__m512 a, __m512 b) {
+  for (int i = 0; i < 16; ++i) a.f[i] = a.f[i] > b.f[i] ? a.f[i] : b.f[i];
+  return a;
+}
+inline __m512 _mm512_min_ps(__m512 a, __m512 b) {
+  for (int i = 0; i < 16; ++i) a.f[i] = a.f[i] < b.f[i] ? a.f[i] : b.f[i];
+  return a;
+}
+inline __m512i _mm512_cvtps_epi32(__m512 a) {
+  __m512i r;
+  for (int i = 0; i < 16; ++i) r.i32[i] = static_cast<int32_t>(std::nearbyint(a.f[i]));
+  return r;
 }
 inline __mmask16 _mm512_test_epi32_mask(__m512i a, __m512i b) {
   __mmask16 k = 0;
