@@ -700,11 +700,13 @@ DCX_ALWAYS_INLINE void prefetch_chunk(const SpqmmPacked& p, int64_t row0, int64_
 // ---- The many-rows int8 rule fused (SpqmmKernel::kInt8Fused; core/spqmm_int8.h) ----
 // Each row of W quantized whole to int8 as the int8 GEMM's rule does, but in one pass and with no
 // copy of W: a first pass over the row's ids finds its largest weight (the largest rank of |c| by
-// one byte permute per 64 ids), which gives the row's scale and its own table, id -> q + 128 as
-// an unsigned byte; the row is then decoded chunk by chunk by one permute per 64 ids and
-// multiplied by vpdpbusd (64 u8 x s8 products an instruction, twice vpdpwssd's), a weight's
-// 4 bytes broadcast against 16 batch rows' 4 int8 activations. The 128 added to every weight adds
-// 128 times the row of x's sum to each dot, taken off at the end. Needs VNNI and VBMI.
+// one byte permute per 64 ids), which gives the row's scale and its own table, id -> q; the row
+// is then decoded chunk by chunk by one permute per 64 ids and multiplied by vpdpbusd (64 u8 x
+// s8 products an instruction, twice vpdpwssd's), a weight's 4 bytes broadcast from memory within
+// the instruction against 16 batch rows' 4 activations, staged as x + 128 (unsigned). The 128
+// adds 128 times the row of W's sum to each dot, taken off at the end. (With the weights as the
+// unsigned operand, broadcast by an instruction of their own, the products ran at 2.6 cycles a
+// vpdpbusd.) Needs VNNI and VBMI.
 
 // Per call: the codebook's order by magnitude and its entries (256, zero past the codebook).
 struct FusedTables {
@@ -797,8 +799,20 @@ inline __mmask64 unit_valid(SpqmmDense layout, int64_t u, int64_t K) {
   return valid;
 }
 
-// sums [G][kFusedRows][16] += the decoded rows w (int32 words, ldw a row) times quads [0, quads)
-// of G lane groups of staged activations (x, ldx words a group).
+// acc + x (unsigned bytes) times the 4 signed bytes at w, broadcast within the instruction
+// ({1to16}; GCC 12 emits a vpbroadcastd of its own for _mm512_set1_epi32, which took a vector
+// pipe slot of its own: 2.6 cycles a vpdpbusd at one lane group).
+DCX_AVX512_Q8_FN DCX_ALWAYS_INLINE __m512i dpbusd_broadcast(__m512i acc, __m512i x, const int32_t* w) {
+#if defined(DCX_AVX512_EMULATE)
+  return _mm512_dpbusd_epi32(acc, x, _mm512_set1_epi32(*w));
+#else
+  asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(x), "m"(*w));
+  return acc;
+#endif
+}
+
+// sums [G][kFusedRows][16] += the decoded rows w (int32 words of 4 int8, ldw a row) times quads
+// [0, quads) of G lane groups of staged activations (x, ldx words a group).
 template <int G>
 DCX_AVX512_Q8_FN void fused_apply(const int32_t* w, int64_t ldw, int64_t quads, const int32_t* x,
                                   int64_t ldx, int32_t* sums) {
@@ -812,11 +826,9 @@ DCX_AVX512_Q8_FN void fused_apply(const int32_t* w, int64_t ldw, int64_t quads, 
 #pragma GCC unroll 2
     for (int g = 0; g < G; ++g) xd[g] = _mm512_loadu_si512(x + g * ldx + d * kQ8Lanes);
 #pragma GCC unroll 8
-    for (int i = 0; i < kFusedRows; ++i) {
-      const __m512i wv = _mm512_set1_epi32(w[i * ldw + d]);
+    for (int i = 0; i < kFusedRows; ++i)
 #pragma GCC unroll 2
-      for (int g = 0; g < G; ++g) acc[g][i] = _mm512_dpbusd_epi32(acc[g][i], wv, xd[g]);
-    }
+      for (int g = 0; g < G; ++g) acc[g][i] = dpbusd_broadcast(acc[g][i], xd[g], w + i * ldw + d);
   }
 #pragma GCC unroll 16
   for (int g = 0; g < G; ++g)
@@ -824,14 +836,13 @@ DCX_AVX512_Q8_FN void fused_apply(const int32_t* w, int64_t ldw, int64_t quads, 
     for (int i = 0; i < kFusedRows; ++i) _mm512_storeu_si512(sums + (g * kFusedRows + i) * kQ8Lanes, acc[g][i]);
 }
 
-// Rows [r0, r1) of W for M activation rows staged by q8_stage_quads (xv; sx their scales, xsum
-// their sums): y[m][r] = sx[m] sw[r] (dot - 128 xsum[m]) + bias[r], as the GEMM's epilogue.
+// Rows [r0, r1) of W for M activation rows staged by q8_stage_quads (xv; sx their scales):
+// y[m][r] = sx[m] sw[r] (acc - 128 wsum[r]) + bias[r], as the GEMM's epilogue.
 // w: kFusedRows * kFusedChunk * 64 bytes; sums: q8_lane_groups(M) * kFusedRows * 16 int32.
 template <Lut L, SpqmmDense D>
 DCX_AVX512_Q8_FN void q8_fused(const SpqmmPacked& p, int64_t r0, int64_t r1, const FusedTables& ft,
-                               const int32_t* xv, const float* sx, const int32_t* xsum, int64_t M,
-                               const float* bias, float* y, int64_t ldy, uint8_t* w, int32_t* sums,
-                               SpqmmSeen* seen) {
+                               const int32_t* xv, const float* sx, int64_t M, const float* bias,
+                               float* y, int64_t ldy, int8_t* w, int32_t* sums, SpqmmSeen* seen) {
   constexpr int kVectors = L == Lut::k256 ? 4 : L == Lut::k128 ? 2 : 1;
   constexpr int64_t ldw = kFusedChunk * 64;
   const int64_t K = p.k, units = q8_units(D, K), quads = units * 16, groups = q8_lane_groups(M);
@@ -844,9 +855,11 @@ DCX_AVX512_Q8_FN void q8_fused(const SpqmmPacked& p, int64_t r0, int64_t r1, con
   __m512i rank[kVectors];
   for (int v = 0; v < kVectors; ++v) rank[v] = _mm512_load_si512(ft.rank + 64 * v);
   __m512i seen_ids = _mm512_setzero_si512();
-  alignas(64) uint8_t tables[kFusedRows][256];
-  std::memset(tables, 128, sizeof(tables));  // entries past 2^bits: never looked up
+  alignas(64) int8_t tables[kFusedRows][256];
+  std::memset(tables, 0, sizeof(tables));  // entries past 2^bits: never looked up
   float sw[kFusedRows];
+  int32_t wsum[kFusedRows];
+  const __m512i ones = _mm512_set1_epi8(1);
   for (int64_t r = r0; r < r1; r += kFusedRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kFusedRows, r1 - r));
     for (int i = 0; i < rows; ++i) {
@@ -864,20 +877,31 @@ DCX_AVX512_Q8_FN void q8_fused(const SpqmmPacked& p, int64_t r0, int64_t r1, con
       for (uint8_t v : ranks) top = std::max(top, v);
       const float amax = ft.by_rank[top], inv = q8_inverse(amax);
       sw[i] = q8_scale(amax);
-      for (int e = 0; e < ft.entries; ++e) tables[i][e] = uint8_t(q8_round(ft.codebook[e], inv) + 128);
+      for (int e = 0; e < ft.entries; ++e) tables[i][e] = int8_t(q8_round(ft.codebook[e], inv));
+      wsum[i] = 0;
     }
     std::memset(sums, 0, sizeof(int32_t) * size_t(groups * kFusedRows * kQ8Lanes));
     if (rows < kFusedRows) std::memset(w + rows * ldw, 0, size_t((kFusedRows - rows) * ldw));
     for (int64_t u0 = 0; u0 < units; u0 += kFusedChunk) {
       const int64_t u1 = std::min(units, u0 + kFusedChunk);
+      // The same share of the next 8 rows' codes fetched meanwhile (this tile's or the next one's,
+      // which the other thread may take: then they wait in L3), so that their first pass reads
+      // them from cache: it waited on memory for most of its time.
+      const int64_t from = u0 * p.dense_width / units, to = u1 * p.dense_width / units;
+      for (int64_t row = r + kFusedRows; row < std::min(p.n, r + 2 * kFusedRows); ++row)
+        for (int64_t at = from; at < to; at += 64) prefetch_line(p.dense_codes + row * p.dense_width + at);
       for (int i = 0; i < rows; ++i) {
         const uint8_t* row = p.dense_codes + (r + i) * p.dense_width;
         __m512i t[kVectors];
         for (int v = 0; v < kVectors; ++v) t[v] = _mm512_load_si512(tables[i] + 64 * v);
-        for (int64_t u = u0; u < u1; ++u) {
+        __m512i sum = _mm512_setzero_si512();  // the row's weights (padding included: x + 128 there
+        for (int64_t u = u0; u < u1; ++u) {     // is 128 too, which the sum takes off again)
           const __mmask64 valid = u < full ? ~__mmask64(0) : tail[u - full];
-          _mm512_storeu_si512(w + i * ldw + (u - u0) * 64, lookup_bytes<L>(unit.get(row, u, valid), t));
+          const __m512i wv = lookup_bytes<L>(unit.get(row, u, valid), t);
+          _mm512_storeu_si512(w + i * ldw + (u - u0) * 64, wv);
+          sum = _mm512_dpbusd_epi32(sum, ones, wv);
         }
+        wsum[i] += _mm512_reduce_add_epi32(sum);
       }
       const int64_t q0 = u0 * 16, nq = (u1 - u0) * 16, ldx = quads * kQ8Lanes;
       const int32_t* wq = reinterpret_cast<const int32_t*>(w);
@@ -897,7 +921,7 @@ DCX_AVX512_Q8_FN void q8_fused(const SpqmmPacked& p, int64_t r0, int64_t r1, con
         const float bv = bias ? bias[r + i] : 0.f;
         for (int l = 0; l < kQ8Lanes && g * kQ8Lanes + l < M; ++l) {
           const int64_t m = g * kQ8Lanes + l;
-          y[m * ldy + r + i] = float(lanes[l] - 128 * xsum[m]) * (sx[m] * sw[i]) + bv;
+          y[m * ldy + r + i] = float(lanes[l] - 128 * wsum[i]) * (sx[m] * sw[i]) + bv;
         }
       }
   }

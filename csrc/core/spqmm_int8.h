@@ -153,28 +153,26 @@ DCX_HOST_DEVICE int64_t q8_units(SpqmmDense layout, int64_t k) {
 }
 
 // Lane group g (rows 16 g .. 16 g + 15) of xq ([m][k] int8, rows quantized whole) staged for the
-// fused kernel: xv [units * 16 quads][16 lanes] int32, quad 16 u + d of lane l holding bytes
-// 4 d .. 4 d + 3 of unit u of row 16 g + l (zero past k and past m); and each row's sum of xq
-// (the kernel's weights are offset by 128, which adds 128 times it to every dot).
+// fused kernel as unsigned bytes xq + 128 (vpdpbusd multiplies unsigned by signed bytes, and the
+// weights, broadcast from memory, must be the signed operand): xv [units * 16 quads][16 lanes]
+// int32, quad 16 u + d of lane l holding bytes 4 d .. 4 d + 3 of unit u of row 16 g + l (128,
+// a zero, past k and past m).
 inline void q8_stage_quads(const int8_t* xq, int64_t m, int64_t k, SpqmmDense layout, int64_t g,
-                           int32_t* xv, int32_t* sums) {
+                           int32_t* xv) {
   const int64_t units = q8_units(layout, k);
   for (int l = 0; l < kQ8Lanes; ++l) {
     const int64_t row = g * kQ8Lanes + l;
     const int8_t* q = xq + row * k;
-    int32_t sum = 0;
     for (int64_t u = 0; u < units; ++u)
       for (int d = 0; d < 16; ++d) {
         uint32_t word = 0;
         for (int t = 0; t < 4; ++t) {
           const int64_t j = q8_unit_column(layout, u, 4 * d + t);
-          const int8_t v = row < m && j < k ? q[j] : 0;
-          sum += v;
-          word |= uint32_t(uint8_t(v)) << (8 * t);
+          const int v = row < m && j < k ? q[j] : 0;
+          word |= uint32_t(v + 128) << (8 * t);
         }
         xv[(u * 16 + d) * kQ8Lanes + l] = int32_t(word);
       }
-    if (row < m) sums[row] = sum;
   }
 }
 

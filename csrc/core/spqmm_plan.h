@@ -207,12 +207,15 @@ constexpr SpqmmRule kSpqmmPlan[] = {
     // 1536: 2 rows 42 / 40, 79 / 76, 65 / 73; 3 rows 40 / 36, 84 / 68, 76 / 71; 16 rows 45 / 32,
     // 156 / 111, 137 / 76; 128 rows 283 / 287, 563 / 447, 404 / 377; 192 rows 305 / 316, 631 /
     // 598, 790 / 860; 256 rows 336 / 351, 803 / 840, 590 / 607; 4096 rows (int8 GEMM) 2,523 /
-    // 4,410, 7,638 / 13,256, 7,538 / 11,111. The kernel that came before it, int16 pairs and
-    // vpdpwssd with x quantized per 32 columns, ran at about half its speed; the fused kernel
-    // takes the GEMM's coarser rule, all-MiniLM-L6-v2 at 6 bits cos 0.9907 against fp32 where
-    // the blocks of 32 gave 0.9942, core/spqmm_int8.h. The GEMM runs where torch takes oneDNN
-    // for at::_int_mm, which needs VNNI: so only these rules, and the op falls back to decode +
-    // GEMM when oneDNN is switched off or K passes kQ8GemmMaxK, the kernel where K does.)
+    // 4,410, 7,638 / 13,256, 7,538 / 11,111; measured before the kernel took its weights as
+    // broadcasts within vpdpbusd, which made it faster still: 4096 x 4096, 4 bits, 16 rows, one
+    // thread 2,836 -> 2,465). The kernel that came before it, int16 pairs and vpdpwssd with x
+    // quantized per 32 columns, ran at about half its speed; the fused kernel takes the GEMM's
+    // coarser rule, all-MiniLM-L6-v2 at 6 bits cos 0.9907 against fp32 where the blocks of 32
+    // gave 0.9942, core/spqmm_int8.h. The GEMM runs where torch takes oneDNN for at::_int_mm,
+    // which needs VNNI: so only these rules. The op falls back to decode + GEMM where K passes
+    // kQ8GemmMaxK (either kernel) or oneDNN is switched off (the GEMM), and a layer with group
+    // scales takes the GEMM for the fused kernel, whose tables are per row.)
     {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, 3, 1.0, SpqmmKernel::kDenseRows, 0},
     {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, 512, 1.0, SpqmmKernel::kInt8Fused, 0, kSpqmmLargeWeights},
     {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, 192, 1.0, SpqmmKernel::kInt8Fused, 0},

@@ -836,13 +836,13 @@ void int8_fused(const SpqmmPacked& p, const SpqmmPlan& plan, const at::Tensor& c
   const int64_t quads = q8_units(p.layout, K) * 16;
   std::vector<int8_t> quantized(static_cast<size_t>(M * K));
   std::vector<float> sx(static_cast<size_t>(M));
-  std::vector<int32_t> staged, xsum(static_cast<size_t>(M));
+  std::vector<int32_t> staged;
   int32_t* const xv = cache_aligned(staged, size_t(groups * quads * kQ8Lanes));
   const float* xp = x2.data_ptr<float>();
   for_each_tile(groups, plan.threads, [&](int64_t, int64_t g) {
     const int64_t m0 = g * kQ8Lanes, m1 = std::min(M, m0 + kQ8Lanes);
     q8_quantize_whole_rows(xp + m0 * K, m1 - m0, K, quantized.data() + m0 * K, sx.data() + m0);
-    q8_stage_quads(quantized.data(), M, K, p.layout, g, xv + g * quads * kQ8Lanes, xsum.data());
+    q8_stage_quads(quantized.data(), M, K, p.layout, g, xv + g * quads * kQ8Lanes);
   });
   const at::Tensor cb = codebook.to(at::kFloat).contiguous();
   const avx512::FusedTables ft = avx512::fused_tables(cb.data_ptr<float>(), cb.numel(), int(p.bits));
@@ -850,14 +850,14 @@ void int8_fused(const SpqmmPacked& p, const SpqmmPlan& plan, const at::Tensor& c
   const int64_t tiles = (p.n + tile - 1) / tile;
   SeenBy seen_by(plan.threads);
   for_each_tile(tiles, plan.threads, [&](int64_t w, int64_t t) {
-    static thread_local std::vector<uint8_t> decoded;  // a chunk of 8 rows of W, int8 + 128
-    static thread_local std::vector<int32_t> sums;     // their dots with every activation row
-    uint8_t* const wp = cache_aligned(decoded, size_t(avx512::kFusedRows * avx512::kFusedChunk * 64));
+    static thread_local std::vector<int8_t> decoded;  // a chunk of 8 rows of W, int8
+    static thread_local std::vector<int32_t> sums;    // their dots with every activation row
+    int8_t* const wp = cache_aligned(decoded, size_t(avx512::kFusedRows * avx512::kFusedChunk * 64));
     int32_t* const sp = cache_aligned(sums, size_t(groups * avx512::kFusedRows * kQ8Lanes));
     const int64_t r0 = t * tile, r1 = std::min(p.n, r0 + tile);
     avx512::with_dense_kind(p, [&](auto lut, auto layout) DCX_AVX512_Q8_FN {
       avx512::q8_fused<decltype(lut)::value, decltype(layout)::value>(
-          p, r0, r1, ft, xv, sx.data(), xsum.data(), M, bias, y, p.n, wp, sp, seen_by[w]);
+          p, r0, r1, ft, xv, sx.data(), M, bias, y, p.n, wp, sp, seen_by[w]);
     });
   });
   seen->merge(seen_by.merged());

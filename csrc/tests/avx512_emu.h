@@ -259,6 +259,11 @@ inline __m512i _mm512_cvtps_epi32(__m512 a) {
   for (int i = 0; i < 16; ++i) r.i32[i] = static_cast<int32_t>(std::nearbyint(a.f[i]));
   return r;
 }
+inline int _mm512_reduce_add_epi32(__m512i a) {
+  uint32_t sum = 0;
+  for (int i = 0; i < 16; ++i) sum += a.u32[i];
+  return static_cast<int>(sum);
+}
 inline __mmask16 _mm512_test_epi32_mask(__m512i a, __m512i b) {
   __mmask16 k = 0;
   for (int i = 0; i < 16; ++i) if (a.u32[i] & b.u32[i]) k |= __mmask16(1u << i);

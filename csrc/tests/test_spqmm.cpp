@@ -585,18 +585,18 @@ void test_q8_fused(const DenseLayer& l, const std::vector<float>& table, int bit
       sx[m] = dcx::q8_quantize_whole_row(x.data() + m * k, k, xq.data() + m * k);
     }
     const int64_t groups = dcx::q8_lane_groups(M), quads = dcx::q8_units(l.p.layout, k) * 16;
-    std::vector<int32_t> xv(groups * quads * dcx::kQ8Lanes, -1), xsum(M, -1);
+    std::vector<int32_t> xv(groups * quads * dcx::kQ8Lanes, -1);
     for (int64_t g = 0; g < groups; ++g)
-      dcx::q8_stage_quads(xq.data(), M, k, l.p.layout, g, xv.data() + g * quads * dcx::kQ8Lanes, xsum.data());
-    std::vector<uint8_t> w(dcx::avx512::kFusedRows * dcx::avx512::kFusedChunk * 64);
+      dcx::q8_stage_quads(xq.data(), M, k, l.p.layout, g, xv.data() + g * quads * dcx::kQ8Lanes);
+    std::vector<int8_t> w(dcx::avx512::kFusedRows * dcx::avx512::kFusedChunk * 64);
     std::vector<int32_t> sums(groups * dcx::avx512::kFusedRows * dcx::kQ8Lanes);
     std::vector<float> y(M * n, -1.f);
     dcx::SpqmmSeen seen;
     dcx::avx512::with_dense_kind(l.p, [&](auto lut, auto layout) DCX_AVX512_Q8_FN {
       for (auto [r0, r1] : {std::pair<int64_t, int64_t>{0, n / 2}, {n / 2, n}})
         dcx::avx512::q8_fused<decltype(lut)::value, decltype(layout)::value>(
-            l.p, r0, r1, ft, xv.data(), sx.data(), xsum.data(), M, bias.data(), y.data(), n,
-            w.data(), sums.data(), &seen);
+            l.p, r0, r1, ft, xv.data(), sx.data(), M, bias.data(), y.data(), n, w.data(),
+            sums.data(), &seen);
     });
     for (int64_t m = 0; m < M; ++m)
       for (int64_t r = 0; r < n; ++r) {
