@@ -614,6 +614,40 @@ DCX_AVX512_FN void q8_decode_pairs(const SpqmmPacked& p, int64_t r0, int64_t r1,
   seen->max_id = std::max(seen->max_id, most);
 }
 
+// 64 ids of a dense row a unit (q8_unit_column order), for layout D; bit-packed ids (5 to 7
+// bits, a unit of 8 * bits bytes) by one byte permute that puts the bytes of each group of 8 ids
+// at the start of a 64-bit lane and one multishift that moves each id to its own byte.
+template <SpqmmDense D>
+struct UnitIds {
+  __m512i spread, shifts, id_mask;
+  __mmask64 bit_load;
+  int bits;
+  DCX_AVX512_VBMI_FN explicit UnitIds(int b) : bits(b) {
+    alignas(64) uint8_t sp[64], sh[64];
+    for (int g = 0; g < 8; ++g)
+      for (int t = 0; t < 8; ++t) {
+        sp[8 * g + t] = uint8_t(std::min(g * b + t, 63));
+        sh[8 * g + t] = uint8_t(t * b);
+      }
+    spread = _mm512_load_si512(sp);
+    shifts = _mm512_load_si512(sh);
+    id_mask = _mm512_set1_epi8(char(D == SpqmmDense::kNibbles ? 0x0F : (1 << std::min(b, 7)) - 1));
+    bit_load = b < 8 ? (uint64_t(1) << (8 * b)) - 1 : ~uint64_t(0);
+  }
+  // Unit u's ids; `valid` its columns below K (the bytes layout reads no further).
+  DCX_AVX512_VBMI_FN __m512i get(const uint8_t* row, int64_t u, __mmask64 valid) const {
+    if constexpr (D == SpqmmDense::kNibbles) {
+      const __m512i v = _mm512_loadu_si512(row + 64 * (u >> 1));
+      return _mm512_and_si512((u & 1) ? _mm512_srli_epi32(v, 4) : v, id_mask);
+    } else if constexpr (D == SpqmmDense::kBits) {
+      const __m512i raw = _mm512_maskz_loadu_epi8(bit_load, row + u * 8 * bits);
+      return _mm512_and_si512(_mm512_multishift_epi64_epi8(shifts, _mm512_permutexvar_epi8(spread, raw)), id_mask);
+    } else {
+      return _mm512_maskz_loadu_epi8(valid, row + 64 * u);
+    }
+  }
+};
+
 // q8_decode_pairs for 5 to 7-bit ids (the bit-packed layout) with AVX-512 VBMI, a block of 64
 // columns (8 bits bytes) at a time: one byte permute puts the `bits` bytes of each group of 8 ids
 // at the start of a 64-bit lane, one multishift moves each id to its own byte, two byte permutes
@@ -624,15 +658,10 @@ template <Lut L>
 DCX_AVX512_VBMI_FN void q8_decode_pairs_vbmi(const SpqmmPacked& p, int64_t r0, int64_t r1, int64_t j0,
                                              int64_t j1, const PairTables& tab, int32_t* w, int64_t ldw,
                                              SpqmmSeen* seen) {
-  const int bits = p.bits;
+  const UnitIds<SpqmmDense::kBits> unit(p.bits);
   const int64_t K = p.k, blk0 = j0 / kSpqmmBitBlock;
   const int64_t blk1 = (std::min(j1, K) + kSpqmmBitBlock - 1) / kSpqmmBitBlock;
-  alignas(64) uint8_t spread[64], shifts[64], pairs[2][64];
-  for (int g = 0; g < 8; ++g)
-    for (int t = 0; t < 8; ++t) {
-      spread[8 * g + t] = uint8_t(std::min(g * bits + t, 63));
-      shifts[8 * g + t] = uint8_t(t * bits);
-    }
+  alignas(64) uint8_t pairs[2][64];
   // Pair d of the 32 columns from 32 u: bytes (low, high) of column 32 u + d, then of 32 u + 16 + d;
   // the high bytes are the second source (index + 64).
   for (int u = 0; u < 2; ++u)
@@ -642,10 +671,7 @@ DCX_AVX512_VBMI_FN void q8_decode_pairs_vbmi(const SpqmmPacked& p, int64_t r0, i
       pairs[u][4 * d + 2] = uint8_t(32 * u + 16 + d);
       pairs[u][4 * d + 3] = uint8_t(64 + 32 * u + 16 + d);
     }
-  const __m512i spread_v = _mm512_load_si512(spread), shifts_v = _mm512_load_si512(shifts);
   const __m512i pairs0 = _mm512_load_si512(pairs[0]), pairs1 = _mm512_load_si512(pairs[1]);
-  const __m512i id_mask = _mm512_set1_epi8(char((1 << bits) - 1));
-  const __mmask64 load = (uint64_t(1) << (8 * bits)) - 1;
   __m512i max_id = _mm512_setzero_si512();
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = p.dense_codes + r * p.dense_width;
@@ -653,10 +679,7 @@ DCX_AVX512_VBMI_FN void q8_decode_pairs_vbmi(const SpqmmPacked& p, int64_t r0, i
     for (int64_t blk = blk0; blk < blk1; ++blk) {
       const int64_t j = kSpqmmBitBlock * blk;
       const __mmask64 valid = K - j >= 64 ? ~__mmask64(0) : (__mmask64(1) << (K - j)) - 1;
-      const __m512i raw = _mm512_maskz_loadu_epi8(load, row + blk * 8 * bits);
-      const __m512i ids = _mm512_and_si512(
-          _mm512_multishift_epi64_epi8(shifts_v, _mm512_permutexvar_epi8(spread_v, raw)), id_mask);
-      const __m512i live = _mm512_maskz_mov_epi8(valid, ids);  // columns past K read id 0
+      const __m512i live = _mm512_maskz_mov_epi8(valid, unit.get(row, blk, valid));  // past K: id 0
       max_id = _mm512_max_epu8(max_id, live);
       __m512i lo, hi;
       if constexpr (L == Lut::k128) {
@@ -742,38 +765,6 @@ inline FusedTables fused_tables(const float* codebook, int64_t n, int bits) {
 
 constexpr int kFusedRows = 8;         // rows of W per pass (the accumulators: 8 per lane group)
 constexpr int64_t kFusedChunk = 8;    // units of 64 ids per chunk: 8 rows x 512 bytes in L1
-
-// 64 ids of a dense row a unit (q8_unit_column order), for layout D.
-template <SpqmmDense D>
-struct UnitIds {
-  __m512i spread, shifts, id_mask;
-  __mmask64 bit_load;
-  int bits;
-  DCX_AVX512_Q8_FN explicit UnitIds(int b) : bits(b) {
-    alignas(64) uint8_t sp[64], sh[64];
-    for (int g = 0; g < 8; ++g)
-      for (int t = 0; t < 8; ++t) {
-        sp[8 * g + t] = uint8_t(std::min(g * b + t, 63));
-        sh[8 * g + t] = uint8_t(t * b);
-      }
-    spread = _mm512_load_si512(sp);
-    shifts = _mm512_load_si512(sh);
-    id_mask = _mm512_set1_epi8(char(D == SpqmmDense::kNibbles ? 0x0F : (1 << std::min(b, 7)) - 1));
-    bit_load = b < 8 ? (uint64_t(1) << (8 * b)) - 1 : ~uint64_t(0);
-  }
-  // Unit u's ids; `valid` its columns below K (the bytes layout reads no further).
-  DCX_AVX512_Q8_FN __m512i get(const uint8_t* row, int64_t u, __mmask64 valid) const {
-    if constexpr (D == SpqmmDense::kNibbles) {
-      const __m512i v = _mm512_loadu_si512(row + 64 * (u >> 1));
-      return _mm512_and_si512((u & 1) ? _mm512_srli_epi32(v, 4) : v, id_mask);
-    } else if constexpr (D == SpqmmDense::kBits) {
-      const __m512i raw = _mm512_maskz_loadu_epi8(bit_load, row + u * 8 * bits);
-      return _mm512_and_si512(_mm512_multishift_epi64_epi8(shifts, _mm512_permutexvar_epi8(spread, raw)), id_mask);
-    } else {
-      return _mm512_maskz_loadu_epi8(valid, row + 64 * u);
-    }
-  }
-};
 
 // Bytes of a 256-entry table t (4 vectors; only the first 2^bits entries read) at 64 ids.
 template <Lut L>
