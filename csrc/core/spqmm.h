@@ -46,8 +46,8 @@
 #include "core/spqmm_layout.h"
 
 // DCX_SPQMM_AVX512: the AVX-512 kernels are compiled (for the CPUs that have it, chosen at run
-// time; those that need VNNI are marked DCX_AVX512_VNNI_FN, VBMI DCX_AVX512_VBMI_FN, the AMX ones
-// DCX_AMX_FN),
+// time; those that need VNNI are marked DCX_AVX512_VNNI_FN, VBMI DCX_AVX512_VBMI_FN, the bf16 dot
+// products DCX_AVX512_BF16_FN, the AMX ones DCX_AMX_FN),
 // DCX_SPQMM_AVX2 likewise. With DCX_AVX512_EMULATE (the native tests) the AVX-512 and AMX kernels
 // are compiled against plain-C++ intrinsics (csrc/tests/avx512_emu.h) and run on any CPU.
 #if defined(DCX_AVX512_EMULATE)
@@ -57,6 +57,7 @@
 #define DCX_AVX512_VNNI_FN
 #define DCX_AVX512_VBMI_FN
 #define DCX_AVX512_Q8_FN
+#define DCX_AVX512_BF16_FN
 #define DCX_AMX_FN
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -71,6 +72,7 @@
 #define DCX_AVX512_VNNI_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
 #define DCX_AVX512_VBMI_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi")))
 #define DCX_AVX512_Q8_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512vnni")))
+#define DCX_AVX512_BF16_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 #define DCX_AMX_FN \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512bf16,amx-tile,amx-bf16")))
 #define DCX_AVX2_FN __attribute__((target("avx2,fma")))

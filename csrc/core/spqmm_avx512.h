@@ -45,6 +45,16 @@ inline bool supports_vnni() {
 #endif
 }
 
+// AVX512-BF16's dot products (vdpbf16ps: Cooper Lake, Sapphire Rapids, Zen 4 and later).
+inline bool supports_bf16() {
+#ifdef DCX_AVX512_EMULATE
+  return true;
+#else
+  static const bool ok = supported() && __builtin_cpu_supports("avx512bf16");
+  return ok;
+#endif
+}
+
 enum class Lut { k16, k32, k64, k128, k256 };
 
 inline Lut lut_kind(int bits) {
@@ -203,6 +213,23 @@ inline uint32_t rows_in_range(int64_t g, int64_t r1) {
   return rows >= kSpqmmRows ? 0xFFFFu : (1u << rows) - 1;
 }
 
+// The batch kernels' epilogue for group g: y[m][16 g + i] = acc[i] lane m + bias, for the mvalid
+// batch rows and the group's rows below N. Every accumulator is stored at constant indices, so that
+// all 16 stay in registers through the steps (a store at a run-time index, i < lanes, had put them
+// on the stack: a load and a store around each FMA).
+DCX_AVX512_FN DCX_ALWAYS_INLINE void batch_store(const SpqmmPacked& p, int64_t g, const __m512* acc, int mvalid,
+                                                 const float* bias, float* y, int64_t ldy) {
+  alignas(64) float sums[kSpqmmRows][16];
+#pragma GCC unroll 16
+  for (int i = 0; i < kSpqmmRows; ++i) _mm512_store_ps(sums[i], acc[i]);
+  const int64_t r0 = g * kSpqmmRows;
+  const int lanes = static_cast<int>(std::min<int64_t>(kSpqmmRows, p.n - r0));
+  for (int i = 0; i < lanes; ++i) {
+    const float b = bias ? bias[r0 + i] : 0.f;
+    for (int m = 0; m < mvalid; ++m) y[m * ldy + r0 + i] = sums[i][m] + b;
+  }
+}
+
 // Sparse mode for 12 to 16 batch rows (a tile of xt [K + 32][16], the batch rows in the lanes,
 // zero past K and past the valid rows), groups [g0, g1), in two phases per run of kBatchSteps
 // steps: first each step's 16 weights and columns (sparse_step) stored in a small buffer; then per
@@ -243,17 +270,129 @@ DCX_AVX512_FN void sparse_batch(const SpqmmPacked& p, int64_t g0, int64_t g1, co
                                    acc[i]);
       }
     }
-    // Every accumulator stored at constant indices, so that all 16 stay in registers through the
-    // steps (a store at a run-time index, i < lanes, had put them on the stack: a load and a
-    // store around each FMA).
-    alignas(64) float sums[kSpqmmRows][MT];
+    batch_store(p, g, acc, mvalid, bias, y, ldy);
+  }
+  seen->max_id = std::max<uint32_t>(seen->max_id, _mm512_reduce_max_epu32(max_id));
+  seen->max_col = std::max<int64_t>(seen->max_col, max_col);
+}
+
+// acc + the products of one pair of slots for 16 batch rows: the 16 bf16 activations of the first
+// slot's column (32 bytes at xa) interleaved with the second's (at xb) by one word permute
+// (interleave), times the slots' two bf16 weights (the 32-bit word at w, broadcast within
+// vdpbf16ps). In assembly: GCC 12 moved each loaded half into another register before the permute
+// and, short of registers then, kept an accumulator on the stack.
+DCX_AVX512_BF16_FN DCX_ALWAYS_INLINE __m512 dpbf16_pair(__m512 acc, const char* xa, const char* xb,
+                                                        __m512i interleave, const uint32_t* w) {
+#if defined(DCX_AVX512_EMULATE)
+  const __m512i a = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)xa));
+  const __m512i b = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)xb));
+  return _mm512_dpbf16_ps(acc, _mm512_permutex2var_epi16(a, interleave, b), _mm512_set1_epi32(int(*w)));
+#else
+  __m512i a, b;
+  asm("vmovdqu16 %[pa], %t[a]\n\t"
+      "vmovdqu16 %[pb], %t[b]\n\t"
+      "vpermt2w %g[b], %g[idx], %g[a]\n\t"
+      "vdpbf16ps %[w]%{1to16%}, %g[a], %g[acc]"
+      : [acc] "+v"(acc), [a] "=&v"(a), [b] "=&v"(b)
+      : [pa] "m"(*reinterpret_cast<const __m256i*>(xa)), [pb] "m"(*reinterpret_cast<const __m256i*>(xb)),
+        [idx] "v"(interleave), [w] "m"(*w));
+  return acc;
+#endif
+}
+
+// 32-bit words of two bf16 values each: a[i] rounded to bf16 in the low half of word i, b[i] in
+// the high half (vcvtne2ps2bf16: to nearest even, denormals read as zero, as vdpbf16ps reads
+// them; then one word permute, pair_words).
+DCX_AVX512_BF16_FN DCX_ALWAYS_INLINE __m512i bf16_pairs(__m512 a, __m512 b, __m512i pair_words) {
+#if defined(DCX_AVX512_EMULATE)
+  const __m512i halves = _mm512_cvtne2ps_pbh(b, a);
+#else
+  const __m512i halves = (__m512i)_mm512_cvtne2ps_pbh(b, a);
+#endif
+  return _mm512_permutexvar_epi16(pair_words, halves);
+}
+
+// Sparse mode in bfloat16 compute (AVX512-BF16), 16 batch rows in the lanes: sparse_batch with the
+// steps of a group taken in pairs. Lane i of two steps holds two weights of the same row (16 g +
+// i): they are rounded to bf16 and packed into one 32-bit word (bf16_pairs, the first step's in
+// the low half), and their two columns' activations interleaved by one word permute, so that one
+// vdpbf16ps, the weight pair broadcast within it, does both slots' products for 16 batch rows:
+// two loads of 32 bytes, a permute and a dot product per two slots, where the float kernel takes a
+// broadcast, a 64-byte load and an FMA per slot (on Zen 4 about 1.3 cycles a slot against 2.3).
+// A group's odd last step is paired with a zero weight. Products are exact in float, sums float,
+// denormals read as zero (the instructions' rule).
+//
+// xt: `tiles` (1 to kBf16Tiles) tiles of 16 batch rows, tile_stride elements apart, each bf16 bit
+// patterns [K + 32][16] (zero past K and past the valid rows); rows: the valid batch rows from
+// the first tile on; y [rows][ldy] gets bias + products. Each run of steps is decoded once for
+// all the tiles (the decode costs about what the products of one tile do); with one tile the
+// accumulators stay in registers, with more they go to L1 between runs.
+constexpr int kBf16Pairs = 16;  // pairs of steps decoded ahead of their products
+constexpr int kBf16Tiles = 4;   // tiles per decode: 64 batch rows, 512 KB of x at K = 4096 (L2)
+
+template <Lut L>
+DCX_AVX512_BF16_FN void sparse_batch_bf16(const SpqmmPacked& p, int64_t g0, int64_t g1, const float* table,
+                                          const uint16_t* xt, int tiles, int64_t tile_stride, int64_t rows,
+                                          const float* bias, float* y, int64_t ldy, SpqmmSeen* seen) {
+  const Table tab = load_table(table);
+  __m512i max_id = _mm512_setzero_si512();
+  int64_t max_col = -1;
+  alignas(64) uint32_t wb[kBf16Pairs][kSpqmmRows];  // the pair's two bf16 weights
+  alignas(64) int32_t ca[kBf16Pairs][kSpqmmRows];   // byte offsets in a tile of the pair's two columns
+  alignas(64) int32_t cb[kBf16Pairs][kSpqmmRows];
+  alignas(64) float partial[kBf16Tiles][kSpqmmRows][16];  // accumulators of the tiles between runs
+  // Word 2 d of the permute's result: word d of the first column's 16; word 2 d + 1: of the second's.
+  alignas(64) static const uint16_t kInterleave[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                       8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  // vcvtne2ps2bf16 puts the first step's 16 weights in words 0 to 15, the second's in 16 to 31.
+  alignas(64) static const uint16_t kPairWords[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i interleave = _mm512_loadu_si512(kInterleave), pair_words = _mm512_loadu_si512(kPairWords);
+  SpqmmStepScales scales(p);
+  for (int64_t g = g0; g < g1; ++g) {
+    __m512 acc[kSpqmmRows];
 #pragma GCC unroll 16
-    for (int i = 0; i < kSpqmmRows; ++i) _mm512_store_ps(sums[i], acc[i]);
-    const int64_t r0 = g * kSpqmmRows;
-    const int lanes = static_cast<int>(std::min<int64_t>(kSpqmmRows, p.n - r0));
-    for (int i = 0; i < lanes; ++i) {
-      const float b = bias ? bias[r0 + i] : 0.f;
-      for (int m = 0; m < mvalid; ++m) y[m * ldy + r0 + i] = sums[i][m] + b;
+    for (int i = 0; i < kSpqmmRows; ++i) acc[i] = _mm512_setzero_ps();
+    if (tiles > 1) std::memset(partial, 0, sizeof partial);
+    for (int64_t s0 = p.group_ptr[g], end = p.group_ptr[g + 1]; s0 < end; s0 += 2 * kBf16Pairs) {
+      const int pairs = static_cast<int>((std::min<int64_t>(2 * kBf16Pairs, end - s0) + 1) / 2);
+      for (int t = 0; t < pairs; ++t) {
+        const SparseStep a = sparse_step<L>(p, tab, scales, s0 + 2 * t, g, &max_id, &max_col);
+        __m512 w_b = _mm512_setzero_ps();
+        __m512i col_b = a.col;
+        if (s0 + 2 * t + 1 < end) {
+          const SparseStep b = sparse_step<L>(p, tab, scales, s0 + 2 * t + 1, g, &max_id, &max_col);
+          w_b = b.w;
+          col_b = b.col;
+        }
+        _mm512_store_si512(wb[t], bf16_pairs(a.w, w_b, pair_words));
+        _mm512_store_si512(ca[t], _mm512_slli_epi32(a.col, 5));  // 32 bytes a column
+        _mm512_store_si512(cb[t], _mm512_slli_epi32(col_b, 5));
+      }
+      for (int tile = 0; tile < tiles; ++tile) {
+        const char* xb = reinterpret_cast<const char*>(xt + tile * tile_stride);
+        if (tiles > 1) {
+#pragma GCC unroll 16
+          for (int i = 0; i < kSpqmmRows; ++i) acc[i] = _mm512_load_ps(partial[tile][i]);
+        }
+        for (int t = 0; t < pairs; ++t) {
+#pragma GCC unroll 16
+          for (int i = 0; i < kSpqmmRows; ++i)
+            acc[i] = dpbf16_pair(acc[i], xb + ca[t][i], xb + cb[t][i], interleave, &wb[t][i]);
+        }
+        if (tiles > 1) {
+#pragma GCC unroll 16
+          for (int i = 0; i < kSpqmmRows; ++i) _mm512_store_ps(partial[tile][i], acc[i]);
+        }
+      }
+    }
+    for (int tile = 0; tile < tiles; ++tile) {
+      if (tiles > 1) {
+#pragma GCC unroll 16
+        for (int i = 0; i < kSpqmmRows; ++i) acc[i] = _mm512_load_ps(partial[tile][i]);
+      }
+      const int mvalid = static_cast<int>(std::min<int64_t>(16, rows - 16 * tile));
+      batch_store(p, g, acc, mvalid, bias, y + tile * 16 * ldy, ldy);
     }
   }
   seen->max_id = std::max<uint32_t>(seen->max_id, _mm512_reduce_max_epu32(max_id));

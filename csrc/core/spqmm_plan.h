@@ -64,6 +64,8 @@ enum class SpqmmKernel : int {
                      //   chunk into bf16 tiles, then as kBf16Amx (core/spqmm_amx.h)
   kInt8Gemm = 10,    // int8 compute (dense or sparse), many rows: W decoded once into int8 rows,
                      //   x quantized per row, ATen's int8 GEMM (the coarser rule in core/spqmm_int8.h)
+  kSparseBatchBf16 = 11,  // sparse, bf16 compute, AVX512-BF16: kSparseBatch with the steps in pairs,
+                          //   each lane's two weights one bf16 pair, vdpbf16ps (core/spqmm_avx512.h)
 };
 
 constexpr int64_t kSpqmmNoBound = std::numeric_limits<int64_t>::max();
@@ -171,6 +173,22 @@ constexpr SpqmmRule kSpqmmPlan[] = {
     {SpqmmIsa::kAvx512Vnni, SpqmmMode::kSparseInt8, kSpqmmNoBound, 0.2, SpqmmKernel::kInt8Gemm, 0, kSpqmmLargeWeights, 160},
     {SpqmmIsa::kAvx512Vnni, SpqmmMode::kSparseInt8, 160, 0.2, SpqmmKernel::kSparseBatch, 16, kSpqmmLargeWeights, 80},
     {SpqmmIsa::kAvx512Vnni, SpqmmMode::kSparseInt8, kSpqmmNoBound, 1.0, SpqmmKernel::kInt8Gemm, 0, kSpqmmLargeWeights, 80},
+
+    // Sparse bf16 (on CPUs with AVX512-BF16; the sparse rules below serve the others, and fewer
+    // than 6 rows): the bf16 batch kernel. It costs its slots whatever the rows up to 16 (10% kept,
+    // slots 0.14: 2 rows 1,141; 4 rows 849; 6 rows 801; 8 rows 924; 16 rows 942), so it takes over
+    // from the step kernel at 6 rows; it runs a slot in about 1.3 cycles where the float batch
+    // kernel takes 2.3, and decodes once for up to 64 rows. The sparse rules / this kernel /
+    // decode + oneDNN's bf16 GEMM: slots 0.14, 4 rows 570 / 849; 6 rows 949 / 801; 12 rows 1,254
+    // / 977; 16 rows 1,522 / 942; 32 rows 3,257 / 1,967; 128 rows 9,257 / 6,459 / 17,464; 256
+    // rows 19,383 / 11,499 / 28,170; 512 rows 45,492 / 23,742 / 50,001; 1,024 rows (this kernel /
+    // GEMM) 52,398 / 98,002; slots 0.34, 64 rows 12,102 / 6,274 / 14,967; 128 rows 19,706 /
+    // 12,412 / 19,885; 256 rows 57,823 / 24,494 / 32,803; 512 rows (this kernel / GEMM) 48,044 /
+    // 52,314; 1,024 rows 104,928 / 105,923, a tie that holds past it (both cost about 102 us a
+    // row). Past slots 0.35 its cost, scaled by the slots from 0.34, meets the GEMM's at about 128
+    // rows. With AMX the rules above serve up to 767 rows; past them these (not measured there).
+    {SpqmmIsa::kAvx512, SpqmmMode::kSparseBf16, kSpqmmNoBound, 0.35, SpqmmKernel::kSparseBatchBf16, 16, 0, 6},
+    {SpqmmIsa::kAvx512, SpqmmMode::kSparseBf16, 128, 0.55, SpqmmKernel::kSparseBatchBf16, 16, 0, 6},
 
     // AVX-512. Sparse: the step kernel, 8 rows per pass, up to 11 rows (10%, 5 bits: 1 row 291,
     // 8 rows 898 / decode + GEMM 8,725); from 12 the batch kernel with 16 rows per pass (10%, step
@@ -295,6 +313,7 @@ inline SpqmmPlan spqmm_plan(SpqmmIsa isa, SpqmmMode mode, double density, int64_
   const int64_t weights_per_row = std::max<int64_t>(k, 1);
   switch (plan.kernel) {
     case SpqmmKernel::kSparseBatch:  // groups of 16 rows
+    case SpqmmKernel::kSparseBatchBf16:
       plan.tile = std::max<int64_t>(1, int64_t(2048.0 / std::max(density * weights_per_row, 1.0)));
       break;
     case SpqmmKernel::kSparseSteps: plan.tile = 1; break;

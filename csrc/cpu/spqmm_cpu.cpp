@@ -444,58 +444,86 @@ void sparse_steps(const SpqmmPacked& p, SpqmmIsa isa, int threads, const float* 
 
 // Sparse mode with the batch rows in the vector lanes: x staged once, transposed, as
 // ceil(M / MT) tiles of [K + 32][MT] (MT = 16 for AVX-512, 8 otherwise; zero past K and past the
-// valid rows); work items of plan.tile groups of 16 rows, each run over every tile (its codes stay
-// in cache meanwhile).
-template <int MT>
-void sparse_batch(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan, const float* table,
-                  const at::Tensor& x2, const float* bias, float* y, SpqmmSeen* seen) {
-  const int64_t M = x2.size(0), K = p.k, tiles = (M + MT - 1) / MT;
+// valid rows), as floats or (T = uint16_t) as bf16 bit patterns, x2 holding bf16 values then;
+// work items of plan.tile groups of 16 rows, each run over every tile, up to TB tiles per call
+// (its codes stay in cache meanwhile): run(g0, g1, first tile, tiles, tile stride, valid rows
+// from that tile on, y of that tile, seen).
+template <int MT, int TB, typename T, typename Run>
+void batch_tiles(const SpqmmPacked& p, const SpqmmPlan& plan, const at::Tensor& x2, float* y,
+                 SpqmmSeen* seen, Run&& run) {
+  const int64_t M = x2.size(0), K = p.k, tiles = (M + MT - 1) / MT, per_tile = (K + kSpqmmWindow) * MT;
   // Staged on the plan's threads, a tile each (ATen's strided copy of 128 x 4096: 0.64 ms on two
   // threads, 1.24 on one).
-  at::Tensor xt = at::empty({tiles, K + kSpqmmWindow, MT}, at::kFloat);
-  float* xp = xt.data_ptr<float>();
+  const std::unique_ptr<T[]> xt(new T[tiles * per_tile]);  // every element written below
   const float* xs = x2.data_ptr<float>();
   for_each_tile(tiles, plan.threads, [&](int64_t, int64_t t) {
-    float* dst = xp + t * (K + kSpqmmWindow) * MT;
+    T* dst = xt.get() + t * per_tile;
     const int64_t mvalid = std::min<int64_t>(MT, M - t * MT);
-    std::fill(dst, dst + (K + kSpqmmWindow) * MT, 0.f);
+    std::fill(dst, dst + per_tile, T(0));
     for (int64_t m = 0; m < mvalid; ++m) {
       const float* row = xs + (t * MT + m) * K;
-      for (int64_t kk = 0; kk < K; ++kk) dst[kk * MT + m] = row[kk];
+      if constexpr (std::is_same_v<T, float>) {
+        for (int64_t kk = 0; kk < K; ++kk) dst[kk * MT + m] = row[kk];
+      } else {
+        for (int64_t kk = 0; kk < K; ++kk) dst[kk * MT + m] = bf16_bits(row[kk]);  // exact: bf16 values
+      }
     }
   });
   const int64_t items = (p.groups + plan.tile - 1) / plan.tile;
   SeenBy seen_by(plan.threads);
   for_each_tile(items, plan.threads, [&](int64_t w, int64_t i) {
     const int64_t g0 = i * plan.tile, g1 = std::min(p.groups, g0 + plan.tile);
-    for (int64_t t = 0; t < tiles; ++t) {
-      const float* xtile = xp + t * (K + kSpqmmWindow) * MT;
-      const int mvalid = static_cast<int>(std::min<int64_t>(MT, M - t * MT));
-      float* yt = y + t * MT * p.n;
-#ifdef DCX_SPQMM_AVX512
-      if constexpr (MT == 16) {
-        avx512::with_lut_kind(p, [&](auto lut) DCX_AVX512_FN {
-          avx512::sparse_batch<decltype(lut)::value>(p, g0, g1, table, xtile, mvalid, bias, yt,
-                                                     p.n, seen_by[w]);
-        });
-        continue;
-      }
-#endif
-#ifdef DCX_SPQMM_AVX2
-      if (isa != SpqmmIsa::kPortable) {
-        if (p.bits <= 5) {
-          avx2::sparse_batch<true>(p, g0, g1, table, xtile, mvalid, bias, yt, p.n, seen_by[w]);
-        } else {
-          avx2::sparse_batch<false>(p, g0, g1, table, xtile, mvalid, bias, yt, p.n, seen_by[w]);
-        }
-        continue;
-      }
-#endif
-      spqmm_sparse_batch<MT>(p, g0, g1, table, xtile, mvalid, bias, yt, p.n, seen_by[w]);
-    }
+    for (int64_t t = 0; t < tiles; t += TB)
+      run(g0, g1, xt.get() + t * per_tile, static_cast<int>(std::min<int64_t>(TB, tiles - t)), per_tile,
+          M - t * MT, y + t * MT * p.n, seen_by[w]);
   });
   seen->merge(seen_by.merged());
 }
+
+template <int MT>
+void sparse_batch(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan, const float* table,
+                  const at::Tensor& x2, const float* bias, float* y, SpqmmSeen* seen) {
+  batch_tiles<MT, 1, float>(p, plan, x2, y, seen, [&](int64_t g0, int64_t g1, const float* xtile, int,
+                                                      int64_t, int64_t rows, float* yt, SpqmmSeen* s) {
+    const int mvalid = static_cast<int>(std::min<int64_t>(MT, rows));
+#ifdef DCX_SPQMM_AVX512
+    if constexpr (MT == 16) {
+      avx512::with_lut_kind(p, [&](auto lut) DCX_AVX512_FN {
+        avx512::sparse_batch<decltype(lut)::value>(p, g0, g1, table, xtile, mvalid, bias, yt, p.n, s);
+      });
+      return;
+    }
+#endif
+#ifdef DCX_SPQMM_AVX2
+    if (isa != SpqmmIsa::kPortable) {
+      if (p.bits <= 5) {
+        avx2::sparse_batch<true>(p, g0, g1, table, xtile, mvalid, bias, yt, p.n, s);
+      } else {
+        avx2::sparse_batch<false>(p, g0, g1, table, xtile, mvalid, bias, yt, p.n, s);
+      }
+      return;
+    }
+#endif
+    spqmm_sparse_batch<MT>(p, g0, g1, table, xtile, mvalid, bias, yt, p.n, s);
+  });
+}
+
+#ifdef DCX_SPQMM_AVX512
+// Sparse mode in bf16 compute with AVX512-BF16: x2 holds bf16 values, staged as bf16 bits.
+void sparse_batch_bf16(const SpqmmPacked& p, const SpqmmPlan& plan, const float* table,
+                       const at::Tensor& x2, const float* bias, float* y, SpqmmSeen* seen) {
+  TORCH_CHECK(avx512::supports_bf16(), "the sparse bf16 kernel needs AVX512-BF16");
+  batch_tiles<16, avx512::kBf16Tiles, uint16_t>(
+      p, plan, x2, y, seen,
+      [&](int64_t g0, int64_t g1, const uint16_t* xtile, int tiles, int64_t stride, int64_t rows, float* yt,
+          SpqmmSeen* s) {
+        avx512::with_lut_kind(p, [&](auto lut) DCX_AVX512_FN {
+          avx512::sparse_batch_bf16<decltype(lut)::value>(p, g0, g1, table, xtile, tiles, stride, rows, bias,
+                                                          yt, p.n, s);
+        });
+      });
+}
+#endif
 
 // Dense mode, MB batch rows per pass: x is [MB][K] for the AVX-512 and AVX2 kernels, [K][MB]
 // for the portable one (zero past the valid rows either way); tiles of plan.tile rows of W.
@@ -904,6 +932,11 @@ void run_plan(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan, const a
       decode_gemm(p, isa, plan.threads, tp, xg, bias_f, bias_bf16, y, seen);
       return;
     }
+#ifdef DCX_SPQMM_AVX512
+    case SpqmmKernel::kSparseBatchBf16:
+      sparse_batch_bf16(p, plan, tp, x2, bp, yp, seen);
+      return;
+#endif
     case SpqmmKernel::kSparseBatch:
       if (spqmm_avx512(isa)) {
         sparse_batch<16>(p, isa, plan, tp, x2, bp, yp, seen);
@@ -961,6 +994,15 @@ SpqmmPlan cpu_plan(const SpqmmPacked& p, SpqmmIsa isa, SpqmmCompute compute, at:
       plan = spqmm_plan(isa, SpqmmMode::kSparse, slot_density(p), p.n, p.k, rows, threads, crossover);
     }
   }
+  // The sparse bf16 kernel needs AVX512-BF16 (Ice Lake has the VNNI kind without it): the sparse
+  // rules serve bf16 compute there, as they do where no bf16 rule is.
+#ifdef DCX_SPQMM_AVX512
+  const bool bf16_dots = avx512::supports_bf16();
+#else
+  const bool bf16_dots = false;
+#endif
+  if (plan.kernel == SpqmmKernel::kSparseBatchBf16 && !bf16_dots)
+    plan = spqmm_plan(isa, SpqmmMode::kSparse, slot_density(p), p.n, p.k, rows, threads, crossover);
   if (plan.kernel == SpqmmKernel::kDenseMany && isa == SpqmmIsa::kPortable) {
     plan.kernel = SpqmmKernel::kDenseRows;
     plan.block = spqmm_rows_block(rows);

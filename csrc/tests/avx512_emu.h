@@ -69,6 +69,7 @@ inline __m512i _mm512_load_si512(const void* p) { return _mm512_loadu_si512(p); 
 inline __m256i _mm256_loadu_si256(const __m256i* p) { __m256i r; std::memcpy(&r, p, 32); return r; }
 inline void _mm512_store_ps(float* p, __m512 v) { std::memcpy(p, v.f, 64); }
 inline void _mm512_storeu_si512(void* p, __m512i v) { std::memcpy(p, &v, 64); }
+inline void _mm512_store_si512(void* p, __m512i v) { _mm512_storeu_si512(p, v); }
 inline __m512 _mm512_set1_ps(float v) { __m512 r; for (float& f : r.f) f = v; return r; }
 inline __m512 _mm512_maskz_loadu_ps(__mmask16 k, const float* p) {
   __m512 r = _mm512_setzero_ps();
@@ -129,6 +130,65 @@ inline __m512i _mm512_permutex2var_epi8(__m512i a, __m512i idx, __m512i b) {  //
   __m512i r;
   for (int i = 0; i < 64; ++i) r.u8[i] = (idx.u8[i] & 64) ? b.u8[idx.u8[i] & 63] : a.u8[idx.u8[i] & 63];
   return r;
+}
+inline __m512i _mm512_permutex2var_epi16(__m512i a, __m512i idx, __m512i b) {  // vpermt2w: 6 bits
+  __m512i r;
+  for (int i = 0; i < 32; ++i) r.u16[i] = (idx.u16[i] & 32) ? b.u16[idx.u16[i] & 31] : a.u16[idx.u16[i] & 31];
+  return r;
+}
+// The upper 256 bits are undefined on the hardware; zero here.
+inline __m512i _mm512_castsi256_si512(__m256i a) {
+  __m512i r = _mm512_setzero_si512();
+  std::memcpy(&r, &a, 32);
+  return r;
+}
+inline __m512i _mm512_permutexvar_epi16(__m512i idx, __m512i a) {  // vpermw: low 5 bits
+  __m512i r;
+  for (int i = 0; i < 32; ++i) r.u16[i] = a.u16[idx.u16[i] & 31];
+  return r;
+}
+// AVX512-BF16 (vcvtne2ps2bf16, the result as 32 16-bit words): words 0 to 15 b's floats, 16 to 31
+// a's, rounded to nearest even; a NaN stays a quiet NaN, a denormal reads as zero.
+inline uint16_t bf16_convert(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return uint16_t((u >> 16) | 0x40u);
+  if ((u & 0x7F800000u) == 0) return uint16_t((u & 0x80000000u) >> 16);
+  return uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+inline __m512i _mm512_cvtne2ps_pbh(__m512 a, __m512 b) {
+  __m512i r;
+  for (int i = 0; i < 16; ++i) {
+    r.u16[i] = bf16_convert(b.f[i]);
+    r.u16[16 + i] = bf16_convert(a.f[i]);
+  }
+  return r;
+}
+// AVX512-BF16 (vdpbf16ps, with the bf16 pairs as 32-bit words): per 32-bit lane, src plus the
+// product of the high halves, then plus that of the low halves, as Intel's pseudocode orders
+// them; denormal inputs and results flushed to zero, round to nearest even. A bf16 x bf16 product
+// is exact in float.
+inline float bf16_word_to_float(uint16_t h) {
+  uint32_t u = uint32_t(h) << 16;
+  if ((u & 0x7F800000u) == 0) u &= 0x80000000u;  // a denormal is read as zero
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float flush_denormal(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7F800000u) == 0) u &= 0x80000000u;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline __m512 _mm512_dpbf16_ps(__m512 src, __m512i a, __m512i b) {
+  for (int i = 0; i < 16; ++i) {
+    float v = flush_denormal(src.f[i]);
+    v = flush_denormal(v + bf16_word_to_float(a.u16[2 * i + 1]) * bf16_word_to_float(b.u16[2 * i + 1]));
+    src.f[i] = flush_denormal(v + bf16_word_to_float(a.u16[2 * i]) * bf16_word_to_float(b.u16[2 * i]));
+  }
+  return src;
 }
 // vpmultishiftqb: byte j of each 64-bit lane of the result is the 8 bits of that lane of b from
 // bit a[j] & 63 on, wrapping around the lane.

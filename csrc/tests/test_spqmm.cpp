@@ -8,6 +8,7 @@
 #include <cmath>
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <utility>
 #include <vector>
 
@@ -227,6 +228,61 @@ void test_sparse_amx(const Layer& l, const std::vector<float>& table, const std:
 #endif
 }
 
+// The sparse bf16 kernel (AVX512-BF16) on 40 batch rows, three tiles of 16 (the last partial):
+// one call for all three (their accumulators in L1 between runs of steps) and one call per tile
+// (in registers), each over the groups in two work items; every row against the product in double
+// of the bf16-rounded weights (each codebook value times its group scale, rounded once) and
+// activations, with what the kernel saw against the step kernel's.
+void test_sparse_bf16(const Layer& l, const std::vector<float>& table, const std::vector<float>& bias,
+                      const dcx::SpqmmSeen& expected) {
+#ifdef DCX_SPQMM_AVX512
+  if (!dcx::avx512::supports_bf16()) return;
+  constexpr int M = 40, MT = 16, tiles = (M + MT - 1) / MT;
+  const int64_t n = l.p.n, k = l.p.k, stride = (k + dcx::kSpqmmWindow) * MT;
+  auto bf16 = [](float v) {
+    const uint32_t u = uint32_t(dcx::bf16_bits(v)) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  };
+  std::vector<float> xs(M * k);
+  std::vector<uint16_t> xt(tiles * stride, 0);
+  for (int m = 0; m < M; ++m)
+    for (int64_t j = 0; j < k; ++j) {
+      xs[m * k + j] = bf16(std::cos(0.13f * float(j * (m + 1)) + 0.5f * float(m)));
+      xt[(m / MT) * stride + j * MT + m % MT] = dcx::bf16_bits(xs[m * k + j]);
+    }
+  auto check_rows = [&](const std::vector<float>& y) {
+    for (int m = 0; m < M; ++m)
+      for (int64_t r = 0; r < n; ++r) {
+        double ref = bias[r], mag = std::fabs(bias[r]);
+        for (int64_t j = 0; j < k; ++j) {
+          const double prod = double(bf16(l.dense[r * k + j])) * xs[m * k + j];
+          ref += prod;
+          mag += std::fabs(prod);
+        }
+        CHECK(std::fabs(y[m * n + r] - ref) <= (k + 3) * 6e-8 * mag + 1e-30);
+      }
+  };
+  const int64_t half = l.p.groups / 2;
+  for (int per_call : {tiles, 1}) {
+    std::vector<float> y(M * n, -1.f);
+    dcx::SpqmmSeen seen;
+    for (auto [g0, g1] : {std::pair<int64_t, int64_t>{0, half}, {half, l.p.groups}})
+      for (int t = 0; t < tiles; t += per_call)
+        dcx::avx512::with_lut_kind(l.p, [&](auto lut) DCX_AVX512_FN {
+          dcx::avx512::sparse_batch_bf16<decltype(lut)::value>(l.p, g0, g1, table.data(), xt.data() + t * stride,
+                                                               std::min(per_call, tiles - t), stride, M - t * MT,
+                                                               bias.data(), y.data() + t * MT * n, n, &seen);
+        });
+    check_rows(y);
+    if (l.p.steps) CHECK(seen.max_id == expected.max_id && seen.max_col == expected.max_col);
+  }
+#else
+  (void)l, (void)table, (void)bias, (void)expected;
+#endif
+}
+
 // The AVX-512 sparse decode and int8 quantization equal the portable decode (and
 // q8_quantize_whole_row of its rows), over all rows and from the second group on (a partial last
 // group where n is not a multiple of 16), with the same largest id and the same verdict on
@@ -307,6 +363,7 @@ void test_kernels(int64_t n, int64_t k, int bits, int keep, int64_t chunk_steps,
   }
 #endif
   test_batch_kernels(l, table, x, bias, seen);
+  test_sparse_bf16(l, table, bias, seen);
   test_sparse_amx(l, table, bias, seen);
   test_sparse_decode(l, table, seen);
 }
