@@ -357,6 +357,12 @@ DCX_AVX512_BF16_FN void sparse_batch_bf16(const SpqmmPacked& p, int64_t g0, int6
     for (int64_t s0 = p.group_ptr[g], end = p.group_ptr[g + 1]; s0 < end; s0 += 2 * kBf16Pairs) {
       const int pairs = static_cast<int>((std::min<int64_t>(2 * kBf16Pairs, end - s0) + 1) / 2);
       for (int t = 0; t < pairs; ++t) {
+        // The codes 64 steps ahead (a pair's are one cache line) and the windows 256 ahead, as
+        // sparse_chunk fetches them: the hardware prefetcher left the decode waiting on memory.
+        const int64_t s = s0 + 2 * t;
+        _mm_prefetch(reinterpret_cast<const char*>(p.codes + std::min(s + 64, p.steps - 1) * kSpqmmRows), _MM_HINT_T0);
+        if ((s & 15) < 2)  // once per 16 steps (64 bytes of windows), s being odd or even
+          _mm_prefetch(reinterpret_cast<const char*>(p.windows + std::min(s + 256, p.steps - 1)), _MM_HINT_T0);
         const SparseStep a = sparse_step<L>(p, tab, scales, s0 + 2 * t, g, &max_id, &max_col);
         __m512 w_b = _mm512_setzero_ps();
         __m512i col_b = a.col;
