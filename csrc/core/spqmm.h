@@ -97,6 +97,14 @@
 
 namespace dcx {
 
+// bf16 bits of a float, rounded to nearest even (NaN stays NaN).
+inline uint16_t bf16_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return uint16_t((u >> 16) | 0x40u);
+  return uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
 // Codebook table: ids [0, 256) then 256 zeros that padding slots read (id | 256 when not live),
 // so the portable kernel needs no branch on the live bit.
 

@@ -29,14 +29,6 @@
 
 namespace dcx {
 
-// bf16 bits of a float, rounded to nearest even (NaN stays NaN).
-inline uint16_t bf16_bits(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return uint16_t((u >> 16) | 0x40u);
-  return uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-
 // bf16 bits of a bf16 value (already rounded) or of a float (rounded here).
 inline uint16_t bf16_of(uint16_t bits) { return bits; }
 inline uint16_t bf16_of(float v) { return bf16_bits(v); }

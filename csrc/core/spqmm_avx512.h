@@ -312,6 +312,38 @@ DCX_AVX512_BF16_FN DCX_ALWAYS_INLINE __m512i bf16_pairs(__m512 a, __m512 b, __m5
   return _mm512_permutexvar_epi16(pair_words, halves);
 }
 
+// Steps s and (if second) s + 1 of a codebook of up to 32 entries, no group scales, for
+// sparse_batch_bf16: their 32 codes in one load, put in pair order (pair_words), each live
+// slot's id looked up in the 32 bf16 words of bf16_table by one word permute (padding zeroed),
+// so that wb holds lane i's two bf16 weights in word i; ca / cb the byte offsets (32 a column) of
+// lane i's columns in a tile; the ids' maximum in max_id_words (padding's id is 0) and the
+// windows' in max_col, with the live columns of a step whose window reaches past K.
+DCX_AVX512_BF16_FN DCX_ALWAYS_INLINE void bf16_step_pair(const SpqmmPacked& p, int64_t s, bool second,
+                                                         __m512i bf16_table, __m512i pair_words, uint32_t* wb,
+                                                         int32_t* ca, int32_t* cb, __m512i* max_id_words,
+                                                         int64_t* max_col) {
+  const int64_t ja = spqmm_window(p, s, max_col), jb = second ? spqmm_window(p, s + 1, max_col) : ja;
+  const uint16_t* c = p.codes + s * kSpqmmRows;
+  const __m512i codes = _mm512_maskz_loadu_epi16(second ? ~__mmask32(0) : __mmask32(0xFFFF), c);
+  *max_id_words = _mm512_max_epu16(*max_id_words, _mm512_and_si512(codes, _mm512_set1_epi16(kSpqmmIdMask)));
+  const __m512i paired = _mm512_permutexvar_epi16(pair_words, codes);
+  const __mmask32 live = _mm512_test_epi16_mask(paired, _mm512_set1_epi16(int16_t(kSpqmmLive)));
+  _mm512_store_si512(wb, _mm512_maskz_permutexvar_epi16(live, paired, bf16_table));  // the id's low 5 bits
+  // (code >> 8 & 31) * 32: the offset's bytes in a tile
+  const __m512i off = _mm512_and_si512(_mm512_srli_epi16(codes, 3), _mm512_set1_epi16((kSpqmmWindow - 1) << 5));
+  _mm512_store_si512(ca, _mm512_add_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(off)),
+                                          _mm512_set1_epi32(int32_t(ja * 32))));
+  _mm512_store_si512(cb, _mm512_add_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(off, 1)),
+                                          _mm512_set1_epi32(int32_t(jb * 32))));
+  auto past_k = [&](const uint16_t* step, int64_t j0) {  // only here can a live slot point past K
+    for (int i = 0; i < kSpqmmRows; ++i)
+      if (step[i] & kSpqmmLive)
+        *max_col = std::max<int64_t>(*max_col, j0 + ((step[i] >> kSpqmmOffsetShift) & (kSpqmmWindow - 1)));
+  };
+  if (ja + kSpqmmWindow > p.k) past_k(c, ja);
+  if (second && jb + kSpqmmWindow > p.k) past_k(c + kSpqmmRows, jb);
+}
+
 // Sparse mode in bfloat16 compute (AVX512-BF16), 16 batch rows in the lanes: sparse_batch with the
 // steps of a group taken in pairs. Lane i of two steps holds two weights of the same row (16 g +
 // i): they are rounded to bf16 and packed into one 32-bit word (bf16_pairs, the first step's in
@@ -348,6 +380,15 @@ DCX_AVX512_BF16_FN void sparse_batch_bf16(const SpqmmPacked& p, int64_t g0, int6
   alignas(64) static const uint16_t kPairWords[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
                                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
   const __m512i interleave = _mm512_loadu_si512(kInterleave), pair_words = _mm512_loadu_si512(kPairWords);
+  // Codebooks of up to 32 entries without group scales: the codebook as 32 bf16 words, and the
+  // weights of a pair of steps looked up in one word permute (bf16_step_pair); else sparse_step's
+  // float weights, rounded in pairs. (vdpbf16ps reads a denormal as zero, as vcvtne2ps2bf16 would
+  // have made it, so both give the same products.)
+  const bool word_table = (L == Lut::k16 || L == Lut::k32) && p.group_scale == nullptr;
+  alignas(64) uint16_t table_words[32];
+  for (int i = 0; i < 32; ++i) table_words[i] = bf16_bits(table[i]);
+  const __m512i bf16_table = _mm512_loadu_si512(table_words);
+  __m512i max_id_words = _mm512_setzero_si512();
   SpqmmStepScales scales(p);
   for (int64_t g = g0; g < g1; ++g) {
     __m512 acc[kSpqmmRows];
@@ -363,6 +404,10 @@ DCX_AVX512_BF16_FN void sparse_batch_bf16(const SpqmmPacked& p, int64_t g0, int6
         _mm_prefetch(reinterpret_cast<const char*>(p.codes + std::min(s + 64, p.steps - 1) * kSpqmmRows), _MM_HINT_T0);
         if ((s & 15) < 2)  // once per 16 steps (64 bytes of windows), s being odd or even
           _mm_prefetch(reinterpret_cast<const char*>(p.windows + std::min(s + 256, p.steps - 1)), _MM_HINT_T0);
+        if (word_table) {
+          bf16_step_pair(p, s, s + 1 < end, bf16_table, pair_words, wb[t], ca[t], cb[t], &max_id_words, &max_col);
+          continue;
+        }
         const SparseStep a = sparse_step<L>(p, tab, scales, s0 + 2 * t, g, &max_id, &max_col);
         __m512 w_b = _mm512_setzero_ps();
         __m512i col_b = a.col;
@@ -401,6 +446,8 @@ DCX_AVX512_BF16_FN void sparse_batch_bf16(const SpqmmPacked& p, int64_t g0, int6
       batch_store(p, g, acc, mvalid, bias, y + tile * 16 * ldy, ldy);
     }
   }
+  max_id = _mm512_max_epu32(max_id, _mm512_max_epu32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(max_id_words)),
+                                                       _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(max_id_words, 1))));
   seen->max_id = std::max<uint32_t>(seen->max_id, _mm512_reduce_max_epu32(max_id));
   seen->max_col = std::max<int64_t>(seen->max_col, max_col);
 }

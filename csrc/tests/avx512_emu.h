@@ -36,6 +36,7 @@ struct __m256i {
   };
 };
 typedef uint16_t __mmask16;
+typedef uint32_t __mmask32;
 typedef uint64_t __mmask64;
 
 // Without optimisation GCC's headers define the immediate-operand intrinsics as macros.
@@ -49,6 +50,8 @@ typedef uint64_t __mmask64;
 #endif
 #undef _mm512_slli_epi32
 #undef _mm512_extracti32x4_epi32
+#undef _mm512_extracti64x4_epi64
+#undef _mm512_srli_epi16
 #undef _mm_extract_epi64
 #ifndef _MM_HINT_T0
 #define _MM_HINT_T0 3
@@ -162,6 +165,47 @@ inline __m512i _mm512_cvtne2ps_pbh(__m512 a, __m512 b) {
     r.u16[i] = bf16_convert(b.f[i]);
     r.u16[16 + i] = bf16_convert(a.f[i]);
   }
+  return r;
+}
+// 16-bit lanes (AVX512BW), for the sparse bf16 kernel's decode.
+inline __m512i _mm512_set1_epi16(int16_t v) {
+  __m512i r;
+  for (int i = 0; i < 32; ++i) r.i16[i] = v;
+  return r;
+}
+inline __m512i _mm512_maskz_loadu_epi16(__mmask32 k, const void* p) {  // reads only the masked words
+  __m512i r = _mm512_setzero_si512();
+  for (int i = 0; i < 32; ++i)
+    if (k >> i & 1) std::memcpy(&r.u16[i], static_cast<const char*>(p) + 2 * i, 2);
+  return r;
+}
+inline __m512i _mm512_max_epu16(__m512i a, __m512i b) {
+  for (int i = 0; i < 32; ++i) a.u16[i] = std::max(a.u16[i], b.u16[i]);
+  return a;
+}
+inline __m512i _mm512_srli_epi16(__m512i a, unsigned n) {
+  for (int i = 0; i < 32; ++i) a.u16[i] = n > 15 ? 0 : uint16_t(a.u16[i] >> n);
+  return a;
+}
+inline __mmask32 _mm512_test_epi16_mask(__m512i a, __m512i b) {
+  __mmask32 k = 0;
+  for (int i = 0; i < 32; ++i)
+    if (a.u16[i] & b.u16[i]) k |= __mmask32(1) << i;
+  return k;
+}
+inline __m512i _mm512_maskz_permutexvar_epi16(__mmask32 k, __m512i idx, __m512i a) {
+  __m512i r;
+  for (int i = 0; i < 32; ++i) r.u16[i] = (k >> i & 1) ? a.u16[idx.u16[i] & 31] : 0;
+  return r;
+}
+inline __m256i _mm512_castsi512_si256(__m512i a) {
+  __m256i r;
+  std::memcpy(&r, &a, 32);
+  return r;
+}
+inline __m256i _mm512_extracti64x4_epi64(__m512i a, int i) {
+  __m256i r;
+  std::memcpy(&r, a.u8 + 32 * (i & 1), 32);
   return r;
 }
 // AVX512-BF16 (vdpbf16ps, with the bf16 pairs as 32-bit words): per 32-bit lane, src plus the
