@@ -32,13 +32,26 @@ def device_name(device):
     if device == "cuda":
         return torch.cuda.get_device_name()
     cpu = platform.processor() or platform.machine()
+    fields = {}
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+            if not line.strip():
                 break
     except OSError:
         pass
+    cpu = fields.get("model name", cpu)
+    # The model name alone ("AMD EPYC") does not tell one generation from the next, whose vector
+    # units differ (Zen 4 runs 512-bit instructions in two halves, Zen 5 in one): name the family
+    # and model and the instruction sets the kernels choose by.
+    flags = set(fields.get("flags", "").split())
+    isa = [name for flag, name in (("avx512f", "AVX-512"), ("avx512_vnni", "VNNI"),
+                                   ("avx512_bf16", "BF16"), ("amx_tile", "AMX"))
+           if flag in flags] or (["AVX2"] if "avx2" in flags else [])
+    if "cpu family" in fields:
+        cpu += f" (family {fields['cpu family']} model {fields.get('model', '?')}"
+        cpu += f"; {', '.join(isa)})" if isa else ")"
     return f"{cpu}, {torch.get_num_threads()} threads"
 
 

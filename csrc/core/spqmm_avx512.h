@@ -1098,15 +1098,25 @@ DCX_AVX512_Q8_FN void q8_fused(const SpqmmPacked& p, int64_t r0, int64_t r1, con
         }
       }
     }
-    for (int64_t g = 0; g < groups; ++g)
+    // The epilogue, 16 batch rows a vector, then y written a row at a time (the rows' results
+    // contiguous): written a column at a time, its stores went N floats apart, all into one L1 set
+    // when N is a multiple of 1024, at about 16 cycles an output (a quarter of the kernel's time
+    // at 128 rows on a Zen 5 core).
+    alignas(64) float out[kFusedRows][kQ8Lanes];
+    for (int64_t g = 0; g < groups; ++g) {
+      const int lanes = static_cast<int>(std::min<int64_t>(kQ8Lanes, M - g * kQ8Lanes));
+      const __m512 sxv = _mm512_maskz_loadu_ps(__mmask16((1u << lanes) - 1), sx + g * kQ8Lanes);
       for (int i = 0; i < rows; ++i) {
-        const int32_t* lanes = sums + (g * kFusedRows + i) * kQ8Lanes;
-        const float bv = bias ? bias[r + i] : 0.f;
-        for (int l = 0; l < kQ8Lanes && g * kQ8Lanes + l < M; ++l) {
-          const int64_t m = g * kQ8Lanes + l;
-          y[m * ldy + r + i] = float(lanes[l] - 128 * wsum[i]) * (sx[m] * sw[i]) + bv;
-        }
+        const __m512i dots = _mm512_sub_epi32(_mm512_loadu_si512(sums + (g * kFusedRows + i) * kQ8Lanes),
+                                              _mm512_set1_epi32(128 * wsum[i]));
+        _mm512_store_ps(out[i], _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_mul_ps(sxv, _mm512_set1_ps(sw[i])),
+                                                _mm512_set1_ps(bias ? bias[r + i] : 0.f)));
       }
+      for (int l = 0; l < lanes; ++l) {
+        float* yr = y + (g * kQ8Lanes + l) * ldy + r;
+        for (int i = 0; i < rows; ++i) yr[i] = out[i][l];
+      }
+    }
   }
   alignas(64) uint8_t most[64];
   _mm512_storeu_si512(most, seen_ids);

@@ -413,6 +413,11 @@ inline __m512i _mm512_add_epi32(__m512i a, __m512i b) {
   for (int i = 0; i < 16; ++i) a.u32[i] += b.u32[i];
   return a;
 }
+// The fused int8 kernel's epilogue.
+inline __m512i _mm512_sub_epi32(__m512i a, __m512i b) {
+  for (int i = 0; i < 16; ++i) a.u32[i] -= b.u32[i];
+  return a;
+}
 inline __m512i _mm512_slli_epi32(__m512i a, unsigned n) {
   for (int i = 0; i < 16; ++i) a.u32[i] = n > 31 ? 0 : a.u32[i] << n;
   return a;
