@@ -84,7 +84,7 @@ PyObject* plan_table() {
   static const char* const kernels[] = {"sparse_steps", "sparse_batch", "dense_rows",
                                         "dense_many", "int8_rows", "decode_gemm",
                                         "int8_many", "int8_fused", "bf16_amx", "sparse_amx",
-                                        "int8_gemm", "sparse_batch_bf16"};
+                                        "int8_gemm", "sparse_batch_bf16", "int8_dots"};
   PyObject* list = PyList_New(dcx::kSpqmmPlanSize);
   if (list == nullptr) return nullptr;
   for (int i = 0; i < dcx::kSpqmmPlanSize; ++i) {

@@ -623,6 +623,13 @@ DCX_AVX512_FN void sparse_decode_rows(const SpqmmPacked& p, int64_t r0, int64_t 
   seen->max_col = std::max<int64_t>(seen->max_col, max_col);
 }
 
+// q8_round on 16 lanes: round half to even, clamped to [-127, 127], a NaN to -127 (max_ps returns
+// its second operand when one is NaN).
+DCX_AVX512_FN DCX_ALWAYS_INLINE __m512i q8_round16(__m512 v, __m512 inverse) {
+  const __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(v, inverse), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, _mm512_set1_ps(-kQ8Max)), _mm512_set1_ps(kQ8Max)));
+}
+
 // Sparse rows [r0, r1) (r0 a multiple of 16) straight into int8 rows q ([r1 - r0, K], zeroed
 // here) with their scales sw ([r1 - r0]), as q8_quantize_whole_row quantizes the decoded rows (the
 // int8 GEMM's rule, core/spqmm_int8.h), without them: per group a pass over its steps for each
@@ -660,17 +667,14 @@ DCX_AVX512_FN void sparse_quantize_rows(const SpqmmPacked& p, int64_t r0, int64_
       sw[g * kSpqmmRows - r0 + i] = q8_scale(amax);
     }
     int8_t* qg = q + (g * kSpqmmRows - r0) * K;
-    const __m512 inv_v = _mm512_load_ps(inv), lo = _mm512_set1_ps(-kQ8Max), hi = _mm512_set1_ps(kQ8Max);
+    const __m512 inv_v = _mm512_load_ps(inv);
     // The maxima seen already: runs of kBatchSteps steps quantized into buffers, then stored a
     // byte a slot (read back straight after its 64-byte store, a step cost three times as much).
     for (int64_t s0 = p.group_ptr[g]; s0 < p.group_ptr[g + 1]; s0 += kBatchSteps) {
       const int run = static_cast<int>(std::min<int64_t>(kBatchSteps, p.group_ptr[g + 1] - s0));
       for (int t = 0; t < run; ++t) {
         const SparseStep st = sparse_step<L>(p, tab, scales, s0 + t, g, &unused_id, &unused_col);
-        // q8_round on 16 lanes: round half to even, a NaN to -127 (max_ps returns its second
-        // operand when one is NaN).
-        const __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(st.w, inv_v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        _mm512_storeu_si512(qb + t * kSpqmmRows, _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, lo), hi)));
+        _mm512_storeu_si512(qb + t * kSpqmmRows, q8_round16(st.w, inv_v));
         _mm512_storeu_si512(cb + t * kSpqmmRows, st.col);
         live[t] = uint32_t(st.live) & in_range;
       }
@@ -826,6 +830,20 @@ struct UnitIds {
     id_mask = _mm512_set1_epi8(char(D == SpqmmDense::kNibbles ? 0x0F : (1 << std::min(b, 7)) - 1));
     bit_load = b < 8 ? (uint64_t(1) << (8 * b)) - 1 : ~uint64_t(0);
   }
+  // f(u, ids) for the units [u0, u1), every column of them below K (nibbles: u0 and u1 even; one
+  // load yields two units).
+  template <class F>
+  DCX_AVX512_VBMI_FN DCX_ALWAYS_INLINE void each_full(const uint8_t* row, int64_t u0, int64_t u1, F&& f) const {
+    if constexpr (D == SpqmmDense::kNibbles) {
+      for (int64_t u = u0; u < u1; u += 2) {
+        const __m512i v = _mm512_loadu_si512(row + 32 * u);
+        f(u, _mm512_and_si512(v, id_mask));
+        f(u + 1, _mm512_and_si512(_mm512_srli_epi32(v, 4), id_mask));
+      }
+    } else {
+      for (int64_t u = u0; u < u1; ++u) f(u, get(row, u, ~__mmask64(0)));
+    }
+  }
   // Unit u's ids; `valid` its columns below K (the bytes layout reads no further).
   DCX_AVX512_VBMI_FN __m512i get(const uint8_t* row, int64_t u, __mmask64 valid) const {
     if constexpr (D == SpqmmDense::kNibbles) {
@@ -956,7 +974,9 @@ inline FusedTables fused_tables(const float* codebook, int64_t n, int bits) {
 }
 
 constexpr int kFusedRows = 8;         // rows of W per pass (the accumulators: 8 per lane group)
-constexpr int64_t kFusedChunk = 8;    // units of 64 ids per chunk: 8 rows x 512 bytes in L1
+// Units of 64 ids per chunk: 8 rows x 512 bytes in L1 (the few-rows order too: 4096 x 4096, 4
+// bits, 4 rows, two threads, chunks of 4 / 8 / 16 / 32 units: 345 / 302 / 336 / 436 us).
+constexpr int64_t kFusedChunk = 8;
 
 // Bytes of a 256-entry table t (4 vectors; only the first 2^bits entries read) at 64 ids.
 template <Lut L>
@@ -1019,20 +1039,89 @@ DCX_AVX512_Q8_FN void fused_apply(const int32_t* w, int64_t ldw, int64_t quads, 
     for (int i = 0; i < kFusedRows; ++i) _mm512_storeu_si512(sums + (g * kFusedRows + i) * kQ8Lanes, acc[g][i]);
 }
 
-// Rows [r0, r1) of W for M activation rows staged by q8_stage_quads (xv; sx their scales):
+// The few-rows order (SpqmmKernel::kInt8Dots): with fewer batch rows than lanes, the lanes of
+// fused_apply sit idle (4 rows: three quarters of each vpdpbusd wasted), so each row of x is
+// staged whole in unit order and multiplied by the decoded rows of W a unit at a time, the 16
+// lanes of a product holding partial dots (a lane per 4 columns), summed once a row of W ends.
+
+// Rows of xq ([m][k] int8, quantized whole) in unit order as unsigned bytes x + 128 (128, a
+// zero, past k): xu [m][units * 64], byte i of unit u of a row its column q8_unit_column(u, i).
+DCX_AVX512_Q8_FN void stage_units(const int8_t* xq, int64_t m, int64_t k, SpqmmDense layout, uint8_t* xu) {
+  const int64_t units = q8_units(layout, k), ldu = units * 64;
+  const __m512i flip = _mm512_set1_epi8(char(0x80));
+  auto below = [&](int64_t j) {  // the columns j, j + 1, ... below k, as a byte mask
+    return j >= k ? __mmask64(0) : k - j >= 64 ? ~__mmask64(0) : (__mmask64(1) << (k - j)) - 1;
+  };
+  alignas(64) uint8_t order[2][64];  // nibbles: a block of 128 columns -> its two units
+  for (int h = 0; h < 2; ++h)
+    for (int i = 0; i < 64; ++i) order[h][i] = uint8_t(q8_unit_column(SpqmmDense::kNibbles, h, i));
+  const __m512i low = _mm512_load_si512(order[0]), high = _mm512_load_si512(order[1]);
+  for (int64_t row = 0; row < m; ++row) {
+    const int8_t* q = xq + row * k;
+    uint8_t* out = xu + row * ldu;
+    if (layout == SpqmmDense::kNibbles) {
+      for (int64_t u = 0; u < units; u += 2) {
+        const int64_t j = 64 * u;
+        const __m512i a = _mm512_maskz_loadu_epi8(below(j), q + j);
+        const __m512i b = _mm512_maskz_loadu_epi8(below(j + 64), q + std::min(j + 64, k));
+        _mm512_storeu_si512(out + 64 * u, _mm512_xor_si512(_mm512_permutex2var_epi8(a, low, b), flip));
+        _mm512_storeu_si512(out + 64 * u + 64, _mm512_xor_si512(_mm512_permutex2var_epi8(a, high, b), flip));
+      }
+    } else {
+      for (int64_t u = 0; u < units; ++u)
+        _mm512_storeu_si512(out + 64 * u, _mm512_xor_si512(_mm512_maskz_loadu_epi8(below(64 * u), q + std::min(64 * u, k)), flip));
+    }
+  }
+}
+
+// sums [kFusedRows][M][16] (ld: M * 16 between rows of W) += the decoded rows w (ldw bytes a
+// row) times MB staged rows x (ldx bytes a row), over `units` units: IB rows of W by MB of x
+// in registers, each weight vector loaded once for the MB rows, each row of x once for the IB.
+template <int MB, int IB>
+DCX_AVX512_Q8_FN void dots_apply(const int8_t* w, int64_t ldw, int64_t units, const uint8_t* x, int64_t ldx,
+                                 int32_t* sums, int64_t ld) {
+  __m512i acc[IB][MB];
+#pragma GCC unroll 8
+  for (int i = 0; i < IB; ++i)
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) acc[i][m] = _mm512_loadu_si512(sums + i * ld + m * kQ8Lanes);
+  for (int64_t u = 0; u < units; ++u) {
+    __m512i xm[MB];
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) xm[m] = _mm512_loadu_si512(x + m * ldx + u * 64);
+#pragma GCC unroll 8
+    for (int i = 0; i < IB; ++i) {
+      const __m512i wv = _mm512_loadu_si512(w + i * ldw + u * 64);
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) acc[i][m] = _mm512_dpbusd_epi32(acc[i][m], xm[m], wv);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < IB; ++i)
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) _mm512_storeu_si512(sums + i * ld + m * kQ8Lanes, acc[i][m]);
+}
+
+// The two orders of the fused kernel's activations and sums.
+enum class FusedOrder { kLanes, kDots };
+
+// Rows [r0, r1) of W for M activation rows (sx their scales), staged as the order reads them:
+// kLanes, q8_stage_quads' int32 quads of every lane group; kDots, stage_units' bytes.
 // y[m][r] = sx[m] sw[r] (acc - 128 wsum[r]) + bias[r], as the GEMM's epilogue.
-// w: kFusedRows * kFusedChunk * 64 bytes; sums: q8_lane_groups(M) * kFusedRows * 16 int32.
-template <Lut L, SpqmmDense D>
+// w: kFusedRows * kFusedChunk * 64 bytes; sums: kFusedRows * 16 int32 per lane group (kLanes) or
+// per row of x (kDots).
+template <Lut L, SpqmmDense D, FusedOrder O = FusedOrder::kLanes>
 DCX_AVX512_Q8_FN void q8_fused(const SpqmmPacked& p, int64_t r0, int64_t r1, const FusedTables& ft,
-                               const int32_t* xv, const float* sx, int64_t M, const float* bias,
+                               const void* staged, const float* sx, int64_t M, const float* bias,
                                float* y, int64_t ldy, int8_t* w, int32_t* sums, SpqmmSeen* seen) {
   constexpr int kVectors = L == Lut::k256 ? 4 : L == Lut::k128 ? 2 : 1;
-  constexpr int64_t ldw = kFusedChunk * 64;
+  constexpr int64_t chunk = kFusedChunk, ldw = chunk * 64;
   const int64_t K = p.k, units = q8_units(D, K), quads = units * 16, groups = q8_lane_groups(M);
   const UnitIds<D> unit(p.bits);
   // The last units may hold columns past K (the bytes past them are not read as weights).
   int64_t full = units;
   while (full > 0 && unit_valid(D, full - 1, K) != ~__mmask64(0)) --full;
+  if (D == SpqmmDense::kNibbles) full &= ~int64_t(1);  // the units of a block whole (each_full)
   __mmask64 tail[2] = {~__mmask64(0), ~__mmask64(0)};
   for (int64_t u = full; u < units; ++u) tail[u - full] = unit_valid(D, u, K);
   __m512i rank[kVectors];
@@ -1042,31 +1131,39 @@ DCX_AVX512_Q8_FN void q8_fused(const SpqmmPacked& p, int64_t r0, int64_t r1, con
   std::memset(tables, 0, sizeof(tables));  // entries past 2^bits: never looked up
   float sw[kFusedRows];
   int32_t wsum[kFusedRows];
+  __m512i wsums[kFusedRows];
   const __m512i ones = _mm512_set1_epi8(1);
   for (int64_t r = r0; r < r1; r += kFusedRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kFusedRows, r1 - r));
     for (int i = 0; i < rows; ++i) {
       const uint8_t* row = p.dense_codes + (r + i) * p.dense_width;
       __m512i most = _mm512_setzero_si512();
-      for (int64_t u = 0; u < units; ++u) {
-        const __mmask64 valid = u < full ? ~__mmask64(0) : tail[u - full];
+      unit.each_full(row, 0, full, [&](int64_t, __m512i ids) DCX_AVX512_Q8_FN {
+        seen_ids = _mm512_max_epu8(seen_ids, ids);
+        most = _mm512_max_epu8(most, lookup_bytes<L>(ids, rank));
+      });
+      for (int64_t u = full; u < units; ++u) {
+        const __mmask64 valid = tail[u - full];
         const __m512i ids = _mm512_maskz_mov_epi8(valid, unit.get(row, u, valid));
         seen_ids = _mm512_max_epu8(seen_ids, ids);
         most = _mm512_max_epu8(most, _mm512_maskz_mov_epi8(valid, lookup_bytes<L>(ids, rank)));
       }
-      alignas(64) uint8_t ranks[64];
-      _mm512_storeu_si512(ranks, most);
-      uint8_t top = 0;
-      for (uint8_t v : ranks) top = std::max(top, v);
-      const float amax = ft.by_rank[top], inv = q8_inverse(amax);
+      // The largest rank: bytes to dwords, then across the lanes.
+      most = _mm512_max_epu8(most, _mm512_srli_epi32(most, 16));
+      most = _mm512_max_epu8(most, _mm512_srli_epi32(most, 8));
+      const uint32_t top = _mm512_reduce_max_epu32(_mm512_and_si512(most, _mm512_set1_epi32(0xFF)));
+      const float amax = ft.by_rank[top];
       sw[i] = q8_scale(amax);
-      for (int e = 0; e < ft.entries; ++e) tables[i][e] = int8_t(q8_round(ft.codebook[e], inv));
-      wsum[i] = 0;
+      const __m512 inv = _mm512_set1_ps(q8_inverse(amax));
+      for (int e = 0; e < ft.entries; e += 16)  // the row's table, 16 entries a vector
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(tables[i] + e),
+                         _mm512_cvtepi32_epi8(q8_round16(_mm512_loadu_ps(ft.codebook + e), inv)));
+      wsums[i] = _mm512_setzero_si512();
     }
-    std::memset(sums, 0, sizeof(int32_t) * size_t(groups * kFusedRows * kQ8Lanes));
+    std::memset(sums, 0, sizeof(int32_t) * size_t((O == FusedOrder::kDots ? M : groups) * kFusedRows * kQ8Lanes));
     if (rows < kFusedRows) std::memset(w + rows * ldw, 0, size_t((kFusedRows - rows) * ldw));
-    for (int64_t u0 = 0; u0 < units; u0 += kFusedChunk) {
-      const int64_t u1 = std::min(units, u0 + kFusedChunk);
+    for (int64_t u0 = 0; u0 < units; u0 += chunk) {
+      const int64_t u1 = std::min(units, u0 + chunk);
       // The same share of the next 8 rows' codes fetched meanwhile (this tile's or the next one's,
       // which the other thread may take: then they wait in L3), so that their first pass reads
       // them from cache: it waited on memory for most of its time.
@@ -1077,26 +1174,66 @@ DCX_AVX512_Q8_FN void q8_fused(const SpqmmPacked& p, int64_t r0, int64_t r1, con
         const uint8_t* row = p.dense_codes + (r + i) * p.dense_width;
         __m512i t[kVectors];
         for (int v = 0; v < kVectors; ++v) t[v] = _mm512_load_si512(tables[i] + 64 * v);
-        __m512i sum = _mm512_setzero_si512();  // the row's weights (padding included: x + 128 there
-        for (int64_t u = u0; u < u1; ++u) {     // is 128 too, which the sum takes off again)
-          const __mmask64 valid = u < full ? ~__mmask64(0) : tail[u - full];
-          const __m512i wv = lookup_bytes<L>(unit.get(row, u, valid), t);
+        // The row's sum of weights (padding included: x + 128 there is 128 too, which the sum
+        // takes off again), in the lanes until the row ends.
+        __m512i sum = wsums[i];
+        auto decode = [&](int64_t u, __m512i ids) DCX_AVX512_Q8_FN {
+          const __m512i wv = lookup_bytes<L>(ids, t);
           _mm512_storeu_si512(w + i * ldw + (u - u0) * 64, wv);
           sum = _mm512_dpbusd_epi32(sum, ones, wv);
-        }
-        wsum[i] += _mm512_reduce_add_epi32(sum);
+        };
+        const int64_t u_full = std::min(u1, std::max(u0, full));
+        unit.each_full(row, u0, u_full, decode);
+        for (int64_t u = u_full; u < u1; ++u) decode(u, unit.get(row, u, tail[u - full]));
+        wsums[i] = sum;
       }
-      const int64_t q0 = u0 * 16, nq = (u1 - u0) * 16, ldx = quads * kQ8Lanes;
-      const int32_t* wq = reinterpret_cast<const int32_t*>(w);
-      for (int64_t g = 0; g < groups; g += 2) {
-        const int32_t* xg = xv + g * ldx + q0 * kQ8Lanes;
-        int32_t* sg = sums + g * kFusedRows * kQ8Lanes;
-        if (g + 1 < groups) {
-          fused_apply<2>(wq, ldw / 4, nq, xg, ldx, sg);
-        } else {
-          fused_apply<1>(wq, ldw / 4, nq, xg, ldx, sg);
+      if constexpr (O == FusedOrder::kDots) {
+        // Passes of 8, 4, 2 or 1 rows of x, 16 accumulators each (rows of W past `rows` are
+        // zeros in w; their sums are never read).
+        const uint8_t* xu = static_cast<const uint8_t*>(staged) + u0 * 64;
+        const int64_t ldx = units * 64, ld = M * kQ8Lanes, nu = u1 - u0;
+        for (int64_t m0 = 0; m0 < M;) {
+          const int64_t left = M - m0;
+          const uint8_t* xm = xu + m0 * ldx;
+          int32_t* sm = sums + m0 * kQ8Lanes;
+          if (left >= 8) {
+            for (int i = 0; i < kFusedRows; i += 2) dots_apply<8, 2>(w + i * ldw, ldw, nu, xm, ldx, sm + i * ld, ld);
+            m0 += 8;
+          } else if (left >= 4) {
+            for (int i = 0; i < kFusedRows; i += 4) dots_apply<4, 4>(w + i * ldw, ldw, nu, xm, ldx, sm + i * ld, ld);
+            m0 += 4;
+          } else if (left >= 2) {
+            dots_apply<2, 8>(w, ldw, nu, xm, ldx, sm, ld);
+            m0 += 2;
+          } else {
+            dots_apply<1, 8>(w, ldw, nu, xm, ldx, sm, ld);
+            m0 += 1;
+          }
+        }
+      } else {
+        const int32_t* xv = static_cast<const int32_t*>(staged);
+        const int64_t q0 = u0 * 16, nq = (u1 - u0) * 16, ldx = quads * kQ8Lanes;
+        const int32_t* wq = reinterpret_cast<const int32_t*>(w);
+        for (int64_t g = 0; g < groups; g += 2) {
+          const int32_t* xg = xv + g * ldx + q0 * kQ8Lanes;
+          int32_t* sg = sums + g * kFusedRows * kQ8Lanes;
+          if (g + 1 < groups) {
+            fused_apply<2>(wq, ldw / 4, nq, xg, ldx, sg);
+          } else {
+            fused_apply<1>(wq, ldw / 4, nq, xg, ldx, sg);
+          }
         }
       }
+    }
+    for (int i = 0; i < rows; ++i) wsum[i] = _mm512_reduce_add_epi32(wsums[i]);
+    if constexpr (O == FusedOrder::kDots) {
+      // A row of y at a time (its stores to one line; see below).
+      for (int64_t m = 0; m < M; ++m)
+        for (int i = 0; i < rows; ++i) {
+          const int32_t dot = _mm512_reduce_add_epi32(_mm512_loadu_si512(sums + (i * M + m) * kQ8Lanes));
+          y[m * ldy + r + i] = float(dot - 128 * wsum[i]) * (sx[m] * sw[i]) + (bias ? bias[r + i] : 0.f);
+        }
+      continue;
     }
     // The epilogue, 16 batch rows a vector, then y written a row at a time (the rows' results
     // contiguous): written a column at a time, its stores went N floats apart, all into one L1 set

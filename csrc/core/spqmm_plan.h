@@ -66,6 +66,8 @@ enum class SpqmmKernel : int {
                      //   x quantized per row, ATen's int8 GEMM (the coarser rule in core/spqmm_int8.h)
   kSparseBatchBf16 = 11,  // sparse, bf16 compute, AVX512-BF16: kSparseBatch with the steps in pairs,
                           //   each lane's two weights one bf16 pair, vdpbf16ps (core/spqmm_avx512.h)
+  kInt8Dots = 12,    // dense, int8 compute, AVX-512 VNNI + VBMI: kInt8Fused for fewer rows than
+                     //   lanes, each row of x whole against 8 rows of W, partial dots in the lanes
 };
 
 constexpr int64_t kSpqmmNoBound = std::numeric_limits<int64_t>::max();
@@ -213,9 +215,10 @@ constexpr SpqmmRule kSpqmmPlan[] = {
     // 5,204).
     {SpqmmIsa::kAvx512, SpqmmMode::kDense, 10, 1.0, SpqmmKernel::kDenseRows, 0},
     {SpqmmIsa::kAvx512, SpqmmMode::kDense, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0},
-    // Dense int8 with VNNI (and VBMI): up to 2 rows the fp32 kernels, then the fused int8 kernel
-    // (kInt8Fused: the int8 GEMM's rule in one pass, rows of W decoded by tables of their own,
-    // u8 x s8 dot products) up to 511 rows on layers of 4M weights and more, up to 191 on
+    // Dense int8 with VNNI (and VBMI; measured before the few-rows order below took 2 to 13
+    // rows): up to 2 rows the fp32 kernels, then the fused int8 kernel (kInt8Fused: the int8
+    // GEMM's rule in one pass, rows of W decoded by tables of their own, u8 x s8 dot products,
+    // the batch rows in the lanes) up to 511 rows on layers of 4M weights and more, up to 191 on
     // smaller ones, then the int8 GEMM, whose blocking wins once x is large. (The plan at the
     // time / the fused kernel: 4096 x 4096, 4 bits, 2 rows 728 / 1,033; 3 rows 1,482 / 1,114; 4
     // rows 1,449 / 1,046; 8 rows 2,983 / 1,129; 16 rows 2,048 / 1,233; 32 rows 3,469 / 1,958;
@@ -234,7 +237,20 @@ constexpr SpqmmRule kSpqmmPlan[] = {
     // which needs VNNI: so only these rules. The op falls back to decode + GEMM where K passes
     // kQ8GemmMaxK (either kernel) or oneDNN is switched off (the GEMM), and a layer with group
     // scales takes the GEMM for the fused kernel, whose tables are per row.)
-    {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, 3, 1.0, SpqmmKernel::kDenseRows, 0},
+    // The few-rows order of the fused kernel (kInt8Dots: each row of x whole against the decoded
+    // rows of W, where the lanes order leaves lanes idle) from 2 rows, up to 13 on layers of 4M
+    // weights and more, up to 11 on smaller ones; one row stays with the fp32 kernel (measured on
+    // a Zen 5 EPYC, AVX-512 VNNI, two threads; the fp32 rows kernel / lanes / dots, 4096 x 4096,
+    // 4 bits: 1 row 200 / - / 285; 2 rows 432 / - / 308; 3 rows - / 548 / 318; 4 rows - / 558 /
+    // 344; 8 rows - / 555 / 414; 12 rows - / 563 / 500; 15 rows - / 571 / 618; 6 bits: 2 rows 704
+    // / - / 466; 4 rows - / 651 / 429; 8 rows - / 645 / 515; 12 rows - / 638 / 598; 15 rows - / 646
+    // / 705; 6 bits, 384 x 384 / 1536 x 384 / 384 x 1536 / 1024 x 1024, the plan before / dots: 1
+    // row 14 / 12, 32 / 27, 29 / 20, 48 / 36 (4 bits, 1024 x 1024: 22 / 26, so one row stays); 2
+    // rows 16 / 13, 37 / 29, 33 / 22; 4 rows 18 / 13, 38 / 30, 42 / 23; 8 rows 19 / 17, 39 / 38,
+    // 42 / 28; 10 rows 19 / 17, 40 / 42, 44 / 32, 60 / 55; 12 rows 18 / 18, 40 / 45, 44 / 33).
+    {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, 2, 1.0, SpqmmKernel::kDenseRows, 0},
+    {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, 14, 1.0, SpqmmKernel::kInt8Dots, 0, kSpqmmLargeWeights},
+    {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, 12, 1.0, SpqmmKernel::kInt8Dots, 0},
     {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, 512, 1.0, SpqmmKernel::kInt8Fused, 0, kSpqmmLargeWeights},
     {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, 192, 1.0, SpqmmKernel::kInt8Fused, 0},
     {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, kSpqmmNoBound, 1.0, SpqmmKernel::kInt8Gemm, 0},
@@ -317,6 +333,10 @@ inline SpqmmPlan spqmm_plan(SpqmmIsa isa, SpqmmMode mode, double density, int64_
       plan.tile = std::max<int64_t>(1, int64_t(2048.0 / std::max(density * weights_per_row, 1.0)));
       break;
     case SpqmmKernel::kSparseSteps: plan.tile = 1; break;
+    // A few rows of x make a tile of 32K weights a microsecond of work, each the next one's
+    // prefetch target (often another thread's): 512K weights per tile (4096 x 4096, 4 bits, 4
+    // rows: 391 -> 343 us).
+    case SpqmmKernel::kInt8Dots: plan.tile = std::max<int64_t>(1, (int64_t(1) << 19) / weights_per_row); break;
     default: plan.tile = std::max<int64_t>(1, (int64_t(1) << 15) / weights_per_row);
   }
   plan.threads = macs < double(1 << 16) ? 1 : std::max(1, threads);

@@ -855,22 +855,29 @@ void int8_gemm(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan, const 
 }
 
 #ifdef DCX_SPQMM_AVX512
-// The many-rows int8 rule fused (SpqmmKernel::kInt8Fused, core/spqmm_avx512.h): x quantized per
-// row and staged with the batch rows in the lanes, then each tile of W's rows (a multiple of 8)
-// decoded into int8 by tables of their own and multiplied by u8 x s8 dot products.
+// The many-rows int8 rule fused (SpqmmKernel::kInt8Fused and, for a few rows, kInt8Dots; core/
+// spqmm_avx512.h): x quantized per row and staged with the batch rows in the lanes (or a row at a
+// time), then each tile of W's rows (a multiple of 8) decoded into int8 by tables of their own and
+// multiplied by u8 x s8 dot products.
 void int8_fused(const SpqmmPacked& p, const SpqmmPlan& plan, const at::Tensor& codebook,
                 const at::Tensor& x2, const float* bias, float* y, SpqmmSeen* seen) {
   const int64_t M = x2.size(0), K = p.k, groups = q8_lane_groups(M);
   const int64_t quads = q8_units(p.layout, K) * 16;
+  const bool dots = plan.kernel == SpqmmKernel::kInt8Dots;
   std::vector<int8_t> quantized(static_cast<size_t>(M * K));
   std::vector<float> sx(static_cast<size_t>(M));
-  std::vector<int32_t> staged;
+  std::vector<int32_t> staged;  // the lanes order's quads, or the dots order's bytes (fewer)
   int32_t* const xv = cache_aligned(staged, size_t(groups * quads * kQ8Lanes));
   const float* xp = x2.data_ptr<float>();
   for_each_tile(groups, plan.threads, [&](int64_t, int64_t g) {
     const int64_t m0 = g * kQ8Lanes, m1 = std::min(M, m0 + kQ8Lanes);
     q8_quantize_whole_rows(xp + m0 * K, m1 - m0, K, quantized.data() + m0 * K, sx.data() + m0);
-    q8_stage_quads(quantized.data(), M, K, p.layout, g, xv + g * quads * kQ8Lanes);
+    if (dots) {
+      avx512::stage_units(quantized.data() + m0 * K, m1 - m0, K, p.layout,
+                          reinterpret_cast<uint8_t*>(xv) + m0 * quads * 4);
+    } else {
+      q8_stage_quads(quantized.data(), M, K, p.layout, g, xv + g * quads * kQ8Lanes);
+    }
   });
   const at::Tensor cb = codebook.to(at::kFloat).contiguous();
   const avx512::FusedTables ft = avx512::fused_tables(cb.data_ptr<float>(), cb.numel(), int(p.bits));
@@ -881,11 +888,16 @@ void int8_fused(const SpqmmPacked& p, const SpqmmPlan& plan, const at::Tensor& c
     static thread_local std::vector<int8_t> decoded;  // a chunk of 8 rows of W, int8
     static thread_local std::vector<int32_t> sums;    // their dots with every activation row
     int8_t* const wp = cache_aligned(decoded, size_t(avx512::kFusedRows * avx512::kFusedChunk * 64));
-    int32_t* const sp = cache_aligned(sums, size_t(groups * avx512::kFusedRows * kQ8Lanes));
+    int32_t* const sp = cache_aligned(sums, size_t((dots ? M : groups) * avx512::kFusedRows * kQ8Lanes));
     const int64_t r0 = t * tile, r1 = std::min(p.n, r0 + tile);
     avx512::with_dense_kind(p, [&](auto lut, auto layout) DCX_AVX512_Q8_FN {
-      avx512::q8_fused<decltype(lut)::value, decltype(layout)::value>(
-          p, r0, r1, ft, xv, sx.data(), M, bias, y, p.n, wp, sp, seen_by[w]);
+      constexpr avx512::Lut L = decltype(lut)::value;
+      constexpr SpqmmDense D = decltype(layout)::value;
+      if (dots) {
+        avx512::q8_fused<L, D, avx512::FusedOrder::kDots>(p, r0, r1, ft, xv, sx.data(), M, bias, y, p.n, wp, sp, seen_by[w]);
+      } else {
+        avx512::q8_fused<L, D>(p, r0, r1, ft, xv, sx.data(), M, bias, y, p.n, wp, sp, seen_by[w]);
+      }
     });
   });
   seen->merge(seen_by.merged());
@@ -908,7 +920,7 @@ void run_plan(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan, const a
 #endif
   const at::Tensor x2 = xc.to(at::kFloat).contiguous();
 #ifdef DCX_SPQMM_AVX512
-  if (plan.kernel == SpqmmKernel::kInt8Fused) {
+  if (plan.kernel == SpqmmKernel::kInt8Fused || plan.kernel == SpqmmKernel::kInt8Dots) {
     TORCH_CHECK(avx512::supports_vnni() && avx512::supports_vbmi(), "the fused int8 kernel needs AVX-512 VNNI and VBMI");
     int8_fused(p, plan, codebook, x2, bp, yp, seen);
     return;
@@ -981,13 +993,14 @@ SpqmmPlan cpu_plan(const SpqmmPacked& p, SpqmmIsa isa, SpqmmCompute compute, at:
   SpqmmPlan plan = spqmm_plan(isa, mode, slot_density(p), p.n, p.k, rows, threads, crossover);
   // The fused kernel's tables are per row: a layer with scales per group of columns takes the
   // int8 GEMM, which computes the same rule.
-  if (plan.kernel == SpqmmKernel::kInt8Fused && p.group_scale != nullptr) plan.kernel = SpqmmKernel::kInt8Gemm;
+  if ((plan.kernel == SpqmmKernel::kInt8Fused || plan.kernel == SpqmmKernel::kInt8Dots) && p.group_scale != nullptr)
+    plan.kernel = SpqmmKernel::kInt8Gemm;
   // torch runs at::_int_mm through oneDNN only with VNNI and oneDNN enabled (a plain loop
   // otherwise), and the int32 sums bound K (the fused kernel's too): without them a dense layer
   // takes decode + GEMM, a sparse one the sparse rules.
   if ((plan.kernel == SpqmmKernel::kInt8Gemm &&
        (p.k > kQ8GemmMaxK || !at::globalContext().userEnabledMkldnn() || !at::cpu::is_avx512_vnni_supported())) ||
-      (plan.kernel == SpqmmKernel::kInt8Fused && p.k > kQ8GemmMaxK)) {
+      ((plan.kernel == SpqmmKernel::kInt8Fused || plan.kernel == SpqmmKernel::kInt8Dots) && p.k > kQ8GemmMaxK)) {
     if (p.dense) {
       plan.kernel = SpqmmKernel::kDecodeGemm;
     } else {

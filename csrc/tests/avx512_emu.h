@@ -413,6 +413,18 @@ inline __m512i _mm512_add_epi32(__m512i a, __m512i b) {
   for (int i = 0; i < 16; ++i) a.u32[i] += b.u32[i];
   return a;
 }
+// The fused int8 kernel's tables (vpmovdb: each int32 truncated to its low byte).
+inline __m128i _mm512_cvtepi32_epi8(__m512i a) {
+  __m128i r;
+  for (int i = 0; i < 16; ++i) r.u8[i] = uint8_t(a.u32[i]);
+  return r;
+}
+inline void _mm_storeu_si128(__m128i* p, __m128i v) { std::memcpy(p, &v, 16); }
+// The fused int8 kernel's staging of few rows.
+inline __m512i _mm512_xor_si512(__m512i a, __m512i b) {
+  for (int i = 0; i < 16; ++i) a.u32[i] ^= b.u32[i];
+  return a;
+}
 // The fused int8 kernel's epilogue.
 inline __m512i _mm512_sub_epi32(__m512i a, __m512i b) {
   for (int i = 0; i < 16; ++i) a.u32[i] -= b.u32[i];

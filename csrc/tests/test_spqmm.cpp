@@ -633,7 +633,7 @@ void test_q8_fused(const DenseLayer& l, const std::vector<float>& table, int bit
     for (int64_t j = 0; j < k; ++j) w[j] = cb[l.ids[r * k + j]];
     sw[r] = dcx::q8_quantize_whole_row(w.data(), k, wq.data() + r * k);
   }
-  for (int64_t M : {1, 5, 16, 20, 33}) {
+  for (int64_t M : {1, 2, 5, 7, 16, 20, 33}) {  // dots: passes of 8, 4, 2 and 1 rows
     std::vector<float> x(M * k), sx(M);
     std::vector<int8_t> xq(M * k);
     for (int64_t m = 0; m < M; ++m) {
@@ -642,28 +642,40 @@ void test_q8_fused(const DenseLayer& l, const std::vector<float>& table, int bit
       sx[m] = dcx::q8_quantize_whole_row(x.data() + m * k, k, xq.data() + m * k);
     }
     const int64_t groups = dcx::q8_lane_groups(M), quads = dcx::q8_units(l.p.layout, k) * 16;
-    std::vector<int32_t> xv(groups * quads * dcx::kQ8Lanes, -1);
+    // Both orders: the batch rows in the lanes (q8_stage_quads) and a row at a time (stage_units,
+    // its bytes past the last unit of the last row never read: -1 there).
+    std::vector<int32_t> xv(groups * quads * dcx::kQ8Lanes, -1), xu(M * quads + 16, -1);
     for (int64_t g = 0; g < groups; ++g)
       dcx::q8_stage_quads(xq.data(), M, k, l.p.layout, g, xv.data() + g * quads * dcx::kQ8Lanes);
+    dcx::avx512::stage_units(xq.data(), M, k, l.p.layout, reinterpret_cast<uint8_t*>(xu.data()));
     std::vector<int8_t> w(dcx::avx512::kFusedRows * dcx::avx512::kFusedChunk * 64);
-    std::vector<int32_t> sums(groups * dcx::avx512::kFusedRows * dcx::kQ8Lanes);
-    std::vector<float> y(M * n, -1.f);
-    dcx::SpqmmSeen seen;
-    dcx::avx512::with_dense_kind(l.p, [&](auto lut, auto layout) DCX_AVX512_Q8_FN {
-      for (auto [r0, r1] : {std::pair<int64_t, int64_t>{0, n / 2}, {n / 2, n}})
-        dcx::avx512::q8_fused<decltype(lut)::value, decltype(layout)::value>(
-            l.p, r0, r1, ft, xv.data(), sx.data(), M, bias.data(), y.data(), n, w.data(),
-            sums.data(), &seen);
-    });
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t r = 0; r < n; ++r) {
-        int64_t dot = 0;
-        for (int64_t j = 0; j < k; ++j) dot += int64_t(xq[m * k + j]) * wq[r * k + j];
-        const double ref = double(dot) * sx[m] * sw[r] + bias[r];
-        const double mag = std::fabs(double(dot) * sx[m] * sw[r]) + std::fabs(bias[r]);
-        CHECK(std::fabs(y[m * n + r] - ref) <= 4 * 6e-8 * mag + 1e-30);
-      }
-    CHECK(seen.max_id == max_id);
+    std::vector<int32_t> sums(std::max(groups, M) * dcx::avx512::kFusedRows * dcx::kQ8Lanes);
+    for (bool dots : {false, true}) {
+      std::vector<float> y(M * n, -1.f);
+      dcx::SpqmmSeen seen;
+      dcx::avx512::with_dense_kind(l.p, [&](auto lut, auto layout) DCX_AVX512_Q8_FN {
+        constexpr dcx::avx512::Lut L = decltype(lut)::value;
+        constexpr dcx::SpqmmDense D = decltype(layout)::value;
+        for (auto [r0, r1] : {std::pair<int64_t, int64_t>{0, n / 2}, {n / 2, n}}) {
+          if (dots) {
+            dcx::avx512::q8_fused<L, D, dcx::avx512::FusedOrder::kDots>(
+                l.p, r0, r1, ft, xu.data(), sx.data(), M, bias.data(), y.data(), n, w.data(), sums.data(), &seen);
+          } else {
+            dcx::avx512::q8_fused<L, D>(l.p, r0, r1, ft, xv.data(), sx.data(), M, bias.data(), y.data(), n,
+                                        w.data(), sums.data(), &seen);
+          }
+        }
+      });
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t r = 0; r < n; ++r) {
+          int64_t dot = 0;
+          for (int64_t j = 0; j < k; ++j) dot += int64_t(xq[m * k + j]) * wq[r * k + j];
+          const double ref = double(dot) * sx[m] * sw[r] + bias[r];
+          const double mag = std::fabs(double(dot) * sx[m] * sw[r]) + std::fabs(bias[r]);
+          CHECK(std::fabs(y[m * n + r] - ref) <= 4 * 6e-8 * mag + 1e-30);
+        }
+      CHECK(seen.max_id == max_id);
+    }
   }
 #else
   (void)l, (void)table, (void)bits, (void)bias, (void)max_id;
