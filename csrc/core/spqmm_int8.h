@@ -157,7 +157,8 @@ DCX_HOST_DEVICE int64_t q8_units(SpqmmDense layout, int64_t k) {
 // fused kernel as unsigned bytes xq + 128 (vpdpbusd multiplies unsigned by signed bytes, and the
 // weights, broadcast from memory, must be the signed operand): xv [units * 16 quads][16 lanes]
 // int32, quad 16 u + d of lane l holding bytes 4 d .. 4 d + 3 of unit u of row 16 g + l (128,
-// a zero, past k and past m).
+// a zero, past k and past m). Written out as the reference; the op stages with the vectorised
+// avx512::stage_quads, which the native tests compare with this.
 inline void q8_stage_quads(const int8_t* xq, int64_t m, int64_t k, SpqmmDense layout, int64_t g,
                            int32_t* xv) {
   const int64_t units = q8_units(layout, k);

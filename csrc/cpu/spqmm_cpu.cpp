@@ -876,7 +876,9 @@ void int8_fused(const SpqmmPacked& p, const SpqmmPlan& plan, const at::Tensor& c
       avx512::stage_units(quantized.data() + m0 * K, m1 - m0, K, p.layout,
                           reinterpret_cast<uint8_t*>(xv) + m0 * quads * 4);
     } else {
-      q8_stage_quads(quantized.data(), M, K, p.layout, g, xv + g * quads * kQ8Lanes);
+      static thread_local std::vector<uint8_t> rows;  // the group's rows in unit order
+      uint8_t* const rp = cache_aligned(rows, size_t(kQ8Lanes * quads * 4));
+      avx512::stage_quads(quantized.data(), M, K, p.layout, g, rp, xv + g * quads * kQ8Lanes);
     }
   });
   const at::Tensor cb = codebook.to(at::kFloat).contiguous();

@@ -44,6 +44,7 @@ typedef uint64_t __mmask64;
 #undef _mm512_srli_epi32
 #undef _mm512_mask_blend_epi8
 #undef _mm512_roundscale_ps
+#undef _mm512_i32gather_epi32
 #ifndef _MM_FROUND_TO_NEAREST_INT
 #define _MM_FROUND_TO_NEAREST_INT 0
 #define _MM_FROUND_NO_EXC 8
@@ -420,6 +421,13 @@ inline __m128i _mm512_cvtepi32_epi8(__m512i a) {
   return r;
 }
 inline void _mm_storeu_si128(__m128i* p, __m128i v) { std::memcpy(p, &v, 16); }
+// The fused int8 kernel's staging of many rows (vpgatherdd: lane i from base + index[i] * scale).
+inline __m512i _mm512_i32gather_epi32(__m512i index, const void* base, int scale) {
+  __m512i r;
+  for (int i = 0; i < 16; ++i)
+    std::memcpy(&r.i32[i], static_cast<const char*>(base) + int64_t(index.i32[i]) * scale, 4);
+  return r;
+}
 // The fused int8 kernel's staging of few rows.
 inline __m512i _mm512_xor_si512(__m512i a, __m512i b) {
   for (int i = 0; i < 16; ++i) a.u32[i] ^= b.u32[i];

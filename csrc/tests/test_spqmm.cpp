@@ -645,8 +645,14 @@ void test_q8_fused(const DenseLayer& l, const std::vector<float>& table, int bit
     // Both orders: the batch rows in the lanes (q8_stage_quads) and a row at a time (stage_units,
     // its bytes past the last unit of the last row never read: -1 there).
     std::vector<int32_t> xv(groups * quads * dcx::kQ8Lanes, -1), xu(M * quads + 16, -1);
-    for (int64_t g = 0; g < groups; ++g)
+    for (int64_t g = 0; g < groups; ++g) {
       dcx::q8_stage_quads(xq.data(), M, k, l.p.layout, g, xv.data() + g * quads * dcx::kQ8Lanes);
+      // The vectorised staging the op uses: the same words.
+      std::vector<uint8_t> rows(dcx::kQ8Lanes * quads * 4);
+      std::vector<int32_t> fast(quads * dcx::kQ8Lanes, -1);
+      dcx::avx512::stage_quads(xq.data(), M, k, l.p.layout, g, rows.data(), fast.data());
+      CHECK(std::equal(fast.begin(), fast.end(), xv.begin() + g * quads * dcx::kQ8Lanes));
+    }
     dcx::avx512::stage_units(xq.data(), M, k, l.p.layout, reinterpret_cast<uint8_t*>(xu.data()));
     std::vector<int8_t> w(dcx::avx512::kFusedRows * dcx::avx512::kFusedChunk * 64);
     std::vector<int32_t> sums(std::max(groups, M) * dcx::avx512::kFusedRows * dcx::kQ8Lanes);
