@@ -103,8 +103,8 @@ def noncontiguous(t):
 
 
 # Batch sizes around every bound the spqmm kernel table uses.
-PLAN_ROWS = [1, 2, 3, 4, 5, 8, 9, 15, 16, 17, 23, 24, 31, 32, 33, 63, 64, 65, 79, 80, 95, 96, 130,
-             159, 160, 170, 191, 192, 511, 512]
+PLAN_ROWS = [1, 2, 3, 4, 5, 7, 8, 9, 12, 13, 15, 16, 17, 23, 24, 31, 32, 33, 63, 64, 65, 79, 80,
+             95, 96, 130, 159, 160, 170, 191, 192, 511, 512]
 
 # The kernels that compute int8 by the GEMM's rule (rows of W and of x quantized whole; csrc/core/
 # spqmm_int8.h), dcx.reference.spqmm_int8_gemm: the int8 GEMM and the fused kernel in both orders.

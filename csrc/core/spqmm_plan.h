@@ -215,7 +215,7 @@ constexpr SpqmmRule kSpqmmPlan[] = {
     // 5,204).
     {SpqmmIsa::kAvx512, SpqmmMode::kDense, 10, 1.0, SpqmmKernel::kDenseRows, 0},
     {SpqmmIsa::kAvx512, SpqmmMode::kDense, kSpqmmNoBound, 1.0, SpqmmKernel::kDecodeGemm, 0},
-    // Dense int8 with VNNI (and VBMI; measured before the few-rows order below took 2 to 13
+    // Dense int8 with VNNI (and VBMI; measured before the few-rows order below took 2 to 12
     // rows): up to 2 rows the fp32 kernels, then the fused int8 kernel (kInt8Fused: the int8
     // GEMM's rule in one pass, rows of W decoded by tables of their own, u8 x s8 dot products,
     // the batch rows in the lanes) up to 511 rows on layers of 4M weights and more, up to 191 on
@@ -238,19 +238,20 @@ constexpr SpqmmRule kSpqmmPlan[] = {
     // kQ8GemmMaxK (either kernel) or oneDNN is switched off (the GEMM), and a layer with group
     // scales takes the GEMM for the fused kernel, whose tables are per row.)
     // The few-rows order of the fused kernel (kInt8Dots: each row of x whole against the decoded
-    // rows of W, where the lanes order leaves lanes idle) from 2 rows, up to 13 on layers of 4M
-    // weights and more, up to 11 on smaller ones; one row stays with the fp32 kernel (measured on
-    // a Zen 5 EPYC, AVX-512 VNNI, two threads; the fp32 rows kernel / lanes / dots, 4096 x 4096,
-    // 4 bits: 1 row 200 / - / 285; 2 rows 432 / - / 308; 3 rows - / 548 / 318; 4 rows - / 558 /
-    // 344; 8 rows - / 555 / 414; 12 rows - / 563 / 500; 15 rows - / 571 / 618; 6 bits: 2 rows 704
-    // / - / 466; 4 rows - / 651 / 429; 8 rows - / 645 / 515; 12 rows - / 638 / 598; 15 rows - / 646
-    // / 705; 6 bits, 384 x 384 / 1536 x 384 / 384 x 1536 / 1024 x 1024, the plan before / dots: 1
-    // row 14 / 12, 32 / 27, 29 / 20, 48 / 36 (4 bits, 1024 x 1024: 22 / 26, so one row stays); 2
-    // rows 16 / 13, 37 / 29, 33 / 22; 4 rows 18 / 13, 38 / 30, 42 / 23; 8 rows 19 / 17, 39 / 38,
-    // 42 / 28; 10 rows 19 / 17, 40 / 42, 44 / 32, 60 / 55; 12 rows 18 / 18, 40 / 45, 44 / 33).
+    // rows of W, where the lanes order leaves lanes idle) from 2 rows, up to 12 on layers of 4M
+    // weights and more, up to 7 on smaller ones; one row stays with the fp32 kernel. Measured on
+    // a Zen 5 EPYC (AVX-512 VNNI), two threads, interleaved; the fp32 rows kernel / lanes / dots:
+    // 4096 x 4096, 4 bits: 1 row 200 / - / 285; 2 rows 432 / - / 308; 3 rows - / 548 / 318;
+    // then with x staged vectorised for both orders: 4 rows - / 489 / 278; 6 rows - / 490 / 346;
+    // 8 rows - / 514 / 401; 10 rows - / 508 / 460; 12 rows - / 495 / 466; 13 rows - / 497 / 505;
+    // 16 rows - / 548 / 637; 6 bits: 2 rows 704 / - / 466; 10 rows - / 623 / 576; 12 rows - /
+    // 644 / 618; 13 rows - / 641 / 651. 6 bits, lanes / dots, 1536 x 384, 384 x 1536, 384 x
+    // 384: 4 rows 39 / 33, 35 / 28, 20 / 18; 8 rows 39 / 42, 37 / 33, 20 / 20; 11 rows 40 / 48,
+    // 37 / 38, 21 / 22; 1 row (the fp32 kernel / dots, before) 32 / 27, 29 / 20, 14 / 12, but
+    // 4 bits, 1024 x 1024, 22 / 26, so one row stays.
     {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, 2, 1.0, SpqmmKernel::kDenseRows, 0},
-    {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, 14, 1.0, SpqmmKernel::kInt8Dots, 0, kSpqmmLargeWeights},
-    {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, 12, 1.0, SpqmmKernel::kInt8Dots, 0},
+    {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, 13, 1.0, SpqmmKernel::kInt8Dots, 0, kSpqmmLargeWeights},
+    {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, 8, 1.0, SpqmmKernel::kInt8Dots, 0},
     {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, 512, 1.0, SpqmmKernel::kInt8Fused, 0, kSpqmmLargeWeights},
     {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, 192, 1.0, SpqmmKernel::kInt8Fused, 0},
     {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, kSpqmmNoBound, 1.0, SpqmmKernel::kInt8Gemm, 0},
@@ -335,8 +336,11 @@ inline SpqmmPlan spqmm_plan(SpqmmIsa isa, SpqmmMode mode, double density, int64_
     case SpqmmKernel::kSparseSteps: plan.tile = 1; break;
     // A few rows of x make a tile of 32K weights a microsecond of work, each the next one's
     // prefetch target (often another thread's): 512K weights per tile (4096 x 4096, 4 bits, 4
-    // rows: 391 -> 343 us).
-    case SpqmmKernel::kInt8Dots: plan.tile = std::max<int64_t>(1, (int64_t(1) << 19) / weights_per_row); break;
+    // rows: 391 -> 343 us), and at least 4 tiles per thread (a 1536 x 384 layer in 2 tiles of
+    // 1365 rows ran on one thread: 4 rows 30 -> 48 us).
+    case SpqmmKernel::kInt8Dots:
+      plan.tile = std::max<int64_t>(1, std::min((int64_t(1) << 19) / weights_per_row, n / (4 * std::max(threads, 1))));
+      break;
     default: plan.tile = std::max<int64_t>(1, (int64_t(1) << 15) / weights_per_row);
   }
   plan.threads = macs < double(1 << 16) ? 1 : std::max(1, threads);
