@@ -408,11 +408,11 @@ DCX_AVX512_BF16_FN void sparse_batch_bf16(const SpqmmPacked& p, int64_t g0, int6
           bf16_step_pair(p, s, s + 1 < end, bf16_table, pair_words, wb[t], ca[t], cb[t], &max_id_words, &max_col);
           continue;
         }
-        const SparseStep a = sparse_step<L>(p, tab, scales, s0 + 2 * t, g, &max_id, &max_col);
+        const SparseStep a = sparse_step<L>(p, tab, scales, s, g, &max_id, &max_col);
         __m512 w_b = _mm512_setzero_ps();
         __m512i col_b = a.col;
-        if (s0 + 2 * t + 1 < end) {
-          const SparseStep b = sparse_step<L>(p, tab, scales, s0 + 2 * t + 1, g, &max_id, &max_col);
+        if (s + 1 < end) {
+          const SparseStep b = sparse_step<L>(p, tab, scales, s + 1, g, &max_id, &max_col);
           w_b = b.w;
           col_b = b.col;
         }
@@ -810,6 +810,11 @@ DCX_AVX512_FN void q8_decode_pairs(const SpqmmPacked& p, int64_t r0, int64_t r1,
   seen->max_id = std::max(seen->max_id, most);
 }
 
+// The columns j, j + 1, ... of a 64-byte block that lie below k, as a byte mask.
+inline __mmask64 columns_below(int64_t j, int64_t k) {
+  return j >= k ? __mmask64(0) : k - j >= 64 ? ~__mmask64(0) : (__mmask64(1) << (k - j)) - 1;
+}
+
 // 64 ids of a dense row a unit (q8_unit_column order), for layout D; bit-packed ids (5 to 7
 // bits, a unit of 8 * bits bytes) by one byte permute that puts the bytes of each group of 8 ids
 // at the start of a 64-bit lane and one multishift that moves each id to its own byte.
@@ -888,7 +893,7 @@ DCX_AVX512_VBMI_FN void q8_decode_pairs_vbmi(const SpqmmPacked& p, int64_t r0, i
     int32_t* out = w + (r - r0) * ldw;
     for (int64_t blk = blk0; blk < blk1; ++blk) {
       const int64_t j = kSpqmmBitBlock * blk;
-      const __mmask64 valid = K - j >= 64 ? ~__mmask64(0) : (__mmask64(1) << (K - j)) - 1;
+      const __mmask64 valid = columns_below(j, K);
       const __m512i live = _mm512_maskz_mov_epi8(valid, unit.get(row, blk, valid));  // past K: id 0
       max_id = _mm512_max_epu8(max_id, live);
       __m512i lo, hi;
@@ -1049,9 +1054,6 @@ DCX_AVX512_Q8_FN void fused_apply(const int32_t* w, int64_t ldw, int64_t quads, 
 DCX_AVX512_Q8_FN void stage_units(const int8_t* xq, int64_t m, int64_t k, SpqmmDense layout, uint8_t* xu) {
   const int64_t units = q8_units(layout, k), ldu = units * 64;
   const __m512i flip = _mm512_set1_epi8(char(0x80));
-  auto below = [&](int64_t j) {  // the columns j, j + 1, ... below k, as a byte mask
-    return j >= k ? __mmask64(0) : k - j >= 64 ? ~__mmask64(0) : (__mmask64(1) << (k - j)) - 1;
-  };
   alignas(64) uint8_t order[2][64];  // nibbles: a block of 128 columns -> its two units
   for (int h = 0; h < 2; ++h)
     for (int i = 0; i < 64; ++i) order[h][i] = uint8_t(q8_unit_column(SpqmmDense::kNibbles, h, i));
@@ -1062,14 +1064,14 @@ DCX_AVX512_Q8_FN void stage_units(const int8_t* xq, int64_t m, int64_t k, SpqmmD
     if (layout == SpqmmDense::kNibbles) {
       for (int64_t u = 0; u < units; u += 2) {
         const int64_t j = 64 * u;
-        const __m512i a = _mm512_maskz_loadu_epi8(below(j), q + j);
-        const __m512i b = _mm512_maskz_loadu_epi8(below(j + 64), q + std::min(j + 64, k));
+        const __m512i a = _mm512_maskz_loadu_epi8(columns_below(j, k), q + j);
+        const __m512i b = _mm512_maskz_loadu_epi8(columns_below(j + 64, k), q + std::min(j + 64, k));
         _mm512_storeu_si512(out + 64 * u, _mm512_xor_si512(_mm512_permutex2var_epi8(a, low, b), flip));
         _mm512_storeu_si512(out + 64 * u + 64, _mm512_xor_si512(_mm512_permutex2var_epi8(a, high, b), flip));
       }
     } else {
       for (int64_t u = 0; u < units; ++u)
-        _mm512_storeu_si512(out + 64 * u, _mm512_xor_si512(_mm512_maskz_loadu_epi8(below(64 * u), q + std::min(64 * u, k)), flip));
+        _mm512_storeu_si512(out + 64 * u, _mm512_xor_si512(_mm512_maskz_loadu_epi8(columns_below(64 * u, k), q + std::min(64 * u, k)), flip));
     }
   }
 }
@@ -1132,7 +1134,7 @@ DCX_AVX512_Q8_FN void q8_fused(const SpqmmPacked& p, int64_t r0, int64_t r1, con
                                const void* staged, const float* sx, int64_t M, const float* bias,
                                float* y, int64_t ldy, int8_t* w, int32_t* sums, SpqmmSeen* seen) {
   constexpr int kVectors = L == Lut::k256 ? 4 : L == Lut::k128 ? 2 : 1;
-  constexpr int64_t chunk = kFusedChunk, ldw = chunk * 64;
+  constexpr int64_t ldw = kFusedChunk * 64;
   const int64_t K = p.k, units = q8_units(D, K), quads = units * 16, groups = q8_lane_groups(M);
   const UnitIds<D> unit(p.bits);
   // The last units may hold columns past K (the bytes past them are not read as weights).
@@ -1179,8 +1181,8 @@ DCX_AVX512_Q8_FN void q8_fused(const SpqmmPacked& p, int64_t r0, int64_t r1, con
     }
     std::memset(sums, 0, sizeof(int32_t) * size_t((O == FusedOrder::kDots ? M : groups) * kFusedRows * kQ8Lanes));
     if (rows < kFusedRows) std::memset(w + rows * ldw, 0, size_t((kFusedRows - rows) * ldw));
-    for (int64_t u0 = 0; u0 < units; u0 += chunk) {
-      const int64_t u1 = std::min(units, u0 + chunk);
+    for (int64_t u0 = 0; u0 < units; u0 += kFusedChunk) {
+      const int64_t u1 = std::min(units, u0 + kFusedChunk);
       // The same share of the next 8 rows' codes fetched meanwhile (this tile's or the next one's,
       // which the other thread may take: then they wait in L3), so that their first pass reads
       // them from cache: it waited on memory for most of its time.

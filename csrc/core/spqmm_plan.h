@@ -70,6 +70,11 @@ enum class SpqmmKernel : int {
                      //   lanes, each row of x whole against 8 rows of W, partial dots in the lanes
 };
 
+// The fused int8 kernel in either order (one host path, the same tables and rule).
+constexpr bool spqmm_fused_int8(SpqmmKernel kernel) {
+  return kernel == SpqmmKernel::kInt8Fused || kernel == SpqmmKernel::kInt8Dots;
+}
+
 constexpr int64_t kSpqmmNoBound = std::numeric_limits<int64_t>::max();
 // Layers of 4M weights and more, where some kernels pay that do not on smaller ones (the int8
 // and bf16 rules say why).

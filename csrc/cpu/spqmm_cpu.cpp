@@ -922,7 +922,7 @@ void run_plan(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan, const a
 #endif
   const at::Tensor x2 = xc.to(at::kFloat).contiguous();
 #ifdef DCX_SPQMM_AVX512
-  if (plan.kernel == SpqmmKernel::kInt8Fused || plan.kernel == SpqmmKernel::kInt8Dots) {
+  if (spqmm_fused_int8(plan.kernel)) {
     TORCH_CHECK(avx512::supports_vnni() && avx512::supports_vbmi(), "the fused int8 kernel needs AVX-512 VNNI and VBMI");
     int8_fused(p, plan, codebook, x2, bp, yp, seen);
     return;
@@ -995,14 +995,13 @@ SpqmmPlan cpu_plan(const SpqmmPacked& p, SpqmmIsa isa, SpqmmCompute compute, at:
   SpqmmPlan plan = spqmm_plan(isa, mode, slot_density(p), p.n, p.k, rows, threads, crossover);
   // The fused kernel's tables are per row: a layer with scales per group of columns takes the
   // int8 GEMM, which computes the same rule.
-  if ((plan.kernel == SpqmmKernel::kInt8Fused || plan.kernel == SpqmmKernel::kInt8Dots) && p.group_scale != nullptr)
-    plan.kernel = SpqmmKernel::kInt8Gemm;
+  if (spqmm_fused_int8(plan.kernel) && p.group_scale != nullptr) plan.kernel = SpqmmKernel::kInt8Gemm;
   // torch runs at::_int_mm through oneDNN only with VNNI and oneDNN enabled (a plain loop
   // otherwise), and the int32 sums bound K (the fused kernel's too): without them a dense layer
   // takes decode + GEMM, a sparse one the sparse rules.
   if ((plan.kernel == SpqmmKernel::kInt8Gemm &&
        (p.k > kQ8GemmMaxK || !at::globalContext().userEnabledMkldnn() || !at::cpu::is_avx512_vnni_supported())) ||
-      ((plan.kernel == SpqmmKernel::kInt8Fused || plan.kernel == SpqmmKernel::kInt8Dots) && p.k > kQ8GemmMaxK)) {
+      (spqmm_fused_int8(plan.kernel) && p.k > kQ8GemmMaxK)) {
     if (p.dense) {
       plan.kernel = SpqmmKernel::kDecodeGemm;
     } else {
