@@ -84,7 +84,8 @@ PyObject* plan_table() {
   static const char* const kernels[] = {"sparse_steps", "sparse_batch", "dense_rows",
                                         "dense_many", "int8_rows", "decode_gemm",
                                         "int8_many", "int8_fused", "bf16_amx", "sparse_amx",
-                                        "int8_gemm", "sparse_batch_bf16", "int8_dots"};
+                                        "int8_gemm", "sparse_batch_bf16", "int8_dots",
+                                        "sparse_int8"};
   PyObject* list = PyList_New(dcx::kSpqmmPlanSize);
   if (list == nullptr) return nullptr;
   for (int i = 0; i < dcx::kSpqmmPlanSize; ++i) {

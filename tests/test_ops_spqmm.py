@@ -293,11 +293,15 @@ def _corruptions(device):
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("case", range(8))
 @pytest.mark.parametrize("crossover", [-1, 1])
-def test_corrupted_packed_data(device, case, crossover):
+@pytest.mark.parametrize("compute", ["auto", "int8"])
+def test_corrupted_packed_data(device, case, crossover, compute):
+    """Corrupted packed data is reported, not read out of bounds: by the step and batch kernels,
+    and with compute="int8" by the sparse int8 kernel where the CPU has it."""
     p, match = _corruptions(device)[case]
-    x = torch.randn(2, 100, device=device)
-    with pytest.raises(RuntimeError, match=match):
-        run(x, p, crossover=crossover)
+    for rows in (2, 17):
+        x = torch.randn(rows, 100, device=device)
+        with pytest.raises(RuntimeError, match=match):
+            run(x, p, crossover=crossover, compute=compute)
         if device == "cuda":
             torch.cuda.synchronize()
 

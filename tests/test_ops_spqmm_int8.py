@@ -281,9 +281,9 @@ def test_bad_input(device, change, match):
 def test_layer_compute_int8(tmp_path):
     """compute="int8" runs a dense-mode layer through the int8 kernels at the batch and layer
     sizes where the kernel table (csrc/core/spqmm_plan.h) takes them (the int8 GEMM, with its
-    own rule, at many rows), float32 elsewhere, and a sparse-mode one
-    in float32; it survives dcx.save and dcx.load (the file's layer settings) and a state_dict (the
-    layer's extra state)."""
+    own rule, at many rows), float32 elsewhere, and a sparse-mode one through the sparse int8
+    kernel where the table has it, else in float32; it survives dcx.save and dcx.load (the file's
+    layer settings) and a state_dict (the layer's extra state)."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(200, 48)
     dense = dcx.SparseQuantLinear.from_float(linear, sparsity=0.0, bits=6, compute="int8")
@@ -291,11 +291,19 @@ def test_layer_compute_int8(tmp_path):
     assert dense.packed.dense and not sparse.packed.dense
     x = torch.randn(5, 200)
     p = dense.packed
-    sparse_fp32 = sparse(x)
-    sparse.compute = "float32"
-    torch.testing.assert_close(sparse_fp32, sparse(x))
     table = _native.spqmm_plan()
     isa = cpu_kind()
+    sp = sparse.packed
+    density = sp.codes.numel() / (48 * 200)  # the slots' (padding included)
+    sparse_int8 = sparse(x)
+    sparse.compute = "float32"
+    if table[_native.spqmm_plan_rule(isa, "sparse_int8", density, 48, 200, 5)]["kernel"] in INT8_GEMM_KERNELS:
+        expected = reference.spqmm_int8_gemm(x, sp.codes, sp.codebook, 48, 200, sp.bits,
+                                             sparse.bias.detach(), windows=sp.windows,
+                                             group_ptr=sp.group_ptr)
+        torch.testing.assert_close(sparse_int8.double(), expected, rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(sparse_int8, sparse(x))
     for rows in (1, 8, 16, 40, 200):
         rule = table[_native.spqmm_plan_rule(isa, "int8", 1.0, 48, 200, rows)]
         many = torch.randn(rows, 200)

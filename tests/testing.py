@@ -107,8 +107,9 @@ PLAN_ROWS = [1, 2, 3, 4, 5, 7, 8, 9, 12, 13, 15, 16, 17, 23, 24, 31, 32, 33, 63,
              95, 96, 130, 159, 160, 170, 191, 192, 511, 512]
 
 # The kernels that compute int8 by the GEMM's rule (rows of W and of x quantized whole; csrc/core/
-# spqmm_int8.h), dcx.reference.spqmm_int8_gemm: the int8 GEMM and the fused kernel in both orders.
-INT8_GEMM_KERNELS = ("int8_gemm", "int8_fused", "int8_dots")
+# spqmm_int8.h), dcx.reference.spqmm_int8_gemm: the int8 GEMM, the fused kernel in both orders and
+# the sparse int8 kernel.
+INT8_GEMM_KERNELS = ("int8_gemm", "int8_fused", "int8_dots", "sparse_int8")
 
 
 def plan_compute(mode):

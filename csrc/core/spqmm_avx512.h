@@ -1050,9 +1050,12 @@ DCX_AVX512_Q8_FN void fused_apply(const int32_t* w, int64_t ldw, int64_t quads, 
 // lanes of a product holding partial dots (a lane per 4 columns), summed once a row of W ends.
 
 // Rows of xq ([m][k] int8, quantized whole) in unit order as unsigned bytes x + 128 (128, a
-// zero, past k): xu [m][units * 64], byte i of unit u of a row its column q8_unit_column(u, i).
-DCX_AVX512_Q8_FN void stage_units(const int8_t* xq, int64_t m, int64_t k, SpqmmDense layout, uint8_t* xu) {
-  const int64_t units = q8_units(layout, k), ldu = units * 64;
+// zero, past k): xu [m][ldu] (ldu 0: units * 64; bytes layout, a multiple of 64 past that, the
+// rest 128 too), byte i of unit u of a row its column q8_unit_column(u, i).
+DCX_AVX512_Q8_FN void stage_units(const int8_t* xq, int64_t m, int64_t k, SpqmmDense layout, uint8_t* xu,
+                                  int64_t ldu = 0) {
+  const int64_t units = q8_units(layout, k);
+  if (ldu == 0) ldu = units * 64;
   const __m512i flip = _mm512_set1_epi8(char(0x80));
   alignas(64) uint8_t order[2][64];  // nibbles: a block of 128 columns -> its two units
   for (int h = 0; h < 2; ++h)
@@ -1070,7 +1073,7 @@ DCX_AVX512_Q8_FN void stage_units(const int8_t* xq, int64_t m, int64_t k, SpqmmD
         _mm512_storeu_si512(out + 64 * u + 64, _mm512_xor_si512(_mm512_permutex2var_epi8(a, high, b), flip));
       }
     } else {
-      for (int64_t u = 0; u < units; ++u)
+      for (int64_t u = 0; u < ldu / 64; ++u)
         _mm512_storeu_si512(out + 64 * u, _mm512_xor_si512(_mm512_maskz_loadu_epi8(columns_below(64 * u, k), q + std::min(64 * u, k)), flip));
     }
   }
@@ -1277,6 +1280,266 @@ DCX_AVX512_Q8_FN void q8_fused(const SpqmmPacked& p, int64_t r0, int64_t r1, con
   alignas(64) uint8_t most[64];
   _mm512_storeu_si512(most, seen_ids);
   for (uint8_t v : most) seen->max_id = std::max<uint32_t>(seen->max_id, v);
+}
+
+// The sparse int8 kernel (SpqmmKernel::kSparseInt8): the int8 GEMM's rule (rows of W and of x
+// quantized whole, core/spqmm_int8.h) on the packed steps, W never decoded into rows. A group's
+// steps are taken up to four at a time, a unit: byte 4 i + j of a unit's 64 holds row 16 g + i's
+// weight in its step j as int8 (the row's own scale), and beside it that weight's column less the
+// unit's base (its first step's window rounded down to 64 columns, so that x is read a cache line
+// at a time: loads across two lines cost twice). Steps whose windows lie within kQ8UnitSpan
+// columns of the base share a unit, so every offset is below 128 and one byte permute (vpermt2b)
+// picks a row of x's 64 activations for the unit from the 128 bytes at its base; one vpdpbusd then
+// does the unit's 64 products with that row: two instructions and two loads per 64 products,
+// where the sparse bf16 kernel takes a permute, a dot product and three loads per 32. x is staged
+// as unsigned x + 128, as for the fused kernel; each row's sum of weights takes the 128 off again.
+constexpr int kQ8UnitSpan = 96;     // the farthest a unit's windows lie from its base
+constexpr int kSparseQ8Units = 64;  // units decoded ahead of their products (8 KB, in L1)
+
+struct SparseQ8Units {
+  alignas(64) uint8_t idx[kSparseQ8Units][64];  // byte 4 i + j: step j's column in row i, less base
+  alignas(64) int8_t w[kSparseQ8Units][64];     // byte 4 i + j: its weight (0: padding, no step)
+  int64_t base[kSparseQ8Units];
+};
+
+// sums [MB][16] += the first `units` units times MB staged rows of x (ldx bytes apart, 64-byte
+// aligned).
+template <int MB>
+DCX_AVX512_Q8_FN void sparse_q8_apply(const SparseQ8Units& u, int units, const uint8_t* x, int64_t ldx,
+                                      int32_t* sums) {
+  __m512i acc[MB];
+#pragma GCC unroll 16
+  for (int m = 0; m < MB; ++m) acc[m] = _mm512_loadu_si512(sums + m * kQ8Lanes);
+  for (int t = 0; t < units; ++t) {
+    const __m512i idx = _mm512_load_si512(u.idx[t]), w = _mm512_load_si512(u.w[t]);
+    const uint8_t* xb = x + u.base[t];
+#pragma GCC unroll 16
+    for (int m = 0; m < MB; ++m) {
+      const uint8_t* xm = xb + m * ldx;
+      const __m512i v = _mm512_permutex2var_epi8(_mm512_load_si512(xm), idx, _mm512_load_si512(xm + 64));
+      acc[m] = _mm512_dpbusd_epi32(acc[m], v, w);
+    }
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < MB; ++m) _mm512_storeu_si512(sums + m * kQ8Lanes, acc[m]);
+}
+
+// Groups [g0, g1) of W against M staged rows of x (xs [M][ldx] bytes, 64-byte aligned: x + 128,
+// then 128 (a zero) up to ldx >= K + 128; sx the rows' scales): y[m][r] = sx[m] sw[r] (dot - 128
+// wsum[r]) + bias[r] for the groups' rows below N, as the GEMM's epilogue. Per group a first pass
+// over its steps finds each row's largest |weight| (its scale, as sparse_quantize_rows), then
+// runs of kSparseQ8Units units are decoded and multiplied by every row of x (sums: M * 16 int32).
+// Padding and a unit's missing steps weigh 0. ft: the codebook's ranks by magnitude (fused_tables).
+template <Lut L>
+DCX_AVX512_Q8_FN void sparse_q8(const SpqmmPacked& p, int64_t g0, int64_t g1, const float* table,
+                                const FusedTables& ft, const uint8_t* xs, int64_t ldx, const float* sx,
+                                int64_t M, const float* bias, float* y, int64_t ldy, int32_t* sums,
+                                SpqmmSeen* seen) {
+  const int64_t K = p.k;
+  // Codebooks of up to 32 entries without group scales: a row's largest |weight| from the ranks
+  // of its ids (two steps a word permute), its weights by a table of its own (the 16 rows' tables,
+  // 32 int8 entries each, in 8 registers; four rows a byte permute), a unit's ids, offsets and
+  // live bits by three permutes of its codes. Otherwise each step's float weights (sparse_step,
+  // group scales included) rounded by the row's scale: about four times the work per unit.
+  constexpr bool kSmallLut = L == Lut::k16 || L == Lut::k32;
+  const bool small = kSmallLut && p.group_scale == nullptr;
+  const Table tab = load_table(table);
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff), ones = _mm512_set1_epi8(1);
+  __m512i max_id = _mm512_setzero_si512(), max_id_words = max_id;
+  int64_t max_col = -1;
+  SparseQ8Units units;
+  // Byte 0 of lane i of four steps' int32 vectors to byte 4 i + j of a unit (the general path):
+  // the first two by one permute (pair01), the last two by another (pair23), then a blend.
+  alignas(64) uint8_t order[2][64];
+  // The small path: byte 4 i + j of a unit gets the low (id_order) or high (high_order) byte of
+  // word i of step j among the unit's 128 bytes of codes; row_bits puts row i's table (i & 3) in
+  // the index's bits 5 and 6.
+  alignas(64) uint8_t id_order[64], high_order[64], row_bits[64];
+  for (int i = 0; i < 16; ++i) {
+    for (int h = 0; h < 2; ++h) {
+      order[h][4 * i + 2 * h] = uint8_t(4 * i);
+      order[h][4 * i + 2 * h + 1] = uint8_t(64 + 4 * i);
+      order[h][4 * i + 2 - 2 * h] = order[h][4 * i + 3 - 2 * h] = 0;
+    }
+    for (int j = 0; j < 4; ++j) {
+      id_order[4 * i + j] = uint8_t(32 * j + 2 * i);
+      high_order[4 * i + j] = uint8_t(32 * j + 2 * i + 1);
+      row_bits[4 * i + j] = uint8_t((i & 3) << 5);
+    }
+  }
+  const __m512i pair01 = _mm512_load_si512(order[0]), pair23 = _mm512_load_si512(order[1]);
+  constexpr __mmask64 kSteps23 = 0xCCCCCCCCCCCCCCCCull;  // bytes 2 and 3 of each lane
+  auto bytes_of = [&](const __m512i* v) DCX_AVX512_Q8_FN {
+    return _mm512_mask_blend_epi8(kSteps23, _mm512_permutex2var_epi8(v[0], pair01, v[1]),
+                                  _mm512_permutex2var_epi8(v[2], pair23, v[3]));
+  };
+  const __m512i ids_of = _mm512_load_si512(id_order), highs_of = _mm512_load_si512(high_order),
+                rows_of = _mm512_load_si512(row_bits);
+  alignas(64) uint16_t rank_words[32];
+  for (int e = 0; e < 32; ++e) rank_words[e] = ft.rank[e];
+  const __m512i ranks = _mm512_load_si512(rank_words);
+  alignas(64) int8_t row_tables[kSpqmmRows][32];
+  alignas(64) uint16_t most_words[32];
+  alignas(64) uint32_t amax_bits[kSpqmmRows];
+  alignas(64) float inv[kSpqmmRows], sw[kSpqmmRows];
+  SpqmmStepScales scales(p);
+  auto window = [&](int64_t s) { return std::min<int64_t>(static_cast<uint32_t>(p.windows[s]), K); };
+  // Step s's window to the running maximum, and its live columns where it reaches past K.
+  auto check_window = [&](int64_t s) {
+    const int64_t j0 = spqmm_window(p, s, &max_col);
+    if (j0 + kSpqmmWindow <= K) return;
+    for (int i = 0; i < kSpqmmRows; ++i) {
+      const uint16_t c = p.codes[s * kSpqmmRows + i];
+      if (c & kSpqmmLive) max_col = std::max<int64_t>(max_col, j0 + ((c >> kSpqmmOffsetShift) & (kSpqmmWindow - 1)));
+    }
+  };
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t begin = p.group_ptr[g], end = p.group_ptr[g + 1];
+    const uint32_t in_range = rows_in_range(g, p.n);
+    // Pass 1: each row's largest |weight| (accumulated in locals: a maximum kept through the
+    // kernel's calls lived on the stack, a store and a load a step).
+    if (small) {
+      __m512i most = _mm512_setzero_si512(), ids = most;
+      for (int64_t s = begin; s < end; s += 2) {
+        _mm_prefetch(reinterpret_cast<const char*>(p.codes + std::min(s + 64, p.steps - 1) * kSpqmmRows), _MM_HINT_T0);
+        if ((s & 15) < 2)
+          _mm_prefetch(reinterpret_cast<const char*>(p.windows + std::min(s + 256, p.steps - 1)), _MM_HINT_T0);
+        const bool second = s + 1 < end;
+        const __m512i codes = _mm512_maskz_loadu_epi16(second ? ~__mmask32(0) : __mmask32(0xFFFF), p.codes + s * kSpqmmRows);
+        ids = _mm512_max_epu16(ids, _mm512_and_si512(codes, _mm512_set1_epi16(kSpqmmIdMask)));
+        const __mmask32 live = _mm512_test_epi16_mask(codes, _mm512_set1_epi16(int16_t(kSpqmmLive)));
+        most = _mm512_max_epu16(most, _mm512_maskz_permutexvar_epi16(live, codes, ranks));
+        check_window(s);
+        if (second) check_window(s + 1);
+      }
+      max_id_words = _mm512_max_epu16(max_id_words, ids);
+      _mm512_store_si512(most_words, most);
+      for (int i = 0; i < kSpqmmRows; ++i) {
+        const float amax = ft.by_rank[std::max(most_words[i], most_words[16 + i])];
+        std::memcpy(amax_bits + i, &amax, sizeof(amax));
+      }
+    } else {
+      __m512i most = _mm512_setzero_si512(), ids = most;
+      int64_t cols = -1;
+      for (int64_t s = begin; s < end; ++s) {
+        if ((s & 1) == 0)
+          _mm_prefetch(reinterpret_cast<const char*>(p.codes + std::min(s + 64, p.steps - 1) * kSpqmmRows), _MM_HINT_T0);
+        const SparseStep st = sparse_step<L>(p, tab, scales, s, g, &ids, &cols);
+        most = _mm512_max_epu32(most, _mm512_and_si512(_mm512_castps_si512(st.w), abs_mask));
+      }
+      max_id = _mm512_max_epu32(max_id, ids);
+      max_col = std::max(max_col, cols);
+      _mm512_store_si512(amax_bits, most);
+    }
+    for (int i = 0; i < kSpqmmRows; ++i) {
+      float amax;
+      std::memcpy(&amax, amax_bits + i, sizeof(amax));
+      const bool here = (in_range >> i) & 1;
+      inv[i] = here ? q8_inverse(amax) : 0.f;
+      sw[i] = here ? q8_scale(amax) : 0.f;
+    }
+    const __m512 inv_v = _mm512_load_ps(inv);
+    __m512i tables[8];  // the small path: rows 4 r .. 4 r + 3 in tables 2 r, 2 r + 1
+    if (small) {
+      for (int i = 0; i < kSpqmmRows; ++i)
+        for (int e = 0; e < 32; e += 16)
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(row_tables[i] + e),
+                           _mm512_cvtepi32_epi8(q8_round16(_mm512_loadu_ps(table + e), _mm512_set1_ps(inv[i]))));
+      for (int v = 0; v < 8; ++v) tables[v] = _mm512_load_si512(row_tables[2 * v]);
+    }
+    std::memset(sums, 0, sizeof(int32_t) * size_t(M * kQ8Lanes));
+    __m512i wsum = _mm512_setzero_si512();  // lane i: row 16 g + i's sum of int8 weights
+    // The next group's codes and windows fetched while this one computes, about as many steps
+    // as a unit takes: pass 1 waited on memory, the rest of the kernel did not use it.
+    int64_t ahead = end;
+    const int64_t ahead_end = g + 1 < p.groups ? p.group_ptr[g + 2] : end;
+    for (int64_t s = begin; s < end;) {
+      int n = 0;
+      for (; n < kSparseQ8Units && s < end; ++n) {
+        if (ahead < ahead_end) {
+          _mm_prefetch(reinterpret_cast<const char*>(p.codes + ahead * kSpqmmRows), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(p.codes + (ahead + 2) * kSpqmmRows), _MM_HINT_T0);
+          if ((ahead & 15) < 4) _mm_prefetch(reinterpret_cast<const char*>(p.windows + ahead), _MM_HINT_T0);
+          ahead += 4;
+        }
+        const int64_t base = window(s) & ~int64_t(63);
+        int steps = 1;
+        while (steps < 4 && s + steps < end && window(s + steps) - base <= kQ8UnitSpan) ++steps;
+        __m512i w, idx;
+        if (small) {
+          uint32_t deltas = 0;  // byte j: step j's window less the base
+          for (int j = 0; j < steps; ++j) deltas |= uint32_t(window(s + j) - base) << (8 * j);
+          const uint16_t* c = p.codes + s * kSpqmmRows;
+          const __m512i a = _mm512_maskz_loadu_epi16(steps >= 2 ? ~__mmask32(0) : __mmask32(0xFFFF), c);
+          const __m512i b = _mm512_maskz_loadu_epi16(steps >= 4 ? ~__mmask32(0) : steps == 3 ? __mmask32(0xFFFF) : 0,
+                                                     c + 2 * kSpqmmRows);
+          const __m512i high = _mm512_permutex2var_epi8(a, highs_of, b);
+          idx = _mm512_add_epi8(_mm512_and_si512(high, _mm512_set1_epi8(kSpqmmWindow - 1)),
+                                _mm512_set1_epi32(int32_t(deltas)));
+          __m512i t = _mm512_or_si512(_mm512_and_si512(_mm512_permutex2var_epi8(a, ids_of, b), _mm512_set1_epi8(31)),
+                                      rows_of);
+#pragma GCC unroll 4
+          for (int r = 0; r < 4; ++r)  // bytes 16 r .. 16 r + 15: rows 4 r .. 4 r + 3
+            t = _mm512_mask2_permutex2var_epi8(tables[2 * r], t, __mmask64(0xFFFFull) << (16 * r), tables[2 * r + 1]);
+          w = _mm512_maskz_mov_epi8(_mm512_movepi8_mask(high), t);  // the live bit: bit 7 of the high byte
+        } else {
+          __m512i wq[4], cq[4];
+          for (int j = 0; j < 4; ++j) {
+            wq[j] = cq[j] = _mm512_setzero_si512();
+            if (j >= steps) continue;
+            __m512i unused_id = _mm512_setzero_si512();  // seen in pass 1
+            int64_t unused_col = -1;
+            const SparseStep st = sparse_step<L>(p, tab, scales, s + j, g, &unused_id, &unused_col);
+            wq[j] = q8_round16(st.w, inv_v);
+            cq[j] = _mm512_sub_epi32(st.col, _mm512_set1_epi32(int32_t(base)));
+          }
+          w = bytes_of(wq);
+          idx = bytes_of(cq);
+        }
+        _mm512_store_si512(units.w[n], w);
+        _mm512_store_si512(units.idx[n], idx);
+        units.base[n] = base;
+        wsum = _mm512_dpbusd_epi32(wsum, ones, w);
+        s += steps;
+      }
+      for (int64_t m0 = 0; m0 < M;) {  // passes of 16, 8, 4, 2 or 1 rows of x
+        const int64_t left = M - m0;
+        const uint8_t* xm = xs + m0 * ldx;
+        int32_t* sm = sums + m0 * kQ8Lanes;
+        if (left >= 16) {
+          sparse_q8_apply<16>(units, n, xm, ldx, sm);
+          m0 += 16;
+        } else if (left >= 8) {
+          sparse_q8_apply<8>(units, n, xm, ldx, sm);
+          m0 += 8;
+        } else if (left >= 4) {
+          sparse_q8_apply<4>(units, n, xm, ldx, sm);
+          m0 += 4;
+        } else if (left >= 2) {
+          sparse_q8_apply<2>(units, n, xm, ldx, sm);
+          m0 += 2;
+        } else {
+          sparse_q8_apply<1>(units, n, xm, ldx, sm);
+          m0 += 1;
+        }
+      }
+    }
+    // The epilogue, a row of y's 16 outputs at a time.
+    const int64_t r0 = g * kSpqmmRows;
+    const __mmask16 lanes = tail_mask(p.n, r0);
+    const __m512i offset = _mm512_slli_epi32(wsum, 7);  // 128 wsum
+    const __m512 swv = _mm512_load_ps(sw);
+    const __m512 bv = bias ? _mm512_maskz_loadu_ps(lanes, bias + r0) : _mm512_setzero_ps();
+    for (int64_t m = 0; m < M; ++m) {
+      const __m512i dots = _mm512_sub_epi32(_mm512_loadu_si512(sums + m * kQ8Lanes), offset);
+      _mm512_mask_storeu_ps(y + m * ldy + r0, lanes,
+                            _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_mul_ps(swv, _mm512_set1_ps(sx[m])), bv));
+    }
+  }
+  max_id = _mm512_max_epu32(max_id, _mm512_max_epu32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(max_id_words)),
+                                                       _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(max_id_words, 1))));
+  seen->max_id = std::max<uint32_t>(seen->max_id, _mm512_reduce_max_epu32(max_id));
+  seen->max_col = std::max<int64_t>(seen->max_col, max_col);
 }
 
 // The kernel for a layer's lookup kind: f(lut) with the kind as a compile-time constant.

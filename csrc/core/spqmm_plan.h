@@ -68,7 +68,11 @@ enum class SpqmmKernel : int {
                           //   each lane's two weights one bf16 pair, vdpbf16ps (core/spqmm_avx512.h)
   kInt8Dots = 12,    // dense, int8 compute, AVX-512 VNNI + VBMI: kInt8Fused for fewer rows than
                      //   lanes, each row of x whole against 8 rows of W, partial dots in the lanes
+  kSparseInt8 = 13,  // sparse, int8 compute, AVX-512 VNNI + VBMI: kInt8Gemm's rule on the steps, four
+                     //   at a time, a row of x's activations for their 64 slots picked by one byte
+                     //   permute, u8 x s8 dot products (core/spqmm_avx512.h sparse_q8)
 };
+
 
 // The fused int8 kernel in either order (one host path, the same tables and rule).
 constexpr bool spqmm_fused_int8(SpqmmKernel kernel) {
@@ -167,19 +171,30 @@ constexpr SpqmmRule kSpqmmPlan[] = {
     {SpqmmIsa::kAvx512Amx, SpqmmMode::kSparseBf16, 12, 1.0, SpqmmKernel::kSparseSteps, 0},
     {SpqmmIsa::kAvx512Amx, SpqmmMode::kSparseBf16, 768, 1.0, SpqmmKernel::kSparseAmx, 16},
 
-    // Sparse int8 with VNNI: the int8 GEMM (its rows straight from the steps into int8, core/
-    // spqmm_avx512.h sparse_quantize_rows) from 160 rows at slot densities up to 0.2, from 80
-    // above, on layers of 4M weights and more; the sparse rules below (fp32) otherwise. (4096 x
-    // 4096, 5 bits, the sparse rules / int8 GEMM: 10% kept (slots 0.14), 32 rows 2,810 / 6,601;
-    // 128 rows 10,158 / 10,848; 160 rows 12,689 / 12,288; 192 rows 14,207 / 13,259; 256 rows
-    // 18,493 / 15,878; 25% kept (slots 0.29), 64 rows 8,356 / 9,712; 96 rows 12,268 / 11,263;
-    // 128 rows 16,425 / 12,837. The GEMM costs the dense product whatever the density, the batch
-    // kernel its slots. Smaller layers not measured. The second rule keeps the batch kernel, as
-    // the sparse rules would, between 80 and 160 rows at low density, where the third would
-    // otherwise take the GEMM.)
-    {SpqmmIsa::kAvx512Vnni, SpqmmMode::kSparseInt8, kSpqmmNoBound, 0.2, SpqmmKernel::kInt8Gemm, 0, kSpqmmLargeWeights, 160},
-    {SpqmmIsa::kAvx512Vnni, SpqmmMode::kSparseInt8, 160, 0.2, SpqmmKernel::kSparseBatch, 16, kSpqmmLargeWeights, 80},
-    {SpqmmIsa::kAvx512Vnni, SpqmmMode::kSparseInt8, kSpqmmNoBound, 1.0, SpqmmKernel::kInt8Gemm, 0, kSpqmmLargeWeights, 80},
+    // Sparse int8 with VNNI (and VBMI): the sparse int8 kernel (four steps a unit, a permute and
+    // a vpdpbusd per 64 slots and row of x) from 2 rows; one row stays with the step kernel (the
+    // sparse rules below), which needs no first pass for the rows' scales. Then the int8 GEMM
+    // (its rows straight from the steps into int8, core/spqmm_avx512.h sparse_quantize_rows),
+    // whose cost is the dense product's plus a decode whatever the density, where the kernel's
+    // follows its slots. Measured on a Zen 5 EPYC, two threads, interleaved, 5 bits; the kernel /
+    // the GEMM / the step kernel: 4096 x 4096, 10% kept (slots 0.14): 1 row 189 / 1,687 / 171;
+    // 2 rows 195 / 2,039 / 224; 128 rows 1,276 / 4,325 / 7,789; 512 rows 6,164 / 11,603; 1,024
+    // rows 13,252 / 23,174; 2,048 rows 25,881 / 44,580; 25% kept (slots 0.29): 1 row 360 / - /
+    // 322; 2 rows 377 / - / 434; 128 rows 2,225 / 6,858; 512 rows 8,414 / 13,853; 50% kept
+    // (slots 0.53): 1 row 657 / - / 574; 2 rows 674 / - / 758; 512 rows 14,508 / 18,050; 768
+    // rows 21,662 / 22,787; 1,024 rows 28,615 / 28,308; 75% kept (slots 0.77): 512 rows 20,004
+    // / 21,683; 1,024 rows 39,047 / 31,698. 1536 x 384, 10% kept: 512 rows 382 / 642; 1,024
+    // rows 823 / 1,346; 2,048 rows 1,901 / 1,650; 50% kept (all-MiniLM-L6-v2's shapes, 1536 x
+    // 384 / 384 x 1536 / 384 x 384): 1 row 41 / 32 / 16 against the step kernel's 35 / 29 / 14;
+    // 2 rows 42 / 33 / 16 against 44 / 38 / 17; 128 rows 187 / 155 / 60 against the GEMM's 323 /
+    // 286 / 98; 512 rows 638 / 527 / 186 against 718 / 540 / 161; 2,048 rows 3,064 / 2,181 / 714
+    // against 1,888 / 1,704 / 468. The GEMM beats the fp32 sparse rules there too (1536 x 384,
+    // 50%, 2,048 rows: 3,599 against 15,853 for the batch kernel and 12,035 for decode + GEMM).
+    {SpqmmIsa::kAvx512Vnni, SpqmmMode::kSparseInt8, kSpqmmNoBound, 0.2, SpqmmKernel::kSparseInt8, 16, kSpqmmLargeWeights, 2},
+    {SpqmmIsa::kAvx512Vnni, SpqmmMode::kSparseInt8, 1024, 0.55, SpqmmKernel::kSparseInt8, 16, kSpqmmLargeWeights, 2},
+    {SpqmmIsa::kAvx512Vnni, SpqmmMode::kSparseInt8, 1536, 0.2, SpqmmKernel::kSparseInt8, 16, 0, 2},
+    {SpqmmIsa::kAvx512Vnni, SpqmmMode::kSparseInt8, 512, 1.0, SpqmmKernel::kSparseInt8, 16, 0, 2},
+    {SpqmmIsa::kAvx512Vnni, SpqmmMode::kSparseInt8, kSpqmmNoBound, 1.0, SpqmmKernel::kInt8Gemm, 0, 0, 2},
 
     // Sparse bf16 (on CPUs with AVX512-BF16; the sparse rules below serve the others, and fewer
     // than 6 rows): the bf16 batch kernel. It costs its slots whatever the rows up to 16 (10% kept,
@@ -337,6 +352,12 @@ inline SpqmmPlan spqmm_plan(SpqmmIsa isa, SpqmmMode mode, double density, int64_
     case SpqmmKernel::kSparseBatch:  // groups of 16 rows
     case SpqmmKernel::kSparseBatchBf16:
       plan.tile = std::max<int64_t>(1, int64_t(2048.0 / std::max(density * weights_per_row, 1.0)));
+      break;
+    // ... and at least 4 per thread (a tile is every row of x against its groups: 384 x 384 at 50%
+    // made 3 tiles of 9 groups for two threads).
+    case SpqmmKernel::kSparseInt8:
+      plan.tile = std::max<int64_t>(1, std::min(int64_t(2048.0 / std::max(density * weights_per_row, 1.0)),
+                                                (n + 16 * 4 * std::max(threads, 1) - 1) / (16 * 4 * std::max(threads, 1))));
       break;
     case SpqmmKernel::kSparseSteps: plan.tile = 1; break;
     // A few rows of x make a tile of 32K weights a microsecond of work, each the next one's

@@ -906,6 +906,41 @@ void int8_fused(const SpqmmPacked& p, const SpqmmPlan& plan, const at::Tensor& c
 }
 #endif
 
+#ifdef DCX_SPQMM_AVX512
+// Sparse mode in int8 compute (SpqmmKernel::kSparseInt8; core/spqmm_avx512.h sparse_q8): x
+// quantized per row and staged as unsigned bytes with 128 bytes of zeros past K, then work items
+// of plan.tile groups of W, each against every row of x.
+void sparse_int8(const SpqmmPacked& p, const SpqmmPlan& plan, const float* table, const at::Tensor& codebook,
+                 const at::Tensor& x2, const float* bias, float* y, SpqmmSeen* seen) {
+  TORCH_CHECK(avx512::supports_vnni() && avx512::supports_vbmi(), "the sparse int8 kernel needs AVX-512 VNNI and VBMI");
+  const int64_t M = x2.size(0), K = p.k, ldx = (K + 128 + 63) / 64 * 64;
+  std::vector<int8_t> quantized(static_cast<size_t>(M * K));
+  std::vector<float> sx(static_cast<size_t>(M));
+  std::vector<uint8_t> staged;
+  uint8_t* const xs = cache_aligned(staged, size_t(M * ldx));
+  const float* xp = x2.data_ptr<float>();
+  for_each_tile(q8_lane_groups(M), plan.threads, [&](int64_t, int64_t t) {
+    const int64_t m0 = t * kQ8Lanes, m1 = std::min(M, m0 + kQ8Lanes);
+    q8_quantize_whole_rows(xp + m0 * K, m1 - m0, K, quantized.data() + m0 * K, sx.data() + m0);
+    avx512::stage_units(quantized.data() + m0 * K, m1 - m0, K, SpqmmDense::kBytes, xs + m0 * ldx, ldx);
+  });
+  const at::Tensor cb = codebook.to(at::kFloat).contiguous();
+  const avx512::FusedTables ft = avx512::fused_tables(cb.data_ptr<float>(), cb.numel(), int(p.bits));
+  const int64_t items = (p.groups + plan.tile - 1) / plan.tile;
+  SeenBy seen_by(plan.threads);
+  for_each_tile(items, plan.threads, [&](int64_t w, int64_t i) {
+    static thread_local std::vector<int32_t> sums;  // a group's dots with every row of x
+    int32_t* const sp = cache_aligned(sums, size_t(M * kQ8Lanes));
+    const int64_t g0 = i * plan.tile, g1 = std::min(p.groups, g0 + plan.tile);
+    avx512::with_lut_kind(p, [&](auto lut) DCX_AVX512_Q8_FN {
+      avx512::sparse_q8<decltype(lut)::value>(p, g0, g1, table, ft, xs, ldx, sx.data(), M, bias, y, p.n, sp,
+                                              seen_by[w]);
+    });
+  });
+  seen->merge(seen_by.merged());
+}
+#endif
+
 // The product for a plan: y [M, N] float32 (every element written).
 void run_plan(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan, const at::Tensor& codebook,
               const at::Tensor& xc, const at::Tensor& bias_c, at::Tensor& y, SpqmmSeen* seen) {
@@ -949,6 +984,9 @@ void run_plan(const SpqmmPacked& p, SpqmmIsa isa, const SpqmmPlan& plan, const a
 #ifdef DCX_SPQMM_AVX512
     case SpqmmKernel::kSparseBatchBf16:
       sparse_batch_bf16(p, plan, tp, x2, bp, yp, seen);
+      return;
+    case SpqmmKernel::kSparseInt8:
+      sparse_int8(p, plan, tp, codebook, x2, bp, yp, seen);
       return;
 #endif
     case SpqmmKernel::kSparseBatch:
@@ -1001,7 +1039,7 @@ SpqmmPlan cpu_plan(const SpqmmPacked& p, SpqmmIsa isa, SpqmmCompute compute, at:
   // takes decode + GEMM, a sparse one the sparse rules.
   if ((plan.kernel == SpqmmKernel::kInt8Gemm &&
        (p.k > kQ8GemmMaxK || !at::globalContext().userEnabledMkldnn() || !at::cpu::is_avx512_vnni_supported())) ||
-      (spqmm_fused_int8(plan.kernel) && p.k > kQ8GemmMaxK)) {
+      ((spqmm_fused_int8(plan.kernel) || plan.kernel == SpqmmKernel::kSparseInt8) && p.k > kQ8GemmMaxK)) {
     if (p.dense) {
       plan.kernel = SpqmmKernel::kDecodeGemm;
     } else {

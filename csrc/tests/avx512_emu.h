@@ -135,6 +135,18 @@ inline __m512i _mm512_permutex2var_epi8(__m512i a, __m512i idx, __m512i b) {  //
   for (int i = 0; i < 64; ++i) r.u8[i] = (idx.u8[i] & 64) ? b.u8[idx.u8[i] & 63] : a.u8[idx.u8[i] & 63];
   return r;
 }
+// vpermi2b with a merge mask: bytes outside k keep idx's value.
+inline __m512i _mm512_mask2_permutex2var_epi8(__m512i a, __m512i idx, __mmask64 k, __m512i b) {
+  __m512i r = idx;
+  for (int i = 0; i < 64; ++i)
+    if ((k >> i) & 1) r.u8[i] = (idx.u8[i] & 64) ? b.u8[idx.u8[i] & 63] : a.u8[idx.u8[i] & 63];
+  return r;
+}
+inline __m512i _mm512_add_epi8(__m512i a, __m512i b) {
+  __m512i r;
+  for (int i = 0; i < 64; ++i) r.u8[i] = uint8_t(a.u8[i] + b.u8[i]);
+  return r;
+}
 inline __m512i _mm512_permutex2var_epi16(__m512i a, __m512i idx, __m512i b) {  // vpermt2w: 6 bits
   __m512i r;
   for (int i = 0; i < 32; ++i) r.u16[i] = (idx.u16[i] & 32) ? b.u16[idx.u16[i] & 31] : a.u16[idx.u16[i] & 31];

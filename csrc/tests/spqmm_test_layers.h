@@ -20,7 +20,10 @@ struct SparseLayer {
   int64_t n = 0, k = 0, groups = 0, steps = 0, num_chunks = 0;
 };
 
-// Row r keeps column j when (r * 7 + j * 3) % 5 < keep (keep 0..5); its id is (r + j) % k_ids.
+// Row r keeps column j when (r * 7 + j * 3) % 5 < keep (keep 0..5), or for keep 6 one column
+// of each block of 41, at a place among the block's first 32 hashed from r and the block (a step
+// then holds a block's slots at offsets up to 31, the next one's window 41 or so columns on); its
+// id is (r + j) % k_ids.
 // A chunk starts every `chunk_steps` steps, so groups are split between chunks. scale_group > 0
 // (a multiple of 32): windows for group scales, each within one column group (window %
 // scale_group + 32 <= scale_group): a window that would cross its group's end starts 32 columns
@@ -35,7 +38,8 @@ inline SparseLayer pack_sparse(int64_t n, int64_t k, int k_ids, int keep, int64_
   std::vector<std::vector<int64_t>> cols(n);
   for (int64_t r = 0; r < n; ++r)
     for (int64_t j = 0; j < k; ++j)
-      if ((r * 7 + j * 3) % 5 < keep) {
+      if (keep == 6 ? j % 41 == ((uint32_t(r) * 2654435761u ^ uint32_t(j / 41) * 40503u) * 2246822519u >> 27)
+                    : (r * 7 + j * 3) % 5 < keep) {
         cols[r].push_back(j);
         l.ids[r * k + j] = int32_t((r + j) % k_ids);
       }

@@ -316,6 +316,54 @@ void test_sparse_decode(const Layer& l, const std::vector<float>& table, const d
 #endif
 }
 
+// The sparse int8 kernel (core/spqmm_avx512.h sparse_q8) against the int8 GEMM's rule written out
+// in double (each row of x and of the decoded W quantized whole, exact int32 dots), for M rows of
+// x in passes of 16, 8, 4, 2 and 1, over the groups in two work items, with a zero row of x
+// (scale 0); what it saw against the step kernel's.
+void test_sparse_q8(const Layer& l, const std::vector<float>& table, const std::vector<float>& bias,
+                    const dcx::SpqmmSeen& expected) {
+#ifdef DCX_SPQMM_AVX512
+  if (!dcx::avx512::supports_vnni() || !dcx::avx512::supports_vbmi()) return;
+  const int64_t n = l.p.n, k = l.p.k, ldx = (k + 128 + 63) / 64 * 64;
+  const dcx::avx512::FusedTables ft = dcx::avx512::fused_tables(table.data(), int64_t(1) << l.p.bits, l.p.bits);
+  std::vector<int8_t> wq(n * k);
+  std::vector<float> sw(n);
+  for (int64_t r = 0; r < n; ++r) sw[r] = dcx::q8_quantize_whole_row(l.dense.data() + r * k, k, wq.data() + r * k);
+  for (int64_t M : {1, 2, 7, 24, 33}) {
+    std::vector<float> x(M * k), sx(M);
+    std::vector<int8_t> xq(M * k);
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t j = 0; j < k; ++j) x[m * k + j] = std::sin(0.37f * float(j + 5 * m)) * float(1 + j % 7);
+      if (m == 1) std::fill(x.begin() + m * k, x.begin() + (m + 1) * k, 0.f);
+      sx[m] = dcx::q8_quantize_whole_row(x.data() + m * k, k, xq.data() + m * k);
+    }
+    std::vector<uint8_t> staged(M * ldx + 64);  // 64-byte aligned rows
+    uint8_t* xs = staged.data() + (64 - reinterpret_cast<uintptr_t>(staged.data()) % 64) % 64;
+    dcx::avx512::stage_units(xq.data(), M, k, dcx::SpqmmDense::kBytes, xs, ldx);
+    std::vector<int32_t> sums(M * dcx::kQ8Lanes);
+    std::vector<float> y(M * n, -1.f);
+    dcx::SpqmmSeen seen;
+    const int64_t half = l.p.groups / 2;
+    for (auto [g0, g1] : {std::pair<int64_t, int64_t>{0, half}, {half, l.p.groups}})
+      dcx::avx512::with_lut_kind(l.p, [&](auto lut) DCX_AVX512_Q8_FN {
+        dcx::avx512::sparse_q8<decltype(lut)::value>(l.p, g0, g1, table.data(), ft, xs, ldx, sx.data(), M,
+                                                     bias.data(), y.data(), n, sums.data(), &seen);
+      });
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t r = 0; r < n; ++r) {
+        int64_t dot = 0;
+        for (int64_t j = 0; j < k; ++j) dot += int64_t(xq[m * k + j]) * wq[r * k + j];
+        const double ref = double(dot) * sx[m] * sw[r] + bias[r];
+        const double mag = std::fabs(double(dot) * sx[m] * sw[r]) + std::fabs(bias[r]);
+        CHECK(std::fabs(y[m * n + r] - ref) <= 4 * 6e-8 * mag + 1e-30);
+      }
+    if (l.p.steps) CHECK(seen.max_id == expected.max_id && seen.max_col == expected.max_col);
+  }
+#else
+  (void)l, (void)table, (void)bias, (void)expected;
+#endif
+}
+
 void test_kernels(int64_t n, int64_t k, int bits, int keep, int64_t chunk_steps, int64_t group = 0) {
   std::vector<float> table(dcx::kSpqmmTable, 0.f), bias(n);
   for (int i = 0; i < (1 << bits); ++i) table[i] = 0.25f * float(i) - 1.5f;
@@ -364,6 +412,7 @@ void test_kernels(int64_t n, int64_t k, int bits, int keep, int64_t chunk_steps,
 #endif
   test_batch_kernels(l, table, x, bias, seen);
   test_sparse_bf16(l, table, bias, seen);
+  test_sparse_q8(l, table, bias, seen);
   test_sparse_amx(l, table, bias, seen);
   test_sparse_decode(l, table, seen);
 }
@@ -782,6 +831,7 @@ int main() {
     test_kernels(35, 5000, bits, 5, 7);   // full rows: a step per column, groups split
     test_kernels(40, 333, bits, 1, 1000); // several groups per chunk
     test_kernels(5, 4097, bits, 0, 2);    // all pruned
+    test_kernels(40, 5000, bits, 6, 9);   // a block of 41 columns a step
   }
   for (int bits : {1, 2, 4, 5, 6, 7, 8})
     for (int64_t k : {1, 15, 16, 63, 64, 65, 127, 128, 129, 300}) test_dense(5, k, bits);
