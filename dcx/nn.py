@@ -31,10 +31,11 @@ __all__ = ["COMPUTE_MODES", "check_compute", "packable", "PackedModule",
 # 32, an int16 codebook, int32 dot products; about 1e-2 relative error per output; with AVX-512
 # VNNI from 3 rows the fused int8 kernel, then the int8 GEMM, with W and x quantized per row
 # instead, somewhat coarser) at the batch and layer
-# sizes where they are faster, float32 elsewhere; a sparse-mode layer takes the int8 GEMM only at
-# many rows on large layers (from 80 to 160 rows by density, CPUs with AVX-512 VNNI), where it
-# beats the sparse kernels, whose cost grows with the rows, and computes in float32 below. Which
-# kernel runs for a batch is decided by the table in csrc/core/spqmm_plan.h.
+# sizes where they are faster, float32 elsewhere; on CPUs with AVX-512 VNNI a sparse-mode layer
+# runs from 2 rows through the sparse int8 kernel (the GEMM's per-row rule on the packed steps,
+# four steps a unit, u8 x s8 dot products) and past 512 to 1,536 rows (by density and size)
+# through the int8 GEMM, and computes in float32 elsewhere. Which kernel runs for a batch is
+# decided by the table in csrc/core/spqmm_plan.h.
 
 
 def _spqmm_op():
