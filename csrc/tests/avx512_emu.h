@@ -135,6 +135,18 @@ inline __m512i _mm512_permutex2var_epi8(__m512i a, __m512i idx, __m512i b) {  //
   for (int i = 0; i < 64; ++i) r.u8[i] = (idx.u8[i] & 64) ? b.u8[idx.u8[i] & 63] : a.u8[idx.u8[i] & 63];
   return r;
 }
+inline __m512i _mm512_maskz_loadu_epi32(__mmask16 k, const void* p) {  // reads only the masked words
+  __m512i r = _mm512_setzero_si512();
+  for (int i = 0; i < 16; ++i)
+    if ((k >> i) & 1) std::memcpy(&r.i32[i], static_cast<const char*>(p) + 4 * i, 4);
+  return r;
+}
+inline __mmask16 _mm512_mask_cmpgt_epu32_mask(__mmask16 k, __m512i a, __m512i b) {
+  __mmask16 r = 0;
+  for (int i = 0; i < 16; ++i)
+    if (((k >> i) & 1) && uint32_t(a.i32[i]) > uint32_t(b.i32[i])) r |= __mmask16(1u << i);
+  return r;
+}
 // vpermi2b with a merge mask: bytes outside k keep idx's value.
 inline __m512i _mm512_mask2_permutex2var_epi8(__m512i a, __m512i idx, __mmask64 k, __m512i b) {
   __m512i r = idx;
