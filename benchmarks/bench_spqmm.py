@@ -392,7 +392,7 @@ def run_anchors(args):
              f"every call, timed up to batch {CODEBOOK_BATCHES}). torchao's int4 configs have no "
              "CPU path in this build (int4_packing_format plain needs mslk, plain_int32 and the "
              "groupwise LUT config no CPU kernel). dcx fp32 / bf16 / int8: dcx.ops.spqmm with "
-             "compute='float32' / 'bfloat16' / 'int8' (int8: a sparse layer only at many rows; the kernel table, "
+             "compute='float32' / 'bfloat16' / 'int8' (int8: a sparse layer from 2 rows with AVX-512 VNNI; the kernel table, "
              "csrc/core/spqmm_plan.h, picks the kernel per batch).")
     if args.busy:
         notes = [common.stamp("cpu"), "",

@@ -235,8 +235,8 @@ def spqmm(
     described at the top of csrc/core/spqmm.h. compute (dcx.COMPUTE_MODES): "auto" computes in
     x's dtype, "float32" and "bfloat16" round x to that dtype first, "int8" runs a dense-mode
     layer through the int8 kernels (as spqmm_int8) at the batch and layer sizes where they are
-    faster, a sparse-mode one (CPUs with AVX-512 VNNI) from 2 rows through the sparse int8
-    kernel and past several hundred rows through the int8 GEMM (rows of W and x quantized
+    faster, a sparse-mode one (CPUs with AVX-512 VNNI and VBMI) from 2 rows through the sparse
+    int8 kernel and past several hundred rows (by density and size) through the int8 GEMM (rows of W and x quantized
     whole, as dcx.reference.spqmm_int8_gemm). Which
     kernel runs is decided by the table in csrc/core/spqmm_plan.h. Returns [..., out_features]
     in x's dtype. From a batch (product of x's leading dims) of `crossover`

@@ -140,7 +140,7 @@ def test_every_plan_rule_runs(monkeypatch, isa):
     torch.manual_seed(0)
     table = _native.spqmm_plan()
     # Layers below every rule's size bound, and past them (sparse at slot densities about 0.14
-    # and 0.29, either side of the sparse int8 rules' bound).
+    # and 0.45, either side of the sparse int8 rules' density bound for large layers).
     big = max(300, -(-max(r["min_weights"] for r in table) // 64))
     layers = [make_layer(40, 300, 0.1, 5, torch.float32, "cpu", dense=False),
               make_layer(40, 300, 0.3, 5, torch.float32, "cpu", dense=False),
@@ -149,7 +149,7 @@ def test_every_plan_rule_runs(monkeypatch, isa):
               make_layer(64, big, 1.0, 4, torch.float32, "cpu", dense=True)]
     if sparse_int8_rules(kind, big):  # packing them takes seconds: only where they are reached
         layers += [make_layer(64, big, 0.1, 5, torch.float32, "cpu", dense=False),
-                   make_layer(64, big, 0.25, 5, torch.float32, "cpu", dense=False)]
+                   make_layer(64, big, 0.4, 5, torch.float32, "cpu", dense=False)]
     for i, mode, rows, rule in first_plan_rules(kind, [layer[3] for layer in layers]):
         mask, labels, codebook, p = layers[i]
         n, k = p.out_features, p.in_features
@@ -304,6 +304,22 @@ def test_corrupted_packed_data(device, case, crossover, compute):
             run(x, p, crossover=crossover, compute=compute)
         if device == "cuda":
             torch.cuda.synchronize()
+
+
+def test_descending_windows_with_int8():
+    """Windows that descend within a group (corrupted: the packer never writes them) are reported
+    by the sparse int8 kernel, whose units need them in order, where the CPU runs it."""
+    _, _, _, p = make_layer(40, 300, 0.3, 5, torch.float32, "cpu", dense=False)
+    density = p.codes.shape[0] * 16 / (40 * 300)
+    table = _native.spqmm_plan()
+    if table[_native.spqmm_plan_rule(cpu_kind(), "sparse_int8", density, 40, 300, 2)]["kernel"] != "sparse_int8":
+        pytest.skip(f"the {cpu_kind()} rules have no sparse int8 kernel")
+    windows = p.windows.clone()
+    windows[int(p.group_ptr[1]) - 2] = 0  # late in group 0
+    bad = _corrupt(p, windows=windows)
+    for rows in (2, 17):
+        with pytest.raises(RuntimeError, match="windows descend"):
+            run(torch.randn(rows, 300), bad, compute="int8")
 
 
 def test_cpu_ops_give_the_thread_count_back():

@@ -93,7 +93,7 @@ def int8_gemm_rows(isa, n, k, mode="int8", density=1.0):
     """The smallest batch at which the kernel table runs the int8 GEMM for an n x k layer in
     `mode` (int8 or sparse_int8, at this slot density) on this kind of CPU (None: never)."""
     table = _native.spqmm_plan()
-    for rows in range(1, 257):
+    for rows in range(1, 4097):
         if table[_native.spqmm_plan_rule(isa, mode, density, n, k, rows)]["kernel"] == "int8_gemm":
             return rows
     return None
@@ -165,38 +165,46 @@ def test_int8_gemm_needs_onednn():
 
 @pytest.mark.parametrize("group", [0, 256])
 def test_sparse_int8_gemm_matches_its_reference(group):
-    """A sparse layer in int8 compute runs the int8 GEMM at many rows on the CPUs whose table
-    says so, its rows quantized straight from the steps (csrc/core/spqmm_avx512.h): equal to
+    """A sparse layer in int8 compute runs the sparse int8 kernel from a few rows and the int8
+    GEMM at many, on the CPUs whose table says so, both by the GEMM's rule with the rows of W
+    quantized straight from the steps (csrc/core/spqmm_avx512.h): equal to
     dcx.reference.spqmm_int8_gemm up to the epilogue's float32 roundings, group scales included,
-    with a partial last group of rows (n = 70) and empty rows; with oneDNN switched off the
-    sparse kernels' float32 product instead."""
-    n, k = 70, 60001  # 4.2M weights: past the rules' size bound
-    if int8_gemm_rows(cpu_kind(), n, k, "sparse_int8", 0.14) is None:  # before packing (seconds)
-        pytest.skip(f"the {cpu_kind()} rules never run the int8 GEMM for sparse layers")
+    with a partial last group of rows (n = 70) and rows without weights (their output the bias);
+    with oneDNN switched off the GEMM's batch takes the sparse kernels' float32 product."""
+    n, k = 70, 3001
     torch.manual_seed(0)
-    mask = torch.rand(n, k) < 0.1
+    mask = torch.rand(n, k) < 0.25
     mask[[5, 69]] = False  # rows without weights: scale 0
     labels = torch.randint(0, 32, (n, k))
     codebook = torch.randn(32)
     scale = torch.rand(n, -(-k // group)) + 0.5 if group else None
     p = dcx.pack(mask, labels, codebook, 5, dense=False, group_size=group)
     density = p.codes.shape[0] * 16 / (n * k)
+    table = _native.spqmm_plan()
+    kernels = {rows: table[_native.spqmm_plan_rule(cpu_kind(), "sparse_int8", density, n, k, rows)]["kernel"]
+               for rows in (2, 17)}
     first = int8_gemm_rows(cpu_kind(), n, k, "sparse_int8", density)
-    x = torch.randn(first, k)
+    batches = [rows for rows, kernel in kernels.items() if kernel == "sparse_int8"]
+    batches += [first] if first is not None else []
+    if not batches:
+        pytest.skip(f"the {cpu_kind()} rules run neither int8 kernel for sparse layers")
     bias = torch.randn(n)
+    for rows in batches:
+        x = torch.randn(rows, k)
 
-    def spqmm(compute):
-        return dcx.ops.spqmm(x, p.codes, p.windows, p.group_ptr, p.chunks, p.codebook, n, k,
-                             p.bits, bias, compute=compute, scale=scale, group_size=group)
+        def spqmm(compute):
+            return dcx.ops.spqmm(x, p.codes, p.windows, p.group_ptr, p.chunks, p.codebook, n, k,
+                                 p.bits, bias, compute=compute, scale=scale, group_size=group)
 
-    y = spqmm("int8")
-    expected = reference.spqmm_int8_gemm(x, p.codes, p.codebook, n, k, p.bits, bias, scale,
-                                         group, windows=p.windows, group_ptr=p.group_ptr)
-    magnitude = expected.abs() + bias.double().abs()
-    assert ((y.double() - expected).abs() <= 6 * unit_roundoff(torch.float32) * magnitude).all()
-    assert torch.equal(y[:, [5, 69]], bias[[5, 69]].expand(first, 2))
-    with torch.backends.mkldnn.flags(enabled=False):
-        torch.testing.assert_close(spqmm("int8"), spqmm("float32"))
+        y = spqmm("int8")
+        expected = reference.spqmm_int8_gemm(x, p.codes, p.codebook, n, k, p.bits, bias, scale,
+                                             group, windows=p.windows, group_ptr=p.group_ptr)
+        magnitude = expected.abs() + bias.double().abs()
+        assert ((y.double() - expected).abs() <= 6 * unit_roundoff(torch.float32) * magnitude).all(), rows
+        assert torch.equal(y[:, [5, 69]], bias[[5, 69]].expand(rows, 2))
+        if rows == first:
+            with torch.backends.mkldnn.flags(enabled=False):
+                torch.testing.assert_close(spqmm("int8"), spqmm("float32"))
 
 
 @pytest.mark.parametrize("device", devices())

@@ -1345,7 +1345,9 @@ DCX_AVX512_Q8_FN void sparse_q8_apply(const SparseQ8Units& u, int units, const u
 // wsum[r]) + bias[r] for the groups' rows below N, as the GEMM's epilogue. Per group a first pass
 // over its steps finds each row's largest |weight| (its scale, as sparse_quantize_rows), then
 // runs of kSparseQ8Units units are decoded and multiplied by every row of x (sums: M * 16 int32).
-// Padding and a unit's missing steps weigh 0. ft: the codebook's ranks by magnitude (fused_tables).
+// Padding and a unit's missing steps weigh 0. The ids and windows go to seen as sparse_step's do,
+// and a window below its group's previous one too (seen->descending, as the sparse AMX kernel
+// reports it: units need windows in order). ft: the codebook's ranks by magnitude (fused_tables).
 template <Lut L>
 DCX_AVX512_Q8_FN void sparse_q8(const SpqmmPacked& p, int64_t g0, int64_t g1, const float* table,
                                 const FusedTables& ft, const uint8_t* xs, int64_t ldx, const float* sx,
@@ -1392,7 +1394,7 @@ DCX_AVX512_Q8_FN void sparse_q8(const SpqmmPacked& p, int64_t g0, int64_t g1, co
   const __m512i ids_of = _mm512_load_si512(id_order), highs_of = _mm512_load_si512(high_order),
                 rows_of = _mm512_load_si512(row_bits);
   alignas(64) uint16_t rank_words[32];
-  for (int e = 0; e < 32; ++e) rank_words[e] = ft.rank[e];
+  for (int e = 0; e < 32; ++e) rank_words[e] = uint16_t(ft.rank[e] + 1);  // 0: no live slot
   const __m512i ranks = _mm512_load_si512(rank_words);
   alignas(64) int8_t row_tables[kSpqmmRows][32];
   alignas(64) uint16_t most_words[32];
@@ -1404,6 +1406,7 @@ DCX_AVX512_Q8_FN void sparse_q8(const SpqmmPacked& p, int64_t g0, int64_t g1, co
   // values: a negative one is reported too), 16 a vector, and the live columns of those that
   // reach past K (only there can one point past K).
   __m512i max_window = _mm512_setzero_si512();
+  bool descending = false;  // a window below its group's previous one (seen->descending)
   const __m512i last_inside = _mm512_set1_epi32(int32_t(std::max<int64_t>(K - kSpqmmWindow, 0)));
   auto check_windows = [&](int64_t s, int64_t count) DCX_AVX512_Q8_FN {
     const __mmask16 here = __mmask16((1u << count) - 1);
@@ -1440,7 +1443,8 @@ DCX_AVX512_Q8_FN void sparse_q8(const SpqmmPacked& p, int64_t g0, int64_t g1, co
       max_id_words = _mm512_max_epu16(max_id_words, ids);
       _mm512_store_si512(most_words, most);
       for (int i = 0; i < kSpqmmRows; ++i) {
-        const float amax = ft.by_rank[std::max(most_words[i], most_words[16 + i])];
+        const int top = std::max(most_words[i], most_words[16 + i]);  // a row with no weights: 0
+        const float amax = top > 0 ? ft.by_rank[top - 1] : 0.f;
         std::memcpy(amax_bits + i, &amax, sizeof(amax));
       }
     } else {
@@ -1474,6 +1478,7 @@ DCX_AVX512_Q8_FN void sparse_q8(const SpqmmPacked& p, int64_t g0, int64_t g1, co
     }
     std::memset(sums, 0, sizeof(int32_t) * size_t(M * kQ8Lanes));
     __m512i wsum = _mm512_setzero_si512();  // lane i: row 16 g + i's sum of int8 weights
+    int64_t last = 0;                       // the group's last window so far (clamped)
     // The next group's codes and windows fetched while this one computes, about as many steps
     // as a unit takes: pass 1 waited on memory, the rest of the kernel did not use it.
     int64_t ahead = end;
@@ -1487,17 +1492,21 @@ DCX_AVX512_Q8_FN void sparse_q8(const SpqmmPacked& p, int64_t g0, int64_t g1, co
           if ((ahead & 15) < 4) _mm_prefetch(reinterpret_cast<const char*>(p.windows + ahead), _MM_HINT_T0);
           ahead += 4;
         }
-        const int64_t base = window(s) & ~int64_t(63);
-        // The next three steps join while their windows lie within the span (no branches: how
-        // many do is hard to predict).
-        uint32_t deltas = uint32_t(window(s) - base);  // byte j: step j's window less the base
+        const int64_t first = window(s), base = first & ~int64_t(63);
+        descending |= first < last;
+        // The next three steps join while their windows lie within the span and do not descend
+        // (a window below the one before starts the next unit, which reports it), without
+        // branches: how many join is hard to predict.
+        uint32_t deltas = uint32_t(first - base);  // byte j: step j's window less the base
         int steps = 1;
         bool joins = true;
+        last = first;
         for (int j = 1; j < 4; ++j) {
-          const int64_t d = window(std::min(s + j, end - 1)) - base;
-          joins = joins && s + j < end && d <= kQ8UnitSpan;
+          const int64_t wj = window(std::min(s + j, end - 1));
+          joins = joins && s + j < end && wj >= last && wj - base <= kQ8UnitSpan;
           steps += joins;
-          deltas |= joins ? uint32_t(d) << (8 * j) : 0u;
+          deltas |= joins ? uint32_t(wj - base) << (8 * j) : 0u;
+          last = joins ? wj : last;
         }
         __m512i w, idx;
         if (small) {
@@ -1573,6 +1582,7 @@ DCX_AVX512_Q8_FN void sparse_q8(const SpqmmPacked& p, int64_t g0, int64_t g1, co
   max_col = std::max<int64_t>(max_col, _mm512_reduce_max_epu32(max_window));
   seen->max_id = std::max<uint32_t>(seen->max_id, _mm512_reduce_max_epu32(max_id));
   seen->max_col = std::max<int64_t>(seen->max_col, max_col);
+  seen->descending |= descending;
 }
 
 // The kernel for a layer's lookup kind: f(lut) with the kind as a compile-time constant.

@@ -176,21 +176,26 @@ constexpr SpqmmRule kSpqmmPlan[] = {
     // sparse rules below), which needs no first pass for the rows' scales. Then the int8 GEMM
     // (its rows straight from the steps into int8, core/spqmm_avx512.h sparse_quantize_rows),
     // whose cost is the dense product's plus a decode whatever the density, where the kernel's
-    // follows its slots. Measured on a Zen 5 EPYC, two threads, interleaved, 5 bits; the kernel /
-    // the GEMM / the step kernel: 4096 x 4096, 10% kept (slots 0.14): 1 row 189 / 1,687 / 171;
-    // 2 rows 195 / 2,039 / 224; 128 rows 1,276 / 4,325 / 7,789; 512 rows 6,164 / 11,603; 1,024
-    // rows 13,252 / 23,174; 2,048 rows 25,881 / 44,580; 25% kept (slots 0.29): 1 row 360 / - /
-    // 322; 2 rows 377 / - / 434; 128 rows 2,225 / 6,858; 512 rows 8,414 / 13,853; 50% kept
-    // (slots 0.53): 1 row 657 / - / 574; 2 rows 674 / - / 758; 512 rows 14,508 / 18,050; 768
-    // rows 21,662 / 22,787; 1,024 rows 28,615 / 28,308; 75% kept (slots 0.77): 512 rows 20,004
-    // / 21,683; 1,024 rows 39,047 / 31,698. 1536 x 384, 10% kept: 512 rows 382 / 642; 1,024
-    // rows 823 / 1,346; 2,048 rows 1,901 / 1,650; 50% kept (all-MiniLM-L6-v2's shapes, 1536 x
-    // 384 / 384 x 1536 / 384 x 384): 1 row 41 / 32 / 16 against the step kernel's 35 / 29 / 14;
-    // 2 rows 42 / 33 / 16 against 44 / 38 / 17; 128 rows 187 / 155 / 60 against the GEMM's 323 /
-    // 286 / 98; 512 rows 638 / 527 / 186 against 718 / 540 / 161; 2,048 rows 3,064 / 2,181 / 714
-    // against 1,888 / 1,704 / 468. The GEMM beats the fp32 sparse rules there too (1536 x 384,
-    // 50%, 2,048 rows: 3,599 against 15,853 for the batch kernel and 12,035 for decode + GEMM).
-    {SpqmmIsa::kAvx512Vnni, SpqmmMode::kSparseInt8, kSpqmmNoBound, 0.2, SpqmmKernel::kSparseInt8, 16, kSpqmmLargeWeights, 2},
+    // follows its slots: on layers of 4M weights at slot densities up to 0.35 the kernel's time
+    // stays a constant fraction of the GEMM's, so it runs at any batch there. Measured on a Zen 5
+    // EPYC, two threads, interleaved, 5 bits; the kernel / the GEMM / the step kernel: 4096 x
+    // 4096, 10% kept (slots 0.14): 1 row 189 / 1,687 / 171; 2 rows 195 / 2,039 / 224; 128 rows
+    // 1,276 / 4,325 / 7,789; 512 rows 6,164 / 11,603; 1,024 rows 13,252 / 23,174; 2,048 rows
+    // 25,881 / 44,580; 25% kept (slots 0.29): 1 row 360 / - / 322; 2 rows 377 / - / 434; 128 rows
+    // 2,225 / 6,858; 512 rows 8,414 / 13,853; 768 rows 15,902 / 18,607; 1,024 rows 20,554 /
+    // 23,849; 1,536 rows 29,862 / 34,811; 50% kept (slots 0.53): 1 row 657 / - / 574; 2 rows 674
+    // / - / 758; 512 rows 14,508 / 18,050; 768 rows 21,662 / 22,787; 1,024 rows 28,615 / 28,308;
+    // 75% kept (slots 0.77): 512 rows 20,004 / 21,683, again 20,774 / 20,642; 768 rows 32,769 /
+    // 26,798; 1,024 rows 39,047 / 31,698. 1536 x 384, 10% kept: 512 rows 382 / 642; 1,024 rows
+    // 823 / 1,346; 2,048 rows 1,901 / 1,650; 50% kept (all-MiniLM-L6-v2's shapes, 1536 x 384 /
+    // 384 x 1536 / 384 x 384): 1 row 41 / 32 / 16 against the step kernel's 35 / 29 / 14; 2 rows
+    // 42 / 33 / 16 against 44 / 38 / 17; 128 rows 187 / 155 / 60 against the GEMM's 323 / 286 /
+    // 98; 512 rows 638 / 527 / 186 against 718 / 540 / 161; 2,048 rows 3,064 / 2,181 / 714
+    // against 1,888 / 1,704 / 468 (the small layers' times at many rows vary from run to run:
+    // 1536 x 384 at 2,048 rows, 6,293 / 3,599 and 3,558 / 3,638 in two other runs). The GEMM
+    // beats the fp32 sparse rules there (1536 x 384, 50%, 2,048 rows: 3,599 against 15,853 for
+    // the batch kernel and 12,035 for decode + GEMM).
+    {SpqmmIsa::kAvx512Vnni, SpqmmMode::kSparseInt8, kSpqmmNoBound, 0.35, SpqmmKernel::kSparseInt8, 16, kSpqmmLargeWeights, 2},
     {SpqmmIsa::kAvx512Vnni, SpqmmMode::kSparseInt8, 1024, 0.55, SpqmmKernel::kSparseInt8, 16, kSpqmmLargeWeights, 2},
     {SpqmmIsa::kAvx512Vnni, SpqmmMode::kSparseInt8, 1536, 0.2, SpqmmKernel::kSparseInt8, 16, 0, 2},
     {SpqmmIsa::kAvx512Vnni, SpqmmMode::kSparseInt8, 512, 1.0, SpqmmKernel::kSparseInt8, 16, 0, 2},

@@ -1035,7 +1035,7 @@ SpqmmPlan cpu_plan(const SpqmmPacked& p, SpqmmIsa isa, SpqmmCompute compute, at:
   // int8 GEMM, which computes the same rule.
   if (spqmm_fused_int8(plan.kernel) && p.group_scale != nullptr) plan.kernel = SpqmmKernel::kInt8Gemm;
   // torch runs at::_int_mm through oneDNN only with VNNI and oneDNN enabled (a plain loop
-  // otherwise), and the int32 sums bound K (the fused kernel's too): without them a dense layer
+  // otherwise), and the int32 sums bound K (the fused and sparse int8 kernels' too): without them a dense layer
   // takes decode + GEMM, a sparse one the sparse rules.
   if ((plan.kernel == SpqmmKernel::kInt8Gemm &&
        (p.k > kQ8GemmMaxK || !at::globalContext().userEnabledMkldnn() || !at::cpu::is_avx512_vnni_supported())) ||

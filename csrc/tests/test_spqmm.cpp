@@ -461,6 +461,29 @@ void test_bad_window_is_reported() {
       CHECK(bad == 0 ? seen.descending : seen.max_col >= 300);
     }
   }
+  // So does the sparse int8 kernel (its units need windows in order), in both of its decodes
+  // (5 bits: the word path; 6 bits: sparse_step); a window past K or negative reaches max_col.
+  if (dcx::avx512::supports_vnni() && dcx::avx512::supports_vbmi()) {
+    for (int bits : {5, 6})
+      for (int32_t bad : {1 << 30, -7, 0}) {
+        std::vector<float> t(dcx::kSpqmmTable, 0.f);
+        for (int i = 0; i < (1 << bits); ++i) t[i] = 0.5f * float(i) - 3.f;
+        Layer l = make_layer(40, 300, bits, 3, 4, t);
+        l.s.windows[l.s.group_ptr[1] - 2] = bad;
+        const dcx::avx512::FusedTables ft = dcx::avx512::fused_tables(t.data(), int64_t(1) << bits, bits);
+        const int64_t ldx = (300 + 128 + 63) / 64 * 64;
+        std::vector<uint8_t> staged(2 * ldx + 64, 0x80);
+        uint8_t* xs = staged.data() + (64 - reinterpret_cast<uintptr_t>(staged.data()) % 64) % 64;
+        std::vector<float> sx(2, 1.f), y(2 * 40);
+        std::vector<int32_t> sums(2 * dcx::kQ8Lanes);
+        dcx::SpqmmSeen seen;
+        dcx::avx512::with_lut_kind(l.p, [&](auto lut) DCX_AVX512_Q8_FN {
+          dcx::avx512::sparse_q8<decltype(lut)::value>(l.p, 0, l.p.groups, t.data(), ft, xs, ldx, sx.data(), 2,
+                                                       nullptr, y.data(), 40, sums.data(), &seen);
+        });
+        CHECK(bad == 0 ? seen.descending : seen.max_col >= 300);
+      }
+  }
 #endif
 }
 
