@@ -316,6 +316,22 @@ void test_sparse_decode(const Layer& l, const std::vector<float>& table, const d
 #endif
 }
 
+// y ([M][n]) against the int8 GEMM's rule written out in double: x and W quantized per row (xq
+// [M][k] with scales sx, wq [n][k] with scales sw), exact int64 dots, then the epilogue's float
+// roundings (a few units in the last place of the products' magnitude).
+void check_q8_rule(const std::vector<float>& y, const std::vector<int8_t>& xq, const std::vector<int8_t>& wq,
+                   const std::vector<float>& sx, const std::vector<float>& sw, const std::vector<float>& bias,
+                   int64_t M, int64_t n, int64_t k) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t r = 0; r < n; ++r) {
+      int64_t dot = 0;
+      for (int64_t j = 0; j < k; ++j) dot += int64_t(xq[m * k + j]) * wq[r * k + j];
+      const double ref = double(dot) * sx[m] * sw[r] + bias[r];
+      const double mag = std::fabs(double(dot) * sx[m] * sw[r]) + std::fabs(bias[r]);
+      CHECK(std::fabs(y[m * n + r] - ref) <= 4 * 6e-8 * mag + 1e-30);
+    }
+}
+
 // The sparse int8 kernel (core/spqmm_avx512.h sparse_q8) against the int8 GEMM's rule written out
 // in double (each row of x and of the decoded W quantized whole, exact int32 dots), for M rows of
 // x in passes of 16, 8, 4, 2 and 1, over the groups in two work items, with a zero row of x
@@ -349,14 +365,7 @@ void test_sparse_q8(const Layer& l, const std::vector<float>& table, const std::
         dcx::avx512::sparse_q8<decltype(lut)::value>(l.p, g0, g1, table.data(), ft, xs, ldx, sx.data(), M,
                                                      bias.data(), y.data(), n, sums.data(), &seen);
       });
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t r = 0; r < n; ++r) {
-        int64_t dot = 0;
-        for (int64_t j = 0; j < k; ++j) dot += int64_t(xq[m * k + j]) * wq[r * k + j];
-        const double ref = double(dot) * sx[m] * sw[r] + bias[r];
-        const double mag = std::fabs(double(dot) * sx[m] * sw[r]) + std::fabs(bias[r]);
-        CHECK(std::fabs(y[m * n + r] - ref) <= 4 * 6e-8 * mag + 1e-30);
-      }
+    check_q8_rule(y, xq, wq, sx, sw, bias, M, n, k);
     if (l.p.steps) CHECK(seen.max_id == expected.max_id && seen.max_col == expected.max_col);
   }
 #else
@@ -744,14 +753,7 @@ void test_q8_fused(const DenseLayer& l, const std::vector<float>& table, int bit
           }
         }
       });
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t r = 0; r < n; ++r) {
-          int64_t dot = 0;
-          for (int64_t j = 0; j < k; ++j) dot += int64_t(xq[m * k + j]) * wq[r * k + j];
-          const double ref = double(dot) * sx[m] * sw[r] + bias[r];
-          const double mag = std::fabs(double(dot) * sx[m] * sw[r]) + std::fabs(bias[r]);
-          CHECK(std::fabs(y[m * n + r] - ref) <= 4 * 6e-8 * mag + 1e-30);
-        }
+      check_q8_rule(y, xq, wq, sx, sw, bias, M, n, k);
       CHECK(seen.max_id == max_id);
     }
   }
