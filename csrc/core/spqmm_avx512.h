@@ -314,6 +314,15 @@ DCX_AVX512_BF16_FN DCX_ALWAYS_INLINE __m512i bf16_pairs(__m512 a, __m512 b, __m5
   return _mm512_permutexvar_epi16(pair_words, halves);
 }
 
+// The columns of a step's live slots (its 16 codes, window j0) to the running maximum: the
+// kernels that read ids without sparse_step call it for the steps whose window reaches past K,
+// the only ones where a live slot can point past K.
+inline void live_columns(const uint16_t* step, int64_t j0, int64_t* max_col) {
+  for (int i = 0; i < kSpqmmRows; ++i)
+    if (step[i] & kSpqmmLive)
+      *max_col = std::max<int64_t>(*max_col, j0 + ((step[i] >> kSpqmmOffsetShift) & (kSpqmmWindow - 1)));
+}
+
 // Steps s and (if second) s + 1 of a codebook of up to 32 entries, no group scales, for
 // sparse_batch_bf16: their 32 codes in one load, put in pair order (pair_words), each live
 // slot's id looked up in the 32 bf16 words of bf16_table by one word permute (padding zeroed),
@@ -337,13 +346,8 @@ DCX_AVX512_BF16_FN DCX_ALWAYS_INLINE void bf16_step_pair(const SpqmmPacked& p, i
                                           _mm512_set1_epi32(int32_t(ja * 32))));
   _mm512_store_si512(cb, _mm512_add_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(off, 1)),
                                           _mm512_set1_epi32(int32_t(jb * 32))));
-  auto past_k = [&](const uint16_t* step, int64_t j0) {  // only here can a live slot point past K
-    for (int i = 0; i < kSpqmmRows; ++i)
-      if (step[i] & kSpqmmLive)
-        *max_col = std::max<int64_t>(*max_col, j0 + ((step[i] >> kSpqmmOffsetShift) & (kSpqmmWindow - 1)));
-  };
-  if (ja + kSpqmmWindow > p.k) past_k(c, ja);
-  if (second && jb + kSpqmmWindow > p.k) past_k(c + kSpqmmRows, jb);
+  if (ja + kSpqmmWindow > p.k) live_columns(c, ja, max_col);
+  if (second && jb + kSpqmmWindow > p.k) live_columns(c + kSpqmmRows, jb, max_col);
 }
 
 // Sparse mode in bfloat16 compute (AVX512-BF16), 16 batch rows in the lanes: sparse_batch with the
@@ -1418,11 +1422,8 @@ DCX_AVX512_Q8_FN void sparse_q8(const SpqmmPacked& p, int64_t g0, int64_t g1, co
     __mmask16 past = _mm512_mask_cmpgt_epu32_mask(here, w, last_inside);
     if (K < kSpqmmWindow) past = here;
     for (; past; past &= __mmask16(past - 1)) {
-      const int64_t t = s + __builtin_ctz(past), j0 = window(t);
-      for (int i = 0; i < kSpqmmRows; ++i) {
-        const uint16_t c = p.codes[t * kSpqmmRows + i];
-        if (c & kSpqmmLive) max_col = std::max<int64_t>(max_col, j0 + ((c >> kSpqmmOffsetShift) & (kSpqmmWindow - 1)));
-      }
+      const int64_t t = s + __builtin_ctz(past);
+      live_columns(p.codes + t * kSpqmmRows, window(t), &max_col);
     }
   };
   for (int64_t g = g0; g < g1; ++g) {
