@@ -92,10 +92,11 @@ PyObject* plan_table() {
     const dcx::SpqmmRule& r = dcx::kSpqmmPlan[i];
     const long long below = r.rows_below == dcx::kSpqmmNoBound ? -1 : r.rows_below;
     PyObject* entry = Py_BuildValue(
-        "{s:s,s:s,s:L,s:d,s:s,s:i,s:L,s:L}", "isa", isas[int(r.isa)], "mode", modes[int(r.mode)],
-        "rows_below", below, "max_density", r.max_density, "kernel", kernels[int(r.kernel)],
-        "block", r.block, "min_weights", static_cast<long long>(r.min_weights), "min_rows",
-        static_cast<long long>(r.min_rows));
+        "{s:s,s:s,s:L,s:d,s:s,s:i,s:L,s:L,s:i}", "isa", isas[int(r.isa)], "mode",
+        modes[int(r.mode)], "rows_below", below, "max_density", r.max_density, "kernel",
+        kernels[int(r.kernel)], "block", r.block, "min_weights",
+        static_cast<long long>(r.min_weights), "min_rows", static_cast<long long>(r.min_rows),
+        "min_bits", r.min_bits);
     if (entry == nullptr) {
       Py_DECREF(list);
       return nullptr;
@@ -105,19 +106,19 @@ PyObject* plan_table() {
   return list;
 }
 
-// plan_rule(isa, mode, density, n, k, rows): the index in SPQMM_PLAN of the rule spqmm takes (-1:
-// none), as the op decides it (isa and mode as indices into the names above).
+// plan_rule(isa, mode, bits, density, n, k, rows): the index in SPQMM_PLAN of the rule spqmm takes
+// (-1: none), as the op decides it (isa and mode as indices into the names above).
 PyObject* plan_rule(PyObject*, PyObject* args) {
-  int isa = 0, mode = 0;
+  int isa = 0, mode = 0, bits = 0;
   double density = 1.0;
   long long n = 0, k = 0, rows = 0;
-  if (!PyArg_ParseTuple(args, "iidLLL", &isa, &mode, &density, &n, &k, &rows)) return nullptr;
+  if (!PyArg_ParseTuple(args, "iiidLLL", &isa, &mode, &bits, &density, &n, &k, &rows)) return nullptr;
   if (isa < 0 || isa > 5 || mode < 0 || mode > 5) {
     PyErr_SetString(PyExc_ValueError, "isa must lie in [0, 5] and mode in [0, 5]");
     return nullptr;
   }
-  const dcx::SpqmmPlan plan = dcx::spqmm_plan(dcx::SpqmmIsa(isa), dcx::SpqmmMode(mode), density, n, k,
-                                              rows, 1);
+  const dcx::SpqmmPlan plan = dcx::spqmm_plan(dcx::SpqmmIsa(isa), dcx::SpqmmMode(mode), bits, density,
+                                              n, k, rows, 1);
   return PyLong_FromLong(plan.rule);
 }
 

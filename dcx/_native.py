@@ -70,20 +70,21 @@ def spqmm_plan():
     which takes the rules of both), mode (sparse, dense, int8, bfloat16: a dense layer in bf16
     compute, which the dense rules serve where no bfloat16 rule does; sparse_bfloat16 and
     sparse_int8 likewise for a sparse layer and the sparse rules), rows_below (-1: no bound),
-    min_rows, max_density (of sparse mode's slots), min_weights (of the layer, N x K), kernel and
-    block (batch rows per pass; 0: the smallest of 1, 2, 4, 8 that holds the batch)."""
+    min_rows, max_density (of sparse mode's slots), min_weights (of the layer, N x K), min_bits
+    (of the codes), kernel and block (batch rows per pass; 0: the smallest of 1, 2, 4, 8 that holds the batch)."""
     if LOAD_ERROR is not None:
         raise RuntimeError(f"dcx kernels are not built ({LOAD_ERROR}); {BUILD_HINT}")
     return [dict(rule) for rule in _C.SPQMM_PLAN]
 
 
-def spqmm_plan_rule(isa: str, mode: str, density: float, out_features: int, in_features: int,
-                    rows: int) -> int:
+def spqmm_plan_rule(isa: str, mode: str, bits: int, density: float, out_features: int,
+                    in_features: int, rows: int) -> int:
     """The index in spqmm_plan() of the rule dcx.ops.spqmm takes for a call (-1: none): isa and
-    mode by name as there, density that of sparse mode's slots (padding included)."""
+    mode by name as there, bits those of the codes, density that of sparse mode's slots (padding
+    included)."""
     if LOAD_ERROR is not None:
         raise RuntimeError(f"dcx kernels are not built ({LOAD_ERROR}); {BUILD_HINT}")
     isas = ("portable", "avx2", "avx512", "cuda", "avx512vnni", "avx512amx")
     modes = ("sparse", "dense", "int8", "bfloat16", "sparse_bfloat16", "sparse_int8")
-    return _C.spqmm_plan_rule(isas.index(isa), modes.index(mode), density, out_features,
+    return _C.spqmm_plan_rule(isas.index(isa), modes.index(mode), bits, density, out_features,
                               in_features, rows)

@@ -90,6 +90,7 @@ def test_every_plan_rule_runs_with_group_scales(monkeypatch, isa):
               make_layer(40, 300, 0.3, 5, 64, dense=False),
               make_layer(40, 300, 0.6, 6, 32, dense=False),
               make_layer(40, 300, 1.0, 4, 128, dense=True),
+              make_layer(40, 300, 1.0, 6, 64, dense=True),
               make_layer(64, big, 1.0, 4, 64, dense=True)]
     if sparse_int8_rules(kind, big):  # packing them takes seconds: only where they are reached
         layers += [make_layer(64, big, 0.07, 5, 32, dense=False),

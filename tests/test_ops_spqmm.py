@@ -129,9 +129,9 @@ def test_cpu_kernels_of_each_isa(monkeypatch, isa, bits, density, batch):
 @pytest.mark.parametrize("isa", cpu_isas())
 def test_every_plan_rule_runs(monkeypatch, isa):
     """Every rule of the kernel table (csrc/core/spqmm_plan.h) for this kind of CPU is reached by
-    one of seven layers (sparse at low, middle and high slot density, in float32, bfloat16 and
-    int8, small and past every size bound; dense, in float32, int8 and bfloat16, small and past every size
-    bound) at some batch, and what it runs is right: float kernels
+    one of eight layers (sparse at low, middle and high slot density, in float32, bfloat16 and
+    int8, small and past every size bound; dense, in float32, int8 and bfloat16, small with 4- and
+    6-bit codes (either side of the code-width bound) and past every size bound) at some batch, and what it runs is right: float kernels
     against the float64 product (bfloat16 within its roundings), int8 ones equal to spqmm_int8
     (tested against its reference in test_ops_spqmm_int8.py), the int8 GEMM against its own
     reference."""
@@ -146,6 +146,7 @@ def test_every_plan_rule_runs(monkeypatch, isa):
               make_layer(40, 300, 0.3, 5, torch.float32, "cpu", dense=False),
               make_layer(40, 300, 0.6, 6, torch.float32, "cpu", dense=False),
               make_layer(40, 300, 1.0, 4, torch.float32, "cpu", dense=True),
+              make_layer(40, 300, 1.0, 6, torch.float32, "cpu", dense=True),
               make_layer(64, big, 1.0, 4, torch.float32, "cpu", dense=True)]
     if sparse_int8_rules(kind, big):  # packing them takes seconds: only where they are reached
         layers += [make_layer(64, big, 0.1, 5, torch.float32, "cpu", dense=False),
@@ -312,7 +313,7 @@ def test_descending_windows_with_int8():
     _, _, _, p = make_layer(40, 300, 0.3, 5, torch.float32, "cpu", dense=False)
     density = p.codes.shape[0] * 16 / (40 * 300)
     table = _native.spqmm_plan()
-    if table[_native.spqmm_plan_rule(cpu_kind(), "sparse_int8", density, 40, 300, 2)]["kernel"] != "sparse_int8":
+    if table[_native.spqmm_plan_rule(cpu_kind(), "sparse_int8", p.bits, density, 40, 300, 2)]["kernel"] != "sparse_int8":
         pytest.skip(f"the {cpu_kind()} rules have no sparse int8 kernel")
     windows = p.windows.clone()
     windows[int(p.group_ptr[1]) - 2] = 0  # late in group 0

@@ -89,12 +89,13 @@ def test_fidelity_against_float32(device):
     assert 1e-4 < rel < 2e-2
 
 
-def int8_gemm_rows(isa, n, k, mode="int8", density=1.0):
-    """The smallest batch at which the kernel table runs the int8 GEMM for an n x k layer in
-    `mode` (int8 or sparse_int8, at this slot density) on this kind of CPU (None: never)."""
+def int8_gemm_rows(isa, n, k, bits, mode="int8", density=1.0):
+    """The smallest batch at which the kernel table runs the int8 GEMM for an n x k layer of
+    `bits`-bit codes in `mode` (int8 or sparse_int8, at this slot density) on this kind of CPU
+    (None: never)."""
     table = _native.spqmm_plan()
     for rows in range(1, 4097):
-        if table[_native.spqmm_plan_rule(isa, mode, density, n, k, rows)]["kernel"] == "int8_gemm":
+        if table[_native.spqmm_plan_rule(isa, mode, bits, density, n, k, rows)]["kernel"] == "int8_gemm":
             return rows
     return None
 
@@ -111,7 +112,7 @@ def test_int8_gemm_matches_its_reference(monkeypatch, isa, scaled, n):
     monkeypatch.setenv("DCX_CPU_ISA", isa)
     kind = "portable" if isa == "generic" else isa
     k = 301
-    first = int8_gemm_rows(kind, n, k)
+    first = int8_gemm_rows(kind, n, k, 5)
     if first is None:
         pytest.skip(f"the {kind} rules never run the int8 GEMM")
     torch.manual_seed(0)
@@ -146,7 +147,7 @@ def test_int8_gemm_needs_onednn():
     so with it switched off compute="int8" decodes W and multiplies in float32 where the table
     says int8 GEMM."""
     n, k = 600, 301
-    first = int8_gemm_rows(cpu_kind(), n, k)
+    first = int8_gemm_rows(cpu_kind(), n, k, 5)
     if first is None:
         pytest.skip(f"the {cpu_kind()} rules never run the int8 GEMM")
     torch.manual_seed(0)
@@ -181,9 +182,10 @@ def test_sparse_int8_gemm_matches_its_reference(group):
     p = dcx.pack(mask, labels, codebook, 5, dense=False, group_size=group)
     density = p.codes.shape[0] * 16 / (n * k)
     table = _native.spqmm_plan()
-    kernels = {rows: table[_native.spqmm_plan_rule(cpu_kind(), "sparse_int8", density, n, k, rows)]["kernel"]
+    kernels = {rows: table[_native.spqmm_plan_rule(cpu_kind(), "sparse_int8", 5, density, n, k,
+                                                   rows)]["kernel"]
                for rows in (2, 17)}
-    first = int8_gemm_rows(cpu_kind(), n, k, "sparse_int8", density)
+    first = int8_gemm_rows(cpu_kind(), n, k, 5, "sparse_int8", density)
     batches = [rows for rows, kernel in kernels.items() if kernel == "sparse_int8"]
     batches += [first] if first is not None else []
     if not batches:
@@ -305,7 +307,7 @@ def test_layer_compute_int8(tmp_path):
     density = sp.codes.numel() / (48 * 200)  # the slots' (padding included)
     sparse_int8 = sparse(x)
     sparse.compute = "float32"
-    if table[_native.spqmm_plan_rule(isa, "sparse_int8", density, 48, 200, 5)]["kernel"] in INT8_GEMM_KERNELS:
+    if table[_native.spqmm_plan_rule(isa, "sparse_int8", sp.bits, density, 48, 200, 5)]["kernel"] in INT8_GEMM_KERNELS:
         expected = reference.spqmm_int8_gemm(x, sp.codes, sp.codebook, 48, 200, sp.bits,
                                              sparse.bias.detach(), windows=sp.windows,
                                              group_ptr=sp.group_ptr)
@@ -313,7 +315,7 @@ def test_layer_compute_int8(tmp_path):
     else:
         torch.testing.assert_close(sparse_int8, sparse(x))
     for rows in (1, 8, 16, 40, 200):
-        rule = table[_native.spqmm_plan_rule(isa, "int8", 1.0, 48, 200, rows)]
+        rule = table[_native.spqmm_plan_rule(isa, "int8", p.bits, 1.0, 48, 200, rows)]
         many = torch.randn(rows, 200)
         dense.compute = "int8"
         y = dense(many)

@@ -123,7 +123,7 @@ def sparse_int8_rules(kind, in_features):
     64 x in_features layer reaches at many rows."""
     from dcx import _native
 
-    rule = _native.spqmm_plan_rule(kind, "sparse_int8", 0.1, 64, in_features, 1 << 20)
+    rule = _native.spqmm_plan_rule(kind, "sparse_int8", 5, 0.1, 64, in_features, 1 << 20)
     return rule >= 0 and _native.spqmm_plan()[rule]["mode"] == "sparse_int8"
 
 
@@ -142,7 +142,7 @@ def first_plan_rules(kind, packed_layers):
         for mode in (("dense", "int8", "bfloat16") if p.dense
                      else ("sparse", "sparse_bfloat16", "sparse_int8")):
             for rows in PLAN_ROWS:
-                rule = _native.spqmm_plan_rule(kind, mode, density, n, k, rows)
+                rule = _native.spqmm_plan_rule(kind, mode, p.bits, density, n, k, rows)
                 if rule not in reached:
                     reached.add(rule)
                     yield i, mode, rows, rule

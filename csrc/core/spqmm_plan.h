@@ -4,7 +4,8 @@
 //
 // A decision is a walk down kSpqmmPlan: the first rule of the machine's kind (isa) and the layer's
 // mode (sparse, dense, or either with bf16 or int8 compute) whose batch bounds (rows_below, and
-// min_rows where given) hold the call's rows and whose density and layer-size bounds hold. Each rule says what was measured to put it there
+// min_rows where given) hold the call's rows and whose density, layer-size and code-width bounds
+// hold. Each rule says what was measured to put it there
 // (benchmarks/bench_spqmm.py, 4096 x 4096 unless said, two threads, weights rotated past L3).
 #pragma once
 
@@ -93,6 +94,7 @@ struct SpqmmRule {
   int block;           // batch rows per pass; 0: the smallest of 1, 2, 4, 8 that holds the rows
   int64_t min_weights = 0;  // ... and a layer of at least this many weights (N K)
   int64_t min_rows = 0;     // ... and at least this many batch rows
+  int min_bits = 0;         // ... and codes of at least this many bits
 };
 
 // The table. Density is the slots' (steps * 16 / (N K)): about 1.4x the kept fraction at 10%.
@@ -264,7 +266,8 @@ constexpr SpqmmRule kSpqmmPlan[] = {
     // scales takes the GEMM for the fused kernel, whose tables are per row.)
     // The few-rows order of the fused kernel (kInt8Dots: each row of x whole against the decoded
     // rows of W, where the lanes order leaves lanes idle) from 2 rows, up to 12 on layers of 4M
-    // weights and more, up to 7 on smaller ones; one row stays with the fp32 kernel. Measured on
+    // weights and more, up to 7 on smaller ones; one row too with codes of 6 bits and more, below
+    // that the fp32 kernel. Measured on
     // a Zen 5 EPYC (AVX-512 VNNI), two threads, interleaved; the fp32 rows kernel / lanes / dots:
     // 4096 x 4096, 4 bits: 1 row 200 / - / 285; 2 rows 432 / - / 308; 3 rows - / 548 / 318;
     // then with x staged vectorised for both orders: 4 rows - / 489 / 278; 6 rows - / 490 / 346;
@@ -272,8 +275,14 @@ constexpr SpqmmRule kSpqmmPlan[] = {
     // 16 rows - / 548 / 637; 6 bits: 2 rows 704 / - / 466; 10 rows - / 623 / 576; 12 rows - /
     // 644 / 618; 13 rows - / 641 / 651. 6 bits, lanes / dots, 1536 x 384, 384 x 1536, 384 x
     // 384: 4 rows 39 / 33, 35 / 28, 20 / 18; 8 rows 39 / 42, 37 / 33, 20 / 20; 11 rows 40 / 48,
-    // 37 / 38, 21 / 22; 1 row (the fp32 kernel / dots, before) 32 / 27, 29 / 20, 14 / 12, but
-    // 4 bits, 1024 x 1024, 22 / 26, so one row stays.
+    // 37 / 38, 21 / 22. One row, the fp32 kernel / dots, 4096 x 4096, 1024 x 1024, 1536 x 384,
+    // 384 x 1536, 384 x 384: 4 bits 198 / 238, 24.8 / 26.8, 16.1 / 19.1, 15.3 / 16.8, 10.3 /
+    // 10.5; 5 bits 448 / 446, 39.5 / 41.4, 38.6 / 39.1, 25.4 / 20.4, 13.4 / 12.1; 6 bits 601 /
+    // 406, 49.5 / 39.4, 33.3 / 30.3, 31.1 / 22.1, 15.1 / 12.9; 7 bits 888 / 476, 68.5 / 49.8, - ,
+    // 43.2 / 28.6, 17.3 / 14.4; 8 bits 1,016 / 388, 72.7 / 38.1, -, 43.9 / 23.1, 18.7 / 15.7:
+    // the fp32 kernel's decode grows with the bits (5 to 7 bits straddle bytes), the dots
+    // kernel's table lookup does not.
+    {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, 2, 1.0, SpqmmKernel::kInt8Dots, 0, 0, 0, 6},
     {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, 2, 1.0, SpqmmKernel::kDenseRows, 0},
     {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, 13, 1.0, SpqmmKernel::kInt8Dots, 0, kSpqmmLargeWeights},
     {SpqmmIsa::kAvx512Vnni, SpqmmMode::kInt8, 8, 1.0, SpqmmKernel::kInt8Dots, 0},
@@ -320,10 +329,11 @@ struct SpqmmPlan {
 // Smallest block of 1, 2, 4, 8 batch rows that holds `rows` (8 past that).
 inline int spqmm_rows_block(int64_t rows) { return rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8; }
 
-// A layer of n x k weights (sparse: `density` of slots) for `rows` batch rows on up to `threads`
-// threads. crossover >= 0 forces decode + GEMM from that many rows on (the op's argument).
-inline SpqmmPlan spqmm_plan(SpqmmIsa isa, SpqmmMode mode, double density, int64_t n, int64_t k,
-                            int64_t rows, int threads, int64_t crossover = -1) {
+// A layer of n x k weights, codes of `bits` bits (sparse: `density` of slots) for `rows` batch rows
+// on up to `threads` threads. crossover >= 0 forces decode + GEMM from that many rows on (the op's
+// argument).
+inline SpqmmPlan spqmm_plan(SpqmmIsa isa, SpqmmMode mode, int bits, double density, int64_t n,
+                            int64_t k, int64_t rows, int threads, int64_t crossover = -1) {
   SpqmmPlan plan;
   if (crossover >= 0 && rows >= std::max<int64_t>(crossover, 1)) {
     plan.kernel = SpqmmKernel::kDecodeGemm;
@@ -331,7 +341,8 @@ inline SpqmmPlan spqmm_plan(SpqmmIsa isa, SpqmmMode mode, double density, int64_
     for (int i = 0; i < kSpqmmPlanSize; ++i) {
       const SpqmmRule& r = kSpqmmPlan[i];
       if (!spqmm_isa_serves(r.isa, isa) || !spqmm_mode_serves(r.mode, mode) || rows >= r.rows_below ||
-          rows < r.min_rows || density > r.max_density || double(n) * double(k) < double(r.min_weights))
+          rows < r.min_rows || density > r.max_density || double(n) * double(k) < double(r.min_weights) ||
+          bits < r.min_bits)
         continue;
       // Below a forced crossover the kernels run, whatever the table says past it.
       if (crossover >= 0 && r.kernel == SpqmmKernel::kDecodeGemm) continue;

@@ -1030,7 +1030,7 @@ SpqmmPlan cpu_plan(const SpqmmPacked& p, SpqmmIsa isa, SpqmmCompute compute, at:
                          : int8   ? SpqmmMode::kInt8
                          : bf16   ? SpqmmMode::kBf16
                                   : SpqmmMode::kDense;
-  SpqmmPlan plan = spqmm_plan(isa, mode, slot_density(p), p.n, p.k, rows, threads, crossover);
+  SpqmmPlan plan = spqmm_plan(isa, mode, p.bits, slot_density(p), p.n, p.k, rows, threads, crossover);
   // The fused kernel's tables are per row: a layer with scales per group of columns takes the
   // int8 GEMM, which computes the same rule.
   if (spqmm_fused_int8(plan.kernel) && p.group_scale != nullptr) plan.kernel = SpqmmKernel::kInt8Gemm;
@@ -1043,7 +1043,7 @@ SpqmmPlan cpu_plan(const SpqmmPacked& p, SpqmmIsa isa, SpqmmCompute compute, at:
     if (p.dense) {
       plan.kernel = SpqmmKernel::kDecodeGemm;
     } else {
-      plan = spqmm_plan(isa, SpqmmMode::kSparse, slot_density(p), p.n, p.k, rows, threads, crossover);
+      plan = spqmm_plan(isa, SpqmmMode::kSparse, p.bits, slot_density(p), p.n, p.k, rows, threads, crossover);
     }
   }
   // The sparse bf16 kernel needs AVX512-BF16 (Ice Lake has the VNNI kind without it): the sparse
@@ -1054,7 +1054,7 @@ SpqmmPlan cpu_plan(const SpqmmPacked& p, SpqmmIsa isa, SpqmmCompute compute, at:
   const bool bf16_dots = false;
 #endif
   if (plan.kernel == SpqmmKernel::kSparseBatchBf16 && !bf16_dots)
-    plan = spqmm_plan(isa, SpqmmMode::kSparse, slot_density(p), p.n, p.k, rows, threads, crossover);
+    plan = spqmm_plan(isa, SpqmmMode::kSparse, p.bits, slot_density(p), p.n, p.k, rows, threads, crossover);
   if (plan.kernel == SpqmmKernel::kDenseMany && isa == SpqmmIsa::kPortable) {
     plan.kernel = SpqmmKernel::kDenseRows;
     plan.block = spqmm_rows_block(rows);
@@ -1180,7 +1180,7 @@ at::Tensor spqmm_int8_cpu(const at::Tensor& x, const at::Tensor& codes, const at
   if (M > 0 && N > 0) {
     const at::Tensor x2 = x.reshape({M, K}).to(at::kFloat).contiguous();
     const SpqmmIsa isa = cpu_isa();
-    SpqmmPlan plan = spqmm_plan(isa, SpqmmMode::kInt8, 1.0, N, K, M, threads.count());
+    SpqmmPlan plan = spqmm_plan(isa, SpqmmMode::kInt8, p.bits, 1.0, N, K, M, threads.count());
     if (plan.kernel != SpqmmKernel::kInt8Rows && plan.kernel != SpqmmKernel::kInt8Many) {
       plan.kernel = isa != SpqmmIsa::kPortable && M > 8 ? SpqmmKernel::kInt8Many : SpqmmKernel::kInt8Rows;
       plan.block = spqmm_rows_block(M);

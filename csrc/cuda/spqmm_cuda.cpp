@@ -226,7 +226,8 @@ at::Tensor spqmm_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Te
                          : c == SpqmmCompute::kInt8 ? SpqmmMode::kInt8 : SpqmmMode::kDense;
   // Sparse mode's density is that of the slots, padding included: the kernel pays for every slot.
   const double density = dense_mode ? 1.0 : double(codes.numel()) / std::max(1.0, double(N) * double(K));
-  const SpqmmPlan plan = spqmm_plan(SpqmmIsa::kCuda, mode, density, N, K, o.x2.size(0), 1, crossover);
+  const SpqmmPlan plan = spqmm_plan(SpqmmIsa::kCuda, mode, static_cast<int>(bits), density, N, K,
+                                    o.x2.size(0), 1, crossover);
   // A row-scaled codebook: the kernels sum codebook values, the row scale and bias come after.
   // Group scales are applied in the kernels (and the decode), the bias with them.
   const bool by_row = row_scaled(scale, group_size);
