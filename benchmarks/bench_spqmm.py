@@ -12,6 +12,7 @@ a compressed layer is not read from the GPU's L2 or the CPU's L3 cache.
     python benchmarks/bench_spqmm.py --preset cpu-table    # the committed CPU table
     python benchmarks/bench_spqmm.py --anchors             # against torch's quantized CPU paths
     python benchmarks/bench_spqmm.py --anchors --busy      # the same with one core loaded
+    python benchmarks/bench_spqmm.py --anchors --busy 2    # ... with both cores loaded
     python benchmarks/bench_spqmm.py --shapes fc7 --densities 0.1 --bits 5 --batches 1 --threads 2
     python benchmarks/bench_spqmm.py --preset groups --group-size 128 --name spqmm-cpu-groups
                                                            # group scales' cost
@@ -23,6 +24,7 @@ benchmarks/results/spqmm-<device>.md (or --name).
 import argparse
 import itertools
 import os
+import statistics
 import sys
 import time
 import warnings
@@ -310,8 +312,9 @@ def anchor_cases(gen):
         del anchors, packs
 
 
-def time_anchors(anchors, k, batches, gen, label=""):
-    """{batch: {method: seconds}} for every method at each batch, interleaved per batch."""
+def time_anchors(anchors, k, batches, gen, label="", summary=statistics.median):
+    """{batch: {method: seconds}} for every method at each batch, interleaved per batch (the
+    median call, or `summary` of the calls' seconds)."""
     out = {}
     for m in batches:
         x = torch.randn(m, k, generator=gen)
@@ -320,26 +323,34 @@ def time_anchors(anchors, k, batches, gen, label=""):
                for meth in ANCHOR_METHODS if meth in anchors
                and (meth != "ao codebook" or m <= CODEBOOK_BATCHES)}
         with torch.inference_mode():
-            out[m] = common.bench_side_by_side(fns, "cpu", repeat=10 if m >= 32 else 20)
-        print(label, m, " ".join(f"{meth}={t * 1e6:,.0f}" for meth, t in out[m].items()),
-              flush=True)
+            out[m] = common.bench_side_by_side(fns, "cpu", repeat=10 if m >= 32 else 20,
+                                               summary=summary)
+        print(label, m, " ".join(
+            f"{meth}=" + " / ".join(f"{v * 1e6:,.0f}" for v in (t if isinstance(t, tuple) else (t,)))
+            for meth, t in out[m].items()), flush=True)
     return out
 
 
-class BusyCore:
-    """One process spinning at normal priority (a user's browser or build), for `with`."""
+class BusyCores:
+    """`cores` processes spinning at normal priority (a user's browser or build), for `with`."""
+
+    def __init__(self, cores=1):
+        self.cores = cores
 
     def __enter__(self):
         import multiprocessing
 
-        self.proc = multiprocessing.get_context("spawn").Process(target=_spin, daemon=True)
-        self.proc.start()
+        spawn = multiprocessing.get_context("spawn")
+        self.procs = [spawn.Process(target=_spin, daemon=True) for _ in range(self.cores)]
+        for proc in self.procs:
+            proc.start()
         time.sleep(0.5)
         return self
 
     def __exit__(self, *exc):
-        self.proc.terminate()
-        self.proc.join()
+        for proc in self.procs:
+            proc.terminate()
+            proc.join()
 
 
 def _spin():
@@ -350,7 +361,8 @@ def _spin():
 def run_anchors(args):
     """The --anchors table: every method's us and GB/s (bytes it reads per call over the measured
     read bandwidth), and dcx's best mode against each of torch's. With --busy, the same methods
-    at BUSY_BATCHES quiet and with one core loaded, and each one's slowdown."""
+    at BUSY_BATCHES quiet and with args.busy cores loaded, and each one's slowdown, of the median
+    call and of the mean (which counts the calls that waited for a core)."""
     gen = torch.Generator().manual_seed(0)
     torch.set_num_threads(args.threads[0])
     read_gbs = read_bandwidth()
@@ -358,15 +370,17 @@ def run_anchors(args):
     for name, n, k, density, bits, packed, anchors in anchor_cases(gen):
         case = [name, f"{n}x{k}", f"{density:.0%}", bits, "dense" if packed.dense else "sparse"]
         if args.busy:
-            quiet = time_anchors(anchors, k, BUSY_BATCHES, gen, "quiet")
-            with BusyCore():
-                busy = time_anchors(anchors, k, BUSY_BATCHES, gen, "busy")
+            both = lambda t: (statistics.median(t), statistics.fmean(t))  # noqa: E731
+            quiet = time_anchors(anchors, k, BUSY_BATCHES, gen, "quiet", both)
+            with BusyCores(args.busy):
+                busy = time_anchors(anchors, k, BUSY_BATCHES, gen, "busy", both)
             for m in BUSY_BATCHES:
-                cells = [f"{quiet[m][meth] * 1e6:,.0f} / {busy[m][meth] * 1e6:,.0f} "
-                         f"({busy[m][meth] / quiet[m][meth]:.2f}x)" if meth in quiet[m] else "n/a"
-                         for meth in ANCHOR_METHODS]
-                busy_rows.append([*case, m, *cells])
-                print(" | ".join(str(c) for c in busy_rows[-1]), flush=True)
+                for i, stat in enumerate(("median", "mean")):
+                    cells = [f"{quiet[m][meth][i] * 1e6:,.0f} / {busy[m][meth][i] * 1e6:,.0f} "
+                             f"({busy[m][meth][i] / quiet[m][meth][i]:.2f}x)"
+                             if meth in quiet[m] else "n/a" for meth in ANCHOR_METHODS]
+                    busy_rows.append([*case, m, stat, *cells])
+                    print(" | ".join(str(c) for c in busy_rows[-1]), flush=True)
             del anchors
             continue
         times = time_anchors(anchors, k, ANCHOR_BATCHES, gen)
@@ -395,16 +409,20 @@ def run_anchors(args):
              "compute='float32' / 'bfloat16' / 'int8' (int8: a sparse layer from 2 rows with AVX-512 VNNI; the kernel table, "
              "csrc/core/spqmm_plan.h, picks the kernel per batch).")
     if args.busy:
+        loaded = "one core" if args.busy == 1 else f"{args.busy} cores"
         notes = [common.stamp("cpu"), "",
-                 "Each method's microseconds per call quiet / with one core loaded by a process "
-                 "spinning at normal priority, and the slowdown. " + paths +
+                 f"Each method's microseconds per call quiet / with {loaded} loaded by processes "
+                 "spinning at normal priority, and the slowdown: of the median call, and of the "
+                 "mean, which counts the calls that waited a scheduler slice for a core. " + paths +
                  f" Every weight rotated through {ROTATE_BYTES >> 20} MB of copies, past the "
-                 f"{common.l3_bytes() >> 20} MB L3. Median of interleaved rounds, wall "
-                 "clock. Command: `python benchmarks/bench_spqmm.py --anchors --busy`."]
-        header = ["layer", "N x K", "density", "bits", "mode", "batch",
+                 f"{common.l3_bytes() >> 20} MB L3. Interleaved rounds, wall clock. Command: "
+                 f"`python benchmarks/bench_spqmm.py --anchors --busy"
+                 f"{'' if args.busy == 1 else f' {args.busy}'}`."]
+        header = ["layer", "N x K", "density", "bits", "mode", "batch", "call",
                   *[f"{meth} us quiet / busy" for meth in ANCHOR_METHODS]]
-        common.write_table("spqmm-cpu-busy", "spqmm vs torch's CPU paths with one core loaded "
-                           "(4096 x 4096)", header, busy_rows, notes)
+        common.write_table("spqmm-cpu-busy" + ("" if args.busy == 1 else f"-{args.busy}"),
+                           f"spqmm vs torch's CPU paths with {loaded} loaded (4096 x 4096)",
+                           header, busy_rows, notes)
         return
     header = ["layer", "N x K", "density", "bits", "mode", "batch",
               *[f"{meth} us (GB/s)" for meth in ANCHOR_METHODS], "dcx best",
@@ -460,9 +478,10 @@ def main():
                         help="also time the layer with group scales of this many columns "
                              "(columns: its ms, its time over dcx's, its bytes per weight with "
                              "the scales as float16, as in the file)")
-    parser.add_argument("--busy", action="store_true",
-                        help="with --anchors: each method quiet and with one core loaded by a "
-                             "spinning process (spqmm-cpu-busy.md)")
+    parser.add_argument("--busy", type=int, nargs="?", const=1, default=0, metavar="CORES",
+                        help="with --anchors: each method quiet and with CORES cores (default 1) "
+                             "loaded by spinning processes (spqmm-cpu-busy.md, "
+                             "spqmm-cpu-busy-CORES.md past one)")
     args = parser.parse_args()
     if args.anchors:
         return run_anchors(args)

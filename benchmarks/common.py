@@ -140,8 +140,9 @@ def as_graph(fn, name):
 
 
 def bench_side_by_side(fns, device, warmup=3, repeat=20, min_time=0.2, clock=time.perf_counter,
-                       block=5):
-    """Median seconds per call of each callable in `fns` (name -> fn), timed in interleaved
+                       block=5, summary=statistics.median):
+    """Median seconds per call (or `summary` of the calls' seconds) of each callable in `fns`
+    (name -> fn), timed in interleaved
     rounds: each round runs every fn once untimed, then `block` timed calls. A drift of the
     machine (memory bandwidth shared with other tenants, clocks) then moves them alike, so their
     ratios stay fair, while each timed call still finds its own code and threads warm. On CUDA
@@ -164,7 +165,7 @@ def bench_side_by_side(fns, device, warmup=3, repeat=20, min_time=0.2, clock=tim
             sync(device)
             times[name] += [time_call(fn, device, clock) for _ in range(block)]
         timed += block
-    return {name: statistics.median(t) / calls[name] for name, t in times.items()}
+    return {name: summary([s / calls[name] for s in t]) for name, t in times.items()}
 
 
 def copy_bandwidth(device, nbytes=1 << 28):
