@@ -76,6 +76,16 @@ int64_t now_ns() {
 // took over twice the time of its parallel work (what one thread would have taken, about) and a
 // millisecond more sends the ops after it to one thread, for 20 ms, doubled for each such op in a
 // row up to a second; then they try their threads again.
+// Measured on a Zen 5 EPYC, two threads, 4096 x 4096 dense 4 bits in int8 compute at 1 / 16 / 128
+// rows (interleaved with torch's int8 dynamic), against a build without it: with one core loaded
+// it slows the median call (339 / 1,133 / 5,743 us against 212 / 620 / 4,978) and leaves the mean
+// about where it was (682 / 1,714 / 7,104 against 601 / 1,627 / 6,071; a second run 564 / 1,648 /
+// 6,786 against 889 / 1,701 / 6,387); with both cores loaded it saves the mean 1.7-3x (826 /
+// 1,971 against 2,451 / 3,263 at 1 / 16 rows; 10% kept, 5 bits: 561 / 1,056 against 2,471 /
+// 2,888). Two other cures did not help: a caller that sleeps rather than spins while it waits for
+// a worker (times unchanged), and a pool of dcx's own threads whose caller never waits for a
+// helper that has not started (quiet calls took up to twice as long, 1 row 191 -> 318 us: torch's
+// OpenMP workers spin for the next region after each torch op and hold the helper's core).
 class Straggles {
  public:
   bool solo() const { return now_ns() < solo_until_.load(std::memory_order_relaxed); }
