@@ -81,7 +81,8 @@ def test_every_plan_rule_runs_with_group_scales(monkeypatch, isa):
     """Every rule of the kernel table for this kind of CPU, reached by a layer with group
     scales: float kernels within the float32 bound of the scaled product (bfloat16 within its
     roundings), int8 ones equal to spqmm_int8 (against its reference below), the int8 GEMM against
-    its own reference."""
+    its own reference. The fused int8 kernel's tables are per row: its rules run the fp32 rows
+    kernel where the dense rules would (a few rows), the int8 GEMM elsewhere."""
     monkeypatch.setenv("DCX_CPU_ISA", isa)
     kind = "portable" if isa == "generic" else isa
     table = _native.spqmm_plan()
@@ -99,12 +100,17 @@ def test_every_plan_rule_runs_with_group_scales(monkeypatch, isa):
         mask, labels, codebook, scale, p = layers[i]
         x, bias = torch.randn(rows, p.in_features), torch.randn(p.out_features)
         y = p.spqmm(x, bias, compute=plan_compute(mode), scale=scale)
-        if table[rule]["kernel"] in INT8_GEMM_KERNELS:  # their own, coarser rule
+        kernel = table[rule]["kernel"]
+        if kernel in ("int8_fused", "int8_dots"):  # tables per row: the fp32 rows kernel where it
+            fp32 = table[_native.spqmm_plan_rule(kind, "dense", p.bits, 1.0, p.out_features,
+                                                 p.in_features, rows)]["kernel"]
+            kernel = fp32 if fp32 == "dense_rows" else "int8_gemm"  # runs, else the int8 GEMM
+        if kernel in INT8_GEMM_KERNELS:  # their own, coarser rule
             expected = reference.spqmm_int8_gemm(x, p.codes, p.codebook, p.out_features,
                                                  p.in_features, p.bits, bias, scale, p.group_size,
                                                  windows=p.windows, group_ptr=p.group_ptr)
             torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
-        elif table[rule]["kernel"].startswith("int8"):
+        elif kernel.startswith("int8"):
             assert torch.equal(y, p.spqmm_int8(x, bias, scale=scale)), table[rule]
         elif plan_compute(mode) == "bfloat16":
             check_bfloat16(y, x, weight(mask, labels, codebook, scale, p.group_size), bias)

@@ -1042,8 +1042,19 @@ SpqmmPlan cpu_plan(const SpqmmPacked& p, SpqmmIsa isa, SpqmmCompute compute, at:
                                   : SpqmmMode::kDense;
   SpqmmPlan plan = spqmm_plan(isa, mode, p.bits, slot_density(p), p.n, p.k, rows, threads, crossover);
   // The fused kernel's tables are per row: a layer with scales per group of columns takes the
-  // int8 GEMM, which computes the same rule.
-  if (spqmm_fused_int8(plan.kernel) && p.group_scale != nullptr) plan.kernel = SpqmmKernel::kInt8Gemm;
+  // int8 GEMM, which computes the same rule, where the fused kernel would run many rows, and the
+  // fp32 rows kernel where that runs (a few rows): the GEMM first decodes all of W (4096 x 4096,
+  // groups of 128 columns, Zen 5, two threads, the fp32 kernels / the GEMM: 4 bits, 2 rows 905 /
+  // 2,911 us, 8 rows 1,980 / 2,964, 12 rows (decode + GEMM) 5,929 / 3,760; 6 bits, 1 row 861 /
+  // 3,224, 8 rows 2,203 / 4,549, 12 rows 6,972 / 5,080).
+  if (spqmm_fused_int8(plan.kernel) && p.group_scale != nullptr) {
+    const SpqmmPlan fp32 = spqmm_plan(isa, SpqmmMode::kDense, p.bits, 1.0, p.n, p.k, rows, threads, crossover);
+    if (fp32.kernel == SpqmmKernel::kDenseRows) {
+      plan = fp32;
+    } else {
+      plan.kernel = SpqmmKernel::kInt8Gemm;
+    }
+  }
   // torch runs at::_int_mm through oneDNN only with VNNI and oneDNN enabled (a plain loop
   // otherwise), and the int32 sums bound K (the fused and sparse int8 kernels' too): without them a dense layer
   // takes decode + GEMM, a sparse one the sparse rules.
