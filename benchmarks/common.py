@@ -142,11 +142,11 @@ def as_graph(fn, name):
 def bench_side_by_side(fns, device, warmup=3, repeat=20, min_time=0.2, clock=time.perf_counter,
                        block=5, summary=statistics.median):
     """Median seconds per call (or `summary` of the calls' seconds) of each callable in `fns`
-    (name -> fn), timed in interleaved
-    rounds: each round runs every fn once untimed, then `block` timed calls. A drift of the
-    machine (memory bandwidth shared with other tenants, clocks) then moves them alike, so their
-    ratios stay fair, while each timed call still finds its own code and threads warm. On CUDA
-    each fn is a graph replay of GRAPH_CALLS calls (see as_graph), its time divided by them."""
+    (name -> fn), timed in interleaved rounds: each round runs every fn once untimed, then
+    `block` timed calls. A drift of the machine (memory bandwidth shared with other tenants,
+    clocks) then moves them alike, so their ratios stay fair, while each timed call still finds
+    its own code and threads warm. On CUDA each fn is a graph replay of GRAPH_CALLS calls (see
+    as_graph), its time divided by them."""
     calls = dict.fromkeys(fns, 1)
     if device == "cuda":
         graphs = {name: as_graph(fn, name) for name, fn in fns.items()}

@@ -71,7 +71,8 @@ def spqmm_plan():
     compute, which the dense rules serve where no bfloat16 rule does; sparse_bfloat16 and
     sparse_int8 likewise for a sparse layer and the sparse rules), rows_below (-1: no bound),
     min_rows, max_density (of sparse mode's slots), min_weights (of the layer, N x K), min_bits
-    (of the codes), kernel and block (batch rows per pass; 0: the smallest of 1, 2, 4, 8 that holds the batch)."""
+    (of the codes), kernel and block (batch rows per pass; 0: the smallest of 1, 2, 4, 8 that
+    holds the batch)."""
     if LOAD_ERROR is not None:
         raise RuntimeError(f"dcx kernels are not built ({LOAD_ERROR}); {BUILD_HINT}")
     return [dict(rule) for rule in _C.SPQMM_PLAN]

@@ -5,8 +5,8 @@
 // A decision is a walk down kSpqmmPlan: the first rule of the machine's kind (isa) and the layer's
 // mode (sparse, dense, or either with bf16 or int8 compute) whose batch bounds (rows_below, and
 // min_rows where given) hold the call's rows and whose density, layer-size and code-width bounds
-// hold. Each rule says what was measured to put it there
-// (benchmarks/bench_spqmm.py, 4096 x 4096 unless said, two threads, weights rotated past L3).
+// hold. Each rule says what was measured to put it there (benchmarks/bench_spqmm.py, 4096 x 4096
+// unless said, two threads, weights rotated past L3).
 #pragma once
 
 #include <algorithm>
@@ -267,8 +267,8 @@ constexpr SpqmmRule kSpqmmPlan[] = {
     // The few-rows order of the fused kernel (kInt8Dots: each row of x whole against the decoded
     // rows of W, where the lanes order leaves lanes idle) from 2 rows, up to 12 on layers of 4M
     // weights and more, up to 7 on smaller ones; one row too with codes of 6 bits and more, below
-    // that the fp32 kernel. Measured on
-    // a Zen 5 EPYC (AVX-512 VNNI), two threads, interleaved; the fp32 rows kernel / lanes / dots:
+    // that the fp32 kernel. Measured on a Zen 5 EPYC (AVX-512 VNNI), two threads, interleaved;
+    // the fp32 rows kernel / lanes / dots:
     // 4096 x 4096, 4 bits: 1 row 200 / - / 285; 2 rows 432 / - / 308; 3 rows - / 548 / 318;
     // then with x staged vectorised for both orders: 4 rows - / 489 / 278; 6 rows - / 490 / 346;
     // 8 rows - / 514 / 401; 10 rows - / 508 / 460; 12 rows - / 495 / 466; 13 rows - / 497 / 505;
