@@ -192,7 +192,7 @@ ANCHOR_BATCHES = [1, 2, 4, 8, 16, 32, 64, 128]
 # torchao's codebook weight-only config dequantizes the whole weight on every call (about 0.3 s
 # here): timed up to this batch only.
 CODEBOOK_BATCHES = 16
-# --busy: the batches measured quiet and with one core loaded.
+# --busy: the batches measured quiet and with cores loaded.
 BUSY_BATCHES = [1, 16, 128]
 
 
@@ -479,6 +479,7 @@ def main():
                              "(columns: its ms, its time over dcx's, its bytes per weight with "
                              "the scales as float16, as in the file)")
     parser.add_argument("--busy", type=int, nargs="?", const=1, default=0, metavar="CORES",
+                        choices=range(1, (os.cpu_count() or 1) + 1),
                         help="with --anchors: each method quiet and with CORES cores (default 1) "
                              "loaded by spinning processes (spqmm-cpu-busy.md, "
                              "spqmm-cpu-busy-CORES.md past one)")

@@ -312,7 +312,7 @@ inline void check_spqmm_int8_args(const at::Tensor& x, const at::Tensor& codes,
 // What spqmm computes in (its `compute` argument, dcx.COMPUTE_MODES): auto follows x's dtype;
 // float32 and bfloat16 round x to that dtype first (fp32 accumulation either way); int8 runs a
 // layer through the int8 kernels where the plan (core/spqmm_plan.h) finds them faster (a sparse
-// one only through the int8 GEMM, at many rows), in float32 otherwise. The result is in x's dtype.
+// one through the sparse int8 kernel or the int8 GEMM, with AVX-512 VNNI), in float32 otherwise. The result is in x's dtype.
 enum class SpqmmCompute { kAuto, kFloat32, kBFloat16, kInt8 };
 
 inline SpqmmCompute parse_spqmm_compute(c10::string_view compute) {

@@ -29,7 +29,7 @@ __all__ = ["COMPUTE_MODES", "check_compute", "packable", "PackedModule",
 # weight, the fastest path on CPUs with AVX512-BF16 or AMX); "int8" (opt-in) runs a
 # dense-mode layer through the int8 kernels (activations quantized to int8 per row in blocks of
 # 32, an int16 codebook, int32 dot products; about 1e-2 relative error per output; with AVX-512
-# VNNI and VBMI from 2 rows the fused int8 kernel, then the int8 GEMM, with W and x quantized per row
+# VNNI and VBMI from 2 rows (from one at 6 bits and more) the fused int8 kernel, then the int8 GEMM, with W and x quantized per row
 # instead, somewhat coarser) at the batch and layer
 # sizes where they are faster, float32 elsewhere; on CPUs with AVX-512 VNNI and VBMI a sparse-mode
 # layer runs from 2 rows through the sparse int8 kernel (the GEMM's per-row rule on the packed

@@ -15,8 +15,8 @@ from dcx import _native, reference, state
 from dcx import format as fmt
 from dcx.packing import unpack
 from dcx.quantize import group_scales
-from tests.testing import (INT8_GEMM_KERNELS, check_bfloat16, cpu_isas, devices, first_plan_rules,
-                           plan_compute, requires_kernels, sparse_int8_rules, unit_roundoff)
+from tests.testing import (INT8_GEMM_KERNELS, check_bfloat16, cpu_isas, cpu_kind, devices,
+                           first_plan_rules, plan_compute, requires_kernels, sparse_int8_rules, unit_roundoff)
 
 pytestmark = requires_kernels
 
@@ -116,6 +116,21 @@ def test_every_plan_rule_runs_with_group_scales(monkeypatch, isa):
             check_bfloat16(y, x, weight(mask, labels, codebook, scale, p.group_size), bias)
         else:
             check(y, x, weight(mask, labels, codebook, scale, p.group_size), bias)
+
+
+def test_group_scales_int8_below_a_forced_crossover():
+    """Below a forced crossover that lies past every dense kernel's bound, a layer with group
+    scales in int8 compute still takes the int8 GEMM where the fused kernel would run many rows:
+    the fp32 rows kernel takes over only at the few rows the dense rules give it."""
+    table = _native.spqmm_plan()
+    if table[_native.spqmm_plan_rule(cpu_kind(), "int8", 4, 1.0, 40, 300, 100)]["kernel"] != "int8_fused":
+        pytest.skip(f"the {cpu_kind()} rules have no fused int8 kernel")
+    _, _, _, scale, p = make_layer(40, 300, 1.0, 4, 64, dense=True)
+    x, bias = torch.randn(100, 300), torch.randn(40)
+    y = dcx.ops.spqmm(x, p.codes, p.windows, p.group_ptr, p.chunks, p.codebook, 40, 300, p.bits,
+                      bias, crossover=10000, compute="int8", scale=scale, group_size=64)
+    expected = reference.spqmm_int8_gemm(x, p.codes, p.codebook, 40, 300, p.bits, bias, scale, 64)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", devices())

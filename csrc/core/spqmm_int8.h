@@ -19,8 +19,8 @@
 // 16 entries per shuffle and byte plane, a tree of blends on the id's bits 4.. beyond), and the
 // dot products are pmaddwd on int16 activations.
 //
-// Many rows (the plan's kInt8Gemm, CPU only; with VNNI from 2 rows also kInt8Dots and
-// kInt8Fused, the same rule in one pass, and for sparse layers kSparseInt8) take a coarser rule that a GEMM can run, as torch's int8
+// Many rows (the plan's kInt8Gemm, CPU only; with VNNI from 2 rows, from one at 6 bits and more,
+// also kInt8Dots and kInt8Fused, the same rule in one pass, and for sparse layers kSparseInt8) take a coarser rule that a GEMM can run, as torch's int8
 // dynamic quantization and torchao's do: W decoded once (group scales included) and each of its rows quantized whole
 // to int8 (sw[n] = max|W[n]| / 127), each row of x likewise (sx[m]), the int32 products by ATen's
 // int8 GEMM, y[m, n] = sx[m] sw[n] acc[m, n] + bias[n] (written in torch:

@@ -263,7 +263,8 @@ constexpr SpqmmRule kSpqmmPlan[] = {
     // gave 0.9942, core/spqmm_int8.h. The GEMM runs where torch takes oneDNN for at::_int_mm,
     // which needs VNNI: so only these rules. The op falls back to decode + GEMM where K passes
     // kQ8GemmMaxK (either kernel) or oneDNN is switched off (the GEMM), and a layer with group
-    // scales takes the GEMM for the fused kernel, whose tables are per row.)
+    // scales, for the fused kernel, whose tables are per row, takes the fp32 rows kernel where the
+    // dense rules run it and the GEMM elsewhere: csrc/cpu/spqmm_cpu.cpp cpu_plan.)
     // The few-rows order of the fused kernel (kInt8Dots: each row of x whole against the decoded
     // rows of W, where the lanes order leaves lanes idle) from 2 rows, up to 12 on layers of 4M
     // weights and more, up to 7 on smaller ones; one row too with codes of 6 bits and more, below
@@ -329,6 +330,41 @@ struct SpqmmPlan {
 // Smallest block of 1, 2, 4, 8 batch rows that holds `rows` (8 past that).
 inline int spqmm_rows_block(int64_t rows) { return rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8; }
 
+// The tiles and threads of a plan whose kernel is chosen, for a layer of n x k weights (sparse:
+// `density` of slots) and `rows` batch rows on up to `threads` threads: spqmm_plan's last step,
+// and that of a caller that changes the kernel.
+inline void spqmm_size_tiles(SpqmmPlan& plan, SpqmmMode mode, double density, int64_t n, int64_t k,
+                             int64_t rows, int threads) {
+  // Tiles: about 32K weights of W (a few microseconds of work) each, so a thread that loses its
+  // core costs the others one tile, not its share; and no more threads than tiles of work, with a
+  // layer of under 64K multiply-adds on one thread (a parallel region costs more than it saves).
+  const double macs = double(n) * double(k) * double(std::max<int64_t>(rows, 1)) *
+                      (spqmm_sparse(mode) ? density : 1.0);
+  const int64_t weights_per_row = std::max<int64_t>(k, 1);
+  switch (plan.kernel) {
+    case SpqmmKernel::kSparseBatch:  // groups of 16 rows
+    case SpqmmKernel::kSparseBatchBf16:
+      plan.tile = std::max<int64_t>(1, int64_t(2048.0 / std::max(density * weights_per_row, 1.0)));
+      break;
+    // ... and at least 4 per thread (a tile is every row of x against its groups: 384 x 384 at 50%
+    // made 3 tiles of 9 groups for two threads).
+    case SpqmmKernel::kSparseInt8:
+      plan.tile = std::max<int64_t>(1, std::min(int64_t(2048.0 / std::max(density * weights_per_row, 1.0)),
+                                                (n + 16 * 4 * std::max(threads, 1) - 1) / (16 * 4 * std::max(threads, 1))));
+      break;
+    case SpqmmKernel::kSparseSteps: plan.tile = 1; break;
+    // A few rows of x make a tile of 32K weights a microsecond of work, each the next one's
+    // prefetch target (often another thread's): 512K weights per tile (4096 x 4096, 4 bits, 4
+    // rows: 391 -> 343 us), and at least 4 tiles per thread (a 1536 x 384 layer in 2 tiles of
+    // 1365 rows ran on one thread: 4 rows 30 -> 48 us).
+    case SpqmmKernel::kInt8Dots:
+      plan.tile = std::max<int64_t>(1, std::min((int64_t(1) << 19) / weights_per_row, n / (4 * std::max(threads, 1))));
+      break;
+    default: plan.tile = std::max<int64_t>(1, (int64_t(1) << 15) / weights_per_row);
+  }
+  plan.threads = macs < double(1 << 16) ? 1 : std::max(1, threads);
+}
+
 // A layer of n x k weights, codes of `bits` bits (sparse: `density` of slots) for `rows` batch rows
 // on up to `threads` threads. crossover >= 0 forces decode + GEMM from that many rows on (the op's
 // argument).
@@ -358,34 +394,7 @@ inline SpqmmPlan spqmm_plan(SpqmmIsa isa, SpqmmMode mode, int bits, double densi
       plan.block = isa == SpqmmIsa::kCuda ? 8 : spqmm_rows_block(rows);
     }
   }
-  // Tiles: about 32K weights of W (a few microseconds of work) each, so a thread that loses its
-  // core costs the others one tile, not its share; and no more threads than tiles of work, with a
-  // layer of under 64K multiply-adds on one thread (a parallel region costs more than it saves).
-  const double macs = double(n) * double(k) * double(std::max<int64_t>(rows, 1)) *
-                      (spqmm_sparse(mode) ? density : 1.0);
-  const int64_t weights_per_row = std::max<int64_t>(k, 1);
-  switch (plan.kernel) {
-    case SpqmmKernel::kSparseBatch:  // groups of 16 rows
-    case SpqmmKernel::kSparseBatchBf16:
-      plan.tile = std::max<int64_t>(1, int64_t(2048.0 / std::max(density * weights_per_row, 1.0)));
-      break;
-    // ... and at least 4 per thread (a tile is every row of x against its groups: 384 x 384 at 50%
-    // made 3 tiles of 9 groups for two threads).
-    case SpqmmKernel::kSparseInt8:
-      plan.tile = std::max<int64_t>(1, std::min(int64_t(2048.0 / std::max(density * weights_per_row, 1.0)),
-                                                (n + 16 * 4 * std::max(threads, 1) - 1) / (16 * 4 * std::max(threads, 1))));
-      break;
-    case SpqmmKernel::kSparseSteps: plan.tile = 1; break;
-    // A few rows of x make a tile of 32K weights a microsecond of work, each the next one's
-    // prefetch target (often another thread's): 512K weights per tile (4096 x 4096, 4 bits, 4
-    // rows: 391 -> 343 us), and at least 4 tiles per thread (a 1536 x 384 layer in 2 tiles of
-    // 1365 rows ran on one thread: 4 rows 30 -> 48 us).
-    case SpqmmKernel::kInt8Dots:
-      plan.tile = std::max<int64_t>(1, std::min((int64_t(1) << 19) / weights_per_row, n / (4 * std::max(threads, 1))));
-      break;
-    default: plan.tile = std::max<int64_t>(1, (int64_t(1) << 15) / weights_per_row);
-  }
-  plan.threads = macs < double(1 << 16) ? 1 : std::max(1, threads);
+  spqmm_size_tiles(plan, mode, density, n, k, rows, threads);
   return plan;
 }
 

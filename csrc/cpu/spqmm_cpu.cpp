@@ -1047,25 +1047,25 @@ SpqmmPlan cpu_plan(const SpqmmPacked& p, SpqmmIsa isa, SpqmmCompute compute, at:
   // groups of 128 columns, Zen 5, two threads, the fp32 kernels / the GEMM: 4 bits, 2 rows 905 /
   // 2,911 us, 8 rows 1,980 / 2,964, 12 rows (decode + GEMM) 5,929 / 3,760; 6 bits, 1 row 861 /
   // 3,224, 8 rows 2,203 / 4,549, 12 rows 6,972 / 5,080).
+  // (The fused kernel only runs below a forced crossover: the fp32 rules are asked without it, so
+  // that one past every dense kernel's bound does not make the rows kernel take many rows.)
   if (spqmm_fused_int8(plan.kernel) && p.group_scale != nullptr) {
-    const SpqmmPlan fp32 = spqmm_plan(isa, SpqmmMode::kDense, p.bits, 1.0, p.n, p.k, rows, threads, crossover);
+    const SpqmmPlan fp32 = spqmm_plan(isa, SpqmmMode::kDense, p.bits, 1.0, p.n, p.k, rows, threads);
     if (fp32.kernel == SpqmmKernel::kDenseRows) {
       plan = fp32;
     } else {
       plan.kernel = SpqmmKernel::kInt8Gemm;
+      spqmm_size_tiles(plan, mode, 1.0, p.n, p.k, rows, threads);
     }
   }
   // torch runs at::_int_mm through oneDNN only with VNNI and oneDNN enabled (a plain loop
-  // otherwise), and the int32 sums bound K (the fused and sparse int8 kernels' too): without them a dense layer
-  // takes decode + GEMM, a sparse one the sparse rules.
+  // otherwise), and the int32 sums bound K (the fused and sparse int8 kernels' too): without them
+  // a layer takes the float32 rules of its mode.
   if ((plan.kernel == SpqmmKernel::kInt8Gemm &&
        (p.k > kQ8GemmMaxK || !at::globalContext().userEnabledMkldnn() || !at::cpu::is_avx512_vnni_supported())) ||
       ((spqmm_fused_int8(plan.kernel) || plan.kernel == SpqmmKernel::kSparseInt8) && p.k > kQ8GemmMaxK)) {
-    if (p.dense) {
-      plan.kernel = SpqmmKernel::kDecodeGemm;
-    } else {
-      plan = spqmm_plan(isa, SpqmmMode::kSparse, p.bits, slot_density(p), p.n, p.k, rows, threads, crossover);
-    }
+    plan = spqmm_plan(isa, p.dense ? SpqmmMode::kDense : SpqmmMode::kSparse, p.bits, slot_density(p), p.n,
+                      p.k, rows, threads, crossover);
   }
   // The sparse bf16 kernel needs AVX512-BF16 (Ice Lake has the VNNI kind without it): the sparse
   // rules serve bf16 compute there, as they do where no bf16 rule is.
@@ -1205,6 +1205,7 @@ at::Tensor spqmm_int8_cpu(const at::Tensor& x, const at::Tensor& codes, const at
     if (plan.kernel != SpqmmKernel::kInt8Rows && plan.kernel != SpqmmKernel::kInt8Many) {
       plan.kernel = isa != SpqmmIsa::kPortable && M > 8 ? SpqmmKernel::kInt8Many : SpqmmKernel::kInt8Rows;
       plan.block = spqmm_rows_block(M);
+      spqmm_size_tiles(plan, SpqmmMode::kInt8, 1.0, N, K, M, threads.count());
     }
     SpqmmSeen seen;
     const bool scaled = row_scaled(scale, group_size);
